@@ -1,0 +1,11 @@
+"""modcache: keeps a Bifrost-compatible Redis module cache converged to PostgreSQL.
+
+Layers, top to bottom (checked by ``tests/core/test_layers.py``):
+
+* entry points: ``modcache.cli``, ``modcache_operator``, ``modcache_consumer``;
+* the engine and watcher that drive a sync: ``modcache.engine``, ``modcache.watcher``;
+* adapters at the edges: ``modcache.pgsource`` (PostgreSQL), ``modcache.rediscache`` (Redis);
+* a pure core: ``modcache.plan``, ``modcache.modules``, ``modcache.keys``, ``modcache.errors``.
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,50 @@
+"""PostgreSQL plumbing shared by the CLI, the operator and the consumer: engines, migrations, the trigger."""
+
+from __future__ import annotations
+
+import asyncio
+from importlib import resources
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from modcache import errors, settings, triggers
+
+
+def make_engine(url: str, *, pool_size: int = 5, application_name: str = "modcache") -> AsyncEngine:
+    """An async engine that checks a pooled connection before handing it out (``pool_pre_ping``)."""
+    return create_async_engine(
+        settings.sqlalchemy_url(url),
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_pre_ping=True,
+        pool_recycle=1800,
+        connect_args={"server_settings": {"application_name": application_name}},
+    )
+
+
+def alembic_config(url: str) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(resources.files("modcache") / "migrations"))
+    config.set_main_option("sqlalchemy.url", settings.sqlalchemy_url(url).replace("%", "%%"))
+    return config
+
+
+async def upgrade(url: str, revision: str = "head") -> None:
+    """Run the migrations (in a thread: Alembic's env drives its own event loop)."""
+    try:
+        await asyncio.to_thread(command.upgrade, alembic_config(url), revision)
+    except (OSError, sa.exc.SQLAlchemyError) as e:
+        raise errors.SourceUnavailable(f"migration failed: {errors.describe(e)}") from e
+
+
+async def install_trigger(engine: AsyncEngine) -> None:
+    """Install (or refresh) only the NOTIFY trigger, for an existing Bifrost database. Idempotent."""
+    try:
+        async with engine.begin() as conn:
+            for statement in triggers.install_statements():
+                await conn.execute(sa.text(statement))
+    except (OSError, sa.exc.SQLAlchemyError) as e:
+        raise errors.SourceUnavailable(f"installing the trigger failed: {errors.describe(e)}") from e

@@ -1,0 +1,231 @@
+"""The convergence engine: observe both sides, plan with the pure core, apply through the cache adapter.
+
+* ``full_resync`` lists the source without content, reads the cache's bookkeeping and verifies content keys in
+  a few scripted round trips, plans, then reads content only for what must be written, in batches, while the
+  previous batch is being written.
+* ``apply_paths`` does the same for a handful of paths (NOTIFY hints, keyspace events, a worker's miss): the
+  rows are re-read, so a hint is never taken as data.
+
+Both read the cache generation before the source and hand it to ``RedisCache.apply`` as a fence, so a change
+committed while a sync runs is never overwritten by the sync's older read. Items fenced out are re-checked
+with fresh reads (``MAX_ROUNDS``), so the cache still converges to the latest commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+
+from modcache import modules, pgsource, plan, rediscache
+
+log = logging.getLogger(__name__)
+
+MAX_ROUNDS = 5
+
+Progress = Callable[[int, int], None]
+
+
+@dataclasses.dataclass
+class _Outcome:
+    applied: list[plan.Item] = dataclasses.field(default_factory=list)
+    conflicted: list[plan.Item] = dataclasses.field(default_factory=list)
+    rejected: list[modules.Rejected] = dataclasses.field(default_factory=list)
+    vanished: int = 0
+
+    def absorb(self, other: _Outcome) -> None:
+        self.applied += other.applied
+        self.conflicted += other.conflicted
+        self.rejected += other.rejected
+        self.vanished += other.vanished
+
+
+class Engine:
+    def __init__(
+        self,
+        *,
+        source: pgsource.PgSource,
+        cache: rediscache.RedisCache,
+        fetch_batch_size: int = 1000,
+        monotonic: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self.source = source
+        self.cache = cache
+        self.fetch_batch_size = fetch_batch_size
+        self._monotonic = monotonic
+
+    # -- full resync ---------------------------------------------------------------------------------------
+
+    async def observe(self, *, deep: bool = False) -> tuple[int, plan.SourceView, plan.CacheView]:
+        """The fence, the source listing and the matching cache view (read after the fence, in parallel)."""
+        fence = await self.cache.generation()
+        listing = asyncio.create_task(self.source.list_modules())
+        try:
+            index, manifest = await self.cache.read_bookkeeping()
+            known = set(index) | manifest.keys()
+            if deep:
+                known |= await self.cache.scan_paths()
+            content = await self.cache.check({p: manifest.get(p, "") for p in known})
+            source = await listing
+        finally:
+            listing.cancel()
+        recheck = {p: h for p, h in source.live.items() if content.get(p, plan.UNVERIFIED) == plan.UNVERIFIED}
+        content.update(await self.cache.check(recheck))
+        return fence, source, plan.CacheView(index=index, manifest=manifest, content=content)
+
+    async def full_resync(
+        self, *, dry_run: bool = False, deep: bool = False, progress: Progress | None = None
+    ) -> plan.Report:
+        started = self._monotonic()
+        fence, source, cache_view = await self.observe(deep=deep)
+        the_plan = plan.compute(source, cache_view)
+        outcome = _Outcome()
+        if not dry_run:
+            outcome = await self._execute(the_plan, fence=fence, progress=progress)
+            await self._settle(outcome)
+            await self.cache.refresh_ttl(source.live)
+        return self._report(the_plan, outcome, source, cache_view, started, dry_run=dry_run, full=True)
+
+    # -- incremental -----------------------------------------------------------------------------------------
+
+    async def apply_paths(self, paths: Iterable[str], *, dry_run: bool = False) -> plan.Report:
+        """Converge just ``paths`` (re-reading their rows); other cached paths are not looked at."""
+        started = self._monotonic()
+        wanted = sorted(set(paths))
+        the_plan, outcome, source, view = await self._converge_paths(wanted, dry_run=dry_run)
+        if not dry_run:
+            await self._settle(outcome)
+        return self._report(the_plan, outcome, source, view, started, dry_run=dry_run, full=False)
+
+    async def _converge_paths(
+        self, paths: Sequence[str], *, dry_run: bool
+    ) -> tuple[plan.Plan, _Outcome, plan.SourceView, plan.CacheView]:
+        fence = await self.cache.generation()
+        found, rejected = await self.source.fetch(paths)
+        source = plan.SourceView(live={p: m.hash for p, m in found.items()}, rejected=tuple(rejected))
+        manifest = await self.cache.read_manifest(paths)
+        index = await self.cache.read_index_members(paths)
+        content = await self.cache.check({p: source.live.get(p, "") for p in paths})
+        view = plan.CacheView(index=index, manifest=manifest, content=content)
+        the_plan = plan.compute(source, view)
+        outcome = _Outcome(rejected=list(rejected))
+        if the_plan and not dry_run:
+            outcome.absorb(await self._apply(_writes(the_plan.items, found), fence=fence))
+        return the_plan, outcome, source, view
+
+    async def _settle(self, outcome: _Outcome) -> None:
+        """Re-check fenced-out items with fresh reads until none conflict (bounded)."""
+        pending = outcome.conflicted
+        for _ in range(MAX_ROUNDS):
+            if not pending:
+                return
+            log.debug("re-checking %d paths a concurrent writer changed", len(pending))
+            _, again, _, _ = await self._converge_paths(sorted({i.path for i in pending}), dry_run=False)
+            outcome.applied += again.applied
+            outcome.vanished += again.vanished
+            pending = again.conflicted
+        if pending:
+            log.warning(
+                "%d paths still contended after %d rounds; the next sync re-checks them", len(pending), MAX_ROUNDS
+            )
+
+    # -- applying a plan -----------------------------------------------------------------------------------
+
+    async def _execute(self, the_plan: plan.Plan, *, fence: int, progress: Progress | None) -> _Outcome:
+        outcome = _Outcome()
+        total, done = len(the_plan.items), 0
+        light = [i for i in the_plan.items if i.operation is not plan.Operation.PUT]
+        for batch in _chunks(light, self.fetch_batch_size):
+            outcome.absorb(await self._apply([rediscache.Write(i) for i in batch], fence=fence))
+            done += len(batch)
+            _report_progress(progress, done, total)
+        puts = the_plan.by_operation(plan.Operation.PUT)
+        batches = list(_chunks(puts, self.fetch_batch_size))
+        next_fetch = asyncio.create_task(self.source.fetch([i.path for i in batches[0]])) if batches else None
+        try:
+            for n, batch in enumerate(batches):
+                assert next_fetch is not None
+                found, rejected = await next_fetch
+                next_fetch = (
+                    asyncio.create_task(self.source.fetch([i.path for i in batches[n + 1]]))
+                    if n + 1 < len(batches)
+                    else None
+                )
+                outcome.rejected += rejected
+                writes = _writes(batch, found)
+                outcome.vanished += len(batch) - len(writes) - len(rejected)
+                outcome.absorb(await self._apply(writes, fence=fence))
+                done += len(batch)
+                _report_progress(progress, done, total)
+        finally:
+            if next_fetch is not None:
+                next_fetch.cancel()
+        return outcome
+
+    async def _apply(self, writes: Sequence[rediscache.Write], *, fence: int) -> _Outcome:
+        if not writes:
+            return _Outcome()
+        result = await self.cache.apply(writes, fence=fence)
+        return _Outcome(applied=list(result.applied), conflicted=list(result.conflicted))
+
+    # -- reporting -----------------------------------------------------------------------------------------
+
+    def _report(
+        self,
+        the_plan: plan.Plan,
+        outcome: _Outcome,
+        source: plan.SourceView,
+        view: plan.CacheView,
+        started: float,
+        *,
+        dry_run: bool,
+        full: bool,
+    ) -> plan.Report:
+        rejected = _unique_rejections([*the_plan.rejected, *outcome.rejected])
+        refused = {r.path for r in outcome.rejected}
+        if refused:  # found unservable only once their content was read: not drift, but rejected input
+            the_plan = dataclasses.replace(the_plan, items=tuple(i for i in the_plan.items if i.path not in refused))
+        applied = plan.count_applied(outcome.applied)
+        cached = view.cached_count()
+        if not dry_run:
+            cached += applied[plan.Reason.MISSING] - applied[plan.Reason.ORPHAN]
+        return plan.Report(
+            plan=dataclasses.replace(the_plan, rejected=rejected),
+            applied=applied,
+            superseded=len(outcome.conflicted),
+            vanished=outcome.vanished,
+            source_count=len(source.live),
+            cached_count=cached,
+            digest=plan.source_digest(source.live) if full else "",
+            duration_s=self._monotonic() - started,
+            dry_run=dry_run,
+            full=full,
+        )
+
+
+def _writes(items: Iterable[plan.Item], found: dict[str, pgsource.Module]) -> list[rediscache.Write]:
+    """Plan items as cache writes; PUTs take the content read now (which may be newer than the plan's)."""
+    writes = []
+    for item in items:
+        if item.operation is not plan.Operation.PUT:
+            writes.append(rediscache.Write(item))
+        elif (module := found.get(item.path)) is not None:
+            fresh = dataclasses.replace(item, new=module.hash)
+            writes.append(rediscache.Write(fresh, modules.encode_cached(module.path, module.content, module.hash)))
+    return writes
+
+
+def _unique_rejections(rejections: Iterable[modules.Rejected]) -> tuple[modules.Rejected, ...]:
+    return tuple({r.path: r for r in rejections}.values())
+
+
+def _chunks(items: Sequence[plan.Item], size: int) -> Iterable[Sequence[plan.Item]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _report_progress(progress: Progress | None, done: int, total: int) -> None:
+    if progress is not None:
+        progress(done, total)

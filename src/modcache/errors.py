@@ -1,0 +1,77 @@
+"""modcache's error tree, split by what the caller does next.
+
+    ModcacheError
+    ├── ConfigError          -- a setting or URL is wrong: fix it, retrying will not help
+    ├── InputError           -- one module or message is bad: report it, carry on with the rest
+    └── TransientError       -- a service failed: retry later with backoff
+        ├── SourceUnavailable    (PostgreSQL)
+        └── CacheUnavailable     (Redis)
+
+Adapters translate their library's errors into these at the boundary, with ``from e``. Messages never
+carry secrets: URLs are redacted with ``redact_url`` and payloads are truncated with ``truncate``.
+"""
+
+from __future__ import annotations
+
+import urllib.parse
+
+MAX_DETAIL_CHARS = 256
+
+
+class ModcacheError(Exception):
+    """Base of every error modcache raises on purpose."""
+
+
+class ConfigError(ModcacheError):
+    """A setting is missing or malformed. ``setting`` names it; the message never holds its value."""
+
+    def __init__(self, setting: str, reason: str) -> None:
+        super().__init__(f"{setting}: {reason}")
+        self.setting = setting
+        self.reason = reason
+
+
+class InputError(ModcacheError):
+    """One input (a module path, its content, a message) is invalid. ``subject`` names it."""
+
+    def __init__(self, subject: str, reason: str) -> None:
+        super().__init__(f"{truncate(subject)}: {reason}")
+        self.subject = subject
+        self.reason = reason
+
+
+class TransientError(ModcacheError):
+    """A service is unreachable or failed mid-operation; the same call may succeed later."""
+
+
+class SourceUnavailable(TransientError):
+    """PostgreSQL (the source of truth) could not be used."""
+
+
+class CacheUnavailable(TransientError):
+    """Redis (the module cache) could not be used."""
+
+
+def truncate(text: str, limit: int = MAX_DETAIL_CHARS) -> str:
+    """Cap a detail string before it reaches a log, an event or a status field."""
+    return text if len(text) <= limit else f"{text[: limit - 1]}…"
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced by ``***``; unparseable input is hidden entirely."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        if parts.password is None:
+            return url
+        user = parts.username or ""
+        host = parts.hostname or ""
+        port = f":{parts.port}" if parts.port else ""
+        return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{host}{port}"))
+    except ValueError:
+        return "<unparseable url>"
+
+
+def describe(exc: BaseException) -> str:
+    """A one-line, secret-free, truncated description of an exception for status and events."""
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return truncate(f"{type(exc).__name__}: {text}" if text else type(exc).__name__)

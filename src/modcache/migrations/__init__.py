@@ -1,0 +1,1 @@
+"""Alembic migrations for the source schema (run with ``modcache db upgrade``)."""

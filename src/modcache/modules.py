@@ -1,0 +1,111 @@
+"""The vocabulary of a module: its path rules, its hash, and its cached JSON shape.
+
+Pure functions only; used by the engine, the CLI writers, the consumer's import hook and the tests, so that a
+path is judged the same way everywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import hashlib
+import json
+from typing import NewType, TypedDict
+
+ModulePath = NewType("ModulePath", str)
+ContentHash = NewType("ContentHash", str)
+
+MAX_PATH_CHARS = 1000
+DEFAULT_MAX_MODULE_BYTES = 8 * 1024 * 1024
+
+
+class RawCachedModule(TypedDict):
+    """The JSON value of a content key, as Bifrost workers read it. ``hash`` must stay last."""
+
+    content: str
+    path: str
+    hash: str
+
+
+class Rejection(enum.StrEnum):
+    """Why a source row cannot be served. The value is the reason shown to people."""
+
+    BAD_PATH = "invalid path"
+    NULL_CONTENT = "content is NULL"
+    HASH_MISMATCH = "stored content_hash disagrees with the content"
+    NOT_UTF8 = "content is not valid UTF-8"
+    TOO_LARGE = "content exceeds the size limit"
+
+
+@dataclasses.dataclass(frozen=True)
+class Rejected:
+    """A source row that was skipped, and why. The cache keeps whatever it had for this path."""
+
+    path: str
+    reason: Rejection
+    detail: str = ""
+
+    def __str__(self) -> str:
+        detail = f" ({self.detail})" if self.detail else ""
+        return f"{self.path!r}: {self.reason.value}{detail}"
+
+
+def path_problem(path: str) -> str | None:
+    """Why ``path`` is not an acceptable module path, or None if it is.
+
+    Rules: relative, ``/``-separated, ending in ``.py``, no empty/``.``/``..`` segments, no NUL, no
+    backslash, at most 1000 characters.
+    """
+    if not path:
+        return "empty"
+    if len(path) > MAX_PATH_CHARS:
+        return f"longer than {MAX_PATH_CHARS} characters"
+    if "\x00" in path:
+        return "contains NUL"
+    if path.startswith("/"):
+        return "absolute (leading '/')"
+    if "\\" in path:
+        return "contains '\\' (use '/' separators)"
+    if not path.endswith(".py"):
+        return "does not end in '.py'"
+    if "//" in path or "/./" in f"/{path}" or "/../" in f"/{path}":
+        return "has an empty, '.' or '..' segment"
+    return None
+
+
+def check_path(path: str) -> ModulePath:
+    """``path`` as a ModulePath, or InputError naming it."""
+    from modcache import errors
+
+    problem = path_problem(path)
+    if problem is not None:
+        raise errors.InputError(path, f"invalid module path: {problem}")
+    return ModulePath(path)
+
+
+def content_hash(content: bytes) -> ContentHash:
+    return ContentHash(hashlib.sha256(content).hexdigest())
+
+
+def decode_content(path: str, raw: bytes, *, max_bytes: int) -> str | Rejected:
+    """Content bytes as text, or the Rejected that says why they cannot be served."""
+    if len(raw) > max_bytes:
+        return Rejected(path, Rejection.TOO_LARGE, f"{len(raw)} > {max_bytes} bytes")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return Rejected(path, Rejection.NOT_UTF8, f"byte {e.start}")
+
+
+def encode_cached(path: str, content: str, digest: str) -> str:
+    """The content key's value, exactly as Bifrost wrote it (``json.dumps`` defaults, hash last)."""
+    value: RawCachedModule = {"content": content, "path": path, "hash": digest}
+    return json.dumps(value)
+
+
+def decode_cached(value: str | bytes) -> RawCachedModule:
+    """Parse a content key's value; raises ValueError if it is not the compatible shape."""
+    data = json.loads(value)
+    if not isinstance(data, dict) or not all(isinstance(data.get(k), str) for k in ("content", "path", "hash")):
+        raise ValueError("not a {content, path, hash} object")
+    return RawCachedModule(content=data["content"], path=data["path"], hash=data["hash"])

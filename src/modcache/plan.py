@@ -1,0 +1,178 @@
+"""The pure core: compare the source of truth with the cache and say what to do, and why.
+
+``compute`` takes two snapshots (what PostgreSQL holds, what Redis holds) and returns an immutable ``Plan`` of
+``Item(operation, path, reason, old, new)``. Nothing here reads the clock, the network or the environment; the
+CLI, the operator's status and events, and the logs all print the plan as it is.
+
+Reasons, in the words of the failure modes they repair:
+
+* ``missing`` -- a live module's content key is gone (expired, evicted, deleted): workers get ImportError;
+* ``stale``   -- the content key holds other content than the source (hash differs): workers run old code;
+* ``orphan``  -- a content key exists for a path that is no longer a live module (deleted, renamed, type
+  changed): workers can still import it;
+* ``index``   -- only the bookkeeping drifted: the index lacks a present module or lists an absent key, or
+  the manifest disagrees with a correct content key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import hashlib
+from collections import Counter
+from collections.abc import Iterable, Mapping
+
+from modcache import modules
+
+#: In ``CacheView.content``: the key exists but its hash was not confirmed to be any expected value.
+UNVERIFIED = ""
+
+
+class Operation(enum.StrEnum):
+    PUT = "put"  # write content key + index + manifest from the source
+    DELETE = "delete"  # remove content key + index entry + manifest entry
+    REINDEX = "reindex"  # content is right; fix index and manifest only
+
+
+class Reason(enum.StrEnum):
+    MISSING = "missing"
+    STALE = "stale"
+    ORPHAN = "orphan"
+    INDEX = "index"
+
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+    operation: Operation
+    path: str
+    reason: Reason
+    old: str | None  # the cached hash as observed (None: absent, "": present but unverified)
+    new: str | None  # the source hash to write (None for DELETE)
+
+    def __str__(self) -> str:
+        return f"{self.operation.value:<7} {self.reason.value:<7} {self.path}"
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceView:
+    """The live modules of the source: path -> content_hash, plus rows that were rejected."""
+
+    live: Mapping[str, str]
+    rejected: tuple[modules.Rejected, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheView:
+    """What the cache holds for the paths in question.
+
+    ``content`` maps a path to the hash its content key was verified to carry, ``UNVERIFIED`` if the key
+    exists but its hash is unconfirmed, or None if the key is absent. Paths not in ``content`` are treated
+    as absent.
+    """
+
+    index: frozenset[str]
+    manifest: Mapping[str, str]
+    content: Mapping[str, str | None]
+
+    def cached_count(self) -> int:
+        return sum(1 for h in self.content.values() if h is not None)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    items: tuple[Item, ...]
+    rejected: tuple[modules.Rejected, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.items)
+
+    def counts(self) -> dict[Reason, int]:
+        found = Counter(item.reason for item in self.items)
+        return {reason: found.get(reason, 0) for reason in Reason}
+
+    def by_operation(self, operation: Operation) -> list[Item]:
+        return [item for item in self.items if item.operation is operation]
+
+    def describe(self) -> str:
+        """One line for logs and status: counts per reason, then rejected inputs."""
+        if not self.items and not self.rejected:
+            return "in sync"
+        parts = [f"{n} {reason.value}" for reason, n in self.counts().items() if n]
+        if self.rejected:
+            parts.append(f"{len(self.rejected)} rejected")
+        return ", ".join(parts)
+
+
+def compute(source: SourceView, cache: CacheView) -> Plan:
+    """What to do to make ``cache`` serve exactly ``source``. Paths rejected in the source are left alone."""
+    items = [item for path, digest in source.live.items() if (item := _for_live(path, digest, cache))]
+    protected = source.live.keys() | {r.path for r in source.rejected}
+    cached = cache.index | cache.manifest.keys() | {p for p, h in cache.content.items() if h is not None}
+    items.extend(_for_dead(path, cache) for path in cached - protected)
+    items.sort(key=lambda item: item.path)
+    return Plan(items=tuple(items), rejected=source.rejected)
+
+
+def _for_live(path: str, digest: str, cache: CacheView) -> Item | None:
+    held = cache.content.get(path)
+    if held is None:
+        return Item(Operation.PUT, path, Reason.MISSING, None, digest)
+    if held != digest:
+        return Item(Operation.PUT, path, Reason.STALE, held, digest)
+    if path not in cache.index or cache.manifest.get(path) != digest:
+        return Item(Operation.REINDEX, path, Reason.INDEX, held, digest)
+    return None
+
+
+def _for_dead(path: str, cache: CacheView) -> Item:
+    held = cache.content.get(path)
+    reason = Reason.INDEX if held is None else Reason.ORPHAN
+    return Item(Operation.DELETE, path, reason, held, None)
+
+
+def source_digest(modules_by_path: Mapping[str, str]) -> str:
+    """A short, order-independent fingerprint of the source (like Flux's applied revision)."""
+    h = hashlib.sha256()
+    for path in sorted(modules_by_path):
+        h.update(f"{path}\0{modules_by_path[path]}\n".encode())
+    return f"sha256:{h.hexdigest()[:16]}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+    """The outcome of one sync: the plan, what was applied, and the facts status and CLI show."""
+
+    plan: Plan
+    applied: Mapping[Reason, int]
+    superseded: int  # writes skipped because a newer write landed first (see rediscache's fence)
+    vanished: int  # planned PUTs whose source row was no longer a live module when its content was read
+    source_count: int
+    cached_count: int
+    digest: str
+    duration_s: float
+    dry_run: bool = False
+    full: bool = True
+
+    @property
+    def repaired(self) -> int:
+        return sum(self.applied.values())
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "full": self.full,
+            "dry_run": self.dry_run,
+            "planned": {r.value: n for r, n in self.plan.counts().items()},
+            "applied": {r.value: self.applied.get(r, 0) for r in Reason},
+            "superseded": self.superseded,
+            "vanished": self.vanished,
+            "rejected": [{"path": r.path, "reason": r.reason.value, "detail": r.detail} for r in self.plan.rejected],
+            "source_modules": self.source_count,
+            "cached_modules": self.cached_count,
+            "source_digest": self.digest,
+            "duration_s": round(self.duration_s, 4),
+        }
+
+
+def count_applied(items: Iterable[Item]) -> dict[Reason, int]:
+    found = Counter(item.reason for item in items)
+    return {reason: found.get(reason, 0) for reason in Reason}

@@ -1,0 +1,107 @@
+"""Settings for the engine and the watcher: grouped, typed, units in their names, one constructor.
+
+``Settings.from_env()`` reads ``MODCACHE_*`` variables (and keyword overrides from flags); a bad value becomes a
+one-line ``ConfigError`` naming the variable, never echoing its value (URLs hold passwords).
+"""
+
+from __future__ import annotations
+
+import urllib.parse
+from pathlib import Path
+from typing import Any
+
+import pydantic
+import pydantic_settings
+
+from modcache import errors, keys, modules
+
+ENV_PREFIX = "MODCACHE_"
+
+
+class Settings(pydantic_settings.BaseSettings):
+    model_config = pydantic_settings.SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+
+    database_url: pydantic.SecretStr | None = pydantic.Field(
+        None, description="PostgreSQL holding workspace_files; unset: embedded server (CLI demo only)."
+    )
+    listen_database_url: pydantic.SecretStr | None = pydantic.Field(
+        None, description="Direct PostgreSQL URL for LISTEN when database_url goes through PgBouncer."
+    )
+    redis_url: pydantic.SecretStr | None = pydantic.Field(
+        None, description="Redis holding the module cache; unset: embedded server (CLI demo only)."
+    )
+    key_prefix: str = pydantic.Field(keys.DEFAULT_PREFIX, min_length=1, description="Bifrost's layout prefix.")
+    resync_interval_s: float = pydantic.Field(300.0, gt=0, description="Full diff period; NOTIFY covers the rest.")
+    resync_jitter_ratio: float = pydantic.Field(0.1, ge=0, le=1, description="Spreads resyncs of many caches.")
+    ttl_s: int | None = pydantic.Field(None, gt=0, description="Content key TTL; None keeps keys forever.")
+    ttl_jitter_ratio: float = pydantic.Field(
+        0.2, ge=0, le=1, description="Per-key TTL spread so keys never expire together."
+    )
+    max_module_bytes: int = pydantic.Field(
+        modules.DEFAULT_MAX_MODULE_BYTES, gt=0, description="Larger modules are rejected, not cached."
+    )
+    fetch_batch_size: int = pydantic.Field(
+        1000, gt=0, description="Modules whose content is read and written per batch."
+    )
+    check_batch_size: int = pydantic.Field(5000, gt=0, description="Content keys verified per Redis script call.")
+    listener_backoff_max_s: float = pydantic.Field(30.0, gt=0, description="Cap of the LISTEN reconnect backoff.")
+    listener_keepalive_s: float = pydantic.Field(15.0, gt=0, description="Idle time before the listener pings.")
+    state_dir: Path = pydantic.Field(
+        Path.home() / ".local" / "state" / "modcache", description="Where embedded servers keep their data."
+    )
+
+    @pydantic.field_validator("database_url", "listen_database_url")
+    @classmethod
+    def _postgres_scheme(cls, value: pydantic.SecretStr | None) -> pydantic.SecretStr | None:
+        if value is not None:
+            _require_scheme(value.get_secret_value(), ("postgresql", "postgres", "postgresql+asyncpg"))
+        return value
+
+    @pydantic.field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: pydantic.SecretStr | None) -> pydantic.SecretStr | None:
+        if value is not None:
+            _require_scheme(value.get_secret_value(), ("redis", "rediss", "unix"))
+        return value
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> Settings:
+        """Settings from the environment, with non-None ``overrides`` (CLI flags) taking precedence."""
+        given = {k: v for k, v in overrides.items() if v is not None}
+        try:
+            return cls(**given)
+        except pydantic.ValidationError as e:
+            raise config_error(e) from None
+
+    def keyspace(self) -> keys.KeySpace:
+        return keys.KeySpace(self.key_prefix)
+
+
+def config_error(e: pydantic.ValidationError, env_prefix: str = ENV_PREFIX) -> errors.ConfigError:
+    """The first validation problem as a ConfigError naming the variable, without the offending value."""
+    first = e.errors(include_input=False, include_url=False)[0]
+    name = "_".join(str(part) for part in first["loc"]) or "settings"
+    reason = str(first["msg"]).removeprefix("Value error, ")
+    return errors.ConfigError(f"{env_prefix}{name.upper()}", reason)
+
+
+def _require_scheme(url: str, schemes: tuple[str, ...]) -> None:
+    try:
+        parsed = urllib.parse.urlsplit(url)
+        parsed.port  # noqa: B018 -- raises ValueError on a malformed port
+    except ValueError:
+        raise ValueError("not a valid URL") from None
+    if parsed.scheme not in schemes:
+        raise ValueError(f"URL scheme must be one of {', '.join(schemes)}")
+
+
+def asyncpg_dsn(url: str) -> str:
+    """A SQLAlchemy-style PostgreSQL URL as a plain libpq/asyncpg DSN."""
+    scheme, rest = url.split("://", 1)
+    return f"postgresql://{rest}" if scheme.startswith("postgres") else url
+
+
+def sqlalchemy_url(url: str) -> str:
+    """A PostgreSQL URL with the asyncpg driver SQLAlchemy needs."""
+    scheme, rest = url.split("://", 1)
+    return f"postgresql+asyncpg://{rest}" if scheme in ("postgresql", "postgres") else url
