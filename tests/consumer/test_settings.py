@@ -1,0 +1,47 @@
+"""Consumer settings from MODCACHE_* variables: units in names, bad values named without echoing them."""
+
+from __future__ import annotations
+
+import pytest
+
+from modcache import errors
+from modcache_consumer import settings
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "reason"),
+    [
+        ("MODCACHE_CONSUMER_CONCURRENCY", "0", "Input should be greater than 0"),
+        ("MODCACHE_EXECUTION_TIMEOUT_S", "soon", "Input should be a valid number, unable to parse string as a number"),
+        ("MODCACHE_AMQP_URL", "http://user:hunter2@broker/", "URL scheme must be one of amqp, amqps"),
+        ("MODCACHE_CONFIG_ENCRYPTION_KEY", "hunter2", "not a Fernet key (32 url-safe base64-encoded bytes)"),
+        ("MODCACHE_WORKER_MEMORY_LIMIT_BYTES", "1000", "Input should be greater than or equal to 67108864"),
+    ],
+)
+def test_a_bad_variable_is_named_and_its_value_never_shown(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str, reason: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(errors.ConfigError) as caught:
+        settings.ConsumerSettings.from_env()
+    assert str(caught.value) == f"{variable}: {reason}"
+    assert "hunter2" not in str(caught.value)
+
+
+def test_workers_min_above_max_names_the_max(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MODCACHE_WORKERS_MIN", "5")
+    monkeypatch.setenv("MODCACHE_WORKERS_MAX", "2")
+    with pytest.raises(errors.ConfigError, match=r"^MODCACHE_WORKERS_MAX: smaller than MODCACHE_WORKERS_MIN$"):
+        settings.ConsumerSettings.from_env()
+
+
+def test_derived_values_follow_concurrency(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MODCACHE_CONSUMER_CONCURRENCY", "6")
+    s = settings.ConsumerSettings.from_env()
+    assert (s.max_workers, s.pool_size, s.queue_name) == (6, 7, "workflow-executions")
+
+
+def test_a_missing_url_is_a_config_error_naming_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MODCACHE_AMQP_URL", raising=False)
+    with pytest.raises(errors.ConfigError, match=r"^MODCACHE_AMQP_URL: required by the consumer$"):
+        settings.ConsumerSettings.from_env().required("amqp_url")
