@@ -138,7 +138,9 @@ class WorkflowExecutionConsumer:
         )
         source = pgsource.PgSource(engine=self.database.engine, max_module_bytes=s.max_module_bytes)
         sync_engine = engine.Engine(source=source, cache=cache, fetch_batch_size=s.fetch_batch_size)
-        self.guard = readiness.CacheGuard(engine=sync_engine, cache=cache, observer=self.metrics)
+        self.guard = readiness.CacheGuard(
+            engine=sync_engine, cache=cache, database=self.database, observer=self.metrics
+        )
         self._stack.push_async_callback(self.guard.close)
         self.workflows = workflows.Workflows(database=self.database)
         self.configs = configs.ConfigResolver(

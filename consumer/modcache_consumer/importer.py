@@ -154,15 +154,14 @@ class WorkspaceImporter(importlib.abc.MetaPathFinder):
             self._request_repair(known)  # expired or evicted: repaired from the source, then read again
             generation, entries = self._lookup(candidates)
             entry = _with_content(entries)
-        if entry is None and rel in self._store.directories(generation):
-            return self._namespace_spec(fullname, rel)
-        if entry is None and not known and (fullname, generation) not in self._asked:
+        unseen = not known and rel not in self._store.directories(generation)
+        if entry is None and unseen and (fullname, generation) not in self._asked:
             self._asked.add((fullname, generation))
-            self._request_repair(candidates)  # the cache may not have seen a new module yet
+            self._request_repair(candidates)  # the cache may not have seen a new module or directory yet
             generation, entries = self._lookup(candidates)
             entry = _with_content(entries)
         if entry is None:
-            return None
+            return self._namespace_spec(fullname, rel) if rel in self._store.directories(generation) else None
         self._keep_one_generation(entry)
         return self._source_spec(fullname, entry)
 

@@ -391,11 +391,20 @@ class WorkerPool:
         """Workflow output (print goes to stderr in a worker) as log lines; the tail explains a failed start."""
         stream = worker.process.stderr
         assert stream is not None
+        pending = b""
         while chunk := await stream.read(65536):
-            for line in chunk.decode(errors="replace").splitlines():
-                if line.strip():
-                    worker.stderr_tail.append(errors.truncate(line))
-                    log.info("worker %d: %s", worker.pid, errors.truncate(line))
+            *lines, pending = (pending + chunk).split(b"\n")
+            if len(pending) > 65536:
+                lines, pending = [*lines, pending], b""
+            for line in lines:
+                self._log_output(worker, line)
+        self._log_output(worker, pending)
+
+    def _log_output(self, worker: _Worker, raw: bytes) -> None:
+        line = errors.truncate(raw.decode(errors="replace").rstrip())
+        if line.strip():
+            worker.stderr_tail.append(line)
+            log.info("worker %d: %s", worker.pid, line)
 
     def _background(self, coroutine: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coroutine)

@@ -11,7 +11,8 @@ the converged cache (the operator's watcher keeps it so) and checks only its mar
 
 A module the worker finds missing anyway (a key expired or was evicted with no operator running) is repaired
 by ``repair``: ``Engine.apply_paths`` re-reads the rows, single-flight per path, so twenty executions importing
-the same expired module cause one repair.
+the same expired module cause one repair. For a package path (``a/__init__.py``) the repair also writes one
+live module under ``a/`` if there is one, so a directory the cache never saw becomes a namespace package.
 """
 
 from __future__ import annotations
@@ -23,8 +24,11 @@ from collections.abc import Callable, Iterable
 from typing import Any, Protocol, TypeVar
 
 import redis.exceptions
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from modcache import engine, errors, modules, plan, rediscache
+from modcache_consumer import database
 
 log = logging.getLogger(__name__)
 
@@ -41,17 +45,28 @@ class Unobserved:
     def on_repair(self, kind: str, count: int) -> None: ...
 
 
+SAMPLE_SQL = """
+SELECT w.path FROM unnest(CAST(:dirs AS text[])) AS d(dir)
+CROSS JOIN LATERAL (
+    SELECT path FROM workspace_files
+    WHERE entity_type = 'module' AND NOT is_deleted AND starts_with(path, d.dir || '/') LIMIT 1
+) AS w
+"""
+
+
 class CacheGuard:
     def __init__(
         self,
         *,
         engine: engine.Engine,
         cache: rediscache.RedisCache,
+        database: database.Database | None = None,
         observer: Observer | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._engine = engine
         self._cache = cache
+        self._database = database
         self._observer = observer or Unobserved()
         self._clock = clock
         self._converging: asyncio.Task[plan.Report] | None = None
@@ -116,10 +131,21 @@ class CacheGuard:
         return report
 
     async def _apply(self, paths: list[str]) -> None:
-        report = await self._engine.apply_paths(paths)
+        report = await self._engine.apply_paths([*paths, *await self._samples_under(paths)])
         if report.repaired:
             log.info("repaired %d module(s) on the hot path: %s", report.repaired, report.plan.describe())
             self._observer.on_repair("path", report.repaired)
+
+    async def _samples_under(self, paths: list[str]) -> list[str]:
+        """One live module under each requested package's directory (makes unseen namespace dirs visible)."""
+        dirs = [p.removesuffix("/__init__.py") for p in paths if p.endswith("/__init__.py")]
+        if not dirs or self._database is None:
+            return []
+
+        async def sample(db: AsyncSession) -> list[str]:
+            return list((await db.execute(sa.text(SAMPLE_SQL), {"dirs": dirs})).scalars())
+
+        return await self._database.run(sample)
 
     def _forget(self, paths: list[str], task: asyncio.Task[None]) -> None:
         for path in paths:

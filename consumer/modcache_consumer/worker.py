@@ -17,6 +17,7 @@ import collections
 import hashlib
 import inspect
 import json
+import linecache
 import os
 import resource
 import sys
@@ -88,6 +89,7 @@ class Runner:
     def _load(self, workflow: protocol.RawWorkflow) -> Any:
         filename = workflow["path"] or f"<workflow {workflow['name']}>"
         code = self._compile(workflow["code"], filename)
+        linecache.cache[filename] = (len(workflow["code"]), None, workflow["code"].splitlines(True), filename)
         module = types.ModuleType(f"workflow:{workflow['name']}")
         module.__file__ = filename
         exec(code, module.__dict__)
@@ -146,8 +148,15 @@ def describe_failure(exc: BaseException) -> str:
     summary = traceback.TracebackException.from_exception(exc)
     summary.stack = traceback.StackSummary.from_list([f for f in summary.stack if not f.filename.startswith(_INTERNAL)])
     lines = "".join(summary.format()).splitlines()
-    head = "".join(traceback.format_exception_only(exc)).strip().splitlines()[-1]
+    head = _headline(exc)
     return errors.truncate("\n".join([head, *lines[-MAX_TRACEBACK_LINES:]]), MAX_ERROR_CHARS)
+
+
+def _headline(exc: BaseException) -> str:
+    if isinstance(exc, SyntaxError) and exc.filename:  # str() would show only the file's basename
+        return f"{type(exc).__name__}: {exc.msg} ({exc.filename}, line {exc.lineno})"
+    message = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
 
 
 def _ms_since(started: float) -> float:

@@ -90,7 +90,8 @@ for i = 4, #KEYS do
                 end
             end
             redis.call('SADD', KEYS[2], path)
-            redis.call('HSET', KEYS[3], path, gen .. ':' .. hash)
+            -- %d: Lua numbers are doubles and `..` would write a 16-digit generation as 1.79e+15
+            redis.call('HSET', KEYS[3], path, string.format('%d', gen) .. ':' .. hash)
         end
         out[#out + 1] = 'a'
     end

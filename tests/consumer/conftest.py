@@ -27,7 +27,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from modcache import engine, keys, pgsource
-from modcache_consumer import amqp, consumer, database, messages, settings, workflows
+from modcache_consumer import amqp, consumer, database, messages, pool, protocol, readiness, settings, workflows
 
 
 @pytest.fixture(scope="session")
@@ -256,6 +256,69 @@ async def harness(
         sync_engine=sync_engine,
         redis_client=redis_client,
     )
+    yield h
+    await h.close()
+
+
+class PoolHarness:
+    """A worker pool on this test's key prefix, with repairs and readiness through the real engine."""
+
+    def __init__(
+        self, *, redis_url: str, database_url: str, keyspace: keys.KeySpace, sync_engine: engine.Engine
+    ) -> None:
+        self.redis_url = redis_url
+        self.keyspace = keyspace
+        self.sync_engine = sync_engine
+        self.database = database.Database(url=database_url, pool_size=2, application_name="modcache-test-pool")
+        self.guard = readiness.CacheGuard(engine=sync_engine, cache=sync_engine.cache, database=self.database)
+        self._stack = contextlib.AsyncExitStack()
+
+    async def pool(self, **options: Any) -> pool.WorkerPool:
+        init: protocol.Init = {
+            "op": "init",
+            "redis_url": self.redis_url,
+            "key_prefix": self.keyspace.prefix,
+            "memory_limit_bytes": options.pop("memory_limit_bytes", 512 * 1024**2),
+            "max_result_bytes": options.pop("max_result_bytes", 1024**2),
+            "secret_keys": [],
+        }
+        options = {"min_workers": 1, "max_workers": 2, "terminate_grace_s": 1.0, **options}
+        the_pool = pool.WorkerPool(init=init, **options)
+        self._stack.push_async_callback(the_pool.close)
+        await the_pool.start()
+        return the_pool
+
+    async def run(
+        self,
+        the_pool: pool.WorkerPool,
+        code: str,
+        parameters: dict[str, Any] | None = None,
+        *,
+        timeout_s: float = 30.0,
+        function: str = "run",
+    ) -> pool.WorkerOutcome:
+        job: protocol.Job = {
+            "op": "run",
+            "execution_id": str(uuid.uuid4()),
+            "workflow": {"name": "test", "path": "workflows/test.py", "code": code, "function_name": function},
+            "parameters": parameters or {},
+            "config": {},
+            "organization": None,
+            "generation": await self.guard.check(),
+        }
+        return await the_pool.run(job, timeout_s=timeout_s, repair=self.guard.repair)
+
+    async def close(self) -> None:
+        await self._stack.aclose()
+        await self.guard.close()
+        await self.database.close()
+
+
+@pytest.fixture
+async def pools(
+    redis_url: str, database_url: str, keyspace: keys.KeySpace, sync_engine: engine.Engine
+) -> AsyncIterator[PoolHarness]:
+    h = PoolHarness(redis_url=redis_url, database_url=database_url, keyspace=keyspace, sync_engine=sync_engine)
     yield h
     await h.close()
 
