@@ -117,6 +117,7 @@ class Harness:
         self.workflows = workflows.Workflows(database=self.database)
         self._stack = contextlib.AsyncExitStack()
         self._caller: amqp.Caller | None = None
+        self._caller_lock = asyncio.Lock()
 
     async def close(self) -> None:
         await self._stack.aclose()
@@ -153,11 +154,13 @@ class Harness:
             yield running
 
     async def caller(self) -> amqp.Caller:
-        if self._caller is None:
-            connection = await aio_pika.connect(self.settings.required("amqp_url"))
-            self._stack.push_async_callback(connection.close)
-            self._caller = amqp.Caller(channel=await connection.channel(), names=self.names)
-            await self._caller.start()
+        async with self._caller_lock:
+            if self._caller is None:
+                connection = await aio_pika.connect(self.settings.required("amqp_url"))
+                self._stack.push_async_callback(connection.close)
+                caller = amqp.Caller(channel=await connection.channel(), names=self.names)
+                await caller.start()
+                self._caller = caller
         return self._caller
 
     @property
