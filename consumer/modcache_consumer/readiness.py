@@ -70,15 +70,19 @@ class CacheGuard:
         self._observer = observer or Unobserved()
         self._clock = clock
         self._converging: asyncio.Task[plan.Report] | None = None
+        self._completed = 0  # full syncs finished
         self._repairs: dict[str, asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
 
     async def check(self) -> int:
         """The generation this execution pins; converges the cache first if it was lost or never synced."""
+        completed = self._completed
         generation, synced = await self._markers()
         if generation is None or not synced:
-            log.warning("module cache %s: converging it before running", "lost" if generation is None else "unsynced")
-            await self.converge()
+            if self._completed == completed:  # else a sync finished since we looked: just look again
+                state = "has no generation (new or flushed)" if generation is None else "was never fully synced"
+                log.warning("the module cache %s; converging it before running", state)
+                await self.converge()
             generation, _ = await self._markers()
         if generation is None:
             raise errors.CacheUnavailable("the module cache has no generation even after a full sync")
@@ -126,6 +130,7 @@ class CacheGuard:
         await self._cache.write_status(
             {"last_full_sync_at": f"{self._clock():.3f}", "source_digest": report.digest, "writer": "consumer"}
         )
+        self._completed += 1
         log.info("module cache converged by the consumer: %s", report.plan.describe())
         self._observer.on_repair("full", 1)
         return report
