@@ -65,6 +65,7 @@ class Prepared:
     workflow: workflows.WorkflowForExecution
     organization: configs.Organization | None
     config: configs.ConfigMap
+    generation: int = 0  # of the module cache, pinned by the worker
 
 
 class WorkflowExecutionConsumer:
@@ -305,14 +306,24 @@ class WorkflowExecutionConsumer:
 
     async def process_message(self, request: messages.ExecutionRequest) -> messages.Outcome:
         """Run one execution end to end; returns the outcome stored for it (which may be an earlier one)."""
-        prepared = await self._unit(lambda db: self._prepare(db, request))
+        prepared = await self.prepare(request)
         if isinstance(prepared, executions.Record):
             return prepared.outcome  # finished already (redelivery) or failed before running
-        generation = await self._sync_module_cache()
-        outcome = await self._execute(request, prepared, generation)
+        outcome = await self._execute(request, prepared)
         self.metrics.executions.labels(status=outcome.status.value).inc()
-        record = await self._unit(lambda db: executions.finish(db, request, outcome))
-        return record.outcome
+        return await self.record(request, outcome)
+
+    async def prepare(self, request: messages.ExecutionRequest) -> Prepared | executions.Record:
+        """Everything before the worker: the first unit of work, then the O(1) cache readiness check."""
+        prepared = await self._unit(lambda db: self._prepare(db, request))
+        if isinstance(prepared, executions.Record):
+            return prepared
+        return dataclasses.replace(prepared, generation=await self._sync_module_cache())
+
+    async def record(self, request: messages.ExecutionRequest, outcome: messages.Outcome) -> messages.Outcome:
+        """The second unit of work: store ``outcome`` unless one is stored already; returns the stored one."""
+        stored = await self._unit(lambda db: executions.finish(db, request, outcome))
+        return stored.outcome
 
     async def _prepare(self, db: AsyncSession, request: messages.ExecutionRequest) -> Prepared | executions.Record:
         try:
@@ -349,9 +360,7 @@ class WorkflowExecutionConsumer:
             raise errors.InputError(str(org_id), "the organization is inactive")
         return organization
 
-    async def _execute(
-        self, request: messages.ExecutionRequest, prepared: Prepared, generation: int
-    ) -> messages.Outcome:
+    async def _execute(self, request: messages.ExecutionRequest, prepared: Prepared) -> messages.Outcome:
         workflow = prepared.workflow
         assert workflow.code is not None
         job: protocol.Job = {
@@ -366,7 +375,7 @@ class WorkflowExecutionConsumer:
             "parameters": request.parameters,
             "config": dict(prepared.config),
             "organization": prepared.organization.to_raw() if prepared.organization else None,
-            "generation": generation,
+            "generation": prepared.generation,
         }
         timeout_s = min(float(workflow.timeout_seconds), self.settings.execution_timeout_s)
         started = self._monotonic()
@@ -379,7 +388,7 @@ class WorkflowExecutionConsumer:
 
     async def _unit(self, work: Callable[[AsyncSession], Awaitable[T]]) -> T:
         try:
-            result = await self.database.run(work)
+            result = await self.database.run(work, autocommit=True)
         except errors.SourceUnavailable:
             self._db_ok = False
             raise

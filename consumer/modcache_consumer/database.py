@@ -95,24 +95,28 @@ class Database:
         await self.engine.dispose()
 
     @asynccontextmanager
-    async def session(self) -> AsyncIterator[AsyncSession]:
+    async def session(self, *, autocommit: bool = False) -> AsyncIterator[AsyncSession]:
         """A unit of work: its own AsyncSession in one transaction, committed on success, rolled back on error.
 
+        ``autocommit``: each statement commits by itself, for units whose statements are independent and
+        idempotent (the hot path): no BEGIN/COMMIT round trips, and nothing can be left open in between.
         Callbacks registered with ``after_commit`` run once the commit succeeded (cache fills never precede it).
         """
         async with self._sessions() as db:
             db.info[_UNIT] = True
             async with db.begin():
+                if autocommit:  # must be set as the connection is procured, before any statement
+                    await db.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
                 yield db
             callbacks: list[AfterCommit] = db.info.pop(_AFTER_COMMIT, [])
         for callback in callbacks:
             await callback()
 
-    async def run(self, unit: Callable[[AsyncSession], Awaitable[T]]) -> T:
+    async def run(self, unit: Callable[[AsyncSession], Awaitable[T]], *, autocommit: bool = False) -> T:
         """Run ``unit`` in its own session; retried once on a fresh connection if the connection died."""
         for attempt in (1, 2):
             try:
-                async with self.session() as db:
+                async with self.session(autocommit=autocommit) as db:
                     return await unit(db)
             except sa.exc.DBAPIError as e:
                 if e.connection_invalidated and attempt == 1:

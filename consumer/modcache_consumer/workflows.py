@@ -55,6 +55,12 @@ class WorkflowRow:
     is_active: bool
 
 
+_BY_ID = sa.text(
+    "SELECT id, name, function_name, path, code, timeout_seconds, execution_mode, organization_id, time_saved, "
+    "value FROM workflows WHERE id = :id AND is_active"
+)
+
+
 class Workflows:
     def __init__(self, *, database: database.Database) -> None:
         self._database = database
@@ -66,8 +72,8 @@ class Workflows:
         if db is None:
             return await self._database.run(lambda own: self.get_workflow_for_execution(workflow_id, db=own))
         key = _as_uuid(workflow_id)
-        row = None if key is None else await db.get(schema.Workflow, key, populate_existing=True)
-        if row is None or not row.is_active:
+        row = None if key is None else (await db.execute(_BY_ID, {"id": key})).first()
+        if row is None:
             raise WorkflowNotFound(str(workflow_id))
         return WorkflowForExecution(
             id=row.id,

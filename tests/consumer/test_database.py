@@ -183,3 +183,23 @@ async def test_an_unreachable_server_is_source_unavailable_without_the_password(
         await the_db.start()
     await the_db.close()
     assert "hunter2" not in str(caught.value)
+
+
+async def test_an_autocommit_unit_commits_each_statement_at_once(
+    db: tuple[database.Database, Counting], database_url: str, app_name: str
+) -> None:
+    the_db, _ = db
+    seen_elsewhere: list[int] = []
+
+    async def unit(session: AsyncSession) -> None:
+        await session.execute(sa.text("INSERT INTO organizations (name) VALUES ('acme')"))
+        conn = await asyncpg.connect(database_url)
+        try:
+            seen_elsewhere.append(await conn.fetchval("SELECT count(*) FROM organizations"))
+        finally:
+            await conn.close()
+
+    await the_db.run(unit)  # one transaction: the row is invisible to others until the unit ends
+    await the_db.run(unit, autocommit=True)  # each statement commits by itself: visible at once
+    assert seen_elsewhere == [0, 2]
+    assert {r["state"] for r in await backends(database_url, app_name)} == {"idle"}
