@@ -23,6 +23,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import celpy
+import jsonschema
 import pytest
 import yaml
 
@@ -289,3 +291,47 @@ def crd_schema(crd: Manifest) -> dict[str, Any]:
     schema["properties"]["apiVersion"] = {"const": f"{group}/{name}"}
     schema["properties"]["kind"] = {"const": crd["spec"]["names"]["kind"]}
     return schema
+
+
+def _apply_defaults(schema: dict[str, Any], value: Any) -> None:
+    if isinstance(value, dict):
+        for key, sub in schema.get("properties", {}).items():
+            if key not in value and "default" in sub:
+                value[key] = copy.deepcopy(sub["default"])
+            if key in value:
+                _apply_defaults(sub, value[key])
+    elif isinstance(value, list) and "items" in schema:
+        for item in value:
+            _apply_defaults(schema["items"], item)
+
+
+def _cel_problems(cel: celpy.Environment, schema: dict[str, Any], value: Any, path: str) -> list[str]:
+    problems = []
+    for rule in schema.get("x-kubernetes-validations", []):
+        program = cel.program(cel.compile(rule["rule"]))
+        if not bool(program.evaluate({"self": celpy.json_to_cel(value)})):
+            problems.append(f"{path or '<root>'}: {rule.get('message', rule['rule'])}")
+    if isinstance(value, dict):
+        for key, sub in schema.get("properties", {}).items():
+            if key in value:
+                problems += _cel_problems(cel, sub, value[key], f"{path}.{key}")
+    return problems
+
+
+@pytest.fixture(scope="session")
+def crd_problems(crd: Manifest, crd_schema: dict[str, Any]) -> Callable[[Manifest], list[str]]:
+    """What the API server would reject in a ModuleCache, strict field validation included: defaults applied,
+    then the schema (unknown fields are errors), then the CRD's CEL rules. Empty: accepted."""
+    (version,) = [v for v in crd["spec"]["versions"] if v["served"] and v["storage"]]
+    raw_schema = version["schema"]["openAPIV3Schema"]
+    validator = jsonschema.Draft7Validator(crd_schema)
+    cel = celpy.Environment()
+
+    def problems(document: Manifest) -> list[str]:
+        document = copy.deepcopy(document)
+        _apply_defaults(raw_schema, document)
+        errors = validator.iter_errors(document)
+        found = [f"{'.'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}" for e in errors]
+        return found or _cel_problems(cel, raw_schema, document, "")
+
+    return problems
