@@ -401,6 +401,7 @@ def test_metrics_services_select_their_pods(rendered: Any, effective_values: dic
         selector = monitor["spec"]["selector"]["matchLabels"]
         assert [s for s in services if selector.items() <= s["metadata"]["labels"].items()] == services
         assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["metrics"]
+        assert monitor["spec"]["endpoints"][0]["honorLabels"] is True  # keep the ModuleCache's namespace label
         assert monitor["metadata"]["labels"].items() >= effective_values["metrics"]["serviceMonitor"]["labels"].items()
 
 
