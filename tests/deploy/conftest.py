@@ -52,6 +52,7 @@ VALUES_SETS: dict[str, dict[str, Any]] = {
     },
     "ha": {"operator": {"replicas": 3, "leaderElection": {"enabled": True}}},
     "instance-off": {"instance": {"enabled": False}},
+    "hook-off": {"instance": {"uninstallHook": {"enabled": False}, "suspend": True}},
     "pdb-netpol": {
         "podDisruptionBudget": {"enabled": True},
         "networkPolicy": {

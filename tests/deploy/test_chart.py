@@ -163,9 +163,10 @@ def test_every_container_writes_only_to_a_tmp_emptydir_and_has_resources(rendere
     for where, _, spec in rendered.pods():
         volumes = {v["name"]: v for v in spec["volumes"]}
         for c in spec["containers"]:
-            mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
-            assert mounts == {"/tmp": "tmp"}, where
+            mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+            assert mounts["/tmp"]["name"] == "tmp", where
             assert "emptyDir" in volumes["tmp"], where
+            assert all(m.get("readOnly") for path, m in mounts.items() if path != "/tmp"), where
             assert {"cpu", "memory"} <= set(c["resources"]["requests"]), where
             assert "memory" in c["resources"]["limits"], where
 
@@ -184,10 +185,12 @@ def test_a_cluster_role_exists_only_when_asked(rendered: Any, effective_values: 
     assert len(rendered.of_kind("ClusterRole")) <= 1
 
 
-def granted(rendered: Any, kind: str) -> set[tuple[str, str, str, str]]:
-    """(apiGroup, resource, verb, resourceName or '') granted by every Role/ClusterRole of a kind."""
+def granted(rendered: Any, kind: str, component: str = "operator") -> set[tuple[str, str, str, str]]:
+    """(apiGroup, resource, verb, resourceName or '') granted by the Roles/ClusterRoles of a kind and component."""
     out = set()
     for role in rendered.of_kind(kind):
+        if component_of(role) != component:
+            continue
         for rule in role["rules"]:
             for group in rule["apiGroups"]:
                 for resource in rule["resources"]:
@@ -226,7 +229,8 @@ def test_the_operator_gets_exactly_the_verbs_it_uses(rendered: Any, effective_va
         namespaced |= {("coordination.k8s.io", "leases", "create", "")}
         namespaced |= {("coordination.k8s.io", "leases", v, lease) for v in ("get", "update", "patch")}
     assert granted(rendered, "Role") == namespaced
-    for binding in rendered.of_kind("RoleBinding") + rendered.of_kind("ClusterRoleBinding"):
+    bindings = rendered.of_kind("RoleBinding") + rendered.of_kind("ClusterRoleBinding")
+    for binding in [b for b in bindings if component_of(b) == "operator"]:
         assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "r1-modcache-operator", "namespace": "apps"}]
         bound = [
             r
@@ -249,7 +253,7 @@ def test_the_consumer_mounts_no_service_account_token(rendered: Any, effective_v
     bindings = rendered.of_kind("RoleBinding") + rendered.of_kind("ClusterRoleBinding")
     assert not [b for b in bindings if any(s["name"] == spec["serviceAccountName"] for s in b["subjects"])]
     for where, metadata, pod in rendered.pods():
-        if metadata["labels"][COMPONENT] != "operator":
+        if metadata["labels"][COMPONENT] not in ("operator", "cleanup"):  # the two that talk to the API
             assert pod["automountServiceAccountToken"] is False, where
 
 
@@ -292,7 +296,7 @@ def test_every_object_carries_the_standard_labels(rendered: Any) -> None:
         missing = [k for k in STANDARD_LABELS if k not in (obj["metadata"].get("labels") or {})]
         assert missing == [], (obj["kind"], obj["metadata"]["name"])
     for where, metadata, _ in rendered.pods():
-        assert metadata["labels"][COMPONENT] in ("operator", "consumer", "test"), where
+        assert metadata["labels"][COMPONENT] in ("operator", "consumer", "test", "cleanup"), where
     for deployment in rendered.of_kind("Deployment"):
         selector = deployment["spec"]["selector"]["matchLabels"]
         template = deployment["spec"]["template"]["metadata"]["labels"]
@@ -347,7 +351,12 @@ def test_one_image_for_every_pod(rendered: Any, effective_values: dict[str, Any]
     image = effective_values["image"]
     expected = f"{image['repository']}@{image['digest']}" if image["digest"] else f"{image['repository']}:0.1.0"
     assert images == {expected}
-    assert all("command" not in c for _, c in containers(rendered))  # the image's ENTRYPOINT is `modcache`
+    for where, c in containers(rendered):  # the image's ENTRYPOINT `modcache`, but for the uninstall hook's script
+        assert c.get("command", ["python", "/hook/release-modulecache.py"]) == [
+            "python",
+            "/hook/release-modulecache.py",
+        ]
+        assert ("command" in c) is (c["name"] == "cleanup"), where
 
 
 def test_the_helm_test_hook_syncs_once_with_the_project_image(rendered: Any, effective_values: dict[str, Any]) -> None:
@@ -543,3 +552,37 @@ def test_notes_tell_how_to_check_wait_resync_and_unstick(helm_run: Any) -> None:
     assert "finalizer modcache.dev/finalizer" in notes
     assert '[{"op":"remove","path":"/metadata/finalizers"}]' in notes
     assert "kubectl apply -f crds/modulecache.yaml" in notes
+    assert "deletes this release's ModuleCache first (a pre-delete hook)" in notes
+
+
+def test_the_uninstall_hook_releases_only_the_charts_module_cache(
+    rendered: Any, effective_values: dict[str, Any]
+) -> None:
+    hooked = [o for o in rendered.objects if component_of(o) == "cleanup"]
+    instance = effective_values["instance"]
+    if not (instance["enabled"] and instance["uninstallHook"]["enabled"]):
+        assert hooked == []
+        return
+    kinds = sorted(o["kind"] for o in hooked)
+    assert kinds == ["ConfigMap", "Job", "Role", "RoleBinding", "ServiceAccount"]
+    for obj in hooked:
+        annotations = obj["metadata"]["annotations"]
+        assert annotations["helm.sh/hook"] == "pre-delete"
+        assert "hook-succeeded" in annotations["helm.sh/hook-delete-policy"]
+    weights = {o["kind"]: int(o["metadata"]["annotations"]["helm.sh/hook-weight"]) for o in hooked}
+    assert all(weights[k] < weights["Job"] for k in kinds if k != "Job")  # RBAC and script exist before the Job
+    assert granted(rendered, "Role", "cleanup") == {
+        ("modcache.dev", "modulecaches", verb, "r1-modcache") for verb in ("get", "delete", "patch")
+    }
+    (config_map,) = [o for o in hooked if o["kind"] == "ConfigMap"]
+    script = (CHART / "files" / "release-modulecache.py").read_text()
+    assert config_map["data"] == {"release-modulecache.py": script}
+    (job,) = [o for o in hooked if o["kind"] == "Job"]
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env == {
+        "MODCACHE_CLEANUP_NAMESPACE": "apps",
+        "MODCACHE_CLEANUP_NAME": "r1-modcache",
+        "MODCACHE_CLEANUP_TIMEOUT_S": str(instance["uninstallHook"]["timeoutSeconds"]),
+    }
+    assert job["spec"]["activeDeadlineSeconds"] > instance["uninstallHook"]["timeoutSeconds"]

@@ -231,7 +231,8 @@ CONTRACT = {
 
 
 def chart_commands(rendered: Any) -> list[list[str]]:
-    return [c["args"] for _, _, spec in rendered.pods() for c in spec["containers"]]
+    """The args of every container that runs the image's ENTRYPOINT (the uninstall hook runs a script instead)."""
+    return [c["args"] for _, _, spec in rendered.pods() for c in spec["containers"] if "command" not in c]
 
 
 def split_group_options(args: list[str]) -> tuple[list[str], str, list[str]]:
