@@ -218,16 +218,14 @@ CLUSTER_SCAN_RULES = {
 
 
 def test_the_operator_gets_exactly_the_verbs_it_uses(rendered: Any, effective_values: dict[str, Any]) -> None:
-    operator = effective_values["operator"]
     lease = "r1-modcache-operator"
     if effective_values["rbac"]["clusterWide"]:
         assert granted(rendered, "ClusterRole") == expand(OPERATOR_RULES | CLUSTER_SCAN_RULES)
         namespaced = set()
     else:
         namespaced = expand(OPERATOR_RULES)
-    if operator["leaderElection"]["enabled"]:
-        namespaced |= {("coordination.k8s.io", "leases", "create", "")}
-        namespaced |= {("coordination.k8s.io", "leases", v, lease) for v in ("get", "update", "patch")}
+    namespaced |= {("coordination.k8s.io", "leases", "create", "")}  # the one-writer Lease, one name only
+    namespaced |= {("coordination.k8s.io", "leases", v, lease) for v in ("get", "update", "patch")}
     assert granted(rendered, "Role") == namespaced
     bindings = rendered.of_kind("RoleBinding") + rendered.of_kind("ClusterRoleBinding")
     for binding in [b for b in bindings if component_of(b) == "operator"]:
