@@ -73,6 +73,11 @@ VALUES_SETS: dict[str, dict[str, Any]] = {
         "networkPolicy": {"enabled": True},
     },
     "consumer-off": {"consumer": {"enabled": False}, "tests": {"enabled": False}},
+    "own-rbac": {
+        "rbac": {"create": False},
+        "operator": {"serviceAccount": {"create": False, "name": "platform-operator"}},
+        "consumer": {"serviceAccount": {"create": False, "name": "platform-consumer"}},
+    },
 }
 
 

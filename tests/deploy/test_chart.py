@@ -219,6 +219,9 @@ CLUSTER_SCAN_RULES = {
 
 def test_the_operator_gets_exactly_the_verbs_it_uses(rendered: Any, effective_values: dict[str, Any]) -> None:
     lease = "r1-modcache-operator"
+    if not effective_values["rbac"]["create"]:
+        assert [o["kind"] for o in rendered.objects if o["kind"].endswith(("Role", "RoleBinding"))] == []
+        return
     if effective_values["rbac"]["clusterWide"]:
         assert granted(rendered, "ClusterRole") == expand(OPERATOR_RULES | CLUSTER_SCAN_RULES)
         namespaced = set()
@@ -247,7 +250,8 @@ def test_the_consumer_mounts_no_service_account_token(rendered: Any, effective_v
     ((_, spec),) = pods
     assert spec["automountServiceAccountToken"] is False
     account = [a for a in rendered.of_kind("ServiceAccount") if a["metadata"]["name"] == spec["serviceAccountName"]]
-    assert account[0]["automountServiceAccountToken"] is False
+    assert len(account) == int(effective_values["consumer"]["serviceAccount"]["create"])
+    assert all(a["automountServiceAccountToken"] is False for a in account)
     bindings = rendered.of_kind("RoleBinding") + rendered.of_kind("ClusterRoleBinding")
     assert not [b for b in bindings if any(s["name"] == spec["serviceAccountName"] for s in b["subjects"])]
     for where, metadata, pod in rendered.pods():
@@ -558,7 +562,7 @@ def test_the_uninstall_hook_releases_only_the_charts_module_cache(
 ) -> None:
     hooked = [o for o in rendered.objects if component_of(o) == "cleanup"]
     instance = effective_values["instance"]
-    if not (instance["enabled"] and instance["uninstallHook"]["enabled"]):
+    if not (instance["enabled"] and instance["uninstallHook"]["enabled"] and effective_values["rbac"]["create"]):
         assert hooked == []
         return
     kinds = sorted(o["kind"] for o in hooked)

@@ -159,6 +159,11 @@ topologySpreadConstraints:
 {{- end }}
 {{- end }}
 
+{{/* "true" when the uninstall hook renders: it needs the chart's ModuleCache and may create its own RBAC. */}}
+{{- define "modcache.uninstallHook" -}}
+{{- if and .Values.instance.enabled .Values.instance.uninstallHook.enabled .Values.rbac.create }}true{{ end }}
+{{- end }}
+
 {{/* Refuse combinations that would install something broken. */}}
 {{- define "modcache.validate" -}}
 {{- if and (gt (int .Values.operator.replicas) 1) (not .Values.operator.leaderElection.enabled) }}
