@@ -19,7 +19,6 @@ from modcache.cli import main as cli_main
 REPO = Path(__file__).resolve().parents[2]
 DOCKERFILE = REPO / "Dockerfile"
 DOCKERIGNORE = REPO / ".dockerignore"
-BUILD_TOOLS = re.compile(r"\b(gcc|g\+\+|make|build-essential|apt-get|apt|apk|pip|uv|poetry|curl|wget|git)\b")
 
 
 @dataclass
