@@ -119,3 +119,9 @@ def test_the_demo_points_settings_at_its_embedded_servers(monkeypatch: pytest.Mo
     assert config.database_url.get_secret_value() == "postgresql://postgres@127.0.0.1:5999/x"
     assert config.redis_url is not None
     assert config.redis_url.get_secret_value() == "redis://configured:6379/0"  # configured: left alone
+
+
+def test_the_readme_documents_every_setting() -> None:
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    table = {line.split("|")[1].strip(" `") for line in readme.splitlines() if line.startswith("| `MODCACHE_")}
+    assert table == {f"MODCACHE_{name.upper()}" for name in settings.Settings.model_fields}
