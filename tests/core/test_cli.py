@@ -19,6 +19,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from modcache import embedded, errors, keys, modules, pgsource
+from modcache.cli import render
 from testkit import cli
 
 Env = dict[str, str]
@@ -371,9 +372,20 @@ async def test_a_password_never_shows_when_redis_refuses_it(env: Env, redis_url:
 # -- real processes: a terminal, signals ------------------------------------------------------------------------
 
 
-async def test_a_long_sync_on_a_terminal_shows_a_progress_bar(env: Env, source: pgsource.PgSource) -> None:
-    for n in range(40):
-        await put(source, f"p/m{n:02}.py", f"N = {n}\n")
+async def test_a_long_sync_on_a_terminal_shows_a_progress_bar(
+    env: Env, database_url: str, redis_client: aioredis.Redis, keyspace: keys.KeySpace
+) -> None:
+    count = render.PROGRESS_MIN_ITEMS + 100
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute(
+            "INSERT INTO workspace_files (path, content, content_hash, entity_type) "
+            "SELECT format('p/m%s.py', n), format('N = %s', n), "
+            "encode(sha256(convert_to(format('N = %s', n), 'UTF8')), 'hex'), 'module' FROM generate_series(1, $1) n",
+            count,
+        )
+    finally:
+        await conn.close()
     primary, secondary = pty.openpty()
     process = await asyncio.create_subprocess_exec(
         cli.console_script(),
@@ -381,15 +393,30 @@ async def test_a_long_sync_on_a_terminal_shows_a_progress_bar(env: Env, source: 
         "--once",
         stdout=secondary,
         stderr=subprocess.STDOUT,
-        env=cli.clean_environ({**env, "MODCACHE_FETCH_BATCH_SIZE": "10"}),
+        env=cli.clean_environ({**env, "MODCACHE_FETCH_BATCH_SIZE": "50"}),
     )
     os.close(secondary)
     output = await asyncio.to_thread(_read_all, primary)
     assert await process.wait() == 0, output
-    assert "syncing [##############################] 40/40" in output
-    assert "applied: 40 missing" in output
-    piped = await cli.invoke("sync", "--once", env=env)  # not a terminal: no bar
+    assert f"syncing [##############################] {count}/{count}" in output
+    assert f"applied: {count} missing" in output
+    await redis_client.delete(keyspace.index)
+    piped = await cli.invoke("sync", "--once", env=env)  # as long a sync, but not on a terminal: no bar
+    assert f"plan: 0 missing, 0 stale, 0 orphan, {count} index" in piped.out
     assert "syncing [" not in piped.out
+
+
+async def test_a_short_sync_on_a_terminal_draws_no_bar(env: Env, source: pgsource.PgSource) -> None:
+    await put(source, "short/a.py", "A = 1\n")
+    primary, secondary = pty.openpty()
+    process = await asyncio.create_subprocess_exec(
+        cli.console_script(), "sync", "--once", stdout=secondary, stderr=subprocess.STDOUT, env=cli.clean_environ(env)
+    )
+    os.close(secondary)
+    output = await asyncio.to_thread(_read_all, primary)
+    assert await process.wait() == 0, output
+    assert "applied: 1 missing" in output
+    assert "syncing [" not in output
 
 
 def _read_all(fd: int) -> str:

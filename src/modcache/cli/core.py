@@ -15,7 +15,7 @@ from typing import Any, BinaryIO
 
 import click
 
-from modcache import db, errors, pgsource, plan
+from modcache import db, errors, pgsource, plan, settings
 from modcache.cli import demo as demo_module
 from modcache.cli import loader, render, runtime, watch
 
@@ -105,7 +105,7 @@ def sync(
         _echo_lines(render.report_lines(report, limit=limit))
 
 
-def _sync_once(config: Any, *, dry_run: bool, deep: bool, show_progress: bool) -> plan.Report:
+def _sync_once(config: settings.Settings, *, dry_run: bool, deep: bool, show_progress: bool) -> plan.Report:
     bar = render.ProgressBar(sys.stdout) if show_progress else None
     try:
         return runtime.run(_full_resync(config, dry_run=dry_run, deep=deep, progress=bar))
@@ -114,7 +114,9 @@ def _sync_once(config: Any, *, dry_run: bool, deep: bool, show_progress: bool) -
             bar.close()
 
 
-async def _full_resync(config: Any, *, dry_run: bool, deep: bool, progress: render.ProgressBar | None) -> plan.Report:
+async def _full_resync(
+    config: settings.Settings, *, dry_run: bool, deep: bool, progress: render.ProgressBar | None
+) -> plan.Report:
     async with runtime.wired(config) as wired:
         return await wired.engine.full_resync(dry_run=dry_run, deep=deep, progress=progress)
 
@@ -138,7 +140,7 @@ def modules_put(path: str, file: BinaryIO, **flags: Any) -> None:
     click.echo(f"{'wrote' if changed else 'unchanged'} {path}")
 
 
-async def _put(config: Any, path: str, raw: bytes) -> bool:
+async def _put(config: settings.Settings, path: str, raw: bytes) -> bool:
     async with runtime.source_only(config) as source:
         return await source.put_module(path, raw)
 
@@ -156,7 +158,7 @@ def modules_rm(path: str, hard: bool, **flags: Any) -> None:
     click.echo(f"{'deleted' if hard else 'soft-deleted'} {path}")
 
 
-async def _remove(config: Any, path: str, *, hard: bool) -> bool:
+async def _remove(config: settings.Settings, path: str, *, hard: bool) -> bool:
     async with runtime.source_only(config) as source:
         return await source.remove_module(path, hard=hard)
 
@@ -174,7 +176,7 @@ def modules_ls(as_json: bool, **flags: Any) -> None:
         click.echo(f"{row.hash[:12]}  {row.size_bytes if row.size_bytes is not None else '?':>9}  {row.path}")
 
 
-async def _rows(config: Any) -> list[pgsource.ModuleRow]:
+async def _rows(config: settings.Settings) -> list[pgsource.ModuleRow]:
     async with runtime.source_only(config) as source:
         return await source.module_rows()
 
@@ -208,7 +210,7 @@ def status(as_json: bool, deep: bool, **flags: Any) -> None:
     _echo_lines(render.status_lines(report, record=record, generation=generation, prefix=config.key_prefix, now=_now()))
 
 
-async def _status(config: Any, *, deep: bool) -> tuple[plan.Report, dict[str, str], int]:
+async def _status(config: settings.Settings, *, deep: bool) -> tuple[plan.Report, dict[str, str], int]:
     async with runtime.wired(config) as wired:
         report = await wired.engine.full_resync(dry_run=True, deep=deep)
         return report, await wired.cache.read_status(), await wired.cache.generation()

@@ -14,6 +14,7 @@ from typing import TextIO
 from modcache import modules, plan
 
 DEFAULT_ITEM_LIMIT = 50
+PROGRESS_MIN_ITEMS = 500
 
 
 def counts(values: Mapping[plan.Reason, int]) -> str:
@@ -111,17 +112,22 @@ def load_lines(
 
 
 class ProgressBar:
-    """A one-line progress bar for ``Engine.full_resync(progress=...)``, redrawn at most 10 times a second."""
+    """A one-line progress bar for ``Engine.full_resync(progress=...)``, redrawn at most 10 times a second.
+
+    Plans of fewer than ``min_items`` items finish too fast to need one: nothing is drawn for them.
+    """
 
     def __init__(
         self,
         stream: TextIO,
         *,
+        min_items: int = PROGRESS_MIN_ITEMS,
         width: int = 30,
         min_interval_s: float = 0.1,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._stream = stream
+        self._min_items = min_items
         self._width = width
         self._min_interval_s = min_interval_s
         self._clock = clock
@@ -130,7 +136,7 @@ class ProgressBar:
 
     def __call__(self, done: int, total: int) -> None:
         now = self._clock()
-        if done < total and now - self._last_draw < self._min_interval_s:
+        if total < self._min_items or (done < total and now - self._last_draw < self._min_interval_s):
             return
         self._last_draw = now
         filled = self._width * done // total if total else self._width
