@@ -189,11 +189,20 @@ def _privilege_drop(user: str) -> list[str]:
         raise ServerError(
             "running as root needs 'setpriv' to start PostgreSQL as a normal user: apt-get install util-linux"
         )
-    account = pwd.getpwnam(user)
+    account = _account(user)
     prefix = ["setpriv", f"--reuid={account.pw_uid}", f"--regid={account.pw_gid}", "--clear-groups"]
     if _bounding_caps() & (1 << CAP_DAC_READ_SEARCH):
         prefix += ["--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search"]
     return [*prefix, "--"]
+
+
+def _account(user: str) -> pwd.struct_passwd:
+    try:
+        return pwd.getpwnam(user)
+    except KeyError:
+        raise ServerError(
+            f"PostgreSQL cannot run as root and the account {user!r} to run it as does not exist"
+        ) from None
 
 
 def _bounding_caps() -> int:
@@ -212,7 +221,7 @@ def _init_postgres(data_dir: Path, *, bin_dir: Path, user: str) -> None:
         return
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     if os.geteuid() == 0:
-        account = pwd.getpwnam(user)
+        account = _account(user)
         os.chown(data_dir, account.pw_uid, account.pw_gid)
     argv = [
         *_privilege_drop(user),

@@ -132,3 +132,9 @@ def test_embedded_servers_for_the_demo_live_under_the_state_dir(tmp_path: Path) 
         assert (tmp_path / "postgres" / "data" / "PG_VERSION").exists()
     assert not any(embedded.reachable(url) for url in urls.values())
     assert port_of(urls["postgres"]) != port_of(urls["redis"])
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root must hand PostgreSQL to another account")
+def test_a_missing_run_as_account_is_named(tmp_path: Path) -> None:
+    with pytest.raises(embedded.ServerError, match="account 'no-such-account-xyz' to run it as does not exist"):
+        embedded.start_postgres(tmp_path / "pg" / "data", user="no-such-account-xyz")
