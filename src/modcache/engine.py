@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import datetime
+import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -50,11 +52,13 @@ class Engine:
         cache: rediscache.RedisCache,
         fetch_batch_size: int = 1000,
         monotonic: Callable[[], float] = time.perf_counter,
+        wall_clock: Callable[[], datetime.datetime] = lambda: datetime.datetime.now(datetime.UTC),
     ) -> None:
         self.source = source
         self.cache = cache
         self.fetch_batch_size = fetch_batch_size
         self._monotonic = monotonic
+        self._wall_clock = wall_clock
 
     # -- full resync ---------------------------------------------------------------------------------------
 
@@ -86,7 +90,23 @@ class Engine:
             outcome = await self._execute(the_plan, fence=fence, progress=progress)
             await self._settle(outcome)
             await self.cache.refresh_ttl(source.live)
-        return self._report(the_plan, outcome, source, cache_view, started, dry_run=dry_run, full=True)
+        report = self._report(the_plan, outcome, source, cache_view, started, dry_run=dry_run, full=True)
+        if not dry_run:
+            await self.cache.write_status(await self._status_fields(report))
+        return report
+
+    async def _status_fields(self, report: plan.Report) -> dict[str, str]:
+        """The sync-status record (``keys.KeySpace.status``): what the consumer and ``modcache status`` read."""
+        return {
+            "last_success_at": self._wall_clock().isoformat(timespec="seconds"),
+            "generation": str(await self.cache.generation()),
+            "source_modules": str(report.source_count),
+            "cached_modules": str(report.cached_count),
+            "source_digest": report.digest,
+            "last_drift": json.dumps({r.value: n for r, n in report.plan.counts().items()}),
+            "rejected": str(len(report.plan.rejected)),
+            "duration_s": f"{report.duration_s:.4f}",
+        }
 
     # -- incremental -----------------------------------------------------------------------------------------
 
