@@ -1,8 +1,9 @@
 """Pure: what a ModuleCache's status should say, and which events its change deserves.
 
 ``compute(facts, previous, now)`` takes what the runner observed (``Facts``), the status as last written and the
-current time, and returns an ``Update``: the new status (or None when nothing worth a write changed) and the
-events for the transitions between the two. Nothing here reads the clock or talks to Kubernetes.
+current time, and returns an ``Update``: the new status, or None when nothing worth a write changed.
+``events_between(old, new)`` says which events a change of facts deserves. Nothing here reads the clock or talks
+to Kubernetes.
 
 Rules the anchors converge on (see operator-conventions.md):
 
@@ -109,7 +110,6 @@ class Facts:
 @dataclasses.dataclass(frozen=True)
 class Update:
     status: dict[str, Any] | None  # None: nothing worth a write
-    events: tuple[Event, ...]
     conditions: tuple[dict[str, Any], ...]  # as they now stand (written or not), for metrics
 
 
@@ -122,9 +122,8 @@ def compute(
 ) -> Update:
     conditions = _merge_conditions(_conditions(facts), previous.get("conditions") or [], now, facts.generation)
     desired = _status(facts, conditions)
-    events = _transition_events(previous.get("conditions") or [], conditions)
     write = _worth_writing(desired, previous, timestamp_interval_s)
-    return Update(status=desired if write else None, events=events, conditions=tuple(conditions))
+    return Update(status=desired if write else None, conditions=tuple(conditions))
 
 
 def drift_event(
@@ -309,31 +308,40 @@ def _parse(text: str) -> datetime.datetime:
 # -- events ---------------------------------------------------------------------------------------------------
 
 
-def _transition_events(previous: list[Mapping[str, Any]], current: list[dict[str, Any]]) -> tuple[Event, ...]:
-    before = {c.get("type"): c for c in previous}
-    now = {c["type"]: c for c in current}
-    events = _ready_events(before.get(C.READY.value), now[C.READY.value])
-    events += _listener_events(before.get(C.LISTENER_CONNECTED.value), now[C.LISTENER_CONNECTED.value])
-    return tuple(events)
+def events_between(old: Facts, new: Facts, announced: str | None) -> tuple[list[Event], str | None]:
+    """Events for the change from ``old`` to ``new`` facts, and the failure announced and not yet recovered.
+
+    Computed on every change of facts (not on written statuses), so a blip shorter than a status write, such
+    as a LISTEN connection dropped and restored at once, is still told.
+    """
+    events, announced = _ready_events(new, announced)
+    if new.suspended and not old.suspended:
+        events.append(Event(EventType.NORMAL, R.SUSPENDED, _ready(new)[2]))
+    events += _listener_events(old, new)
+    return events, announced
 
 
-def _ready_events(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> list[Event]:
-    old_status, old_reason = (old or {}).get("status"), (old or {}).get("reason")
-    status, reason = new["status"], new["reason"]
-    failing = {r.value for r in names.FAILING}
-    if status == "False" and reason in failing and (old_status != "False" or old_reason != reason):
-        return [Event(EventType.WARNING, reason, new["message"])]
-    if status == "True" and old_status == "False" and old_reason in failing:
-        return [Event(EventType.NORMAL, R.RECOVERED, f"recovered from {old_reason}: {new['message']}")]
-    if reason == R.SUSPENDED and old_reason != R.SUSPENDED:
-        return [Event(EventType.NORMAL, R.SUSPENDED, new["message"])]
-    return []
+def announced_failure(previous: Mapping[str, Any]) -> str | None:
+    """The failure a previous run announced (Ready False with a failing reason), so a restart does not repeat it."""
+    for condition in previous.get("conditions") or []:
+        if condition.get("type") == C.READY and condition.get("status") == "False":
+            reason = condition.get("reason")
+            return str(reason) if reason in names.FAILING else None
+    return None
 
 
-def _listener_events(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> list[Event]:
-    old_status, status = (old or {}).get("status"), new["status"]
-    if old_status == "False" and status == "True":
-        return [Event(EventType.NORMAL, R.LISTENER_RECONNECTED, new["message"] or "LISTEN connection restored")]
-    if old_status == "True" and status == "False":
-        return [Event(EventType.WARNING, R.LISTENER_DOWN, new["message"] or "LISTEN connection lost")]
+def _ready_events(new: Facts, announced: str | None) -> tuple[list[Event], str | None]:
+    status, reason, message = _ready(new)
+    if not status and reason in names.FAILING and reason != announced:
+        return [Event(EventType.WARNING, reason, message)], reason
+    if status and announced is not None:
+        return [Event(EventType.NORMAL, R.RECOVERED, f"recovered from {announced}: {message}")], None
+    return [], announced
+
+
+def _listener_events(old: Facts, new: Facts) -> list[Event]:
+    if old.listener.up is False and new.listener.up is True:
+        return [Event(EventType.NORMAL, R.LISTENER_RECONNECTED, new.listener.detail or "LISTEN connection restored")]
+    if old.listener.up is True and new.listener.up is False:
+        return [Event(EventType.WARNING, R.LISTENER_DOWN, new.listener.detail or "LISTEN connection lost")]
     return []

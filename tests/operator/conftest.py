@@ -1,9 +1,14 @@
-"""Fixtures for the operator's tests: the CRD as the API server applies it (defaults, schema, CEL rules)."""
+"""Fixtures for the operator's tests.
+
+* the CRD as the API server applies it (defaults, schema, CEL rules);
+* ``cluster``: the operator running against kmock's emulator (see ``operatorkit``), with helpers to create
+  Secrets and ModuleCaches and to wait on what the operator writes back.
+"""
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +16,8 @@ import celpy
 import jsonschema
 import pytest
 import yaml
+
+from operatorkit.cluster import Cluster, emulated_api, running_operator
 
 CRD_PATH = Path(__file__).resolve().parents[2] / "crds" / "modulecache.yaml"
 
@@ -79,3 +86,9 @@ def _cel_problems(cel: celpy.Environment, schema: dict[str, Any], value: Any, pa
         for n, item in enumerate(value):
             problems += _cel_problems(cel, schema["items"], item, f"{path}[{n}]")
     return problems
+
+
+@pytest.fixture
+async def cluster() -> AsyncIterator[Cluster]:
+    async with emulated_api() as (emulator, url), running_operator(emulator, url) as running:
+        yield running

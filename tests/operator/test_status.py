@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import itertools
 from typing import Any
 
 import pytest
@@ -172,51 +173,59 @@ def test_transition_time_moves_only_when_status_changes() -> None:
     assert times["SourceReachable"] == "2025-01-01T12:00:00Z"
 
 
-EVENTS: dict[str, tuple[status.Facts, status.Facts, list[tuple[str, str]]]] = {
-    "steady: none": (HEALTHY, HEALTHY, []),
-    "first start: none": (status.Facts(generation=3), HEALTHY, []),
-    "sync failed": (
-        HEALTHY,
-        dataclasses.replace(HEALTHY, problem=status.Problem(R.CACHE_UNAVAILABLE, "refused")),
-        [("Warning", R.CACHE_UNAVAILABLE)],
+FAILED_CACHE = dataclasses.replace(HEALTHY, problem=status.Problem(R.CACHE_UNAVAILABLE, "refused"))
+NO_SECRET = dataclasses.replace(HEALTHY, problem=status.Problem(R.SECRET_NOT_FOUND, "gone"))
+STARTING = status.Facts(generation=3)
+LISTENER_LOST = dataclasses.replace(HEALTHY, listener=status.Link(False, "terminated"))
+
+
+def _told(*steps: status.Facts, announced: str | None = None) -> list[tuple[str, str]]:
+    told: list[tuple[str, str]] = []
+    for old, new in itertools.pairwise(steps):
+        events, announced = status.events_between(old, new, announced)
+        told += [(e.type.value, e.reason) for e in events]
+    return told
+
+
+EVENTS: dict[str, tuple[tuple[status.Facts, ...], list[tuple[str, str]]]] = {
+    "steady": ((HEALTHY, HEALTHY), []),
+    "first start": ((STARTING, HEALTHY), []),
+    "sync failed once, then recovered": (
+        (HEALTHY, FAILED_CACHE, FAILED_CACHE, HEALTHY),
+        [("Warning", R.CACHE_UNAVAILABLE), ("Normal", R.RECOVERED)],
     ),
-    "recovered": (
-        dataclasses.replace(HEALTHY, problem=status.Problem(R.SECRET_NOT_FOUND, "gone")),
-        HEALTHY,
-        [("Normal", R.RECOVERED)],
+    "recovery through a restart is still told": (
+        (HEALTHY, NO_SECRET, STARTING, HEALTHY),
+        [("Warning", R.SECRET_NOT_FOUND), ("Normal", R.RECOVERED)],
     ),
     "failure changes cause": (
-        dataclasses.replace(HEALTHY, problem=status.Problem(R.SECRET_NOT_FOUND, "gone")),
-        dataclasses.replace(HEALTHY, problem=status.Problem(R.SOURCE_UNAVAILABLE, "refused")),
-        [("Warning", R.SOURCE_UNAVAILABLE)],
+        (HEALTHY, NO_SECRET, FAILED_CACHE),
+        [("Warning", R.SECRET_NOT_FOUND), ("Warning", R.CACHE_UNAVAILABLE)],
     ),
-    "same failure again: none": (
-        dataclasses.replace(HEALTHY, problem=status.Problem(R.CACHE_UNAVAILABLE, "refused")),
-        dataclasses.replace(HEALTHY, problem=status.Problem(R.CACHE_UNAVAILABLE, "reset by peer")),
-        [],
+    "same failure, new message": (
+        (FAILED_CACHE, dataclasses.replace(HEALTHY, problem=status.Problem(R.CACHE_UNAVAILABLE, "reset"))),
+        [("Warning", R.CACHE_UNAVAILABLE)],
     ),
-    "listener lost": (
-        HEALTHY,
-        dataclasses.replace(HEALTHY, listener=status.Link(False, "terminated")),
-        [("Warning", R.LISTENER_DOWN)],
+    "listener blip": (
+        (HEALTHY, LISTENER_LOST, HEALTHY),
+        [("Warning", R.LISTENER_DOWN), ("Normal", R.LISTENER_RECONNECTED)],
     ),
-    "listener back": (
-        dataclasses.replace(HEALTHY, listener=status.Link(False, "terminated")),
-        HEALTHY,
-        [("Normal", R.LISTENER_RECONNECTED)],
-    ),
-    "suspended": (HEALTHY, dataclasses.replace(HEALTHY, suspended=True), [("Normal", R.SUSPENDED)]),
+    "listener first connect": ((STARTING, dataclasses.replace(STARTING, listener=status.Link(True, "on"))), []),
+    "suspended": ((HEALTHY, dataclasses.replace(HEALTHY, suspended=True)), [("Normal", R.SUSPENDED)]),
 }
 
 
-@pytest.mark.parametrize(("before", "after", "expected"), EVENTS.values(), ids=EVENTS.keys())
-def test_events_mark_transitions_only(
-    before: status.Facts, after: status.Facts, expected: list[tuple[str, str]]
-) -> None:
-    previous = _compute(before).status
+@pytest.mark.parametrize(("steps", "expected"), EVENTS.values(), ids=EVENTS.keys())
+def test_events_mark_transitions_only(steps: tuple[status.Facts, ...], expected: list[tuple[str, str]]) -> None:
+    assert _told(*steps) == expected
+
+
+def test_a_failure_announced_before_a_restart_is_not_repeated() -> None:
+    previous = _compute(FAILED_CACHE).status
     assert previous is not None
-    events = _compute(after, previous, _later(5)).events
-    assert [(e.type.value, e.reason) for e in events] == expected
+    announced = status.announced_failure(previous)
+    assert announced == R.CACHE_UNAVAILABLE
+    assert _told(STARTING, FAILED_CACHE, HEALTHY, announced=announced) == [("Normal", R.RECOVERED)]
 
 
 def test_drift_events_are_throttled() -> None:
