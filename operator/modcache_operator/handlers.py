@@ -20,7 +20,10 @@ from modcache_operator import health, kube, metrics, names, runner, status
 
 log = logging.getLogger(__name__)
 
-#: How long deleting a ModuleCache (or stopping the operator) may wait for its loop to stop.
+#: How long kopf waits for a stopping daemon before re-checking later (a runner stops in well under a second;
+#: its own stop is bounded by ``RunnerConfig.stop_timeout_s``). Within this time the finalizer goes at once.
+INSTANT_EXIT_TIMEOUT_S = 20.0
+#: After that, the daemon is cancelled and given this long; then it is abandoned and the finalizer removed.
 CANCELLATION_TIMEOUT_S = 30.0
 
 
@@ -46,6 +49,7 @@ def settings(*, namespaced: bool) -> kopf.OperatorSettings:
     )
     operator_settings.posting.reporting_component = names.REPORTING_COMPONENT
     operator_settings.posting.level = logging.WARNING  # kopf's own log lines are not events; ours are posted
+    operator_settings.background.instant_exit_timeout = INSTANT_EXIT_TIMEOUT_S
     operator_settings.scanning.disabled = namespaced  # a namespaced Role cannot list namespaces or CRDs
     return operator_settings
 

@@ -246,16 +246,21 @@ class Runner:
         )
 
     async def _stop_watcher(self) -> None:
+        """Cancel the watcher and close its connections, each bounded by ``stop_timeout_s``."""
         running, self._running = self._running, None
         if running is None:
             return
         running.task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await asyncio.wait_for(asyncio.shield(running.task), self._config.stop_timeout_s)
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(running.cache.close(), self._config.stop_timeout_s)
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(running.source.close(), self._config.stop_timeout_s)
+        done, _ = await asyncio.wait([running.task], timeout=self._config.stop_timeout_s)
+        if not done:
+            log.warning("%s: the watcher did not stop within %.0fs", self.key, self._config.stop_timeout_s)
+        elif not running.task.cancelled() and (error := running.task.exception()) is not None:
+            log.debug("%s: the watcher had failed: %s", self.key, errors.describe(error))
+        closing = asyncio.gather(running.cache.close(), running.source.close(), return_exceptions=True)
+        try:
+            await asyncio.wait_for(closing, self._config.stop_timeout_s)
+        except TimeoutError:
+            log.warning("%s: connections did not close within %.0fs", self.key, self._config.stop_timeout_s)
 
     async def _suspend(self, generation: int) -> None:
         if self._running is not None:
@@ -373,40 +378,40 @@ class Runner:
             )
 
     def on_sync_failed(self, error: errors.ModcacheError, trigger: str) -> None:
-        now = self._clock()
         self._last_activity = time.monotonic()
         self._metrics.failed(self.namespace, self.name, trigger)
-        message = self._scrub(errors.truncate(str(error)))
-        changes: dict[str, Any] = {}
-        if isinstance(error, errors.SourceUnavailable):
-            changes = {
-                "source": status.Link(False, message),
-                "problem": status.Problem(names.Reason.SOURCE_UNAVAILABLE, message),
-            }
-        elif isinstance(error, errors.CacheUnavailable):
-            changes = {
-                "cache": status.Link(False, message),
-                "problem": status.Problem(names.Reason.CACHE_UNAVAILABLE, message),
-            }
-        else:
-            changes = {"problem": status.Problem(names.Reason.SYNC_FAILED, message)}
+        changes = self._failure(error)
         if not set(trigger.split("+")) <= INCREMENTAL_TRIGGERS:
-            changes["last_attempt_at"] = now
+            changes["last_attempt_at"] = self._clock()
         self._update(**changes)
+
+    def _failure(self, error: errors.ModcacheError) -> dict[str, Any]:
+        """The facts a failed sync changes; the message says where (host, port, database), never the secret."""
+        source_at, cache_at = self._endpoints
+        message = self._scrub(errors.truncate(str(error)))
+        if isinstance(error, errors.SourceUnavailable):
+            detail = f"{source_at}: {message}"
+            return {"source": status.Link(False, detail), "problem": status.Problem(R.SOURCE_UNAVAILABLE, detail)}
+        if isinstance(error, errors.CacheUnavailable):
+            detail = f"{cache_at}: {message}"
+            return {"cache": status.Link(False, detail), "problem": status.Problem(R.CACHE_UNAVAILABLE, detail)}
+        return {"problem": status.Problem(R.SYNC_FAILED, message)}
 
     def on_listener(self, connected: bool, detail: str) -> None:
         self._last_activity = time.monotonic()
         was_up = self.facts.listener.up
         self._metrics.listener(self.namespace, self.name, connected)
         self._update(listener=status.Link(connected, self._scrub(detail)))
-        if was_up and not connected and self._running is not None:
+        unverified = was_up or self.facts.source.up is None  # lost it, or never heard from PostgreSQL
+        if unverified and not connected and self._running is not None:
             self._running.watcher.request_resync(watcher.RECONNECT)  # is PostgreSQL itself still there?
 
     def on_keyspace(self, active: bool, detail: str) -> None:
         self._last_activity = time.monotonic()
         was_active = self.facts.keyspace.up
         self._update(keyspace=status.Link(active, self._scrub(detail)))
-        if was_active and not active and self._running is not None:
+        unverified = was_active or self.facts.cache.up is None
+        if unverified and not active and self._running is not None:
             self._running.watcher.request_resync(watcher.RECONNECT)  # is Redis itself still there?
 
     def _drift(self, report: plan.Report, trigger: str, now: datetime.datetime) -> status.Drift | None:
