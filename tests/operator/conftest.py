@@ -8,10 +8,12 @@
 from __future__ import annotations
 
 import copy
+import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import celpy
 import jsonschema
 import pytest
@@ -92,3 +94,21 @@ def _cel_problems(cel: celpy.Environment, schema: dict[str, Any], value: Any, pa
 async def cluster() -> AsyncIterator[Cluster]:
     async with emulated_api() as (emulator, url), running_operator(emulator, url) as running:
         yield running
+
+
+@pytest.fixture
+async def other_database_url(services: dict[str, str], pg_template: str) -> AsyncIterator[str]:
+    """A second fresh, migrated database, for a second ModuleCache."""
+    admin = services["postgres"]
+    name = f"modcache_t_{uuid.uuid4().hex[:12]}"
+    conn = await asyncpg.connect(admin)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{pg_template}" STRATEGY FILE_COPY')
+    finally:
+        await conn.close()
+    yield f"{admin.rpartition('/')[0]}/{name}"
+    conn = await asyncpg.connect(admin)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()

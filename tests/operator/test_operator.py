@@ -16,7 +16,7 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
-from modcache import keys, modules, pgsource
+from modcache import db, keys, modules, pgsource
 from modcache_operator import names
 from operatorkit.cluster import NAMESPACE, Cluster
 from testkit.servers import PrivateRedis, private_redis
@@ -369,3 +369,37 @@ async def _filled(server: PrivateRedis, keyspace: keys.KeySpace, contents: dict[
         return all([await _cached(client, keyspace, path) == text for path, text in contents.items()])
     finally:
         await client.aclose()
+
+
+async def test_two_caches_never_interfere(
+    cluster: Cluster,
+    source: pgsource.PgSource,
+    database_url: str,
+    other_database_url: str,
+    redis_url: str,
+    keyspace: keys.KeySpace,
+    redis_client: aioredis.Redis,
+) -> None:
+    other_source = pgsource.PgSource(engine=db.make_engine(other_database_url))
+    other = keys.KeySpace(keyspace.prefix.replace("bifrost:", "other:"))
+    try:
+        ours = await _load(source, 4, prefix="ours")
+        theirs = await _load(other_source, 2, prefix="theirs")
+    finally:
+        await other_source.close()
+    await cluster.apply_secret("urls", {"database": database_url, "redis": redis_url})
+    await cluster.apply_secret("other", {"database": other_database_url, "redis": redis_url})
+    await cluster.create_cache("a", _spec(keyspace.prefix))
+    await cluster.create_cache("b", _spec(other.prefix, secret="other"))
+    await cluster.wait_for(lambda: cluster.ready("a") and cluster.ready("b"), "both Ready")
+    assert (cluster.status("a")["sourceModules"], cluster.status("b")["sourceModules"]) == (4, 2)
+    assert await redis_client.smembers(keyspace.index) == set(ours)
+    assert await redis_client.smembers(other.index) == set(theirs)
+
+    await cluster.patch_cache("b", {"spec": {"suspend": True}})
+    await cluster.wait_for(lambda: cluster.condition("b", C.READY)[1] == R.SUSPENDED, "b suspended")
+    await redis_client.delete(keyspace.content("ours/mod_0.py"))
+    await cluster.wait_for(lambda: cluster.status("a").get("totalRepairs") == 5, "a repaired")
+    assert cluster.ready("a")
+    assert cluster.status("b")["totalRepairs"] == 2
+    assert ("Normal", R.DRIFT_CORRECTED, "corrected 1 cache entries (1 missing)") not in cluster.events("b")
