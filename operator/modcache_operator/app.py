@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import dataclasses
 import threading
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 
 import kopf
 
@@ -32,7 +32,7 @@ Flag = asyncio.Event | threading.Event
 
 @contextlib.asynccontextmanager
 async def probes(
-    *, operator: handlers.Operator, ready: Flag, host: str, metrics_port: int, health_port: int
+    *, operator: handlers.Operator, ready: Callable[[], bool], host: str, metrics_port: int, health_port: int
 ) -> AsyncIterator[Ports]:
     """Serve ``/metrics`` and ``/healthz`` + ``/readyz`` (port 0: any free port) and beat while open."""
     metrics_server = health.HttpServer(

@@ -8,9 +8,7 @@ syncs (successful or failed), so a hung watcher fails the probe too. ``/readyz``
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
-import threading
 import time
 from collections.abc import Callable
 
@@ -36,14 +34,15 @@ class Liveness:
         return sorted(self._beats)
 
 
-def health_app(*, liveness: Liveness, ready: asyncio.Event | threading.Event) -> web.Application:
+def health_app(*, liveness: Liveness, ready: Callable[[], bool]) -> web.Application:
     async def healthz(_: web.Request) -> web.Response:
         stalled = liveness.stalled()
         body = {"status": "stalled" if stalled else "ok", "stalled": stalled, "loops": len(liveness.loops())}
         return web.json_response(body, status=503 if stalled else 200)
 
     async def readyz(_: web.Request) -> web.Response:
-        return web.json_response({"ready": ready.is_set()}, status=200 if ready.is_set() else 503)
+        is_ready = ready()
+        return web.json_response({"ready": is_ready}, status=200 if is_ready else 503)
 
     app = web.Application()
     app.router.add_get("/healthz", healthz)

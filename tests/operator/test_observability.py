@@ -120,7 +120,9 @@ async def test_liveness_fails_once_a_loop_falls_silent() -> None:
     )
     ready = asyncio.Event()
     try:
-        async with app.probes(operator=operator, ready=ready, host="127.0.0.1", metrics_port=0, health_port=0) as ports:
+        async with app.probes(
+            operator=operator, ready=ready.is_set, host="127.0.0.1", metrics_port=0, health_port=0
+        ) as ports:
             clock.now += 5
             assert (await _get(ports.health, "/healthz"))[0] == 200
             assert (await _get(ports.health, "/readyz"))[0] == 503
