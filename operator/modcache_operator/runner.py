@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import dataclasses
 import datetime
+import gc
 import logging
 import random
 import time
@@ -82,7 +84,20 @@ class _Running:
     watcher: watcher.Watcher
     source: pgsource.PgSource
     cache: rediscache.RedisCache
-    task: asyncio.Task[None]
+    task: asyncio.Task[None] = dataclasses.field(init=False)
+    error: BaseException | None = None
+
+    def start(self, name: str) -> None:
+        self.task = asyncio.create_task(self._run(), name=name)
+
+    async def _run(self) -> None:
+        """The watcher, its failure kept here rather than in the task: when kopf stops, it re-raises whatever
+        the tasks it outlived ended with, and an error that surfaced while cancelling must not fail the
+        operator's shutdown."""
+        try:
+            await self.watcher.run()
+        except Exception as e:  # a crash (an ExceptionGroup from its TaskGroup), reported by the supervisor
+            self.error = e
 
 
 class Runner:
@@ -227,8 +242,8 @@ class Runner:
         the_watcher = watcher.Watcher(
             engine=core, settings=settings, listen_dsn=resolved.listen_dsn(), redis_client=cache.client, observer=self
         )
-        task = asyncio.create_task(the_watcher.run(), name=f"modcache-watcher-{self.key}")
-        self._running = _Running(resolved=resolved, watcher=the_watcher, source=source, cache=cache, task=task)
+        self._running = _Running(resolved=resolved, watcher=the_watcher, source=source, cache=cache)
+        self._running.start(f"modcache-watcher-{self.key}")
         self._endpoints = resolved.endpoints()
         self._last_activity = time.monotonic()
         if self._pending_token is not None:
@@ -254,8 +269,8 @@ class Runner:
         done, _ = await asyncio.wait([running.task], timeout=self._config.stop_timeout_s)
         if not done:
             log.warning("%s: the watcher did not stop within %.0fs", self.key, self._config.stop_timeout_s)
-        elif not running.task.cancelled() and (error := running.task.exception()) is not None:
-            log.debug("%s: the watcher had failed: %s", self.key, errors.describe(error))
+        elif running.error is not None:
+            log.debug("%s: the watcher ended with %s", self.key, errors.describe(running.error))
         closing = asyncio.gather(running.cache.close(), running.source.close(), return_exceptions=True)
         try:
             await asyncio.wait_for(closing, self._config.stop_timeout_s)
@@ -273,7 +288,7 @@ class Runner:
         running = self._running
         if running is None or not running.task.done():
             return
-        error = running.task.exception() if not running.task.cancelled() else None
+        error = _innermost(running.error)
         detail = errors.describe(error) if error is not None else "stopped unexpectedly"
         raise errors.TransientError(f"the sync loop failed: {self._scrub(detail)}")
 
@@ -355,6 +370,7 @@ class Runner:
         drift = self._drift(report, trigger, now)
         if report.full:
             self._failures = 0
+            _release_memory()  # a full resync's working set is large and short-lived: give it back
             counts = status.Counts(report.source_count, report.cached_count, len(report.plan.rejected))
             source_at, cache_at = self._endpoints
             self._update(
@@ -469,6 +485,20 @@ class Runner:
             if secret is not None:
                 text = _without(text, secret.get_secret_value())
         return text
+
+
+def _innermost(error: BaseException | None) -> BaseException | None:
+    """The first real error inside (nested) exception groups, which is what a person needs to read."""
+    while isinstance(error, BaseExceptionGroup) and error.exceptions:
+        error = error.exceptions[0]
+    return error
+
+
+def _release_memory() -> None:
+    """Collect, then hand freed heap pages back to the OS (glibc's malloc_trim; a no-op elsewhere)."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _without(text: str, url: str) -> str:
