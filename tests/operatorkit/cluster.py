@@ -201,7 +201,7 @@ class OperatorThread:
         )
         try:
             async with app.probes(
-                operator=self.operator, ready=self._ready, host="127.0.0.1", metrics_port=0, health_port=0
+                operator=self.operator, ready=self._ready.is_set, host="127.0.0.1", metrics_port=0, health_port=0
             ) as ports:
                 self.ports = ports
                 await app.run_kopf(
