@@ -238,7 +238,9 @@ class Runner:
             ttl_jitter_ratio=settings.ttl_jitter_ratio,
             check_batch_size=settings.check_batch_size,
         )
-        core = engine.Engine(source=source, cache=cache, fetch_batch_size=settings.fetch_batch_size)
+        core = engine.Engine(
+            source=source, cache=cache, fetch_batch_size=settings.fetch_batch_size, prune=resolved.spec.prune
+        )
         the_watcher = watcher.Watcher(
             engine=core, settings=settings, listen_dsn=resolved.listen_dsn(), redis_client=cache.client, observer=self
         )

@@ -403,3 +403,25 @@ async def test_two_caches_never_interfere(
     assert cluster.ready("a")
     assert cluster.status("b")["totalRepairs"] == 2
     assert ("Normal", R.DRIFT_CORRECTED, "corrected 1 cache entries (1 missing)") not in cluster.events("b")
+
+
+async def test_prune_false_keeps_entries_of_deleted_modules(
+    cluster: Cluster,
+    source: pgsource.PgSource,
+    database_url: str,
+    redis_url: str,
+    keyspace: keys.KeySpace,
+    redis_client: aioredis.Redis,
+) -> None:
+    contents = await _load(source, 3)
+    await cluster.apply_secret("urls", {"database": database_url, "redis": redis_url})
+    await cluster.create_cache("main", _spec(keyspace.prefix, prune=False))
+    await cluster.wait_for(lambda: cluster.ready("main"), "Ready True")
+
+    await _sql(database_url, "UPDATE workspace_files SET is_deleted = true WHERE path = 'pkg/mod_0.py'")
+    await _set_content(database_url, "pkg/mod_1.py", "VALUE = 'new'\n")  # a change still flows
+    await _until(lambda: _is(redis_client, keyspace, "pkg/mod_1.py", "VALUE = 'new'\n"), "the change applied")
+    token = "after-delete"
+    await cluster.patch_cache("main", {"metadata": {"annotations": {names.RESYNC_ANNOTATION: token}}})
+    await cluster.wait_for(lambda: cluster.status("main").get("lastHandledReconcileAt") == token, "a full resync")
+    assert await _cached(redis_client, keyspace, "pkg/mod_0.py") == contents["pkg/mod_0.py"]
