@@ -1,8 +1,8 @@
 """``modcache operator``: run the operator (kopf), its metrics and probe servers, and leader election.
 
 The command reads credentials in-cluster (service account) or from a kubeconfig, serves ``/metrics`` and
-``/healthz`` + ``/readyz`` on their ports, and, with leader election on (the default), runs kopf only while this
-replica holds the Lease. SIGTERM/SIGINT stop it gracefully: the loops stop, the Lease is released.
+``/healthz`` + ``/readyz`` on their ports, and, with ``--leader-election``, runs kopf only while this replica holds
+the Lease (one replica needs none). SIGTERM/SIGINT stop it gracefully: the loops stop, the Lease is released.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/
 @click.option("--health-port", type=click.IntRange(0, 65535), default=8080, show_default=True)
 @click.option("--bind", default="0.0.0.0", show_default=True, help="Address the two servers listen on.")
 @click.option(
-    "--leader-election/--no-leader-election", default=True, show_default=True,
-    help="Run only while holding a Lease, so several replicas never write at once.",
+    "--leader-election/--no-leader-election", default=False, show_default=True,
+    help="Run only while holding a Lease, so several replicas never write at once (needed for replicas > 1).",
 )  # fmt: skip
 @click.option("--lease-name", default="modcache-operator", show_default=True)
 @click.option(

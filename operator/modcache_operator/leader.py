@@ -43,8 +43,9 @@ class LeaseConfig:
 
 
 def default_identity() -> str:
-    """The pod name (``HOSTNAME``) plus a random suffix, so a restarted pod never mistakes itself for the old."""
-    return f"{os.environ.get('HOSTNAME') or socket.gethostname()}-{uuid.uuid4().hex[:6]}"
+    """The pod name (``POD_NAME``, else ``HOSTNAME``) plus a random suffix: a restarted pod is a new candidate."""
+    pod = os.environ.get("POD_NAME") or os.environ.get("HOSTNAME") or socket.gethostname()
+    return f"{pod}-{uuid.uuid4().hex[:6]}"
 
 
 class Elector:

@@ -45,7 +45,7 @@ class RunnerConfig:
 
     timestamp_interval_s: float = 300.0  # a no-drift resync refreshes lastSyncTime at most this often
     drift_event_interval_s: float = 60.0  # at most one DriftCorrected event per this period
-    status_debounce_s: float = 0.2  # status changes arriving together make one write
+    status_debounce_s: float = 0.05  # status changes arriving together make one write
     retry_initial_s: float = 1.0  # backoff of a failing configuration or a crashed watcher
     retry_max_s: float = 60.0
     heartbeat_s: float = 5.0  # how often the supervising loop proves it runs

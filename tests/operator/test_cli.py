@@ -46,7 +46,8 @@ class Process:
     async def start(self) -> None:
         args = [
             str(MODCACHE), "-v", "operator", "--namespace", NAMESPACE, "--kubeconfig", str(self.kubeconfig),
-            "--metrics-port", str(self.metrics_port), "--health-port", str(self.health_port), "--bind", "127.0.0.1",
+            "--leader-election", "--metrics-port", str(self.metrics_port), "--health-port", str(self.health_port),
+            "--bind", "127.0.0.1",
         ]  # fmt: skip
         with self.log.open("ab") as out:
             self.proc = await asyncio.create_subprocess_exec(*args, stdout=out, stderr=out)
