@@ -74,14 +74,15 @@ def registry(operator: Operator) -> kopf.OperatorRegistry:
     ) -> None:
         await _run_modulecache(operator, body, namespace or "", name, stopped)
 
+    # Async on purpose: kopf runs sync handlers in threads, and a runner's wake-up is an asyncio.Event.
     @kopf.on.event(names.GROUP, names.VERSION, names.PLURAL, registry=reg)
-    def modulecache_changed(body: kopf.Body, namespace: str | None, name: str, **_: Any) -> None:
+    async def modulecache_changed(body: kopf.Body, namespace: str | None, name: str, **_: Any) -> None:
         the_runner = operator.runners.get((namespace or "", name))
         if the_runner is not None and the_runner.wants_wakeup(body):
             the_runner.poke()
 
     @kopf.on.event("", "v1", "secrets", registry=reg)
-    def secret_changed(namespace: str | None, name: str, **_: Any) -> None:
+    async def secret_changed(namespace: str | None, name: str, **_: Any) -> None:
         for (ns, _cache), the_runner in list(operator.runners.items()):
             if ns == namespace and the_runner.uses_secret(name):
                 log.info("Secret %s/%s changed; %s re-reads it", namespace, name, the_runner.key)
