@@ -190,7 +190,7 @@ async def test_modules_put_rejects_bad_paths(env: Env, tmp_path: Path, path: str
     result = await cli.invoke("modules", "put", path, str(file), env=env)
     assert result.code == 2
     assert reason in result.err
-    assert result.err.startswith(f"modcache: {errors.truncate(path)}: invalid module path: ")
+    assert result.err.startswith(f"modcache: {errors.truncate(path)!r}: invalid module path: ")
     assert len(result.err.strip().splitlines()) == 1
     assert (await cli.invoke("modules", "ls", env=env)).out == ""
 
@@ -201,9 +201,9 @@ async def test_modules_put_rejects_bad_content(env: Env, tmp_path: Path) -> None
     big = tmp_path / "big.py"
     big.write_text("#" * 101)
     not_utf8 = await cli.invoke("modules", "put", "bin.py", str(binary), env=env)
-    assert (not_utf8.code, not_utf8.err) == (2, "modcache: bin.py: content is not valid UTF-8 (byte 5)\n")
+    assert (not_utf8.code, not_utf8.err) == (2, "modcache: 'bin.py': content is not valid UTF-8 (byte 5)\n")
     too_big = await cli.invoke("modules", "put", "big.py", str(big), "--max-module-bytes", "100", env=env)
-    assert (too_big.code, too_big.err) == (2, "modcache: big.py: content exceeds the size limit (101 > 100 bytes)\n")
+    assert (too_big.code, too_big.err) == (2, "modcache: 'big.py': content exceeds the size limit (101 > 100 bytes)\n")
 
 
 async def test_load_dir_maps_relative_paths_and_reports_bad_files(env: Env, tmp_path: Path) -> None:
