@@ -80,8 +80,8 @@ async def _throughput(kind: str, url: str, keyspace: keys.KeySpace, args: argpar
             "MODCACHE_QUEUE_NAME": queue,
             "MODCACHE_KEY_PREFIX": keyspace.prefix,
             "MODCACHE_CONSUMER_CONCURRENCY": str(args.concurrency),
-            "MODCACHE_WORKERS_MIN": "2",
-            "MODCACHE_WORKERS_MAX": "2",
+            "MODCACHE_POOL_MIN_WORKERS": "2",
+            "MODCACHE_POOL_MAX_WORKERS": "2",
             "MODCACHE_HEALTH_PORT": "0",
             "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")])),
         }

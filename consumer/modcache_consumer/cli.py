@@ -26,11 +26,14 @@ class ExecutionFailed(errors.ModcacheError):
 @click.command("consumer")
 @click.option("--concurrency", type=click.IntRange(min=1), help="Executions at once (MODCACHE_CONSUMER_CONCURRENCY).")
 @click.option("--queue", "queue_name", help="Queue to consume (MODCACHE_QUEUE_NAME).")
-@click.option("--health-port", type=click.IntRange(0, 65535), help="Probe/metrics port, 0: any (MODCACHE_HEALTH_PORT).")
-def consumer_command(concurrency: int | None, queue_name: str | None, health_port: int | None) -> None:
+@click.option("--health-port", type=click.IntRange(0, 65535), help="/healthz, /readyz; 0: any (MODCACHE_HEALTH_PORT).")
+@click.option("--metrics-port", type=click.IntRange(0, 65535), help="/metrics on its own port (MODCACHE_METRICS_PORT).")
+def consumer_command(
+    concurrency: int | None, queue_name: str | None, health_port: int | None, metrics_port: int | None
+) -> None:
     """Run workflow executions from RabbitMQ until SIGTERM or Ctrl-C (then drain and stop)."""
     the_settings = settings.ConsumerSettings.from_env(
-        consumer_concurrency=concurrency, queue_name=queue_name, health_port=health_port
+        consumer_concurrency=concurrency, queue_name=queue_name, health_port=health_port, metrics_port=metrics_port
     )
     asyncio.run(_serve(the_settings))
 
@@ -41,8 +44,12 @@ async def _serve(the_settings: settings.ConsumerSettings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     async with consumer.WorkflowExecutionConsumer(settings=the_settings) as running:
-        health = f", health on {the_settings.health_host}:{running.health_port}" if running.health_port else ""
-        click.echo(f"modcache consumer: consuming {the_settings.queue_name}{health}", err=True)
+        listeners = "".join(
+            f", {what} on {the_settings.health_host}:{port}"
+            for what, port in (("health", running.health_port), ("metrics", running.metrics_port))
+            if port
+        )
+        click.echo(f"modcache consumer: consuming {the_settings.queue_name}{listeners}", err=True)
         await stop.wait()
         click.echo("modcache consumer: stopping (draining in-flight executions)", err=True)
 

@@ -89,6 +89,7 @@ class WorkflowExecutionConsumer:
         self._consuming = False
         self._db_ok = self._cache_ok = True
         self.health_port: int | None = None
+        self.metrics_port: int | None = None
         self._channel: aio_pika.abc.AbstractChannel | None = None
         self._connection: aio_pika.abc.AbstractRobustConnection | None = None
 
@@ -189,17 +190,25 @@ class WorkflowExecutionConsumer:
         self._stack.push_async_callback(self._stop_consuming, queue, tag)
 
     async def _start_health(self) -> None:
-        if self.settings.health_port is None:
-            return
+        s = self.settings
+        if s.health_port is not None:
+            self.health_port = await self._serve_http(s.health_port)
+        if s.metrics_port is not None and (s.metrics_port == 0 or s.metrics_port != s.health_port):
+            self.metrics_port = await self._serve_http(s.metrics_port)  # 0 twice: two listeners on free ports
+        else:
+            self.metrics_port = self.health_port
+
+    async def _serve_http(self, port: int) -> int:
         server = health.HealthServer(
             host=self.settings.health_host,
-            port=self.settings.health_port,
+            port=port,
             live=self.liveness,
             ready=self.readiness,
             metrics=self.metrics.exposition,
         )
-        self.health_port = await server.start()
+        bound = await server.start()
         self._stack.push_async_callback(server.close)
+        return bound
 
     async def _stop_consuming(self, queue: aio_pika.abc.AbstractQueue, tag: str) -> None:
         """Stop taking messages, then give in-flight ones ``drain_grace_s`` before cancelling them."""

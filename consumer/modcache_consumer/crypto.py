@@ -10,7 +10,7 @@ from cryptography import fernet
 
 from modcache import errors
 
-KEY_VARIABLE = "MODCACHE_CONFIG_ENCRYPTION_KEY"
+KEY_VARIABLE = "MODCACHE_SECRETS_KEY"
 
 
 class Secrets:

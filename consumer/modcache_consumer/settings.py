@@ -24,8 +24,8 @@ class ConsumerSettings(settings.Settings):
     consumer_concurrency: int = pydantic.Field(
         10, gt=0, le=1000, description="Executions in flight at once; also the AMQP prefetch."
     )
-    workers_min: int = pydantic.Field(1, ge=0, le=1000, description="Worker processes kept warm.")
-    workers_max: int | None = pydantic.Field(None, gt=0, le=1000, description="Worker cap; unset: concurrency.")
+    pool_min_workers: int = pydantic.Field(1, ge=0, le=1000, description="Worker processes kept warm.")
+    pool_max_workers: int | None = pydantic.Field(None, gt=0, le=1000, description="Worker cap; unset: concurrency.")
     worker_max_executions: int = pydantic.Field(
         1000, gt=0, description="A worker is replaced (between executions) after this many runs."
     )
@@ -54,11 +54,14 @@ class ConsumerSettings(settings.Settings):
     db_pool_timeout_s: float = pydantic.Field(10.0, gt=0, description="Wait for a pooled connection at most this.")
     config_cache_ttl_s: int = pydantic.Field(60, gt=0, description="Organization/config entries live this long.")
     cache_namespace: str = pydantic.Field("", max_length=200, description="Prefix of org/config cache keys.")
-    config_encryption_key: pydantic.SecretStr | None = pydantic.Field(
+    secrets_key: pydantic.SecretStr | None = pydantic.Field(
         None, description="Fernet key(s), comma-separated, newest first; encrypts secret configs at rest."
     )
-    health_host: str = pydantic.Field("0.0.0.0", description="Where /livez, /readyz and /metrics listen.")
+    health_host: str = pydantic.Field("0.0.0.0", description="Where /livez (/healthz), /readyz, /metrics listen.")
     health_port: int | None = pydantic.Field(8080, ge=0, le=65535, description="0: any free port; unset: off.")
+    metrics_port: int | None = pydantic.Field(
+        None, ge=0, le=65535, description="A separate /metrics listener; unset: /metrics on the health port."
+    )
 
     @pydantic.field_validator("amqp_url")
     @classmethod
@@ -69,7 +72,7 @@ class ConsumerSettings(settings.Settings):
                 raise ValueError("URL scheme must be one of amqp, amqps")
         return value
 
-    @pydantic.field_validator("config_encryption_key")
+    @pydantic.field_validator("secrets_key")
     @classmethod
     def _fernet_keys(cls, value: pydantic.SecretStr | None) -> pydantic.SecretStr | None:
         if value is not None:
@@ -80,11 +83,11 @@ class ConsumerSettings(settings.Settings):
                     raise ValueError("not a Fernet key (32 url-safe base64-encoded bytes)") from None
         return value
 
-    @pydantic.field_validator("workers_max")
+    @pydantic.field_validator("pool_max_workers")
     @classmethod
     def _workers_fit(cls, value: int | None, info: pydantic.ValidationInfo) -> int | None:
-        if value is not None and info.data.get("workers_min", 0) > value:
-            raise ValueError("smaller than MODCACHE_WORKERS_MIN")
+        if value is not None and info.data.get("pool_min_workers", 0) > value:
+            raise ValueError("smaller than MODCACHE_POOL_MIN_WORKERS")
         return value
 
     @classmethod
@@ -99,20 +102,20 @@ class ConsumerSettings(settings.Settings):
 
     @property
     def max_workers(self) -> int:
-        return self.workers_max or self.consumer_concurrency
+        return self.pool_max_workers or self.consumer_concurrency
 
     @property
     def min_workers(self) -> int:
-        return min(self.workers_min, self.max_workers)
+        return min(self.pool_min_workers, self.max_workers)
 
     @property
     def pool_size(self) -> int:
         return self.db_pool_size or self.consumer_concurrency + 1
 
     def encryption_keys(self) -> list[str]:
-        if self.config_encryption_key is None:
+        if self.secrets_key is None:
             return []
-        return [k.strip() for k in self.config_encryption_key.get_secret_value().split(",")]
+        return [k.strip() for k in self.secrets_key.get_secret_value().split(",")]
 
     def required(self, name: str) -> str:
         """The secret URL ``name`` (``database_url``, ``redis_url``, ``amqp_url``), or a ConfigError naming it."""

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import datetime
+import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -49,12 +51,16 @@ class Engine:
         source: pgsource.PgSource,
         cache: rediscache.RedisCache,
         fetch_batch_size: int = 1000,
+        prune: bool = True,
         monotonic: Callable[[], float] = time.perf_counter,
+        wall_clock: Callable[[], datetime.datetime] = lambda: datetime.datetime.now(datetime.UTC),
     ) -> None:
         self.source = source
         self.cache = cache
         self.fetch_batch_size = fetch_batch_size
+        self.prune = prune  # False: content keys of paths that are no longer live modules are left in place
         self._monotonic = monotonic
+        self._wall_clock = wall_clock
 
     # -- full resync ---------------------------------------------------------------------------------------
 
@@ -80,13 +86,29 @@ class Engine:
     ) -> plan.Report:
         started = self._monotonic()
         fence, source, cache_view = await self.observe(deep=deep)
-        the_plan = plan.compute(source, cache_view)
+        the_plan = self._compute(source, cache_view)
         outcome = _Outcome()
         if not dry_run:
             outcome = await self._execute(the_plan, fence=fence, progress=progress)
             await self._settle(outcome)
             await self.cache.refresh_ttl(source.live)
-        return self._report(the_plan, outcome, source, cache_view, started, dry_run=dry_run, full=True)
+        report = self._report(the_plan, outcome, source, cache_view, started, dry_run=dry_run, full=True)
+        if not dry_run:
+            await self.cache.write_status(await self._status_fields(report))
+        return report
+
+    async def _status_fields(self, report: plan.Report) -> dict[str, str]:
+        """The sync-status record (``keys.KeySpace.status``): what the consumer and ``modcache status`` read."""
+        return {
+            "last_success_at": self._wall_clock().isoformat(timespec="seconds"),
+            "generation": str(await self.cache.generation()),
+            "source_modules": str(report.source_count),
+            "cached_modules": str(report.cached_count),
+            "source_digest": report.digest,
+            "last_drift": json.dumps({r.value: n for r, n in report.plan.counts().items()}),
+            "rejected": str(len(report.plan.rejected)),
+            "duration_s": f"{report.duration_s:.4f}",
+        }
 
     # -- incremental -----------------------------------------------------------------------------------------
 
@@ -109,11 +131,15 @@ class Engine:
         index = await self.cache.read_index_members(paths)
         content = await self.cache.check({p: source.live.get(p, "") for p in paths})
         view = plan.CacheView(index=index, manifest=manifest, content=content)
-        the_plan = plan.compute(source, view)
+        the_plan = self._compute(source, view)
         outcome = _Outcome(rejected=list(rejected))
         if the_plan and not dry_run:
             outcome.absorb(await self._apply(_writes(the_plan.items, found), fence=fence))
         return the_plan, outcome, source, view
+
+    def _compute(self, source: plan.SourceView, view: plan.CacheView) -> plan.Plan:
+        the_plan = plan.compute(source, view)
+        return the_plan if self.prune else plan.without_orphans(the_plan)
 
     async def _settle(self, outcome: _Outcome) -> None:
         """Re-check fenced-out items with fresh reads until none conflict (bounded)."""

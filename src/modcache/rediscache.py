@@ -76,7 +76,7 @@ for i = 4, #KEYS do
     if held_gen > fence then
         out[#out + 1] = 'c'
     else
-        local gen = redis.call('INCR', KEYS[1])
+        local gen = redis.call('INCR', KEYS[1])  -- ~1.7e15: exact in Lua's doubles; format it with %.0f
         if op == 'd' then
             redis.call('DEL', KEYS[i])
             redis.call('SREM', KEYS[2], path)
@@ -90,8 +90,7 @@ for i = 4, #KEYS do
                 end
             end
             redis.call('SADD', KEYS[2], path)
-            -- %d: Lua numbers are doubles and `..` would write a 16-digit generation as 1.79e+15
-            redis.call('HSET', KEYS[3], path, string.format('%d', gen) .. ':' .. hash)
+            redis.call('HSET', KEYS[3], path, string.format('%.0f', gen) .. ':' .. hash)
         end
         out[#out + 1] = 'a'
     end

@@ -79,14 +79,14 @@ def test_settings(
         "key_prefix": keyspace.prefix,
         "cache_namespace": keyspace.prefix.removesuffix(keys.DEFAULT_PREFIX),
         "consumer_concurrency": 4,
-        "workers_min": 1,
+        "pool_min_workers": 1,
         "drain_grace_s": 10.0,
         "terminate_grace_s": 1.0,
         "transient_retry_delay_s": 0.1,
         "worker_memory_limit_bytes": 512 * 1024**2,
         "health_host": "127.0.0.1",
         "health_port": 0,
-        "config_encryption_key": "jXf5t0ZAmBKtAMlY0n0C4bqOpTq8bQ2kz9f8sJfQy3A=",
+        "secrets_key": "jXf5t0ZAmBKtAMlY0n0C4bqOpTq8bQ2kz9f8sJfQy3A=",
     }
     values.update(overrides)
     return settings.ConsumerSettings(**values)

@@ -28,7 +28,7 @@ def env(harness) -> dict[str, str]:
         "MODCACHE_CACHE_NAMESPACE": s.cache_namespace,
         "MODCACHE_HEALTH_HOST": "127.0.0.1",
         "MODCACHE_HEALTH_PORT": "0",
-        "MODCACHE_WORKERS_MIN": "1",
+        "MODCACHE_POOL_MIN_WORKERS": "1",
         "MODCACHE_CONSUMER_CONCURRENCY": "2",
     }
 
@@ -84,7 +84,7 @@ async def test_run_without_wait_prints_the_execution_id(env: dict[str, str], har
     [
         (("consumer",), {"MODCACHE_CONSUMER_CONCURRENCY": "0"}, "bad setting MODCACHE_CONSUMER_CONCURRENCY"),
         (("run", "x", "--param", "novalue"), {}, "'novalue' is not KEY=VALUE"),
-        (("run", "no-such-workflow"), {}, "no-such-workflow: no active workflow with this name"),
+        (("run", "no-such-workflow"), {}, "'no-such-workflow': no active workflow with this name"),
     ],
 )
 async def test_bad_input_exits_2_naming_it(

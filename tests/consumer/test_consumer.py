@@ -61,7 +61,7 @@ async def test_an_unknown_workflow_is_a_failed_execution(harness) -> None:
     async with harness.consumer():
         reply = await harness.call(unknown)
     assert reply["status"] == "FAILED"
-    assert reply["error"] == f"{unknown}: no active workflow with this id"
+    assert reply["error"] == f"'{unknown}': no active workflow with this id"
     row = await harness.execution(uuid.UUID(reply["execution_id"]))
     assert (row["status"], row["error"], row["workflow_id"]) == ("FAILED", reply["error"], unknown)
 
@@ -188,7 +188,7 @@ async def test_a_module_changed_between_two_executions_is_seen_by_the_second(har
     workflow_id = await harness.workflow(
         "import os, modules.billing\ndef run():\n    return [modules.billing.RATE, os.getpid()]\n"
     )
-    async with harness.consumer(workers_min=1, workers_max=1):
+    async with harness.consumer(pool_min_workers=1, pool_max_workers=1):
         first = await harness.call(workflow_id)
         await harness.module("modules/billing.py", "RATE = 2\n")  # what the operator's watcher would write
         second = await harness.call(workflow_id)
@@ -244,19 +244,22 @@ async def test_org_configs_and_secrets_reach_the_workflow(harness) -> None:
         refused = await harness.call(workflow_id, organization_id=inactive)
     assert reply["result"] == ["Acme", "us", "hunter2"]
     assert refused["status"] == "FAILED"
-    assert refused["error"] == f"{inactive}: the organization is inactive"
+    assert refused["error"] == f"'{inactive}': the organization is inactive"
 
 
 async def test_health_endpoints_and_metrics(harness) -> None:
     workflow_id = await harness.workflow(ECHO)
-    async with harness.consumer() as consumer:
+    async with harness.consumer(metrics_port=0) as consumer:
         await harness.call(workflow_id)
-        base = f"http://127.0.0.1:{consumer.health_port}"
-        live, ready, metrics = await asyncio.gather(
-            *(asyncio.to_thread(_get, f"{base}{p}") for p in ("/livez", "/readyz", "/metrics"))
-        )
-    assert live == (200, "ok\n")
-    assert ready == (200, "ok\n")
+        health = f"http://127.0.0.1:{consumer.health_port}"
+        paths = [
+            f"{health}/livez",
+            f"{health}/healthz",
+            f"{health}/readyz",
+            f"http://127.0.0.1:{consumer.metrics_port}/metrics",
+        ]
+        live, healthz, ready, metrics = await asyncio.gather(*(asyncio.to_thread(_get, url) for url in paths))
+    assert live == healthz == ready == (200, "ok\n")
     assert metrics[0] == 200
     assert 'modcache_executions_total{status="SUCCESS"} 1.0' in metrics[1]
     assert "modcache_execution_duration_seconds_count 1.0" in metrics[1]

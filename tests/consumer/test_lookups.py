@@ -184,7 +184,7 @@ async def test_secret_configs_are_encrypted_in_the_database_and_the_cache(
 
 async def test_secrets_need_a_key(db: database.Database, redis_client: aioredis.Redis) -> None:
     keyless = configs.ConfigResolver(database=db, client=redis_client, secrets=crypto.Secrets([]))
-    with pytest.raises(errors.ConfigError, match="MODCACHE_CONFIG_ENCRYPTION_KEY: not set"):
+    with pytest.raises(errors.ConfigError, match="MODCACHE_SECRETS_KEY: not set"):
         await keyless.set_config("api_key", "hunter2", config_type="secret")
 
 

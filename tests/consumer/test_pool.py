@@ -116,7 +116,7 @@ async def test_workers_get_no_database_credentials(pools, monkeypatch: pytest.Mo
         "MODCACHE_DATABASE_URL": "postgresql://app:hunter2@db/app",
         "DATABASE_URL": "postgresql://app:hunter2@db/app",
         "PGPASSWORD": "hunter2",
-        "MODCACHE_CONFIG_ENCRYPTION_KEY": "hunter2",
+        "MODCACHE_SECRETS_KEY": "hunter2",
     }
     for name, value in secrets.items():
         monkeypatch.setenv(name, value)

@@ -14,7 +14,7 @@ from modcache_consumer import settings
         ("MODCACHE_CONSUMER_CONCURRENCY", "0", "Input should be greater than 0"),
         ("MODCACHE_EXECUTION_TIMEOUT_S", "soon", "Input should be a valid number, unable to parse string as a number"),
         ("MODCACHE_AMQP_URL", "http://user:hunter2@broker/", "URL scheme must be one of amqp, amqps"),
-        ("MODCACHE_CONFIG_ENCRYPTION_KEY", "hunter2", "not a Fernet key (32 url-safe base64-encoded bytes)"),
+        ("MODCACHE_SECRETS_KEY", "hunter2", "not a Fernet key (32 url-safe base64-encoded bytes)"),
         ("MODCACHE_WORKER_MEMORY_LIMIT_BYTES", "1000", "Input should be greater than or equal to 67108864"),
     ],
 )
@@ -28,10 +28,12 @@ def test_a_bad_variable_is_named_and_its_value_never_shown(
     assert "hunter2" not in str(caught.value)
 
 
-def test_workers_min_above_max_names_the_max(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("MODCACHE_WORKERS_MIN", "5")
-    monkeypatch.setenv("MODCACHE_WORKERS_MAX", "2")
-    with pytest.raises(errors.ConfigError, match=r"^MODCACHE_WORKERS_MAX: smaller than MODCACHE_WORKERS_MIN$"):
+def test_pool_min_workers_above_max_names_the_max(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MODCACHE_POOL_MIN_WORKERS", "5")
+    monkeypatch.setenv("MODCACHE_POOL_MAX_WORKERS", "2")
+    with pytest.raises(
+        errors.ConfigError, match=r"^MODCACHE_POOL_MAX_WORKERS: smaller than MODCACHE_POOL_MIN_WORKERS$"
+    ):
         settings.ConsumerSettings.from_env()
 
 
