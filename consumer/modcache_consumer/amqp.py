@@ -48,10 +48,13 @@ class Names:
         return cls(queue=queue, dead_letter_exchange=keys.dead_letter_exchange(queue), poison=keys.poison_queue(queue))
 
 
-async def connect(url: str, *, name: str) -> aio_pika.abc.AbstractRobustConnection:
-    """A robust (reconnecting) connection; the first connect must succeed."""
+async def connect(url: str, *, name: str, reconnect_interval_s: float = 2.0) -> aio_pika.abc.AbstractRobustConnection:
+    """A robust connection: after a drop it reconnects and restores channels, queues and consumers. The first
+    connect must succeed."""
     try:
-        return await aio_pika.connect_robust(url, client_properties={"connection_name": name})
+        return await aio_pika.connect_robust(
+            url, client_properties={"connection_name": name}, reconnect_interval=reconnect_interval_s
+        )
     except (OSError, aio_pika.exceptions.AMQPError) as e:
         raise BrokerUnavailable(f"RabbitMQ unreachable: {errors.describe(e)}") from e
 

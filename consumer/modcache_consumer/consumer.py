@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
@@ -84,6 +85,7 @@ class WorkflowExecutionConsumer:
         self._names = amqp.Names.for_queue(settings.queue_name)
         self._stack = contextlib.AsyncExitStack()
         self._in_flight: set[asyncio.Task[Any]] = set()
+        self._running: dict[uuid.UUID, asyncio.Future[messages.Outcome]] = {}
         self._drained = asyncio.Event()
         self._drained.set()
         self._consuming = False
@@ -178,16 +180,24 @@ class WorkflowExecutionConsumer:
         await self.pool.start()
 
     async def _start_broker(self) -> None:
+        s = self.settings
         self._connection = await amqp.connect(
-            self.settings.required("amqp_url"), name=f"modcache-consumer-{os.getpid()}"
+            s.required("amqp_url"),
+            name=f"modcache-consumer {s.queue_name} {os.getpid()}",
+            reconnect_interval_s=s.amqp_reconnect_interval_s,
         )
         self._stack.push_async_callback(self._connection.close)
+        self._connection.reconnect_callbacks.add(self._on_reconnect)
         self._channel = await self._connection.channel()
         await self._channel.set_qos(prefetch_count=self.settings.consumer_concurrency)
         queue = await amqp.declare(self._channel, self._names)
         tag = await queue.consume(self._on_message)
         self._consuming = True
         self._stack.push_async_callback(self._stop_consuming, queue, tag)
+
+    def _on_reconnect(self, *_: object) -> None:
+        log.warning("reconnected to RabbitMQ; consuming %s again", self._names.queue)
+        self.metrics.broker_reconnects.inc()
 
     async def _start_health(self) -> None:
         s = self.settings
@@ -264,18 +274,21 @@ class WorkflowExecutionConsumer:
     # -- messages -------------------------------------------------------------------------------------------
 
     async def _on_message(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
-        task = asyncio.current_task()
-        assert task is not None
+        """Hand the message to a task of our own: aio-pika cancels its callback tasks when the connection
+        drops, and an execution must not die with the connection (its outcome is still recorded)."""
+        task = asyncio.create_task(self._handle(message))
         self._in_flight.add(task)
         self._drained.clear()
         self.metrics.in_flight.inc()
-        try:
-            await self._handle(message)
-        finally:
-            self.metrics.in_flight.dec()
-            self._in_flight.discard(task)
-            if not self._in_flight:
-                self._drained.set()
+        task.add_done_callback(self._handled)
+
+    def _handled(self, task: asyncio.Task[None]) -> None:
+        self.metrics.in_flight.dec()
+        self._in_flight.discard(task)
+        if not self._in_flight:
+            self._drained.set()
+        if not task.cancelled() and task.exception() is not None:
+            log.error("a message handler failed", exc_info=task.exception())
 
     async def _handle(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
         try:
@@ -314,7 +327,29 @@ class WorkflowExecutionConsumer:
         await _settle(message.ack())
 
     async def process_message(self, request: messages.ExecutionRequest) -> messages.Outcome:
-        """Run one execution end to end; returns the outcome stored for it (which may be an earlier one)."""
+        """Run one execution end to end; returns the outcome stored for it (which may be an earlier one).
+
+        A redelivery of an execution this consumer is still running (the broker connection dropped and the
+        unacknowledged message came back) waits for that run instead of starting a second one.
+        """
+        running = self._running.get(request.execution_id)
+        if running is not None:
+            log.info("execution %s is already running here; waiting for it", request.execution_id)
+            return await asyncio.shield(running)
+        done: asyncio.Future[messages.Outcome] = asyncio.get_running_loop().create_future()
+        self._running[request.execution_id] = done
+        try:
+            outcome = await self._process(request)
+        except BaseException as e:
+            done.set_exception(e if isinstance(e, Exception) else errors.TransientError("interrupted"))
+            done.exception()  # retrieved: a waiter, if any, gets it too
+            raise
+        finally:
+            del self._running[request.execution_id]
+        done.set_result(outcome)
+        return outcome
+
+    async def _process(self, request: messages.ExecutionRequest) -> messages.Outcome:
         prepared = await self.prepare(request)
         if isinstance(prepared, executions.Record):
             return prepared.outcome  # finished already (redelivery) or failed before running

@@ -39,6 +39,9 @@ class Metrics:
             ["kind"],
             registry=r,
         )
+        self.broker_reconnects = prom.Counter(
+            "modcache_broker_reconnects", "Times the RabbitMQ connection was re-established.", registry=r
+        )
         self.workers_started = prom.Counter("modcache_workers_started", "Worker processes started.", registry=r)
         self.workers_lost = prom.Counter(
             "modcache_workers_lost", "Worker processes that died during an execution.", registry=r

@@ -18,6 +18,9 @@ from modcache import errors, keys, settings
 
 class ConsumerSettings(settings.Settings):
     amqp_url: pydantic.SecretStr | None = pydantic.Field(None, description="RabbitMQ the executions arrive on.")
+    amqp_reconnect_interval_s: float = pydantic.Field(
+        2.0, gt=0, description="Pause between attempts to reconnect to RabbitMQ after the connection dropped."
+    )
     queue_name: str = pydantic.Field(
         keys.EXECUTIONS_QUEUE, min_length=1, max_length=200, description="Durable queue; DLX and poison derive."
     )
