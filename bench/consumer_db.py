@@ -7,7 +7,8 @@ and the same execution claim and outcome write. What differs:
   cache readiness check) and ``record`` (a second unit);
 * the plan's: one AsyncSession kept for the consumer's life, ``SELECT 1`` before each message
   (``_get_db_session``), the lookups on that session, and ``_sync_module_cache``: every module row with its
-  content, then one EXISTS round trip per module (the claim and write go through units as in ours).
+  content, then one EXISTS round trip per module (the claim and write go through units as in ours); measured
+  also without the module sync, to show the cost of the session design alone.
 
 No worker runs: this measures what the consumer spends around an execution. Prints p50/p99 per message, new
 PostgreSQL connections per 1,000 messages after warm-up, and the backend state the plan's session leaves.
@@ -55,11 +56,16 @@ async def run(args: argparse.Namespace) -> None:
                 await ours.configs.set_config(key, "x", organization_id=org)
             request = _requests(workflow_id, org)
             ours_s, ours_new = await _measure(lambda: _ours(ours, next(request)), args.messages, ours)
-            plan_s, plan_new, plan_state = await _plan(ours, url, request, args.plan_messages, keyspace)
+            bare_s, bare_new, _ = await _plan(ours, url, request, args.messages, keyspace, sync=False)
+            plan_s, plan_new, plan_state = await _plan(ours, url, request, args.plan_messages, keyspace, sync=True)
     per_k = 1000 / args.messages
     print(
         f"ours  (unit-of-work sessions, O(1) readiness): {kit.describe_ms(ours_s)}   "
         f"new connections per 1,000 messages: {ours_new * per_k:.0f}"
+    )
+    print(
+        f"plan's session alone (shared, SELECT 1)       : {kit.describe_ms(bare_s)}   "
+        f"new connections per 1,000 messages: {bare_new * per_k:.0f}"
     )
     print(
         f"plan  (shared session, SELECT 1 + full sync) : {kit.describe_ms(plan_s)}   "
@@ -98,7 +104,7 @@ async def _measure(one, count: int, ours: consumer.WorkflowExecutionConsumer) ->
     return samples, ours.metrics.db_connections._value.get() - opened
 
 
-async def _plan(ours, url, request, count, keyspace):  # type: ignore[no-untyped-def]
+async def _plan(ours, url, request, count, keyspace, *, sync):  # type: ignore[no-untyped-def]
     engine = create_async_engine(
         core_settings.sqlalchemy_url(url), pool_size=5, connect_args={"server_settings": {"application_name": "plan"}}
     )
@@ -120,9 +126,11 @@ async def _plan(ours, url, request, count, keyspace):  # type: ignore[no-untyped
         await ours.workflows.get_workflow_for_execution(req.workflow_id, db=db)
         organization = await ours.configs.get_organization(req.organization_id, db=db)
         await ours.configs.load_config_for_scope(f"ORG:{organization.id}", db=db)
-        await plan._sync_module_cache()
-        await ours.database.run(lambda unit: executions.claim(unit, req, workflow_name="bench"))
-        await ours.database.run(lambda unit: executions.finish(unit, req, messages.Outcome(messages.Status.SUCCESS)))
+        if sync:
+            await plan._sync_module_cache()
+        outcome = messages.Outcome(messages.Status.SUCCESS)
+        await ours.database.run(lambda unit: executions.claim(unit, req, workflow_name="bench"), autocommit=True)
+        await ours.database.run(lambda unit: executions.finish(unit, req, outcome), autocommit=True)
 
     try:
         for _ in range(WARMUP // 4):

@@ -21,6 +21,7 @@ from typing import Any
 
 import aio_pika
 import asyncpg
+import psutil
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 
 from bench import _consumer_kit as kit
@@ -95,15 +96,16 @@ async def _throughput(kind: str, url: str, keyspace: keys.KeySpace, args: argpar
         try:
             assert process.stdout is not None
             assert (await asyncio.wait_for(process.stdout.readline(), 120)) == b"ready\n", "the consumer did not start"
-            elapsed, workflow_id = await _drive(url, queue, n)
+            elapsed, workflow_id, cpu_s = await _drive(url, queue, n, psutil.Process(process.pid))
         finally:
             process.send_signal(signal.SIGTERM)
             await process.wait()
     await _check_rows(url, workflow_id, n + WARMUP)
+    print(f"  {kind}: consumer process CPU {cpu_s / n * 1000:.2f} ms per execution (workers not included)")
     return n / elapsed
 
 
-async def _drive(url: str, queue: str, n: int) -> tuple[float, uuid.UUID]:
+async def _drive(url: str, queue: str, n: int, consumer_process: psutil.Process) -> tuple[float, uuid.UUID, float]:
     from modcache_consumer import database
 
     db = database.Database(url=url, pool_size=1)
@@ -118,11 +120,16 @@ async def _drive(url: str, queue: str, n: int) -> tuple[float, uuid.UUID]:
         caller = amqp.Caller(channel=await connection.channel(), names=amqp.Names.for_queue(queue))
         await caller.start()
         await _burst(caller, workflow_id, WARMUP)
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), _cpu_s(consumer_process)
         await _burst(caller, workflow_id, n)
-        return time.perf_counter() - started, workflow_id
+        return time.perf_counter() - started, workflow_id, _cpu_s(consumer_process) - cpu
     finally:
         await connection.close()
+
+
+def _cpu_s(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return float(times.user + times.system)
 
 
 async def _burst(caller: amqp.Caller, workflow_id: uuid.UUID, n: int) -> None:

@@ -93,6 +93,7 @@ class WorkflowExecutionConsumer:
         self.health_port: int | None = None
         self.metrics_port: int | None = None
         self._channel: aio_pika.abc.AbstractChannel | None = None
+        self._replies: aio_pika.abc.AbstractChannel | None = None
         self._connection: aio_pika.abc.AbstractRobustConnection | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------------------
@@ -189,6 +190,7 @@ class WorkflowExecutionConsumer:
         self._stack.push_async_callback(self._connection.close)
         self._connection.reconnect_callbacks.add(self._on_reconnect)
         self._channel = await self._connection.channel()
+        self._replies = await self._connection.channel(publisher_confirms=False)  # best effort: never waits
         await self._channel.set_qos(prefetch_count=self.settings.consumer_concurrency)
         queue = await amqp.declare(self._channel, self._names)
         tag = await queue.consume(self._on_message)
@@ -309,9 +311,9 @@ class WorkflowExecutionConsumer:
             await _settle(message.reject(requeue=False))
             return
         if request.reply_to:
-            assert self._channel is not None
+            assert self._replies is not None
             body = json.dumps(outcome.reply(request.execution_id)).encode()
-            await amqp.reply(self._channel, request.reply_to, request.correlation_id, body)
+            await amqp.reply(self._replies, request.reply_to, request.correlation_id, body)
         await _settle(message.ack())
 
     async def _poison(self, message: aio_pika.abc.AbstractIncomingMessage, reason: str) -> None:

@@ -121,9 +121,15 @@ async def test_workers_get_no_database_credentials(pools, monkeypatch: pytest.Mo
     for name, value in secrets.items():
         monkeypatch.setenv(name, value)
     the_pool = await pools.pool()  # the default environment is built from os.environ now
-    code = "import os\ndef run():\n    return [dict(os.environ), open('/proc/self/environ').read()]\n"
+    code = (
+        "import os, sys\n"
+        "def run():\n"
+        "    clients = sorted({m.split('.')[0] for m in sys.modules} & {'sqlalchemy', 'asyncpg', 'aio_pika'})\n"
+        "    return [dict(os.environ), open('/proc/self/environ').read(), clients]\n"
+    )
     outcome = await pools.run(the_pool, code)
-    environ, raw = outcome.result
+    environ, raw, clients = outcome.result
+    assert clients == []  # no database client is even loaded in a worker
     assert not set(secrets) & set(environ)
     assert "hunter2" not in raw
     with open(f"/proc/{the_pool.pids()[0]}/environ") as environ_file:  # noqa: ASYNC230 -- procfs, instant

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 
 from modcache import errors
+from modcache import settings as core
 from modcache_consumer import settings
 
 
@@ -47,3 +51,12 @@ def test_a_missing_url_is_a_config_error_naming_it(monkeypatch: pytest.MonkeyPat
     monkeypatch.delenv("MODCACHE_AMQP_URL", raising=False)
     with pytest.raises(errors.ConfigError, match=r"^MODCACHE_AMQP_URL: required by the consumer$"):
         settings.ConsumerSettings.from_env().required("amqp_url")
+
+
+def test_docs_list_every_consumer_setting() -> None:
+    doc = (Path(__file__).parents[2] / "docs" / "consumer.md").read_text()
+    documented = set(re.findall(r"^\| `(MODCACHE_\w+)` \|", doc, flags=re.MULTILINE))
+    own = {
+        f"MODCACHE_{n.upper()}" for n in settings.ConsumerSettings.model_fields if n not in core.Settings.model_fields
+    }
+    assert documented == own
