@@ -15,8 +15,10 @@ who read the source later, so it is skipped and reported as ``conflicted`` for t
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import random
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -258,11 +260,25 @@ def _batches(items: list[T], size: int) -> Iterable[list[T]]:
 async def _call(awaitable: Awaitable[T]) -> T:
     """Await a Redis call, translating redis-py's errors into CacheUnavailable."""
     try:
-        return await awaitable
+        result = await awaitable
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as e:
         raise errors.CacheUnavailable(f"Redis unreachable: {errors.describe(e)}") from e
     except redis.exceptions.RedisError as e:
         raise errors.CacheUnavailable(f"Redis error: {errors.describe(e)}") from e
+    _raise_swallowed_cancel()
+    return result
+
+
+def _raise_swallowed_cancel() -> None:
+    """Re-raise a cancellation that Python 3.11's ``asyncio.wait_for`` swallowed.
+
+    redis-py sends every command through ``wait_for`` (``socket_timeout`` defaults to 5 s); before 3.12,
+    ``wait_for`` returns the result instead of raising when the cancel arrives as the send completes
+    (CPython gh-86296), and the cancelled task would carry on (a watcher that never stops).
+    """
+    task = asyncio.current_task()
+    if sys.version_info < (3, 12) and task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 AsyncCall = Callable[[], Awaitable[Any]]
