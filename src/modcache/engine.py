@@ -63,20 +63,26 @@ class Engine:
     # -- full resync ---------------------------------------------------------------------------------------
 
     async def observe(self, *, deep: bool = False) -> tuple[int, plan.SourceView, plan.CacheView]:
-        """The fence, the source listing and the matching cache view (read after the fence, in parallel)."""
+        """The fence, the source listing and the matching cache view (read after the fence, in parallel).
+
+        Content keys the manifest names are verified against its hashes server-side (no key is sent); then only
+        index-only (and, when ``deep``, unindexed) keys and live paths not yet confirmed are checked by path."""
         fence = await self.cache.generation()
         listing = asyncio.create_task(self.source.list_modules())
+        indexing = asyncio.create_task(self.cache.read_index())
         try:
-            index, manifest = await self.cache.read_bookkeeping()
-            known = set(index) | manifest.keys()
+            manifest, content = await self.cache.verify_manifest()  # the longest read: Redis works, we list
+            index = await indexing
+            unknown = index - manifest.keys()
             if deep:
-                known |= await self.cache.scan_paths()
-            content = await self.cache.check({p: manifest.get(p, "") for p in known})
+                unknown |= await self.cache.scan_paths() - manifest.keys()
+            content.update(await self.cache.check(dict.fromkeys(unknown, "")))
             source = await listing
         finally:
             listing.cancel()
-        recheck = {p: h for p, h in source.live.items() if content.get(p, plan.UNVERIFIED) == plan.UNVERIFIED}
-        content.update(await self.cache.check(recheck))
+            indexing.cancel()
+        unconfirmed = (source.live.keys() - content.keys()) | {p for p, h in content.items() if h == plan.UNVERIFIED}
+        content.update(await self.cache.check({p: source.live[p] for p in unconfirmed if p in source.live}))
         return fence, source, plan.CacheView(index=index, manifest=manifest, content=content)
 
     async def full_resync(
