@@ -21,6 +21,7 @@ import shutil
 import socket
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -359,3 +360,102 @@ def row(label: str, value: str, target: str = "", result: str = "") -> None:
 def run(coro: Any) -> None:
     """Run a benchmark coroutine with a hard wall-clock bound."""
     asyncio.run(coro)
+
+
+# -- a running watcher (child process) and the clock that sees its writes ----------------------------------------
+
+
+@contextlib.contextmanager
+def watcher_process(database_url: str, redis_url: str) -> Iterator[subprocess.Popen[bytes]]:
+    """``bench._watch_child`` running on the given services; SIGTERM and reaped afterwards."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench._watch_child", database_url, redis_url],
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    try:
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(15)
+
+
+class KeyEvents:
+    """Timestamps Redis key events as they arrive (``__keyevent@0__:<event>`` channels), so a benchmark can
+    await "this key was set/expired/deleted" without polling. ``expect`` before triggering, then ``wait``."""
+
+    def __init__(self, redis_url: str, events: Sequence[str]) -> None:
+        self._client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        self._channels = {f"__keyevent@0__:{e}": e for e in events}
+        self._waiting: dict[tuple[str, str], asyncio.Future[float]] = {}
+        self._counting: dict[str, tuple[set[str], asyncio.Future[float], int]] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> KeyEvents:
+        flags = str((await self._client.config_get("notify-keyspace-events")).get("notify-keyspace-events", ""))
+        wanted = flags + "".join(f for f in "E$gx" if f not in flags)
+        await self._client.config_set("notify-keyspace-events", wanted)
+        pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+        await pubsub.subscribe(*self._channels)
+        self._task = asyncio.create_task(self._read(pubsub))
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self._client.aclose()
+
+    async def _read(self, pubsub: Any) -> None:
+        try:
+            async for message in pubsub.listen():
+                now = time.perf_counter()
+                event, key = self._channels.get(message["channel"], ""), message["data"]
+                future = self._waiting.pop((event, key), None)
+                if future is not None and not future.done():
+                    future.set_result(now)
+                counting = self._counting.get(event)
+                if counting is not None:
+                    seen, done, total = counting
+                    seen.add(key)
+                    if len(seen) >= total and not done.done():
+                        done.set_result(now)
+        finally:
+            await pubsub.aclose()
+
+    def expect(self, event: str, key: str) -> asyncio.Future[float]:
+        """A future resolved with the arrival time of the next ``event`` on ``key``."""
+        future: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+        self._waiting[(event, key)] = future
+        return future
+
+    def expect_count(self, event: str, total: int) -> asyncio.Future[float]:
+        """A future resolved when ``event`` has been seen on ``total`` distinct keys."""
+        future: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+        self._counting[event] = (set(), future, total)
+        return future
+
+
+async def wait_for_status(redis_url: str, ks: keys.KeySpace, *, timeout_s: float = 120.0) -> None:
+    """Wait until a sync-status record exists (the watcher's first full resync finished)."""
+    client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not await client.hexists(ks.status, "last_success_at"):
+            if time.monotonic() > deadline:
+                raise SystemExit("the watcher never finished its first full resync")
+            await asyncio.sleep(0.05)  # another process's progress: poll a real condition with a deadline
+    finally:
+        await client.aclose()
+
+
+def summary(label: str, values_s: Sequence[float], target_ms: float | None = None) -> None:
+    ms = [v * 1000 for v in values_s]
+    stats = f"p50 {percentile(ms, 50):6.2f}  p99 {percentile(ms, 99):6.2f}  max {max(ms):6.2f} ms"
+    target = f"p99 <= {target_ms:.0f} ms" if target_ms is not None else ""
+    result = verdict(percentile(ms, 99), target_ms) if target_ms is not None else ""
+    print(f"  {label:<44} {stats}  {target:<14} {result}  (n={len(ms)})")
