@@ -88,8 +88,8 @@ async def _single_changes(
     await writer.remove_listener(keys.NOTIFY_CHANNEL, notify)
     print(f"\n{args.changes} single-row changes, one at a time (UPDATE content + hash, autocommit):")
     sup.summary("floor: statement sent -> NOTIFY received", floor)
-    sup.summary("commit acknowledged -> cache updated", after_commit)
-    sup.summary("statement sent -> cache updated (modcache)", total, TARGET_P99_MS)
+    sup.summary("statement sent -> cache updated (incl. commit)", total)
+    sup.summary("commit acknowledged -> cache updated", after_commit, TARGET_P99_MS)
 
 
 async def _bulk(args: argparse.Namespace, writer: asyncpg.Connection, clock: sup.KeyEvents) -> float:

@@ -67,8 +67,13 @@ class Engine:
 
         Content keys the manifest names are verified against its hashes server-side (no key is sent); then only
         index-only (and, when ``deep``, unindexed) keys and live paths not yet confirmed are checked by path."""
+        fence, source, view, _ = await self._observe(deep=deep)
+        return fence, source, view
+
+    async def _observe(self, *, deep: bool) -> tuple[int, plan.SourceView, plan.CacheView, str]:
+        """``observe`` plus the source digest, computed while Redis is still verifying."""
         fence = await self.cache.generation()
-        listing = asyncio.create_task(self.source.list_modules())
+        listing = asyncio.create_task(self._list_source())
         indexing = asyncio.create_task(self.cache.read_index())
         try:
             manifest, content = await self.cache.verify_manifest()  # the longest read: Redis works, we list
@@ -77,26 +82,30 @@ class Engine:
             if deep:
                 unknown |= await self.cache.scan_paths() - manifest.keys()
             content.update(await self.cache.check(dict.fromkeys(unknown, "")))
-            source = await listing
+            source, digest = await listing
         finally:
             listing.cancel()
             indexing.cancel()
         unconfirmed = (source.live.keys() - content.keys()) | {p for p, h in content.items() if h == plan.UNVERIFIED}
         content.update(await self.cache.check({p: source.live[p] for p in unconfirmed if p in source.live}))
-        return fence, source, plan.CacheView(index=index, manifest=manifest, content=content)
+        return fence, source, plan.CacheView(index=index, manifest=manifest, content=content), digest
+
+    async def _list_source(self) -> tuple[plan.SourceView, str]:
+        source = await self.source.list_modules()
+        return source, plan.source_digest(source.live)
 
     async def full_resync(
         self, *, dry_run: bool = False, deep: bool = False, progress: Progress | None = None
     ) -> plan.Report:
         started = self._monotonic()
-        fence, source, cache_view = await self.observe(deep=deep)
+        fence, source, cache_view, digest = await self._observe(deep=deep)
         the_plan = plan.compute(source, cache_view)
         outcome = _Outcome()
         if not dry_run:
             outcome = await self._execute(the_plan, fence=fence, progress=progress)
             await self._settle(outcome)
             await self.cache.refresh_ttl(source.live)
-        report = self._report(the_plan, outcome, source, cache_view, started, dry_run=dry_run, full=True)
+        report = self._report(the_plan, outcome, source, cache_view, started, dry_run=dry_run, digest=digest)
         if not dry_run:
             await self.cache.write_status(await self._status_fields(report))
         return report
@@ -123,7 +132,7 @@ class Engine:
         the_plan, outcome, source, view = await self._converge_paths(wanted, dry_run=dry_run)
         if not dry_run:
             await self._settle(outcome)
-        return self._report(the_plan, outcome, source, view, started, dry_run=dry_run, full=False)
+        return self._report(the_plan, outcome, source, view, started, dry_run=dry_run, digest=None)
 
     async def _converge_paths(
         self, paths: Sequence[str], *, dry_run: bool
@@ -207,8 +216,9 @@ class Engine:
         started: float,
         *,
         dry_run: bool,
-        full: bool,
+        digest: str | None,
     ) -> plan.Report:
+        """``digest`` is the source digest of a full resync, None for an incremental one."""
         rejected = _unique_rejections([*the_plan.rejected, *outcome.rejected])
         refused = {r.path for r in outcome.rejected}
         if refused:  # found unservable only once their content was read: not drift, but rejected input
@@ -224,10 +234,10 @@ class Engine:
             vanished=outcome.vanished,
             source_count=len(source.live),
             cached_count=cached,
-            digest=plan.source_digest(source.live) if full else "",
+            digest=digest or "",
             duration_s=self._monotonic() - started,
             dry_run=dry_run,
-            full=full,
+            full=digest is not None,
         )
 
 
@@ -238,7 +248,7 @@ def _writes(items: Iterable[plan.Item], found: dict[str, pgsource.Module]) -> li
         if item.operation is not plan.Operation.PUT:
             writes.append(rediscache.Write(item))
         elif (module := found.get(item.path)) is not None:
-            fresh = dataclasses.replace(item, new=module.hash)
+            fresh = plan.Item(item.operation, item.path, item.reason, item.old, module.hash)  # cheaper than replace
             writes.append(rediscache.Write(fresh, modules.encode_cached(module.path, module.content, module.hash)))
     return writes
 
