@@ -19,7 +19,7 @@ import datetime
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from modcache import modules, pgsource, plan, rediscache
 
@@ -42,6 +42,60 @@ class _Outcome:
         self.conflicted += other.conflicted
         self.rejected += other.rejected
         self.vanished += other.vanished
+
+
+@dataclasses.dataclass(frozen=True)
+class _Observation:
+    """Both sides as observed, the source digest, and the paths the cache does not already serve exactly
+    (every other live path has a verified content key, manifest entry and index entry for its hash)."""
+
+    fence: int
+    source: plan.SourceView
+    view: plan.CacheView
+    digest: str
+    unsettled: set[str]
+
+    def narrowed(self) -> tuple[plan.SourceView, plan.CacheView]:
+        """Both views restricted to the unsettled paths: the same plan as the full views, found in a fraction of
+        the time (a settled path yields no item and, being live, is never an orphan)."""
+        paths, live, view = self.unsettled, self.source.live, self.view
+        return (
+            plan.SourceView(live={p: live[p] for p in paths if p in live}, rejected=self.source.rejected),
+            plan.CacheView(
+                index=frozenset(p for p in paths if p in view.index),
+                manifest={p: view.manifest[p] for p in paths if p in view.manifest},
+                content={p: view.content[p] for p in paths if p in view.content},
+            ),
+        )
+
+
+class _Settling:
+    """Finds, page by page while Redis is still verifying the rest, the manifest paths that are not settled
+    (their verified content hash is not the live source hash, or the index lacks them)."""
+
+    def __init__(
+        self,
+        listing: asyncio.Task[tuple[plan.SourceView, str]],
+        indexing: asyncio.Task[frozenset[str]],
+    ) -> None:
+        self._listing = listing
+        self._indexing = indexing
+        self._backlog: list[Mapping[str, str | None]] = []
+        self.unsettled: set[str] = set()
+        self.unverified: set[str] = set()  # present, but not with the manifest's hash
+
+    def page(self, verified: Mapping[str, str | None]) -> None:
+        self.unverified.update(p for p, h in verified.items() if h == plan.UNVERIFIED)
+        self._backlog.append(verified)
+        if all(t.done() and not t.cancelled() and t.exception() is None for t in (self._listing, self._indexing)):
+            self.drain()
+
+    def drain(self) -> None:
+        (source, _), index = self._listing.result(), self._indexing.result()
+        live = source.live.get
+        for verified in self._backlog:
+            self.unsettled.update(p for p, h in verified.items() if not h or live(p) != h or p not in index)
+        self._backlog.clear()
 
 
 class Engine:
@@ -67,16 +121,17 @@ class Engine:
 
         Content keys the manifest names are verified against its hashes server-side (no key is sent); then only
         index-only (and, when ``deep``, unindexed) keys and live paths not yet confirmed are checked by path."""
-        fence, source, view, _ = await self._observe(deep=deep)
-        return fence, source, view
+        observed = await self._observe(deep=deep)
+        return observed.fence, observed.source, observed.view
 
-    async def _observe(self, *, deep: bool) -> tuple[int, plan.SourceView, plan.CacheView, str]:
-        """``observe`` plus the source digest, computed while Redis is still verifying."""
+    async def _observe(self, *, deep: bool) -> _Observation:
+        """``observe``, plus what the full resync needs to plan quickly (see ``_Observation``)."""
         fence = await self.cache.generation()
         listing = asyncio.create_task(self._list_source())
         indexing = asyncio.create_task(self.cache.read_index())
+        settling = _Settling(listing, indexing)
         try:
-            manifest, content = await self.cache.verify_manifest()  # the longest read: Redis works, we list
+            manifest, content = await self.cache.verify_manifest(on_page=settling.page)  # Redis works, we list
             index = await indexing
             unknown = index - manifest.keys()
             if deep:
@@ -86,9 +141,13 @@ class Engine:
         finally:
             listing.cancel()
             indexing.cancel()
-        unconfirmed = (source.live.keys() - content.keys()) | {p for p, h in content.items() if h == plan.UNVERIFIED}
+        doubtful = settling.unverified | {p for p in unknown if content[p] == plan.UNVERIFIED}
+        unconfirmed = (source.live.keys() - content.keys()) | doubtful
         content.update(await self.cache.check({p: source.live[p] for p in unconfirmed if p in source.live}))
-        return fence, source, plan.CacheView(index=index, manifest=manifest, content=content), digest
+        settling.drain()
+        unsettled = settling.unsettled | (source.live.keys() - manifest.keys()) | (content.keys() - manifest.keys())
+        view = plan.CacheView(index=index, manifest=manifest, content=content)
+        return _Observation(fence, source, view, digest, unsettled)
 
     async def _list_source(self) -> tuple[plan.SourceView, str]:
         source = await self.source.list_modules()
@@ -98,8 +157,9 @@ class Engine:
         self, *, dry_run: bool = False, deep: bool = False, progress: Progress | None = None
     ) -> plan.Report:
         started = self._monotonic()
-        fence, source, cache_view, digest = await self._observe(deep=deep)
-        the_plan = plan.compute(source, cache_view)
+        observed = await self._observe(deep=deep)
+        fence, source, cache_view, digest = observed.fence, observed.source, observed.view, observed.digest
+        the_plan = plan.compute(*observed.narrowed())
         outcome = _Outcome()
         if not dry_run:
             outcome = await self._execute(the_plan, fence=fence, progress=progress)

@@ -207,25 +207,40 @@ class RedisCache:
         members: set[str] = await _call(self.client.smembers(self.keyspace.index))  # type: ignore[arg-type]
         return frozenset(members)
 
-    async def verify_manifest(self) -> tuple[dict[str, str], dict[str, str | None]]:
+    async def verify_manifest(
+        self, *, on_page: Callable[[Mapping[str, str | None]], None] | None = None
+    ) -> tuple[dict[str, str], dict[str, str | None]]:
         """The manifest (path -> hash) and, per entry, what ``check`` would say of its content key against that
-        hash; paged with HSCAN (``check_batch_size`` entries per script call, so Redis stays responsive)."""
+        hash; paged with HSCAN (``check_batch_size`` entries per script call, so Redis stays responsive).
+
+        The next page is requested before a page is handed to ``on_page``, so Redis verifies while we work."""
         ks = self.keyspace
         manifest: dict[str, str] = {}
         content: dict[str, str | None] = {}
-        cursor = "0"
-        while True:
-            cursor, entries, codes = await _call(
-                self._verify(keys=[ks.manifest], args=[ks.prefix, cursor, self._check_batch_size])
+
+        def request(cursor: str) -> asyncio.Future[Any]:
+            return asyncio.ensure_future(
+                _call(self._verify(keys=[ks.manifest], args=[ks.prefix, cursor, self._check_batch_size]))
             )
-            page = dict(zip(entries[::2], entries[1::2], strict=True))
-            manifest.update(page)
-            content.update(page)  # then correct the few that did not match (C-level for the common case)
-            for mismatch in _NOT_MATCHED.finditer(codes):
-                path = entries[2 * mismatch.start()]
-                content[path] = None if mismatch.group() == CHECK_ABSENT else plan.UNVERIFIED
-            if str(cursor) == "0":
-                return manifest, content
+
+        pending: asyncio.Future[Any] | None = request("0")
+        try:
+            while pending is not None:
+                cursor, entries, codes = await pending
+                pending = None if str(cursor) == "0" else request(str(cursor))
+                page = dict(zip(entries[::2], entries[1::2], strict=True))
+                manifest.update(page)
+                verified: dict[str, str | None] = dict(page)
+                for mismatch in _NOT_MATCHED.finditer(codes):  # few: the common case stays C-level
+                    path = entries[2 * mismatch.start()]
+                    verified[path] = None if mismatch.group() == CHECK_ABSENT else plan.UNVERIFIED
+                content.update(verified)
+                if on_page is not None:
+                    on_page(verified)
+        finally:
+            if pending is not None:
+                pending.cancel()
+        return manifest, content
 
     async def read_manifest(self, paths: Sequence[str]) -> dict[str, str]:
         """The manifest hashes of ``paths`` (absent paths are left out)."""
