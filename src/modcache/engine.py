@@ -14,6 +14,7 @@ with fresh reads (``MAX_ROUNDS``), so the cache still converges to the latest co
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import datetime
 import json
@@ -26,8 +27,10 @@ from modcache import modules, pgsource, plan, rediscache
 log = logging.getLogger(__name__)
 
 MAX_ROUNDS = 5
+FETCH_AHEAD = 2  # content batches read ahead of the one being written
 
 Progress = Callable[[int, int], None]
+_Fetched = tuple[dict[str, pgsource.Module], list[modules.Rejected]]
 
 
 @dataclasses.dataclass
@@ -231,23 +234,24 @@ class Engine:
     async def _execute(self, the_plan: plan.Plan, *, fence: int, progress: Progress | None) -> _Outcome:
         outcome = _Outcome()
         total, done = len(the_plan.items), 0
-        light = [i for i in the_plan.items if i.operation is not plan.Operation.PUT]
-        for batch in _chunks(light, self.fetch_batch_size):
-            outcome.absorb(await self._apply([rediscache.Write(i) for i in batch], fence=fence))
-            done += len(batch)
-            _report_progress(progress, done, total)
-        puts = the_plan.by_operation(plan.Operation.PUT)
-        batches = list(_chunks(puts, self.fetch_batch_size))
-        next_fetch = asyncio.create_task(self.source.fetch([i.path for i in batches[0]])) if batches else None
+        batches = iter(list(_chunks(the_plan.by_operation(plan.Operation.PUT), self.fetch_batch_size)))
+        ahead: collections.deque[tuple[Sequence[plan.Item], asyncio.Task[_Fetched]]] = collections.deque()
+
+        def read_ahead() -> None:  # keep FETCH_AHEAD content reads in flight while we encode and write
+            while len(ahead) < FETCH_AHEAD and (batch := next(batches, None)) is not None:
+                ahead.append((batch, asyncio.create_task(self.source.fetch([i.path for i in batch]))))
+
         try:
-            for n, batch in enumerate(batches):
-                assert next_fetch is not None
-                found, rejected = await next_fetch
-                next_fetch = (
-                    asyncio.create_task(self.source.fetch([i.path for i in batches[n + 1]]))
-                    if n + 1 < len(batches)
-                    else None
-                )
+            read_ahead()  # content reads start before the light writes go out
+            light = [i for i in the_plan.items if i.operation is not plan.Operation.PUT]
+            for batch in _chunks(light, self.fetch_batch_size):
+                outcome.absorb(await self._apply([rediscache.Write(i) for i in batch], fence=fence))
+                done += len(batch)
+                _report_progress(progress, done, total)
+            while ahead:
+                batch, fetching = ahead.popleft()
+                found, rejected = await fetching
+                read_ahead()
                 outcome.rejected += rejected
                 writes = _writes(batch, found)
                 outcome.vanished += len(batch) - len(writes) - len(rejected)
@@ -255,8 +259,8 @@ class Engine:
                 done += len(batch)
                 _report_progress(progress, done, total)
         finally:
-            if next_fetch is not None:
-                next_fetch.cancel()
+            for _, fetching in ahead:
+                fetching.cancel()
         return outcome
 
     async def _apply(self, writes: Sequence[rediscache.Write], *, fence: int) -> _Outcome:
