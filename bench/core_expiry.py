@@ -39,8 +39,12 @@ async def _expire(
         restored = clock.expect("set", key)
         called = time.perf_counter()
         await client.pexpire(key, 1)
-        gone = await asyncio.wait_for(expired, WAIT_S)
-        back = await asyncio.wait_for(restored, WAIT_S)
+        try:
+            gone = await asyncio.wait_for(expired, WAIT_S)
+            back = await asyncio.wait_for(restored, WAIT_S)
+        except TimeoutError:
+            state = f"exists={await client.exists(key)} pttl={await client.pttl(key)} expired_seen={expired.done()}"
+            raise SystemExit(f"expiry {n} of {key}: no event within {WAIT_S} s ({state})") from None
         from_event.append(back - gone)
         from_call.append(back - called)
     return from_event, from_call
