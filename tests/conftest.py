@@ -5,7 +5,7 @@
 * Redis: each test gets its own key prefix, removed afterwards.
 * RabbitMQ: each test that asks gets its own vhost (see tests/consumer/conftest.py).
 
-Service URLs come from ``MODCACHE_TEST_*`` variables (defaults: this machine's services); ``tests/services.py``
+Service URLs come from ``MODCACHE_TEST_*`` variables (defaults: this machine's services); ``modcache.embedded``
 starts what is missing, or says exactly what to install.
 """
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 
 import asyncpg
 import pytest
@@ -23,14 +23,14 @@ from modcache import db, embedded, engine, keys, pgsource, rediscache
 
 
 @pytest.fixture(scope="session")
-def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mapping[str, str]]:
     """URLs of PostgreSQL (admin database), Redis and RabbitMQ; starts embedded servers for what is down."""
     with embedded.test_services(tmp_path_factory.mktemp("services")) as urls:
         yield urls
 
 
 @pytest.fixture(scope="session")
-def pg_template(services: dict[str, str]) -> Iterator[str]:
+def pg_template(services: Mapping[str, str]) -> Iterator[str]:
     """A database migrated once per session, copied for each test."""
     name = f"modcache_tpl_{uuid.uuid4().hex[:8]}"
     admin = services["postgres"]
@@ -49,7 +49,7 @@ def pg_template(services: dict[str, str]) -> Iterator[str]:
 
 
 @pytest.fixture
-async def database_url(services: dict[str, str], pg_template: str) -> AsyncIterator[str]:
+async def database_url(services: Mapping[str, str], pg_template: str) -> AsyncIterator[str]:
     """A fresh, migrated database of this test's own (URL without driver suffix)."""
     admin = services["postgres"]
     name = f"modcache_t_{uuid.uuid4().hex[:12]}"
@@ -63,7 +63,7 @@ async def database_url(services: dict[str, str], pg_template: str) -> AsyncItera
 
 
 @pytest.fixture
-def redis_url(services: dict[str, str]) -> str:
+def redis_url(services: Mapping[str, str]) -> str:
     return services["redis"]
 
 

@@ -61,3 +61,6 @@ class Reason(enum.StrEnum):
 
 #: Ready reasons that need a person to act (Stalled True): retrying continues, but will not help by itself.
 STALLING = frozenset({Reason.SECRET_NOT_FOUND, Reason.SECRET_KEY_NOT_FOUND, Reason.INVALID_SPEC, Reason.INVALID_URL})
+
+#: Ready reasons that mean the cache cannot be trusted because something failed (events go out on these).
+FAILING = STALLING | {Reason.SOURCE_UNAVAILABLE, Reason.CACHE_UNAVAILABLE, Reason.SYNC_FAILED}

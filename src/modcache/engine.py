@@ -108,12 +108,14 @@ class Engine:
         source: pgsource.PgSource,
         cache: rediscache.RedisCache,
         fetch_batch_size: int = 1000,
+        prune: bool = True,
         monotonic: Callable[[], float] = time.perf_counter,
         wall_clock: Callable[[], datetime.datetime] = lambda: datetime.datetime.now(datetime.UTC),
     ) -> None:
         self.source = source
         self.cache = cache
         self.fetch_batch_size = fetch_batch_size
+        self.prune = prune  # False: content keys of paths that are no longer live modules are left in place
         self._monotonic = monotonic
         self._wall_clock = wall_clock
 
@@ -162,7 +164,7 @@ class Engine:
         started = self._monotonic()
         observed = await self._observe(deep=deep)
         fence, source, cache_view, digest = observed.fence, observed.source, observed.view, observed.digest
-        the_plan = plan.compute(*observed.narrowed())
+        the_plan = self._compute(*observed.narrowed())
         outcome = _Outcome()
         if not dry_run:
             outcome = await self._execute(the_plan, fence=fence, progress=progress)
@@ -207,11 +209,15 @@ class Engine:
         index = await self.cache.read_index_members(paths)
         content = await self.cache.check({p: source.live.get(p, "") for p in paths})
         view = plan.CacheView(index=index, manifest=manifest, content=content)
-        the_plan = plan.compute(source, view)
+        the_plan = self._compute(source, view)
         outcome = _Outcome(rejected=list(rejected))
         if the_plan and not dry_run:
             outcome.absorb(await self._apply(_writes(the_plan.items, found), fence=fence))
         return the_plan, outcome, source, view
+
+    def _compute(self, source: plan.SourceView, view: plan.CacheView) -> plan.Plan:
+        the_plan = plan.compute(source, view)
+        return the_plan if self.prune else plan.without_orphans(the_plan)
 
     async def _settle(self, outcome: _Outcome) -> None:
         """Re-check fenced-out items with fresh reads until none conflict (bounded)."""

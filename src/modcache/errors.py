@@ -35,7 +35,7 @@ class InputError(ModcacheError):
     """One input (a module path, its content, a message) is invalid. ``subject`` names it."""
 
     def __init__(self, subject: str, reason: str) -> None:
-        super().__init__(f"{truncate(subject)}: {reason}")
+        super().__init__(f"{truncate(subject)!r}: {reason}")  # repr: control characters stay visible
         self.subject = subject
         self.reason = reason
 

@@ -12,6 +12,8 @@ import hashlib
 import json
 from typing import NewType, TypedDict
 
+from modcache import errors
+
 ModulePath = NewType("ModulePath", str)
 ContentHash = NewType("ContentHash", str)
 
@@ -75,8 +77,6 @@ def path_problem(path: str) -> str | None:
 
 def check_path(path: str) -> ModulePath:
     """``path`` as a ModulePath, or InputError naming it."""
-    from modcache import errors
-
     problem = path_problem(path)
     if problem is not None:
         raise errors.InputError(path, f"invalid module path: {problem}")

@@ -113,6 +113,11 @@ def compute(source: SourceView, cache: CacheView) -> Plan:
     return Plan(items=tuple(items), rejected=source.rejected)
 
 
+def without_orphans(the_plan: Plan) -> Plan:
+    """The plan minus the removal of orphaned content keys (``prune: false``); bookkeeping fixes stay."""
+    return dataclasses.replace(the_plan, items=tuple(i for i in the_plan.items if i.reason is not Reason.ORPHAN))
+
+
 def _for_live(path: str, digest: str, cache: CacheView) -> Item | None:
     held = cache.content.get(path)
     if held is None:

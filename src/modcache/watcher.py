@@ -126,12 +126,20 @@ class Watcher:
         self._pending_event = asyncio.Event()
 
     async def run(self) -> None:
-        """Run until cancelled."""
-        async with asyncio.TaskGroup() as tasks:
-            tasks.create_task(self._resync_loop(), name="modcache-resync")
-            tasks.create_task(self._listen_loop(), name="modcache-listener")
-            tasks.create_task(self._keyspace_loop(), name="modcache-keyspace")
-            tasks.create_task(self._apply_loop(), name="modcache-applier")
+        """Run until cancelled (or until a loop fails unexpectedly, which is raised)."""
+        loops = {
+            "modcache-resync": self._resync_loop(),
+            "modcache-listener": self._listen_loop(),
+            "modcache-keyspace": self._keyspace_loop(),
+            "modcache-applier": self._apply_loop(),
+        }
+        tasks = [asyncio.create_task(coro, name=name) for name, coro in loops.items()]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()
+        finally:
+            await _stop(tasks)
 
     def request_resync(self, trigger: str = MANUAL) -> None:
         """Ask for a full resync as soon as the current one (if any) is done."""
@@ -301,6 +309,19 @@ class Watcher:
     def _keyspace_changed(self, active: bool, detail: str) -> None:
         self.state.keyspace_active = active
         self._observer.on_keyspace(active, detail)
+
+
+async def _stop(tasks: list[asyncio.Task[None]]) -> None:
+    """Cancel ``tasks`` and wait for them, cancelling again if one swallowed it.
+
+    Python 3.11's ``asyncio.wait_for`` (used inside asyncpg) can lose a cancellation that races with its
+    result; a single ``cancel()`` is therefore not enough to stop a loop for sure.
+    """
+    pending = {t for t in tasks if not t.done()}
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=0.5)
 
 
 def merged_keyspace_flags(current: str) -> str:

@@ -74,3 +74,18 @@ def test_digest_ignores_order_and_sees_changes() -> None:
     a = plan.source_digest({"a.py": H1, "b.py": H2})
     assert a == plan.source_digest({"b.py": H2, "a.py": H1})
     assert a != plan.source_digest({"a.py": H2, "b.py": H2})
+
+
+def test_without_orphans_keeps_everything_but_orphan_removals() -> None:
+    source = plan.SourceView(live={"a.py": "h1"})
+    view = plan.CacheView(
+        index=frozenset({"a.py", "gone.py", "ghost.py"}),
+        manifest={"gone.py": "h0"},
+        content={"a.py": None, "gone.py": "", "ghost.py": None},
+    )
+    full = plan.compute(source, view)
+    kept = plan.without_orphans(full)
+    assert {(i.path, i.reason) for i in full.items} - {(i.path, i.reason) for i in kept.items} == {
+        ("gone.py", plan.Reason.ORPHAN)
+    }
+    assert all(i.reason is not plan.Reason.ORPHAN for i in kept.items)

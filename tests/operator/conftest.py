@@ -1,16 +1,25 @@
-"""Fixtures for the operator's tests: the CRD as the API server applies it (defaults, schema, CEL rules)."""
+"""Fixtures for the operator's tests.
+
+* the CRD as the API server applies it (defaults, schema, CEL rules);
+* ``cluster``: the operator running against kmock's emulator (see ``operatorkit``), with helpers to create
+  Secrets and ModuleCaches and to wait on what the operator writes back.
+"""
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+import uuid
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import celpy
 import jsonschema
 import pytest
 import yaml
+
+from operatorkit.cluster import Cluster, emulated_api, running_operator
 
 CRD_PATH = Path(__file__).resolve().parents[2] / "crds" / "modulecache.yaml"
 
@@ -79,3 +88,27 @@ def _cel_problems(cel: celpy.Environment, schema: dict[str, Any], value: Any, pa
         for n, item in enumerate(value):
             problems += _cel_problems(cel, schema["items"], item, f"{path}[{n}]")
     return problems
+
+
+@pytest.fixture
+async def cluster() -> AsyncIterator[Cluster]:
+    async with emulated_api() as (emulator, url), running_operator(emulator, url) as running:
+        yield running
+
+
+@pytest.fixture
+async def other_database_url(services: dict[str, str], pg_template: str) -> AsyncIterator[str]:
+    """A second fresh, migrated database, for a second ModuleCache."""
+    admin = services["postgres"]
+    name = f"modcache_t_{uuid.uuid4().hex[:12]}"
+    conn = await asyncpg.connect(admin)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{pg_template}" STRATEGY FILE_COPY')
+    finally:
+        await conn.close()
+    yield f"{admin.rpartition('/')[0]}/{name}"
+    conn = await asyncpg.connect(admin)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()

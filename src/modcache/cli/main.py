@@ -55,7 +55,9 @@ _register()
 def main() -> None:
     """Console entry point: ModcacheErrors become one line on stderr and a clear exit code."""
     try:
-        cli.main(standalone_mode=False)
+        code = cli.main(standalone_mode=False)
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(EXIT_FAILED)

@@ -17,8 +17,9 @@ depends_on = None
 
 
 def upgrade() -> None:
-    op.execute("CREATE EXTENSION IF NOT EXISTS pgcrypto")  # gen_random_uuid() before PostgreSQL 13
     bind = op.get_bind()
+    if (bind.dialect.server_version_info or (0,)) < (13,):  # gen_random_uuid() is built in from 13 on
+        op.execute("CREATE EXTENSION IF NOT EXISTS pgcrypto")
     schema.Base.metadata.create_all(bind)
     for statement in triggers.install_statements():
         op.execute(sa.text(statement))

@@ -1,0 +1,178 @@
+{{/* Names, labels, image and the hardened pod pieces shared by every template. */}}
+
+{{- define "modcache.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "modcache.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* A name for one component's objects, e.g. "<fullname>-operator" (kept within 63 characters). */}}
+{{- define "modcache.componentName" -}}
+{{- printf "%s-%s" (include "modcache.fullname" .root | trunc (int (sub 62 (len .component)))) .component | trimSuffix "-" }}
+{{- end }}
+
+{{- define "modcache.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "modcache.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "modcache.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "modcache.labels" -}}
+helm.sh/chart: {{ include "modcache.chart" . }}
+{{ include "modcache.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: modcache
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* Labels of one component: {{ include "modcache.componentLabels" (dict "root" $ "component" "operator") }} */}}
+{{- define "modcache.componentLabels" -}}
+{{ include "modcache.labels" .root }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{- define "modcache.componentSelectorLabels" -}}
+{{ include "modcache.selectorLabels" .root }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{- define "modcache.image" -}}
+{{- $tag := default .Chart.AppVersion .Values.image.tag }}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository $tag }}
+{{- end }}
+{{- end }}
+
+{{- define "modcache.operatorServiceAccountName" -}}
+{{- if .Values.operator.serviceAccount.create }}
+{{- default (include "modcache.componentName" (dict "root" . "component" "operator")) .Values.operator.serviceAccount.name }}
+{{- else }}
+{{- required "operator.serviceAccount.name is required when operator.serviceAccount.create is false" .Values.operator.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "modcache.consumerServiceAccountName" -}}
+{{- if .Values.consumer.serviceAccount.create }}
+{{- default (include "modcache.componentName" (dict "root" . "component" "consumer")) .Values.consumer.serviceAccount.name }}
+{{- else }}
+{{- required "consumer.serviceAccount.name is required when consumer.serviceAccount.create is false" .Values.consumer.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* The namespace a namespaced operator watches (and where its Role lives). */}}
+{{- define "modcache.watchNamespace" -}}
+{{- default .Release.Namespace .Values.operator.watchNamespace }}
+{{- end }}
+
+{{- define "modcache.leaseName" -}}
+{{- default (include "modcache.componentName" (dict "root" . "component" "operator")) .Values.operator.leaderElection.leaseName }}
+{{- end }}
+
+{{- define "modcache.instanceName" -}}
+{{- default (include "modcache.fullname" .) .Values.instance.name }}
+{{- end }}
+
+{{/* An env entry read from a Secret key: (dict "env" "MODCACHE_REDIS_URL" "ref" .Values.secretRefs.redisUrl) */}}
+{{- define "modcache.secretEnv" -}}
+- name: {{ .env }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ required (printf "a Secret name is required for %s" .env) .ref.name }}
+      key: {{ .ref.key }}
+{{- end }}
+
+{{/* Restricted Pod Security Standard: non-root fixed identity, RuntimeDefault seccomp. */}}
+{{- define "modcache.podSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: {{ .Values.podSecurity.runAsUser }}
+runAsGroup: {{ .Values.podSecurity.runAsGroup }}
+fsGroup: {{ .Values.podSecurity.fsGroup }}
+seccompProfile:
+  type: RuntimeDefault
+{{- end }}
+
+{{- define "modcache.containerSecurityContext" -}}
+allowPrivilegeEscalation: false
+privileged: false
+readOnlyRootFilesystem: true
+runAsNonRoot: true
+runAsUser: {{ .Values.podSecurity.runAsUser }}
+runAsGroup: {{ .Values.podSecurity.runAsGroup }}
+capabilities:
+  drop:
+    - ALL
+seccompProfile:
+  type: RuntimeDefault
+{{- end }}
+
+{{/* The only writable place: /tmp (HOME points there in the image). */}}
+{{- define "modcache.tmpVolume" -}}
+- name: tmp
+  emptyDir:
+    sizeLimit: 64Mi
+{{- end }}
+
+{{- define "modcache.tmpVolumeMount" -}}
+- name: tmp
+  mountPath: /tmp
+{{- end }}
+
+{{/* Scheduling knobs of one component's values (.nodeSelector, .tolerations, ...). */}}
+{{- define "modcache.scheduling" -}}
+{{- with .priorityClassName }}
+priorityClassName: {{ . }}
+{{- end }}
+{{- with .nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .topologySpreadConstraints }}
+topologySpreadConstraints:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/* "true" when the uninstall hook renders: it needs the chart's ModuleCache and may create its own RBAC. */}}
+{{- define "modcache.uninstallHook" -}}
+{{- if and .Values.instance.enabled .Values.instance.uninstallHook.enabled .Values.rbac.create }}true{{ end }}
+{{- end }}
+
+{{/* Refuse combinations that would install something broken. */}}
+{{- define "modcache.validate" -}}
+{{- if and (gt (int .Values.operator.replicas) 1) (not .Values.operator.leaderElection.enabled) }}
+{{- fail "operator.replicas > 1 requires operator.leaderElection.enabled=true (kopf alone would run two writers)" }}
+{{- end }}
+{{- if gt (int .Values.consumer.pool.minWorkers) (int .Values.consumer.pool.maxWorkers) }}
+{{- fail "consumer.pool.minWorkers must not exceed consumer.pool.maxWorkers" }}
+{{- end }}
+{{- if and .Values.instance.enabled (not .Values.rbac.clusterWide) (ne (include "modcache.watchNamespace" .) .Release.Namespace) }}
+{{- fail "instance.enabled creates the ModuleCache in the release namespace, which a namespaced operator watching operator.watchNamespace would not see: set rbac.clusterWide=true, or instance.enabled=false" }}
+{{- end }}
+{{- end }}
