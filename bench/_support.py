@@ -427,10 +427,11 @@ class KeyEvents:
         finally:
             await pubsub.aclose()
 
-    def expect(self, event: str, key: str) -> asyncio.Future[float]:
-        """A future resolved with the arrival time of the next ``event`` on ``key``."""
+    def expect(self, event: str, key: str, *alternatives: str) -> asyncio.Future[float]:
+        """A future resolved with the arrival time of the next ``event`` (or one of ``alternatives``) on ``key``."""
         future: asyncio.Future[float] = asyncio.get_running_loop().create_future()
-        self._waiting[(event, key)] = future
+        for name in (event, *alternatives):
+            self._waiting[(name, key)] = future
         return future
 
     def expect_count(self, event: str, total: int) -> asyncio.Future[float]:

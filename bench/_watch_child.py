@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 
@@ -16,6 +17,8 @@ import redis.asyncio as aioredis
 
 from bench import _support as sup
 from modcache import settings, watcher
+
+LOG_ENV = "MODCACHE_BENCH_WATCH_LOG"
 
 
 async def _watch(database_url: str, redis_url: str) -> None:
@@ -35,7 +38,11 @@ async def _watch(database_url: str, redis_url: str) -> None:
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="watcher: %(message)s")
+    log_file = os.environ.get(LOG_ENV)
+    if log_file:  # everything the watcher says, for diagnosing a benchmark run
+        logging.basicConfig(level=logging.DEBUG, filename=log_file, format="%(asctime)s %(name)s %(message)s")
+    else:
+        logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="watcher: %(message)s")
     asyncio.run(_watch(sys.argv[1], sys.argv[2]))
 
 
