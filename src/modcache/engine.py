@@ -14,20 +14,23 @@ with fresh reads (``MAX_ROUNDS``), so the cache still converges to the latest co
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import datetime
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from modcache import modules, pgsource, plan, rediscache
 
 log = logging.getLogger(__name__)
 
 MAX_ROUNDS = 5
+FETCH_AHEAD = 2  # content batches read ahead of the one being written
 
 Progress = Callable[[int, int], None]
+_Fetched = tuple[dict[str, pgsource.Module], list[modules.Rejected]]
 
 
 @dataclasses.dataclass
@@ -42,6 +45,60 @@ class _Outcome:
         self.conflicted += other.conflicted
         self.rejected += other.rejected
         self.vanished += other.vanished
+
+
+@dataclasses.dataclass(frozen=True)
+class _Observation:
+    """Both sides as observed, the source digest, and the paths the cache does not already serve exactly
+    (every other live path has a verified content key, manifest entry and index entry for its hash)."""
+
+    fence: int
+    source: plan.SourceView
+    view: plan.CacheView
+    digest: str
+    unsettled: set[str]
+
+    def narrowed(self) -> tuple[plan.SourceView, plan.CacheView]:
+        """Both views restricted to the unsettled paths: the same plan as the full views, found in a fraction of
+        the time (a settled path yields no item and, being live, is never an orphan)."""
+        paths, live, view = self.unsettled, self.source.live, self.view
+        return (
+            plan.SourceView(live={p: live[p] for p in paths if p in live}, rejected=self.source.rejected),
+            plan.CacheView(
+                index=frozenset(p for p in paths if p in view.index),
+                manifest={p: view.manifest[p] for p in paths if p in view.manifest},
+                content={p: view.content[p] for p in paths if p in view.content},
+            ),
+        )
+
+
+class _Settling:
+    """Finds, page by page while Redis is still verifying the rest, the manifest paths that are not settled
+    (their verified content hash is not the live source hash, or the index lacks them)."""
+
+    def __init__(
+        self,
+        listing: asyncio.Task[tuple[plan.SourceView, str]],
+        indexing: asyncio.Task[frozenset[str]],
+    ) -> None:
+        self._listing = listing
+        self._indexing = indexing
+        self._backlog: list[Mapping[str, str | None]] = []
+        self.unsettled: set[str] = set()
+        self.unverified: set[str] = set()  # present, but not with the manifest's hash
+
+    def page(self, verified: Mapping[str, str | None]) -> None:
+        self.unverified.update(p for p, h in verified.items() if h == plan.UNVERIFIED)
+        self._backlog.append(verified)
+        if all(t.done() and not t.cancelled() and t.exception() is None for t in (self._listing, self._indexing)):
+            self.drain()
+
+    def drain(self) -> None:
+        (source, _), index = self._listing.result(), self._indexing.result()
+        live = source.live.get
+        for verified in self._backlog:
+            self.unsettled.update(p for p, h in verified.items() if not h or live(p) != h or p not in index)
+        self._backlog.clear()
 
 
 class Engine:
@@ -65,34 +122,55 @@ class Engine:
     # -- full resync ---------------------------------------------------------------------------------------
 
     async def observe(self, *, deep: bool = False) -> tuple[int, plan.SourceView, plan.CacheView]:
-        """The fence, the source listing and the matching cache view (read after the fence, in parallel)."""
+        """The fence, the source listing and the matching cache view (read after the fence, in parallel).
+
+        Content keys the manifest names are verified against its hashes server-side (no key is sent); then only
+        index-only (and, when ``deep``, unindexed) keys and live paths not yet confirmed are checked by path."""
+        observed = await self._observe(deep=deep)
+        return observed.fence, observed.source, observed.view
+
+    async def _observe(self, *, deep: bool) -> _Observation:
+        """``observe``, plus what the full resync needs to plan quickly (see ``_Observation``)."""
         fence = await self.cache.generation()
-        listing = asyncio.create_task(self.source.list_modules())
+        listing = asyncio.create_task(self._list_source())
+        indexing = asyncio.create_task(self.cache.read_index())
+        settling = _Settling(listing, indexing)
         try:
-            index, manifest = await self.cache.read_bookkeeping()
-            known = set(index) | manifest.keys()
+            manifest, content = await self.cache.verify_manifest(on_page=settling.page)  # Redis works, we list
+            index = await indexing
+            unknown = index - manifest.keys()
             if deep:
-                known |= await self.cache.scan_paths()
-            content = await self.cache.check({p: manifest.get(p, "") for p in known})
-            source = await listing
+                unknown |= await self.cache.scan_paths() - manifest.keys()
+            content.update(await self.cache.check(dict.fromkeys(unknown, "")))
+            source, digest = await listing
         finally:
             listing.cancel()
-        recheck = {p: h for p, h in source.live.items() if content.get(p, plan.UNVERIFIED) == plan.UNVERIFIED}
-        content.update(await self.cache.check(recheck))
-        return fence, source, plan.CacheView(index=index, manifest=manifest, content=content)
+            indexing.cancel()
+        doubtful = settling.unverified | {p for p in unknown if content[p] == plan.UNVERIFIED}
+        unconfirmed = (source.live.keys() - content.keys()) | doubtful
+        content.update(await self.cache.check({p: source.live[p] for p in unconfirmed if p in source.live}))
+        settling.drain()
+        unsettled = settling.unsettled | (source.live.keys() - manifest.keys()) | (content.keys() - manifest.keys())
+        view = plan.CacheView(index=index, manifest=manifest, content=content)
+        return _Observation(fence, source, view, digest, unsettled)
+
+    async def _list_source(self) -> tuple[plan.SourceView, str]:
+        source = await self.source.list_modules()
+        return source, plan.source_digest(source.live)
 
     async def full_resync(
         self, *, dry_run: bool = False, deep: bool = False, progress: Progress | None = None
     ) -> plan.Report:
         started = self._monotonic()
-        fence, source, cache_view = await self.observe(deep=deep)
-        the_plan = self._compute(source, cache_view)
+        observed = await self._observe(deep=deep)
+        fence, source, cache_view, digest = observed.fence, observed.source, observed.view, observed.digest
+        the_plan = self._compute(*observed.narrowed())
         outcome = _Outcome()
         if not dry_run:
             outcome = await self._execute(the_plan, fence=fence, progress=progress)
             await self._settle(outcome)
             await self.cache.refresh_ttl(source.live)
-        report = self._report(the_plan, outcome, source, cache_view, started, dry_run=dry_run, full=True)
+        report = self._report(the_plan, outcome, source, cache_view, started, dry_run=dry_run, digest=digest)
         if not dry_run:
             await self.cache.write_status(await self._status_fields(report))
         return report
@@ -119,7 +197,7 @@ class Engine:
         the_plan, outcome, source, view = await self._converge_paths(wanted, dry_run=dry_run)
         if not dry_run:
             await self._settle(outcome)
-        return self._report(the_plan, outcome, source, view, started, dry_run=dry_run, full=False)
+        return self._report(the_plan, outcome, source, view, started, dry_run=dry_run, digest=None)
 
     async def _converge_paths(
         self, paths: Sequence[str], *, dry_run: bool
@@ -162,23 +240,24 @@ class Engine:
     async def _execute(self, the_plan: plan.Plan, *, fence: int, progress: Progress | None) -> _Outcome:
         outcome = _Outcome()
         total, done = len(the_plan.items), 0
-        light = [i for i in the_plan.items if i.operation is not plan.Operation.PUT]
-        for batch in _chunks(light, self.fetch_batch_size):
-            outcome.absorb(await self._apply([rediscache.Write(i) for i in batch], fence=fence))
-            done += len(batch)
-            _report_progress(progress, done, total)
-        puts = the_plan.by_operation(plan.Operation.PUT)
-        batches = list(_chunks(puts, self.fetch_batch_size))
-        next_fetch = asyncio.create_task(self.source.fetch([i.path for i in batches[0]])) if batches else None
+        batches = iter(list(_chunks(the_plan.by_operation(plan.Operation.PUT), self.fetch_batch_size)))
+        ahead: collections.deque[tuple[Sequence[plan.Item], asyncio.Task[_Fetched]]] = collections.deque()
+
+        def read_ahead() -> None:  # keep FETCH_AHEAD content reads in flight while we encode and write
+            while len(ahead) < FETCH_AHEAD and (batch := next(batches, None)) is not None:
+                ahead.append((batch, asyncio.create_task(self.source.fetch([i.path for i in batch]))))
+
         try:
-            for n, batch in enumerate(batches):
-                assert next_fetch is not None
-                found, rejected = await next_fetch
-                next_fetch = (
-                    asyncio.create_task(self.source.fetch([i.path for i in batches[n + 1]]))
-                    if n + 1 < len(batches)
-                    else None
-                )
+            read_ahead()  # content reads start before the light writes go out
+            light = [i for i in the_plan.items if i.operation is not plan.Operation.PUT]
+            for batch in _chunks(light, self.fetch_batch_size):
+                outcome.absorb(await self._apply([rediscache.Write(i) for i in batch], fence=fence))
+                done += len(batch)
+                _report_progress(progress, done, total)
+            while ahead:
+                batch, fetching = ahead.popleft()
+                found, rejected = await fetching
+                read_ahead()
                 outcome.rejected += rejected
                 writes = _writes(batch, found)
                 outcome.vanished += len(batch) - len(writes) - len(rejected)
@@ -186,8 +265,8 @@ class Engine:
                 done += len(batch)
                 _report_progress(progress, done, total)
         finally:
-            if next_fetch is not None:
-                next_fetch.cancel()
+            for _, fetching in ahead:
+                fetching.cancel()
         return outcome
 
     async def _apply(self, writes: Sequence[rediscache.Write], *, fence: int) -> _Outcome:
@@ -207,8 +286,9 @@ class Engine:
         started: float,
         *,
         dry_run: bool,
-        full: bool,
+        digest: str | None,
     ) -> plan.Report:
+        """``digest`` is the source digest of a full resync, None for an incremental one."""
         rejected = _unique_rejections([*the_plan.rejected, *outcome.rejected])
         refused = {r.path for r in outcome.rejected}
         if refused:  # found unservable only once their content was read: not drift, but rejected input
@@ -224,10 +304,10 @@ class Engine:
             vanished=outcome.vanished,
             source_count=len(source.live),
             cached_count=cached,
-            digest=plan.source_digest(source.live) if full else "",
+            digest=digest or "",
             duration_s=self._monotonic() - started,
             dry_run=dry_run,
-            full=full,
+            full=digest is not None,
         )
 
 
@@ -238,7 +318,7 @@ def _writes(items: Iterable[plan.Item], found: dict[str, pgsource.Module]) -> li
         if item.operation is not plan.Operation.PUT:
             writes.append(rediscache.Write(item))
         elif (module := found.get(item.path)) is not None:
-            fresh = dataclasses.replace(item, new=module.hash)
+            fresh = plan.Item(item.operation, item.path, item.reason, item.old, module.hash)  # cheaper than replace
             writes.append(rediscache.Write(fresh, modules.encode_cached(module.path, module.content, module.hash)))
     return writes
 

@@ -4,6 +4,8 @@ Everything that touches Redis for the module cache is here, in three Lua scripts
 
 * ``CHECK`` verifies a batch of content keys server-side: absent, present, or present with the expected hash
   (read from the value's tail with GETRANGE, since ``hash`` is the JSON's last field), one character per key;
+* ``VERIFY`` walks the manifest with HSCAN and checks each entry's content key the same way, so a full resync
+  reads the manifest and verifies every content key it names without sending a single key from the client;
 * ``APPLY`` writes a batch of plan items. Each item changes content key, index and manifest together
   (atomic per item and per batch) and bumps the generation;
 * ``GENERATION`` reads the generation counter, creating it from the server clock if it is gone.
@@ -15,8 +17,11 @@ who read the source later, so it is skipped and reported as ``conflicted`` for t
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import random
+import re
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -29,6 +34,7 @@ T = TypeVar("T")
 
 # Statuses CHECK returns per key.
 CHECK_ABSENT, CHECK_MATCH, CHECK_OTHER, CHECK_PRESENT = "-", "=", "~", "+"
+_NOT_MATCHED = re.compile(f"[^{re.escape(CHECK_MATCH)}]")
 # How many trailing bytes hold `"hash": "<64 hex>"}` with room to spare.
 TAIL_BYTES = 100
 
@@ -50,6 +56,30 @@ for i, key in ipairs(KEYS) do
     end
 end
 return table.concat(out)
+"""
+
+# KEYS: manifest; ARGV: content key prefix, HSCAN cursor, page size. Returns {next cursor, {path, manifest
+# hash, ...}, one CHECK status character per entry}. Content keys are derived from the paths (like APPLY, the
+# script spans the whole cache's keys, so it needs a single Redis, not a cluster).
+VERIFY = """
+local call, find, sub = redis.call, string.find, string.sub
+local page = call('HSCAN', KEYS[1], ARGV[2], 'COUNT', ARGV[3])
+local entries, codes, prefix, n = page[2], {}, ARGV[1], 0
+for i = 1, #entries, 2 do
+    local value = entries[i + 1]
+    local want = sub(value, (find(value, ':', 1, true) or 0) + 1)
+    local tail = call('GETRANGE', prefix .. entries[i], -100, -1)
+    entries[i + 1] = want
+    n = n + 1
+    if tail == '' then
+        codes[n] = '-'
+    elseif want ~= '' and find(tail, want, 1, true) then
+        codes[n] = '='
+    else
+        codes[n] = '~'
+    end
+end
+return {page[1], entries, table.concat(codes)}
 """
 
 GENERATION = """
@@ -142,6 +172,7 @@ class RedisCache:
         self._ttl_jitter_s = int(self._ttl_s * ttl_jitter_ratio)
         self._check_batch_size = check_batch_size
         self._check = client.register_script(CHECK)
+        self._verify = client.register_script(VERIFY)
         self._apply = client.register_script(APPLY)
         self._generation = client.register_script(GENERATION)
         self._touch = client.register_script(TOUCH)
@@ -171,6 +202,45 @@ class RedisCache:
             pipe.hgetall(self.keyspace.manifest)
             index, manifest = await _call(pipe.execute())
         return frozenset(index), {str(path): _manifest_hash(str(v)) for path, v in manifest.items()}
+
+    async def read_index(self) -> frozenset[str]:
+        members: set[str] = await _call(self.client.smembers(self.keyspace.index))  # type: ignore[arg-type]
+        return frozenset(members)
+
+    async def verify_manifest(
+        self, *, on_page: Callable[[Mapping[str, str | None]], None] | None = None
+    ) -> tuple[dict[str, str], dict[str, str | None]]:
+        """The manifest (path -> hash) and, per entry, what ``check`` would say of its content key against that
+        hash; paged with HSCAN (``check_batch_size`` entries per script call, so Redis stays responsive).
+
+        The next page is requested before a page is handed to ``on_page``, so Redis verifies while we work."""
+        ks = self.keyspace
+        manifest: dict[str, str] = {}
+        content: dict[str, str | None] = {}
+
+        def request(cursor: str) -> asyncio.Future[Any]:
+            return asyncio.ensure_future(
+                _call(self._verify(keys=[ks.manifest], args=[ks.prefix, cursor, self._check_batch_size]))
+            )
+
+        pending: asyncio.Future[Any] | None = request("0")
+        try:
+            while pending is not None:
+                cursor, entries, codes = await pending
+                pending = None if str(cursor) == "0" else request(str(cursor))
+                page = dict(zip(entries[::2], entries[1::2], strict=True))
+                manifest.update(page)
+                verified: dict[str, str | None] = dict(page)
+                for mismatch in _NOT_MATCHED.finditer(codes):  # few: the common case stays C-level
+                    path = entries[2 * mismatch.start()]
+                    verified[path] = None if mismatch.group() == CHECK_ABSENT else plan.UNVERIFIED
+                content.update(verified)
+                if on_page is not None:
+                    on_page(verified)
+        finally:
+            if pending is not None:
+                pending.cancel()
+        return manifest, content
 
     async def read_manifest(self, paths: Sequence[str]) -> dict[str, str]:
         """The manifest hashes of ``paths`` (absent paths are left out)."""
@@ -258,11 +328,25 @@ def _batches(items: list[T], size: int) -> Iterable[list[T]]:
 async def _call(awaitable: Awaitable[T]) -> T:
     """Await a Redis call, translating redis-py's errors into CacheUnavailable."""
     try:
-        return await awaitable
+        result = await awaitable
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as e:
         raise errors.CacheUnavailable(f"Redis unreachable: {errors.describe(e)}") from e
     except redis.exceptions.RedisError as e:
         raise errors.CacheUnavailable(f"Redis error: {errors.describe(e)}") from e
+    _raise_swallowed_cancel()
+    return result
+
+
+def _raise_swallowed_cancel() -> None:
+    """Re-raise a cancellation that Python 3.11's ``asyncio.wait_for`` swallowed.
+
+    redis-py sends every command through ``wait_for`` (``socket_timeout`` defaults to 5 s); before 3.12,
+    ``wait_for`` returns the result instead of raising when the cancel arrives as the send completes
+    (CPython gh-86296), and the cancelled task would carry on (a watcher that never stops).
+    """
+    task = asyncio.current_task()
+    if sys.version_info < (3, 12) and task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 AsyncCall = Callable[[], Awaitable[Any]]
