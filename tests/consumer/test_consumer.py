@@ -12,6 +12,7 @@ from typing import Any
 
 import asyncpg
 import redis.asyncio as aioredis
+import sqlalchemy as sa
 
 from modcache import keys
 from modcache_consumer import consumer as consumer_module
@@ -39,6 +40,22 @@ async def test_start_opens_the_database_session_and_stop_closes_it(harness) -> N
     async with harness.consumer():
         assert [r["state"] for r in await harness.backends()] == ["idle"]
     assert await harness.backends() == []
+
+
+async def test_get_db_session_gives_each_unit_its_own_session_and_ends_it(harness) -> None:
+    async with harness.consumer() as consumer:
+
+        async def unit() -> tuple[object, int]:
+            async with consumer._get_db_session() as db:
+                await db.execute(sa.text("SELECT pg_sleep(0.05)"))
+                pid = (await db.execute(sa.text("SELECT pg_backend_pid()"))).scalar_one()
+                return db, pid
+
+        (first, pid1), (second, pid2) = await asyncio.gather(unit(), unit())  # concurrently: never shared
+        states = {r["pid"]: r["state"] for r in await harness.backends()}
+    assert first is not second
+    assert pid1 != pid2
+    assert {states[pid1], states[pid2]} == {"idle"}  # both transactions ended with their block
 
 
 async def test_a_malformed_message_is_poisoned_with_its_reason_and_the_consumer_carries_on(harness) -> None:
@@ -120,6 +137,16 @@ async def test_twenty_concurrent_messages_are_all_recorded(harness) -> None:
     assert {r["status"] for r in replies} == {"SUCCESS"}
     rows = await harness.sql("SELECT status, count(*) FROM executions GROUP BY status")
     assert [tuple(r) for r in rows] == [("SUCCESS", 20)]
+
+
+async def test_prefetch_bounds_executions_in_flight_to_the_concurrency(harness) -> None:
+    code = "import time\ndef run():\n    start = time.time()\n    time.sleep(0.3)\n    return [start, time.time()]\n"
+    workflow_id = await harness.workflow(code)
+    async with harness.consumer(consumer_concurrency=2, pool_max_workers=4):
+        replies = await asyncio.gather(*(harness.call(workflow_id) for _ in range(6)))
+    spans = [r["result"] for r in replies]
+    overlap = max(sum(1 for s, e in spans if s <= t < e) for t, _ in spans)
+    assert overlap == 2  # four workers were free: only the prefetch of 2 held the rest back
 
 
 async def test_pg_terminate_backend_between_messages_loses_nothing(harness) -> None:
