@@ -100,6 +100,7 @@ class _Worker:
     stderr_tail: collections.deque[str] = dataclasses.field(default_factory=lambda: collections.deque(maxlen=20))
     executions: int = 0
     idle_since: float = 0.0
+    retiring: bool = False
     forwarder: asyncio.Task[None] | None = None
 
     @property
@@ -193,11 +194,11 @@ class WorkerPool:
 
     async def run(self, job: protocol.Job, *, timeout_s: float, repair: Repair) -> WorkerOutcome:
         """Run ``job`` on a worker; never raises for what the workflow or its worker did."""
-        worker = await self._acquire()
+        worker = await self._deliver(job)
         reusable = False
         try:
             async with asyncio.timeout(timeout_s):
-                frame = await self._exchange(worker, job, repair)
+                frame = await self._exchange(worker, repair)
         except TimeoutError:
             return WorkerOutcome(
                 messages.Status.TIMEOUT,
@@ -224,8 +225,20 @@ class WorkerPool:
         finally:
             self._release(worker, reusable=reusable)
 
-    async def _exchange(self, worker: _Worker, job: protocol.Job, repair: Repair) -> dict[str, Any]:
-        await self._send(worker, job)
+    async def _deliver(self, job: protocol.Job) -> _Worker:
+        """A worker that accepted ``job``; one found dead on delivery (it died while idle) is replaced."""
+        for _ in range(3):
+            worker = await self._acquire()
+            try:
+                await self._send(worker, job)
+            except ConnectionError as e:
+                self._observer.on_worker_lost(worker.pid, errors.describe(e))
+                self._release(worker, reusable=False)
+                continue
+            return worker
+        raise errors.TransientError("no worker process accepted the execution (they keep dying); see the log")
+
+    async def _exchange(self, worker: _Worker, repair: Repair) -> dict[str, Any]:
         while True:
             frame = await self._receive(worker)
             if frame["op"] == "result":
@@ -257,8 +270,12 @@ class WorkerPool:
         while True:
             if self._closed:
                 raise PoolClosed("the worker pool is stopping")
-            if self._idle:
-                return self._idle.pop()  # most recently used first: the others can idle out
+            while self._idle:
+                worker = self._idle.pop()  # most recently used first: the others can idle out
+                if worker.alive:
+                    return worker
+                self._observer.on_worker_lost(worker.pid, describe_exit(worker.process.returncode))
+                self._background(self._retire(worker, graceful=False))  # died while idle: never given work
             if self._count < self._max:
                 self._count += 1
                 try:
@@ -328,6 +345,9 @@ class WorkerPool:
         return worker
 
     async def _retire(self, worker: _Worker, *, graceful: bool) -> None:
+        if worker.retiring:
+            return
+        worker.retiring = True
         try:
             await self._stop_process(worker, graceful=graceful)
         finally:

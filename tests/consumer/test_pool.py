@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import time
 from collections.abc import Callable
 
@@ -180,3 +181,13 @@ async def test_async_workflows_and_context_free_prints(pools, caplog: pytest.Log
 async def test_a_worker_that_cannot_start_says_why(pools) -> None:
     with pytest.raises(pool.WorkerStartFailed, match="a worker process did not start: exited with code 1"):
         await pools.pool(python="/bin/false")
+
+
+async def test_a_worker_that_died_while_idle_is_never_given_work(pools) -> None:
+    the_pool = await pools.pool(min_workers=1, max_workers=1)
+    (idle,) = the_pool.pids()
+    os.kill(idle, signal.SIGKILL)
+    assert await gone(idle)
+    outcome = await pools.run(the_pool, "def run():\n    return 'fresh'\n")
+    assert (outcome.status, outcome.result) == ("SUCCESS", "fresh")
+    assert outcome.pid != idle
