@@ -25,14 +25,38 @@ MODULE_SUFFIX = ".py"
 #: PostgreSQL NOTIFY channel the trigger in ``modcache.triggers`` sends module path hints on.
 NOTIFY_CHANNEL = "modcache_modules"
 
-#: RabbitMQ names used by the execution consumer.
+#: RabbitMQ names used by the execution consumer (the defaults; ``dead_letter_exchange``/``poison_queue`` derive
+#: the companions of any other queue name, so a deployment or a test can run beside them).
 EXECUTIONS_QUEUE = "workflow-executions"
-EXECUTIONS_DLX = "workflow-executions.dlx"
-POISON_QUEUE = "workflow-executions.poison"
+#: Header on a poisoned message saying why it was set aside.
+POISON_REASON_HEADER = "x-modcache-poison-reason"
 
-#: Organization/config cache keys used by the consumer's ConfigResolver.
+#: Organization/config cache keys used by the consumer's ConfigResolver (behind an optional namespace).
 ORG_CACHE_PREFIX = "modcache:org:"
 CONFIG_CACHE_PREFIX = "modcache:config:"
+
+
+def dead_letter_exchange(queue: str) -> str:
+    """The exchange ``queue`` dead-letters into (rejected messages end up in its poison queue)."""
+    return f"{queue}.dlx"
+
+
+def poison_queue(queue: str) -> str:
+    """Where malformed and rejected messages of ``queue`` wait for a person."""
+    return f"{queue}.poison"
+
+
+EXECUTIONS_DLX = dead_letter_exchange(EXECUTIONS_QUEUE)
+POISON_QUEUE = poison_queue(EXECUTIONS_QUEUE)
+
+
+def org_cache_key(org_id: str, namespace: str = "") -> str:
+    return f"{namespace}{ORG_CACHE_PREFIX}{org_id}"
+
+
+def config_cache_key(scope: str, namespace: str = "") -> str:
+    """One scope's own config rows (``GLOBAL`` or an organization id), not merged with the other scope."""
+    return f"{namespace}{CONFIG_CACHE_PREFIX}{scope}"
 
 
 @dataclasses.dataclass(frozen=True)

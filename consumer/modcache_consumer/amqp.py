@@ -1,0 +1,179 @@
+"""The RabbitMQ adapter: topology, poison and reply publishing, and the caller's side (publish, wait for reply).
+
+Topology (declared idempotently by the consumer and by callers, all durable):
+
+    <queue>  --(reject / nack without requeue)-->  <queue>.dlx (direct)  --<queue>.poison-->  <queue>.poison
+
+A malformed message is republished to the poison queue with ``keys.POISON_REASON_HEADER`` saying why, then
+acknowledged (publisher confirms make that a move, not a loss); a message the consumer could not handle for an
+unexpected reason is rejected and reaches the same queue through the dead-letter exchange (``x-death``).
+aio-pika's errors become ``BrokerUnavailable`` (retry) or ``ConfigError`` (the queue exists with other
+arguments), without the URL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import aio_pika
+import aio_pika.abc
+import aio_pika.exceptions
+
+from modcache import errors, keys
+from modcache_consumer import messages
+
+log = logging.getLogger(__name__)
+
+CONTENT_TYPE = "application/json"
+
+
+class BrokerUnavailable(errors.TransientError):
+    """RabbitMQ could not be reached or refused an operation that may succeed later."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Names:
+    queue: str
+    dead_letter_exchange: str
+    poison: str
+
+    @classmethod
+    def for_queue(cls, queue: str) -> Names:
+        return cls(queue=queue, dead_letter_exchange=keys.dead_letter_exchange(queue), poison=keys.poison_queue(queue))
+
+
+async def connect(url: str, *, name: str, reconnect_interval_s: float = 2.0) -> aio_pika.abc.AbstractRobustConnection:
+    """A robust connection: after a drop it reconnects and restores channels, queues and consumers. The first
+    connect must succeed."""
+    try:
+        return await aio_pika.connect_robust(
+            url, client_properties={"connection_name": name}, reconnect_interval=reconnect_interval_s
+        )
+    except (OSError, aio_pika.exceptions.AMQPError) as e:
+        raise BrokerUnavailable(f"RabbitMQ unreachable: {errors.describe(e)}") from e
+
+
+async def declare(channel: aio_pika.abc.AbstractChannel, names: Names) -> aio_pika.abc.AbstractQueue:
+    """The durable execution queue with its dead-letter exchange and poison queue."""
+    try:
+        exchange = await channel.declare_exchange(
+            names.dead_letter_exchange, aio_pika.ExchangeType.DIRECT, durable=True
+        )
+        poison = await channel.declare_queue(names.poison, durable=True)
+        await poison.bind(exchange, routing_key=names.poison)
+        return await channel.declare_queue(
+            names.queue,
+            durable=True,
+            arguments={"x-dead-letter-exchange": names.dead_letter_exchange, "x-dead-letter-routing-key": names.poison},
+        )
+    except aio_pika.exceptions.ChannelPreconditionFailed as e:
+        raise errors.ConfigError(
+            "MODCACHE_QUEUE_NAME", f"queue {names.queue!r} exists with other arguments (no dead-letter exchange?)"
+        ) from e
+    except (OSError, aio_pika.exceptions.AMQPError) as e:
+        raise BrokerUnavailable(f"declaring {names.queue!r} failed: {errors.describe(e)}") from e
+
+
+async def poison(
+    channel: aio_pika.abc.AbstractChannel, names: Names, message: aio_pika.abc.AbstractIncomingMessage, reason: str
+) -> None:
+    """Move ``message`` to the poison queue with ``reason`` in a header (then the caller acks it)."""
+    headers: dict[str, Any] = dict(message.headers or {})
+    headers[keys.POISON_REASON_HEADER] = errors.truncate(reason)
+    copy = aio_pika.Message(
+        message.body,
+        headers=headers,
+        content_type=message.content_type,
+        correlation_id=message.correlation_id,
+        reply_to=message.reply_to,
+        message_id=message.message_id,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+    )
+    exchange = await channel.get_exchange(names.dead_letter_exchange, ensure=False)
+    await exchange.publish(copy, routing_key=names.poison)
+
+
+async def reply(channel: aio_pika.abc.AbstractChannel, reply_to: str, correlation_id: str | None, body: bytes) -> None:
+    """Send an execution's outcome to its caller; a caller that went away is not an error."""
+    message = aio_pika.Message(body, content_type=CONTENT_TYPE, correlation_id=correlation_id)
+    try:
+        await channel.default_exchange.publish(message, routing_key=reply_to, mandatory=False)
+    except (OSError, aio_pika.exceptions.AMQPError) as e:
+        log.warning("reply to %s not sent: %s", reply_to, errors.describe(e))
+
+
+# -- the caller's side (CLI `modcache run`, tests, benchmarks) -------------------------------------------------
+
+
+class Caller:
+    """Publishes execution requests and, when asked, waits for their replies on a private reply queue."""
+
+    def __init__(self, *, channel: aio_pika.abc.AbstractChannel, names: Names) -> None:
+        self._channel = channel
+        self._names = names
+        self._reply_queue: aio_pika.abc.AbstractQueue | None = None
+        self._pending: dict[str, asyncio.Future[messages.RawReply]] = {}
+
+    async def start(self) -> None:
+        await declare(self._channel, self._names)
+        self._reply_queue = await self._channel.declare_queue(exclusive=True, auto_delete=True)
+        await self._reply_queue.consume(self._on_reply, no_ack=True)
+
+    async def publish(self, request: messages.ExecutionRequest, *, wait: bool = True) -> None:
+        """Publish ``request`` (persistent, confirmed); with ``wait``, its reply can then be awaited."""
+        reply_to = None
+        if wait:
+            assert self._reply_queue is not None, "start() first"
+            reply_to = self._reply_queue.name
+            self._pending[str(request.execution_id)] = asyncio.get_running_loop().create_future()
+        await self.publish_raw(
+            request.encode(), reply_to=reply_to, correlation_id=str(request.execution_id) if wait else None
+        )
+
+    async def publish_raw(self, body: bytes, *, reply_to: str | None = None, correlation_id: str | None = None) -> None:
+        message = aio_pika.Message(
+            body,
+            content_type=CONTENT_TYPE,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            reply_to=reply_to,
+            correlation_id=correlation_id,
+        )
+        try:
+            await self._channel.default_exchange.publish(message, routing_key=self._names.queue)
+        except (OSError, aio_pika.exceptions.AMQPError) as e:
+            raise BrokerUnavailable(f"publishing to {self._names.queue!r} failed: {errors.describe(e)}") from e
+
+    async def result(self, execution_id: uuid.UUID, *, timeout_s: float | None = None) -> messages.RawReply:
+        future = self._pending[str(execution_id)]
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), timeout_s)
+        finally:
+            if future.done():
+                self._pending.pop(str(execution_id), None)
+
+    async def _on_reply(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        future = self._pending.get(message.correlation_id or "")
+        if future is None or future.done():
+            return
+        try:
+            future.set_result(messages.decode_reply(message.body))
+        except ValueError as e:
+            future.set_exception(errors.InputError("reply", f"undecodable: {e}"))
+
+
+@asynccontextmanager
+async def caller(url: str, *, queue: str, name: str = "modcache-run") -> AsyncIterator[Caller]:
+    connection = await connect(url, name=name)
+    try:
+        channel = await connection.channel()
+        client = Caller(channel=channel, names=Names.for_queue(queue))
+        await client.start()
+        yield client
+    finally:
+        await connection.close()

@@ -1,0 +1,167 @@
+"""The consumer's persistent database access, done right (bifrost-contract.md, defect 5).
+
+One ``AsyncEngine`` and its pool live as long as the consumer; that is the "persistent session". Each unit of
+work gets its **own short AsyncSession** inside one transaction (``session()``): it commits or rolls back and
+returns its connection to the pool when the block ends, so no session is ever shared by concurrent tasks and no
+backend sits "idle in transaction" between messages (migrations are never blocked).
+
+A stale pooled connection is replaced without a round trip on every checkout:
+
+* a connection whose socket is already closed (``pg_terminate_backend``, a PostgreSQL restart: the loop saw
+  the close while idle) is discarded on checkout, at no cost;
+* a connection idle longer than ``ping_after_idle_s`` is pinged once before use (a silently dead peer);
+* anything else surfaces as a disconnect error inside the unit, which ``run`` retries once on a fresh
+  connection (units are idempotent, see ``executions``).
+
+SQLAlchemy's own ``pool_pre_ping`` would instead cost BEGIN, a query and ROLLBACK on every checkout -- the
+plan's per-message ``SELECT 1`` under another name. Errors leave as ``SourceUnavailable`` (connection problems)
+or unchanged (bugs), never with the URL in them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any, Protocol, TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+
+from modcache import errors, settings
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+AfterCommit = Callable[[], Awaitable[None]]
+
+_AFTER_COMMIT = "modcache_after_commit"
+_IDLE_SINCE = "modcache_idle_since"
+_UNIT = "modcache_unit"
+
+
+class Observer(Protocol):
+    """What this module reports (``metrics.Metrics`` implements it)."""
+
+    def on_connect(self) -> None: ...
+
+    def on_reconnect(self, reason: str) -> None: ...
+
+
+class Unobserved:
+    def on_connect(self) -> None: ...
+
+    def on_reconnect(self, reason: str) -> None: ...
+
+
+class Database:
+    def __init__(
+        self,
+        *,
+        url: str,
+        pool_size: int = 5,
+        pool_timeout_s: float = 10.0,
+        ping_after_idle_s: float = 30.0,
+        application_name: str = "modcache-consumer",
+        observer: Observer | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.application_name = application_name
+        self.engine: AsyncEngine = create_async_engine(
+            settings.sqlalchemy_url(url),
+            pool_size=pool_size,
+            max_overflow=0,  # no overflow: no connection churn under load
+            pool_timeout=pool_timeout_s,
+            pool_pre_ping=False,  # see the module docstring: our checkout check is cheaper
+            connect_args={"server_settings": {"application_name": application_name}},
+        )
+        self._sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+        self._ping_after_idle_s = ping_after_idle_s
+        self._observer = observer or Unobserved()
+        self._monotonic = monotonic
+        sync_engine = self.engine.sync_engine
+        sa.event.listen(sync_engine, "connect", self._on_connect)
+        sa.event.listen(sync_engine, "checkin", self._on_checkin)
+        sa.event.listen(sync_engine, "checkout", self._on_checkout)
+        sa.event.listen(sync_engine, "invalidate", self._on_invalidate)
+
+    async def start(self) -> None:
+        """Open the first connection now, so a bad URL or a down server fails the consumer's start."""
+        await self.run(lambda db: db.execute(sa.text("SELECT 1")))
+
+    async def close(self) -> None:
+        """Close every pooled connection (the end of the persistent session)."""
+        await self.engine.dispose()
+
+    @asynccontextmanager
+    async def session(self, *, autocommit: bool = False) -> AsyncIterator[AsyncSession]:
+        """A unit of work: its own AsyncSession in one transaction, committed on success, rolled back on error.
+
+        ``autocommit``: each statement commits by itself, for units whose statements are independent and
+        idempotent (the hot path): no BEGIN/COMMIT round trips, and nothing can be left open in between.
+        Callbacks registered with ``after_commit`` run once the commit succeeded (cache fills never precede it).
+        """
+        async with self._sessions() as db:
+            db.info[_UNIT] = True
+            async with db.begin():
+                if autocommit:  # must be set as the connection is procured, before any statement
+                    await db.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
+                yield db
+            callbacks: list[AfterCommit] = db.info.pop(_AFTER_COMMIT, [])
+        for callback in callbacks:
+            await callback()
+
+    async def run(self, unit: Callable[[AsyncSession], Awaitable[T]], *, autocommit: bool = False) -> T:
+        """Run ``unit`` in its own session; retried once on a fresh connection if the connection died."""
+        for attempt in (1, 2):
+            try:
+                async with self.session(autocommit=autocommit) as db:
+                    return await unit(db)
+            except sa.exc.DBAPIError as e:
+                if e.connection_invalidated and attempt == 1:
+                    log.info("database connection lost mid-unit; retrying on a fresh one")
+                    continue
+                raise _translate(e) from e
+            except (OSError, TimeoutError, sa.exc.TimeoutError) as e:
+                raise errors.SourceUnavailable(f"PostgreSQL unreachable: {errors.describe(e)}") from e
+        raise AssertionError("unreachable")
+
+    # -- pool events (called by SQLAlchemy, synchronously, inside its greenlet) -------------------------------
+
+    def _on_connect(self, dbapi_conn: Any, record: Any) -> None:
+        record.info[_IDLE_SINCE] = self._monotonic()
+        self._observer.on_connect()
+
+    def _on_checkin(self, dbapi_conn: Any, record: Any) -> None:
+        record.info[_IDLE_SINCE] = self._monotonic()
+
+    def _on_checkout(self, dbapi_conn: Any, record: Any, proxy: Any) -> None:
+        if dbapi_conn.driver_connection.is_closed():
+            raise sa.exc.DisconnectionError("connection was closed while pooled")
+        idle_s = self._monotonic() - record.info.get(_IDLE_SINCE, self._monotonic())
+        if idle_s > self._ping_after_idle_s:
+            try:
+                dbapi_conn.ping()
+            except Exception as e:
+                raise sa.exc.DisconnectionError(f"ping after {idle_s:.0f}s idle failed") from e
+
+    def _on_invalidate(self, dbapi_conn: Any, record: Any, exception: BaseException | None) -> None:
+        reason = errors.describe(exception) if exception is not None else "invalidated"
+        log.info("replacing a database connection: %s", reason)
+        self._observer.on_reconnect(reason)
+
+
+def after_commit(db: AsyncSession, callback: AfterCommit) -> bool:
+    """Run ``callback`` after ``db``'s unit of work commits; False if ``db`` is not a ``Database.session()``
+    (then nobody would run it: the caller skips the side effect rather than run it before a commit)."""
+    if not db.info.get(_UNIT):
+        return False
+    db.info.setdefault(_AFTER_COMMIT, []).append(callback)
+    return True
+
+
+def _translate(e: sa.exc.DBAPIError) -> Exception:
+    if e.connection_invalidated or isinstance(e, sa.exc.OperationalError | sa.exc.InterfaceError):
+        return errors.SourceUnavailable(f"PostgreSQL failed: {errors.describe(e.orig or e)}")
+    return e

@@ -1,0 +1,129 @@
+"""The consumer's settings: the core's (database, Redis, key prefix) plus broker, pool, session and config cache.
+
+Every field reads ``MODCACHE_<FIELD>`` (``MODCACHE_AMQP_URL``, ``MODCACHE_CONSUMER_CONCURRENCY``,
+``MODCACHE_EXECUTION_TIMEOUT_S``, ...). ``ConsumerSettings.from_env()`` turns a bad value into a one-line
+``ConfigError`` naming the variable and never echoing its value (URLs and keys are secrets).
+"""
+
+from __future__ import annotations
+
+import urllib.parse
+from typing import Any
+
+import pydantic
+from cryptography import fernet
+
+from modcache import errors, keys, settings
+
+
+class ConsumerSettings(settings.Settings):
+    amqp_url: pydantic.SecretStr | None = pydantic.Field(None, description="RabbitMQ the executions arrive on.")
+    amqp_reconnect_interval_s: float = pydantic.Field(
+        2.0, gt=0, description="Pause between attempts to reconnect to RabbitMQ after the connection dropped."
+    )
+    queue_name: str = pydantic.Field(
+        keys.EXECUTIONS_QUEUE, min_length=1, max_length=200, description="Durable queue; DLX and poison derive."
+    )
+    consumer_concurrency: int = pydantic.Field(
+        10, gt=0, le=1000, description="Executions in flight at once; also the AMQP prefetch."
+    )
+    pool_min_workers: int = pydantic.Field(1, ge=0, le=1000, description="Worker processes kept warm.")
+    pool_max_workers: int | None = pydantic.Field(None, gt=0, le=1000, description="Worker cap; unset: concurrency.")
+    worker_max_executions: int = pydantic.Field(
+        1000, gt=0, description="A worker is replaced (between executions) after this many runs."
+    )
+    worker_idle_s: float = pydantic.Field(300.0, gt=0, description="Idle workers above the minimum exit after this.")
+    worker_memory_limit_bytes: int | None = pydantic.Field(
+        1024**3, ge=64 * 1024**2, description="Address-space limit of each worker (RLIMIT_AS); unset: none."
+    )
+    worker_start_timeout_s: float = pydantic.Field(30.0, gt=0, description="A worker must say ready within this.")
+    execution_timeout_s: float = pydantic.Field(
+        1800.0, gt=0, description="Upper bound on any execution; a workflow's own timeout_seconds may be lower."
+    )
+    terminate_grace_s: float = pydantic.Field(
+        5.0, ge=0, description="After a timeout: SIGTERM, then SIGKILL if still alive after this."
+    )
+    max_result_bytes: int = pydantic.Field(1024**2, gt=0, description="Larger results fail the execution.")
+    drain_grace_s: float = pydantic.Field(30.0, ge=0, description="On stop, in-flight executions get this long.")
+    transient_retry_delay_s: float = pydantic.Field(
+        2.0, ge=0, description="A message that met a service outage is requeued after this pause."
+    )
+    db_pool_size: int | None = pydantic.Field(
+        None, gt=0, le=1000, description="Pooled PostgreSQL connections; unset: concurrency + 1 (for repairs)."
+    )
+    db_ping_after_idle_s: float = pydantic.Field(
+        30.0, ge=0, description="A pooled connection idle longer than this is pinged on checkout; else no ping."
+    )
+    db_pool_timeout_s: float = pydantic.Field(10.0, gt=0, description="Wait for a pooled connection at most this.")
+    config_cache_ttl_s: int = pydantic.Field(60, gt=0, description="Organization/config entries live this long.")
+    cache_namespace: str = pydantic.Field("", max_length=200, description="Prefix of org/config cache keys.")
+    secrets_key: pydantic.SecretStr | None = pydantic.Field(
+        None, description="Fernet key(s), comma-separated, newest first; encrypts secret configs at rest."
+    )
+    health_host: str = pydantic.Field("0.0.0.0", description="Where /livez (/healthz), /readyz, /metrics listen.")
+    health_port: int | None = pydantic.Field(8080, ge=0, le=65535, description="0: any free port; unset: off.")
+    metrics_port: int | None = pydantic.Field(
+        None, ge=0, le=65535, description="A separate /metrics listener; unset: /metrics on the health port."
+    )
+
+    @pydantic.field_validator("amqp_url")
+    @classmethod
+    def _amqp_scheme(cls, value: pydantic.SecretStr | None) -> pydantic.SecretStr | None:
+        if value is not None:
+            parsed = urllib.parse.urlsplit(value.get_secret_value())
+            if parsed.scheme not in ("amqp", "amqps"):
+                raise ValueError("URL scheme must be one of amqp, amqps")
+        return value
+
+    @pydantic.field_validator("secrets_key")
+    @classmethod
+    def _fernet_keys(cls, value: pydantic.SecretStr | None) -> pydantic.SecretStr | None:
+        if value is not None:
+            for key in value.get_secret_value().split(","):
+                try:
+                    fernet.Fernet(key.strip())
+                except ValueError:
+                    raise ValueError("not a Fernet key (32 url-safe base64-encoded bytes)") from None
+        return value
+
+    @pydantic.field_validator("pool_max_workers")
+    @classmethod
+    def _workers_fit(cls, value: int | None, info: pydantic.ValidationInfo) -> int | None:
+        if value is not None and info.data.get("pool_min_workers", 0) > value:
+            raise ValueError("smaller than MODCACHE_POOL_MIN_WORKERS")
+        return value
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> ConsumerSettings:
+        given = {k: v for k, v in overrides.items() if v is not None}
+        try:
+            return cls(**given)
+        except pydantic.ValidationError as e:
+            raise settings.config_error(e) from None
+
+    # -- derived values --------------------------------------------------------------------------------------
+
+    @property
+    def max_workers(self) -> int:
+        return self.pool_max_workers or self.consumer_concurrency
+
+    @property
+    def min_workers(self) -> int:
+        return min(self.pool_min_workers, self.max_workers)
+
+    @property
+    def pool_size(self) -> int:
+        return self.db_pool_size or self.consumer_concurrency + 1
+
+    def encryption_keys(self) -> list[str]:
+        if self.secrets_key is None:
+            return []
+        return [k.strip() for k in self.secrets_key.get_secret_value().split(",")]
+
+    def required(self, name: str) -> str:
+        """The secret URL ``name`` (``database_url``, ``redis_url``, ``amqp_url``), or a ConfigError naming it."""
+        value = getattr(self, name)
+        if value is None:
+            raise errors.ConfigError(f"{settings.ENV_PREFIX}{name.upper()}", "required by the consumer")
+        secret: str = value.get_secret_value()
+        return secret

@@ -1,0 +1,338 @@
+"""Fixtures for the consumer: a RabbitMQ vhost per session, unique queue names per test, and a harness.
+
+RabbitMQ isolation: the session creates a vhost of its own with ``rabbitmqctl add_vhost`` (about 1.3 s, once)
+and deletes it at the end, so nothing is left on the shared broker; inside it every test uses its own queue
+name (and so its own dead-letter exchange and poison queue), deleted after the test. Without rabbitmqctl
+(a remote broker), the default vhost is used with the same per-test names.
+
+``harness`` bundles what consumer tests do: write workflows and modules, start consumers with small settings,
+publish and await replies, read executions and pg_stat_activity.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import subprocess
+import urllib.parse
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import aio_pika
+import aio_pika.abc
+import asyncpg
+import pytest
+import redis.asyncio as aioredis
+
+from modcache import engine, keys, pgsource
+from modcache_consumer import amqp, consumer, database, messages, pool, protocol, readiness, settings, workflows
+
+
+@pytest.fixture(scope="session")
+def amqp_url(services: dict[str, str]) -> Iterator[str]:
+    base = services["amqp"]
+    vhost = f"modcache-test-{uuid.uuid4().hex[:8]}"
+    if not _rabbitmqctl("add_vhost", vhost):
+        yield base
+        return
+    try:
+        _rabbitmqctl("set_permissions", "-p", vhost, urllib.parse.urlsplit(base).username or "guest", ".*", ".*", ".*")
+        yield _with_vhost(base, vhost)
+    finally:
+        _rabbitmqctl("delete_vhost", vhost)
+
+
+@pytest.fixture
+async def queue_name(amqp_url: str) -> AsyncIterator[str]:
+    name = f"t-{uuid.uuid4().hex[:10]}.workflow-executions"
+    yield name
+    names = amqp.Names.for_queue(name)
+    connection = await aio_pika.connect(amqp_url)
+    try:
+        channel = await connection.channel()
+        for queue in (names.queue, names.poison):
+            await channel.queue_delete(queue)
+        await channel.exchange_delete(names.dead_letter_exchange)
+    finally:
+        await connection.close()
+
+
+@pytest.fixture
+def consumer_settings(
+    database_url: str, redis_url: str, amqp_url: str, queue_name: str, keyspace: keys.KeySpace
+) -> settings.ConsumerSettings:
+    return test_settings(
+        database_url=database_url, redis_url=redis_url, amqp_url=amqp_url, queue_name=queue_name, keyspace=keyspace
+    )
+
+
+def test_settings(
+    *, database_url: str, redis_url: str, amqp_url: str, queue_name: str, keyspace: keys.KeySpace, **overrides: Any
+) -> settings.ConsumerSettings:
+    values: dict[str, Any] = {
+        "database_url": database_url,
+        "redis_url": redis_url,
+        "amqp_url": amqp_url,
+        "queue_name": queue_name,
+        "key_prefix": keyspace.prefix,
+        "cache_namespace": keyspace.prefix.removesuffix(keys.DEFAULT_PREFIX),
+        "consumer_concurrency": 4,
+        "pool_min_workers": 1,
+        "drain_grace_s": 10.0,
+        "terminate_grace_s": 1.0,
+        "transient_retry_delay_s": 0.1,
+        "worker_memory_limit_bytes": 512 * 1024**2,
+        "health_host": "127.0.0.1",
+        "health_port": 0,
+        "secrets_key": "jXf5t0ZAmBKtAMlY0n0C4bqOpTq8bQ2kz9f8sJfQy3A=",
+    }
+    values.update(overrides)
+    return settings.ConsumerSettings(**values)
+
+
+test_settings.__test__ = False  # type: ignore[attr-defined]  # a helper, not a test
+
+
+class Harness:
+    """What a consumer test needs, wired to this test's database, key prefix and queue."""
+
+    def __init__(
+        self,
+        *,
+        settings: settings.ConsumerSettings,
+        database_url: str,
+        source: pgsource.PgSource,
+        sync_engine: engine.Engine,
+        redis_client: aioredis.Redis,
+    ) -> None:
+        self.settings = settings
+        self.database_url = database_url
+        self.source = source
+        self.sync_engine = sync_engine
+        self.redis = redis_client
+        self.keyspace = settings.keyspace()
+        self.database = database.Database(url=database_url, pool_size=2, application_name="modcache-test")
+        self.workflows = workflows.Workflows(database=self.database)
+        self._stack = contextlib.AsyncExitStack()
+        self._caller: amqp.Caller | None = None
+        self._caller_lock = asyncio.Lock()
+
+    async def close(self) -> None:
+        await self._stack.aclose()
+        await self.database.close()
+
+    # -- writing the source of truth ----------------------------------------------------------------------
+
+    async def workflow(self, code: str, *, function: str = "run", name: str | None = None, **options: Any) -> uuid.UUID:
+        return await self.workflows.put(
+            name or f"wf-{uuid.uuid4().hex[:8]}", code, function_name=function, path="workflows/test.py", **options
+        )
+
+    async def module(self, path: str, text: str, *, sync: bool = True) -> None:
+        await self.source.put_module(path, text.encode())
+        if sync:
+            await self.sync_engine.apply_paths([path])
+
+    async def converge(self) -> None:
+        """A full sync with its status marker, as the operator's watcher would leave it."""
+        report = await self.sync_engine.full_resync()
+        await self.sync_engine.cache.write_status({"source_digest": report.digest, "writer": "test"})
+
+    # -- running the consumer -----------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def consumer(self, **overrides: Any) -> AsyncIterator[consumer.WorkflowExecutionConsumer]:
+        values = self.settings.model_dump()
+        values.update(overrides)
+        worker_environment = values.pop("worker_environment", None)
+        the_settings = settings.ConsumerSettings(**values)
+        async with consumer.WorkflowExecutionConsumer(
+            settings=the_settings, worker_environment=worker_environment
+        ) as running:
+            yield running
+
+    async def caller(self) -> amqp.Caller:
+        async with self._caller_lock:
+            if self._caller is None:
+                connection = await aio_pika.connect(self.settings.required("amqp_url"))
+                self._stack.push_async_callback(connection.close)
+                caller = amqp.Caller(channel=await connection.channel(), names=self.names)
+                await caller.start()
+                self._caller = caller
+        return self._caller
+
+    @property
+    def names(self) -> amqp.Names:
+        return amqp.Names.for_queue(self.settings.queue_name)
+
+    async def call(
+        self,
+        workflow_id: uuid.UUID,
+        parameters: dict[str, Any] | None = None,
+        *,
+        organization_id: uuid.UUID | None = None,
+        execution_id: uuid.UUID | None = None,
+        timeout_s: float = 60.0,
+    ) -> messages.RawReply:
+        request = self.request(workflow_id, parameters, organization_id=organization_id, execution_id=execution_id)
+        caller = await self.caller()
+        await caller.publish(request)
+        return await caller.result(request.execution_id, timeout_s=timeout_s)
+
+    def request(
+        self,
+        workflow_id: uuid.UUID,
+        parameters: dict[str, Any] | None = None,
+        *,
+        organization_id: uuid.UUID | None = None,
+        execution_id: uuid.UUID | None = None,
+    ) -> messages.ExecutionRequest:
+        return messages.ExecutionRequest(
+            execution_id=messages.ExecutionId(execution_id or uuid.uuid4()),
+            workflow_id=messages.WorkflowId(workflow_id),
+            organization_id=messages.OrganizationId(organization_id) if organization_id else None,
+            parameters=parameters or {},
+        )
+
+    async def poisoned(self, count: int, *, timeout_s: float = 30.0) -> list[aio_pika.abc.AbstractIncomingMessage]:
+        """The next ``count`` messages of the poison queue (acknowledged), waiting for them."""
+        connection = await aio_pika.connect(self.settings.required("amqp_url"))
+        self._stack.push_async_callback(connection.close)
+        channel = await connection.channel()
+        queue = await channel.get_queue(self.names.poison)
+        found: list[aio_pika.abc.AbstractIncomingMessage] = []
+        async with asyncio.timeout(timeout_s), queue.iterator() as iterator:
+            async for message in iterator:
+                await message.ack()
+                found.append(message)
+                if len(found) == count:
+                    break
+        return found
+
+    # -- reading state ------------------------------------------------------------------------------------
+
+    async def sql(self, query: str, *args: Any) -> list[asyncpg.Record]:
+        conn = await asyncpg.connect(self.database_url)
+        try:
+            rows: list[asyncpg.Record] = await conn.fetch(query, *args)
+            return rows
+        finally:
+            await conn.close()
+
+    async def execution(self, execution_id: uuid.UUID) -> asyncpg.Record | None:
+        rows = await self.sql("SELECT * FROM executions WHERE id = $1", execution_id)
+        return rows[0] if rows else None
+
+    async def wait_for_status(self, execution_id: uuid.UUID, *statuses: str, timeout_s: float = 30.0) -> Any:
+        """Poll the executions row (another process writes it) until it reaches one of ``statuses``."""
+        async with asyncio.timeout(timeout_s):
+            while True:
+                row = await self.execution(execution_id)
+                if row is not None and row["status"] in statuses:
+                    return row
+                await asyncio.sleep(0.02)
+
+    async def backends(self, application_name: str = "modcache-consumer") -> list[asyncpg.Record]:
+        name = self.database_url.rpartition("/")[2]
+        return await self.sql(
+            "SELECT pid, state, backend_start, xact_start FROM pg_stat_activity "
+            "WHERE datname = $1 AND application_name = $2",
+            name,
+            application_name,
+        )
+
+
+@pytest.fixture
+async def harness(
+    consumer_settings: settings.ConsumerSettings,
+    database_url: str,
+    source: pgsource.PgSource,
+    sync_engine: engine.Engine,
+    redis_client: aioredis.Redis,
+) -> AsyncIterator[Harness]:
+    h = Harness(
+        settings=consumer_settings,
+        database_url=database_url,
+        source=source,
+        sync_engine=sync_engine,
+        redis_client=redis_client,
+    )
+    yield h
+    await h.close()
+
+
+class PoolHarness:
+    """A worker pool on this test's key prefix, with repairs and readiness through the real engine."""
+
+    def __init__(
+        self, *, redis_url: str, database_url: str, keyspace: keys.KeySpace, sync_engine: engine.Engine
+    ) -> None:
+        self.redis_url = redis_url
+        self.keyspace = keyspace
+        self.sync_engine = sync_engine
+        self.database = database.Database(url=database_url, pool_size=2, application_name="modcache-test-pool")
+        self.guard = readiness.CacheGuard(engine=sync_engine, cache=sync_engine.cache, database=self.database)
+        self._stack = contextlib.AsyncExitStack()
+
+    async def pool(self, **options: Any) -> pool.WorkerPool:
+        init: protocol.Init = {
+            "op": "init",
+            "redis_url": self.redis_url,
+            "key_prefix": self.keyspace.prefix,
+            "memory_limit_bytes": options.pop("memory_limit_bytes", 512 * 1024**2),
+            "max_result_bytes": options.pop("max_result_bytes", 1024**2),
+            "secret_keys": [],
+        }
+        options = {"min_workers": 1, "max_workers": 2, "terminate_grace_s": 1.0, **options}
+        the_pool = pool.WorkerPool(init=init, **options)
+        self._stack.push_async_callback(the_pool.close)
+        await the_pool.start()
+        return the_pool
+
+    async def run(
+        self,
+        the_pool: pool.WorkerPool,
+        code: str,
+        parameters: dict[str, Any] | None = None,
+        *,
+        timeout_s: float = 30.0,
+        function: str = "run",
+    ) -> pool.WorkerOutcome:
+        job: protocol.Job = {
+            "op": "run",
+            "execution_id": str(uuid.uuid4()),
+            "workflow": {"name": "test", "path": "workflows/test.py", "code": code, "function_name": function},
+            "parameters": parameters or {},
+            "config": {},
+            "organization": None,
+            "generation": await self.guard.check(),
+        }
+        return await the_pool.run(job, timeout_s=timeout_s, repair=self.guard.repair)
+
+    async def close(self) -> None:
+        await self._stack.aclose()
+        await self.guard.close()
+        await self.database.close()
+
+
+@pytest.fixture
+async def pools(
+    redis_url: str, database_url: str, keyspace: keys.KeySpace, sync_engine: engine.Engine
+) -> AsyncIterator[PoolHarness]:
+    h = PoolHarness(redis_url=redis_url, database_url=database_url, keyspace=keyspace, sync_engine=sync_engine)
+    yield h
+    await h.close()
+
+
+def _rabbitmqctl(*args: str) -> bool:
+    if shutil.which("rabbitmqctl") is None:
+        return False
+    done = subprocess.run(["rabbitmqctl", "-q", *args], capture_output=True, timeout=60, check=False)
+    return done.returncode == 0
+
+
+def _with_vhost(url: str, vhost: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    return urllib.parse.urlunsplit(parts._replace(path="/" + urllib.parse.quote(vhost, safe="")))

@@ -1,0 +1,309 @@
+"""The consumer end to end on real PostgreSQL, Redis and RabbitMQ: results, replies, poison, idempotent
+redelivery, the session defects of bifrost-contract.md (5) and cache readiness on the hot path."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.request
+import uuid
+from pathlib import Path
+
+import asyncpg
+import redis.asyncio as aioredis
+
+from modcache import keys
+
+ECHO = "def run(**params):\n    return params\n"
+
+
+async def test_an_execution_is_recorded_and_replied(harness) -> None:
+    workflow_id = await harness.workflow(ECHO, name="echo")
+    async with harness.consumer():
+        reply = await harness.call(workflow_id, {"n": 1, "s": ["x"]})
+    assert reply["status"] == "SUCCESS"
+    assert reply["result"] == {"n": 1, "s": ["x"]}
+    row = await harness.execution(uuid.UUID(reply["execution_id"]))
+    assert row["status"] == "SUCCESS"
+    assert json.loads(row["result"]) == {"n": 1, "s": ["x"]}
+    assert json.loads(row["parameters"]) == {"n": 1, "s": ["x"]}
+    assert (row["workflow_id"], row["workflow_name"], row["error"]) == (workflow_id, "echo", None)
+    assert row["started_at"] <= row["finished_at"]
+    assert row["duration_ms"] == reply["duration_ms"] >= 0
+
+
+async def test_start_opens_the_database_session_and_stop_closes_it(harness) -> None:
+    assert await harness.backends() == []
+    async with harness.consumer():
+        assert [r["state"] for r in await harness.backends()] == ["idle"]
+    assert await harness.backends() == []
+
+
+async def test_a_malformed_message_is_poisoned_with_its_reason_and_the_consumer_carries_on(harness) -> None:
+    workflow_id = await harness.workflow(ECHO)
+    async with harness.consumer() as consumer:
+        caller = await harness.caller()
+        await caller.publish_raw(b"{not json")
+        await caller.publish_raw(json.dumps({"execution_id": "x", "workflow_id": str(workflow_id)}).encode())
+        poisoned = await harness.poisoned(2)
+        reply = await harness.call(workflow_id, {"still": "alive"})
+    assert [m.headers[keys.POISON_REASON_HEADER] for m in poisoned] == [
+        "body is not JSON (Expecting property name enclosed in double quotes at line 1 column 2)",
+        "execution_id: not a UUID",
+    ]
+    assert poisoned[0].body == b"{not json"
+    assert reply["result"] == {"still": "alive"}
+    assert consumer.metrics.poisoned._value.get() == 2
+
+
+async def test_an_unknown_workflow_is_a_failed_execution(harness) -> None:
+    unknown = uuid.uuid4()
+    async with harness.consumer():
+        reply = await harness.call(unknown)
+    assert reply["status"] == "FAILED"
+    assert reply["error"] == f"'{unknown}': no active workflow with this id"
+    row = await harness.execution(uuid.UUID(reply["execution_id"]))
+    assert (row["status"], row["error"], row["workflow_id"]) == ("FAILED", reply["error"], unknown)
+
+
+APPEND = "def run(path):\n    with open(path, 'a') as f:\n        f.write('ran\\n')\n    return 'done'\n"
+
+
+async def test_redelivery_never_runs_a_finished_execution_again(harness, tmp_path: Path) -> None:
+    workflow_id = await harness.workflow(APPEND)
+    ledger = tmp_path / "ledger"
+    execution_id = uuid.uuid4()
+    async with harness.consumer():
+        first = await harness.call(workflow_id, {"path": str(ledger)}, execution_id=execution_id)
+        again = await harness.call(workflow_id, {"path": str(ledger)}, execution_id=execution_id)
+    assert first["status"] == again["status"] == "SUCCESS"
+    assert again["result"] == "done"  # the stored outcome is replied
+    assert ledger.read_text() == "ran\n"  # ...and the workflow ran once
+
+
+async def test_a_running_execution_left_by_a_dead_consumer_is_run_on_redelivery(harness, tmp_path: Path) -> None:
+    workflow_id = await harness.workflow(APPEND)
+    execution_id = uuid.uuid4()
+    await harness.sql(
+        "INSERT INTO executions (id, workflow_id, status, started_at) VALUES ($1, $2, 'RUNNING', now())",
+        execution_id,
+        workflow_id,
+    )
+    async with harness.consumer():
+        reply = await harness.call(workflow_id, {"path": str(tmp_path / "ledger")}, execution_id=execution_id)
+    assert reply["status"] == "SUCCESS"
+    assert (tmp_path / "ledger").read_text() == "ran\n"
+
+
+async def test_twenty_concurrent_messages_are_all_recorded(harness) -> None:
+    workflow_id = await harness.workflow("import time\ndef run(n):\n    time.sleep(0.1)\n    return n\n")
+    async with harness.consumer(consumer_concurrency=5):
+        replies = await asyncio.gather(*(harness.call(workflow_id, {"n": n}) for n in range(20)))
+    assert sorted(r["result"] for r in replies) == list(range(20))
+    assert {r["status"] for r in replies} == {"SUCCESS"}
+    rows = await harness.sql("SELECT status, count(*) FROM executions GROUP BY status")
+    assert [tuple(r) for r in rows] == [("SUCCESS", 20)]
+
+
+async def test_pg_terminate_backend_between_messages_loses_nothing(harness) -> None:
+    workflow_id = await harness.workflow(ECHO)
+    async with harness.consumer() as consumer:
+        first = await harness.call(workflow_id, {"n": 1})
+        name = harness.database_url.rpartition("/")[2]
+        killed = await harness.sql(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND application_name = $2",
+            name,
+            "modcache-consumer",
+        )
+        second = await harness.call(workflow_id, {"n": 2})
+        reconnects = consumer.metrics.db_reconnects._value.get()
+    assert killed
+    assert (first["status"], second["status"], second["result"]) == ("SUCCESS", "SUCCESS", {"n": 2})
+    assert reconnects >= 1
+    rows = await harness.sql("SELECT status FROM executions")
+    assert [r["status"] for r in rows] == ["SUCCESS", "SUCCESS"]
+
+
+async def test_an_idle_consumer_holds_no_transaction_and_never_blocks_a_migration(harness) -> None:
+    workflow_id = await harness.workflow(ECHO)
+    async with harness.consumer():
+        await asyncio.gather(*(harness.call(workflow_id, {"n": n}) for n in range(8)))
+        states = [(r["state"], r["xact_start"]) for r in await harness.backends()]
+        conn = await asyncpg.connect(harness.database_url)
+        try:
+            await conn.execute("SET lock_timeout = '2s'")
+            await conn.execute("ALTER TABLE workflows ADD COLUMN migrated_at timestamptz")  # needs an exclusive lock
+        finally:
+            await conn.close()
+        after = await harness.call(workflow_id, {"n": "after the migration"})
+    assert states
+    assert set(states) == {("idle", None)}
+    assert after["status"] == "SUCCESS"
+
+
+async def test_backend_count_stays_flat_over_500_messages(harness) -> None:
+    workflow_id = await harness.workflow("def run(n):\n    return n\n")
+    async with harness.consumer(consumer_concurrency=4) as consumer:
+        await asyncio.gather(*(harness.call(workflow_id, {"n": n}) for n in range(50)))  # warm-up
+        warm = {(r["pid"], r["backend_start"]) for r in await harness.backends()}
+        opened = consumer.metrics.db_connections._value.get()
+        for start in range(0, 500, 100):
+            replies = await asyncio.gather(*(harness.call(workflow_id, {"n": n}) for n in range(start, start + 100)))
+            assert {r["status"] for r in replies} == {"SUCCESS"}
+        after = {(r["pid"], r["backend_start"]) for r in await harness.backends()}
+        assert consumer.metrics.db_connections._value.get() == opened  # no new connection in 500 messages
+    assert after == warm
+    assert len(after) <= 5  # pool_size = concurrency + 1
+
+
+async def test_partial_expiry_with_no_operator_running_still_imports(harness, redis_client: aioredis.Redis) -> None:
+    await harness.module("modules/billing.py", "RATE = 3\n")
+    await harness.converge()
+    workflow_id = await harness.workflow("from modules.billing import RATE\ndef run(x):\n    return x * RATE\n")
+    await redis_client.delete(harness.keyspace.content("modules/billing.py"))  # expired; the index survives
+    async with harness.consumer() as consumer:
+        reply = await harness.call(workflow_id, {"x": 2})
+        repairs = consumer.metrics.cache_repairs.labels(kind="path")._value.get()
+    assert (reply["status"], reply["result"]) == ("SUCCESS", 6), reply["error"]
+    assert repairs == 1
+    assert await redis_client.exists(harness.keyspace.content("modules/billing.py"))
+
+
+async def test_a_lost_cache_is_converged_once_before_running(harness, redis_client: aioredis.Redis) -> None:
+    await harness.module("modules/billing.py", "RATE = 3\n", sync=False)
+    workflow_id = await harness.workflow("from modules.billing import RATE\ndef run():\n    return RATE\n")
+    async with harness.consumer() as consumer:  # the cache was empty: start converged it
+        assert consumer.metrics.cache_repairs.labels(kind="full")._value.get() == 1
+        doomed = [k async for k in redis_client.scan_iter(match=f"{harness.keyspace.prefix}*")]
+        await redis_client.delete(*doomed)  # FLUSH-like loss while running
+        replies = await asyncio.gather(*(harness.call(workflow_id) for _ in range(5)))
+        full = consumer.metrics.cache_repairs.labels(kind="full")._value.get()
+    assert [r["result"] for r in replies] == [3] * 5
+    assert full == 2  # five messages, one shared full resync
+
+
+async def test_a_module_changed_between_two_executions_is_seen_by_the_second(harness) -> None:
+    await harness.module("modules/billing.py", "RATE = 1\n")
+    await harness.converge()
+    workflow_id = await harness.workflow(
+        "import os, modules.billing\ndef run():\n    return [modules.billing.RATE, os.getpid()]\n"
+    )
+    async with harness.consumer(pool_min_workers=1, pool_max_workers=1):
+        first = await harness.call(workflow_id)
+        await harness.module("modules/billing.py", "RATE = 2\n")  # what the operator's watcher would write
+        second = await harness.call(workflow_id)
+    assert first["result"][0] == 1
+    assert second["result"] == [2, first["result"][1]]  # same worker, new code
+
+
+async def test_timeout_is_recorded(harness) -> None:
+    workflow_id = await harness.workflow("import time\ndef run():\n    time.sleep(30)\n", timeout_seconds=1)
+    async with harness.consumer():
+        reply = await harness.call(workflow_id)
+    assert reply["status"] == "TIMEOUT"
+    assert reply["error"].startswith("the execution exceeded its 1 s timeout")
+    assert (await harness.execution(uuid.UUID(reply["execution_id"])))["status"] == "TIMEOUT"
+
+
+async def test_a_worker_crash_is_a_failed_execution_and_the_next_one_runs(harness) -> None:
+    crash = await harness.workflow("import os\ndef run():\n    os._exit(7)\n")
+    fine = await harness.workflow(ECHO)
+    async with harness.consumer():
+        crashed = await harness.call(crash)
+        after = await harness.call(fine, {"ok": True})
+    assert crashed["status"] == "FAILED"
+    assert "exited with code 7 during the execution" in crashed["error"]
+    assert after["result"] == {"ok": True}
+
+
+async def test_a_syntax_error_in_a_module_fails_naming_the_module_path(harness) -> None:
+    await harness.module("modules/broken.py", "def oops(:\n")
+    await harness.converge()
+    workflow_id = await harness.workflow("import modules.broken\ndef run():\n    return 1\n")
+    async with harness.consumer():
+        reply = await harness.call(workflow_id)
+    assert reply["status"] == "FAILED"
+    assert reply["error"].splitlines()[0] == "SyntaxError: invalid syntax (modules/broken.py, line 1)"
+    row = await harness.execution(uuid.UUID(reply["execution_id"]))
+    assert "modules/broken.py" in row["error"]
+
+
+async def test_org_configs_and_secrets_reach_the_workflow(harness) -> None:
+    code = (
+        "def run(context):\n"
+        "    return [context.organization['name'], context.get_config('region'), context.get_config('api_key')]\n"
+    )
+    workflow_id = await harness.workflow(code)
+    async with harness.consumer() as consumer:
+        org = await consumer.configs.put_organization("Acme")
+        await consumer.configs.set_config("region", "eu")
+        await consumer.configs.set_config("region", "us", organization_id=org)
+        await consumer.configs.set_config("api_key", "hunter2", config_type="secret", organization_id=org)
+        reply = await harness.call(workflow_id, organization_id=org)
+        inactive = await consumer.configs.put_organization("Gone", is_active=False)
+        refused = await harness.call(workflow_id, organization_id=inactive)
+    assert reply["result"] == ["Acme", "us", "hunter2"]
+    assert refused["status"] == "FAILED"
+    assert refused["error"] == f"'{inactive}': the organization is inactive"
+
+
+async def test_health_endpoints_and_metrics(harness) -> None:
+    workflow_id = await harness.workflow(ECHO)
+    async with harness.consumer(metrics_port=0) as consumer:
+        await harness.call(workflow_id)
+        health = f"http://127.0.0.1:{consumer.health_port}"
+        paths = [
+            f"{health}/livez",
+            f"{health}/healthz",
+            f"{health}/readyz",
+            f"http://127.0.0.1:{consumer.metrics_port}/metrics",
+        ]
+        live, healthz, ready, metrics = await asyncio.gather(*(asyncio.to_thread(_get, url) for url in paths))
+    assert live == healthz == ready == (200, "ok\n")
+    assert metrics[0] == 200
+    assert 'modcache_executions_total{status="SUCCESS"} 1.0' in metrics[1]
+    assert "modcache_execution_duration_seconds_count 1.0" in metrics[1]
+    assert "modcache_executions_in_flight 0.0" in metrics[1]
+    assert consumer.readiness() == ["not consuming", "RabbitMQ connection down"]
+
+
+async def test_stop_drains_in_flight_executions(harness) -> None:
+    workflow_id = await harness.workflow("import time\ndef run():\n    time.sleep(0.5)\n    return 'finished'\n")
+    async with harness.consumer():
+        caller = await harness.caller()
+        request = harness.request(workflow_id)
+        await caller.publish(request)
+        await harness.wait_for_status(request.execution_id, "RUNNING")
+    row = await harness.execution(request.execution_id)  # stop() returned only after it finished
+    assert (row["status"], json.loads(row["result"])) == ("SUCCESS", "finished")
+    assert (await caller.result(request.execution_id, timeout_s=5))["status"] == "SUCCESS"
+
+
+async def test_an_execution_cut_off_by_the_grace_period_is_redelivered(harness, tmp_path: Path) -> None:
+    code = (
+        "import time\n"
+        "def run(path, wait):\n"
+        "    open(path, 'a').write('start\\n')\n"
+        "    time.sleep(wait)\n"
+        "    return 'ok'\n"
+    )
+    workflow_id = await harness.workflow(code)
+    ledger = tmp_path / "ledger"
+    caller = await harness.caller()
+    request = harness.request(workflow_id, {"path": str(ledger), "wait": 1.5})
+    async with harness.consumer(drain_grace_s=0.2):
+        await caller.publish(request)
+        await harness.wait_for_status(request.execution_id, "RUNNING")
+    assert (await harness.execution(request.execution_id))["status"] == "RUNNING"  # not finished, not lost
+    async with harness.consumer():
+        reply = await caller.result(request.execution_id, timeout_s=30)
+    assert reply["status"] == "SUCCESS"
+    assert ledger.read_text() == "start\nstart\n"
+
+
+def _get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
