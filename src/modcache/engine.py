@@ -140,9 +140,9 @@ class Engine:
         observed = await self._observe(deep=deep)
         return observed.fence, observed.source, observed.view
 
-    async def _observe(self, *, deep: bool) -> _Observation:
+    async def _observe(self, *, deep: bool, dry_run: bool = False) -> _Observation:
         """``observe``, plus what the full resync needs to plan quickly (see ``_Observation``)."""
-        fence = await self.cache.generation()
+        fence = await self.cache.generation(create=not dry_run)
         listing = asyncio.create_task(self._list_source())
         indexing = asyncio.create_task(self.cache.read_index())
         settling = _Settling(listing, indexing)
@@ -174,7 +174,7 @@ class Engine:
         self, *, dry_run: bool = False, deep: bool = False, progress: Progress | None = None
     ) -> plan.Report:
         started = self._monotonic()
-        observed = await self._observe(deep=deep)
+        observed = await self._observe(deep=deep, dry_run=dry_run)
         fence, source, cache_view, digest = observed.fence, observed.source, observed.view, observed.digest
         the_plan = self._compute(*observed.narrowed())
         outcome = _Outcome()
@@ -214,7 +214,7 @@ class Engine:
     async def _converge_paths(
         self, paths: Sequence[str], *, dry_run: bool
     ) -> tuple[plan.Plan, _Outcome, plan.SourceView, plan.CacheView]:
-        fence = await self.cache.generation()
+        fence = await self.cache.generation(create=not dry_run)
         found, rejected = await self.source.fetch(paths)
         source = plan.SourceView(live={p: m.hash for p, m in found.items()}, rejected=tuple(rejected))
         manifest = await self.cache.read_manifest(paths)
