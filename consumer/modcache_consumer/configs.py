@@ -81,9 +81,9 @@ class ConfigResolver:
         if key is None:
             log.warning("invalid organization id format")
             return None
-        cached = await self._get(keys.org_cache_key(str(key), self._namespace))
+        cached = _organization(await self._get(keys.org_cache_key(str(key), self._namespace)))
         if cached is not None:
-            return _organization(cached)
+            return cached
         if db is None:
             return await self._database.run(lambda own: self.get_organization(key, db=own))
         row = await db.get(schema.Organization, key, populate_existing=True)
@@ -215,10 +215,21 @@ def _org_uuid(org_id: str | uuid.UUID) -> uuid.UUID | None:
         return None
 
 
-def _organization(raw: Mapping[str, Any]) -> Organization:
-    return Organization(
-        id=uuid.UUID(raw["id"]), name=raw["name"], domain=raw.get("domain"), is_active=bool(raw["is_active"])
-    )
+def _organization(raw: Mapping[str, Any] | None) -> Organization | None:
+    """The cached organization, or None (a miss) for an absent or unreadable entry."""
+    try:
+        return (
+            None
+            if raw is None
+            else Organization(
+                id=uuid.UUID(raw["id"]),
+                name=str(raw["name"]),
+                domain=raw.get("domain"),
+                is_active=bool(raw["is_active"]),
+            )
+        )
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def _loads(value: str | bytes | None) -> dict[str, Any] | None:

@@ -8,14 +8,15 @@ redelivered), close the broker, the pool, Redis and finally the database.
 Per message (``process_message``):
 
 1. parse; a malformed message goes to the poison queue with the reason, and the consumer carries on;
-2. one unit of work (``_get_db_session``: its own session, one transaction): the workflow, the organization and
-   its configs (Redis first), and the claim of the execution (``executions.claim``; a finished execution is
-   not run again, its stored outcome is replied);
+2. one unit of work (``_get_db_session``: a session of its own, here in autocommit since its statements are
+   independent and idempotent): the workflow, the organization and its configs (Redis first), and the claim of
+   the execution (``executions.claim``; a finished execution is not run again, its stored outcome is replied);
 3. ``_sync_module_cache``: the O(1) readiness check, which returns the generation the worker pins;
 4. the worker runs it (missing modules repaired on request, single-flight);
 5. a second unit of work records the outcome; then the reply (if ``reply_to``) and the ack.
 
-A service outage (TransientError) requeues the message after a pause; any other surprise dead-letters it.
+A service outage (TransientError) requeues the message after a pause; any other surprise dead-letters it and
+records the execution as FAILED (best effort), so nothing stays RUNNING forever.
 """
 
 from __future__ import annotations
@@ -306,8 +307,9 @@ class WorkflowExecutionConsumer:
             self.metrics.requeued.inc()
             await _settle(message.nack(requeue=True))
             return
-        except Exception:
+        except Exception as e:
             log.exception("execution %s: unexpected failure; dead-lettering its message", request.execution_id)
+            await self._record_internal_error(request, e)
             await _settle(message.reject(requeue=False))
             return
         if request.reply_to:
@@ -315,6 +317,13 @@ class WorkflowExecutionConsumer:
             body = json.dumps(outcome.reply(request.execution_id)).encode()
             await amqp.reply(self._replies, request.reply_to, request.correlation_id, body)
         await _settle(message.ack())
+
+    async def _record_internal_error(self, request: messages.ExecutionRequest, error: Exception) -> None:
+        outcome = messages.Outcome(messages.Status.FAILED, error=f"internal error: {errors.describe(error)}")
+        try:
+            await self.record(request, outcome)
+        except Exception as e:  # the database may be the problem: the dead-lettered message still tells
+            log.warning("execution %s: could not record the failure: %s", request.execution_id, errors.describe(e))
 
     async def _poison(self, message: aio_pika.abc.AbstractIncomingMessage, reason: str) -> None:
         log.warning("malformed message %s moved to %s: %s", message.message_id or "-", self._names.poison, reason)

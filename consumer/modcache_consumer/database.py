@@ -74,6 +74,7 @@ class Database:
             max_overflow=0,  # no overflow: no connection churn under load
             pool_timeout=pool_timeout_s,
             pool_pre_ping=False,  # see the module docstring: our checkout check is cheaper
+            hide_parameters=True,  # errors reach logs; workflow parameters and config values must not
             connect_args={"server_settings": {"application_name": application_name}},
         )
         self._sessions = async_sessionmaker(self.engine, expire_on_commit=False)

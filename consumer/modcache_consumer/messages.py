@@ -119,6 +119,8 @@ def parse(
         parameters = {}
     if not isinstance(parameters, dict):
         raise Malformed("parameters: must be an object")
+    if has_nul(parameters):
+        raise Malformed("parameters: a string holds a NUL character (\\u0000), which PostgreSQL cannot store")
     org = data.get("organization_id")
     return ExecutionRequest(
         execution_id=ExecutionId(_uuid(data, "execution_id")),
@@ -141,6 +143,17 @@ def decode_reply(body: bytes) -> RawReply:
         error=data.get("error"),
         duration_ms=data.get("duration_ms"),
     )
+
+
+def has_nul(value: Any) -> bool:
+    """Whether a JSON value holds U+0000 anywhere (PostgreSQL's jsonb and text reject it)."""
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(has_nul(k) or has_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(has_nul(v) for v in value)
+    return False
 
 
 def _uuid(data: dict[str, Any], field: str) -> uuid.UUID:

@@ -29,7 +29,7 @@ from typing import IO, Any
 import redis
 
 from modcache import errors, keys
-from modcache_consumer import importer, protocol
+from modcache_consumer import importer, messages, protocol
 
 MAX_TRACEBACK_LINES = 30
 MAX_ERROR_CHARS = 4000
@@ -123,6 +123,8 @@ class Runner:
             encoded = json.dumps(value, allow_nan=False)
         except (TypeError, ValueError) as e:
             return _failed(f"the result is not JSON-serializable: {e}", timings)
+        if "\\u0000" in encoded and messages.has_nul(value):
+            return _failed("the result holds a NUL character (\\u0000), which PostgreSQL cannot store", timings)
         if len(encoded) > self._max_result_bytes:
             return _failed(f"the result is {len(encoded)} bytes, over the {self._max_result_bytes}-byte limit", timings)
         return {"op": "result", "status": "SUCCESS", "result": value, "error": None, "timings_ms": timings}
@@ -149,7 +151,8 @@ def describe_failure(exc: BaseException) -> str:
     summary.stack = traceback.StackSummary.from_list([f for f in summary.stack if not f.filename.startswith(_INTERNAL)])
     lines = "".join(summary.format()).splitlines()
     head = _headline(exc)
-    return errors.truncate("\n".join([head, *lines[-MAX_TRACEBACK_LINES:]]), MAX_ERROR_CHARS)
+    text = "\n".join([head, *lines[-MAX_TRACEBACK_LINES:]]).replace("\x00", "\\x00")  # PostgreSQL text
+    return errors.truncate(text, MAX_ERROR_CHARS)
 
 
 def _headline(exc: BaseException) -> str:

@@ -8,11 +8,13 @@ import json
 import urllib.request
 import uuid
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import redis.asyncio as aioredis
 
 from modcache import keys
+from modcache_consumer import consumer as consumer_module
 
 ECHO = "def run(**params):\n    return params\n"
 
@@ -64,6 +66,21 @@ async def test_an_unknown_workflow_is_a_failed_execution(harness) -> None:
     assert reply["error"] == f"'{unknown}': no active workflow with this id"
     row = await harness.execution(uuid.UUID(reply["execution_id"]))
     assert (row["status"], row["error"], row["workflow_id"]) == ("FAILED", reply["error"], unknown)
+
+
+async def test_an_internal_error_fails_the_execution_and_dead_letters_the_message(harness) -> None:
+    class Broken(consumer_module.WorkflowExecutionConsumer):  # a bug injected at our own seam
+        async def prepare(self, request: Any) -> Any:
+            raise LookupError("a bug")
+
+    workflow_id = await harness.workflow(ECHO)
+    request = harness.request(workflow_id)
+    async with Broken(settings=harness.settings):
+        await (await harness.caller()).publish(request, wait=False)
+        (dead,) = await harness.poisoned(1)
+    assert dead.headers["x-death"][0]["reason"] == "rejected"
+    row = await harness.wait_for_status(request.execution_id, "FAILED")
+    assert row["error"] == "internal error: LookupError: a bug"
 
 
 APPEND = "def run(path):\n    with open(path, 'a') as f:\n        f.write('ran\\n')\n    return 'done'\n"

@@ -101,6 +101,8 @@ async def test_organization_lookup_with_and_without_a_session_then_from_the_cach
     await redis_client.set(cache_key, json.dumps({"id": str(org_id), "name": "Cached", "is_active": True}))
     assert (await resolver.get_organization(str(org_id))).name == "Cached"  # a hit never asks PostgreSQL
     assert await resolver.get_organization("ORG:not-a-uuid") is None
+    await redis_client.set(cache_key, '{"id": "not a uuid"}')  # unreadable entry: a miss, never an error
+    assert (await resolver.get_organization(str(org_id))).name == "Acme"
 
 
 # -- load_config_for_scope --------------------------------------------------------------------------------

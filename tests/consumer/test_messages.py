@@ -31,6 +31,10 @@ def body(**fields: object) -> bytes:
         (body(execution_id=EXECUTION, workflow_id=WORKFLOW, organization_id="x"), "organization_id: not a UUID"),
         (body(execution_id=EXECUTION, workflow_id=WORKFLOW, parameters=[1]), "parameters: must be an object"),
         (b" " * (messages.MAX_BODY_BYTES + 1), f"body is larger than {messages.MAX_BODY_BYTES} bytes"),
+        (
+            body(execution_id=EXECUTION, workflow_id=WORKFLOW, parameters={"a": ["ok", {"b": "x\x00y"}]}),
+            "parameters: a string holds a NUL character (\\u0000), which PostgreSQL cannot store",
+        ),
     ],
 )
 def test_malformed_messages_say_why(raw: bytes, reason: str) -> None:
