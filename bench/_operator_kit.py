@@ -19,7 +19,8 @@ import asyncpg
 import psutil
 import redis.asyncio as aioredis
 
-from modcache import db, embedded
+from bench import _support
+from modcache import embedded
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the emulator lives with the tests
@@ -52,26 +53,9 @@ async def machine_info() -> str:
     )
 
 
-@contextlib.asynccontextmanager
-async def scratch_database() -> AsyncIterator[str]:
+def scratch_database() -> contextlib.AbstractAsyncContextManager[str]:
     """A migrated database of the benchmark's own, dropped afterwards."""
-    admin = service_url("postgres")
-    name = f"modcache_bench_{uuid.uuid4().hex[:8]}"
-    conn = await asyncpg.connect(admin)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    url = f"{admin.rpartition('/')[0]}/{name}"
-    try:
-        await db.upgrade(url)
-        yield url
-    finally:
-        conn = await asyncpg.connect(admin)
-        try:
-            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await conn.close()
+    return _support.bench_database()
 
 
 async def load_modules(url: str, count: int, size_bytes: int) -> None:

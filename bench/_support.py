@@ -138,7 +138,9 @@ def private_redis(*extra_args: str) -> Iterator[str]:
 
 
 def admin_url() -> str:
-    return os.environ.get(ADMIN_URL_ENV, embedded.DEFAULTS["postgres"])
+    """The PostgreSQL admin URL: MODCACHE_BENCH_POSTGRES_URL, else the tests' MODCACHE_TEST_POSTGRES_URL, else local."""
+    default = os.environ.get("MODCACHE_TEST_POSTGRES_URL", embedded.DEFAULTS["postgres"])
+    return os.environ.get(ADMIN_URL_ENV, default)
 
 
 @contextlib.asynccontextmanager

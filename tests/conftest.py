@@ -15,11 +15,11 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping
 
-import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
 from modcache import db, embedded, engine, keys, pgsource, rediscache
+from testkit import databases
 
 
 @pytest.fixture(scope="session")
@@ -36,30 +36,19 @@ def pg_template(services: Mapping[str, str]) -> Iterator[str]:
     admin = services["postgres"]
 
     async def create() -> None:
-        conn = await asyncpg.connect(admin)
-        try:
-            await conn.execute(f'CREATE DATABASE "{name}"')
-        finally:
-            await conn.close()
-        await db.upgrade(_with_db(admin, name))
+        await databases.execute(admin, f'CREATE DATABASE "{name}"')
+        await db.upgrade(databases.with_db(admin, name))
 
     asyncio.run(create())
     yield name
-    asyncio.run(_drop(admin, name))
+    asyncio.run(databases.drop(admin, name))
 
 
 @pytest.fixture
 async def database_url(services: Mapping[str, str], pg_template: str) -> AsyncIterator[str]:
     """A fresh, migrated database of this test's own (URL without driver suffix)."""
-    admin = services["postgres"]
-    name = f"modcache_t_{uuid.uuid4().hex[:12]}"
-    conn = await asyncpg.connect(admin)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{pg_template}" STRATEGY FILE_COPY')
-    finally:
-        await conn.close()
-    yield _with_db(admin, name)
-    await _drop(admin, name)
+    async with databases.copy_of(services["postgres"], pg_template) as url:
+        yield url
 
 
 @pytest.fixture
@@ -119,16 +108,3 @@ async def _no_leaked_tasks() -> AsyncIterator[None]:
         await asyncio.sleep(0)
         leaked = [t for t in leaked if not t.done()]
     assert not leaked, f"tasks left running: {leaked}"
-
-
-def _with_db(url: str, name: str) -> str:
-    base, _, _ = url.rpartition("/")
-    return f"{base}/{name}"
-
-
-async def _drop(admin: str, name: str) -> None:
-    conn = await asyncpg.connect(admin)
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await conn.close()

@@ -74,7 +74,8 @@ class _Observation:
 
 class _Settling:
     """Finds, page by page while Redis is still verifying the rest, the manifest paths that are not settled
-    (their verified content hash is not the live source hash, or the index lacks them)."""
+    (their verified content hash is not the live source hash, or the index lacks them), and counts how many
+    manifest entries are live and indexed, so that in the common case no 100,000-path set operation is needed."""
 
     def __init__(
         self,
@@ -86,6 +87,9 @@ class _Settling:
         self._backlog: list[Mapping[str, str | None]] = []
         self.unsettled: set[str] = set()
         self.unverified: set[str] = set()  # present, but not with the manifest's hash
+        self.entries = 0  # manifest entries seen (HSCAN may repeat one: then the counts below are not exact)
+        self.live = 0  # ... of which are live modules
+        self.indexed = 0  # ... of which are in the index
 
     def page(self, verified: Mapping[str, str | None]) -> None:
         self.unverified.update(p for p, h in verified.items() if h == plan.UNVERIFIED)
@@ -95,9 +99,16 @@ class _Settling:
 
     def drain(self) -> None:
         (source, _), index = self._listing.result(), self._indexing.result()
-        live = source.live.get
+        live = source.live
         for verified in self._backlog:
-            self.unsettled.update(p for p, h in verified.items() if not h or live(p) != h or p not in index)
+            self.entries += len(verified)
+            if verified.items() <= live.items() and verified.keys() <= index:  # all settled: C-level checks
+                self.live += len(verified)
+                self.indexed += len(verified)
+                continue
+            self.unsettled.update(p for p, h in verified.items() if not h or live.get(p) != h or p not in index)
+            self.live += len(verified.keys() & live.keys())
+            self.indexed += len(verified.keys() & index)
         self._backlog.clear()
 
 
@@ -129,28 +140,29 @@ class Engine:
         observed = await self._observe(deep=deep)
         return observed.fence, observed.source, observed.view
 
-    async def _observe(self, *, deep: bool) -> _Observation:
+    async def _observe(self, *, deep: bool, dry_run: bool = False) -> _Observation:
         """``observe``, plus what the full resync needs to plan quickly (see ``_Observation``)."""
-        fence = await self.cache.generation()
+        fence = await self.cache.generation(create=not dry_run)
         listing = asyncio.create_task(self._list_source())
         indexing = asyncio.create_task(self.cache.read_index())
         settling = _Settling(listing, indexing)
         try:
             manifest, content = await self.cache.verify_manifest(on_page=settling.page)  # Redis works, we list
-            index = await indexing
-            unknown = index - manifest.keys()
-            if deep:
-                unknown |= await self.cache.scan_paths() - manifest.keys()
-            content.update(await self.cache.check(dict.fromkeys(unknown, "")))
             source, digest = await listing
+            index = await indexing
         finally:
             listing.cancel()
             indexing.cancel()
-        doubtful = settling.unverified | {p for p in unknown if content[p] == plan.UNVERIFIED}
-        unconfirmed = (source.live.keys() - content.keys()) | doubtful
-        content.update(await self.cache.check({p: source.live[p] for p in unconfirmed if p in source.live}))
         settling.drain()
-        unsettled = settling.unsettled | (source.live.keys() - manifest.keys()) | (content.keys() - manifest.keys())
+        exact = settling.entries == len(manifest)
+        unknown = set() if exact and settling.indexed == len(index) else set(index - manifest.keys())
+        if deep:
+            unknown |= await self.cache.scan_paths() - manifest.keys()
+        content.update(await self.cache.check(dict.fromkeys(unknown, "")))
+        unlisted = set() if exact and settling.live == len(source.live) else source.live.keys() - manifest.keys()
+        doubtful = settling.unverified | {p for p in unknown if content[p] == plan.UNVERIFIED}
+        content.update(await self.cache.check({p: source.live[p] for p in unlisted | doubtful if p in source.live}))
+        unsettled = settling.unsettled | unlisted | unknown
         view = plan.CacheView(index=index, manifest=manifest, content=content)
         return _Observation(fence, source, view, digest, unsettled)
 
@@ -162,7 +174,7 @@ class Engine:
         self, *, dry_run: bool = False, deep: bool = False, progress: Progress | None = None
     ) -> plan.Report:
         started = self._monotonic()
-        observed = await self._observe(deep=deep)
+        observed = await self._observe(deep=deep, dry_run=dry_run)
         fence, source, cache_view, digest = observed.fence, observed.source, observed.view, observed.digest
         the_plan = self._compute(*observed.narrowed())
         outcome = _Outcome()
@@ -202,7 +214,7 @@ class Engine:
     async def _converge_paths(
         self, paths: Sequence[str], *, dry_run: bool
     ) -> tuple[plan.Plan, _Outcome, plan.SourceView, plan.CacheView]:
-        fence = await self.cache.generation()
+        fence = await self.cache.generation(create=not dry_run)
         found, rejected = await self.source.fetch(paths)
         source = plan.SourceView(live={p: m.hash for p, m in found.items()}, rejected=tuple(rejected))
         manifest = await self.cache.read_manifest(paths)

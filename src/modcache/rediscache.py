@@ -191,8 +191,14 @@ class RedisCache:
     async def ping(self) -> None:
         await _call(self.client.ping())
 
-    async def generation(self) -> int:
-        """The current generation; read it *before* reading the source and pass it to ``apply``."""
+    async def generation(self, *, create: bool = True) -> int:
+        """The current generation; read it *before* reading the source and pass it to ``apply``.
+
+        A missing counter is created from the server clock, unless ``create`` is false (dry runs write
+        nothing): then it reads as 0.
+        """
+        if not create:
+            return int(await _call(self.client.get(self.keyspace.generation)) or 0)
         return int(await _call(self._generation(keys=[self.keyspace.generation])))
 
     async def read_bookkeeping(self) -> tuple[frozenset[str], dict[str, str]]:

@@ -108,10 +108,6 @@ async def test_dry_run_plans_every_kind_of_drift_and_writes_nothing(
     assert await snapshot(redis_client, keyspace) == before
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Engine.observe() reads the fence with cache.generation(), which creates the key on a cold cache",
-)
 async def test_dry_run_on_a_cold_cache_writes_nothing(
     env: Env, source: pgsource.PgSource, redis_client: aioredis.Redis, keyspace: keys.KeySpace
 ) -> None:

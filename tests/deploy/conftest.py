@@ -28,6 +28,8 @@ import jsonschema
 import pytest
 import yaml
 
+from testkit import crdkit
+
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "deploy" / "helm" / "modcache"
 CRD_FILE = REPO / "crds" / "modulecache.yaml"
@@ -319,31 +321,6 @@ def crd_schema(crd: Manifest) -> dict[str, Any]:
     return schema
 
 
-def _apply_defaults(schema: dict[str, Any], value: Any) -> None:
-    if isinstance(value, dict):
-        for key, sub in schema.get("properties", {}).items():
-            if key not in value and "default" in sub:
-                value[key] = copy.deepcopy(sub["default"])
-            if key in value:
-                _apply_defaults(sub, value[key])
-    elif isinstance(value, list) and "items" in schema:
-        for item in value:
-            _apply_defaults(schema["items"], item)
-
-
-def _cel_problems(cel: celpy.Environment, schema: dict[str, Any], value: Any, path: str) -> list[str]:
-    problems = []
-    for rule in schema.get("x-kubernetes-validations", []):
-        program = cel.program(cel.compile(rule["rule"]))
-        if not bool(program.evaluate({"self": celpy.json_to_cel(value)})):
-            problems.append(f"{path or '<root>'}: {rule.get('message', rule['rule'])}")
-    if isinstance(value, dict):
-        for key, sub in schema.get("properties", {}).items():
-            if key in value:
-                problems += _cel_problems(cel, sub, value[key], f"{path}.{key}")
-    return problems
-
-
 @pytest.fixture(scope="session")
 def crd_problems(crd: Manifest, crd_schema: dict[str, Any]) -> Callable[[Manifest], list[str]]:
     """What the API server would reject in a ModuleCache, strict field validation included: defaults applied,
@@ -355,9 +332,9 @@ def crd_problems(crd: Manifest, crd_schema: dict[str, Any]) -> Callable[[Manifes
 
     def problems(document: Manifest) -> list[str]:
         document = copy.deepcopy(document)
-        _apply_defaults(raw_schema, document)
+        crdkit.apply_defaults(raw_schema, document)
         errors = validator.iter_errors(document)
         found = [f"{'.'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}" for e in errors]
-        return found or _cel_problems(cel, raw_schema, document, "")
+        return found or crdkit.cel_problems(cel, raw_schema, document, "")
 
     return problems

@@ -8,18 +8,17 @@
 from __future__ import annotations
 
 import copy
-import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import celpy
 import jsonschema
 import pytest
 import yaml
 
 from operatorkit.cluster import Cluster, emulated_api, running_operator
+from testkit import crdkit, databases
 
 CRD_PATH = Path(__file__).resolve().parents[2] / "crds" / "modulecache.yaml"
 
@@ -41,7 +40,7 @@ def crd_defaults(crd_schema: dict[str, Any]) -> Callable[[dict[str, Any]], dict[
     """Fill in schema defaults, as the API server does before validating."""
 
     def apply(document: dict[str, Any]) -> dict[str, Any]:
-        _apply_defaults(crd_schema, document)
+        crdkit.apply_defaults(crd_schema, document)
         return document
 
     return apply
@@ -55,39 +54,11 @@ def crd_validator(crd_schema: dict[str, Any]) -> Callable[[dict[str, Any]], list
 
     def validate(document: dict[str, Any]) -> list[str]:
         document = copy.deepcopy(document)
-        _apply_defaults(crd_schema, document)
+        crdkit.apply_defaults(crd_schema, document)
         problems = [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(document)]
-        return problems or _cel_problems(cel, crd_schema, document, "")
+        return problems or crdkit.cel_problems(cel, crd_schema, document, "")
 
     return validate
-
-
-def _apply_defaults(schema: dict[str, Any], value: Any) -> None:
-    if isinstance(value, dict):
-        for key, sub in schema.get("properties", {}).items():
-            if key not in value and "default" in sub:
-                value[key] = copy.deepcopy(sub["default"])
-            if key in value:
-                _apply_defaults(sub, value[key])
-    elif isinstance(value, list) and "items" in schema:
-        for item in value:
-            _apply_defaults(schema["items"], item)
-
-
-def _cel_problems(cel: celpy.Environment, schema: dict[str, Any], value: Any, path: str) -> list[str]:
-    problems = []
-    for rule in schema.get("x-kubernetes-validations", []):
-        program = cel.program(cel.compile(rule["rule"]))
-        if not bool(program.evaluate({"self": celpy.json_to_cel(value)})):
-            problems.append(f"{path or '<root>'}: {rule.get('message', rule['rule'])}")
-    if isinstance(value, dict):
-        for key, sub in schema.get("properties", {}).items():
-            if key in value:
-                problems += _cel_problems(cel, sub, value[key], f"{path}.{key}")
-    elif isinstance(value, list) and "items" in schema:
-        for n, item in enumerate(value):
-            problems += _cel_problems(cel, schema["items"], item, f"{path}[{n}]")
-    return problems
 
 
 @pytest.fixture
@@ -99,16 +70,5 @@ async def cluster() -> AsyncIterator[Cluster]:
 @pytest.fixture
 async def other_database_url(services: dict[str, str], pg_template: str) -> AsyncIterator[str]:
     """A second fresh, migrated database, for a second ModuleCache."""
-    admin = services["postgres"]
-    name = f"modcache_t_{uuid.uuid4().hex[:12]}"
-    conn = await asyncpg.connect(admin)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{pg_template}" STRATEGY FILE_COPY')
-    finally:
-        await conn.close()
-    yield f"{admin.rpartition('/')[0]}/{name}"
-    conn = await asyncpg.connect(admin)
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await conn.close()
+    async with databases.copy_of(services["postgres"], pg_template) as url:
+        yield url
