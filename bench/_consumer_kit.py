@@ -27,7 +27,8 @@ import redis.asyncio as aioredis
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from modcache import db, embedded, keys, modules, schema
+from bench import _support
+from modcache import embedded, keys, modules, schema
 from modcache_consumer import amqp
 
 POSTGRES_URL = os.environ.get("MODCACHE_BENCH_POSTGRES_URL", embedded.DEFAULTS["postgres"])
@@ -69,25 +70,9 @@ def _lines(path: str) -> list[str]:
     return []
 
 
-@contextlib.asynccontextmanager
-async def scratch_database() -> AsyncIterator[str]:
+def scratch_database() -> contextlib.AbstractAsyncContextManager[str]:
     """A migrated database of its own, dropped afterwards."""
-    name = f"modcache_bench_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(POSTGRES_URL)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    url = f"{POSTGRES_URL.rpartition('/')[0]}/{name}"
-    try:
-        await db.upgrade(url)
-        yield url
-    finally:
-        admin = await asyncpg.connect(POSTGRES_URL)
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
+    return _support.bench_database()
 
 
 @contextlib.asynccontextmanager
