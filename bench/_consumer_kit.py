@@ -92,15 +92,7 @@ async def scratch_keyspace() -> AsyncIterator[keys.KeySpace]:
 async def scratch_queue() -> AsyncIterator[str]:
     name = f"bench-{uuid.uuid4().hex[:8]}.workflow-executions"
     yield name
-    names = amqp.Names.for_queue(name)
-    connection = await aio_pika.connect(AMQP_URL)
-    try:
-        channel = await connection.channel()
-        for queue in (names.queue, names.poison):
-            await channel.queue_delete(queue)
-        await channel.exchange_delete(names.dead_letter_exchange)
-    finally:
-        await connection.close()
+    await amqp.delete(AMQP_URL, amqp.Names.for_queue(name))
 
 
 async def load_modules(database_url: str, count: int, *, size_bytes: int = 4096, prefix: str = "lib/m") -> None:

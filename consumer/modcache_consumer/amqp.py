@@ -80,6 +80,18 @@ async def declare(channel: aio_pika.abc.AbstractChannel, names: Names) -> aio_pi
         raise BrokerUnavailable(f"declaring {names.queue!r} failed: {errors.describe(e)}") from e
 
 
+async def delete(url: str, names: Names) -> None:
+    """Remove what ``declare`` created for ``names`` (queue, poison queue, dead-letter exchange)."""
+    connection = await aio_pika.connect(url)
+    try:
+        channel = await connection.channel()
+        for queue in (names.queue, names.poison):
+            await channel.queue_delete(queue)
+        await channel.exchange_delete(names.dead_letter_exchange)
+    finally:
+        await connection.close()
+
+
 async def poison(
     channel: aio_pika.abc.AbstractChannel, names: Names, message: aio_pika.abc.AbstractIncomingMessage, reason: str
 ) -> None:

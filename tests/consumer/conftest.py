@@ -48,15 +48,7 @@ def amqp_url(services: dict[str, str]) -> Iterator[str]:
 async def queue_name(amqp_url: str) -> AsyncIterator[str]:
     name = f"t-{uuid.uuid4().hex[:10]}.workflow-executions"
     yield name
-    names = amqp.Names.for_queue(name)
-    connection = await aio_pika.connect(amqp_url)
-    try:
-        channel = await connection.channel()
-        for queue in (names.queue, names.poison):
-            await channel.queue_delete(queue)
-        await channel.exchange_delete(names.dead_letter_exchange)
-    finally:
-        await connection.close()
+    await amqp.delete(amqp_url, amqp.Names.for_queue(name))
 
 
 @pytest.fixture
