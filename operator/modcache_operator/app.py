@@ -62,17 +62,27 @@ async def run_kopf(
     namespaces: Sequence[str],
     stop: Flag,
     ready: Flag,
+    on_signals: Callable[[], None] | None = None,
 ) -> None:
-    """Run kopf until ``stop`` is set: cluster-wide when ``namespaces`` is empty."""
-    await kopf.operator(
+    """Run kopf until ``stop`` is set: cluster-wide when ``namespaces`` is empty.
+
+    kopf installs SIGTERM/SIGINT handlers of its own when it starts in the main thread, and leaves them behind
+    when it stops; ``on_signals`` puts the caller's back at once, so a signal always reaches the caller (which
+    stops kopf through ``stop``), whether kopf runs, stopped after a lost Lease, or never started.
+    """
+    existing = set(asyncio.all_tasks())
+    tasks = await kopf.spawn_tasks(
         registry=handlers.registry(operator),
-        settings=handlers.settings(namespaced=bool(namespaces)),
+        settings=handlers.settings(namespaced=bool(namespaces), reporting_instance=operator.reporting_instance),
         standalone=True,  # no kopf peering: leader election (a Lease) decides who runs
         clusterwide=not namespaces,
         namespaces=list(namespaces),
         stop_flag=stop,
         ready_flag=ready,
     )
+    if on_signals is not None:
+        on_signals()
+    await kopf.run_tasks(tasks, ignored=existing)
 
 
 async def _heartbeat(liveness: health.Liveness) -> None:

@@ -2,7 +2,8 @@
 
 The command reads credentials in-cluster (service account) or from a kubeconfig, serves ``/metrics`` and
 ``/healthz`` + ``/readyz`` on their ports, and, with ``--leader-election``, runs kopf only while this replica holds
-the Lease (one replica needs none). SIGTERM/SIGINT stop it gracefully: the loops stop, the Lease is released.
+the Lease (one replica needs none). SIGTERM/SIGINT stop it gracefully in every state (leading: the loops stop,
+then the Lease is released; standing by or after a lost Lease: at once).
 """
 
 from __future__ import annotations
@@ -12,11 +13,12 @@ import contextlib
 import logging
 import os
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 import click
 
-from modcache_operator import app, handlers, health, kube, leader, metrics
+from modcache_operator import app, fence, handlers, health, kube, leader, metrics
 
 log = logging.getLogger(__name__)
 
@@ -86,28 +88,25 @@ async def serve(
     health_port: int,
     kubeconfig: str | None,
 ) -> None:
-    """Run until SIGTERM/SIGINT."""
+    """Run until SIGTERM/SIGINT, in whatever state that finds the replica (leading, standing by, starting)."""
+    stop = asyncio.Event()
+    _on_signals(stop)
     configuration = await kube.load_configuration(kubeconfig=kubeconfig)
     api = kube.KubeApi.from_configuration(configuration)
     operator = handlers.Operator(
         configuration=configuration, kube_api=api, metrics=metrics.Metrics(), liveness=health.Liveness()
     )
-    stop = asyncio.Event()
-    _on_signals(stop)
-    term = _Term(shutdown=stop)
+    term = _Term(operator=operator, namespaces=namespaces, on_signals=lambda: _on_signals(stop))
     try:
         async with app.probes(
             operator=operator, ready=term.ready, host=host, metrics_port=metrics_port, health_port=health_port
         ) as ports:
             log.info("metrics on :%d/metrics, probes on :%d/healthz and /readyz", ports.metrics, ports.health)
             if lease is None:
-                await term.work(operator, namespaces, stop)
+                await term.work(fence.Fence(), stop)
             else:
-                elector = leader.Elector(
-                    api_client=api.api_client, lease=lease, work=lambda s: term.work(operator, namespaces, s)
-                )
-                term.elector = elector
-                await elector.run(stop)
+                term.elector = leader.Elector(api=api, lease=lease, work=term.work)
+                await term.elector.run(stop)
     finally:
         await api.close()
 
@@ -115,17 +114,25 @@ async def serve(
 class _Term:
     """One run of kopf (a leadership term), and readiness: kopf ready, or standing by for the Lease."""
 
-    def __init__(self, *, shutdown: asyncio.Event) -> None:
-        self.shutdown = shutdown
+    def __init__(
+        self, *, operator: handlers.Operator, namespaces: tuple[str, ...], on_signals: Callable[[], None]
+    ) -> None:
+        self.operator = operator
+        self.namespaces = namespaces
+        self.on_signals = on_signals
         self.kopf_ready = asyncio.Event()
         self.elector: leader.Elector | None = None
 
-    async def work(self, operator: handlers.Operator, namespaces: tuple[str, ...], stop: asyncio.Event) -> None:
+    async def work(self, term: fence.Fence, stop: asyncio.Event) -> None:
+        self.operator.fence = term
         self.kopf_ready = asyncio.Event()
-        await app.run_kopf(operator=operator, namespaces=namespaces, stop=stop, ready=self.kopf_ready)
-        if not stop.is_set():  # kopf takes SIGTERM/SIGINT over while it runs: it stopped on a signal
-            self.shutdown.set()
-            _on_signals(self.shutdown)
+        await app.run_kopf(
+            operator=self.operator,
+            namespaces=self.namespaces,
+            stop=stop,
+            ready=self.kopf_ready,
+            on_signals=self.on_signals,
+        )
 
     def ready(self) -> bool:
         standing_by = self.elector is not None and not self.elector.leading

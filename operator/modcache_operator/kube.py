@@ -1,23 +1,28 @@
-"""The Kubernetes API adapter: credentials (shared with kopf), Secret values, status patches.
+"""The Kubernetes API adapter: credentials (shared with kopf), Secrets by name, status patches, the Lease.
 
 One ``kubernetes_asyncio`` configuration serves both kopf (through an ``@kopf.on.login`` handler returning
-``connection_info``) and the operator's own calls, so the two can never talk to different clusters.
-ApiExceptions and network errors become ``spec.SpecProblem`` (the Secret is missing or unreadable: a person must
-act) or ``errors.TransientError`` (the API server is unwell: retry), with the Secret's name, never its data.
+``connection_info``) and the operator's own calls, so the two can never talk to different clusters. Every call
+has a timeout (kubernetes-asyncio's default has none). Errors are translated here:
+
+* ``spec.SpecProblem`` -- the Secret is missing or unreadable: a person must act;
+* ``Rejected`` -- the API server refused a write for good (403, 422...): the same write will not succeed;
+* ``errors.TransientError`` -- the API server is unwell or unreachable (5xx, 429, resets, timeouts): retry;
+  ``LeaseConflict`` -- another replica wrote the Lease first.
+
+Messages carry the object's name and the server's reason, never a Secret's data.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
+import dataclasses
 import inspect
+import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import aiohttp
 import kopf
-import pydantic
 from kubernetes_asyncio import client, config
 
 from modcache import errors
@@ -61,13 +66,40 @@ async def connection_info(configuration: client.Configuration) -> kopf.Connectio
     )
 
 
-class KubeApi:
-    """The few calls the runner makes besides what kopf does for it."""
+#: A bound on every call the operator makes itself (kopf's own calls are bounded by its settings).
+REQUEST_TIMEOUT_S = 10.0
+_TRANSIENT_STATUSES = frozenset({408, 429}) | frozenset(range(500, 600))
+_NETWORK_ERRORS = (aiohttp.ClientError, TimeoutError, OSError)
 
-    def __init__(self, *, api_client: client.ApiClient) -> None:
+
+class Rejected(errors.ConfigError):
+    """The API server refused a request and will refuse it again (RBAC, validation): ``status`` says why."""
+
+    def __init__(self, doing: str, status: int, detail: str) -> None:
+        super().__init__(doing, f"HTTP {status} {detail}")
+        self.status = status
+
+
+class LeaseConflict(errors.TransientError):
+    """Another replica changed the Lease since it was read (HTTP 409)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SecretData:
+    name: str
+    resource_version: str
+    data: Mapping[str, str]  # base64 values by key, as the API serves them
+
+
+class KubeApi:
+    """The few calls the operator makes besides what kopf does for it, each bounded by ``timeout_s``."""
+
+    def __init__(self, *, api_client: client.ApiClient, timeout_s: float = REQUEST_TIMEOUT_S) -> None:
         self.api_client = api_client
+        self.timeout_s = timeout_s
         self._core = client.CoreV1Api(api_client)
         self._custom = client.CustomObjectsApi(api_client)
+        self._coordination = client.CoordinationV1Api(api_client)
 
     @classmethod
     def from_configuration(cls, configuration: client.Configuration) -> KubeApi:
@@ -76,29 +108,37 @@ class KubeApi:
     async def close(self) -> None:
         await self.api_client.close()
 
-    async def read_secret_value(self, namespace: str, ref: spec.SecretKeyRef) -> pydantic.SecretStr:
-        """The value under ``ref.key`` in the Secret, as text with surrounding whitespace removed."""
-        secret = await self._call(
-            self._core.read_namespaced_secret(ref.name, namespace), f"reading Secret {namespace}/{ref.name}", ref
-        )
-        data: Mapping[str, str] = secret.data or {}
-        if ref.key not in data:
-            raise spec.SpecProblem(
-                ref.field, names.Reason.SECRET_KEY_NOT_FOUND, f"Secret {namespace}/{ref.name} has no key {ref.key!r}"
-            )
-        try:
-            return pydantic.SecretStr(base64.b64decode(data[ref.key], validate=True).decode().strip())
-        except (binascii.Error, UnicodeDecodeError):
-            raise spec.SpecProblem(
-                ref.field, names.Reason.INVALID_URL, f"{ref.describe(namespace)} is not UTF-8 text"
-            ) from None
+    # -- Secrets ------------------------------------------------------------------------------------------------
 
-    async def patch_status(self, namespace: str, name: str, patch: Mapping[str, Any]) -> bool:
-        """Merge-patch the status subresource; False if the object is gone."""
+    async def read_secret(self, namespace: str, name: str, *, field: str) -> SecretData:
+        """One Secret by name (``get`` only: no list, no watch); ``field`` is the spec field that names it."""
+        doing = f"reading Secret {namespace}/{name}"
+        try:
+            secret = await self._core.read_namespaced_secret(name, namespace, _request_timeout=self.timeout_s)
+        except client.ApiException as e:
+            if e.status == 404:
+                raise spec.SpecProblem(
+                    field, names.Reason.SECRET_NOT_FOUND, f"Secret {namespace}/{name} not found"
+                ) from None
+            if e.status in (401, 403):
+                raise spec.SpecProblem(
+                    field, names.Reason.SECRET_NOT_FOUND, f"{doing}: {e.reason} (check the operator's RBAC)"
+                ) from None
+            raise errors.TransientError(f"{doing}: HTTP {e.status} {e.reason}") from None
+        except _NETWORK_ERRORS as e:
+            raise errors.TransientError(f"{doing}: {errors.describe(e)}") from None
+        version = str((secret.metadata and secret.metadata.resource_version) or "")
+        return SecretData(name=name, resource_version=version, data=dict(secret.data or {}))
+
+    # -- status -------------------------------------------------------------------------------------------------
+
+    async def patch_status(self, namespace: str, name: str, patch: Mapping[str, Any]) -> Mapping[str, Any] | None:
+        """Merge-patch the status subresource; the object as the server now has it, or None if it is gone."""
+        doing = f"patching status of {namespace}/{name}"
         # The stub lacks ``_content_type``; without it a dict body is sent as a JSON patch.
         patch_call: Callable[..., Awaitable[Any]] = self._custom.patch_namespaced_custom_object_status
         try:
-            await patch_call(
+            result: Mapping[str, Any] = await patch_call(
                 names.GROUP,
                 names.VERSION,
                 namespace,
@@ -106,27 +146,65 @@ class KubeApi:
                 name,
                 {"status": dict(patch)},
                 _content_type="application/merge-patch+json",
+                _request_timeout=self.timeout_s,
             )
         except client.ApiException as e:
             if e.status == 404:
-                return False
-            raise errors.TransientError(f"patching status of {namespace}/{name}: HTTP {e.status} {e.reason}") from e
-        except (aiohttp.ClientError, TimeoutError, OSError) as e:
-            raise errors.TransientError(f"patching status of {namespace}/{name}: {errors.describe(e)}") from e
-        return True
+                return None
+            raise _translated(doing, e) from None
+        except _NETWORK_ERRORS as e:
+            raise errors.TransientError(f"{doing}: {errors.describe(e)}") from e
+        return result
 
-    async def _call(self, request: Any, doing: str, ref: spec.SecretKeyRef) -> Any:
+    # -- the Lease ----------------------------------------------------------------------------------------------
+
+    async def read_lease(self, namespace: str, name: str, *, timeout_s: float) -> client.V1Lease | None:
+        doing = f"reading Lease {namespace}/{name}"
         try:
-            return await request
+            lease: client.V1Lease = await self._coordination.read_namespaced_lease(
+                name, namespace, _request_timeout=timeout_s
+            )
         except client.ApiException as e:
             if e.status == 404:
-                raise spec.SpecProblem(
-                    ref.field, names.Reason.SECRET_NOT_FOUND, f"{doing.removeprefix('reading ')} not found"
-                ) from None
-            if e.status in (401, 403):
-                raise spec.SpecProblem(
-                    ref.field, names.Reason.SECRET_NOT_FOUND, f"{doing}: {e.reason} (check the operator's RBAC)"
-                ) from None
-            raise errors.TransientError(f"{doing}: HTTP {e.status} {e.reason}") from None
-        except (aiohttp.ClientError, TimeoutError, OSError) as e:
+                return None
+            raise _translated(doing, e) from None
+        except _NETWORK_ERRORS as e:
             raise errors.TransientError(f"{doing}: {errors.describe(e)}") from None
+        return lease
+
+    async def write_lease(self, lease: client.V1Lease, *, create: bool, timeout_s: float) -> client.V1Lease:
+        """Create the Lease, or replace it guarded by its ``resourceVersion`` (optimistic concurrency)."""
+        namespace, name = lease.metadata.namespace, lease.metadata.name
+        doing = f"{'creating' if create else 'updating'} Lease {namespace}/{name}"
+        try:
+            if create:
+                written: client.V1Lease = await self._coordination.create_namespaced_lease(
+                    namespace, lease, _request_timeout=timeout_s
+                )
+            else:
+                written = await self._coordination.replace_namespaced_lease(
+                    name, namespace, lease, _request_timeout=timeout_s
+                )
+        except client.ApiException as e:
+            if e.status == 409:
+                raise LeaseConflict(f"{doing}: another replica wrote it first") from None
+            raise _translated(doing, e) from None
+        except _NETWORK_ERRORS as e:
+            raise errors.TransientError(f"{doing}: {errors.describe(e)}") from None
+        return written
+
+
+def _translated(doing: str, e: client.ApiException) -> errors.ModcacheError:
+    """A transient error for what may pass (5xx, 429, 408), else ``Rejected`` with the server's message."""
+    if e.status in _TRANSIENT_STATUSES or not e.status:
+        return errors.TransientError(f"{doing}: HTTP {e.status} {e.reason}")
+    return Rejected(doing, int(e.status), _server_message(e))
+
+
+def _server_message(e: client.ApiException) -> str:
+    """The API server's own explanation (its Status ``message``), capped."""
+    try:
+        message = str(json.loads(e.body or b"{}").get("message") or "")
+    except (TypeError, ValueError, AttributeError):
+        message = ""
+    return errors.truncate(f"{e.reason}: {message}" if message else str(e.reason))

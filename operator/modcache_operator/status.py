@@ -144,6 +144,12 @@ def patch_for(new: Mapping[str, Any], old: Mapping[str, Any]) -> dict[str, Any]:
     return patch
 
 
+def rejected_conditions(update: Update, message: str) -> list[dict[str, Any]]:
+    """The conditions as they stand, with Ready saying that the API server rejects the status."""
+    ready = {"status": "False", "reason": R.STATUS_REJECTED.value, "message": message}
+    return [({**c, **ready} if c["type"] == C.READY.value else dict(c)) for c in update.conditions]
+
+
 def timestamp(moment: datetime.datetime) -> str:
     return moment.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -189,6 +195,8 @@ def _reconciling(facts: Facts, reconciling: bool) -> tuple[R, str]:
         return R.SUSPENDED, "suspended"
     if not reconciling:
         return R.IDLE, ""
+    if facts.problem is not None and facts.problem.reason == R.STARTING:
+        return R.PROGRESSING, facts.problem.message
     if facts.problem is not None:
         return R.PROGRESSING, f"retrying after: {facts.problem.message}"
     return R.PROGRESSING, "first full resync pending"

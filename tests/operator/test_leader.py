@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 from kubernetes_asyncio import client
 
-from modcache_operator import leader
+from modcache_operator import fence, kube, leader
 from operatorkit.cluster import NAMESPACE, emulated_api
 from operatorkit.emulator import Emulator
 
@@ -25,13 +25,13 @@ class Replica:
         self.working = asyncio.Event()
         self.stop = asyncio.Event()
         self.elector = leader.Elector(
-            api_client=api_client,
+            api=kube.KubeApi(api_client=api_client),
             lease=leader.LeaseConfig(namespace=NAMESPACE, identity=identity, **FAST),
             work=self._work,
         )
         self.task: asyncio.Task[None] | None = None
 
-    async def _work(self, stop: asyncio.Event) -> None:
+    async def _work(self, _fence: fence.Fence, stop: asyncio.Event) -> None:
         self.working.set()
         try:
             await stop.wait()

@@ -1,5 +1,6 @@
 """The operator (kopf in-process, our registry, metrics and probe servers) running against the emulator, and
-``Cluster``: what a test does to it (Secrets, ModuleCaches) and how it waits on what the operator writes back."""
+``Cluster``: what a test does to it (Secrets, ModuleCaches) and how it waits on what the operator writes back
+(``wait_for`` re-checks its predicate after every write the emulator serves: no polling)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import base64
 import contextlib
 import dataclasses
 import threading
-import time
 import warnings
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -17,7 +17,7 @@ import kmock
 import pytest
 from kubernetes_asyncio import client as kube_client
 
-from modcache_operator import app, handlers, health, kube, metrics, names, runner
+from modcache_operator import app, handlers, health, kube, metrics, names, tunables
 from operatorkit.emulator import Emulator
 
 NAMESPACE = "modcache-test"
@@ -25,7 +25,7 @@ MODULECACHES = f"{names.GROUP}/{names.VERSION}/{names.PLURAL}"
 WAIT_S = 20.0
 
 #: Fast timings, so recoveries and retries happen within a test's patience.
-FAST = runner.RunnerConfig(
+FAST = tunables.Tunables(
     timestamp_interval_s=300.0,
     drift_event_interval_s=0.0,
     status_debounce_s=0.05,
@@ -34,6 +34,10 @@ FAST = runner.RunnerConfig(
     heartbeat_s=0.5,
     secret_recheck_s=1.0,
     stop_timeout_s=5.0,
+    status_retry_initial_s=0.2,
+    status_retry_max_s=1.0,
+    rejected_initial_s=0.5,
+    rejected_max_s=2.0,
 )
 
 
@@ -101,12 +105,9 @@ class Cluster:
         return found
 
     async def wait_for(self, predicate: Callable[[], object], what: str, timeout_s: float = WAIT_S) -> None:
-        """Poll ``predicate`` (it reads the emulator's in-memory objects: cheap) until true, or fail naming it."""
-        deadline = time.monotonic() + timeout_s
-        while not predicate():
-            if time.monotonic() > deadline:
-                pytest.fail(f"timed out after {timeout_s}s waiting for: {what}")
-            await asyncio.sleep(0.02)
+        """Until ``predicate`` (over the emulator's objects) holds, re-checked after each write; or fail naming it."""
+        if not await self.emulator.until(predicate, timeout_s=timeout_s):
+            pytest.fail(f"timed out after {timeout_s}s waiting for: {what}")
 
     # -- plumbing ----------------------------------------------------------------------------------------------
 
@@ -159,7 +160,7 @@ class OperatorThread:
     it must not share the test's loop. It talks to the emulator over HTTP, like a real operator would.
     """
 
-    def __init__(self, url: str, *, config: runner.RunnerConfig, namespaces: tuple[str, ...]) -> None:
+    def __init__(self, url: str, *, config: tunables.Tunables, namespaces: tuple[str, ...]) -> None:
         self.url = url
         self.config = config
         self.namespaces = namespaces
@@ -172,10 +173,8 @@ class OperatorThread:
 
     def start(self, timeout_s: float = WAIT_S) -> None:
         self._thread.start()
-        deadline = time.monotonic() + timeout_s
-        while not self._ready.wait(0.05):
-            assert self._thread.is_alive(), f"the operator stopped at once: {self.error!r}"
-            assert time.monotonic() < deadline, "the operator did not get ready"
+        assert self._ready.wait(timeout_s), "the operator did not get ready"
+        assert self.error is None, f"the operator stopped at once: {self.error!r}"
 
     def stop(self, timeout_s: float = 60) -> None:
         self._stop.set()
@@ -186,8 +185,9 @@ class OperatorThread:
     def _main(self) -> None:
         try:
             asyncio.run(self._run())
-        except BaseException as e:  # reported to the test by stop()
+        except BaseException as e:  # reported to the test by start() or stop()
             self.error = e
+            self._ready.set()
 
     async def _run(self) -> None:
         configuration = kube_client.Configuration(host=self.url)
@@ -197,7 +197,8 @@ class OperatorThread:
             kube_api=api,
             metrics=metrics.Metrics(),
             liveness=health.Liveness(),
-            runner_config=self.config,
+            tunables=self.config,
+            reporting_instance="operator-thread",
         )
         try:
             async with app.probes(
@@ -212,9 +213,7 @@ class OperatorThread:
 
 
 @contextlib.asynccontextmanager
-async def running_operator(
-    emulator: Emulator, url: str, *, config: runner.RunnerConfig = FAST
-) -> AsyncIterator[Cluster]:
+async def running_operator(emulator: Emulator, url: str, *, config: tunables.Tunables = FAST) -> AsyncIterator[Cluster]:
     thread = OperatorThread(url, config=config, namespaces=(NAMESPACE,))
     await asyncio.to_thread(thread.start)
     try:
