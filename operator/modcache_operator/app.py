@@ -8,12 +8,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 
 import kopf
 
 from modcache_operator import handlers, health
+
+log = logging.getLogger(__name__)
 
 #: How often the operator's own loop proves it runs (liveness), and the silence it is allowed.
 HEARTBEAT_S = 5.0
@@ -82,7 +85,15 @@ async def run_kopf(
     )
     if on_signals is not None:
         on_signals()
-    await kopf.run_tasks(tasks, ignored=existing)
+    await kopf.run_tasks([*tasks, asyncio.create_task(_log_when_ready(ready), name="modcache-ready")], ignored=existing)
+
+
+async def _log_when_ready(ready: Flag) -> None:
+    """Say once that kopf is up (then ``/readyz`` answers 200), and wait until kopf stops."""
+    if isinstance(ready, asyncio.Event):
+        await ready.wait()
+        log.info("ready: kopf is watching ModuleCaches")
+    await asyncio.Event().wait()
 
 
 async def _heartbeat(liveness: health.Liveness) -> None:

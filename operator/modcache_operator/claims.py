@@ -64,9 +64,9 @@ class Registry:
             self._claims[claim.owner] = claim
             self._changed(claim.owner)
 
-    def withdraw(self, owner: Owner) -> None:
-        """No claim (suspended, failing, refused or gone); counts as settled if it was subscribed."""
-        if owner in self._pokes:
+    def withdraw(self, owner: Owner, *, settled: bool = True) -> None:
+        """No claim: suspended, refused, gone, or failing (``settled``: for a reason that will not pass by itself)."""
+        if settled and owner in self._pokes:
             self._settled.add(owner)
         if self._claims.pop(owner, None) is not None:
             self._changed(owner)

@@ -43,6 +43,18 @@ SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/
     "--lease-namespace", default=None,
     help="Namespace of the Lease [default: the pod's namespace, else the single watched namespace].",
 )  # fmt: skip
+@click.option(
+    "--lease-duration-seconds", type=click.FloatRange(min=1.0), default=15.0, show_default=True,
+    help="A standby takes the Lease over this long after it last saw it renewed.",
+)  # fmt: skip
+@click.option(
+    "--renew-deadline-seconds", type=click.FloatRange(min=0.5), default=10.0, show_default=True,
+    help="The leader stops writing if it could not renew for this long (shorter than the lease duration).",
+)  # fmt: skip
+@click.option(
+    "--retry-period-seconds", type=click.FloatRange(min=0.1), default=2.0, show_default=True,
+    help="How often the leader renews and standbys try (shorter than the renew deadline).",
+)  # fmt: skip
 @click.option("--kubeconfig", type=click.Path(dir_okay=False), default=None, help="Instead of in-cluster credentials.")
 def operator(
     namespaces: tuple[str, ...],
@@ -53,6 +65,9 @@ def operator(
     leader_election: bool,
     lease_name: str,
     lease_namespace: str | None,
+    lease_duration_seconds: float,
+    renew_deadline_seconds: float,
+    retry_period_seconds: float,
     kubeconfig: str | None,
 ) -> None:
     """Keep every ModuleCache converged: one loop per resource, status, events, metrics."""
@@ -63,7 +78,16 @@ def operator(
         where = lease_namespace or _own_namespace() or (namespaces[0] if len(namespaces) == 1 else None)
         if where is None:
             raise click.UsageError("--lease-namespace is needed: cannot tell this pod's namespace")
-        lease = leader.LeaseConfig(namespace=where, name=lease_name)
+        try:
+            lease = leader.LeaseConfig(
+                namespace=where,
+                name=lease_name,
+                lease_duration_s=lease_duration_seconds,
+                renew_deadline_s=renew_deadline_seconds,
+                retry_period_s=retry_period_seconds,
+            )
+        except ValueError as e:
+            raise click.UsageError(str(e)) from None
     if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)  # one line per handled event is noise
     logging.getLogger("modcache_operator").setLevel(min(logging.INFO, logging.getLogger().getEffectiveLevel()))

@@ -25,6 +25,8 @@ class Fence:
         self._halts.pop(key, None)
 
     def close(self) -> None:
+        if not self.open:
+            return
         self.open = False
         for halt in list(self._halts.values()):
             halt()

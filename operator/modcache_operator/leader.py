@@ -98,8 +98,10 @@ class Elector:
         self._observed: tuple[object, ...] | None = None  # the record as last seen, and since when
         self._observed_at = 0.0
         self._renewed_at = 0.0  # start of our last successful acquire/renew
+        self._holding = False  # our last write made us the holder, and no term was lost since
         self._fence: fence.Fence | None = None
         self._complaint: str | None = None
+        self._reported_holder: str | None = None
         self.terms = 0  # how many times this replica became the leader
 
     @property
@@ -138,7 +140,7 @@ class Elector:
         except Exception as e:  # a transient error, a rejection, a malformed answer: try again next period
             complaint = errors.describe(e)
             if complaint != self._complaint:
-                log.warning("leader election: %s; retrying every %.0fs", complaint, self.lease.retry_period_s)
+                log.warning("leader election: %s; retrying every %.1fs", complaint, self.lease.retry_period_s)
                 self._complaint = complaint
             return None
         self._complaint = None
@@ -161,16 +163,22 @@ class Elector:
         holder = (current.spec and current.spec.holder_identity) or ""
         expired = self._clock.monotonic() > self._observed_at + self.lease.lease_duration_s
         if holder and holder != self.lease.identity and not expired:
+            self._report(holder)
             return False
         claimed = self._renewed(current) if holder == self.lease.identity else self._taken_over(current)
         return self._wrote(await self._write(claimed, create=False, timeout_s=self._left(started, timeout_s)), started)
+
+    def _report(self, holder: str) -> None:
+        if holder != self._reported_holder:
+            log.info("%s stands by: the Lease %s is held by %s", self.lease.identity, self.lease.name, holder)
+            self._reported_holder = holder
 
     # -- leading ----------------------------------------------------------------------------------------------
 
     async def _lead(self, stop: asyncio.Event) -> str | None:
         """One term: the work runs while renewals succeed; None, or why the work ended by itself."""
         term = fence.Fence()
-        self._fence, self.terms = term, self.terms + 1
+        self._fence, self.terms, self._reported_holder = term, self.terms + 1, None
         lost, term_stop = asyncio.Event(), asyncio.Event()
         log.info("%s leads (Lease %s/%s)", self.lease.identity, self.lease.namespace, self.lease.name)
         # Created before the work (kopf) starts, so kopf counts them as not its own and leaves them alone.
@@ -192,7 +200,7 @@ class Elector:
                 task.cancel()
             await asyncio.gather(work, *keepers, *waits, return_exceptions=True)
         if lost.is_set():
-            self._cached = None  # we may not hold it any more: never "release" it on someone else's behalf
+            self._holding = False  # we may not hold it any more: never "release" it on someone else's behalf
             return None
         if stop.is_set():
             return None
@@ -204,7 +212,7 @@ class Elector:
             left_s = self._renewed_at + self.lease.renew_deadline_s - self._clock.monotonic()
             if left_s <= 0:
                 log.error(
-                    "%s could not renew the Lease within %.0fs: stopped writing, stepping down",
+                    "%s could not renew the Lease within %.1fs: stopped writing, stepping down",
                     self.lease.identity,
                     self.lease.renew_deadline_s,
                 )
@@ -259,7 +267,7 @@ class Elector:
 
     def _wrote(self, written: client.V1Lease, started: float) -> bool:
         self._observe(written)
-        self._renewed_at = started
+        self._renewed_at, self._holding = started, True
         return True
 
     def _observe(self, lease: client.V1Lease) -> None:
@@ -280,7 +288,7 @@ class Elector:
     async def _release(self) -> None:
         """Give the Lease up if we hold it, so a standby need not wait for it to expire (best effort)."""
         lease = self._cached
-        if lease is None or lease.spec is None or lease.spec.holder_identity != self.lease.identity:
+        if not self._holding or lease is None or lease.spec is None:
             return
         now = self._clock.now()
         released = client.V1LeaseSpec(
@@ -299,7 +307,7 @@ class Elector:
         except errors.ModcacheError as e:
             log.warning("%s could not release the Lease %s: %s", self.lease.identity, self.lease.name, e)
             return
-        self._cached = None
+        self._holding = False
         log.info("%s released the Lease %s", self.lease.identity, self.lease.name)
 
 

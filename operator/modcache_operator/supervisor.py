@@ -254,7 +254,8 @@ class Supervisor:
             log.warning("%s: %s; the running watcher carries on, retrying in %.1fs", self.key, message, delay_s)
             return min(delay_s, self._tunables.heartbeat_s)
         else:
-            await self._idle()
+            await self._stop_watcher()
+            self._claims.withdraw(self.owner, settled=False)  # younger ones keep waiting for our claim (bounded)
             self.reporter.failed(generation, status.Problem(R.SYNC_FAILED, message))
         log.warning("%s: %s (retrying in %.1fs)", self.key, message, delay_s)
         return min(delay_s, self._tunables.heartbeat_s)

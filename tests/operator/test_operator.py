@@ -1,7 +1,9 @@
 """The operator end to end: kopf against kmock's emulator over HTTP, with real PostgreSQL and Redis.
 
 Each test creates Secrets and ModuleCaches through the emulated API, changes the real source or cache, and
-waits for what a user would see: the cache repaired, the status and events, the finalizer gone.
+waits for what a user would see: the cache repaired, the status and events, the finalizer gone. Waits are
+awaited conditions: the emulator re-checks after each request, Redis after each change of the test's keys,
+PostgreSQL backends by their process exit.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ import redis.asyncio as aioredis
 
 from modcache import db, keys, modules, pgsource
 from modcache_operator import names
+from operatorkit import backends
 from operatorkit.cluster import NAMESPACE, Cluster
+from operatorkit.keychanges import KeyChanges, key_changes
 from testkit.servers import PrivateRedis, private_redis
 
 C = names.ConditionType
@@ -62,29 +66,6 @@ async def _set_content(database_url: str, path: str, text: str) -> None:
         "UPDATE workspace_files SET content = $2, content_hash = $3, size_bytes = $4 WHERE path = $1",
         path, text, modules.content_hash(raw), len(raw),
     )  # fmt: skip
-
-
-async def _listeners(database_url: str) -> int:
-    """Connections LISTENing for modcache on the test's database."""
-    database = database_url.rsplit("/", 1)[1]
-    conn = await asyncpg.connect(database_url)
-    try:
-        count: int = await conn.fetchval(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND application_name = 'modcache-listener'",
-            database,
-        )
-        return count
-    finally:
-        await conn.close()
-
-
-async def _until(predicate: Any, what: str, timeout_s: float = 20.0) -> None:
-    """Poll an async predicate on a real service until it holds."""
-    deadline = time.monotonic() + timeout_s
-    while not await predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout_s}s waiting for: {what}")
-        await asyncio.sleep(0.02)
 
 
 @pytest.fixture
@@ -141,10 +122,11 @@ async def test_a_module_changed_with_sql_reaches_the_cache_within_a_second(
     database_url: str,
     keyspace: keys.KeySpace,
     redis_client: aioredis.Redis,
+    changes: KeyChanges,
 ) -> None:
     started = time.monotonic()
     await _set_content(database_url, "pkg/mod_1.py", "VALUE = 'changed'\n")
-    await _until(lambda: _is(redis_client, keyspace, "pkg/mod_1.py", "VALUE = 'changed'\n"), "the cache updated")
+    await changes.until(lambda: _is(redis_client, keyspace, "pkg/mod_1.py", "VALUE = 'changed'\n"), "the cache updated")
     assert time.monotonic() - started < 1.0
 
     await _sql(database_url, "UPDATE workspace_files SET is_deleted = true WHERE path = 'pkg/mod_2.py'")
@@ -164,9 +146,11 @@ async def test_suspend_stops_writes_and_resume_catches_up(
     keyspace: keys.KeySpace,
     redis_client: aioredis.Redis,
 ) -> None:
+    listening = await backends.listener_pids(database_url)
+    assert len(listening) == 1
     await cluster.patch_cache("main", {"spec": {"suspend": True}})
     await cluster.wait_for(lambda: cluster.condition("main", C.READY)[1] == R.SUSPENDED, "Ready False Suspended")
-    await _until(lambda: _none(_listeners(database_url)), "the LISTEN connection closed")
+    await backends.exited(listening)  # the LISTEN connection closed
     generation = await redis_client.get(keyspace.generation)
 
     await _set_content(database_url, "pkg/mod_0.py", "VALUE = 'while suspended'\n")
@@ -181,10 +165,6 @@ async def test_suspend_stops_writes_and_resume_catches_up(
     assert await _cached(redis_client, keyspace, "pkg/mod_0.py") == "VALUE = 'while suspended'\n"
     assert await _cached(redis_client, keyspace, "pkg/mod_4.py") == ready_cache["pkg/mod_4.py"]
     assert cluster.status("main")["observedGeneration"] == 3
-
-
-async def _none(count: Any) -> bool:
-    return bool(await count == 0)
 
 
 async def test_the_resync_annotation_runs_a_full_resync_and_is_echoed(
@@ -253,6 +233,7 @@ async def test_a_terminated_listener_flips_and_recovers_and_changes_meanwhile_ar
     keyspace: keys.KeySpace,
     redis_client: aioredis.Redis,
     listener_role: str,
+    changes: KeyChanges,
 ) -> None:
     await _load(source, 3)
     await cluster.apply_secret("urls", {"database": database_url, "redis": redis_url, "listen": listener_role})
@@ -270,7 +251,7 @@ async def test_a_terminated_listener_flips_and_recovers_and_changes_meanwhile_ar
 
     await _sql(database_url, f'ALTER ROLE "{role}" LOGIN')
     await cluster.wait_for(lambda: cluster.condition("main", C.LISTENER_CONNECTED)[0] == "True", "Listener back")
-    await _until(lambda: _is(redis_client, keyspace, "pkg/mod_1.py", "VALUE = 'missed'\n"), "the missed change")
+    await changes.until(lambda: _is(redis_client, keyspace, "pkg/mod_1.py", "VALUE = 'missed'\n"), "the missed change")
     told = [e[:2] for e in cluster.events("main")]
     assert told.index(("Warning", R.LISTENER_DOWN)) < told.index(("Normal", R.LISTENER_RECONNECTED))
     assert cluster.condition("main", C.READY)[:2] == ("True", R.IN_SYNC)
@@ -279,10 +260,11 @@ async def test_a_terminated_listener_flips_and_recovers_and_changes_meanwhile_ar
 async def test_deleting_the_resource_stops_its_loop_and_removes_the_finalizer(
     cluster: Cluster, ready_cache: dict[str, str], database_url: str
 ) -> None:
-    assert await _listeners(database_url) == 1
+    listening = await backends.listener_pids(database_url)
+    assert len(listening) == 1
     await cluster.delete_cache("main")
     await cluster.wait_for(lambda: cluster.body("main") is None, "the object gone (finalizer removed)")
-    await _until(lambda: _none(_listeners(database_url)), "the LISTEN connection closed")
+    await backends.exited(listening)  # the LISTEN connection closed
 
 
 async def test_a_missing_secret_is_reported_then_picked_up_when_created(
@@ -358,8 +340,9 @@ async def test_a_rotated_secret_is_picked_up(
     cluster: Cluster, ready_cache: dict[str, str], database_url: str, keyspace: keys.KeySpace
 ) -> None:
     with private_redis() as server:
-        await cluster.apply_secret("urls", {"database": database_url, "redis": server.url})
-        await _until(lambda: _filled(server, keyspace, ready_cache), "the cache filled in the new Redis")
+        async with key_changes(server.url, keyspace.prefix) as new_keys:
+            await cluster.apply_secret("urls", {"database": database_url, "redis": server.url})
+            await new_keys.until(lambda: _filled(server, keyspace, ready_cache), "the cache filled in the new Redis")
     assert cluster.status("main")["observedGeneration"] == 1, "a Secret change is not a spec change"
 
 
@@ -412,6 +395,7 @@ async def test_prune_false_keeps_entries_of_deleted_modules(
     redis_url: str,
     keyspace: keys.KeySpace,
     redis_client: aioredis.Redis,
+    changes: KeyChanges,
 ) -> None:
     contents = await _load(source, 3)
     await cluster.apply_secret("urls", {"database": database_url, "redis": redis_url})
@@ -420,7 +404,7 @@ async def test_prune_false_keeps_entries_of_deleted_modules(
 
     await _sql(database_url, "UPDATE workspace_files SET is_deleted = true WHERE path = 'pkg/mod_0.py'")
     await _set_content(database_url, "pkg/mod_1.py", "VALUE = 'new'\n")  # a change still flows
-    await _until(lambda: _is(redis_client, keyspace, "pkg/mod_1.py", "VALUE = 'new'\n"), "the change applied")
+    await changes.until(lambda: _is(redis_client, keyspace, "pkg/mod_1.py", "VALUE = 'new'\n"), "the change applied")
     token = "after-delete"
     await cluster.patch_cache("main", {"metadata": {"annotations": {names.RESYNC_ANNOTATION: token}}})
     await cluster.wait_for(lambda: cluster.status("main").get("lastHandledReconcileAt") == token, "a full resync")

@@ -146,11 +146,51 @@ def register_resources(emulator: Emulator) -> None:
     )
 
 
+class ApiServer:
+    """The emulator behind an HTTP server that can stop and start again on the same port, its objects kept."""
+
+    def __init__(self, emulator: Emulator) -> None:
+        self.emulator = emulator
+        self.port: int | None = None
+        self._server: kmock.Server | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        server = kmock.Server(self.emulator, port=self.port)
+        await server.__aenter__()
+        self._server, self.port = server, server.port
+
+    async def stop(self) -> None:
+        """Close the port and every connection on it (watch streams included), as a restarting server does."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        runner = server.server.runner
+        if runner is not None and runner.server is not None:
+            for connection in runner.server.connections:  # aiohttp would wait up to a minute for each stream
+                connection.force_close()
+        await server.__aexit__(None, None, None)
+
+
+@contextlib.asynccontextmanager
+async def api_server() -> AsyncIterator[ApiServer]:
+    async with Emulator() as emulator:
+        register_resources(emulator)
+        server = ApiServer(emulator)
+        await server.start()
+        try:
+            yield server
+        finally:
+            await server.stop()
+
+
 @contextlib.asynccontextmanager
 async def emulated_api() -> AsyncIterator[tuple[Emulator, str]]:
-    async with Emulator() as emulator, kmock.Server(emulator) as server:
-        register_resources(emulator)
-        yield emulator, str(server.url).rstrip("/")
+    async with api_server() as server:
+        yield server.emulator, server.url
 
 
 class OperatorThread:

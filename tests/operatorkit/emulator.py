@@ -28,7 +28,7 @@ class Emulator(kmock.KubernetesEmulator):
 
     Mutations are serialised, so a check and the write it guards see the same object.
 
-    For tests: ``until(predicate)`` waits for a write that makes ``predicate`` true (no polling); ``faults``
+    For tests: ``until(predicate)`` waits for a request that makes ``predicate`` true (no polling); ``faults``
     make chosen requests hang, reset their connection or fail with a status (see ``Fault``), by the client's
     bearer token, so one operator process can be cut off while another is not.
     """
@@ -42,29 +42,33 @@ class Emulator(kmock.KubernetesEmulator):
         self.faults: list[Fault] = []
 
     async def _handle(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
+        try:
+            return await self._serve(request)
+        finally:
+            if request.action != kmock.action.WATCH:  # a stream "ends" when its client goes: nothing changed
+                self._changed.set()  # wake every ``until``: what it waits for may hold now
+                self._changed = asyncio.Event()
+
+    async def _serve(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
         fault = next((f for f in self.faults if f.matches(request)), None)
         if fault is not None:
             return await self._inflict(fault, request)
         mutating = request.action in (kmock.action.CREATE, kmock.action.UPDATE, kmock.action.DELETE)
         if request.resource is None or not (mutating or request.method == kmock.method.PUT):
             return await super()._handle(request)
-        try:
-            async with self._mutating:
-                if request.method == kmock.method.PUT:
-                    return await self._replace(request)
-                if request.action == kmock.action.CREATE:
-                    self._fill_new(request)
-                elif request.action == kmock.action.UPDATE:
-                    self._prepare_patch(request)
-                return await super()._handle(request)
-        finally:
-            self._changed.set()  # wake every ``until``: what it waits for may hold now
-            self._changed = asyncio.Event()
+        async with self._mutating:
+            if request.method == kmock.method.PUT:
+                return await self._replace(request)
+            if request.action == kmock.action.CREATE:
+                self._fill_new(request)
+            elif request.action == kmock.action.UPDATE:
+                self._prepare_patch(request)
+            return await super()._handle(request)
 
     # -- for tests --------------------------------------------------------------------------------------------
 
     async def until(self, predicate: Callable[[], object], *, timeout_s: float) -> bool:
-        """Wait until ``predicate()`` holds, checking it after every write; False if ``timeout_s`` passed first."""
+        """Wait until ``predicate()`` holds, checked after every request served; False if ``timeout_s`` passed first."""
         async with asyncio.timeout(timeout_s) as within:
             while not predicate():
                 await self._changed.wait()
@@ -167,7 +171,8 @@ class Emulator(kmock.KubernetesEmulator):
 
 @dataclasses.dataclass
 class Fault:
-    """Requests that match (a client's token, a method, a resource plural, a subresource) are answered badly.
+    """Requests that match every given criterion are answered badly: the client's token, the method, the
+    resource's plural, object name and subresource, a text the body contains.
 
     ``action``: "hang" (never answered until ``Emulator.heal``), "reset" (the connection is aborted), or an
     HTTP status code.
@@ -177,17 +182,21 @@ class Fault:
     token: str | None = None
     method: str | None = None
     plural: str | None = None
+    name: str | None = None
     subresource: str | None = None
+    body_contains: str | None = None
     hits: int = 0
 
     def matches(self, request: kmock.Request) -> bool:
-        if self.token is not None and request.headers.get("Authorization") != f"Bearer {self.token}":
-            return False
-        if self.method is not None and request.method.value != self.method.upper():
-            return False
-        if self.plural is not None and (request.resource is None or request.resource.plural != self.plural):
-            return False
-        return self.subresource is None or request.subresource == self.subresource
+        checks = [
+            self.token is None or request.headers.get("Authorization") == f"Bearer {self.token}",
+            self.method is None or request.method.value == self.method.upper(),
+            self.plural is None or (request.resource is not None and request.resource.plural == self.plural),
+            self.name is None or request.name == self.name,
+            self.subresource is None or request.subresource == self.subresource,
+            self.body_contains is None or self.body_contains in request.text,
+        ]
+        return all(checks)
 
 
 def _now() -> str:
