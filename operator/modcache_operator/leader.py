@@ -210,7 +210,7 @@ class Elector:
         """Close the fence once the renew deadline has passed, whatever the renewal in flight is doing."""
         while True:
             left_s = self._renewed_at + self.lease.renew_deadline_s - self._clock.monotonic()
-            if left_s <= 0:
+            if left_s <= 0.001:  # a sleep this short can end just before the deadline, again and again
                 log.error(
                     "%s could not renew the Lease within %.1fs: stopped writing, stepping down",
                     self.lease.identity,

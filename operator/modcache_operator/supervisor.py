@@ -47,6 +47,8 @@ from modcache_operator import (
 log = logging.getLogger(__name__)
 
 R = names.Reason
+#: The shortest sleep: a deadline a hair away is slept past, never approached by ever tinier sleeps.
+MIN_SLEEP_S = 0.001
 
 
 class Stopped(Protocol):
@@ -152,6 +154,7 @@ class Supervisor:
         self._retry_at = 0.0
         self._backoff = backoff.Backoff(tunables.retry_initial_s, tunables.retry_max_s, self._rng)
         self._backoff_generation: int | None = None
+        self._complaint: str | None = None
         self._started_at = clock.monotonic()
 
     @property
@@ -208,12 +211,13 @@ class Supervisor:
         await self._reap(generation)
         now = self._clock.monotonic()
         if now < self._retry_at:
-            return min(self._retry_at - now, self._tunables.heartbeat_s)
+            return self._until(self._retry_at)
         if self._resolution is None or self._resolution.generation != generation or now >= self._next_read_at:
             try:
                 self._resolution = await self._resolve(parsed, generation)
             except errors.ModcacheError as e:
                 return await self._resolve_failed(e, generation)
+            self._complaint = None
         return await self._converge(self._resolution, generation)
 
     async def _resolve(self, parsed: spec.CacheSpec, generation: int) -> _Resolution:
@@ -251,14 +255,20 @@ class Supervisor:
             self._resolution = None
             self.reporter.failed(generation, status.Problem(error.condition_reason, message))
         elif self._running is not None and not self._running.task.done():
-            log.warning("%s: %s; the running watcher carries on, retrying in %.1fs", self.key, message, delay_s)
+            self._complain(f"{message}; the running watcher carries on", delay_s)
             return min(delay_s, self._tunables.heartbeat_s)
         else:
             await self._stop_watcher()
             self._claims.withdraw(self.owner, settled=False)  # younger ones keep waiting for our claim (bounded)
             self.reporter.failed(generation, status.Problem(R.SYNC_FAILED, message))
-        log.warning("%s: %s (retrying in %.1fs)", self.key, message, delay_s)
+        self._complain(message, delay_s)
         return min(delay_s, self._tunables.heartbeat_s)
+
+    def _complain(self, message: str, delay_s: float) -> None:
+        """A warning when a failure starts or changes; the retries of the same failure only at debug level."""
+        level = logging.DEBUG if message == self._complaint else logging.WARNING
+        log.log(level, "%s: %s (retrying in %.1fs)", self.key, message, delay_s)
+        self._complaint = message
 
     async def _converge(self, resolution: _Resolution, generation: int) -> float:
         resolved = resolution.resolved
@@ -285,8 +295,11 @@ class Supervisor:
         self.reporter.request_resync(_resync_token(self._body))
         if self.reporter.facts.synced:
             self._backoff.reset()
-        until_read_s = self._next_read_at - self._clock.monotonic()
-        return max(0.0, min(self._tunables.heartbeat_s, until_read_s))
+        return self._until(self._next_read_at)
+
+    def _until(self, deadline: float) -> float:
+        """How long to sleep towards ``deadline``: at most a heartbeat, at least ``MIN_SLEEP_S``."""
+        return max(MIN_SLEEP_S, min(self._tunables.heartbeat_s, deadline - self._clock.monotonic()))
 
     def _waiting_for(self, claim: prefixes.Claim) -> str | None:
         """Why this winner must not start yet: an older one may still claim, or a refused one still writes."""
