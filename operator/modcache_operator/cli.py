@@ -18,7 +18,7 @@ from pathlib import Path
 
 import click
 
-from modcache_operator import app, fence, handlers, health, kube, leader, metrics
+from modcache_operator import app, credentials, fence, handlers, health, kube, leader, metrics
 
 log = logging.getLogger(__name__)
 
@@ -115,10 +115,10 @@ async def serve(
     """Run until SIGTERM/SIGINT, in whatever state that finds the replica (leading, standing by, starting)."""
     stop = asyncio.Event()
     _on_signals(stop)
-    configuration = await kube.load_configuration(kubeconfig=kubeconfig)
-    api = kube.KubeApi.from_configuration(configuration)
+    connection = credentials.load(kubeconfig=kubeconfig)
+    api = kube.KubeApi(credentials=connection)
     operator = handlers.Operator(
-        configuration=configuration, kube_api=api, metrics=metrics.Metrics(), liveness=health.Liveness()
+        credentials=connection, kube_api=api, metrics=metrics.Metrics(), liveness=health.Liveness()
     )
     term = _Term(operator=operator, namespaces=namespaces, on_signals=lambda: _on_signals(stop))
     try:

@@ -1,7 +1,7 @@
 """The kopf registry: one daemon per ModuleCache, an index of them, and the event handler that wakes them.
 
 Everything the handlers need arrives in an ``Operator`` object (no module-level registry or globals): the
-Kubernetes configuration kopf logs in with, the API adapter, metrics, liveness, tunables, the prefix claims and
+credentials kopf logs in with, the API adapter, metrics, liveness, tunables, the prefix claims and
 the current term's fence. The daemon owns a ``supervisor.Supervisor`` and its ``reporter.Reporter``; every
 event on a ModuleCache pokes its supervisor (which decides from state, so a poke too many costs one look) and
 tells its reporter that the server's copy changed. Secrets are not watched: supervisors read them by name.
@@ -17,10 +17,21 @@ import logging
 from typing import Any
 
 import kopf
-from kubernetes_asyncio import client
 
 from modcache import keys
-from modcache_operator import claims, fence, health, kube, leader, metrics, names, reporter, status, supervisor
+from modcache_operator import (
+    claims,
+    credentials,
+    fence,
+    health,
+    kube,
+    leader,
+    metrics,
+    names,
+    reporter,
+    status,
+    supervisor,
+)
 from modcache_operator import tunables as tunables_
 
 log = logging.getLogger(__name__)
@@ -39,7 +50,7 @@ WATCH_SERVER_TIMEOUT_S = 600.0
 
 @dataclasses.dataclass
 class Operator:
-    configuration: client.Configuration
+    credentials: credentials.Credentials
     kube_api: kube.KubeApi
     metrics: metrics.Metrics
     liveness: health.Liveness
@@ -78,7 +89,7 @@ def registry(operator: Operator) -> kopf.OperatorRegistry:
 
     @kopf.on.login(registry=reg)
     async def login(**_: Any) -> kopf.ConnectionInfo:
-        return await kube.connection_info(operator.configuration)
+        return credentials.connection_info(operator.credentials)
 
     @kopf.index(names.GROUP, names.VERSION, names.PLURAL, registry=reg)
     async def modulecache_claims(body: kopf.Body, namespace: str | None, name: str, **_: Any) -> None:

@@ -37,8 +37,6 @@ import uuid
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Protocol
 
-from kubernetes_asyncio import client
-
 from modcache import errors
 from modcache_operator import backoff, clock, fence, kube
 
@@ -73,8 +71,8 @@ def pod_name() -> str:
 
 
 class LeaseApi(Protocol):
-    def read_lease(self, namespace: str, name: str, *, timeout_s: float) -> Awaitable[client.V1Lease | None]: ...
-    def write_lease(self, lease: client.V1Lease, *, create: bool, timeout_s: float) -> Awaitable[client.V1Lease]: ...
+    def read_lease(self, namespace: str, name: str, *, timeout_s: float) -> Awaitable[kube.Lease | None]: ...
+    def write_lease(self, lease: kube.Lease, *, create: bool, timeout_s: float) -> Awaitable[kube.Lease]: ...
 
 
 class Elector:
@@ -94,7 +92,7 @@ class Elector:
         self._work = work
         self._clock = clock
         self._rng = rng or random.Random()
-        self._cached: client.V1Lease | None = None  # the Lease as we last read or wrote it
+        self._cached: kube.Lease | None = None  # the Lease as we last read or wrote it
         self._observed: tuple[object, ...] | None = None  # the record as last seen, and since when
         self._observed_at = 0.0
         self._renewed_at = 0.0  # start of our last successful acquire/renew
@@ -160,7 +158,7 @@ class Elector:
             created = await self._write(self._fresh(), create=True, timeout_s=self._left(started, timeout_s))
             return self._wrote(created, started)
         self._observe(current)
-        holder = (current.spec and current.spec.holder_identity) or ""
+        holder = str((current.get("spec") or {}).get("holderIdentity") or "")
         expired = self._clock.monotonic() > self._observed_at + self.lease.lease_duration_s
         if holder and holder != self.lease.identity and not expired:
             self._report(holder)
@@ -233,50 +231,49 @@ class Elector:
                 lost.set()
                 return
 
-    # -- the record -------------------------------------------------------------------------------------------
+    # -- the record (a Lease as the API serves it: plain JSON) ------------------------------------------------
 
-    def _fresh(self) -> client.V1Lease:
-        meta = client.V1ObjectMeta(name=self.lease.name, namespace=self.lease.namespace)
-        return client.V1Lease(metadata=meta, spec=self._spec(acquired=self._clock.now(), transitions=0))
+    def _fresh(self) -> kube.Lease:
+        meta = {"name": self.lease.name, "namespace": self.lease.namespace}
+        return {"metadata": meta, "spec": self._spec(acquired=_micro_time(self._clock.now()), transitions=0)}
 
-    def _renewed(self, current: client.V1Lease) -> client.V1Lease:
-        spec = current.spec
-        acquired = spec.acquire_time if spec is not None and spec.acquire_time else self._clock.now()
-        transitions = (spec.lease_transitions if spec is not None else 0) or 0
-        return client.V1Lease(metadata=current.metadata, spec=self._spec(acquired=acquired, transitions=transitions))
+    def _renewed(self, current: kube.Lease) -> kube.Lease:
+        spec = current.get("spec") or {}
+        acquired = spec.get("acquireTime") or _micro_time(self._clock.now())
+        transitions = int(spec.get("leaseTransitions") or 0)
+        return {"metadata": current["metadata"], "spec": self._spec(acquired=acquired, transitions=transitions)}
 
-    def _taken_over(self, current: client.V1Lease) -> client.V1Lease:
-        transitions = ((current.spec.lease_transitions if current.spec is not None else 0) or 0) + 1
-        return client.V1Lease(
-            metadata=current.metadata, spec=self._spec(acquired=self._clock.now(), transitions=transitions)
-        )
+    def _taken_over(self, current: kube.Lease) -> kube.Lease:
+        transitions = int((current.get("spec") or {}).get("leaseTransitions") or 0) + 1
+        spec = self._spec(acquired=_micro_time(self._clock.now()), transitions=transitions)
+        return {"metadata": current["metadata"], "spec": spec}
 
-    def _spec(self, *, acquired: datetime.datetime, transitions: int) -> client.V1LeaseSpec:
-        return client.V1LeaseSpec(
-            holder_identity=self.lease.identity,
-            lease_duration_seconds=int(self.lease.lease_duration_s),
-            acquire_time=acquired,
-            renew_time=self._clock.now(),
-            lease_transitions=transitions,
-        )
+    def _spec(self, *, acquired: str, transitions: int) -> dict[str, Any]:
+        return {
+            "holderIdentity": self.lease.identity,
+            "leaseDurationSeconds": int(self.lease.lease_duration_s),
+            "acquireTime": acquired,
+            "renewTime": _micro_time(self._clock.now()),
+            "leaseTransitions": transitions,
+        }
 
-    async def _write(self, lease: client.V1Lease, *, create: bool, timeout_s: float) -> client.V1Lease:
+    async def _write(self, lease: kube.Lease, *, create: bool, timeout_s: float) -> kube.Lease:
         written = await self._api.write_lease(lease, create=create, timeout_s=timeout_s)
         self._cached = written
         return written
 
-    def _wrote(self, written: client.V1Lease, started: float) -> bool:
+    def _wrote(self, written: kube.Lease, started: float) -> bool:
         self._observe(written)
         self._renewed_at, self._holding = started, True
         return True
 
-    def _observe(self, lease: client.V1Lease) -> None:
+    def _observe(self, lease: kube.Lease) -> None:
         """Remember the record and, if it changed, when we first saw it (client-go's observedTime)."""
-        spec = lease.spec
+        spec = lease.get("spec") or {}
         record = (
-            lease.metadata.resource_version if lease.metadata is not None else None,
-            spec.holder_identity if spec is not None else None,
-            str(spec.renew_time) if spec is not None else None,
+            (lease.get("metadata") or {}).get("resourceVersion"),
+            spec.get("holderIdentity"),
+            spec.get("renewTime"),
         )
         if record != self._observed:
             self._observed, self._observed_at = record, self._clock.monotonic()
@@ -288,27 +285,31 @@ class Elector:
     async def _release(self) -> None:
         """Give the Lease up if we hold it, so a standby need not wait for it to expire (best effort)."""
         lease = self._cached
-        if not self._holding or lease is None or lease.spec is None:
+        if not self._holding or lease is None:
             return
-        now = self._clock.now()
-        released = client.V1LeaseSpec(
-            holder_identity="",
-            lease_duration_seconds=1,
-            acquire_time=now,
-            renew_time=now,
-            lease_transitions=lease.spec.lease_transitions or 0,
-        )
+        now = _micro_time(self._clock.now())
+        transitions = int((lease.get("spec") or {}).get("leaseTransitions") or 0)
+        released = {
+            "holderIdentity": "",
+            "leaseDurationSeconds": 1,
+            "acquireTime": now,
+            "renewTime": now,
+            "leaseTransitions": transitions,
+        }
         try:
             await self._api.write_lease(
-                client.V1Lease(metadata=lease.metadata, spec=released),
-                create=False,
-                timeout_s=self.lease.retry_period_s,
+                {"metadata": lease["metadata"], "spec": released}, create=False, timeout_s=self.lease.retry_period_s
             )
         except errors.ModcacheError as e:
             log.warning("%s could not release the Lease %s: %s", self.lease.identity, self.lease.name, e)
             return
         self._holding = False
         log.info("%s released the Lease %s", self.lease.identity, self.lease.name)
+
+
+def _micro_time(moment: datetime.datetime) -> str:
+    """A metav1.MicroTime: RFC 3339 in UTC with microseconds."""
+    return moment.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 async def _unless_stopped(attempt: asyncio.Task[Any], stop: asyncio.Event) -> bool:

@@ -56,7 +56,7 @@ async def test_the_younger_of_two_overlapping_caches_is_refused_until_the_older_
     assert keyspace.prefix in message
     assert "127.0.0.1:6379/0" in message
     assert cluster.condition("younger", C.STALLED)[0] == "True", "a person must act"
-    assert ("Warning", R.PREFIX_CONFLICT) in [e[:2] for e in cluster.events("younger")]
+    await cluster.told("younger", "Warning", R.PREFIX_CONFLICT)
     assert not await _wrote_anything(redis_client, nested)
     assert cluster.ready("older"), "the older keeps running"
 

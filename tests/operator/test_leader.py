@@ -14,9 +14,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from kubernetes_asyncio import client
 
-from modcache_operator import fence, kube, leader
+from modcache_operator import credentials, fence, kube, leader
 from operatorkit.cluster import ApiServer, api_server
 from operatorkit.emulator import Fault
 
@@ -30,16 +29,14 @@ class Replica:
     """One operator replica whose "work" records its terms: when each began, and when its fence closed."""
 
     def __init__(self, api: ApiServer, identity: str) -> None:
-        configuration = client.Configuration(host=api.url, api_key={"BearerToken": f"token-{identity}"})
-        configuration.api_key_prefix = {"BearerToken": "Bearer"}
         self.token = f"token-{identity}"
-        self.api_client = client.ApiClient(configuration)
+        self.api = kube.KubeApi(credentials=credentials.Credentials(server=api.url, token=self.token))
         self.working = asyncio.Event()
         self.stop = asyncio.Event()
         self.began: list[float] = []
         self.closed: list[float] = []
         self.elector = leader.Elector(
-            api=kube.KubeApi(api_client=self.api_client),
+            api=self.api,
             lease=leader.LeaseConfig(namespace="modcache-test", identity=identity, **FAST),
             work=self._work,
         )
@@ -61,7 +58,7 @@ class Replica:
         self.stop.set()
         if self.task is not None:
             await asyncio.wait_for(self.task, 30)
-        await self.api_client.close()
+        await self.api.close()
 
     async def crash(self) -> None:
         """Vanish without stopping the work or releasing the Lease (a killed pod)."""

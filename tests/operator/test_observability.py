@@ -10,7 +10,7 @@ import aiohttp
 from prometheus_client import parser
 
 from modcache import keys, pgsource
-from modcache_operator import app, handlers, health, kube, metrics
+from modcache_operator import app, credentials, handlers, health, kube, metrics
 from operatorkit.cluster import NAMESPACE, Cluster
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -103,8 +103,8 @@ async def test_liveness_fails_once_a_loop_falls_silent() -> None:
     liveness.beat("operator", allowed_silence_s=30)
     liveness.beat("ns/cache", allowed_silence_s=10)
     operator = handlers.Operator(
-        configuration=kube.client.Configuration(host="http://127.0.0.1:1"),
-        kube_api=kube.KubeApi.from_configuration(kube.client.Configuration(host="http://127.0.0.1:1")),
+        credentials=credentials.Credentials(server="http://127.0.0.1:1"),
+        kube_api=kube.KubeApi(credentials=credentials.Credentials(server="http://127.0.0.1:1")),
         metrics=metrics.Metrics(),
         liveness=liveness,
     )

@@ -71,7 +71,7 @@ async def test_a_rotated_secret_is_picked_up_after_reading_it_failed(
                 await rotated_keys.until(lambda: _all_cached(client, keyspace, 3), "the cache filled in the new Redis")
         finally:
             await client.aclose()
-    assert cluster.ready("main")
+    await cluster.wait_for(lambda: cluster.ready("main"), "Ready on the rotated Redis")
     assert cluster.status("main")["observedGeneration"] == 1
 
 
@@ -127,7 +127,12 @@ async def test_a_rejected_status_is_told_and_retried_slowly(
     ready, _, message = cluster.condition("main", C.READY)
     assert ready == "False"
     assert "HTTP 422" in message
-    warnings = [e for e in cluster.events("main") if e[:2] == ("Warning", R.STATUS_REJECTED)]
+
+    def told() -> list[tuple[str, str, str]]:
+        return [e for e in cluster.events("main") if e[:2] == ("Warning", R.STATUS_REJECTED)]
+
+    await cluster.wait_for(told, "a Warning event")  # kopf posts events from a queue of its own
+    warnings = told()
     assert len(warnings) == 1
     assert "injected HTTP 422" in warnings[0][2]
 

@@ -15,9 +15,8 @@ from typing import Any
 
 import kmock
 import pytest
-from kubernetes_asyncio import client as kube_client
 
-from modcache_operator import app, handlers, health, kube, metrics, names, tunables
+from modcache_operator import app, credentials, handlers, health, kube, metrics, names, tunables
 from operatorkit.emulator import Emulator
 
 NAMESPACE = "modcache-test"
@@ -103,6 +102,10 @@ class Cluster:
                 if event.get("involvedObject", {}).get("name") == name:
                     found.append((event.get("type", ""), event.get("reason", ""), event.get("message", "")))
         return found
+
+    async def told(self, name: str, kind: str, reason: str) -> None:
+        """Until an event of this type and reason about ``name`` has been posted (kopf posts from a queue)."""
+        await self.wait_for(lambda: (kind, reason) in [e[:2] for e in self.events(name)], f"a {kind} {reason} event")
 
     async def wait_for(self, predicate: Callable[[], object], what: str, timeout_s: float = WAIT_S) -> None:
         """Until ``predicate`` (over the emulator's objects) holds, re-checked after each write; or fail naming it."""
@@ -230,10 +233,10 @@ class OperatorThread:
             self._ready.set()
 
     async def _run(self) -> None:
-        configuration = kube_client.Configuration(host=self.url)
-        api = kube.KubeApi.from_configuration(configuration)
+        connection = credentials.Credentials(server=self.url)
+        api = kube.KubeApi(credentials=connection)
         self.operator = handlers.Operator(
-            configuration=configuration,
+            credentials=connection,
             kube_api=api,
             metrics=metrics.Metrics(),
             liveness=health.Liveness(),
