@@ -182,7 +182,7 @@ async def observe(
     if generation.problem and generation.problem != "missing":
         repairs.append(plan.KeyRepair("generation", cache.keyspace.generation, generation.problem))
     views = _Views(cache.keyspace, complete=complete)
-    listing = asyncio.create_task(_list(source))
+    listing = asyncio.create_task(_list(source, cache.keyspace))
     indexing = asyncio.create_task(cache.read_index())
     settling = _Settling(views, listing, indexing)
     try:
@@ -308,6 +308,12 @@ def _judge_value(views: _Views, path: str, code: str, digest: str) -> None:
         views.damage[path] = damage(code)
 
 
-async def _list(source: pgsource.PgSource) -> tuple[plan.SourceView, str]:
+async def _list(source: pgsource.PgSource, ks: keys.KeySpace) -> tuple[plan.SourceView, str]:
     listed = await source.list_modules()
+    if ks.excluded:  # rows whose content key would be another cache's key are not ours to serve
+        foreign = {p: why for p in listed.live if (why := ks.name_problem(p)) is not None}
+        if foreign:
+            rejected = [modules.Rejected(p, modules.Rejection.BAD_PATH, why) for p, why in foreign.items()]
+            live = {p: h for p, h in listed.live.items() if p not in foreign}
+            listed = plan.SourceView(live=live, rejected=(*listed.rejected, *rejected))
     return listed, plan.source_digest(listed.live)
