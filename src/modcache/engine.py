@@ -103,6 +103,8 @@ class Engine:
             outcome = await self._execute(the_plan, fence=observed.fence, lengths=observed.lengths, progress=progress)
             await self._settle(outcome)
             await self.cache.refresh_ttl(observed.source.live)
+        else:  # rows found unservable only when their content is read: a dry run must say so too
+            outcome.rejected = await self._unservable(the_plan)
         report = self._report(
             the_plan, outcome, observed.source, observed.cached, started, dry_run=dry_run, digest=observed.digest
         )
@@ -124,6 +126,12 @@ class Engine:
             duration_s=f"{report.duration_s:.4f}",
             deep="1" if report.deep else "0",
         )
+
+    async def _unservable(self, the_plan: plan.Plan) -> list[modules.Rejected]:
+        rejected: list[modules.Rejected] = []
+        for batch in _chunks(the_plan.by_operation(plan.Operation.PUT), self.fetch_batch_size):
+            rejected += (await self.source.fetch([i.path for i in batch]))[1]
+        return rejected
 
     # -- incremental -----------------------------------------------------------------------------------------
 

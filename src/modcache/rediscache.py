@@ -44,7 +44,7 @@ T = TypeVar("T")
 
 # Statuses the check scripts return per key.
 ABSENT, MATCH, OTHER, PRESENT, WRONGTYPE, MALFORMED, NOT_A_PATH = "-", "=", "~", "+", "t", "b", "x"
-CORRUPT = "c"  # present, claims the expected hash (its tail is ``<hash>"}``), but is not the value modcache writes
+CORRUPT = "c"  # present, claims the expected hash (``"hash": "<hash>"``), but is not the value modcache writes
 _NOT_MATCHED = re.compile(f"[^{re.escape(MATCH)}]")
 
 _HEX64 = "[0-9a-f]" * 64
@@ -57,7 +57,7 @@ local function le(a, b) return #a < #b or (#a == #b and a <= b) end  -- digit st
 VERIFY = (
     _DIGITS_LE
     + f"""
-local call, pcall, sub, match = redis.call, redis.pcall, string.sub, string.match
+local call, pcall, sub, match, find = redis.call, redis.pcall, string.sub, string.match, string.find
 if call('TYPE', KEYS[1])['ok'] ~= 'hash' then return {{'0', {{}}, '', ''}} end
 local page = call('HSCAN', KEYS[1], ARGV[2], 'COUNT', ARGV[3])
 local entries, codes, prefix, limit, n, top = page[2], {{}}, ARGV[1], ARGV[4], 0, ''
@@ -76,7 +76,7 @@ for i = 1, #entries, 2 do
         if type(got) == 'table' then codes[n] = '{WRONGTYPE}'
         elseif got == 0 then codes[n] = '{ABSENT}'
         elseif got == tonumber(len) then codes[n] = '{MATCH}'
-        elseif call('GETRANGE', prefix .. entries[i], -66, -1) == hash .. '"}}' then codes[n] = '{CORRUPT}'
+        elseif find(call('GET', prefix .. entries[i]), '"hash": "' .. hash .. '"', 1, true) then codes[n] = '{CORRUPT}'
         else codes[n] = '{OTHER}' end
     end
 end
@@ -100,13 +100,13 @@ return table.concat(out)
 
 # KEYS: content keys; ARGV: per key, the sha1 (hex) of the value it should hold and the module hash.
 VALUES = f"""
-local out, sha, sub = {{}}, redis.sha1hex, string.sub
+local out, sha = {{}}, redis.sha1hex
 for i, key in ipairs(KEYS) do
     local value = redis.pcall('GET', key)
     if type(value) == 'table' then out[i] = '{WRONGTYPE}'
     elseif not value then out[i] = '{ABSENT}'
     elseif sha(value) == ARGV[2 * i - 1] then out[i] = '{MATCH}'
-    elseif sub(value, -66) == ARGV[2 * i] .. '"}}' then out[i] = '{CORRUPT}'
+    elseif string.find(value, '"hash": "' .. ARGV[2 * i] .. '"', 1, true) then out[i] = '{CORRUPT}'
     else out[i] = '{OTHER}' end
 end
 return table.concat(out)
