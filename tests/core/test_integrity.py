@@ -60,7 +60,8 @@ async def test_an_index_member_naming_the_generation_key_is_unlisted_and_the_key
     assert int(await redis_client.get(keyspace.generation)) > int(generation)  # kept (bumped by the unlist)
     await source.put_module("pkg/m0.py", b"N = 'changed'\n")
     later = await sync_engine.apply_paths(["pkg/m0.py"])
-    assert later.applied[R.STALE] == 1 and later.superseded == 0
+    assert later.applied[R.STALE] == 1
+    assert later.superseded == 0
     assert await judge(database_url, redis_client, keyspace) == []
 
 
@@ -119,7 +120,8 @@ async def test_a_forged_manifest_generation_never_blocks_an_update(
 
     update = await sync_engine.apply_paths([paths[0]])
 
-    assert update.superseded == 0 and update.repaired == 1
+    assert update.superseded == 0
+    assert update.repaired == 1
     assert await judge(database_url, redis_client, keyspace) == []
 
 
@@ -357,7 +359,8 @@ async def test_status_and_sync_agree_on_a_row_with_a_bad_hash(env: Env, database
     conn = await asyncpg.connect(database_url)
     try:
         await conn.execute(
-            "INSERT INTO workspace_files (path, content, content_hash, entity_type) VALUES ('lying.py', 'X', $1, 'module')",
+            "INSERT INTO workspace_files (path, content, content_hash, entity_type) "
+            "VALUES ('lying.py', 'X', $1, 'module')",
             "0" * 64,
         )
     finally:
