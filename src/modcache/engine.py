@@ -93,10 +93,10 @@ class Engine:
         started = self._monotonic()
         observed = await self._observe(deep=deep, dry_run=dry_run)
         repairs = list(observed.repairs)
-        if observed.top_generation > observed.fence:
+        if observed.top_generation > observed.fence and (
+            dry_run or await self.cache.raise_generation(observed.top_generation)
+        ):
             repairs.append(plan.KeyRepair("generation", self.cache.keyspace.generation, "lower than the manifest"))
-            if not dry_run:
-                await self.cache.raise_generation(observed.top_generation)
         the_plan = self._compute(*observed.narrowed(), repairs)
         outcome = _Outcome()
         if not dry_run:

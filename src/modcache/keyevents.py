@@ -248,6 +248,7 @@ class KeyEvents:
 
     async def _probe(self, probe: str, ttl_ms: int, *, armed: bool) -> str | None:
         client: aioredis.Redis = self._cache.client
+        seen = self._cache.high_water  # before the read: a write landing meanwhile must not look like a regression
         try:
             async with client.pipeline(transaction=False) as pipe:
                 pipe.pexpire(probe, ttl_ms)
@@ -261,7 +262,6 @@ class KeyEvents:
             return None
         if not alive:
             return "the cache was flushed or replaced (modcache's probe key vanished)"
-        seen = self._cache.high_water
         value = int(raw) if isinstance(raw, str) and raw.isdigit() else 0
         if seen and value < seen:
             self._cache.high_water = value  # learn again from here, so one regression is reported once

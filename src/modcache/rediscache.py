@@ -138,11 +138,12 @@ RAISE = (
     _DIGITS_LE
     + """
 local g = redis.call('GET', KEYS[1])
-if not g or not string.match(g, '^[1-9]%d*$') or le(g, ARGV[1]) then
+if not g or not string.match(g, '^[1-9]%d*$') or not le(ARGV[1], g) then
     g = string.format('%.0f', tonumber(ARGV[1]) + 1)
     redis.call('SET', KEYS[1], g)
+    return {g, 1}
 end
-return g
+return {g, 0}
 """
 )
 
@@ -376,11 +377,12 @@ class RedisCache:
         problem = problem or keys.generation_problem(raw, clock_us=clock_us)
         return Generation(0 if problem else int(str(raw)), problem or "", clock_us, self._wrong(kinds))
 
-    async def raise_generation(self, at_least: int) -> int:
-        """Make the counter exceed ``at_least`` (a believable generation found in the manifest)."""
-        value = int(await _call(self._raise(keys=[self.keyspace.generation], args=[str(at_least)])))
-        self.high_water = max(self.high_water, value)
-        return value
+    async def raise_generation(self, at_least: int) -> bool:
+        """Make the counter reach ``at_least`` (a believable generation found in the manifest); whether it was
+        below (another writer may have moved it past meanwhile: then nothing was wrong)."""
+        value, raised = await _call(self._raise(keys=[self.keyspace.generation], args=[str(at_least)]))
+        self.high_water = max(self.high_water, int(value))
+        return bool(raised)
 
     # -- bookkeeping keys -----------------------------------------------------------------------------------------
 
