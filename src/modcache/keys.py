@@ -46,10 +46,6 @@ def poison_queue(queue: str) -> str:
     return f"{queue}.poison"
 
 
-EXECUTIONS_DLX = dead_letter_exchange(EXECUTIONS_QUEUE)
-POISON_QUEUE = poison_queue(EXECUTIONS_QUEUE)
-
-
 def org_cache_key(org_id: str, namespace: str = "") -> str:
     return f"{namespace}{ORG_CACHE_PREFIX}{org_id}"
 
