@@ -35,7 +35,7 @@ import redis.asyncio as aioredis
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from modcache import db, embedded, engine, keys, modules, pgsource, rediscache, schema, settings
+from modcache import db, embedded, engine, keys, modules, schema, settings, wiring
 
 ADMIN_URL_ENV = "MODCACHE_BENCH_POSTGRES_URL"
 MODULE_BYTES = 4096
@@ -212,19 +212,8 @@ async def load_modules(database_url: str, count: int, *, first: int = 0, size_by
 @contextlib.asynccontextmanager
 async def modcache_engine(database_url: str, redis_url: str) -> AsyncIterator[engine.Engine]:
     s = settings.Settings(database_url=database_url, redis_url=redis_url)  # type: ignore[arg-type]
-    source = pgsource.PgSource(engine=db.make_engine(database_url), max_module_bytes=s.max_module_bytes)
-    cache = rediscache.RedisCache.from_url(
-        redis_url,
-        keyspace=s.keyspace(),
-        ttl_s=s.ttl_s,
-        ttl_jitter_ratio=s.ttl_jitter_ratio,
-        check_batch_size=s.check_batch_size,
-    )
-    try:
-        yield engine.Engine(source=source, cache=cache, fetch_batch_size=s.fetch_batch_size)
-    finally:
-        await cache.close()
-        await source.close()
+    async with wiring.connect(s, application_name="modcache-bench") as wired:
+        yield wired.engine
 
 
 # -- the plan's algorithm (bifrost-contract.md failure mode 2), reimplemented faithfully ------------------------

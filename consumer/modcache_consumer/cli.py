@@ -182,6 +182,3 @@ def _parameters(pairs: tuple[str, ...]) -> dict[str, Any]:
         except ValueError:
             parameters[key] = raw
     return parameters
-
-
-commands: list[click.Command] = [consumer_command, workflows_group, run_command]

@@ -95,7 +95,7 @@ class WorkspaceStore:
             pipe.get(self._keyspace.generation)
             pipe.hmget(self._keyspace.manifest, list(paths) or ["\x00"])
             generation, held = pipe.execute()
-        found = {p: str(v).partition(":")[2] for p, v in zip(paths, held, strict=False) if v is not None}
+        found = {p: h for p, v in zip(paths, held, strict=False) if (h := keys.manifest_hash(v)) is not None}
         return _int(generation), found
 
     def directories(self, generation: int | None) -> frozenset[str]:
@@ -302,13 +302,13 @@ def _entry(path: str, value: str | None, held: str | None, indexed: bool) -> Ent
             content, digest = cached["content"], cached["hash"]
         except ValueError:
             pass  # a corrupt value is treated as missing: the repair rewrites it
-    gen, _, held_hash = (held or "").partition(":")
+    entry = keys.parse_manifest(held)
     return Entry(
         path=path,
         content=content,
         hash=digest,
-        manifest_generation=int(gen) if held and gen.isdigit() else None,
-        manifest_hash=held_hash if held else None,
+        manifest_generation=entry.generation if entry is not None else None,
+        manifest_hash=entry.hash if entry is not None else None,
         indexed=indexed,
     )
 

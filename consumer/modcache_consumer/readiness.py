@@ -126,10 +126,7 @@ class CacheGuard:
         return (int(generation) if generation is not None else None), bool(synced)
 
     async def _full_resync(self) -> plan.Report:
-        report = await self._engine.full_resync()
-        await self._cache.write_status(
-            {"last_full_sync_at": f"{self._clock():.3f}", "source_digest": report.digest, "writer": "consumer"}
-        )
+        report = await self._engine.full_resync()  # writes the one sync-status record (keys.SyncStatus)
         self._completed += 1
         log.info("module cache converged by the consumer: %s", report.plan.describe())
         self._observer.on_repair("full", 1)

@@ -177,6 +177,3 @@ def _own_namespace() -> str | None:
     with contextlib.suppress(OSError):
         return SERVICE_ACCOUNT_NAMESPACE.read_text().strip() or None
     return None
-
-
-commands: list[click.Command] = [operator]

@@ -5,7 +5,7 @@ current time, and returns an ``Update``: the new status, or None when nothing wo
 ``events_between(old, new)`` says which events a change of facts deserves. Nothing here reads the clock or talks
 to Kubernetes.
 
-Rules the anchors converge on (see operator-conventions.md):
+Rules the anchors (External Secrets, cert-manager, CloudNativePG, Flux) converge on:
 
 * conditions are metav1.Conditions; ``lastTransitionTime`` moves only when a condition's status changes;
 * ``Ready`` summarises, ``Reconciling``/``Stalled`` follow kstatus, three domain conditions say why;

@@ -1,6 +1,6 @@
 """modcache: keeps a Bifrost-compatible Redis module cache converged to PostgreSQL.
 
-Layers, top to bottom (checked by ``tests/core/test_layers.py``):
+Layers, top to bottom (held by the import-linter contracts in ``pyproject.toml``, run by ``./dev test``):
 
 * entry points: ``modcache.cli``, ``modcache_operator``, ``modcache_consumer``;
 * the engine and watcher that drive a sync: ``modcache.engine``, ``modcache.watcher``;

@@ -22,7 +22,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
-from modcache import modules, pgsource, plan, rediscache
+from modcache import keys, modules, observation, pgsource, plan, rediscache
 
 log = logging.getLogger(__name__)
 
@@ -37,79 +37,18 @@ _Fetched = tuple[dict[str, pgsource.Module], list[modules.Rejected]]
 class _Outcome:
     applied: list[plan.Item] = dataclasses.field(default_factory=list)
     conflicted: list[plan.Item] = dataclasses.field(default_factory=list)
+    moved: list[plan.Item] = dataclasses.field(default_factory=list)
     rejected: list[modules.Rejected] = dataclasses.field(default_factory=list)
+    repairs: list[plan.KeyRepair] = dataclasses.field(default_factory=list)
     vanished: int = 0
 
     def absorb(self, other: _Outcome) -> None:
         self.applied += other.applied
         self.conflicted += other.conflicted
+        self.moved += other.moved
         self.rejected += other.rejected
+        self.repairs += other.repairs
         self.vanished += other.vanished
-
-
-@dataclasses.dataclass(frozen=True)
-class _Observation:
-    """Both sides as observed, the source digest, and the paths the cache does not already serve exactly
-    (every other live path has a verified content key, manifest entry and index entry for its hash)."""
-
-    fence: int
-    source: plan.SourceView
-    view: plan.CacheView
-    digest: str
-    unsettled: set[str]
-
-    def narrowed(self) -> tuple[plan.SourceView, plan.CacheView]:
-        """Both views restricted to the unsettled paths: the same plan as the full views, found in a fraction of
-        the time (a settled path yields no item and, being live, is never an orphan)."""
-        paths, live, view = self.unsettled, self.source.live, self.view
-        return (
-            plan.SourceView(live={p: live[p] for p in paths if p in live}, rejected=self.source.rejected),
-            plan.CacheView(
-                index=frozenset(p for p in paths if p in view.index),
-                manifest={p: view.manifest[p] for p in paths if p in view.manifest},
-                content={p: view.content[p] for p in paths if p in view.content},
-            ),
-        )
-
-
-class _Settling:
-    """Finds, page by page while Redis is still verifying the rest, the manifest paths that are not settled
-    (their verified content hash is not the live source hash, or the index lacks them), and counts how many
-    manifest entries are live and indexed, so that in the common case no 100,000-path set operation is needed."""
-
-    def __init__(
-        self,
-        listing: asyncio.Task[tuple[plan.SourceView, str]],
-        indexing: asyncio.Task[frozenset[str]],
-    ) -> None:
-        self._listing = listing
-        self._indexing = indexing
-        self._backlog: list[Mapping[str, str | None]] = []
-        self.unsettled: set[str] = set()
-        self.unverified: set[str] = set()  # present, but not with the manifest's hash
-        self.entries = 0  # manifest entries seen (HSCAN may repeat one: then the counts below are not exact)
-        self.live = 0  # ... of which are live modules
-        self.indexed = 0  # ... of which are in the index
-
-    def page(self, verified: Mapping[str, str | None]) -> None:
-        self.unverified.update(p for p, h in verified.items() if h == plan.UNVERIFIED)
-        self._backlog.append(verified)
-        if all(t.done() and not t.cancelled() and t.exception() is None for t in (self._listing, self._indexing)):
-            self.drain()
-
-    def drain(self) -> None:
-        (source, _), index = self._listing.result(), self._indexing.result()
-        live = source.live
-        for verified in self._backlog:
-            self.entries += len(verified)
-            if verified.items() <= live.items() and verified.keys() <= index:  # all settled: C-level checks
-                self.live += len(verified)
-                self.indexed += len(verified)
-                continue
-            self.unsettled.update(p for p, h in verified.items() if not h or live.get(p) != h or p not in index)
-            self.live += len(verified.keys() & live.keys())
-            self.indexed += len(verified.keys() & index)
-        self._backlog.clear()
 
 
 class Engine:
@@ -133,107 +72,144 @@ class Engine:
     # -- full resync ---------------------------------------------------------------------------------------
 
     async def observe(self, *, deep: bool = False) -> tuple[int, plan.SourceView, plan.CacheView]:
-        """The fence, the source listing and the matching cache view (read after the fence, in parallel).
-
-        Content keys the manifest names are verified against its hashes server-side (no key is sent); then only
-        index-only (and, when ``deep``, unindexed) keys and live paths not yet confirmed are checked by path."""
-        observed = await self._observe(deep=deep)
+        """The fence, the source listing and the complete cache view (for tests and tools: a full resync plans
+        from the narrowed view of ``observation.observe``)."""
+        observed = await self._observe(deep=deep, dry_run=True, complete=True)
         return observed.fence, observed.source, observed.view
 
-    async def _observe(self, *, deep: bool, dry_run: bool = False) -> _Observation:
-        """``observe``, plus what the full resync needs to plan quickly (see ``_Observation``)."""
-        fence = await self.cache.generation(create=not dry_run)
-        listing = asyncio.create_task(self._list_source())
-        indexing = asyncio.create_task(self.cache.read_index())
-        settling = _Settling(listing, indexing)
-        try:
-            manifest, content = await self.cache.verify_manifest(on_page=settling.page)  # Redis works, we list
-            source, digest = await listing
-            index = await indexing
-        finally:
-            listing.cancel()
-            indexing.cancel()
-        settling.drain()
-        exact = settling.entries == len(manifest)
-        unknown = set() if exact and settling.indexed == len(index) else set(index - manifest.keys())
-        if deep:
-            unknown |= await self.cache.scan_paths() - manifest.keys()
-        content.update(await self.cache.check(dict.fromkeys(unknown, "")))
-        unlisted = set() if exact and settling.live == len(source.live) else source.live.keys() - manifest.keys()
-        doubtful = settling.unverified | {p for p in unknown if content[p] == plan.UNVERIFIED}
-        content.update(await self.cache.check({p: source.live[p] for p in unlisted | doubtful if p in source.live}))
-        unsettled = settling.unsettled | unlisted | unknown
-        view = plan.CacheView(index=index, manifest=manifest, content=content)
-        return _Observation(fence, source, view, digest, unsettled)
-
-    async def _list_source(self) -> tuple[plan.SourceView, str]:
-        source = await self.source.list_modules()
-        return source, plan.source_digest(source.live)
+    async def _observe(self, *, deep: bool, dry_run: bool, complete: bool = False) -> observation.Observation:
+        return await observation.observe(
+            source=self.source,
+            cache=self.cache,
+            fetch_batch_size=self.fetch_batch_size,
+            deep=deep,
+            dry_run=dry_run,
+            complete=complete,
+        )
 
     async def full_resync(
         self, *, dry_run: bool = False, deep: bool = False, progress: Progress | None = None
     ) -> plan.Report:
         started = self._monotonic()
         observed = await self._observe(deep=deep, dry_run=dry_run)
-        fence, source, cache_view, digest = observed.fence, observed.source, observed.view, observed.digest
-        the_plan = self._compute(*observed.narrowed())
+        repairs = list(observed.repairs)
+        if observed.top_generation > observed.fence and (
+            dry_run or await self.cache.raise_generation(observed.top_generation)
+        ):
+            repairs.append(plan.KeyRepair("generation", self.cache.keyspace.generation, "lower than the manifest"))
+        the_plan = self._compute(*observed.narrowed(), repairs)
         outcome = _Outcome()
         if not dry_run:
-            outcome = await self._execute(the_plan, fence=fence, progress=progress)
+            outcome = await self._execute(the_plan, fence=observed.fence, lengths=observed.lengths, progress=progress)
             await self._settle(outcome)
-            await self.cache.refresh_ttl(source.live)
-        report = self._report(the_plan, outcome, source, cache_view, started, dry_run=dry_run, digest=digest)
+            await self.cache.refresh_ttl(observed.source.live)
+        else:  # rows found unservable only when their content is read: a dry run must say so too
+            outcome.rejected = await self._unservable(the_plan)
+        report = self._report(
+            the_plan, outcome, observed.source, observed.cached, started, dry_run=dry_run, digest=observed.digest
+        )
+        report = dataclasses.replace(report, deep=deep)
         if not dry_run:
-            await self.cache.write_status(await self._status_fields(report))
+            await self.cache.write_status(await self._status(report))
         return report
 
-    async def _status_fields(self, report: plan.Report) -> dict[str, str]:
-        """The sync-status record (``keys.KeySpace.status``): what the consumer and ``modcache status`` read."""
-        return {
-            "last_success_at": self._wall_clock().isoformat(timespec="seconds"),
-            "generation": str(await self.cache.generation()),
-            "source_modules": str(report.source_count),
-            "cached_modules": str(report.cached_count),
-            "source_digest": report.digest,
-            "last_drift": json.dumps({r.value: n for r, n in report.plan.counts().items()}),
-            "rejected": str(len(report.plan.rejected)),
-            "duration_s": f"{report.duration_s:.4f}",
-        }
+    async def _status(self, report: plan.Report) -> keys.SyncStatus:
+        """The sync-status record (``keys.SyncStatus``): what the consumer and ``modcache status`` read."""
+        return keys.SyncStatus(
+            last_success_at=self._wall_clock().isoformat(timespec="seconds"),
+            generation=str(self.cache.high_water),
+            source_modules=str(report.source_count),
+            cached_modules=str(report.cached_count),
+            source_digest=report.digest,
+            last_drift=json.dumps({r.value: n for r, n in report.plan.counts().items() if n}),
+            rejected=str(len(report.plan.rejected)),
+            duration_s=f"{report.duration_s:.4f}",
+            deep="1" if report.deep else "0",
+        )
+
+    async def _unservable(self, the_plan: plan.Plan) -> list[modules.Rejected]:
+        rejected: list[modules.Rejected] = []
+        for batch in _chunks(the_plan.by_operation(plan.Operation.PUT), self.fetch_batch_size):
+            rejected += (await self.source.fetch([i.path for i in batch]))[1]
+        return rejected
 
     # -- incremental -----------------------------------------------------------------------------------------
 
     async def apply_paths(self, paths: Iterable[str], *, dry_run: bool = False) -> plan.Report:
-        """Converge just ``paths`` (re-reading their rows); other cached paths are not looked at."""
+        """Converge just ``paths`` (re-reading their rows, comparing whole values); other cached paths are not
+        looked at. Names that are not content keys of this cache (a hint that names ``index``) are reported as
+        rejected and never acted on."""
         started = self._monotonic()
-        wanted = sorted(set(paths))
+        wanted, refused = self._judge_names(paths)
         the_plan, outcome, source, view = await self._converge_paths(wanted, dry_run=dry_run)
         if not dry_run:
             await self._settle(outcome)
-        return self._report(the_plan, outcome, source, view, started, dry_run=dry_run, digest=None)
+        outcome.rejected += refused
+        return self._report(the_plan, outcome, source, view.cached_count(), started, dry_run=dry_run, digest=None)
+
+    def _judge_names(self, paths: Iterable[str]) -> tuple[list[str], list[modules.Rejected]]:
+        wanted, refused = [], []
+        for path in sorted(set(paths)):
+            problem = self.cache.keyspace.name_problem(path)
+            if problem is None:
+                wanted.append(path)
+            else:
+                refused.append(modules.Rejected(path, modules.Rejection.BAD_PATH, f"named in a change hint: {problem}"))
+        return wanted, refused
 
     async def _converge_paths(
         self, paths: Sequence[str], *, dry_run: bool
     ) -> tuple[plan.Plan, _Outcome, plan.SourceView, plan.CacheView]:
-        fence = await self.cache.generation(create=not dry_run)
+        generation = await self.cache.read_generation(create=not dry_run)
+        repairs = [plan.KeyRepair("generation", self.cache.keyspace.generation, generation.problem)]
+        repairs = repairs if generation.problem and generation.problem != "missing" else []
         found, rejected = await self.source.fetch(paths)
         source = plan.SourceView(live={p: m.hash for p, m in found.items()}, rejected=tuple(rejected))
-        manifest = await self.cache.read_manifest(paths)
-        index = await self.cache.read_index_members(paths)
-        content = await self.cache.check({p: source.live.get(p, "") for p in paths})
-        view = plan.CacheView(index=index, manifest=manifest, content=content)
-        the_plan = self._compute(source, view)
+        view, values = await self._look(paths, found)
+        the_plan = self._compute(source, view, repairs)
         outcome = _Outcome(rejected=list(rejected))
-        if the_plan and not dry_run:
-            outcome.absorb(await self._apply(_writes(the_plan.items, found), fence=fence))
+        if the_plan.items and not dry_run:
+            writes = _writes(the_plan.items, found, {p: len(v.encode()) for p, v in values.items()})
+            outcome.absorb(await self._apply(writes, fence=generation.value))
         return the_plan, outcome, source, view
 
-    def _compute(self, source: plan.SourceView, view: plan.CacheView) -> plan.Plan:
-        the_plan = plan.compute(source, view)
+    async def _look(
+        self, paths: Sequence[str], found: Mapping[str, pgsource.Module]
+    ) -> tuple[plan.CacheView, dict[str, str]]:
+        """The cache view of ``paths``: live ones by whole value against what their rows make, others by
+        existence; the values built, by path."""
+        entries, malformed = await self.cache.read_manifest(paths)
+        index = await self.cache.read_index_members(paths)
+        values = {p: modules.encode_cached(p, m.content, m.hash) for p, m in found.items()}
+        codes = await self.cache.check_values(
+            {p: (rediscache.value_digest(v), found[p].hash) for p, v in values.items()}
+        )
+        codes.update(await self.cache.check_lengths(dict.fromkeys(p for p in paths if p not in found)))
+        content: dict[str, str | None] = {}
+        damaged: dict[str, plan.Reason] = {}
+        for path, code in codes.items():
+            live = found.get(path)
+            content[path] = observation.content_state(code, live.hash if live is not None else "")
+            if live is not None and code not in (rediscache.MATCH, rediscache.ABSENT):
+                damaged[path] = observation.damage(code)
+        view = plan.CacheView(
+            index=index,
+            manifest={p: e.hash for p, e in entries.items()},
+            content=content,
+            damage=damaged,
+            malformed=frozenset(malformed),
+        )
+        return view, values
+
+    def _compute(
+        self, source: plan.SourceView, view: plan.CacheView, repairs: Iterable[plan.KeyRepair] = ()
+    ) -> plan.Plan:
+        the_plan = plan.compute(source, view, repairs)
         return the_plan if self.prune else plan.without_orphans(the_plan)
 
     async def _settle(self, outcome: _Outcome) -> None:
-        """Re-check fenced-out items with fresh reads until none conflict (bounded)."""
-        pending = outcome.conflicted
+        """Re-check fenced-out (and, for REINDEX, moved) items with fresh reads until none conflict (bounded)."""
+        pending = outcome.conflicted + outcome.moved
         for _ in range(MAX_ROUNDS):
             if not pending:
                 return
@@ -241,7 +217,8 @@ class Engine:
             _, again, _, _ = await self._converge_paths(sorted({i.path for i in pending}), dry_run=False)
             outcome.applied += again.applied
             outcome.vanished += again.vanished
-            pending = again.conflicted
+            outcome.repairs += again.repairs
+            pending = again.conflicted + again.moved
         if pending:
             log.warning(
                 "%d paths still contended after %d rounds; the next sync re-checks them", len(pending), MAX_ROUNDS
@@ -249,7 +226,9 @@ class Engine:
 
     # -- applying a plan -----------------------------------------------------------------------------------
 
-    async def _execute(self, the_plan: plan.Plan, *, fence: int, progress: Progress | None) -> _Outcome:
+    async def _execute(
+        self, the_plan: plan.Plan, *, fence: int, lengths: Mapping[str, int], progress: Progress | None
+    ) -> _Outcome:
         outcome = _Outcome()
         total, done = len(the_plan.items), 0
         batches = iter(list(_chunks(the_plan.by_operation(plan.Operation.PUT), self.fetch_batch_size)))
@@ -263,7 +242,7 @@ class Engine:
             read_ahead()  # content reads start before the light writes go out
             light = [i for i in the_plan.items if i.operation is not plan.Operation.PUT]
             for batch in _chunks(light, self.fetch_batch_size):
-                outcome.absorb(await self._apply([rediscache.Write(i) for i in batch], fence=fence))
+                outcome.absorb(await self._apply(_writes(batch, {}, lengths), fence=fence))
                 done += len(batch)
                 _report_progress(progress, done, total)
             while ahead:
@@ -271,7 +250,7 @@ class Engine:
                 found, rejected = await fetching
                 read_ahead()
                 outcome.rejected += rejected
-                writes = _writes(batch, found)
+                writes = _writes(batch, found, lengths)
                 outcome.vanished += len(batch) - len(writes) - len(rejected)
                 outcome.absorb(await self._apply(writes, fence=fence))
                 done += len(batch)
@@ -285,7 +264,12 @@ class Engine:
         if not writes:
             return _Outcome()
         result = await self.cache.apply(writes, fence=fence)
-        return _Outcome(applied=list(result.applied), conflicted=list(result.conflicted))
+        return _Outcome(
+            applied=list(result.applied),
+            conflicted=list(result.conflicted),
+            moved=list(result.moved),
+            repairs=list(result.repairs),
+        )
 
     # -- reporting -----------------------------------------------------------------------------------------
 
@@ -294,7 +278,7 @@ class Engine:
         the_plan: plan.Plan,
         outcome: _Outcome,
         source: plan.SourceView,
-        view: plan.CacheView,
+        cached: int,
         started: float,
         *,
         dry_run: bool,
@@ -305,12 +289,12 @@ class Engine:
         refused = {r.path for r in outcome.rejected}
         if refused:  # found unservable only once their content was read: not drift, but rejected input
             the_plan = dataclasses.replace(the_plan, items=tuple(i for i in the_plan.items if i.path not in refused))
+        repairs = _unique_repairs([*the_plan.repairs, *outcome.repairs])
         applied = plan.count_applied(outcome.applied)
-        cached = view.cached_count()
         if not dry_run:
             cached += applied[plan.Reason.MISSING] - applied[plan.Reason.ORPHAN]
         return plan.Report(
-            plan=dataclasses.replace(the_plan, rejected=rejected),
+            plan=dataclasses.replace(the_plan, rejected=rejected, repairs=repairs),
             applied=applied,
             superseded=len(outcome.conflicted),
             vanished=outcome.vanished,
@@ -323,11 +307,15 @@ class Engine:
         )
 
 
-def _writes(items: Iterable[plan.Item], found: dict[str, pgsource.Module]) -> list[rediscache.Write]:
+def _writes(
+    items: Iterable[plan.Item], found: Mapping[str, pgsource.Module], lengths: Mapping[str, int]
+) -> list[rediscache.Write]:
     """Plan items as cache writes; PUTs take the content read now (which may be newer than the plan's)."""
     writes = []
     for item in items:
-        if item.operation is not plan.Operation.PUT:
+        if item.operation is plan.Operation.REINDEX:
+            writes.append(rediscache.Write(item, length=lengths.get(item.path)))
+        elif item.operation is not plan.Operation.PUT:
             writes.append(rediscache.Write(item))
         elif (module := found.get(item.path)) is not None:
             fresh = plan.Item(item.operation, item.path, item.reason, item.old, module.hash)  # cheaper than replace
@@ -337,6 +325,10 @@ def _writes(items: Iterable[plan.Item], found: dict[str, pgsource.Module]) -> li
 
 def _unique_rejections(rejections: Iterable[modules.Rejected]) -> tuple[modules.Rejected, ...]:
     return tuple({r.path: r for r in rejections}.values())
+
+
+def _unique_repairs(repairs: Iterable[plan.KeyRepair]) -> tuple[plan.KeyRepair, ...]:
+    return tuple(dict.fromkeys(repairs))
 
 
 def _chunks(items: Sequence[plan.Item], size: int) -> Iterable[Sequence[plan.Item]]:

@@ -4,6 +4,9 @@ A full sync lists ``(path, content_hash)`` without content (about 0.2 s for 100,
 for the modules that must be written, in batches, straight from asyncpg (the ORM's row processing would double
 the cost of the hot listings). The SQLAlchemy engine owns the pool and its pre-ping.
 
+``listen`` turns PostgreSQL LISTEN into an async iterator of typed events (connected, paths, resync, lost), with
+reconnects, backoff and keepalive inside, so the watcher only orchestrates.
+
 Row rules (Bifrost's): a live module is ``entity_type = 'module' AND NOT is_deleted``; rows with a bad path,
 NULL content, oversized or non-UTF-8 content, or a hash that disagrees with the content are returned as
 ``modules.Rejected`` and never stop the other rows.
@@ -11,7 +14,10 @@ NULL content, oversized or non-UTF-8 content, or a hash that disagrees with the 
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import json
+import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
@@ -20,7 +26,7 @@ import asyncpg
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from modcache import errors, modules, plan
+from modcache import backoff, errors, keys, modules, plan
 
 T = TypeVar("T")
 
@@ -165,3 +171,87 @@ class PgSource:
                 yield driver
         except (OSError, sa.exc.SQLAlchemyError) as e:
             raise errors.SourceUnavailable(f"PostgreSQL unreachable: {errors.describe(e)}") from e
+
+
+# -- LISTEN ------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Listening:
+    """The listener is connected and LISTENing (after every (re)connect: notifications sent while it was away are
+    lost, so the caller resyncs)."""
+
+    detail: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Hinted:
+    """A notification named these paths (a hint: the rows are re-read; the names are judged before use)."""
+
+    paths: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class ResyncAsked:
+    """A notification asked for a full resync (TRUNCATE), or could not be understood."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ListenerLost:
+    detail: str
+
+
+SourceEvent = Listening | Hinted | ResyncAsked | ListenerLost
+_LOST = object()
+
+
+async def listen(
+    dsn: str, *, backoff_max_s: float, keepalive_s: float, rng: random.Random | None = None
+) -> AsyncIterator[SourceEvent]:
+    """Notifications on ``keys.NOTIFY_CHANNEL`` as typed events, forever: connects, LISTENs, reconnects with
+    jittered exponential backoff, and pings an idle connection to catch half-open sockets."""
+    retry = backoff.Backoff(0.2, backoff_max_s, rng or random.Random())
+    while True:
+        queue: asyncio.Queue[object] = asyncio.Queue()
+        conn: Any = None
+        detail = "connection lost"
+        try:
+            conn = await _connect(dsn, queue)
+            retry.reset()
+            yield Listening(f"listening on {keys.NOTIFY_CHANNEL}")
+            while (event := await _next(conn, queue, keepalive_s)) is not _LOST:
+                yield event  # type: ignore[misc]
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+            detail = errors.describe(e)
+        finally:
+            if conn is not None:
+                conn.terminate()
+        yield ListenerLost(detail)
+        await asyncio.sleep(retry.next_s())
+
+
+async def _connect(dsn: str, queue: asyncio.Queue[object]) -> Any:
+    conn = await asyncpg.connect(dsn, timeout=10, server_settings={"application_name": "modcache-listener"})
+    conn.add_termination_listener(lambda _conn: queue.put_nowait(_LOST))
+    await conn.add_listener(keys.NOTIFY_CHANNEL, lambda *args: queue.put_nowait(_event(args[3])))
+    return conn
+
+
+async def _next(conn: Any, queue: asyncio.Queue[object], keepalive_s: float) -> object:
+    """The next notification; after an idle spell, ping the connection (a dead one ends the wait)."""
+    while True:
+        try:
+            return await asyncio.wait_for(queue.get(), keepalive_s)
+        except TimeoutError:
+            await conn.execute("SELECT 1", timeout=5)
+
+
+def _event(payload: str) -> SourceEvent:
+    try:
+        data = json.loads(payload)
+        paths = data.get("paths", [])
+        if data.get("resync") or not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+            return ResyncAsked()
+    except (ValueError, AttributeError, TypeError):
+        return ResyncAsked()
+    return Hinted(tuple(paths))

@@ -12,6 +12,21 @@ Reasons, in the words of the failure modes they repair:
   changed): workers can still import it;
 * ``index``   -- only the bookkeeping drifted: the index lacks a present module or lists an absent key, or
   the manifest disagrees with a correct content key.
+
+Corruption is drift too, each kind under its own reason, never authority:
+
+* ``corrupt``   -- the content key holds a value that is not exactly what modcache writes for the hash its manifest
+  entry records (another length, or, when whole values are verified, other bytes: forged content that kept the
+  ``hash`` field, a reordered value, garbage);
+* ``wrongtype`` -- the content key is not a STRING (a HASH, a SET, ...);
+* ``manifest``  -- the manifest entry is not one modcache writes (unparsable, an old format, a generation above
+  anything modcache could have written);
+* ``invalid``   -- an index member or manifest field that names no module content key of this cache (a bad path
+  such as ``modcache:generation``, or a path inside another cache's longer prefix): only that member/field is
+  removed (``unlist``); no key is derived from it, let alone deleted.
+
+Keys modcache owns beside the content keys (index, manifest, generation, status) that are of the wrong type or
+hold an unbelievable value are listed as ``KeyRepair`` items in ``Plan.repairs``.
 """
 
 from __future__ import annotations
@@ -32,6 +47,7 @@ class Operation(enum.StrEnum):
     PUT = "put"  # write content key + index + manifest from the source
     DELETE = "delete"  # remove content key + index entry + manifest entry
     REINDEX = "reindex"  # content is right; fix index and manifest only
+    UNLIST = "unlist"  # an invalid name: remove exactly that index member and manifest field, touch no other key
 
 
 class Reason(enum.StrEnum):
@@ -39,6 +55,14 @@ class Reason(enum.StrEnum):
     STALE = "stale"
     ORPHAN = "orphan"
     INDEX = "index"
+    CORRUPT = "corrupt"
+    WRONGTYPE = "wrongtype"
+    MANIFEST = "manifest"
+    INVALID = "invalid"
+
+
+#: The reasons a person always sees counted (the others are shown when they occur).
+CLASSIC_REASONS = (Reason.MISSING, Reason.STALE, Reason.ORPHAN, Reason.INDEX)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,9 +72,24 @@ class Item:
     reason: Reason
     old: str | None  # the cached hash as observed (None: absent, "": present but unverified)
     new: str | None  # the source hash to write (None for DELETE)
+    detail: str = ""  # why, when the reason alone does not say (the problem with an invalid name)
 
     def __str__(self) -> str:
-        return f"{self.operation.value:<7} {self.reason.value:<7} {self.path}"
+        shown = self.path if self.reason is not Reason.INVALID else repr(self.path)
+        detail = f" ({self.detail})" if self.detail else ""
+        return f"{self.operation.value:<7} {self.reason.value:<7} {shown}{detail}"
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyRepair:
+    """One of modcache's own keys (``role``: index, manifest, generation, status) that cannot be believed."""
+
+    role: str
+    key: str
+    problem: str
+
+    def __str__(self) -> str:
+        return f"repair  {self.role} {self.key!r}: {self.problem}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,12 +106,18 @@ class CacheView:
 
     ``content`` maps a path to the hash its content key was verified to carry, ``UNVERIFIED`` if the key
     exists but its hash is unconfirmed, or None if the key is absent. Paths not in ``content`` are treated
-    as absent.
+    as absent. ``damage`` says why an ``UNVERIFIED`` key is wrong when that is known (``CORRUPT``, ``WRONGTYPE``);
+    ``malformed`` are the paths whose manifest entry cannot be believed; ``invalid`` maps index members and
+    manifest fields that name no content key of this cache to the problem with them. Every name in ``index``,
+    ``manifest``, ``content`` and ``malformed`` has been validated (``keys.KeySpace.name_problem``).
     """
 
     index: frozenset[str]
     manifest: Mapping[str, str]
     content: Mapping[str, str | None]
+    damage: Mapping[str, Reason] = dataclasses.field(default_factory=dict)
+    malformed: frozenset[str] = frozenset()
+    invalid: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     def cached_count(self) -> int:
         return sum(1 for h in self.content.values() if h is not None)
@@ -82,9 +127,10 @@ class CacheView:
 class Plan:
     items: tuple[Item, ...]
     rejected: tuple[modules.Rejected, ...] = ()
+    repairs: tuple[KeyRepair, ...] = ()
 
     def __bool__(self) -> bool:
-        return bool(self.items)
+        return bool(self.items or self.repairs)
 
     def counts(self) -> dict[Reason, int]:
         found = Counter(item.reason for item in self.items)
@@ -95,22 +141,25 @@ class Plan:
 
     def describe(self) -> str:
         """One line for logs and status: counts per reason, then rejected inputs."""
-        if not self.items and not self.rejected:
+        if not self.items and not self.rejected and not self.repairs:
             return "in sync"
         parts = [f"{n} {reason.value}" for reason, n in self.counts().items() if n]
+        parts += [f"{r.role} repaired" for r in self.repairs]
         if self.rejected:
             parts.append(f"{len(self.rejected)} rejected")
         return ", ".join(parts)
 
 
-def compute(source: SourceView, cache: CacheView) -> Plan:
+def compute(source: SourceView, cache: CacheView, repairs: Iterable[KeyRepair] = ()) -> Plan:
     """What to do to make ``cache`` serve exactly ``source``. Paths rejected in the source are left alone."""
     items = [item for path, digest in source.live.items() if (item := _for_live(path, digest, cache))]
     protected = source.live.keys() | {r.path for r in source.rejected}
-    cached = cache.index | cache.manifest.keys() | {p for p, h in cache.content.items() if h is not None}
+    present = {p for p, h in cache.content.items() if h is not None}
+    cached = cache.index | cache.manifest.keys() | cache.malformed | present
     items.extend(_for_dead(path, cache) for path in cached - protected)
+    items.extend(Item(Operation.UNLIST, name, Reason.INVALID, None, None, why) for name, why in cache.invalid.items())
     items.sort(key=lambda item: item.path)
-    return Plan(items=tuple(items), rejected=source.rejected)
+    return Plan(items=tuple(items), rejected=source.rejected, repairs=tuple(repairs))
 
 
 def without_orphans(the_plan: Plan) -> Plan:
@@ -123,7 +172,9 @@ def _for_live(path: str, digest: str, cache: CacheView) -> Item | None:
     if held is None:
         return Item(Operation.PUT, path, Reason.MISSING, None, digest)
     if held != digest:
-        return Item(Operation.PUT, path, Reason.STALE, held, digest)
+        return Item(Operation.PUT, path, cache.damage.get(path, Reason.STALE), held, digest)
+    if path in cache.malformed:
+        return Item(Operation.REINDEX, path, Reason.MANIFEST, held, digest)
     if path not in cache.index or cache.manifest.get(path) != digest:
         return Item(Operation.REINDEX, path, Reason.INDEX, held, digest)
     return None
@@ -157,6 +208,7 @@ class Report:
     duration_s: float
     dry_run: bool = False
     full: bool = True
+    deep: bool = False  # every content key's whole value was compared with what the source row makes
 
     @property
     def repaired(self) -> int:
@@ -165,12 +217,15 @@ class Report:
     def to_dict(self) -> dict[str, object]:
         return {
             "full": self.full,
+            "deep": self.deep,
             "dry_run": self.dry_run,
             "planned": {r.value: n for r, n in self.plan.counts().items()},
             "applied": {r.value: self.applied.get(r, 0) for r in Reason},
             "superseded": self.superseded,
             "vanished": self.vanished,
             "rejected": [{"path": r.path, "reason": r.reason.value, "detail": r.detail} for r in self.plan.rejected],
+            "invalid": [{"name": i.path, "detail": i.detail} for i in self.plan.items if i.reason is Reason.INVALID],
+            "repairs": [{"role": r.role, "key": r.key, "problem": r.problem} for r in self.plan.repairs],
             "source_modules": self.source_count,
             "cached_modules": self.cached_count,
             "source_digest": self.digest,

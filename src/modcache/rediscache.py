@@ -1,28 +1,38 @@
 """The Redis adapter: reads the cache's state in a few round trips and applies plans atomically.
 
-Everything that touches Redis for the module cache is here, in three Lua scripts:
+Everything that touches Redis for the module cache is here, in Lua scripts that never raise on what they find
+(``TYPE`` guards and ``redis.pcall``) and never compare generations as numbers they cannot hold (generations are
+compared as digit strings, bounded by ``keys.GENERATION_SLACK_US`` above the server clock):
 
-* ``CHECK`` verifies a batch of content keys server-side: absent, present, or present with the expected hash
-  (read from the value's tail with GETRANGE, since ``hash`` is the JSON's last field), one character per key;
-* ``VERIFY`` walks the manifest with HSCAN and checks each entry's content key the same way, so a full resync
-  reads the manifest and verifies every content key it names without sending a single key from the client;
-* ``APPLY`` writes a batch of plan items. Each item changes content key, index and manifest together
-  (atomic per item and per batch) and bumps the generation;
-* ``GENERATION`` reads the generation counter, creating it from the server clock if it is gone.
+* ``VERIFY`` walks the manifest with HSCAN and checks each entry's content key server-side: present, a STRING, and
+  exactly the length the entry records (the routine check; see ``docs/integrity.md`` for why it is sound);
+* ``LENGTHS`` checks a batch of content keys by path the same way; ``VALUES`` compares whole values (``sha1`` of
+  the stored value against the digest of what the source row makes: the deep check);
+* ``APPLY`` writes a batch of plan items. Each item changes content key, index and manifest together (atomic per
+  batch) and the batch bumps the generation once. It brackets its writes with two messages on
+  ``KeySpace.writes_channel`` carrying a one-time nonce, so the key-event iterator (``modcache.keyevents``) can
+  tell this process's own writes from everyone else's without checking them;
+* ``GENERATION`` reads the generation counter, resetting it from the server clock if it is gone or unbelievable.
 
 The fence that makes concurrent writers safe: a writer reads the generation *before* it reads the source, and
-passes it to ``APPLY``; an item whose manifest entry was written at a later generation was written by someone
-who read the source later, so it is skipped and reported as ``conflicted`` for the caller to re-check.
+passes it to ``APPLY``; an item whose (believable) manifest entry was written at a later generation was written by
+someone who read the source later, so it is skipped and reported as ``conflicted`` for the caller to re-check.
+
+No name read back from Redis reaches a key here unless ``keys.KeySpace.name_problem`` accepted it: ``apply``
+refuses any item whose path does not name a content key of this cache.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
+import hashlib
 import random
 import re
+import secrets
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
@@ -32,101 +42,177 @@ from modcache import errors, keys, plan
 
 T = TypeVar("T")
 
-# Statuses CHECK returns per key.
-CHECK_ABSENT, CHECK_MATCH, CHECK_OTHER, CHECK_PRESENT = "-", "=", "~", "+"
-_NOT_MATCHED = re.compile(f"[^{re.escape(CHECK_MATCH)}]")
-# How many trailing bytes hold `"hash": "<64 hex>"}` with room to spare.
-TAIL_BYTES = 100
+# Statuses the check scripts return per key.
+ABSENT, MATCH, OTHER, PRESENT, WRONGTYPE, MALFORMED, NOT_A_PATH = "-", "=", "~", "+", "t", "b", "x"
+CORRUPT = "c"  # present, claims the expected hash (``"hash": "<hash>"``), but is not the value modcache writes
+_NOT_MATCHED = re.compile(f"[^{re.escape(MATCH)}]")
 
-CHECK = """
-local out = {}
-for i, key in ipairs(KEYS) do
-    local want = ARGV[i]
-    if want == '' then
-        out[i] = redis.call('EXISTS', key) == 1 and '+' or '-'
+_HEX64 = "[0-9a-f]" * 64
+_DIGITS_LE = """
+local function le(a, b) return #a < #b or (#a == #b and a <= b) end  -- digit strings without leading zeros
+"""
+
+# KEYS: manifest; ARGV: content key prefix, HSCAN cursor, page size, the highest believable generation. Returns
+# {next cursor, {path, hash, ...}, one status character per entry, the highest believable generation seen}.
+VERIFY = (
+    _DIGITS_LE
+    + f"""
+local call, pcall, sub, match, find = redis.call, redis.pcall, string.sub, string.match, string.find
+if call('TYPE', KEYS[1])['ok'] ~= 'hash' then return {{'0', {{}}, '', ''}} end
+local page = call('HSCAN', KEYS[1], ARGV[2], 'COUNT', ARGV[3])
+local entries, codes, prefix, limit, n, top = page[2], {{}}, ARGV[1], ARGV[4], 0, ''
+for i = 1, #entries, 2 do
+    n = n + 1
+    local gen, hash, len = match(entries[i + 1], '^([1-9]%d*):({_HEX64}):([1-9]%d*)$')
+    entries[i + 1] = ''
+    if sub(entries[i], -3) ~= '.py' then
+        codes[n] = '{NOT_A_PATH}'
+    elseif not gen or not le(gen, limit) then
+        codes[n] = '{MALFORMED}'
     else
-        local tail = redis.call('GETRANGE', key, -100, -1)
-        if tail == '' then
-            out[i] = '-'
-        elseif string.find(tail, want, 1, true) then
-            out[i] = '='
-        else
-            out[i] = '~'
-        end
+        if le(top, gen) then top = gen end
+        entries[i + 1] = hash
+        local got = pcall('STRLEN', prefix .. entries[i])
+        if type(got) == 'table' then codes[n] = '{WRONGTYPE}'
+        elseif got == 0 then codes[n] = '{ABSENT}'
+        elseif got == tonumber(len) then codes[n] = '{MATCH}'
+        elseif find(call('GET', prefix .. entries[i]), '"hash": "' .. hash .. '"', 1, true) then codes[n] = '{CORRUPT}'
+        else codes[n] = '{OTHER}' end
     end
+end
+return {{page[1], entries, table.concat(codes), top}}
+"""
+)
+
+# KEYS: content keys; ARGV: the expected length of each ('' = existence only).
+LENGTHS = f"""
+local out = {{}}
+for i, key in ipairs(KEYS) do
+    local got = redis.pcall('STRLEN', key)
+    if type(got) == 'table' then out[i] = '{WRONGTYPE}'
+    elseif got == 0 then out[i] = '{ABSENT}'
+    elseif ARGV[i] == '' then out[i] = '{PRESENT}'
+    elseif got == tonumber(ARGV[i]) then out[i] = '{MATCH}'
+    else out[i] = '{OTHER}' end
 end
 return table.concat(out)
 """
 
-# KEYS: manifest; ARGV: content key prefix, HSCAN cursor, page size. Returns {next cursor, {path, manifest
-# hash, ...}, one CHECK status character per entry}. Content keys are derived from the paths (like APPLY, the
-# script spans the whole cache's keys, so it needs a single Redis, not a cluster).
-VERIFY = """
-local call, find, sub = redis.call, string.find, string.sub
-local page = call('HSCAN', KEYS[1], ARGV[2], 'COUNT', ARGV[3])
-local entries, codes, prefix, n = page[2], {}, ARGV[1], 0
-for i = 1, #entries, 2 do
-    local value = entries[i + 1]
-    local want = sub(value, (find(value, ':', 1, true) or 0) + 1)
-    local tail = call('GETRANGE', prefix .. entries[i], -100, -1)
-    entries[i + 1] = want
-    n = n + 1
-    if tail == '' then
-        codes[n] = '-'
-    elseif want ~= '' and find(tail, want, 1, true) then
-        codes[n] = '='
-    else
-        codes[n] = '~'
-    end
+# KEYS: content keys; ARGV: per key, the sha1 (hex) of the value it should hold and the module hash.
+VALUES = f"""
+local out, sha = {{}}, redis.sha1hex
+for i, key in ipairs(KEYS) do
+    local value = redis.pcall('GET', key)
+    if type(value) == 'table' then out[i] = '{WRONGTYPE}'
+    elseif not value then out[i] = '{ABSENT}'
+    elseif sha(value) == ARGV[2 * i - 1] then out[i] = '{MATCH}'
+    elseif string.find(value, '"hash": "' .. ARGV[2 * i] .. '"', 1, true) then out[i] = '{CORRUPT}'
+    else out[i] = '{OTHER}' end
 end
-return {page[1], entries, table.concat(codes)}
+return table.concat(out)
 """
 
+# KEYS: generation, index, manifest, status; ARGV: slack (us). Returns {generation, problem ('' if it was
+# believable), server clock (us), the types of index, manifest and status}.
 GENERATION = """
-local g = redis.call('GET', KEYS[1])
-if not g then
-    local t = redis.call('TIME')
-    g = tostring(t[1]) .. string.format('%06d', tonumber(t[2]))
+local t = redis.call('TIME')
+local now = t[1] .. string.format('%06d', tonumber(t[2]))
+local kind = redis.call('TYPE', KEYS[1])['ok']
+local g = kind == 'string' and redis.call('GET', KEYS[1]) or nil
+local problem = ''
+if kind ~= 'string' and kind ~= 'none' then problem = 'wrong type: ' .. kind
+elseif not g then problem = 'missing'
+elseif #g > 18 or not string.match(g, '^[1-9]%d*$') then problem = 'not a positive integer'
+elseif tonumber(g) > tonumber(now) + tonumber(ARGV[1]) then problem = 'far above the server clock' end
+if problem ~= '' then
+    g = now
+    redis.call('DEL', KEYS[1])
     redis.call('SET', KEYS[1], g)
 end
-return g
+return {g, problem, now, redis.call('TYPE', KEYS[2])['ok'], redis.call('TYPE', KEYS[3])['ok'],
+        redis.call('TYPE', KEYS[4])['ok']}
 """
 
-# KEYS: generation, index, manifest, content keys...; ARGV: fence, ttl_s, ttl_jitter_s, seed, then
-# (op, path, hash, value) per item. Returns one character per item: 'a' applied, 'c' conflicted.
-APPLY = """
-local fence = tonumber(ARGV[1])
+# KEYS: generation; ARGV: a believable generation the counter must reach. Returns the counter afterwards.
+RAISE = (
+    _DIGITS_LE
+    + """
+local g = redis.call('GET', KEYS[1])
+if not g or not string.match(g, '^[1-9]%d*$') or not le(ARGV[1], g) then
+    g = string.format('%.0f', tonumber(ARGV[1]) + 1)
+    redis.call('SET', KEYS[1], g)
+    return {g, 1}
+end
+return {g, 0}
+"""
+)
+
+# KEYS: generation, index, manifest, then one key per item (its content key; the index for 'u' items, whose name
+# names no content key); ARGV: fence, ttl_s, ttl_jitter_s, seed, nonce, writes channel, highest believable
+# generation, then (op, path, hash, value, length) per item. Returns {one character per item ('a' applied,
+# 'c' conflicted, 'm' content moved on: not reindexed), repairs made ('1'/'2'/'3' a key of the wrong type deleted,
+# 'g' generation reset, 'l' generation raised to the manifest's), the generation written}.
+APPLY = (
+    _DIGITS_LE
+    + """
+local call = redis.call
+local fence, limit = ARGV[1], ARGV[7]
 local ttl, jitter, seed = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+call('PUBLISH', ARGV[6], 'b:' .. ARGV[5])
+local repaired, wanted = '', {'string', 'set', 'hash'}
+for i = 1, 3 do
+    local kind = call('TYPE', KEYS[i])['ok']
+    if kind ~= 'none' and kind ~= wanted[i] then call('DEL', KEYS[i]); repaired = repaired .. i end
+end
+local g = call('GET', KEYS[1])
+if not g or not string.match(g, '^[1-9]%d*$') or not le(g, limit) then
+    local t = call('TIME')
+    g = t[1] .. string.format('%06d', tonumber(t[2]))
+    repaired = repaired .. 'g'
+end
+local held = {}
+for i = 4, #KEYS do
+    local h = call('HGET', KEYS[3], ARGV[7 + (i - 4) * 5 + 2])
+    local hg = h and string.match(h, '^([1-9]%d*):')
+    if hg and le(hg, limit) then
+        held[i] = hg
+        if not le(hg, g) then g = hg; repaired = repaired .. 'l' end
+    end
+end
+local gen = string.format('%.0f', tonumber(g) + 1)
+call('SET', KEYS[1], gen)
 local out = {}
 for i = 4, #KEYS do
-    local base = 4 + (i - 4) * 4
-    local op, path, hash, value = ARGV[base + 1], ARGV[base + 2], ARGV[base + 3], ARGV[base + 4]
-    local held = redis.call('HGET', KEYS[3], path)
-    local held_gen = held and tonumber(string.match(held, '^(%d+):')) or 0
-    if held_gen > fence then
+    local base = 7 + (i - 4) * 5
+    local op, path, hash, value, len = ARGV[base + 1], ARGV[base + 2], ARGV[base + 3], ARGV[base + 4], ARGV[base + 5]
+    if held[i] and not le(held[i], fence) then
         out[#out + 1] = 'c'
+    elseif op == 'r' and (call('TYPE', KEYS[i])['ok'] ~= 'string'
+                          or (len ~= '' and call('STRLEN', KEYS[i]) ~= tonumber(len))) then
+        out[#out + 1] = 'm'
     else
-        local gen = redis.call('INCR', KEYS[1])  -- ~1.7e15: exact in Lua's doubles; format it with %.0f
-        if op == 'd' then
-            redis.call('DEL', KEYS[i])
-            redis.call('SREM', KEYS[2], path)
-            redis.call('HDEL', KEYS[3], path)
+        if op == 'd' or op == 'u' then
+            if op == 'd' then call('DEL', KEYS[i]) end
+            call('SREM', KEYS[2], path)
+            call('HDEL', KEYS[3], path)
         else
             if op == 'p' then
                 if ttl > 0 then
-                    redis.call('SET', KEYS[i], value, 'EX', ttl + ((i * 7919 + seed) % (jitter + 1)))
+                    call('SET', KEYS[i], value, 'EX', ttl + ((i * 7919 + seed) % (jitter + 1)))
                 else
-                    redis.call('SET', KEYS[i], value)
+                    call('SET', KEYS[i], value)
                 end
             end
-            redis.call('SADD', KEYS[2], path)
-            redis.call('HSET', KEYS[3], path, string.format('%.0f', gen) .. ':' .. hash)
+            call('SADD', KEYS[2], path)
+            if len ~= '' then call('HSET', KEYS[3], path, gen .. ':' .. hash .. ':' .. len) end
         end
         out[#out + 1] = 'a'
     end
 end
-return table.concat(out)
+call('PUBLISH', ARGV[6], 'e:' .. ARGV[5])
+return {table.concat(out), repaired, gen}
 """
+)
 
 # KEYS: content keys; ARGV: ttl_s, ttl_jitter_s, seed. Refreshes the TTL of keys that exist.
 TOUCH = """
@@ -137,21 +223,74 @@ end
 return #KEYS
 """
 
-_OP_CODES = {plan.Operation.PUT: "p", plan.Operation.DELETE: "d", plan.Operation.REINDEX: "r"}
+# KEYS: index. Returns its members, or false if it is not a SET (an absent key is an empty set).
+MEMBERS = """
+local kind = redis.call('TYPE', KEYS[1])['ok']
+if kind == 'none' then return {} end
+if kind ~= 'set' then return false end
+return redis.call('SMEMBERS', KEYS[1])
+"""
+
+_OP_CODES = {
+    plan.Operation.PUT: "p",
+    plan.Operation.DELETE: "d",
+    plan.Operation.REINDEX: "r",
+    plan.Operation.UNLIST: "u",
+}
+_WANTED_TYPES = {"index": "set", "manifest": "hash", "generation": "string", "status": "hash"}
+_APPLY_REPAIRS = {"1": "generation", "2": "index", "3": "manifest"}
+#: Nonces of writes in flight that a key-event iterator may still have to recognise (bounded: oldest dropped).
+MAX_OWN_WRITES = 10_000
 
 
 @dataclasses.dataclass(frozen=True)
 class Write:
-    """One plan item ready for APPLY: the item plus, for PUT, the JSON value to store."""
+    """One plan item ready for APPLY: the item plus, for PUT, the JSON value to store (its length goes into the
+    manifest entry; a REINDEX may carry the value's length without the value)."""
 
     item: plan.Item
     value: str = ""
+    length: int | None = None
+
+    def recorded_length(self) -> str:
+        if self.value:
+            return str(len(self.value.encode()))
+        return "" if self.length is None else str(self.length)
 
 
 @dataclasses.dataclass(frozen=True)
 class Applied:
     applied: tuple[plan.Item, ...]
     conflicted: tuple[plan.Item, ...]
+    moved: tuple[plan.Item, ...] = ()  # REINDEX items whose content key changed since it was checked
+    repairs: tuple[plan.KeyRepair, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    """The generation as read (after any reset), what was wrong with it, and the server clock."""
+
+    value: int
+    problem: str
+    clock_us: int
+    wrong_types: tuple[plan.KeyRepair, ...] = ()  # index, manifest, status keys of the wrong type
+
+    @property
+    def limit(self) -> int:
+        """The highest generation anyone could believably have written."""
+        return self.clock_us + keys.GENERATION_SLACK_US
+
+
+@dataclasses.dataclass(frozen=True)
+class VerifiedPage:
+    """One VERIFY page: path -> manifest hash for believable entries, the status of each entry's content key, the
+    names that cannot be content keys, the malformed entries, and the highest believable generation seen."""
+
+    hashes: dict[str, str]
+    codes: dict[str, str]  # only the entries whose content key did not match (few)
+    not_paths: list[str]
+    malformed: list[str]
+    top_generation: int
 
 
 class RedisCache:
@@ -165,25 +304,29 @@ class RedisCache:
         ttl_s: int | None = None,
         ttl_jitter_ratio: float = 0.2,
         check_batch_size: int = 5000,
+        deep_batch_size: int = 500,
     ) -> None:
         self.client = client
         self.keyspace = keyspace
         self._ttl_s = ttl_s or 0
         self._ttl_jitter_s = int(self._ttl_s * ttl_jitter_ratio)
         self._check_batch_size = check_batch_size
-        self._check = client.register_script(CHECK)
+        self._deep_batch_size = deep_batch_size
         self._verify = client.register_script(VERIFY)
+        self._lengths = client.register_script(LENGTHS)
+        self._values = client.register_script(VALUES)
         self._apply = client.register_script(APPLY)
         self._generation = client.register_script(GENERATION)
+        self._raise = client.register_script(RAISE)
         self._touch = client.register_script(TOUCH)
+        self._members = client.register_script(MEMBERS)
+        self.own_writes: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self.tracking_own_writes = False  # set by a key-event iterator while it needs the nonces
+        self.high_water = 0  # the highest generation this process has read or written
 
     @classmethod
     def from_url(cls, url: str, *, keyspace: keys.KeySpace, **options: Any) -> RedisCache:
-        try:
-            client = aioredis.Redis.from_url(url, decode_responses=True, health_check_interval=30)
-        except ValueError as e:
-            raise errors.ConfigError("redis_url", "not a valid Redis URL") from e
-        return cls(client=client, keyspace=keyspace, **options)
+        return cls(client=client_from_url(url), keyspace=keyspace, **options)
 
     async def close(self) -> None:
         await self.client.aclose()
@@ -191,111 +334,195 @@ class RedisCache:
     async def ping(self) -> None:
         await _call(self.client.ping())
 
+    # -- the generation ---------------------------------------------------------------------------------------
+
     async def generation(self, *, create: bool = True) -> int:
-        """The current generation; read it *before* reading the source and pass it to ``apply``.
+        """The current generation; read it *before* reading the source and pass it to ``apply``."""
+        return (await self.read_generation(create=create)).value
 
-        A missing counter is created from the server clock, unless ``create`` is false (dry runs write
-        nothing): then it reads as 0.
-        """
-        if not create:
-            return int(await _call(self.client.get(self.keyspace.generation)) or 0)
-        return int(await _call(self._generation(keys=[self.keyspace.generation])))
-
-    async def read_bookkeeping(self) -> tuple[frozenset[str], dict[str, str]]:
-        """The index and the manifest (path -> hash), in one round trip."""
-        async with self.client.pipeline(transaction=False) as pipe:
-            pipe.smembers(self.keyspace.index)
-            pipe.hgetall(self.keyspace.manifest)
-            index, manifest = await _call(pipe.execute())
-        return frozenset(index), {str(path): _manifest_hash(str(v)) for path, v in manifest.items()}
-
-    async def read_index(self) -> frozenset[str]:
-        members: set[str] = await _call(self.client.smembers(self.keyspace.index))  # type: ignore[arg-type]
-        return frozenset(members)
-
-    async def verify_manifest(
-        self, *, on_page: Callable[[Mapping[str, str | None]], None] | None = None
-    ) -> tuple[dict[str, str], dict[str, str | None]]:
-        """The manifest (path -> hash) and, per entry, what ``check`` would say of its content key against that
-        hash; paged with HSCAN (``check_batch_size`` entries per script call, so Redis stays responsive).
-
-        The next page is requested before a page is handed to ``on_page``, so Redis verifies while we work."""
+    async def read_generation(self, *, create: bool = True) -> Generation:
+        """The generation, reset from the server clock if it is missing or unbelievable -- unless ``create`` is
+        false (dry runs write nothing): then an unbelievable one reads as 0, with the problem said. Also reports
+        which of modcache's other keys (index, manifest, status) exist with the wrong type."""
         ks = self.keyspace
-        manifest: dict[str, str] = {}
-        content: dict[str, str | None] = {}
+        if create:
+            others = [ks.index, ks.manifest, ks.status]
+            value, problem, now, *kinds = await _call(
+                self._generation(keys=[ks.generation, *others], args=[keys.GENERATION_SLACK_US])
+            )
+            read = Generation(int(value), str(problem), int(now), self._wrong(kinds))
+        else:
+            read = await self._peek_generation()
+        self.high_water = max(self.high_water, read.value)
+        return read
+
+    def _wrong(self, kinds: Sequence[Any]) -> tuple[plan.KeyRepair, ...]:
+        roles = {"index": self.keyspace.index, "manifest": self.keyspace.manifest, "status": self.keyspace.status}
+        return tuple(
+            plan.KeyRepair(role, key, f"wrong type: {kind}")
+            for (role, key), kind in zip(roles.items(), map(str, kinds), strict=True)
+            if kind not in ("none", _WANTED_TYPES[role])
+        )
+
+    async def _peek_generation(self) -> Generation:
+        ks = self.keyspace
+        async with self.client.pipeline(transaction=True) as pipe:
+            for key in (ks.generation, ks.index, ks.manifest, ks.status):
+                pipe.type(key)
+            pipe.time()
+            kind, *kinds, (seconds, micros) = await _call(pipe.execute())
+        clock_us = int(seconds) * 1_000_000 + int(micros)
+        raw = await _call(self.client.get(ks.generation)) if kind == "string" else None
+        problem = f"wrong type: {kind}" if kind not in ("string", "none") else None
+        problem = problem or keys.generation_problem(raw, clock_us=clock_us)
+        return Generation(0 if problem else int(str(raw)), problem or "", clock_us, self._wrong(kinds))
+
+    async def raise_generation(self, at_least: int) -> bool:
+        """Make the counter reach ``at_least`` (a believable generation found in the manifest); whether it was
+        below (another writer may have moved it past meanwhile: then nothing was wrong)."""
+        value, raised = await _call(self._raise(keys=[self.keyspace.generation], args=[str(at_least)]))
+        self.high_water = max(self.high_water, int(value))
+        return bool(raised)
+
+    # -- bookkeeping keys -----------------------------------------------------------------------------------------
+
+    async def reset(self, repairs: Iterable[plan.KeyRepair]) -> None:
+        """Delete modcache's own keys that were found of the wrong type (they are rebuilt from the source)."""
+        owned = set(self.keyspace.bookkeeping().values())
+        doomed = [r.key for r in repairs if r.key in owned and r.role != "generation"]
+        if doomed:
+            await _call(self.client.delete(*doomed))
+
+    # -- reading the cache ------------------------------------------------------------------------------------
+
+    async def read_index(self) -> frozenset[str] | None:
+        """The index members, or None if the index key is not a SET."""
+        members = await _call(self._members(keys=[self.keyspace.index]))
+        return None if members is None else frozenset(str(m) for m in members)
+
+    async def verify_manifest(self, *, limit: int) -> AsyncIterator[VerifiedPage]:
+        """The manifest, page by page (HSCAN, ``check_batch_size`` entries per script call), each entry's content key
+        checked server-side against the length it records. The next page is requested before a page is handed
+        out, so Redis verifies while the caller works."""
+        ks = self.keyspace
+        args: list[str | int] = [ks.prefix, "0", self._check_batch_size, str(limit)]
 
         def request(cursor: str) -> asyncio.Future[Any]:
-            return asyncio.ensure_future(
-                _call(self._verify(keys=[ks.manifest], args=[ks.prefix, cursor, self._check_batch_size]))
-            )
+            args[1] = cursor
+            return asyncio.ensure_future(_call(self._verify(keys=[ks.manifest], args=list(args))))
 
         pending: asyncio.Future[Any] | None = request("0")
         try:
             while pending is not None:
-                cursor, entries, codes = await pending
+                cursor, entries, codes, top = await pending
                 pending = None if str(cursor) == "0" else request(str(cursor))
-                page = dict(zip(entries[::2], entries[1::2], strict=True))
-                manifest.update(page)
-                verified: dict[str, str | None] = dict(page)
-                for mismatch in _NOT_MATCHED.finditer(codes):  # few: the common case stays C-level
-                    path = entries[2 * mismatch.start()]
-                    verified[path] = None if mismatch.group() == CHECK_ABSENT else plan.UNVERIFIED
-                content.update(verified)
-                if on_page is not None:
-                    on_page(verified)
+                yield _page(entries, codes, top)
         finally:
             if pending is not None:
                 pending.cancel()
-        return manifest, content
 
-    async def read_manifest(self, paths: Sequence[str]) -> dict[str, str]:
-        """The manifest hashes of ``paths`` (absent paths are left out)."""
+    async def read_manifest(self, paths: Sequence[str]) -> tuple[dict[str, keys.ManifestEntry], set[str]]:
+        """The believable manifest entries of ``paths`` and the paths whose entry is present but malformed."""
         if not paths:
-            return {}
+            return {}, set()
+        if await _call(self.client.type(self.keyspace.manifest)) not in ("hash", "none"):
+            return {}, set()
         values = await _call(self.client.hmget(self.keyspace.manifest, list(paths)))
-        return {p: _manifest_hash(str(v)) for p, v in zip(paths, values, strict=True) if v is not None}
+        entries, malformed = {}, set()
+        for path, value in zip(paths, values, strict=True):
+            if value is None:
+                continue
+            entry = keys.parse_manifest(value)
+            if entry is None:
+                malformed.add(path)
+            else:
+                entries[path] = entry
+        return entries, malformed
 
     async def read_index_members(self, paths: Sequence[str]) -> frozenset[str]:
-        if not paths:
+        if not paths or await _call(self.client.type(self.keyspace.index)) != "set":
             return frozenset()
         flags = await _call(self.client.smismember(self.keyspace.index, list(paths)))
         return frozenset(p for p, member in zip(paths, flags, strict=True) if member)
 
-    async def check(self, expected: Mapping[str, str]) -> dict[str, str | None]:
-        """For each path: the expected hash if its content key carries it, ``UNVERIFIED`` if the key exists
-        with another (or no expected) hash, None if it is absent. ``expected`` maps path -> hash or ""."""
-        result: dict[str, str | None] = {}
+    async def check_lengths(self, expected: Mapping[str, int | None]) -> dict[str, str]:
+        """For each path, the status of its content key (``MATCH``/``OTHER``/``ABSENT``/``WRONGTYPE``, or
+        ``PRESENT`` when no length was expected)."""
+        result: dict[str, str] = {}
         for batch in _batches(list(expected.items()), self._check_batch_size):
             codes = await _call(
-                self._check(keys=[self.keyspace.content(p) for p, _ in batch], args=[h for _, h in batch])
+                self._lengths(
+                    keys=[self.keyspace.content(p) for p, _ in batch],
+                    args=["" if n is None else str(n) for _, n in batch],
+                )
             )
-            for (path, want), code in zip(batch, codes, strict=True):
-                result[path] = want if code == CHECK_MATCH else None if code == CHECK_ABSENT else plan.UNVERIFIED
+            result.update(zip((p for p, _ in batch), codes, strict=True))
         return result
 
-    async def scan_paths(self) -> set[str]:
-        """Every module path that has a content key under this prefix (SCAN, for keys nobody indexed)."""
+    async def check_values(self, expected: Mapping[str, tuple[str, str]]) -> dict[str, str]:
+        """For each path, whether its content key holds exactly the value whose sha1 (hex) is given (with the
+        module hash, to tell a forged value that claims it, ``CORRUPT``, from another version, ``OTHER``)."""
+        result: dict[str, str] = {}
+        for batch in _batches(list(expected.items()), self._deep_batch_size):
+            args = [part for _, pair in batch for part in pair]
+            codes = await _call(self._values(keys=[self.keyspace.content(p) for p, _ in batch], args=args))
+            result.update(zip((p for p, _ in batch), codes, strict=True))
+        return result
+
+    async def scan_names(self) -> set[str]:
+        """Every path with a content key of this cache (SCAN, for keys nobody indexed); keys of a longer
+        configured prefix and names that are not module paths are left out, so nothing can act on them."""
         found: set[str] = set()
-        async for key in self._scan():
-            path = self.keyspace.path_of(key)
-            if path is not None:
-                found.add(path)
+        try:
+            async for key in self.client.scan_iter(match=self.keyspace.scan_pattern, count=10_000):
+                path = self.keyspace.path_of(str(key))
+                if path is not None:
+                    found.add(path)
+        except (redis.exceptions.RedisError, OSError) as e:
+            raise errors.CacheUnavailable(f"Redis failed: {errors.describe(e)}") from e
         return found
 
-    def _scan(self) -> AsyncIterator[str]:
-        return self.client.scan_iter(match=self.keyspace.scan_pattern, count=10_000)
+    # -- writing ----------------------------------------------------------------------------------------------
 
-    async def apply(self, writes: Sequence[Write], *, fence: int) -> Applied:
-        """Apply ``writes`` unless a newer write (manifest generation > ``fence``) got there first."""
+    async def apply(self, writes: Sequence[Write], *, fence: int, limit: int = 0) -> Applied:
+        """Apply ``writes`` unless a newer write (manifest generation > ``fence``) got there first.
+
+        ``limit`` is the highest believable generation (default: the server clock plus the slack)."""
         ks = self.keyspace
-        args: list[str | int] = [fence, self._ttl_s, self._ttl_jitter_s, random.randrange(1 << 30)]
+        for w in writes:  # an UNLIST name is only ever an index member / manifest field, never a key
+            problem = ks.name_problem(w.item.path)
+            if problem is not None and w.item.operation is not plan.Operation.UNLIST:
+                raise errors.InputError(w.item.path, f"not a content key of this cache: {problem}")
+        limit = limit or await self._limit()
+        nonce = self._own_nonce()
+        args: list[str | int] = [str(fence), self._ttl_s, self._ttl_jitter_s, random.randrange(1 << 30)]
+        args += [nonce, ks.writes_channel, str(limit)]
+        item_keys = []
         for w in writes:
-            args += [_OP_CODES[w.item.operation], w.item.path, w.item.new or "", w.value]
-        content_keys = [ks.content(w.item.path) for w in writes]
-        codes = await _call(self._apply(keys=[ks.generation, ks.index, ks.manifest, *content_keys], args=args))
-        applied = tuple(w.item for w, c in zip(writes, codes, strict=True) if c == "a")
-        conflicted = tuple(w.item for w, c in zip(writes, codes, strict=True) if c == "c")
-        return Applied(applied=applied, conflicted=conflicted)
+            unlist = w.item.operation is plan.Operation.UNLIST
+            item_keys.append(ks.index if unlist else ks.content(w.item.path))
+            args += [_OP_CODES[w.item.operation], w.item.path, w.item.new or "", w.value, w.recorded_length()]
+        try:
+            codes, repaired, gen = await _call(
+                self._apply(keys=[ks.generation, ks.index, ks.manifest, *item_keys], args=args)
+            )
+        except BaseException:
+            self.own_writes.pop(nonce, None)  # the iterator must not wait for an end marker that may never come
+            raise
+        self.high_water = max(self.high_water, int(gen))
+        return _applied(writes, str(codes), str(repaired), ks)
+
+    def _own_nonce(self) -> str:
+        nonce = secrets.token_hex(8)
+        if self.tracking_own_writes:
+            self.own_writes[nonce] = None
+            while len(self.own_writes) > MAX_OWN_WRITES:
+                self.own_writes.popitem(last=False)
+        return nonce
+
+    async def _limit(self) -> int:
+        seconds, micros = await _call(self.client.time())
+        return int(seconds) * 1_000_000 + int(micros) + keys.GENERATION_SLACK_US
 
     async def refresh_ttl(self, paths: Iterable[str]) -> None:
         """Give existing content keys a fresh jittered TTL (no-op when no TTL is configured)."""
@@ -309,21 +536,81 @@ class RedisCache:
                 )
             )
 
-    async def write_status(self, fields: Mapping[str, str]) -> None:
-        await _call(self.client.hset(self.keyspace.status, mapping=dict(fields)))  # type: ignore[arg-type]
+    # -- the sync status record ------------------------------------------------------------------------------
+
+    async def write_status(self, status: keys.SyncStatus) -> None:
+        """Replace the whole status hash (whatever else was in it, or whatever type it had, is gone)."""
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.delete(self.keyspace.status)
+            pipe.hset(self.keyspace.status, mapping=dict(status))  # type: ignore[arg-type]
+            await _call(pipe.execute())
 
     async def read_status(self) -> dict[str, str]:
+        """The status hash as stored (empty if absent or not a hash)."""
+        if await _call(self.client.type(self.keyspace.status)) != "hash":
+            return {}
         raw = await _call(self.client.hgetall(self.keyspace.status))
         return {str(k): str(v) for k, v in raw.items()}
 
+    async def status_problem(self) -> str | None:
+        """Why the status hash is not a record modcache wrote, or None."""
+        kind = str(await _call(self.client.type(self.keyspace.status)))
+        if kind == "none":
+            return None
+        if kind != "hash":
+            return f"wrong type: {kind}"
+        fields = set(await _call(self.client.hkeys(self.keyspace.status)))
+        return None if fields == set(keys.STATUS_FIELDS) else "fields are not modcache's"
+
     async def read_module(self, path: str) -> str | None:
-        """The raw JSON value of one content key."""
-        value = await _call(self.client.get(self.keyspace.content(path)))
+        """The raw JSON value of one content key (None if absent or not a string)."""
+        key = self.keyspace.content(path)
+        if await _call(self.client.type(key)) != "string":
+            return None
+        value = await _call(self.client.get(key))
         return value if value is None else str(value)
 
 
-def _manifest_hash(value: str) -> str:
-    return value.partition(":")[2]
+def value_digest(value: str) -> str:
+    """The sha1 (hex) ``VALUES`` compares a stored value with: of the bytes Redis holds for ``value``."""
+    return hashlib.sha1(value.encode(), usedforsecurity=False).hexdigest()
+
+
+def client_from_url(url: str, **options: Any) -> aioredis.Redis:
+    """A client for ``url`` (ConfigError if it is not a Redis URL)."""
+    try:
+        return aioredis.Redis.from_url(url, decode_responses=True, health_check_interval=30, **options)
+    except ValueError as e:
+        raise errors.ConfigError("redis_url", "not a valid Redis URL") from e
+
+
+def _page(entries: list[Any], codes: str, top: str) -> VerifiedPage:
+    names, hashes = entries[::2], entries[1::2]
+    page = VerifiedPage(dict(zip(names, hashes, strict=True)), {}, [], [], int(top) if top else 0)
+    for found in _NOT_MATCHED.finditer(codes):  # few: the common case stays C-level
+        name, code = names[found.start()], found.group()
+        if code == NOT_A_PATH:
+            page.not_paths.append(name)
+            del page.hashes[name]
+        elif code == MALFORMED:
+            page.malformed.append(name)
+            del page.hashes[name]
+        else:
+            page.codes[name] = code
+    return page
+
+
+def _applied(writes: Sequence[Write], codes: str, repaired: str, ks: keys.KeySpace) -> Applied:
+    by_code: dict[str, list[plan.Item]] = {"a": [], "c": [], "m": []}
+    for w, code in zip(writes, codes, strict=True):
+        by_code[code].append(w.item)
+    owned = ks.bookkeeping()
+    repairs = [plan.KeyRepair(role, owned[role], "wrong type") for c, role in _APPLY_REPAIRS.items() if c in repaired]
+    if "g" in repaired:
+        repairs.append(plan.KeyRepair("generation", ks.generation, "missing or not believable"))
+    if "l" in repaired:
+        repairs.append(plan.KeyRepair("generation", ks.generation, "lower than the manifest"))
+    return Applied(tuple(by_code["a"]), tuple(by_code["c"]), tuple(by_code["m"]), tuple(repairs))
 
 
 def _batches(items: list[T], size: int) -> Iterable[list[T]]:
@@ -353,6 +640,3 @@ def _raise_swallowed_cancel() -> None:
     task = asyncio.current_task()
     if sys.version_info < (3, 12) and task is not None and task.cancelling():
         raise asyncio.CancelledError
-
-
-AsyncCall = Callable[[], Awaitable[Any]]

@@ -1,4 +1,4 @@
-"""The PostgreSQL source schema, shaped like Bifrost's (see shared/reference/bifrost-contract.md).
+"""The PostgreSQL source schema, shaped like Bifrost's (see docs/bifrost-contract.md).
 
 modcache reads ``workspace_files`` (modules), and the consumer reads ``workflows``, ``organizations`` and
 ``configs`` and writes ``executions``. Alembic migrations in ``modcache/migrations`` create exactly these

@@ -33,6 +33,15 @@ class Settings(pydantic_settings.BaseSettings):
     key_prefix: str = pydantic.Field(keys.DEFAULT_PREFIX, min_length=1, description="Bifrost's layout prefix.")
     resync_interval_s: float = pydantic.Field(300.0, gt=0, description="Full diff period; NOTIFY covers the rest.")
     resync_jitter_ratio: float = pydantic.Field(0.1, ge=0, le=1, description="Spreads resyncs of many caches.")
+    deep_interval_s: float = pydantic.Field(
+        3600.0, gt=0, description="Period of the whole-value check (and SCAN) in watch mode; events cover the rest."
+    )
+    probe_interval_s: float = pydantic.Field(
+        0.1, gt=0, description="How often watch mode probes for a flush, restart or lossy failover (no events)."
+    )
+    excluded_prefixes: tuple[str, ...] = pydantic.Field(
+        (), description="Longer prefixes of other caches in the same Redis DB: their keys are never touched."
+    )
     ttl_s: int | None = pydantic.Field(None, gt=0, description="Content key TTL; None keeps keys forever.")
     ttl_jitter_ratio: float = pydantic.Field(
         0.2, ge=0, le=1, description="Per-key TTL spread so keys never expire together."
@@ -74,7 +83,12 @@ class Settings(pydantic_settings.BaseSettings):
             raise config_error(e) from None
 
     def keyspace(self) -> keys.KeySpace:
-        return keys.KeySpace(self.key_prefix)
+        return keys.KeySpace(self.key_prefix, excluded=self.excluded_prefixes)
+
+    def listen_url(self) -> str | None:
+        """The direct URL for LISTEN: ``listen_database_url`` (behind PgBouncer), else ``database_url``."""
+        chosen = self.listen_database_url or self.database_url
+        return None if chosen is None else chosen.get_secret_value()
 
 
 def config_error(e: pydantic.ValidationError, env_prefix: str = ENV_PREFIX) -> errors.ConfigError:

@@ -1,17 +1,18 @@
-"""Watch mode: keep one cache converged continuously.
+"""Watch mode: keep one cache converged continuously, from events, so nothing waits for the periodic resync.
 
-Four cooperating loops under one TaskGroup:
+The adapters iterate; this module only orchestrates four loops run with ``asyncio.wait`` (the first to fail
+unexpectedly stops the others and is raised):
 
-* **listener** -- a dedicated asyncpg connection LISTENs on ``keys.NOTIFY_CHANNEL``; it reconnects with
-  jittered exponential backoff, and after every (re)connect asks for a full resync, because notifications sent
-  while it was away are lost;
-* **keyspace** -- a Redis pub/sub subscription to ``del``/``expired``/``evicted`` key events; a module content
-  key that disappears is repaired at once. ``notify-keyspace-events`` is enabled (merged with what is set) when
-  the server permits; otherwise the watcher runs on the timer alone and says so;
+* **source** -- ``pgsource.listen``: NOTIFY hints become path updates; every (re)connect asks for a full resync,
+  because notifications sent while the listener was away are lost;
+* **cache** -- ``keyevents.KeyEvents``: a foreign change to a content key becomes a path update (verified by
+  whole value); a change to the index or the manifest, a flush, a restart or a lossy failover (the probe) asks
+  for a full resync; one to the generation or the status record is checked first; every (re)subscribe asks for
+  a *deep* resync (a foreign write in the gap may have kept a value's length);
 * **applier** -- drains the paths queued by the two above and converges them with ``Engine.apply_paths``;
   whatever piled up while a batch ran becomes the next batch, so bursts coalesce with no added delay;
-* **resync** -- a full resync on request (connect, reconnect, manual, TRUNCATE) or every
-  ``resync_interval_s`` (jittered); failures retry sooner, with backoff.
+* **resync** -- a full resync on request or every ``resync_interval_s`` (jittered); deep (whole values, SCAN)
+  on request and every ``deep_interval_s``; failures retry sooner, with backoff.
 
 An ``Observer`` hears about every sync and every connectivity change; the CLI logs them, the operator turns them
 into status conditions, events and metrics.
@@ -22,28 +23,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
 import logging
 import random
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
-import asyncpg
-import redis.asyncio as aioredis
-import redis.exceptions
-
-from modcache import engine, errors, keys, plan, settings
+from modcache import backoff, engine, errors, keyevents, pgsource, plan, settings
 
 log = logging.getLogger(__name__)
 
 # Why a sync ran (a bounded set: used as a metrics label).
-CONNECT, RECONNECT, PERIODIC, MANUAL, NOTIFY, KEYSPACE, RETRY = (
-    "connect", "reconnect", "periodic", "manual", "notify", "keyspace", "retry",
+CONNECT, RECONNECT, PERIODIC, MANUAL, NOTIFY, KEYSPACE, RETRY, DEEP = (
+    "connect", "reconnect", "periodic", "manual", "notify", "keyspace", "retry", "deep",
 )  # fmt: skip
 
-KEYSPACE_EVENTS = ("del", "expired", "evicted")
-_KEYSPACE_FLAGS = "Egxe"  # keyevent channel + generic (del) + expired + evicted
-DEEP_EVERY = 12  # every Nth full resync also SCANs for content keys nobody indexed
+FIRST_EVENTS_WAIT_S = 5.0  # the first resync waits this long at most for the key events to be subscribed
+
+Backoff = backoff.Backoff
+merged_keyspace_flags = keyevents.merged_keyspace_flags
 
 
 class Observer(Protocol):
@@ -74,23 +72,6 @@ class LoggingObserver:
 
 
 @dataclasses.dataclass
-class Backoff:
-    """Full-jitter exponential backoff."""
-
-    initial_s: float
-    max_s: float
-    rng: random.Random
-    attempt: int = 0
-
-    def next_s(self) -> float:
-        self.attempt += 1
-        return self.rng.uniform(0, min(self.max_s, self.initial_s * 2**self.attempt))
-
-    def reset(self) -> None:
-        self.attempt = 0
-
-
-@dataclasses.dataclass
 class State:
     """What the watcher knows right now (read by the operator's status writer)."""
 
@@ -108,29 +89,32 @@ class Watcher:
         engine: engine.Engine,
         settings: settings.Settings,
         listen_dsn: str,
-        redis_client: aioredis.Redis,
+        redis_client: Any = None,  # accepted for callers built before the wiring; the cache's own client is used
         observer: Observer | None = None,
         rng: random.Random | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.engine = engine
         self.settings = settings
         self.state = State()
-        self._listen_dsn = _asyncpg_dsn(listen_dsn)
-        self._redis = redis_client
-        self._keyspace = engine.cache.keyspace
+        self._listen_dsn = settings_module.asyncpg_dsn(listen_dsn)
         self._observer = observer or LoggingObserver()
         self._rng = rng or random.Random()
+        self._monotonic = monotonic
         self._resync_wanted = asyncio.Event()
         self._resync_trigger = MANUAL
+        self._deep_wanted = True  # nothing was watched before we started
+        self._last_deep = monotonic()
         self._pending: dict[str, str] = {}
         self._pending_event = asyncio.Event()
+        self._cache_heard = asyncio.Event()  # the key-event iterator said whether events flow
 
     async def run(self) -> None:
         """Run until cancelled (or until a loop fails unexpectedly, which is raised)."""
         loops = {
             "modcache-resync": self._resync_loop(),
-            "modcache-listener": self._listen_loop(),
-            "modcache-keyspace": self._keyspace_loop(),
+            "modcache-listener": self._source_loop(),
+            "modcache-keyspace": self._cache_loop(),
             "modcache-applier": self._apply_loop(),
         }
         tasks = [asyncio.create_task(coro, name=name) for name, coro in loops.items()]
@@ -141,9 +125,10 @@ class Watcher:
         finally:
             await _stop(tasks)
 
-    def request_resync(self, trigger: str = MANUAL) -> None:
+    def request_resync(self, trigger: str = MANUAL, *, deep: bool = False) -> None:
         """Ask for a full resync as soon as the current one (if any) is done."""
         self._resync_trigger = trigger
+        self._deep_wanted |= deep
         self._resync_wanted.set()
 
     def enqueue(self, paths: Iterable[str], trigger: str) -> None:
@@ -156,21 +141,26 @@ class Watcher:
     # -- full resyncs ----------------------------------------------------------------------------------------
 
     async def _resync_loop(self) -> None:
-        backoff = Backoff(1.0, self.settings.resync_interval_s, self._rng)
+        retry = Backoff(1.0, self.settings.resync_interval_s, self._rng)
         delay_s = self._interval_s()
+        with contextlib.suppress(TimeoutError):  # the first (deep) resync starts once changes are being heard
+            await asyncio.wait_for(self._cache_heard.wait(), FIRST_EVENTS_WAIT_S)
         while True:
             trigger = await self._wait_for_resync(delay_s)
+            deep = self._deep_wanted or self._monotonic() - self._last_deep >= self.settings.deep_interval_s
             try:
-                deep = self.state.full_resyncs % DEEP_EVERY == 0
                 report = await self.engine.full_resync(deep=deep)
             except errors.TransientError as e:
                 self.state.last_error = str(e)
                 self._observer.on_sync_failed(e, trigger)
-                delay_s = backoff.next_s()
+                delay_s = retry.next_s()
                 self._resync_trigger = RETRY
                 continue
-            backoff.reset()
-            delay_s = self._interval_s()
+            retry.reset()
+            if deep:
+                self._deep_wanted = False
+                self._last_deep = self._monotonic()
+            delay_s = min(self._interval_s(), self._until_deep_s())
             self.state.full_resyncs += 1
             self.state.last_full = report
             self.state.last_error = None
@@ -180,13 +170,18 @@ class Watcher:
         try:
             await asyncio.wait_for(self._resync_wanted.wait(), delay_s)
         except TimeoutError:
-            return RETRY if self._resync_trigger == RETRY else PERIODIC
+            if self._resync_trigger == RETRY:
+                return RETRY
+            return DEEP if self._until_deep_s() <= 0 else PERIODIC
         self._resync_wanted.clear()
         return self._resync_trigger
 
     def _interval_s(self) -> float:
         jitter = self.settings.resync_jitter_ratio
         return self.settings.resync_interval_s * self._rng.uniform(1 - jitter, 1 + jitter)
+
+    def _until_deep_s(self) -> float:
+        return max(0.0, self.settings.deep_interval_s - (self._monotonic() - self._last_deep))
 
     # -- incremental updates ---------------------------------------------------------------------------------
 
@@ -202,111 +197,84 @@ class Watcher:
                 self._observer.on_sync_failed(e, trigger)
                 self.request_resync(RETRY)  # the full resync retries with backoff and covers these paths
                 continue
+            if report.plan.repairs:  # a bookkeeping key was rebuilt: the other paths need a look too
+                self.request_resync(KEYSPACE)
             self._observer.on_sync(report, trigger)
 
     # -- PostgreSQL LISTEN -----------------------------------------------------------------------------------
 
-    async def _listen_loop(self) -> None:
-        backoff = Backoff(0.2, self.settings.listener_backoff_max_s, self._rng)
+    async def _source_loop(self) -> None:
         connected_before = False
-        while True:
-            detail = await self._listen_once(backoff, RECONNECT if connected_before else CONNECT)
-            connected_before |= self.state.listener_connected
-            self.state.listener_connected = False
-            self._observer.on_listener(False, detail)
-            await asyncio.sleep(backoff.next_s())
+        events = pgsource.listen(
+            self._listen_dsn,
+            backoff_max_s=self.settings.listener_backoff_max_s,
+            keepalive_s=self.settings.listener_keepalive_s,
+            rng=self._rng,
+        )
+        async for event in events:
+            match event:
+                case pgsource.Listening(detail):
+                    self.state.listener_connected = True
+                    self._observer.on_listener(True, detail)
+                    self.request_resync(RECONNECT if connected_before else CONNECT)
+                    connected_before = True
+                case pgsource.Hinted(paths):
+                    self.enqueue(paths, NOTIFY)  # names are judged by the engine before anything is done
+                case pgsource.ResyncAsked():
+                    self.request_resync(NOTIFY)
+                case pgsource.ListenerLost(detail):
+                    self.state.listener_connected = False
+                    self._observer.on_listener(False, detail)
 
-    async def _listen_once(self, backoff: Backoff, trigger: str) -> str:
-        """Connect, LISTEN, ask for a resync, and hold the connection until it fails; returns why it ended."""
-        conn: Any = None
+    # -- Redis key events --------------------------------------------------------------------------------------
+
+    async def _cache_loop(self) -> None:
+        cache = self.engine.cache
+        async with keyevents.KeyEvents(
+            cache,
+            probe_interval_s=self.settings.probe_interval_s,
+            backoff_max_s=self.settings.listener_backoff_max_s,
+            rng=self._rng,
+        ) as events:
+            async for event in events:
+                await self._on_key_event(event)
+
+    async def _on_key_event(self, event: keyevents.KeyEvent) -> None:
+        match event:
+            case keyevents.Changed(path=str(path)):
+                self.enqueue([path], KEYSPACE)
+            case keyevents.Changed(role=("index" | "manifest")):
+                self.request_resync(KEYSPACE)
+            case keyevents.Changed(role=str(role)):
+                if await self._doubtful(role):
+                    self.request_resync(KEYSPACE)
+            case keyevents.Regressed(detail):
+                log.warning("%s: refilling", detail)
+                self.request_resync(KEYSPACE)
+            case keyevents.Subscribed(detail):
+                self._keyspace_changed(True, detail)
+                if self._cache_heard.is_set():  # events published while we were away are lost
+                    self.request_resync(RECONNECT, deep=True)
+                self._cache_heard.set()
+            case keyevents.Lost(detail) | keyevents.Unavailable(detail):
+                self._keyspace_changed(False, detail)
+                self._cache_heard.set()
+
+    async def _doubtful(self, role: str) -> bool:
+        """Whether a foreign change to the generation or the status record needs a resync (another modcache
+        writer changes both legitimately, and must not make this one resync after every write)."""
+        cache = self.engine.cache
         try:
-            conn = await asyncpg.connect(
-                self._listen_dsn, timeout=10, server_settings={"application_name": "modcache-listener"}
-            )
-            lost = asyncio.Event()
-            conn.add_termination_listener(lambda _conn: lost.set())
-            await conn.add_listener(keys.NOTIFY_CHANNEL, self._on_notify)
-            backoff.reset()
-            self.state.listener_connected = True
-            self._observer.on_listener(True, f"listening on {keys.NOTIFY_CHANNEL}")
-            self.request_resync(trigger)
-            await self._hold(conn, lost)
-            return "connection lost"
-        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
-            return errors.describe(e)
-        finally:
-            if conn is not None:
-                conn.terminate()
-
-    async def _hold(self, conn: Any, lost: asyncio.Event) -> None:
-        """Wait until the connection dies; after an idle spell, ping it to catch half-open sockets."""
-        while not lost.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(lost.wait(), self.settings.listener_keepalive_s)
-                return
-            await conn.execute("SELECT 1", timeout=5)
-
-    def _on_notify(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
-        try:
-            data = json.loads(payload)
-            paths = data.get("paths", [])
-            if data.get("resync") or not all(isinstance(p, str) for p in paths):
-                raise ValueError("asks for a resync")
-        except (ValueError, AttributeError, TypeError):
-            self.request_resync(NOTIFY)
-            return
-        self.enqueue(paths, NOTIFY)
-
-    # -- Redis keyspace events -------------------------------------------------------------------------------
-
-    async def _keyspace_loop(self) -> None:
-        backoff = Backoff(0.2, self.settings.listener_backoff_max_s, self._rng)
-        subscribed_before = False
-        while True:
-            try:
-                problem = await self._enable_keyspace_events()
-                if problem is not None:
-                    self._keyspace_unavailable(problem)
-                    await asyncio.sleep(self.settings.resync_interval_s)  # try again later; the timer covers us
-                    continue
-                await self._follow_events(backoff, resync=subscribed_before)
-            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as e:
-                self._keyspace_changed(False, errors.describe(e))
-            subscribed_before = subscribed_before or bool(self.state.keyspace_active)
-            await asyncio.sleep(backoff.next_s())
-
-    async def _follow_events(self, backoff: Backoff, *, resync: bool) -> None:
-        db = self._redis.connection_pool.connection_kwargs.get("db", 0)
-        channels = [f"__keyevent@{db}__:{event}" for event in KEYSPACE_EVENTS]
-        async with self._redis.pubsub(ignore_subscribe_messages=True) as pubsub:
-            await pubsub.subscribe(*channels)
-            backoff.reset()
-            self._keyspace_changed(True, f"subscribed to {', '.join(KEYSPACE_EVENTS)} events")
-            if resync:
-                self.request_resync(RECONNECT)  # events published while we were away are lost
-            async for message in pubsub.listen():
-                key = message.get("data")
-                path = self._keyspace.path_of(key) if isinstance(key, str) else None
-                if path is not None:
-                    self.enqueue([path], KEYSPACE)
-
-    async def _enable_keyspace_events(self) -> str | None:
-        """Turn on the key events we need (keeping any others); None if on, else why not."""
-        try:
-            current = (await self._redis.config_get("notify-keyspace-events")).get("notify-keyspace-events", "")
-            wanted = merged_keyspace_flags(str(current))
-            if wanted != current:
-                await self._redis.config_set("notify-keyspace-events", wanted)
-        except redis.exceptions.ResponseError as e:  # CONFIG disabled, renamed or not permitted (ACL)
-            return f"cannot enable notify-keyspace-events ({errors.describe(e)}); repairing on the timer alone"
-        return None
-
-    def _keyspace_unavailable(self, problem: str) -> None:
-        if self.state.keyspace_active is not False:
-            log.warning("%s", problem)
-        self._keyspace_changed(False, problem)
+            if role == "status":
+                return await cache.status_problem() is not None
+            generation = await cache.read_generation(create=False)
+        except errors.TransientError:
+            return True
+        return bool(generation.problem)
 
     def _keyspace_changed(self, active: bool, detail: str) -> None:
+        if self.state.keyspace_active is not False or active:
+            (log.info if active else log.warning)("keyspace events %s: %s", "on" if active else "off", detail)
         self.state.keyspace_active = active
         self._observer.on_keyspace(active, detail)
 
@@ -324,14 +292,4 @@ async def _stop(tasks: list[asyncio.Task[None]]) -> None:
         _, pending = await asyncio.wait(pending, timeout=0.5)
 
 
-def merged_keyspace_flags(current: str) -> str:
-    """``current`` plus the flags modcache needs, without dropping any already set."""
-    have = set(current)
-    if "A" in have:
-        have |= set("g$lshzxetd")
-    missing = [flag for flag in _KEYSPACE_FLAGS if flag not in have]
-    return current + "".join(missing)
-
-
-def _asyncpg_dsn(url: str) -> str:
-    return settings.asyncpg_dsn(url)  # module-level: inside Watcher, `settings` is the parameter
+settings_module = settings  # inside Watcher, ``settings`` is the parameter

@@ -128,9 +128,8 @@ class Harness:
             await self.sync_engine.apply_paths([path])
 
     async def converge(self) -> None:
-        """A full sync with its status marker, as the operator's watcher would leave it."""
-        report = await self.sync_engine.full_resync()
-        await self.sync_engine.cache.write_status({"source_digest": report.digest, "writer": "test"})
+        """A full sync with its status record, as the operator's watcher would leave it."""
+        await self.sync_engine.full_resync()
 
     # -- running the consumer -----------------------------------------------------------------------------
 

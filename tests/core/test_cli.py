@@ -18,11 +18,12 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
-from modcache import embedded, errors, keys, modules, pgsource
+from modcache import embedded, errors, keys, modules, pgsource, plan
 from modcache.cli import render
 from testkit import cli
 
 Env = dict[str, str]
+NOTHING = {reason.value: 0 for reason in plan.Reason}
 
 
 @pytest.fixture
@@ -79,8 +80,8 @@ async def test_put_then_sync_once_fills_the_cache_and_a_second_sync_does_nothing
 
     second = await cli.invoke("sync", "--once", "--json", env=env)
     report = json.loads(second.out)
-    assert report["planned"] == {"missing": 0, "stale": 0, "orphan": 0, "index": 0}
-    assert report["applied"] == {"missing": 0, "stale": 0, "orphan": 0, "index": 0}
+    assert report["planned"] == NOTHING
+    assert report["applied"] == NOTHING
     assert (report["source_modules"], report["cached_modules"]) == (1, 1)
 
 
@@ -100,8 +101,8 @@ async def test_dry_run_plans_every_kind_of_drift_and_writes_nothing(
 
     report = json.loads(result.out)
     assert report["dry_run"] is True
-    assert report["planned"] == {"missing": 1, "stale": 1, "orphan": 1, "index": 1}
-    assert report["applied"] == {"missing": 0, "stale": 0, "orphan": 0, "index": 0}
+    assert report["planned"] == {**NOTHING, "missing": 1, "stale": 1, "orphan": 1, "index": 1}
+    assert report["applied"] == NOTHING
     assert await snapshot(redis_client, keyspace) == before
     text = await cli.invoke("sync", "--once", "--dry-run", env=env)
     assert "dry run: nothing written" in text.out

@@ -17,7 +17,7 @@ async def test_manifest_generations_are_exact_integers(
     fence = await cache.generation()
     await cache.apply([put("a.py", "1" * 64)], fence=fence)
     held = await redis_client.hget(cache.keyspace.manifest, "a.py")
-    assert held == f"{fence + 1}:{'1' * 64}"
+    assert held == f"{fence + 1}:{'1' * 64}:2"  # the length of the value written, "{}"
 
 
 async def test_a_write_fenced_by_an_older_read_is_reported_conflicted(cache: rediscache.RedisCache) -> None:

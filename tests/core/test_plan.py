@@ -66,7 +66,7 @@ def test_plan_explains_itself() -> None:
         "put     stale   b.py",
         "delete  orphan  gone.py",
     ]
-    assert result.counts() == {R.MISSING: 1, R.STALE: 1, R.ORPHAN: 1, R.INDEX: 0}
+    assert result.counts() == {**dict.fromkeys(R, 0), R.MISSING: 1, R.STALE: 1, R.ORPHAN: 1}
     assert result.describe() == "1 missing, 1 stale, 1 orphan"
 
 

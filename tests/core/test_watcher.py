@@ -136,8 +136,8 @@ async def test_bulk_update_in_one_transaction_converges(
 
 
 def test_keyspace_flags_are_merged_not_replaced() -> None:
-    assert watcher.merged_keyspace_flags("") == "Egxe"
-    assert watcher.merged_keyspace_flags("Kl") == "KlEgxe"
+    assert watcher.merged_keyspace_flags("") == "Kg$lshzxet"
+    assert watcher.merged_keyspace_flags("El") == "ElKg$shzxet"
     assert watcher.merged_keyspace_flags("AKE") == "AKE"
 
 

@@ -51,6 +51,7 @@ VALUES_SETS: dict[str, dict[str, Any]] = {
         "metrics": {
             "serviceMonitor": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}},
             "prometheusRule": {"enabled": True, "runbookBaseUrl": "https://runbooks.example.org/modcache"},
+            "grafanaDashboard": {"enabled": True, "annotations": {"grafana_folder": "modcache"}},
         }
     },
     "ha": {"operator": {"replicas": 3, "leaderElection": {"enabled": True}}},
@@ -71,7 +72,11 @@ VALUES_SETS: dict[str, dict[str, Any]] = {
         "consumer": {"replicas": 4, "concurrency": 16, "pool": {"minWorkers": 2, "maxWorkers": 8}},
         "secretRefs": {"listenDatabaseUrl": {"name": "pg-direct", "key": "url"}},
         "instance": {"ttl": "24h", "resyncInterval": "2m", "prune": False},
-        "metrics": {"serviceMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}},
+        "metrics": {
+            "serviceMonitor": {"enabled": True},
+            "prometheusRule": {"enabled": True},
+            "grafanaDashboard": {"enabled": True, "namespace": "monitoring"},
+        },
         "podDisruptionBudget": {"enabled": True, "consumer": {"minAvailable": "50%"}},
         "networkPolicy": {"enabled": True},
     },

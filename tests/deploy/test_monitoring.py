@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 import re
 from typing import Any
 
@@ -67,3 +68,54 @@ def test_every_alert_reads_series_that_exist(render: Any) -> None:
         assert metric in series, f"{metric} is not exported by {', '.join(EXPORTERS)}"
         unknown = labels - series[metric] - TARGET_LABELS
         assert not unknown, f"{metric} has no label {sorted(unknown)}"
+
+
+# -- the Grafana dashboard ---------------------------------------------------------------------------------------
+
+DASHBOARD_TOPICS = (
+    "Ready",
+    "source modules vs cached",
+    "drift corrected, by reason",
+    "syncs, by trigger",
+    "sync duration",
+    "listen",
+    "executions, by status",
+    "execution duration",
+)
+
+
+def dashboard(render: Any, **extra: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    values = {"metrics": {"grafanaDashboard": {"enabled": True, **extra}}}
+    (config_map,) = [c for c in render(values).of_kind("ConfigMap") if c["metadata"]["name"].endswith("-dashboard")]
+    return config_map, json.loads(config_map["data"]["modcache.json"])
+
+
+def panel_exprs(board: dict[str, Any]) -> list[str]:
+    return [t["expr"] for p in board["panels"] for t in p.get("targets", [])]
+
+
+def test_the_dashboard_ships_for_the_grafana_sidecar(render: Any) -> None:
+    config_map, board = dashboard(render, annotations={"grafana_folder": "modcache"}, namespace="monitoring")
+    assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert config_map["metadata"]["annotations"] == {"grafana_folder": "modcache"}
+    assert config_map["metadata"]["namespace"] == "monitoring"
+    assert board["uid"] == "modcache"
+    assert {v["name"] for v in board["templating"]["list"]} == {"datasource", "namespace"}
+    titles = " | ".join(p["title"].lower() for p in board["panels"])
+    for topic in DASHBOARD_TOPICS:
+        assert topic.lower() in titles, topic
+    assert not [c for c in render({}).of_kind("ConfigMap") if c["metadata"]["name"].endswith("-dashboard")]
+
+
+def test_every_dashboard_panel_reads_series_that_exist(render: Any) -> None:
+    _, board = dashboard(render)
+    used = [s for expr in panel_exprs(board) for s in selectors(expr.replace("$__rate_interval", "5m"))]
+    assert len(used) >= len(DASHBOARD_TOPICS)
+    series, missing = exported()
+    assert not missing
+    for metric, labels in used:
+        assert metric in series, f"{metric} is not exported by {', '.join(EXPORTERS)}"
+        unknown = labels - series[metric] - TARGET_LABELS - {"le"}
+        assert not unknown, f"{metric} has no label {sorted(unknown)}"
+    panels = [p for p in board["panels"] if p["type"] != "row"]
+    assert all(p["datasource"]["uid"] == "${datasource}" for p in panels)

@@ -121,7 +121,7 @@ def test_status_fields_and_message() -> None:
     assert new is not None
     assert new["observedGeneration"] == 3
     assert (new["sourceModules"], new["cachedModules"], new["rejectedModules"]) == (10, 10, 0)
-    counts = {"missing": 2, "stale": 0, "orphan": 1, "index": 0, "total": 3}
+    counts = {**{r.value: 0 for r in plan.Reason}, "missing": 2, "orphan": 1, "total": 3}
     assert new["lastDrift"] == counts | {"trigger": "keyspace", "time": "2025-01-01T12:00:00Z"}
     assert new["totalRepairs"] == 7
     assert new["lastHandledReconcileAt"] == "now"

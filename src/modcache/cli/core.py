@@ -228,6 +228,3 @@ def demo(exit_after_demo: bool, state_dir: Path | None, **flags: Any) -> None:
     partial expiry repaired live."""
     config = runtime.load_settings(state_dir=state_dir, **flags)
     demo_module.main(config, exit_after_demo=exit_after_demo)
-
-
-commands: list[click.Command] = [db_group, sync, modules_group, status, demo]

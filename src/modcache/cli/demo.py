@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 import click
 
-from modcache import db, embedded, errors, modules, plan, settings, watcher
+from modcache import db, embedded, errors, modules, plan, settings, watcher, wiring
 from modcache.cli import loader, runtime, watch
 
 T = TypeVar("T")
@@ -133,7 +133,7 @@ async def _demo(config: settings.Settings, *, exit_after_demo: bool) -> None:
                 await watching
 
 
-async def _load_example(wired: runtime.Wired) -> None:
+async def _load_example(wired: wiring.Wired) -> None:
     with resources.as_file(resources.files("modcache") / "example_workspace") as directory:
         paths = [p for p, _ in loader.workspace_files(Path(directory))]
         result = await loader.load_into(wired.source, Path(directory))
@@ -142,7 +142,7 @@ async def _load_example(wired: runtime.Wired) -> None:
         raise DemoFailed(f"demo: example modules rejected: {result.rejected}")
 
 
-async def _show_partial_expiry(wired: runtime.Wired, the_watcher: watcher.Watcher, observer: DemoObserver) -> None:
+async def _show_partial_expiry(wired: wiring.Wired, the_watcher: watcher.Watcher, observer: DemoObserver) -> None:
     cache, ks = wired.cache, wired.cache.keyspace
     key = ks.content(EXPIRED_PATH)
     click.echo(f"4. partial expiry: DEL {key} (the index keeps {EXPIRED_PATH!r})")
@@ -180,7 +180,7 @@ def _print_key_state(label: str, exists: int, listed: int, size: int) -> None:
     click.echo(f"   {label}: content key {state}; index lists it: {bool(listed)}; SCARD index = {size}")
 
 
-async def _show_commit(wired: runtime.Wired, observer: DemoObserver) -> None:
+async def _show_commit(wired: wiring.Wired, observer: DemoObserver) -> None:
     click.echo(f"5. a commit in PostgreSQL: {EDITED_PATH} gets HOURLY_RATE = 135")
     since = len(observer.syncs)
     started = time.perf_counter()

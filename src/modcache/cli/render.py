@@ -18,7 +18,9 @@ PROGRESS_MIN_ITEMS = 500
 
 
 def counts(values: Mapping[plan.Reason, int]) -> str:
-    return ", ".join(f"{values.get(reason, 0)} {reason.value}" for reason in plan.Reason)
+    """The classic four reasons always, the corruption reasons when they occurred."""
+    shown = [r for r in plan.Reason if r in plan.CLASSIC_REASONS or values.get(r, 0)]
+    return ", ".join(f"{values.get(reason, 0)} {reason.value}" for reason in shown)
 
 
 def plan_lines(the_plan: plan.Plan, *, limit: int = DEFAULT_ITEM_LIMIT) -> list[str]:
@@ -27,6 +29,7 @@ def plan_lines(the_plan: plan.Plan, *, limit: int = DEFAULT_ITEM_LIMIT) -> list[
     lines += [f"  {item}" for item in the_plan.items[:limit]]
     if len(the_plan.items) > limit:
         lines.append(f"  … and {len(the_plan.items) - limit} more")
+    lines += [f"  {repair}" for repair in the_plan.repairs]
     lines += rejected_lines(the_plan.rejected)
     return lines
 

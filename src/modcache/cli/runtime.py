@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -17,7 +16,7 @@ from typing import Any, TypeVar
 import click
 import pydantic
 
-from modcache import db, engine, errors, pgsource, rediscache, settings
+from modcache import errors, pgsource, settings, wiring
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -71,50 +70,21 @@ def with_urls(base: settings.Settings, urls: Mapping[str, str]) -> settings.Sett
     return base.model_copy(update={fields[name]: pydantic.SecretStr(url) for name, url in urls.items()})
 
 
-@dataclasses.dataclass(frozen=True)
-class Wired:
-    """The adapters and the engine built from one Settings, closed together."""
-
-    settings: settings.Settings
-    source: pgsource.PgSource
-    cache: rediscache.RedisCache
-    engine: engine.Engine
-
-
-def make_cache(config: settings.Settings) -> rediscache.RedisCache:
-    return rediscache.RedisCache.from_url(
-        required(config.redis_url, "redis_url"),
-        keyspace=config.keyspace(),
-        ttl_s=config.ttl_s,
-        ttl_jitter_ratio=config.ttl_jitter_ratio,
-        check_batch_size=config.check_batch_size,
-    )
-
-
-def make_source(config: settings.Settings) -> pgsource.PgSource:
-    url = required(config.database_url, "database_url")
-    return pgsource.PgSource(engine=db.make_engine(url), max_module_bytes=config.max_module_bytes)
-
-
 @contextlib.asynccontextmanager
 async def source_only(config: settings.Settings) -> AsyncIterator[pgsource.PgSource]:
-    source = make_source(config)
+    required(config.database_url, "database_url")
+    source = wiring.make_source(config)
     try:
         yield source
     finally:
         await source.close()
 
 
-@contextlib.asynccontextmanager
-async def wired(config: settings.Settings) -> AsyncIterator[Wired]:
-    """Source, cache and engine for ``config``; both URLs are required."""
-    cache = make_cache(config)
-    try:
-        async with source_only(config) as source:
-            the_engine = engine.Engine(source=source, cache=cache, fetch_batch_size=config.fetch_batch_size)
-            yield Wired(settings=config, source=source, cache=cache, engine=the_engine)
-    finally:
-        await cache.close()
+def wired(config: settings.Settings) -> contextlib.AbstractAsyncContextManager[wiring.Wired]:
+    """Source, cache and engine for ``config`` (``wiring.connect``); both URLs are required."""
+    required(config.redis_url, "redis_url")
+    required(config.database_url, "database_url")
+    return wiring.connect(config)
 
 
 def run(coroutine: Coroutine[Any, Any, T]) -> T:

@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from modcache import errors, plan, settings, watcher
+from modcache import errors, plan, settings, watcher, wiring
 from modcache.cli import render, runtime
 
 Clock = Callable[[], datetime.datetime]
@@ -51,21 +51,8 @@ class EchoObserver:
         self._echo(f"{self._clock().isoformat(timespec='seconds')} {text}")
 
 
-def listen_url(config: settings.Settings) -> str:
-    """The direct URL for LISTEN: ``listen_database_url`` (behind PgBouncer) or else ``database_url``."""
-    if config.listen_database_url is not None:
-        return config.listen_database_url.get_secret_value()
-    return runtime.required(config.database_url, "database_url")
-
-
-def make_watcher(wired: runtime.Wired, observer: watcher.Observer) -> watcher.Watcher:
-    return watcher.Watcher(
-        engine=wired.engine,
-        settings=wired.settings,
-        listen_dsn=listen_url(wired.settings),
-        redis_client=wired.cache.client,
-        observer=observer,
-    )
+def make_watcher(wired: wiring.Wired, observer: watcher.Observer) -> watcher.Watcher:
+    return wired.watcher(observer=observer)
 
 
 async def watch(config: settings.Settings, *, observer: watcher.Observer | None = None) -> None:

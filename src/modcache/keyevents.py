@@ -1,0 +1,269 @@
+"""Every change to a key under the cache's prefix that this process did not make, as an async iterator.
+
+Two sources, merged into one stream of typed events (``Subscribed``, ``Changed``, ``Regressed``, ``Lost``,
+``Unavailable``):
+
+* **keyspace notifications**, subscribed with a server-side pattern on the prefix (``PSUBSCRIBE
+  __keyspace@N__:{prefix}*``), so another cache's or application's traffic never reaches us. Every write
+  command on a key under the prefix -- SET/SETEX/APPEND/SETRANGE, DEL, EXPIRE, expiry, eviction, RENAME,
+  SADD/SREM, HSET/HDEL, a key of another type created -- arrives here. ``notify-keyspace-events`` is merged with
+  what is set (``K`` plus every key-event class) when CONFIG is permitted; otherwise whatever the admin set is
+  used, and a canary write checks that events really arrive (the event says which, so the status can);
+* a **probe** every ``probe_interval_s``: a key of this process's own with a short TTL (gone after FLUSHDB,
+  FLUSHALL, SWAPDB, a restart without persistence) and the generation (gone, or lower than this process has
+  seen: a failover that lost writes). Redis emits no keyspace event for those.
+
+modcache's own writes are not reported: ``rediscache.APPLY`` publishes ``b:<nonce>``/``e:<nonce>`` on the
+prefix's writes channel around its writes, on the same subscription, and a script runs atomically, so every event
+between the two markers of a nonce this process registered is its own. A marker with an unknown nonce (another
+process, a forgery) is ignored, so such writes are reported like any other.
+
+After any (re)connect the iterator yields ``Subscribed``: events published while it was away are lost, so the
+caller resyncs (deeply: a foreign write in the gap may have kept a value's length). Issue 11 (Sentinel, Cluster,
+TLS) builds its client construction into the wiring; this iterator only needs a client whose pool makes
+connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import random
+import secrets
+from collections.abc import AsyncIterator
+from typing import Any
+
+import redis.asyncio as aioredis
+import redis.exceptions
+
+from modcache import backoff, errors, rediscache
+
+#: The keyspace-event flags modcache needs: keyspace channels (K) and every class of key event.
+WANTED_FLAGS = "Kg$lshzxet"
+CANARY_WAIT_S = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Subscribed:
+    """Subscribed (again): events may have been missed; ``detail`` says how events are configured."""
+
+    detail: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Changed:
+    """A content key (``path``) or one of modcache's own keys (``role``: index, manifest, generation, status)
+    was changed by someone else."""
+
+    path: str | None = None
+    role: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Regressed:
+    """The cache went back or was replaced without a key event (FLUSHDB, SWAPDB, restart, a lossy failover)."""
+
+    detail: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Lost:
+    detail: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Unavailable:
+    """Connected, but no keyspace events arrive (and they cannot be enabled): only the probe and the timer work."""
+
+    detail: str
+
+
+KeyEvent = Subscribed | Changed | Regressed | Lost | Unavailable
+
+
+def merged_keyspace_flags(current: str) -> str:
+    """``current`` plus the flags modcache needs, without dropping any already set."""
+    have = set(current)
+    if "A" in have:
+        have |= set("g$lshzxetd")
+    return current + "".join(flag for flag in WANTED_FLAGS if flag not in have)
+
+
+class KeyEvents:
+    """``async with KeyEvents(cache, ...) as events: async for event in events: ...``"""
+
+    def __init__(
+        self,
+        cache: rediscache.RedisCache,
+        *,
+        probe_interval_s: float,
+        backoff_max_s: float,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._cache = cache
+        self._ks = cache.keyspace
+        self._probe_interval_s = probe_interval_s
+        self._backoff_max_s = backoff_max_s
+        self._rng = rng or random.Random()
+        self._queue: asyncio.Queue[KeyEvent] = asyncio.Queue()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._conn: Any = None
+        self._token = secrets.token_hex(8)
+        self._canary_seen = asyncio.Event()
+        self._roles = {key: role for role, key in self._ks.bookkeeping().items()}
+
+    async def __aenter__(self) -> KeyEvents:
+        self._tasks = [
+            asyncio.create_task(self._subscribe_forever(), name="modcache-key-events"),
+            asyncio.create_task(self._probe_forever(), name="modcache-cache-probe"),
+        ]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._cache.tracking_own_writes = False
+
+    def __aiter__(self) -> AsyncIterator[KeyEvent]:
+        return self
+
+    async def __anext__(self) -> KeyEvent:
+        return await self._queue.get()
+
+    # -- the subscription -----------------------------------------------------------------------------------
+
+    async def _subscribe_forever(self) -> None:
+        retry = backoff.Backoff(0.2, self._backoff_max_s, self._rng)
+        while True:
+            try:
+                await self._subscribe_once(retry)
+            except (redis.exceptions.RedisError, OSError) as e:
+                self._cache.tracking_own_writes = False
+                self._queue.put_nowait(Lost(errors.describe(e)))
+            finally:
+                await self._disconnect()
+            await asyncio.sleep(retry.next_s())
+
+    async def _subscribe_once(self, retry: backoff.Backoff) -> None:
+        pool = self._cache.client.connection_pool
+        self._conn = conn = pool.connection_class(**{**pool.connection_kwargs, "protocol": 2})
+        await conn.connect()  # type: ignore[no-untyped-call]
+        configured = await self._enable()
+        db = int(pool.connection_kwargs.get("db", 0) or 0)
+        prefix = f"__keyspace@{db}__:"
+        await conn.send_command("PSUBSCRIBE", self._ks.keyspace_pattern(db))
+        await conn.read_response()
+        await conn.send_command("SUBSCRIBE", self._ks.writes_channel)
+        await conn.read_response()
+        self._cache.own_writes.clear()
+        self._cache.tracking_own_writes = True
+        self._canary_seen.clear()
+        canary = asyncio.create_task(self._check_canary(configured))
+        try:
+            retry.reset()
+            await self._read(conn, prefix)
+        finally:
+            canary.cancel()
+
+    async def _enable(self) -> str:
+        """Merge the flags modcache needs into ``notify-keyspace-events``; say how events are configured."""
+        client = self._cache.client
+        try:
+            current = str((await client.config_get("notify-keyspace-events")).get("notify-keyspace-events", ""))
+            wanted = merged_keyspace_flags(current)
+            if wanted != current:
+                await client.config_set("notify-keyspace-events", wanted)
+        except redis.exceptions.ResponseError as e:  # CONFIG disabled, renamed or not permitted (ACL)
+            return f"configured by the admin (CONFIG not permitted: {errors.describe(e)})"
+        return f"notify-keyspace-events {wanted!r}"
+
+    async def _check_canary(self, configured: str) -> None:
+        """Write a canary key and wait for its event: proof that events arrive, whoever configured them."""
+        canary = f"{self._ks.prefix}modcache:canary"
+        try:
+            await self._cache.client.set(canary, self._token, px=60_000)
+            await asyncio.wait_for(self._canary_seen.wait(), CANARY_WAIT_S)
+        except TimeoutError:
+            self._queue.put_nowait(
+                Unavailable(f"no keyspace events arrive ({configured}); repairing on the timer alone and the probe")
+            )
+        except (redis.exceptions.RedisError, OSError) as e:
+            self._queue.put_nowait(Lost(errors.describe(e)))
+        else:
+            self._queue.put_nowait(Subscribed(f"keyspace events on {self._ks.prefix!r}: {configured}"))
+
+    async def _read(self, conn: Any, channel_prefix: str) -> None:
+        own = self._cache.own_writes
+        inside: str | None = None  # the nonce of this process's write whose events are arriving
+        canary = f"{self._ks.prefix}modcache:canary"
+        while True:
+            message = await conn.read_response(disable_decoding=False)
+            kind = message[0]
+            if kind == "message":
+                marker, _, nonce = str(message[2]).partition(":")
+                if marker == "b" and nonce in own:
+                    del own[nonce]
+                    inside = nonce
+                elif marker == "e" and nonce == inside:
+                    inside = None
+                continue
+            if kind != "pmessage" or inside is not None:
+                continue
+            key = str(message[2])[len(channel_prefix) :]
+            if key == canary:
+                self._canary_seen.set()
+            elif (role := self._roles.get(key)) is not None:
+                self._queue.put_nowait(Changed(role=role))
+            elif (path := self._ks.path_of(key)) is not None:
+                self._queue.put_nowait(Changed(path=path))
+
+    async def _disconnect(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await conn.disconnect()
+
+    # -- the probe --------------------------------------------------------------------------------------------
+
+    async def _probe_forever(self) -> None:
+        probe = f"{self._ks.prefix}modcache:probe:{self._token}"
+        ttl_ms = max(5_000, int(self._probe_interval_s * 50_000))
+        armed = False
+        while True:
+            await asyncio.sleep(self._probe_interval_s)
+            try:
+                problem = await self._probe(probe, ttl_ms, armed=armed)
+            except errors.CacheUnavailable as e:
+                armed = False
+                await self._disconnect()  # the subscription is as dead as the probe: reconnect it
+                self._queue.put_nowait(Lost(str(e)))
+                continue
+            armed = True
+            if problem is not None:
+                self._queue.put_nowait(Regressed(problem))
+
+    async def _probe(self, probe: str, ttl_ms: int, *, armed: bool) -> str | None:
+        client: aioredis.Redis = self._cache.client
+        seen = self._cache.high_water  # before the read: a write landing meanwhile must not look like a regression
+        try:
+            async with client.pipeline(transaction=False) as pipe:
+                pipe.pexpire(probe, ttl_ms)
+                pipe.get(self._ks.generation)
+                alive, raw = await pipe.execute(raise_on_error=False)
+            if not alive:
+                await client.set(probe, "1", px=ttl_ms)
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as e:
+            raise errors.CacheUnavailable(f"Redis unreachable: {errors.describe(e)}") from e
+        if not armed:
+            return None
+        if not alive:
+            return "the cache was flushed or replaced (modcache's probe key vanished)"
+        value = int(raw) if isinstance(raw, str) and raw.isdigit() else 0
+        if seen and value < seen:
+            self._cache.high_water = value  # learn again from here, so one regression is reported once
+            return f"the generation went back from {seen} to {value or 'nothing'}"
+        return None

@@ -1,0 +1,319 @@
+"""What a full resync sees: both sides read in parallel, every name validated, every corruption classified.
+
+``observe`` reads the fence first, then lists the source (PostgreSQL) while Redis verifies the manifest page by
+page (``rediscache.verify_manifest``). Paths the cache already serves exactly -- live, content key present with
+the length its manifest entry records, manifest hash = source hash, indexed -- are *settled* as the pages arrive
+and are never handed to the planner; only the rest (``Observation.unsettled``) is, so the plan is the one the
+pure planner computes over the complete views, found without a 100,000-path planner pass.
+
+Nothing read from Redis is believed before it is judged: index members and manifest fields that name no content
+key of this cache become ``invalid`` (removed from the index/manifest by an UNLIST, never used to derive a key);
+manifest entries that are not what modcache writes become ``malformed``; content keys of the wrong type or length
+become ``damage``; bookkeeping keys of the wrong type or an unbelievable generation become ``KeyRepair`` items.
+
+``deep`` adds the whole-value check: every live module's content is read from PostgreSQL in batches, the value
+modcache would write is built, and Redis compares its sha1 with each stored value (``rediscache.check_values``);
+and a SCAN for content keys nobody indexed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import Mapping, Sequence
+
+from modcache import keys, modules, pgsource, plan, rediscache
+
+_DAMAGED = (rediscache.WRONGTYPE, rediscache.OTHER, rediscache.CORRUPT)
+
+
+@dataclasses.dataclass
+class Observation:
+    """Both sides as observed, the source digest, the fence, and what the planner must look at."""
+
+    fence: int
+    source: plan.SourceView
+    digest: str
+    view: plan.CacheView  # restricted to ``unsettled`` unless observed with ``complete=True``
+    unsettled: set[str]
+    repairs: list[plan.KeyRepair]
+    lengths: dict[str, int]  # the value length of live paths whose whole value was verified (for REINDEX)
+    cached: int  # content keys present (of paths the manifest or the index name)
+    top_generation: int  # the highest believable generation in the manifest
+
+    def narrowed(self) -> tuple[plan.SourceView, plan.CacheView]:
+        """Both views restricted to the unsettled paths (a settled path yields no item and is never an orphan)."""
+        paths, live, view = self.unsettled, self.source.live, self.view
+        return (
+            plan.SourceView(live={p: live[p] for p in paths if p in live}, rejected=self.source.rejected),
+            plan.CacheView(
+                index=frozenset(p for p in paths if p in view.index),
+                manifest={p: view.manifest[p] for p in paths if p in view.manifest},
+                content={p: view.content[p] for p in paths if p in view.content},
+                damage={p: view.damage[p] for p in paths if p in view.damage},
+                malformed=frozenset(p for p in paths if p in view.malformed),
+                invalid=view.invalid,
+            ),
+        )
+
+
+def content_state(code: str, digest: str) -> str | None:
+    """What ``CacheView.content`` says of a content key with this check status, verified against ``digest``."""
+    return digest if code == rediscache.MATCH else None if code == rediscache.ABSENT else plan.UNVERIFIED
+
+
+_DAMAGE = {rediscache.WRONGTYPE: plan.Reason.WRONGTYPE, rediscache.CORRUPT: plan.Reason.CORRUPT}
+
+
+def damage(code: str) -> plan.Reason:
+    """Why a present content key that did not match is wrong: the wrong type, a value that claims the right hash
+    but is not what modcache writes (corrupt), or another module version (stale)."""
+    return _DAMAGE.get(code, plan.Reason.STALE)
+
+
+class _Views:
+    """The cache view being assembled (only unsettled paths, unless ``complete``)."""
+
+    def __init__(self, ks: keys.KeySpace, *, complete: bool) -> None:
+        self.ks = ks
+        self.complete = complete
+        self.index: set[str] = set()
+        self.manifest: dict[str, str] = {}
+        self.content: dict[str, str | None] = {}
+        self.damage: dict[str, plan.Reason] = {}
+        self.malformed: set[str] = set()
+        self.invalid: dict[str, str] = {}
+        self.unsettled: set[str] = set()
+        self.all_index: set[str] = set()  # every valid index member
+        self.settled = 0
+        self.top_generation = 0
+
+    def judge(self, name: str) -> bool:
+        """Whether ``name`` (from the index or the manifest) names a content key; if not, it is invalid."""
+        problem = self.ks.name_problem(name)
+        if problem is None:
+            return True
+        self.invalid.setdefault(name, problem)
+        return False
+
+    def view(self) -> plan.CacheView:
+        return plan.CacheView(
+            index=frozenset(self.index),
+            manifest=self.manifest,
+            content=self.content,
+            damage=self.damage,
+            malformed=frozenset(self.malformed),
+            invalid=self.invalid,
+        )
+
+
+class _Settling:
+    """Consumes VERIFY pages; once the source listing and the index are known (usually before the first page),
+    settles each page at once, keeping only what is not settled."""
+
+    def __init__(
+        self,
+        views: _Views,
+        listing: asyncio.Task[tuple[plan.SourceView, str]],
+        indexing: asyncio.Task[frozenset[str] | None],
+    ) -> None:
+        self._views = views
+        self._listing = listing
+        self._indexing = indexing
+        self._backlog: list[rediscache.VerifiedPage] = []
+        self.manifest_names: set[str] = set()  # every believable manifest name (to find the unlisted)
+        self.entries = 0
+
+    def page(self, page: rediscache.VerifiedPage) -> None:
+        self._backlog.append(page)
+        if all(t.done() and not t.cancelled() and t.exception() is None for t in (self._listing, self._indexing)):
+            self.drain()
+
+    def drain(self) -> None:
+        (source, _), index = self._listing.result(), self._indexing.result() or frozenset()
+        for page in self._backlog:
+            self._settle(page, source.live, index)
+        self._backlog.clear()
+
+    def _settle(self, page: rediscache.VerifiedPage, live: Mapping[str, str], index: frozenset[str]) -> None:
+        v = self._views
+        v.top_generation = max(v.top_generation, page.top_generation)
+        for name in (*page.not_paths, *page.malformed):
+            if v.judge(name) and name in page.malformed:
+                v.malformed.add(name)
+                v.unsettled.add(name)
+        hashes = page.hashes
+        self.entries += len(hashes)
+        self.manifest_names.update(hashes)
+        quick = not page.codes and hashes.items() <= live.items() and hashes.keys() <= index
+        if quick and not v.complete:  # all settled, all valid (live paths were validated): C-level checks only
+            v.settled += len(hashes)
+            return
+        for name, digest in hashes.items():
+            if not v.judge(name):
+                continue
+            code = page.codes.get(name, rediscache.MATCH)
+            settled = code == rediscache.MATCH and live.get(name) == digest and name in index
+            if settled:
+                v.settled += 1
+                if not v.complete:
+                    continue
+            else:
+                v.unsettled.add(name)
+            v.manifest[name] = digest
+            v.content[name] = content_state(code, digest)
+            if code in _DAMAGED:
+                v.damage[name] = damage(code)
+
+
+async def observe(
+    *,
+    source: pgsource.PgSource,
+    cache: rediscache.RedisCache,
+    fetch_batch_size: int,
+    deep: bool,
+    dry_run: bool,
+    complete: bool = False,
+) -> Observation:
+    generation = await cache.read_generation(create=not dry_run)
+    repairs = list(generation.wrong_types)
+    if not dry_run:
+        await cache.reset(repairs)
+    if generation.problem and generation.problem != "missing":
+        repairs.append(plan.KeyRepair("generation", cache.keyspace.generation, generation.problem))
+    views = _Views(cache.keyspace, complete=complete)
+    listing = asyncio.create_task(_list(source, cache.keyspace))
+    indexing = asyncio.create_task(cache.read_index())
+    settling = _Settling(views, listing, indexing)
+    try:
+        async for page in cache.verify_manifest(limit=generation.limit):  # Redis verifies while we list
+            settling.page(page)
+        the_source, digest = await listing
+        index = await indexing
+    finally:
+        listing.cancel()
+        indexing.cancel()
+    settling.drain()
+    _judged_index(views, index, cache.keyspace, repairs)
+    observed = Observation(
+        fence=generation.value,
+        source=the_source,
+        digest=digest,
+        view=views.view(),
+        unsettled=views.unsettled,
+        repairs=repairs,
+        lengths={},
+        cached=0,
+        top_generation=views.top_generation,
+    )
+    await _by_path(observed, views, settling, source=source, cache=cache, batch=fetch_batch_size)
+    if deep:
+        await _deep(observed, views, source=source, cache=cache, batch=fetch_batch_size)
+    views.index.update(views.all_index if complete else (p for p in views.unsettled if p in views.all_index))
+    observed.view = views.view()
+    observed.cached = views.settled + sum(1 for p in views.unsettled if views.content.get(p) is not None)
+    return observed
+
+
+def _judged_index(
+    views: _Views, index: frozenset[str] | None, ks: keys.KeySpace, repairs: list[plan.KeyRepair]
+) -> None:
+    if index is None:  # changed type after the inspection: rebuilt by the next sync
+        repairs.append(plan.KeyRepair("index", ks.index, "wrong type"))
+        index = frozenset()
+    views.all_index = {name for name in index if views.judge(name)}
+
+
+async def _by_path(
+    observed: Observation,
+    views: _Views,
+    settling: _Settling,
+    *,
+    source: pgsource.PgSource,
+    cache: rediscache.RedisCache,
+    batch: int,
+) -> None:
+    """Check by path what the manifest walk could not: indexed paths without a believable manifest entry and
+    paths with a malformed one (does the key exist, of which type), and live paths the manifest lacks (by whole
+    value, so that a right content key is only reindexed)."""
+    known = settling.manifest_names
+    unknown = (views.all_index - known) | views.malformed
+    for path, code in (await cache.check_lengths(dict.fromkeys(unknown))).items():
+        views.unsettled.add(path)
+        views.content[path] = None if code == rediscache.ABSENT else plan.UNVERIFIED
+        if code == rediscache.WRONGTYPE:
+            views.damage[path] = plan.Reason.WRONGTYPE
+        elif path in views.malformed and code != rediscache.ABSENT:
+            views.damage[path] = plan.Reason.MANIFEST
+    live = observed.source.live
+    unlisted = [p for p in live if p not in known]
+    views.unsettled.update(unlisted)
+    await _whole_values(unlisted, observed, views, source=source, cache=cache, batch=batch)
+
+
+async def _deep(
+    observed: Observation,
+    views: _Views,
+    *,
+    source: pgsource.PgSource,
+    cache: rediscache.RedisCache,
+    batch: int,
+) -> None:
+    """Every live module's whole value, and every content key nobody indexed (SCAN)."""
+    live = observed.source.live
+    strays = await cache.scan_names() - views.manifest.keys() - views.all_index - views.malformed - live.keys()
+    for path, code in (await cache.check_lengths(dict.fromkeys(strays))).items():
+        if code != rediscache.ABSENT:
+            views.unsettled.add(path)
+            views.content[path] = plan.UNVERIFIED
+    await _whole_values(list(live), observed, views, source=source, cache=cache, batch=batch)
+
+
+async def _whole_values(
+    paths: Sequence[str],
+    observed: Observation,
+    views: _Views,
+    *,
+    source: pgsource.PgSource,
+    cache: rediscache.RedisCache,
+    batch: int,
+) -> None:
+    """Compare the stored value of each live path with the value its source row makes, byte for byte. A match
+    makes the content key verified (whatever the manifest said); anything else makes the path unsettled with the
+    damage found."""
+    live = observed.source.live
+    for start in range(0, len(paths), batch):
+        found, _ = await source.fetch(paths[start : start + batch])
+        expected = {p: modules.encode_cached(p, m.content, m.hash) for p, m in found.items() if live.get(p) == m.hash}
+        codes = await cache.check_values({p: (rediscache.value_digest(v), live[p]) for p, v in expected.items()})
+        for path, code in codes.items():
+            _judge_value(views, path, code, live[path])
+            if code == rediscache.MATCH:
+                observed.lengths[path] = len(expected[path].encode())
+
+
+def _judge_value(views: _Views, path: str, code: str, digest: str) -> None:
+    if path not in views.unsettled:
+        if code == rediscache.MATCH:
+            return
+        views.settled -= 1  # a settled path had content = manifest = source hash and was indexed
+        views.unsettled.add(path)
+        views.manifest[path] = digest
+    if code == rediscache.MATCH:
+        views.content[path] = digest
+        views.damage.pop(path, None)
+        return
+    views.content[path] = None if code == rediscache.ABSENT else plan.UNVERIFIED
+    if code != rediscache.ABSENT:
+        views.damage[path] = damage(code)
+
+
+async def _list(source: pgsource.PgSource, ks: keys.KeySpace) -> tuple[plan.SourceView, str]:
+    listed = await source.list_modules()
+    if ks.excluded:  # rows whose content key would be another cache's key are not ours to serve
+        foreign = {p: why for p in listed.live if (why := ks.name_problem(p)) is not None}
+        if foreign:
+            rejected = [modules.Rejected(p, modules.Rejection.BAD_PATH, why) for p, why in foreign.items()]
+            live = {p: h for p, h in listed.live.items() if p not in foreign}
+            listed = plan.SourceView(live=live, rejected=(*listed.rejected, *rejected))
+    return listed, plan.source_digest(listed.live)

@@ -1,0 +1,113 @@
+"""An independent judge of convergence: reads the rows and the keys directly and compares exact values.
+
+It shares no code with the engine: what a worker must find is computed here from the rows with ``json.dumps`` and
+``hashlib``, and compared with what Redis holds (content keys, index, manifest, generation). Keys the test
+planted outside the cache's own names (``untouchable``) must still hold exactly what was planted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import re
+import time
+from collections.abc import Mapping
+
+import asyncpg
+import redis.asyncio as aioredis
+
+LIVE_SQL = """
+SELECT path, content, content_hash FROM workspace_files
+WHERE entity_type = 'module' AND NOT is_deleted AND content IS NOT NULL
+"""
+_GOOD = re.compile(r"(?:(?!\.{1,2}/)[^/\\\x00]+/)*[^/\\\x00]*\.py")
+
+
+async def expected_values(database_url: str, *, max_bytes: int = 64 * 1024) -> dict[str, str]:
+    """path -> the exact content-key value a worker must read, for every servable live row."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        rows = await conn.fetch(LIVE_SQL)
+    finally:
+        await conn.close()
+    wanted = {}
+    for path, content, digest in rows:
+        raw = content.encode()
+        if len(path) > 1000 or not _GOOD.fullmatch(path) or len(raw) > max_bytes:
+            continue
+        if hashlib.sha256(raw).hexdigest() != digest:
+            continue
+        wanted[path] = json.dumps({"content": content, "path": path, "hash": digest})
+    return wanted
+
+
+async def differences(
+    database_url: str, client: aioredis.Redis, prefix: str, untouchable: Mapping[str, str] = {}
+) -> list[str]:
+    """Everything that differs between what workers must see and what Redis holds (empty: converged)."""
+    wanted = await expected_values(database_url)
+    found: list[str] = []
+    values = await client.mget([prefix + p for p in wanted]) if wanted else []
+    found += [f"content of {p!r}" for (p, v), got in zip(wanted.items(), values, strict=True) if got != v]
+    content_keys = {k async for k in client.scan_iter(match=_glob(prefix) + "*.py", count=1000)}
+    extra = {k for k in content_keys if k[len(prefix) :] not in wanted and k not in untouchable}
+    found += [f"orphan content key {k!r}" for k in sorted(extra)]
+    found += await _bookkeeping(client, prefix, wanted)
+    for key, value in untouchable.items():
+        if await client.get(key) != value:
+            found.append(f"foreign key {key!r} was touched")
+    return found
+
+
+async def _bookkeeping(client: aioredis.Redis, prefix: str, wanted: Mapping[str, str]) -> list[str]:
+    found = []
+    index, manifest = prefix + "index", prefix + "modcache:manifest"
+    kinds = {key: await client.type(key) for key in (index, manifest, prefix + "modcache:generation")}
+    if wanted and (kinds[index], kinds[manifest]) != ("set", "hash"):
+        return [f"bookkeeping types {kinds}"]
+    members = await client.smembers(index) if kinds[index] == "set" else set()
+    if members != set(wanted):
+        found.append(
+            f"index differs: extra {sorted(members - set(wanted))[:5]}, lacks {sorted(set(wanted) - members)[:5]}"
+        )
+    entries = await client.hgetall(manifest) if kinds[manifest] == "hash" else {}
+    if set(entries) != set(wanted):
+        found.append(f"manifest fields differ: {sorted(set(entries) ^ set(wanted))[:5]}")
+    top = 0
+    for path, value in entries.items():
+        gen, _, rest = value.partition(":")
+        digest, _, length = rest.partition(":")
+        want = wanted.get(path)
+        if want is not None and (digest != json.loads(want)["hash"] or length != str(len(want.encode()))):
+            found.append(f"manifest entry of {path!r} is {value!r}")
+        top = max(top, int(gen)) if gen.isdigit() else top
+    generation = (
+        await client.get(prefix + "modcache:generation") if kinds[prefix + "modcache:generation"] == "string" else None
+    )
+    if wanted and (generation is None or not generation.isdigit() or int(generation) < top):
+        found.append(f"generation {generation!r} below the manifest's {top}")
+    return found
+
+
+async def converged(
+    database_url: str,
+    client: aioredis.Redis,
+    prefix: str,
+    *,
+    within_s: float,
+    untouchable: Mapping[str, str] = {},
+) -> list[str]:
+    """Await convergence (another component's progress: checked every 20 ms, or as often as the check's own cost
+    allows, until the deadline); returns what still differed at the deadline (empty: converged in time)."""
+    deadline = time.monotonic() + within_s
+    while True:
+        began = time.monotonic()
+        left = await differences(database_url, client, prefix, untouchable)
+        if not left or time.monotonic() > deadline:
+            return left
+        await asyncio.sleep(max(0.02, time.monotonic() - began))  # the judge takes at most half the CPU
+
+
+def _glob(text: str) -> str:
+    return "".join(f"\\{c}" if c in "*?[]\\" else c for c in text)
