@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
+from modcache import keys
 from modcache_operator import prefixes
 
 Owner = prefixes.Owner
@@ -97,7 +98,7 @@ class Registry:
         for other, known in self._known.items():
             unsettled = other not in self._settled and other not in self._claims
             older = (known.created, *other) < mine
-            if unsettled and older and known.active and prefixes.prefixes_overlap(known.prefix, prefix):
+            if unsettled and older and known.active and keys.prefixes_overlap(known.prefix, prefix):
                 return other
         return None
 

@@ -1,7 +1,8 @@
 """Pure: which ModuleCaches may write under their key prefix on a Redis database, and which are refused.
 
-Two ModuleCaches collide when they write to the same Redis endpoint (host, port, database) and one's key prefix
-is a prefix of the other's (or they are equal): one's full resync would see the other's keys as its own. The
+Two ModuleCaches collide when they write to the same Redis endpoint (host, port, database) and their key prefixes
+overlap (the core's ``keys.prefixes_overlap``: one is a prefix of the other, or they are equal): one's full
+resync would see the other's keys as its own. The
 rule is deterministic whatever the order in which the operator learns about them: claims are taken oldest
 first (``creationTimestamp``, then namespace and name), and a claim wins unless it overlaps an earlier winner.
 A refused ModuleCache names the winner that blocks it; once that one goes away, the next evaluation lets it run.
@@ -14,6 +15,8 @@ from __future__ import annotations
 import dataclasses
 import urllib.parse
 from collections.abc import Iterable
+
+from modcache import keys
 
 DEFAULT_REDIS_PORT = 6379
 
@@ -59,13 +62,8 @@ def endpoint(url: str) -> Endpoint:
     return Endpoint(host=(parts.hostname or "localhost").lower(), port=parts.port or DEFAULT_REDIS_PORT, db=db)
 
 
-def prefixes_overlap(a: str, b: str) -> bool:
-    """One prefix is a prefix of the other (equal ones included): their key sets can share keys."""
-    return a.startswith(b) or b.startswith(a)
-
-
 def collide(a: Claim, b: Claim) -> bool:
-    return a.owner != b.owner and a.endpoint == b.endpoint and prefixes_overlap(a.prefix, b.prefix)
+    return a.owner != b.owner and a.endpoint == b.endpoint and keys.prefixes_overlap(a.prefix, b.prefix)
 
 
 def blockers(claims: Iterable[Claim]) -> dict[Owner, Claim]:
@@ -74,7 +72,7 @@ def blockers(claims: Iterable[Claim]) -> dict[Owner, Claim]:
     refused: dict[Owner, Claim] = {}
     for claim in sorted(claims, key=lambda c: c.seniority):
         same_place = winners.setdefault(claim.endpoint, [])
-        blocker = next((w for w in same_place if prefixes_overlap(w.prefix, claim.prefix)), None)
+        blocker = next((w for w in same_place if keys.prefixes_overlap(w.prefix, claim.prefix)), None)
         if blocker is None:
             same_place.append(claim)
         else:

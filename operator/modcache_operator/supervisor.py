@@ -25,10 +25,10 @@ import hashlib
 import json
 import logging
 import random
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
-from modcache import db, engine, errors, pgsource, rediscache, watcher
+from modcache import errors, watcher, wiring
 from modcache_operator import (
     backoff,
     claims,
@@ -62,53 +62,38 @@ class SecretReader(Protocol):
     def read_secret(self, namespace: str, name: str, *, field: str) -> Awaitable[kube.SecretData]: ...
 
 
+#: ``application_name`` of the operator's PostgreSQL connections.
+APPLICATION_NAME = "modcache-operator"
+
+
 @dataclasses.dataclass
 class Running:
-    """The watcher of one resolved configuration, and the connections it owns."""
+    """The watcher of one resolved configuration, in a task that owns its connections (the core's wiring)."""
 
     resolved: spec.Resolved
-    watcher: watcher.Watcher
-    source: pgsource.PgSource
-    cache: rediscache.RedisCache
     task: asyncio.Task[None] = dataclasses.field(init=False)
+    current: watcher.Watcher | None = None  # once its connections are made
     error: BaseException | None = None
 
-    def start(self, name: str, *, on_done: Any) -> None:
-        self.task = asyncio.create_task(self._run(), name=name)
+    def start(self, name: str, *, observer: watcher.Observer, on_done: Callable[[], None]) -> None:
+        self.task = asyncio.create_task(self._run(observer), name=name)
         self.task.add_done_callback(lambda _: on_done())
 
-    async def _run(self) -> None:
+    def request_resync(self, trigger: str = watcher.MANUAL) -> None:
+        if self.current is not None:  # before it exists, its first full resync (on connect) is still to come
+            self.current.request_resync(trigger)
+
+    async def _run(self, observer: watcher.Observer) -> None:
         """The watcher, its failure kept here rather than in the task: when kopf stops, it re-raises whatever
         the tasks it outlived ended with, and an error that surfaced while cancelling must not fail the
         operator's shutdown."""
+        settings, prune = self.resolved.settings(), self.resolved.spec.prune
         try:
-            await self.watcher.run()
+            async with wiring.connect(settings, application_name=APPLICATION_NAME, prune=prune) as wired:
+                self.current = wired.watcher(observer=observer)
+                await self.current.run()
         except Exception as e:  # a crash, reported by the supervisor
             self.error = e
-
-
-def wire(resolved: spec.Resolved, *, observer: watcher.Observer) -> Running:
-    """Source, cache, engine and watcher for one resolved configuration: the one place they are assembled."""
-    settings = resolved.settings()
-    source_url, redis_url = (u.get_secret_value() for u in (resolved.database_url, resolved.redis_url))
-    source = pgsource.PgSource(
-        engine=db.make_engine(source_url, application_name="modcache-operator"),
-        max_module_bytes=settings.max_module_bytes,
-    )
-    cache = rediscache.RedisCache.from_url(
-        redis_url,
-        keyspace=settings.keyspace(),
-        ttl_s=settings.ttl_s,
-        ttl_jitter_ratio=settings.ttl_jitter_ratio,
-        check_batch_size=settings.check_batch_size,
-    )
-    core = engine.Engine(
-        source=source, cache=cache, fetch_batch_size=settings.fetch_batch_size, prune=resolved.spec.prune
-    )
-    the_watcher = watcher.Watcher(
-        engine=core, settings=settings, listen_dsn=resolved.listen_dsn(), redis_client=cache.client, observer=observer
-    )
-    return Running(resolved=resolved, watcher=the_watcher, source=source, cache=cache)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -323,9 +308,9 @@ class Supervisor:
         )
 
     def _start_watcher(self, resolved: spec.Resolved, generation: int) -> None:
-        self._running = wire(resolved, observer=self.reporter)
-        self._running.start(f"modcache-watcher-{self.key}", on_done=self.poke)
-        self.reporter.watcher = self._running.watcher
+        self._running = Running(resolved=resolved)
+        self._running.start(f"modcache-watcher-{self.key}", observer=self.reporter, on_done=self.poke)
+        self.reporter.watcher = self._running
         self._claims.running(self.owner, True)
         self.reporter.watching(generation, resolved)
         log.info("%s: watching %s -> %s", self.key, *resolved.endpoints())
@@ -345,21 +330,15 @@ class Supervisor:
         self.reporter.failed(generation, status.Problem(R.SYNC_FAILED, message))
 
     async def _stop_watcher(self) -> None:
-        """Cancel the watcher and close its connections, each bounded by ``stop_timeout_s``."""
+        """Cancel the watcher; its task closes its connections, all within ``stop_timeout_s``."""
         running, self._running = self._running, None
         if running is None:
             return
         self.reporter.watcher = None
         running.task.cancel()
-        stop_s = self._tunables.stop_timeout_s
-        done, _ = await asyncio.wait([running.task], timeout=stop_s)
+        done, _ = await asyncio.wait([running.task], timeout=self._tunables.stop_timeout_s)
         if not done:
-            log.warning("%s: the watcher did not stop within %.0fs", self.key, stop_s)
-        closing = asyncio.gather(running.cache.close(), running.source.close(), return_exceptions=True)
-        try:
-            await asyncio.wait_for(closing, stop_s)
-        except TimeoutError:
-            log.warning("%s: connections did not close within %.0fs", self.key, stop_s)
+            log.warning("%s: the watcher did not stop within %.0fs", self.key, self._tunables.stop_timeout_s)
         self._claims.running(self.owner, False)
 
     async def _idle(self) -> None:

@@ -6,6 +6,7 @@ import itertools
 
 import pytest
 
+from modcache import keys
 from modcache_operator import prefixes
 
 P = prefixes.Endpoint
@@ -38,7 +39,7 @@ def test_an_endpoint_is_host_port_and_database_without_credentials(url: str, end
     ],
 )
 def test_prefixes_overlap_when_one_starts_the_other(a: str, b: str, overlap: bool) -> None:
-    assert prefixes.prefixes_overlap(a, b) is overlap
+    assert keys.prefixes_overlap(a, b) is overlap
 
 
 def _claim(name: str, created: str, prefix: str, db: int = 0, namespace: str = "ns") -> prefixes.Claim:
