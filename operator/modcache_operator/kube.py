@@ -40,7 +40,7 @@ class Rejected(errors.ConfigError):
 
 
 class LeaseConflict(errors.TransientError):
-    """Another replica changed the Lease since it was read (HTTP 409)."""
+    """The Lease changed since it was read: another replica wrote it (HTTP 409), or it was deleted (404)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,6 +150,8 @@ class KubeApi:
         except _Refused as e:
             if e.status == 409:
                 raise LeaseConflict(f"{doing}: another replica wrote it first") from None
+            if e.status == 404 and not create:
+                raise LeaseConflict(f"{doing}: it was deleted") from None
             raise e.translated() from None
 
     # -- plumbing -------------------------------------------------------------------------------------------------

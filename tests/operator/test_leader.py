@@ -88,7 +88,7 @@ async def replicas(api: ApiServer, *names: str) -> AsyncIterator[list[Replica]]:
 def _spec(api: ApiServer) -> dict[str, Any]:
     try:
         return dict(api.emulator.objects[LEASE].raw.get("spec") or {})
-    except KeyError:
+    except (KeyError, ValueError):  # never created, or deleted
         return {}
 
 
@@ -197,3 +197,15 @@ async def test_a_standby_stops_at_once_even_while_its_lease_request_hangs(api: A
         await b.shutdown()
         assert time.monotonic() - started < 1.0, "stopping waited for the hung request"
         api.emulator.heal()
+
+
+async def test_a_deleted_lease_is_created_again_without_ending_the_term(api: ApiServer) -> None:
+    async with replicas(api, "a") as (a,):
+        a.start()
+        await asyncio.wait_for(a.working.wait(), 10)
+        response = await api.emulator.delete(f"/apis/coordination.k8s.io/v1/namespaces/{LEASE[1]}/leases/{LEASE[2]}")
+        assert response.status < 300
+        await _until(api, lambda: _spec(api).get("holderIdentity") == "a", "the Lease created again by its holder")
+        await _renewals(api, 2)
+        assert a.closed == [], "a deleted Lease ended the term"
+        assert a.elector.terms == 1
