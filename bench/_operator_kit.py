@@ -28,7 +28,7 @@ from modcache import embedded
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the emulator lives with the tests
 
-from operatorkit.cluster import NAMESPACE, Cluster, emulated_api  # noqa: E402
+from operatorkit.cluster import NAMESPACE, Cluster, cache_spec, emulated_api  # noqa: E402
 
 __all__ = ["NAMESPACE", "Cluster", "emulated_api"]
 
@@ -95,13 +95,7 @@ async def scratch_prefix() -> AsyncIterator[str]:
         await client.aclose()
 
 
-def spec(prefix: str, **extra: object) -> dict[str, object]:
-    return {
-        "source": {"databaseUrlSecretRef": {"name": "urls", "key": "database"}},
-        "cache": {"redisUrlSecretRef": {"name": "urls", "key": "redis"}},
-        "keyPrefix": prefix,
-        **extra,
-    }
+spec = cache_spec
 
 
 async def until_ready(port: int, timeout_s: float = 60.0) -> None:

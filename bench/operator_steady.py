@@ -11,8 +11,9 @@ counted for ``--window`` seconds and scaled to an hour:
 * ``missing Secret x1``: a ModuleCache naming a Secret that does not exist, poked once (a resync request).
 
 ``--baseline REF`` (default ``main``) runs the same scenarios with that git revision's code (its ``src/``,
-``operator/`` and ``consumer/`` from ``git archive``, on this virtualenv's dependencies) in the same run.
-``--baseline ''`` measures only the working tree.
+``operator/`` and ``consumer/`` from ``git archive``) in the same run, on ``--baseline-python``'s dependencies
+(default: this virtualenv's; a revision that needs other dependencies needs another interpreter, e.g. a
+virtualenv made for it). ``--baseline ''`` measures only the working tree.
 """
 
 from __future__ import annotations
@@ -64,19 +65,21 @@ class Measured:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="./dev bench operator_steady")
     parser.add_argument("--baseline", default="main", help="git revision to measure beside the working tree")
+    parser.add_argument("--baseline-python", default=sys.executable, help="the interpreter to run it with")
     parser.add_argument("--window", type=float, default=120.0, help="seconds measured per scenario")
     parser.add_argument("--sizes", default="1,100", help="ModuleCache counts of the 'ready' scenario")
     args = parser.parse_args(sys.argv[1:])
-    asyncio.run(run(args.baseline, args.window, [int(n) for n in args.sizes.split(",")]))
+    sizes = [int(n) for n in args.sizes.split(",")]
+    asyncio.run(run(args.baseline, args.baseline_python, args.window, sizes))
 
 
-async def run(baseline: str, window_s: float, sizes: list[int]) -> None:
+async def run(baseline: str, baseline_python: str, window_s: float, sizes: list[int]) -> None:
     scenarios = [Scenario(f"ready x{n}", n, _ready) for n in sizes]
     scenarios[1:1] = [Scenario("suspended x1", 1, _suspended), Scenario("missing Secret x1", 1, _missing_secret)]
     with tempfile.TemporaryDirectory(prefix="modcache-bench-steady-") as tmp, _support.private_redis() as redis:
-        codes = {"ours": ROOT}
+        codes = {"ours": (ROOT, sys.executable)}
         if baseline:
-            codes[baseline] = _export(baseline, Path(tmp) / "baseline")
+            codes[baseline] = (_export(baseline, Path(tmp) / "baseline"), baseline_python)
         with embedded.running(embedded.start_postgres(Path(tmp) / "pg" / "data")) as pg:
             database = await _database(pg.url)
             await _support.print_machine_info(database_url=database, redis_url=redis)
@@ -84,8 +87,9 @@ async def run(baseline: str, window_s: float, sizes: list[int]) -> None:
             print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}; window {window_s:.0f}s")
             results: dict[tuple[str, str], Measured] = {}
             for scenario in scenarios:
-                for who, code in codes.items():
-                    results[who, scenario.label] = await _measure(code, scenario, database, redis, window_s, tmp)
+                for who, (code, python) in codes.items():
+                    measured = await _measure(code, python, scenario, database, redis, window_s, tmp)
+                    results[who, scenario.label] = measured
                     _print_one(who, scenario, results[who, scenario.label])
             print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     _print_table(scenarios, list(codes), results)
@@ -113,12 +117,14 @@ async def _database(admin: str) -> str:
     return url
 
 
-async def _measure(code: Path, scenario: Scenario, database: str, redis: str, window_s: float, tmp: str) -> Measured:
+async def _measure(
+    code: Path, python: str, scenario: Scenario, database: str, redis: str, window_s: float, tmp: str
+) -> Measured:
     async with kit.emulated_api() as (emulator, url):
         cluster = kit.Cluster(emulator=emulator, operator=None, ports=None)  # type: ignore[arg-type]
         await cluster.apply_secret("urls", {"database": database, "redis": redis})
         prefixes = [f"steady{n}:{scenario.label.split()[0]}:" for n in range(scenario.caches)]
-        async with _operator(code, url, Path(tmp)) as process:
+        async with _operator(code, python, url, Path(tmp)) as process:
             await scenario.prepare(cluster, prefixes)
             await asyncio.sleep(SETTLE_S)
             before_cpu, before_requests = _cpu_s(process), len(emulator.requests_log())
@@ -131,10 +137,10 @@ async def _measure(code: Path, scenario: Scenario, database: str, redis: str, wi
 
 
 @contextlib.asynccontextmanager
-async def _operator(code: Path, api_url: str, tmp: Path) -> AsyncIterator[psutil.Process]:
+async def _operator(code: Path, python: str, api_url: str, tmp: Path) -> AsyncIterator[psutil.Process]:
     health_port = _support.free_port()
     args = [
-        sys.executable, "-c", "from modcache.cli.main import main; main()",
+        python, "-c", "from modcache.cli.main import main; main()",
         "operator", "--namespace", kit.NAMESPACE, "--bind", "127.0.0.1",
         "--kubeconfig", str(kit.kubeconfig(api_url, tmp / "kubeconfig")),
         "--health-port", str(health_port), "--metrics-port", str(_support.free_port()),

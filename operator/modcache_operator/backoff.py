@@ -1,8 +1,9 @@
 """Retry delays: exponential with jitter and a ceiling, never zero (so no retry path can spin).
 
 "Equal jitter": the n-th delay is uniform in [c/2, c] with c = min(ceiling, initial * 2**n). The lower half
-keeps a floor under every retry (full jitter can return ~0 again and again); the upper half spreads replicas
-and ModuleCaches that failed together. Pure: the random source is passed in.
+keeps a floor under every retry (the core's full jitter, ``modcache.backoff``, can return ~0 again and again,
+which suits a reconnect but not a loop that calls the Kubernetes API); the upper half spreads replicas and
+ModuleCaches that failed together. Pure: the random source is passed in.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from modcache import keys, pgsource
 from modcache.cli import main
 from modcache_operator import names
-from operatorkit.cluster import NAMESPACE, Cluster, emulated_api
+from operatorkit.cluster import NAMESPACE, Cluster, cache_spec, emulated_api
 from operatorkit.emulator import Emulator
 from operatorkit.processes import OperatorProcess, operator_process
 
@@ -68,11 +68,7 @@ async def test_two_replicas_one_writer_and_a_handover(
     cluster, url = api
     await source.put_module("a.py", b"A = 1\n")
     await cluster.apply_secret("urls", {"database": database_url, "redis": redis_url})
-    await cluster.create_cache("main", {
-        "source": {"databaseUrlSecretRef": {"name": "urls", "key": "database"}},
-        "cache": {"redisUrlSecretRef": {"name": "urls", "key": "redis"}},
-        "keyPrefix": keyspace.prefix,
-    })  # fmt: skip
+    await cluster.create_cache("main", cache_spec(keyspace.prefix))
 
     async with operator_process(url, tmp_path, name="replica-1") as first:
         await first.logged(" leads ")

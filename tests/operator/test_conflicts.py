@@ -13,7 +13,7 @@ import redis.asyncio as aioredis
 
 from modcache import keys, pgsource
 from modcache_operator import names
-from operatorkit.cluster import NAMESPACE, Cluster, emulated_api, running_operator
+from operatorkit.cluster import NAMESPACE, Cluster, cache_spec, emulated_api, running_operator
 from operatorkit.emulator import Fault
 
 C = names.ConditionType
@@ -21,12 +21,7 @@ R = names.Reason
 
 
 def _spec(prefix: str, secret: str = "urls") -> dict[str, Any]:
-    return {
-        "source": {"databaseUrlSecretRef": {"name": secret, "key": "database"}},
-        "cache": {"redisUrlSecretRef": {"name": secret, "key": "redis"}},
-        "keyPrefix": prefix,
-        "resyncInterval": "1h",
-    }
+    return cache_spec(prefix, secret=secret, resyncInterval="1h")
 
 
 async def _wrote_anything(client: aioredis.Redis, prefix: str) -> bool:

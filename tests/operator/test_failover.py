@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from modcache import keys, pgsource
-from operatorkit.cluster import NAMESPACE, ApiServer, Cluster, api_server
+from operatorkit.cluster import NAMESPACE, ApiServer, Cluster, api_server, cache_spec
 from operatorkit.emulator import Fault
 from operatorkit.processes import FAST_LEASE, OperatorProcess, operator_process
 from operatorkit.writers import WriteLog, recording
@@ -52,12 +52,7 @@ async def cluster(
         await source.put_module(f"pkg/mod_{n}.py", f"VALUE = {n}\n".encode())
     cluster = Cluster(emulator=api.emulator, operator=None, ports=None)  # type: ignore[arg-type]
     await cluster.apply_secret("urls", {"database": database_url, "redis": redis.url})
-    await cluster.create_cache("main", {
-        "source": {"databaseUrlSecretRef": {"name": "urls", "key": "database"}},
-        "cache": {"redisUrlSecretRef": {"name": "urls", "key": "redis"}},
-        "keyPrefix": keyspace.prefix,
-        "resyncInterval": "1h",
-    })  # fmt: skip
+    await cluster.create_cache("main", cache_spec(keyspace.prefix, resyncInterval="1h"))
     return cluster
 
 

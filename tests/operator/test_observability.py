@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
 
 import aiohttp
 from prometheus_client import parser
 
 from modcache import keys, pgsource
 from modcache_operator import app, credentials, handlers, health, kube, metrics
-from operatorkit.cluster import NAMESPACE, Cluster
+from operatorkit.cluster import NAMESPACE, Cluster, cache_spec
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -42,7 +41,7 @@ async def test_metrics_are_served_in_base_units_with_bounded_labels(
     for n in range(3):
         await source.put_module(f"m{n}.py", b"X = 1\n")
     await cluster.apply_secret("urls", {"database": database_url, "redis": redis_url})
-    await cluster.create_cache("main", _spec(keyspace.prefix))
+    await cluster.create_cache("main", cache_spec(keyspace.prefix))
     await cluster.wait_for(lambda: cluster.ready("main"), "Ready True")
     samples = await _scrape(cluster.ports.metrics)  # conditions reach the metrics before the status is written
     assert _ours(samples, "modcache_status_condition", type="Ready", status="True") == 1
@@ -73,14 +72,6 @@ async def test_metrics_are_served_in_base_units_with_bounded_labels(
     await cluster.wait_for(lambda: cluster.body("main") is None, "deleted")
     left = [key for key in await _scrape(cluster.ports.metrics) if ("name", "main") in key[1]]
     assert left == [], "a deleted ModuleCache's series must go"
-
-
-def _spec(prefix: str) -> dict[str, Any]:
-    return {
-        "source": {"databaseUrlSecretRef": {"name": "urls", "key": "database"}},
-        "cache": {"redisUrlSecretRef": {"name": "urls", "key": "redis"}},
-        "keyPrefix": prefix,
-    }
 
 
 async def test_probes_say_the_loops_run(cluster: Cluster) -> None:

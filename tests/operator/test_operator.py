@@ -21,7 +21,7 @@ import redis.asyncio as aioredis
 from modcache import db, keys, modules, pgsource
 from modcache_operator import names
 from operatorkit import backends
-from operatorkit.cluster import NAMESPACE, Cluster
+from operatorkit.cluster import NAMESPACE, Cluster, cache_spec
 from operatorkit.keychanges import KeyChanges, key_changes
 from testkit.servers import PrivateRedis, private_redis
 
@@ -30,13 +30,7 @@ R = names.Reason
 
 
 def _spec(prefix: str, *, secret: str = "urls", **extra: Any) -> dict[str, Any]:
-    return {
-        "source": {"databaseUrlSecretRef": {"name": secret, "key": "database"}},
-        "cache": {"redisUrlSecretRef": {"name": secret, "key": "redis"}},
-        "keyPrefix": prefix,
-        "resyncInterval": "1h",
-        **extra,
-    }
+    return cache_spec(prefix, secret=secret, resyncInterval="1h", **extra)
 
 
 async def _load(source: pgsource.PgSource, count: int, prefix: str = "pkg") -> dict[str, str]:

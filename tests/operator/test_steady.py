@@ -13,14 +13,13 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
 import psutil
 import pytest
 
 from modcache import keys, pgsource
 from modcache_operator import names
-from operatorkit.cluster import Cluster, emulated_api
+from operatorkit.cluster import Cluster, cache_spec, emulated_api
 from operatorkit.processes import OperatorProcess, operator_process
 
 C = names.ConditionType
@@ -30,17 +29,8 @@ MAX_CPU_SHARE = 0.05
 MAX_REQUESTS = 10
 
 
-def _spec(prefix: str, secret: str = "urls", **extra: Any) -> dict[str, Any]:
-    return {
-        "source": {"databaseUrlSecretRef": {"name": secret, "key": "database"}},
-        "cache": {"redisUrlSecretRef": {"name": secret, "key": "redis"}},
-        "keyPrefix": prefix,
-        **extra,
-    }
-
-
 async def _ready(cluster: Cluster, prefix: str) -> None:
-    await cluster.create_cache("main", _spec(prefix))
+    await cluster.create_cache("main", cache_spec(prefix))
     await cluster.wait_for(lambda: cluster.ready("main"), "Ready", timeout_s=30)
 
 
@@ -51,7 +41,7 @@ async def _suspended(cluster: Cluster, prefix: str) -> None:
 
 
 async def _missing_secret(cluster: Cluster, prefix: str) -> None:
-    await cluster.create_cache("main", _spec(prefix, secret="absent"))
+    await cluster.create_cache("main", cache_spec(prefix, secret="absent"))
     reason = names.Reason.SECRET_NOT_FOUND
     await cluster.wait_for(lambda: cluster.condition("main", C.READY)[1] == reason, "SecretNotFound", timeout_s=30)
     await cluster.patch_cache("main", {"metadata": {"annotations": {names.RESYNC_ANNOTATION: "poke"}}})

@@ -10,14 +10,13 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 import kmock
 import redis.asyncio as aioredis
 
 from modcache import keys, modules, pgsource
 from modcache_operator import names
-from operatorkit.cluster import Cluster
+from operatorkit.cluster import Cluster, cache_spec
 from operatorkit.emulator import Fault
 from operatorkit.keychanges import KeyChanges, key_changes
 from testkit.servers import private_redis
@@ -26,21 +25,11 @@ C = names.ConditionType
 R = names.Reason
 
 
-def _spec(prefix: str, **extra: Any) -> dict[str, Any]:
-    return {
-        "source": {"databaseUrlSecretRef": {"name": "urls", "key": "database"}},
-        "cache": {"redisUrlSecretRef": {"name": "urls", "key": "redis"}},
-        "keyPrefix": prefix,
-        "resyncInterval": "1h",
-        **extra,
-    }
-
-
 async def _ready(cluster: Cluster, source: pgsource.PgSource, database_url: str, redis_url: str, prefix: str) -> None:
     for n in range(3):
         await source.put_module(f"pkg/mod_{n}.py", f"VALUE = {n}\n".encode())
     await cluster.apply_secret("urls", {"database": database_url, "redis": redis_url})
-    await cluster.create_cache("main", _spec(prefix))
+    await cluster.create_cache("main", cache_spec(prefix, resyncInterval="1h"))
     await cluster.wait_for(lambda: cluster.ready("main"), "Ready")
 
 

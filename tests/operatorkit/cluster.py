@@ -134,6 +134,16 @@ class Cluster:
 SECRETS = "v1/secrets"
 
 
+def cache_spec(prefix: str, *, secret: str = "urls", **extra: Any) -> dict[str, Any]:
+    """A ModuleCache's spec over the Secret ``secret`` (keys ``database`` and ``redis``), plus ``extra`` fields."""
+    return {
+        "source": {"databaseUrlSecretRef": {"name": secret, "key": "database"}},
+        "cache": {"redisUrlSecretRef": {"name": secret, "key": "redis"}},
+        "keyPrefix": prefix,
+        **extra,
+    }
+
+
 def register_resources(emulator: Emulator) -> None:
     with warnings.catch_warnings():  # kmock 0.8 reads its bundled file with a deprecated importlib call
         warnings.simplefilter("ignore", DeprecationWarning)
