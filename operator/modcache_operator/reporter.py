@@ -97,7 +97,8 @@ class Reporter:
         self._endpoints = ("", "")
         self._announced = status.announced_failure(body.status or {})
         self._pending_drift: status.Drift | None = None
-        self._drift_announced_at: datetime.datetime | None = None
+        self._drift_announced_at: float | None = None  # monotonic
+        self._drift_timer: asyncio.TimerHandle | None = None
         self._resyncs = _ResyncRequests(handled=self.facts.handled_token)
         self._echo: tuple[str, Mapping[str, Any], float] | None = None  # (resourceVersion, status, at)
         self._last_write: tuple[dict[str, Any], Mapping[str, Any]] | None = None  # (desired, server's answer)
@@ -255,14 +256,18 @@ class Reporter:
 
     async def write_forever(self) -> None:
         """Write the status whenever facts or the server's copy change; back off when writes fail."""
-        while True:
-            await self._dirty.wait()
-            await asyncio.sleep(self._config.status_debounce_s)  # let a burst of reports make one write
-            self._dirty.clear()
-            delay_s = await self._write_once()
-            if delay_s is not None:
-                await asyncio.sleep(delay_s)
-                self._dirty.set()
+        try:
+            while True:
+                await self._dirty.wait()
+                await asyncio.sleep(self._config.status_debounce_s)  # let a burst of reports make one write
+                self._dirty.clear()
+                delay_s = await self._write_once()
+                if delay_s is not None:
+                    await asyncio.sleep(delay_s)
+                    self._dirty.set()
+        finally:
+            if self._drift_timer is not None:
+                self._drift_timer.cancel()
 
     async def _write_once(self) -> float | None:
         """One comparison and, if needed, one write; the delay before trying again if it failed."""
@@ -270,7 +275,7 @@ class Reporter:
         server = self._server_status()
         update = status.compute(self.facts, server, now, timestamp_interval_s=self._config.timestamp_interval_s)
         self._metrics.conditions(self.namespace, self.name, {c["type"]: c["status"] for c in update.conditions})
-        self._announce_drift(now)
+        self._announce_drift()
         if update.status is None or not self._may_write():
             return None
         if self._last_write is not None and self._last_write == (update.status, server):
@@ -280,8 +285,10 @@ class Reporter:
         except kube.Rejected as e:
             return await self._write_rejected(e, update)
         except errors.TransientError as e:
-            log.warning("%s: status not written (%s); retrying", self.key, e)
-            return self._retries.next_s()
+            delay_s = self._retries.next_s()
+            level = logging.WARNING if self._retries.failures == 1 else logging.DEBUG  # once per outage
+            log.log(level, "%s: status not written (%s); retrying in %.1fs", self.key, e, delay_s)
+            return delay_s
         self._retries.reset()
         self._rejections.reset()
         if self._rejected is not None:
@@ -316,15 +323,21 @@ class Reporter:
                 )
         return self._rejections.next_s()
 
-    def _announce_drift(self, now: datetime.datetime) -> None:
-        event = status.drift_event(
-            self._pending_drift, self._drift_announced_at, now, interval_s=self._config.drift_event_interval_s
-        )
+    def _announce_drift(self) -> None:
+        now_s, interval_s = self._clock.monotonic(), self._config.drift_event_interval_s
+        since_s = None if self._drift_announced_at is None else now_s - self._drift_announced_at
+        event = status.drift_event(self._pending_drift, since_s, interval_s=interval_s)
         if event is not None:
             self._post_event(event)
-            self._pending_drift, self._drift_announced_at = None, now
-        elif self._pending_drift is not None:
-            self._dirty.set()  # announce what piled up once the interval has passed
+            self._pending_drift, self._drift_announced_at = None, now_s
+        elif self._pending_drift is not None and since_s is not None and self._drift_timer is None:
+            # Look again once the interval has passed (a timer: nothing polls meanwhile).
+            wait_s = max(interval_s - since_s, 0.001)
+            self._drift_timer = asyncio.get_running_loop().call_later(wait_s, self._drift_due)
+
+    def _drift_due(self) -> None:
+        self._drift_timer = None
+        self._dirty.set()
 
 
 class _ResyncRequests:

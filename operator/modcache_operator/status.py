@@ -126,13 +126,11 @@ def compute(
     return Update(status=desired if write else None, conditions=tuple(conditions))
 
 
-def drift_event(
-    pending: Drift | None, last_announced_at: datetime.datetime | None, now: datetime.datetime, *, interval_s: float
-) -> Event | None:
+def drift_event(pending: Drift | None, since_announced_s: float | None, *, interval_s: float) -> Event | None:
     """An event for the corrections not yet announced, unless one went out less than ``interval_s`` ago."""
     if pending is None or pending.total == 0:
         return None
-    if last_announced_at is not None and (now - last_announced_at).total_seconds() < interval_s:
+    if since_announced_s is not None and since_announced_s < interval_s:
         return None
     return Event(EventType.NORMAL, R.DRIFT_CORRECTED, f"corrected {pending.total} cache entries ({pending.describe()})")
 

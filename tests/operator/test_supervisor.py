@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from modcache import errors
+from modcache import errors, plan
 from modcache_operator import claims, fence, health, kube, metrics, names, reporter, spec, supervisor, tunables
 
 HOUR_S = 3600.0
@@ -165,3 +165,51 @@ async def test_a_new_generation_is_tried_at_once_despite_the_backoff(run: Run) -
     run.supervisor.poke()
     await asyncio.sleep(0.5)
     assert run.secrets.reads == reads + 1, "a spec change waited for the old backoff"
+
+
+class CountingMetrics(metrics.Metrics):
+    """Counts the reporter's passes (each one publishes the conditions it computed)."""
+
+    passes = 0
+
+    def conditions(self, namespace: str, name: str, conditions: dict[str, str]) -> None:
+        self.passes += 1
+        super().conditions(namespace, name, conditions)
+
+
+def _repair(count: int) -> plan.Report:
+    return plan.Report(
+        plan=plan.Plan(items=()),
+        applied={plan.Reason.MISSING: count},
+        superseded=0,
+        vanished=0,
+        source_count=10,
+        cached_count=10,
+        digest="sha256:x",
+        duration_s=0.01,
+        full=False,
+    )
+
+
+@pytest.mark.looptime
+async def test_drift_announced_later_waits_on_a_timer_not_a_poll() -> None:
+    body = Body(spec=_spec())
+    counting, told = CountingMetrics(), []
+    the_reporter = reporter.Reporter(
+        namespace="ns", name="main", body=body, api=StatusApi(body), metrics=counting, post_event=told.append
+    )
+    writer = asyncio.create_task(the_reporter.write_forever())
+    try:
+        the_reporter.on_sync(_repair(1), "keyspace")  # announced at once
+        await asyncio.sleep(1.0)
+        the_reporter.on_sync(_repair(2), "keyspace")  # within the minute: announced when it has passed
+        await asyncio.sleep(DEFAULTS.drift_event_interval_s)
+        drift = [e for e in told if e.reason == names.Reason.DRIFT_CORRECTED]
+        assert [e.message for e in drift] == [
+            "corrected 1 cache entries (1 missing)",
+            "corrected 2 cache entries (2 missing)",
+        ]
+        assert counting.passes <= 6, f"{counting.passes} passes for two drift events: polling"
+    finally:
+        writer.cancel()
+        await asyncio.gather(writer, return_exceptions=True)
