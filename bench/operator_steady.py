@@ -125,7 +125,12 @@ async def _measure(
         await cluster.apply_secret("urls", {"database": database, "redis": redis})
         prefixes = [f"steady{n}:{scenario.label.split()[0]}:" for n in range(scenario.caches)]
         async with _operator(code, python, url, Path(tmp)) as process:
-            await scenario.prepare(cluster, prefixes)
+            try:
+                await scenario.prepare(cluster, prefixes)
+            except TimeoutError:
+                log = (Path(tmp) / "operator.log").read_text().splitlines()
+                print("\n".join(log[-40:]), file=sys.stderr)
+                raise
             await asyncio.sleep(SETTLE_S)
             before_cpu, before_requests = _cpu_s(process), len(emulator.requests_log())
             started = time.monotonic()
@@ -164,7 +169,7 @@ async def _operator(code: Path, python: str, api_url: str, tmp: Path) -> AsyncIt
 async def _ready(cluster: kit.Cluster, prefixes: list[str]) -> None:
     for n, prefix in enumerate(prefixes):
         await cluster.create_cache(f"c{n}", kit.spec(prefix))
-    await cluster.wait_for(lambda: all(cluster.ready(f"c{n}") for n in range(len(prefixes))), "all Ready", 300)
+    await cluster.wait_for(lambda: all(cluster.ready(f"c{n}") for n in range(len(prefixes))), "all Ready", 900)
 
 
 async def _suspended(cluster: kit.Cluster, prefixes: list[str]) -> None:

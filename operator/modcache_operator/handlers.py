@@ -30,6 +30,7 @@ from modcache_operator import (
     names,
     reporter,
     status,
+    statuswriter,
     supervisor,
 )
 from modcache_operator import tunables as tunables_
@@ -118,7 +119,7 @@ def registry(operator: Operator) -> kopf.OperatorRegistry:
             operator.claims.forget(owner)
         the_supervisor = operator.supervisors.get(owner)
         if the_supervisor is not None:
-            the_supervisor.reporter.body_changed(body.metadata.get("resourceVersion"))
+            the_supervisor.reporter.writer.body_changed(body.metadata.get("resourceVersion"))
             the_supervisor.poke()
 
     return reg
@@ -169,7 +170,7 @@ def _known(body: kopf.Body) -> claims.Known:
     )
 
 
-def _poster(body: kopf.Body) -> reporter.EventPoster:
+def _poster(body: kopf.Body) -> statuswriter.EventPoster:
     def post(event: status.Event) -> None:
         kopf.event(body, type=event.type.value, reason=event.reason, message=event.message)
 

@@ -1,19 +1,14 @@
-"""What one ModuleCache's status says: the watcher's observations become ``status.Facts``, facts become a status.
+"""What one ModuleCache's status says: the watcher's observations and the supervisor's decisions as facts.
 
-The ``Reporter`` is the core watcher's ``Observer`` and the supervisor's scribe. Each observation or supervisor
-decision is one typed change of the facts (``dataclasses.replace`` on ``status.Facts``, checked by mypy); every
-change is compared with the previous facts for events (``status.events_between``), and wakes the status writer.
-
-The writer computes the status with the pure ``status.compute`` against **the server's copy** (kopf's live body,
-or the answer to our own last patch until kopf has seen it), so a value another writer left there (a previous
-leader, a person) is corrected, and a write happens only when something worth writing differs. Failed writes
-back off with jitter: a transient error quickly; a rejection (403, 422: RBAC or schema) slowly, with a Warning
-event and, where the server still accepts it, a Ready condition saying so.
+The ``Reporter`` is the core watcher's ``Observer`` and the supervisor's scribe. Each observation or decision is
+one typed change of the ``status.Facts`` (``dataclasses.replace``, checked by mypy), with metrics and the
+watcher's last sign of life; every change is compared with the previous facts for events
+(``status.events_between``) and handed to its ``statuswriter.StatusWriter``, which writes the status. It also
+keeps Secret values out of messages (``scrub``) and tracks which resync request a full resync handled.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import ctypes
 import dataclasses
@@ -22,40 +17,19 @@ import gc
 import logging
 import random
 import urllib.parse
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 import pydantic
 
 from modcache import errors, plan, watcher
-from modcache_operator import backoff, clock, kube, metrics, names, spec, status, tunables
+from modcache_operator import clock, metrics, names, spec, status, statuswriter, tunables
 
 log = logging.getLogger(__name__)
 
 R = names.Reason
 C = names.ConditionType
 INCREMENTAL_TRIGGERS = frozenset({"notify", "keyspace"})
-
-
-class EventPoster(Protocol):
-    def __call__(self, event: status.Event) -> None: ...
-
-
-class ObjectView(Protocol):
-    """The live object kopf keeps current (``kopf.Body``)."""
-
-    @property
-    def spec(self) -> Mapping[str, Any]: ...
-    @property
-    def metadata(self) -> Mapping[str, Any]: ...
-    @property
-    def status(self) -> Mapping[str, Any]: ...
-
-
-class StatusApi(Protocol):
-    def patch_status(
-        self, namespace: str, name: str, patch: Mapping[str, Any]
-    ) -> Awaitable[Mapping[str, Any] | None]: ...
 
 
 class Watcher(Protocol):
@@ -70,10 +44,10 @@ class Reporter:
         *,
         namespace: str,
         name: str,
-        body: ObjectView,
-        api: StatusApi,
+        body: statuswriter.ObjectView,
+        api: statuswriter.StatusApi,
         metrics: metrics.Metrics,
-        post_event: EventPoster,
+        post_event: statuswriter.EventPoster,
         config: tunables.Tunables = tunables.DEFAULT,
         clock: clock.Clock = clock.SYSTEM,
         rng: random.Random | None = None,
@@ -81,30 +55,29 @@ class Reporter:
     ) -> None:
         self.namespace = namespace
         self.name = name
-        self._body = body
-        self._api = api
         self._metrics = metrics
         self._post_event = post_event
-        self._config = config
         self._clock = clock
-        self._rng = rng or random.Random()
-        self._may_write = may_write
-        self._dirty = asyncio.Event()
         self.facts = seed_facts(body.status or {}, _generation(body))
         self.last_activity_at = clock.monotonic()  # when the watcher last said anything
         self.watcher: Watcher | None = None
         self._secrets: tuple[pydantic.SecretStr, ...] = ()
         self._endpoints = ("", "")
         self._announced = status.announced_failure(body.status or {})
-        self._pending_drift: status.Drift | None = None
-        self._drift_announced_at: float | None = None  # monotonic
-        self._drift_timer: asyncio.TimerHandle | None = None
         self._resyncs = _ResyncRequests(handled=self.facts.handled_token)
-        self._echo: tuple[str, Mapping[str, Any], float] | None = None  # (resourceVersion, status, at)
-        self._last_write: tuple[dict[str, Any], Mapping[str, Any]] | None = None  # (desired, server's answer)
-        self._rejected: str | None = None
-        self._retries = backoff.Backoff(config.status_retry_initial_s, config.status_retry_max_s, self._rng)
-        self._rejections = backoff.Backoff(config.rejected_initial_s, config.rejected_max_s, self._rng)
+        self.writer = statuswriter.StatusWriter(
+            namespace=namespace,
+            name=name,
+            body=body,
+            api=api,
+            facts=lambda: self.facts,
+            metrics=metrics,
+            post_event=post_event,
+            config=config,
+            clock=clock,
+            rng=rng,
+            may_write=may_write,
+        )
 
     @property
     def key(self) -> str:
@@ -152,12 +125,6 @@ class Reporter:
         if self._resyncs.new(token) and self.watcher is not None:
             log.info("%s: full resync requested (%s)", self.key, token)
             self.watcher.request_resync(watcher.MANUAL)
-
-    def body_changed(self, resource_version: str | None) -> None:
-        """kopf saw a new version of the object: compare the status with it again."""
-        if self._echo is not None and self._echo[0] == resource_version:
-            self._echo = None  # kopf's body caught up with our own write
-        self._dirty.set()
 
     def scrub(self, text: str) -> str:
         """Remove any Secret value (or the password in it) that a library put into a message."""
@@ -240,7 +207,7 @@ class Reporter:
         if report.repaired == 0 or trigger == watcher.NOTIFY:
             return None
         drift = status.Drift(counts=dict(report.applied), trigger=metrics.trigger_label(trigger), at=now)
-        self._pending_drift = drift if self._pending_drift is None else self._pending_drift.merged(drift)
+        self.writer.drifted(drift)
         return drift
 
     def _apply(self, new: status.Facts) -> None:
@@ -250,94 +217,7 @@ class Reporter:
         events, self._announced = status.events_between(old, new, self._announced)
         for event in events:
             self._post_event(event)
-        self._dirty.set()
-
-    # -- writing the status -------------------------------------------------------------------------------------
-
-    async def write_forever(self) -> None:
-        """Write the status whenever facts or the server's copy change; back off when writes fail."""
-        try:
-            while True:
-                await self._dirty.wait()
-                await asyncio.sleep(self._config.status_debounce_s)  # let a burst of reports make one write
-                self._dirty.clear()
-                delay_s = await self._write_once()
-                if delay_s is not None:
-                    await asyncio.sleep(delay_s)
-                    self._dirty.set()
-        finally:
-            if self._drift_timer is not None:
-                self._drift_timer.cancel()
-
-    async def _write_once(self) -> float | None:
-        """One comparison and, if needed, one write; the delay before trying again if it failed."""
-        now = self._clock.now()
-        server = self._server_status()
-        update = status.compute(self.facts, server, now, timestamp_interval_s=self._config.timestamp_interval_s)
-        self._metrics.conditions(self.namespace, self.name, {c["type"]: c["status"] for c in update.conditions})
-        self._announce_drift()
-        if update.status is None or not self._may_write():
-            return None
-        if self._last_write is not None and self._last_write == (update.status, server):
-            return None  # the server keeps answering our write with this (it prunes or defaults a field): done
-        try:
-            answer = await self._api.patch_status(self.namespace, self.name, status.patch_for(update.status, server))
-        except kube.Rejected as e:
-            return await self._write_rejected(e, update)
-        except errors.TransientError as e:
-            delay_s = self._retries.next_s()
-            level = logging.WARNING if self._retries.failures == 1 else logging.DEBUG  # once per outage
-            log.log(level, "%s: status not written (%s); retrying in %.1fs", self.key, e, delay_s)
-            return delay_s
-        self._retries.reset()
-        self._rejections.reset()
-        if self._rejected is not None:
-            log.info("%s: status accepted again", self.key)
-            self._rejected = None
-        if answer is not None:
-            written: Mapping[str, Any] = answer.get("status") or {}
-            version = str((answer.get("metadata") or {}).get("resourceVersion") or "")
-            self._echo = (version, written, self._clock.monotonic())
-            self._last_write = (update.status, written)
-        return None
-
-    def _server_status(self) -> Mapping[str, Any]:
-        """The status as the server has it: our last write's answer until kopf's body has caught up with it."""
-        if self._echo is not None:
-            _, written, at = self._echo
-            if self._clock.monotonic() - at < self._config.echo_wait_s:
-                return written
-            self._echo = None
-        return dict(self._body.status or {})
-
-    async def _write_rejected(self, error: kube.Rejected, update: status.Update) -> float:
-        """Say so where someone will look (an event; a Ready condition if the server takes that), then wait."""
-        message = errors.truncate(f"the API server rejected the status: {error.reason}")
-        if message != self._rejected:
-            log.error("%s: %s", self.key, message)
-            self._post_event(status.Event(status.EventType.WARNING, R.STATUS_REJECTED, message))
-            self._rejected = message
-            with contextlib.suppress(errors.ModcacheError):
-                await self._api.patch_status(
-                    self.namespace, self.name, {"conditions": status.rejected_conditions(update, message)}
-                )
-        return self._rejections.next_s()
-
-    def _announce_drift(self) -> None:
-        now_s, interval_s = self._clock.monotonic(), self._config.drift_event_interval_s
-        since_s = None if self._drift_announced_at is None else now_s - self._drift_announced_at
-        event = status.drift_event(self._pending_drift, since_s, interval_s=interval_s)
-        if event is not None:
-            self._post_event(event)
-            self._pending_drift, self._drift_announced_at = None, now_s
-        elif self._pending_drift is not None and since_s is not None and self._drift_timer is None:
-            # Look again once the interval has passed (a timer: nothing polls meanwhile).
-            wait_s = max(interval_s - since_s, 0.001)
-            self._drift_timer = asyncio.get_running_loop().call_later(wait_s, self._drift_due)
-
-    def _drift_due(self) -> None:
-        self._drift_timer = None
-        self._dirty.set()
+        self.writer.changed()
 
 
 class _ResyncRequests:
@@ -402,7 +282,7 @@ def _time(text: object) -> datetime.datetime | None:
         return None
 
 
-def _generation(body: ObjectView) -> int:
+def _generation(body: statuswriter.ObjectView) -> int:
     return int(body.metadata.get("generation") or 0)
 
 

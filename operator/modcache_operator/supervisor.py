@@ -41,6 +41,7 @@ from modcache_operator import (
     reporter,
     spec,
     status,
+    statuswriter,
     tunables,
 )
 
@@ -111,7 +112,7 @@ class Supervisor:
         *,
         namespace: str,
         name: str,
-        body: reporter.ObjectView,
+        body: statuswriter.ObjectView,
         secrets: SecretReader,
         reporter: reporter.Reporter,
         claims: claims.Registry,
@@ -158,7 +159,7 @@ class Supervisor:
         """Supervise until ``stopped`` is set, then stop the watcher (bounded) and return."""
         self._claims.subscribe(self.owner, self.poke)
         self._fence.on_close(self, self._halt)
-        writer = asyncio.create_task(self.reporter.write_forever(), name=f"modcache-status-{self.key}")
+        writer = asyncio.create_task(self.reporter.writer.write_forever(), name=f"modcache-status-{self.key}")
         try:
             while not stopped.is_set():
                 self._wake.clear()
@@ -397,10 +398,10 @@ def _innermost(error: BaseException | None) -> BaseException | None:
     return error
 
 
-def _generation(body: reporter.ObjectView) -> int:
+def _generation(body: statuswriter.ObjectView) -> int:
     return int(body.metadata.get("generation") or 0)
 
 
-def _resync_token(body: reporter.ObjectView) -> str | None:
+def _resync_token(body: statuswriter.ObjectView) -> str | None:
     token = (body.metadata.get("annotations") or {}).get(names.RESYNC_ANNOTATION)
     return str(token) if token else None

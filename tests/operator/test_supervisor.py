@@ -198,7 +198,7 @@ async def test_drift_announced_later_waits_on_a_timer_not_a_poll() -> None:
     the_reporter = reporter.Reporter(
         namespace="ns", name="main", body=body, api=StatusApi(body), metrics=counting, post_event=told.append
     )
-    writer = asyncio.create_task(the_reporter.write_forever())
+    writer = asyncio.create_task(the_reporter.writer.write_forever())
     try:
         the_reporter.on_sync(_repair(1), "keyspace")  # announced at once
         await asyncio.sleep(1.0)
