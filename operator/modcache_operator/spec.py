@@ -62,9 +62,6 @@ class CacheSpec:
     def secret_refs(self) -> list[SecretKeyRef]:
         return [r for r in (self.database, self.listen_database, self.redis) if r is not None]
 
-    def secret_names(self) -> frozenset[str]:
-        return frozenset(r.name for r in self.secret_refs())
-
 
 @dataclasses.dataclass(frozen=True)
 class Resolved:
