@@ -1,6 +1,6 @@
 """Pure: what a ModuleCache's status should say, and which events its change deserves.
 
-``compute(facts, previous, now)`` takes what the runner observed (``Facts``), the status as last written and the
+``compute(facts, previous, now)`` takes what the reporter observed (``Facts``), the status as last written and the
 current time, and returns an ``Update``: the new status, or None when nothing worth a write changed.
 ``events_between(old, new)`` says which events a change of facts deserves. Nothing here reads the clock or talks
 to Kubernetes.
@@ -88,7 +88,7 @@ class Drift:
 
 @dataclasses.dataclass(frozen=True)
 class Facts:
-    """What the runner knows about one ModuleCache right now."""
+    """What the reporter knows about one ModuleCache right now."""
 
     generation: int
     suspended: bool = False
