@@ -12,6 +12,7 @@ import hashlib
 import json
 import json.encoder
 import re
+from collections.abc import Sequence
 from typing import NewType, TypedDict
 
 from modcache import errors
@@ -82,6 +83,27 @@ def path_problem(path: str) -> str | None:
     if "//" in path or "/./" in f"/{path}" or "/../" in f"/{path}":
         return "has an empty, '.' or '..' segment"
     return None
+
+
+def all_paths_good(paths: Sequence[str]) -> bool:
+    """Whether every path passes ``path_problem`` (True), judged at C speed over all of them at once; False means
+    at least one may not (ask ``path_problem`` of each). Used on the 100,000-path listings of a full resync.
+
+    The rules, on the paths joined with NUL (which no good path contains): exactly ``len - 1`` NULs, no backslash,
+    no ``//``, no ``.``/``..`` directory segment (``/./``, ``/../``, or at a path's start), no leading ``/``, each
+    path ends in ``.py`` (``.py`` + NUL occurs once per path), none longer than ``MAX_PATH_CHARS``."""
+    if not paths:
+        return True
+    joined = "\0" + "\0".join(paths) + "\0"
+    return (
+        joined.count("\0") == len(paths) + 1
+        and joined.count(".py\0") == len(paths)
+        and max(map(len, paths)) <= MAX_PATH_CHARS
+        and not any(bad in joined for bad in _BAD_PARTS)
+    )
+
+
+_BAD_PARTS = ("\\", "//", "\0/", "/./", "/../", "\0./", "\0../")
 
 
 def check_path(path: str) -> ModulePath:

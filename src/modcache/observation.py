@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from collections.abc import Mapping, Sequence
+from collections.abc import Set as AbstractSet
 
 from modcache import keys, modules, pgsource, plan, rediscache
 
@@ -84,7 +85,7 @@ class _Views:
         self.malformed: set[str] = set()
         self.invalid: dict[str, str] = {}
         self.unsettled: set[str] = set()
-        self.all_index: set[str] = set()  # every valid index member
+        self.all_index: AbstractSet[str] = frozenset()  # every valid index member
         self.settled = 0
         self.top_generation = 0
 
@@ -194,7 +195,7 @@ async def observe(
         listing.cancel()
         indexing.cancel()
     settling.drain()
-    _judged_index(views, index, cache.keyspace, repairs)
+    _judged_index(views, index, the_source.live, cache.keyspace, repairs)
     observed = Observation(
         fence=generation.value,
         source=the_source,
@@ -216,12 +217,18 @@ async def observe(
 
 
 def _judged_index(
-    views: _Views, index: frozenset[str] | None, ks: keys.KeySpace, repairs: list[plan.KeyRepair]
+    views: _Views,
+    index: frozenset[str] | None,
+    live: Mapping[str, str],
+    ks: keys.KeySpace,
+    repairs: list[plan.KeyRepair],
 ) -> None:
+    """Keep the valid index members; live paths were validated with the source, so only the others are judged."""
     if index is None:  # changed type after the inspection: rebuilt by the next sync
         repairs.append(plan.KeyRepair("index", ks.index, "wrong type"))
         index = frozenset()
-    views.all_index = {name for name in index if views.judge(name)}
+    invalid = {name for name in index - live.keys() if not views.judge(name)}
+    views.all_index = index - invalid if invalid else index
 
 
 async def _by_path(

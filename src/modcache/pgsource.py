@@ -32,8 +32,11 @@ T = TypeVar("T")
 
 LIVE = "entity_type = 'module' AND NOT is_deleted"
 
+#: One row of three arrays: decoding three arrays costs a third of decoding 100,000 records. ``size`` is -1 for NULL
+#: content (``octet_length`` of a TOASTed value reads its header, not the value).
 LIST_SQL = f"""
-SELECT path, content_hash, content IS NULL AS null_content, octet_length(content) AS size
+SELECT coalesce(array_agg(path), '{{}}'), coalesce(array_agg(content_hash), '{{}}'),
+       coalesce(array_agg(coalesce(octet_length(content), -1)), '{{}}')
 FROM workspace_files WHERE {LIVE}
 """
 
@@ -80,15 +83,17 @@ class PgSource:
 
     async def list_modules(self) -> plan.SourceView:
         """Every live module's path and hash (no content), with rows that cannot be served set aside."""
-        rows = await self._run(lambda c: c.fetch(LIST_SQL))
+        paths, digests, sizes = await self._run(lambda c: c.fetchrow(LIST_SQL))
+        limit = self.max_module_bytes
+        if modules.all_paths_good(paths) and (not sizes or (min(sizes) >= 0 and max(sizes) <= limit)):
+            return plan.SourceView(live=dict(zip(paths, digests, strict=True)))  # the common case, at C speed
         live: dict[str, str] = {}
         rejected: list[modules.Rejected] = []
-        limit = self.max_module_bytes
-        for path, digest, null_content, size in rows:
+        for path, digest, size in zip(paths, digests, sizes, strict=True):
             problem = modules.path_problem(path)
             if problem is not None:
                 rejected.append(modules.Rejected(path, modules.Rejection.BAD_PATH, problem))
-            elif null_content:
+            elif size < 0:
                 rejected.append(modules.Rejected(path, modules.Rejection.NULL_CONTENT))
             elif size > limit:
                 rejected.append(modules.Rejected(path, modules.Rejection.TOO_LARGE, f"{size} > {limit} bytes"))
