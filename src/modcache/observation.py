@@ -244,7 +244,10 @@ async def _by_path(
     paths with a malformed one (does the key exist, of which type), and live paths the manifest lacks (by whole
     value, so that a right content key is only reindexed)."""
     known = settling.manifest_names
-    unknown = (views.all_index - known) | views.malformed
+    live = observed.source.live
+    unlisted = [p for p in live if p not in known]
+    unknown = (views.all_index - known) | views.malformed | set(unlisted)
+    present = []
     for path, code in (await cache.check_lengths(dict.fromkeys(unknown))).items():
         views.unsettled.add(path)
         views.content[path] = None if code == rediscache.ABSENT else plan.UNVERIFIED
@@ -252,10 +255,11 @@ async def _by_path(
             views.damage[path] = plan.Reason.WRONGTYPE
         elif path in views.malformed and code != rediscache.ABSENT:
             views.damage[path] = plan.Reason.MANIFEST
-    live = observed.source.live
-    unlisted = [p for p in live if p not in known]
-    views.unsettled.update(unlisted)
-    await _whole_values(unlisted, observed, views, source=source, cache=cache, batch=batch)
+        if code == rediscache.PRESENT and path in live and path not in known:
+            present.append(path)
+    # only unlisted keys that exist are read and compared by whole value (after a flush none is: nothing is read
+    # twice, once to find it absent and once to write it)
+    await _whole_values(present, observed, views, source=source, cache=cache, batch=batch)
 
 
 async def _deep(
@@ -273,7 +277,8 @@ async def _deep(
         if code != rediscache.ABSENT:
             views.unsettled.add(path)
             views.content[path] = plan.UNVERIFIED
-    await _whole_values(list(live), observed, views, source=source, cache=cache, batch=batch)
+    absent = {p for p in views.unsettled if p in views.content and views.content[p] is None}
+    await _whole_values([p for p in live if p not in absent], observed, views, source=source, cache=cache, batch=batch)
 
 
 async def _whole_values(
