@@ -56,7 +56,9 @@ class Rejected:
 
 
 #: The acceptable paths in one expression (the common case, checked at C speed); ``path_problem`` explains the rest.
-_GOOD_PATH = re.compile(r"(?:(?!\.{1,2}/)[^/\\\x00]+/)*[^/\\\x00]*\.py")
+_GOOD_PATH = re.compile(r"(?:(?!\.{1,2}/)[^/\\\x00\ud800-\udfff]+/)*[^/\\\x00\ud800-\udfff]*\.py")
+#: Lone surrogates: what bytes that are not UTF-8 become when Redis replies are decoded with ``surrogateescape``.
+_NOT_UTF8 = re.compile(r"[\ud800-\udfff]")
 _escape = json.encoder.encode_basestring_ascii  # what json.dumps uses for a str with its defaults
 
 
@@ -64,7 +66,8 @@ def path_problem(path: str) -> str | None:
     """Why ``path`` is not an acceptable module path, or None if it is.
 
     Rules: relative, ``/``-separated, ending in ``.py``, no empty/``.``/``..`` segments, no NUL, no
-    backslash, at most 1000 characters.
+    backslash, valid UTF-8 (a name read back from Redis that was not arrives with lone surrogates), at most 1000
+    characters.
     """
     if len(path) <= MAX_PATH_CHARS and _GOOD_PATH.fullmatch(path) is not None:
         return None
@@ -74,6 +77,8 @@ def path_problem(path: str) -> str | None:
         return f"longer than {MAX_PATH_CHARS} characters"
     if "\x00" in path:
         return "contains NUL"
+    if _NOT_UTF8.search(path):
+        return "not valid UTF-8"
     if path.startswith("/"):
         return "absolute (leading '/')"
     if "\\" in path:
@@ -100,6 +105,7 @@ def all_paths_good(paths: Sequence[str]) -> bool:
         and joined.count(".py\0") == len(paths)
         and max(map(len, paths)) <= MAX_PATH_CHARS
         and not any(bad in joined for bad in _BAD_PARTS)
+        and _NOT_UTF8.search(joined) is None
     )
 
 

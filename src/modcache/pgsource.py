@@ -32,16 +32,20 @@ T = TypeVar("T")
 
 LIVE = "entity_type = 'module' AND NOT is_deleted"
 
+#: Text read as the bytes stored, unconverted: only a SQL_ASCII database can hold text that is not UTF-8, and such a
+#: row must be rejected by ``modules`` rather than fail the whole statement (a conversion to UTF-8 would).
+_RAW = "convert_to({}, getdatabaseencoding())"
+
 #: One row of three arrays: decoding three arrays costs a third of decoding 100,000 records. ``size`` is -1 for NULL
 #: content (``octet_length`` of a TOASTed value reads its header, not the value).
 LIST_SQL = f"""
-SELECT coalesce(array_agg(path), '{{}}'), coalesce(array_agg(content_hash), '{{}}'),
+SELECT coalesce(array_agg({_RAW.format("path")}), '{{}}'), coalesce(array_agg({_RAW.format("content_hash")}), '{{}}'),
        coalesce(array_agg(coalesce(octet_length(content), -1)), '{{}}')
 FROM workspace_files WHERE {LIVE}
 """
 
 FETCH_SQL = f"""
-SELECT path, content_hash, convert_to(content, 'UTF8') AS raw
+SELECT path, {_RAW.format("content_hash")}, {_RAW.format("content")} AS raw
 FROM workspace_files WHERE path = ANY($1::text[]) AND {LIVE}
 """
 
@@ -83,7 +87,8 @@ class PgSource:
 
     async def list_modules(self) -> plan.SourceView:
         """Every live module's path and hash (no content), with rows that cannot be served set aside."""
-        paths, digests, sizes = await self._run(lambda c: c.fetchrow(LIST_SQL))
+        raw_paths, raw_digests, sizes = await self._run(lambda c: c.fetchrow(LIST_SQL))
+        paths, digests = _texts(raw_paths), _texts(raw_digests)
         limit = self.max_module_bytes
         if modules.all_paths_good(paths) and (not sizes or (min(sizes) >= 0 and max(sizes) <= limit)):
             return plan.SourceView(live=dict(zip(paths, digests, strict=True)))  # the common case, at C speed
@@ -107,7 +112,7 @@ class PgSource:
         found: dict[str, Module] = {}
         rejected: list[modules.Rejected] = []
         for path, digest, raw in rows:
-            checked = self._validate(path, digest, raw)
+            checked = self._validate(path, digest.decode("utf-8", "replace"), raw)
             if isinstance(checked, Module):
                 found[path] = checked
             else:
@@ -176,6 +181,14 @@ class PgSource:
                 yield driver
         except (OSError, sa.exc.SQLAlchemyError) as e:
             raise errors.SourceUnavailable(f"PostgreSQL unreachable: {errors.describe(e)}") from e
+
+
+def _texts(raw: Sequence[bytes]) -> list[str]:
+    """Stored text as str, all at once (PostgreSQL text holds no NUL); bytes that are not UTF-8 become lone surrogates,
+    which ``modules.path_problem`` rejects and a hash comparison never matches."""
+    if not raw:
+        return []
+    return b"\0".join(raw).decode("utf-8", "surrogateescape").split("\0")
 
 
 # -- LISTEN ------------------------------------------------------------------------------------------------------

@@ -577,9 +577,15 @@ def value_digest(value: str) -> str:
 
 
 def client_from_url(url: str, **options: Any) -> aioredis.Redis:
-    """A client for ``url`` (ConfigError if it is not a Redis URL)."""
+    """A client for ``url`` (ConfigError if it is not a Redis URL).
+
+    Replies are decoded with ``surrogateescape``: names, members and values are binary-safe in Redis, and one that
+    is not UTF-8 must become a name that ``keys.KeySpace.name_problem`` rejects (and that encodes back to the same
+    bytes, so exactly it can be removed), never an exception out of the parser."""
     try:
-        return aioredis.Redis.from_url(url, decode_responses=True, health_check_interval=30, **options)
+        return aioredis.Redis.from_url(
+            url, decode_responses=True, encoding_errors="surrogateescape", health_check_interval=30, **options
+        )
     except ValueError as e:
         raise errors.ConfigError("redis_url", "not a valid Redis URL") from e
 

@@ -7,7 +7,7 @@ import random
 
 from modcache import modules
 
-HOSTILE = ["a", "b", ".", "..", "/", "\\", "\x00", "py", ".py", "\n", "é", " ", "*", "modcache:"]
+HOSTILE = ["a", "b", ".", "..", "/", "\\", "\x00", "py", ".py", "\n", "é", " ", "*", "modcache:", "\udcff"]
 
 
 def test_all_paths_good_agrees_with_path_problem_on_random_hostile_paths() -> None:
