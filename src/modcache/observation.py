@@ -46,7 +46,9 @@ class Observation:
         """Both views restricted to the unsettled paths (a settled path yields no item and is never an orphan)."""
         paths, live, view = self.unsettled, self.source.live, self.view
         return (
-            plan.SourceView(live={p: live[p] for p in paths if p in live}, rejected=self.source.rejected),
+            plan.SourceView(
+                live={p: live[p] for p in paths if p in live}, rejected=self.source.rejected, large=self.source.large
+            ),
             plan.CacheView(
                 index=frozenset(p for p in paths if p in view.index),
                 manifest={p: view.manifest[p] for p in paths if p in view.manifest},
@@ -294,8 +296,8 @@ async def _whole_values(
     makes the content key verified (whatever the manifest said); anything else makes the path unsettled with the
     damage found."""
     live = observed.source.live
-    for start in range(0, len(paths), batch):
-        found, _ = await source.fetch(paths[start : start + batch])
+    for chunk in plan.batches_by_bytes(paths, observed.source.large, rows=batch):
+        found, _ = await source.fetch(chunk)
         expected = {p: modules.encode_cached(p, m.content, m.hash) for p, m in found.items() if live.get(p) == m.hash}
         codes = await cache.check_values({p: (rediscache.value_digest(v), live[p]) for p, v in expected.items()})
         for path, code in codes.items():
@@ -327,5 +329,5 @@ async def _list(source: pgsource.PgSource, ks: keys.KeySpace) -> tuple[plan.Sour
         if foreign:
             rejected = [modules.Rejected(p, modules.Rejection.BAD_PATH, why) for p, why in foreign.items()]
             live = {p: h for p, h in listed.live.items() if p not in foreign}
-            listed = plan.SourceView(live=live, rejected=(*listed.rejected, *rejected))
+            listed = plan.SourceView(live=live, rejected=(*listed.rejected, *rejected), large=listed.large)
     return listed, plan.source_digest(listed.live)

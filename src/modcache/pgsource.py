@@ -90,8 +90,9 @@ class PgSource:
         raw_paths, raw_digests, sizes = await self._run(lambda c: c.fetchrow(LIST_SQL))
         paths, digests = _texts(raw_paths), _texts(raw_digests)
         limit = self.max_module_bytes
+        large = _large(paths, sizes)
         if modules.all_paths_good(paths) and (not sizes or (min(sizes) >= 0 and max(sizes) <= limit)):
-            return plan.SourceView(live=dict(zip(paths, digests, strict=True)))  # the common case, at C speed
+            return plan.SourceView(live=dict(zip(paths, digests, strict=True)), large=large)  # at C speed
         live: dict[str, str] = {}
         rejected: list[modules.Rejected] = []
         for path, digest, size in zip(paths, digests, sizes, strict=True):
@@ -104,7 +105,7 @@ class PgSource:
                 rejected.append(modules.Rejected(path, modules.Rejection.TOO_LARGE, f"{size} > {limit} bytes"))
             else:
                 live[path] = digest
-        return plan.SourceView(live=live, rejected=tuple(rejected))
+        return plan.SourceView(live=live, rejected=tuple(rejected), large={p: n for p, n in large.items() if p in live})
 
     async def fetch(self, paths: Sequence[str]) -> tuple[dict[str, Module], list[modules.Rejected]]:
         """The live modules among ``paths``, with content; paths that are not live modules are left out."""
@@ -181,6 +182,12 @@ class PgSource:
                 yield driver
         except (OSError, sa.exc.SQLAlchemyError) as e:
             raise errors.SourceUnavailable(f"PostgreSQL unreachable: {errors.describe(e)}") from e
+
+
+def _large(paths: Sequence[str], sizes: Sequence[int]) -> dict[str, int]:
+    if not sizes or max(sizes) <= plan.SMALL_BYTES:
+        return {}
+    return {p: n for p, n in zip(paths, sizes, strict=True) if n > plan.SMALL_BYTES}
 
 
 def _texts(raw: Sequence[bytes]) -> list[str]:

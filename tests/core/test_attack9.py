@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 
@@ -315,5 +317,54 @@ async def test_non_utf8_rows_in_a_sql_ascii_database_are_rejected_and_the_rest_s
     try:
         assert await client.smembers(keyspace.index) == {"good.py", "also/good.py"}
         assert json.loads(str(await client.get(keyspace.content("good.py"))))["content"] == "G = 1\n"
+    finally:
+        await client.aclose()
+
+
+# -- F5: huge legal modules --------------------------------------------------------------------------------------
+
+RSS_OF_CHILD = """
+import resource, subprocess, sys
+done = subprocess.run(sys.argv[1:], capture_output=True, text=True)
+print(done.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024, repr(done.stderr[-500:]))
+"""
+
+
+async def test_modules_of_the_largest_legal_size_sync_in_bounded_batches(
+    server: PrivateRedis, database_url: str
+) -> None:
+    """Eight modules of 8 MiB control characters (each 48 MiB as JSON): batches bounded by rows alone put all of
+    them in one read and one Redis call (the attack: 30 of them fail every sync; peak RSS 7.8 GB)."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute(
+            "INSERT INTO workspace_files (path, content, content_hash, entity_type) "
+            "SELECT 'big/m' || g || '.py', c, encode(sha256(convert_to(c, 'UTF8')), 'hex'), 'module' "
+            "FROM generate_series(1, 8) g, (SELECT repeat(chr(1), 8388608 - 10) AS c) s"
+        )
+        await conn.execute(
+            "INSERT INTO workspace_files (path, content, content_hash, entity_type) "
+            "VALUES ('small.py', 'x=1', encode(sha256('x=1'), 'hex'), 'module')"
+        )
+    finally:
+        await conn.close()
+    env = {**cli.clean_environ({}), **cli.service_env(database_url, server.url, KS)}
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-c", RSS_OF_CHILD, cli.console_script(), "sync", "--once"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    code, peak, stderr = done.stdout.split(" ", 2)
+    assert code == "0", stderr
+    assert int(peak) < 700 * 2**20, peak  # three 8 MiB modules in flight at most (rows alone: all eight, ~1.3 GB)
+    client = judge_client(server.url)
+    try:
+        assert (
+            await convergence.differences(database_url, client, KS.prefix, max_bytes=modules.DEFAULT_MAX_MODULE_BYTES)
+            == []
+        )
     finally:
         await client.aclose()
