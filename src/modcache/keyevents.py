@@ -71,9 +71,12 @@ class Changed:
 
 @dataclasses.dataclass(frozen=True)
 class Regressed:
-    """The cache went back or was replaced without a key event (FLUSHDB, SWAPDB, restart, a lossy failover)."""
+    """The cache went back or was replaced without a key event (FLUSHDB, SWAPDB, restart, a lossy failover).
+
+    ``replaced``: the database was flushed or swapped (whatever it holds now was never checked), not only behind."""
 
     detail: str
+    replaced: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -262,7 +265,7 @@ class KeyEvents:
                 await asyncio.sleep(self._probe_interval_s)
                 continue
             if problem is not None:
-                self._queue.put_nowait(Regressed(problem))
+                self._queue.put_nowait(Regressed(problem, replaced="went back" not in problem))
             heard = self._heard_at
             if heard is not None and time.monotonic() - heard > deaf_after_s:
                 self._heard_at = None
@@ -295,7 +298,7 @@ class KeyEvents:
         value = keys.parse_generation(raw)
         if seen and (value or 0) < seen:
             self._cache.high_water = value or 0  # learn again from here, so one regression is reported once
-            return f"the generation went back from {seen} to {value or 'nothing'}"
+            return f"the generation went back from {seen} to {value or 'nothing'}"  # behind, not replaced
         return None
 
     async def _open_probe(self, ttl_ms: int) -> None:

@@ -253,11 +253,11 @@ class Watcher:
             case keyevents.Changed(role=str(role)):
                 if await self._doubtful(role):
                     self.request_resync(KEYSPACE)
-            case keyevents.Regressed(detail):
-                # refill at once (the routine resync), then compare whole values: a replaced database may hold
-                # forged values whose manifest entries agree with them
-                log.warning("%s: refilling, then checking every value", detail)
-                self._deep_after = True
+            case keyevents.Regressed(detail, replaced):
+                # refill at once (the routine resync); a replaced database (flushed, swapped) may hold forged values
+                # whose manifest entries agree with them: every value is compared right after
+                log.warning("%s: refilling%s", detail, ", then checking every value" if replaced else "")
+                self._deep_after |= replaced
                 self.request_resync(KEYSPACE)
             case keyevents.Subscribed(detail):
                 self._keyspace_changed(True, detail)
