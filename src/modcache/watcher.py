@@ -270,12 +270,20 @@ class Watcher:
 
     async def _doubtful(self, role: str) -> bool:
         """Whether a foreign change to the generation or the status record needs a resync (another modcache
-        writer changes both legitimately, and must not make this one resync after every write)."""
+        writer changes both legitimately, and must not make this one resync after every write).
+
+        A generation that is gone, unbelievable or below what this process has seen is put right at once (reset from
+        the server clock, or raised past the high-water): the fence must never wait for a full resync to be sound
+        again; the resync that follows checks the manifest against it."""
         cache = self.engine.cache
         try:
             if role == "status":
                 return await cache.status_problem() is not None
-            generation = await cache.read_generation(create=False)
+            seen = cache.high_water
+            generation = await cache.read_generation(create=True)
+            if generation.value < seen:
+                await cache.raise_generation(seen)
+                return True
         except errors.TransientError:
             return True
         return bool(generation.problem)
