@@ -14,8 +14,8 @@ Two sources, merged into one stream of typed events (``Subscribed``, ``Changed``
   even when the swapped-in database holds a byte-identical copy of the probe key; a restart without persistence
   loses the key, and a failover that lost writes shows as a generation lower than this process has seen. Redis
   emits no keyspace event for those. Each round's ``PEXPIRE`` of the probe key must come back as a keyspace event:
-  if none has for ``DEAF_AFTER_S`` (``notify-keyspace-events`` changed at runtime, events lost), the subscription is
-  dropped and made again (re-enabling the flags, then a deep resync).
+  if none has for ``DEAF_AFTER_ROUNDS`` rounds (``notify-keyspace-events`` changed at runtime, events lost), the
+  subscription is dropped and made again (re-enabling the flags, then a deep resync).
 
 modcache's own writes are not reported: ``rediscache.APPLY`` publishes ``b:<nonce>``/``e:<nonce>`` on the
 prefix's writes channel around its writes, on the same subscription, and a script runs atomically, so every event
@@ -36,7 +36,6 @@ import dataclasses
 import logging
 import random
 import secrets
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -47,8 +46,9 @@ from modcache import backoff, errors, keys, rediscache
 #: The keyspace-event flags modcache needs: keyspace channels (K) and every class of key event.
 WANTED_FLAGS = "Kg$lshzxet"
 CANARY_WAIT_S = 1.0
-#: No keyspace event for the probe's own writes for this long (or 10 probe intervals, if longer): events are off.
-DEAF_AFTER_S = 1.0
+#: Probe rounds in a row whose own write's keyspace event did not arrive before events count as off (counted in
+#: rounds, not seconds, so an event loop starved by a long sync never looks like lost events).
+DEAF_AFTER_ROUNDS = 10
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ class KeyEvents:
         self._probe_key = f"{self._ks.prefix}modcache:probe:{self._token}"
         self._probe_conn: Any = None
         self._probe_armed = asyncio.Event()  # Subscribed is reported only once the probe watches its key
-        self._heard_at: float | None = None  # when the subscription last delivered the probe's own event (None: off)
+        self._unheard: int | None = None  # probe rounds since the subscription delivered the probe's own event
 
     async def __aenter__(self) -> KeyEvents:
         self._tasks = [
@@ -162,7 +162,7 @@ class KeyEvents:
                 self._cache.tracking_own_writes = False
                 self._queue.put_nowait(Lost(errors.describe(e)))
             finally:
-                self._heard_at = None
+                self._unheard = None
                 await self._disconnect()
             await asyncio.sleep(retry.next_s())
 
@@ -213,7 +213,7 @@ class KeyEvents:
             self._queue.put_nowait(Lost(errors.describe(e)))
         else:
             await self._probe_armed.wait()  # a resync this causes must not run before a flush can be noticed
-            self._heard_at = time.monotonic()
+            self._unheard = 0
             self._queue.put_nowait(Subscribed(f"keyspace events on {self._ks.prefix!r}: {configured}"))
 
     async def _read(self, conn: Any, channel_prefix: str) -> None:
@@ -235,8 +235,8 @@ class KeyEvents:
                 continue
             key = str(message[2])[len(channel_prefix) :]
             if key == self._probe_key:
-                if self._heard_at is not None:
-                    self._heard_at = time.monotonic()
+                if self._unheard is not None:
+                    self._unheard = 0
             elif key == canary:
                 self._canary_seen.set()
             elif (role := self._roles.get(key)) is not None:
@@ -254,7 +254,6 @@ class KeyEvents:
 
     async def _probe_forever(self) -> None:
         ttl_ms = max(5_000, int(self._probe_interval_s * 50_000))
-        deaf_after_s = max(DEAF_AFTER_S, 10 * self._probe_interval_s)
         while True:
             try:
                 problem = await self._probe(ttl_ms)
@@ -266,12 +265,17 @@ class KeyEvents:
                 continue
             if problem is not None:
                 self._queue.put_nowait(Regressed(problem, replaced="went back" not in problem))
-            heard = self._heard_at
-            if heard is not None and time.monotonic() - heard > deaf_after_s:
-                self._heard_at = None
-                log.warning("no keyspace event for the probe's own writes in %.1f s: subscribing again", deaf_after_s)
-                self._queue.put_nowait(Lost(f"no keyspace events arrive (none for {deaf_after_s:.1f} s)"))
-                await self._disconnect()
+            if self._unheard is not None:
+                self._unheard += 1
+                if self._unheard > DEAF_AFTER_ROUNDS:
+                    self._unheard = None
+                    log.warning(
+                        "no keyspace event for the probe's last %d writes: subscribing again", DEAF_AFTER_ROUNDS
+                    )
+                    self._queue.put_nowait(
+                        Lost(f"no keyspace events arrive (none for {DEAF_AFTER_ROUNDS} probe rounds)")
+                    )
+                    await self._disconnect()
             await asyncio.sleep(self._probe_interval_s)
 
     async def _probe(self, ttl_ms: int) -> str | None:
