@@ -348,7 +348,11 @@ class Bench:
         server restarts from the snapshot, which still holds the old version."""
         path = self.pick()
         await self.events.quiet()
-        await self.client.save()
+        saver = aioredis.Redis.from_url(self.server.url, socket_timeout=300)  # writing 400 MB takes a while
+        try:
+            await saver.save()
+        finally:
+            await saver.aclose()
         conn = await asyncpg.connect(self.database_url)
         try:
             content = f"# updated {time.time_ns()}\n"
