@@ -10,7 +10,8 @@ rows itself (``json.dumps`` of the row, as ``tests/testkit/convergence.py`` does
 faults are re-checked on every keyspace event of the cache's prefix (no polling); whole-cache faults (FLUSHDB,
 FLUSHALL, restart) are polled every 20 ms until the index, the manifest and the number of content keys are complete,
 and afterwards every content key is compared byte for byte (untimed). Between samples the bench waits until the
-watcher has been quiet for 0.3 s, so one repair never overlaps the next fault.
+watcher has been quiet for 0.3 s, and after a whole-cache sample until its deep resync has ended (it writes nothing
+until then), so one repair never overlaps the next fault.
 
 The naive reference, measured in the same run: without events (the plan's design, or a periodic resync alone) a
 fault waits for the next full sync; its cost at this size is the plan's full resync time, plus up to its interval.
@@ -24,6 +25,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import datetime
 import hashlib
 import json
 import os
@@ -331,6 +333,7 @@ class Bench:
 
     async def whole(self, fault: str) -> float:
         await self.events.quiet()
+        fault_at = _now()
         started = time.perf_counter()
         if fault == "FLUSHDB":
             await self.client.flushdb()
@@ -341,6 +344,7 @@ class Bench:
         took = await poll(self.judge.complete, started)
         if fault == "restart":
             await self._resubscribe()
+        await self._deep_done(fault_at)
         return took
 
     async def lossy(self) -> float:
@@ -364,10 +368,22 @@ class Bench:
             await conn.close()
         self.judge.expected[path] = json.dumps({"content": content, "path": path, "hash": digest})
         await self.events.until(lambda: self.judge.content_ok(path), time.perf_counter())
+        fault_at = _now()
         started = await self._restart(keep_snapshot=True)
         took = await poll(lambda: self.judge.content_ok(path), started)
         await self._resubscribe()
+        await self._deep_done(fault_at)
         return took
+
+    async def _deep_done(self, fault_at: datetime.datetime) -> None:
+        """Wait (untimed) for the deep resync a replaced or reconnected cache gets after its refill: it writes no
+        key until it ends, so the quiet wait cannot see it, and the next sample must not queue behind it."""
+        await poll(lambda: self._deep_since(fault_at), time.perf_counter())
+
+    async def _deep_since(self, fault_at: datetime.datetime) -> bool:
+        status = await self.client.hgetall(KS.status)
+        stamp = status.get("last_success_at")
+        return status.get("deep") == "1" and stamp is not None and datetime.datetime.fromisoformat(stamp) >= fault_at
 
     async def _restart(self, *, keep_snapshot: bool) -> float:
         await self.events.stop()
@@ -380,6 +396,10 @@ class Bench:
     async def _resubscribe(self) -> None:
         self.events = Events(self.server.url)
         await self.events.start()
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC).replace(microsecond=0)
 
 
 def _sha(text: str) -> str:
