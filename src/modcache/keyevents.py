@@ -231,6 +231,9 @@ class KeyEvents:
                 elif marker == "e" and nonce == inside:
                     inside = None
                 continue
+            if inside is not None and inside in self._cache.aborted_writes:
+                self._cache.aborted_writes.discard(inside)  # that write failed mid-way: its events are over
+                inside = None
             if kind != "pmessage" or inside is not None:
                 continue
             key = str(message[2])[len(channel_prefix) :]

@@ -39,7 +39,8 @@ _RAW = "convert_to({}, getdatabaseencoding())"
 #: One row of three arrays: decoding three arrays costs a third of decoding 100,000 records. ``size`` is -1 for NULL
 #: content (``octet_length`` of a TOASTed value reads its header, not the value).
 LIST_SQL = f"""
-SELECT coalesce(array_agg({_RAW.format("path")}), '{{}}'), coalesce(array_agg({_RAW.format("content_hash")}), '{{}}'),
+SELECT coalesce(array_agg({_RAW.format("path")}), '{{}}'),
+       coalesce(array_agg(coalesce({_RAW.format("content_hash")}, '')), '{{}}'),
        coalesce(array_agg(coalesce(octet_length(content), -1)), '{{}}')
 FROM workspace_files WHERE {LIVE}
 """
@@ -113,14 +114,14 @@ class PgSource:
         found: dict[str, Module] = {}
         rejected: list[modules.Rejected] = []
         for path, digest, raw in rows:
-            checked = self._validate(path, digest.decode("utf-8", "replace"), raw)
+            checked = self._validate(path, None if digest is None else digest.decode("utf-8", "replace"), raw)
             if isinstance(checked, Module):
                 found[path] = checked
             else:
                 rejected.append(checked)
         return found, rejected
 
-    def _validate(self, path: str, digest: str, raw: bytes | None) -> Module | modules.Rejected:
+    def _validate(self, path: str, digest: str | None, raw: bytes | None) -> Module | modules.Rejected:
         problem = modules.path_problem(path)
         if problem is not None:
             return modules.Rejected(path, modules.Rejection.BAD_PATH, problem)
@@ -130,6 +131,8 @@ class PgSource:
         if isinstance(text, modules.Rejected):
             return text
         actual = modules.content_hash(raw)
+        if digest is None:  # NOT NULL in modcache's schema, not in every Bifrost database
+            return modules.Rejected(path, modules.Rejection.HASH_MISMATCH, "stored content_hash is NULL")
         if actual != digest:
             return modules.Rejected(
                 path, modules.Rejection.HASH_MISMATCH, f"stored {digest[:12]}…, content {actual[:12]}…"

@@ -368,3 +368,55 @@ async def test_modules_of_the_largest_legal_size_sync_in_bounded_batches(
         )
     finally:
         await client.aclose()
+
+
+# -- F9: a write that fails mid-script must not blind the key events -----------------------------------------
+
+
+async def test_a_write_refused_for_memory_does_not_blind_the_watcher(
+    server: PrivateRedis, source: pgsource.PgSource, database_url: str
+) -> None:
+    paths = await put_some(source)
+    client = judge_client(server.url)
+    try:
+        async with watching(source, server.url, KS, database_url) as (_, task, recorder):
+            for trial in range(3):
+                await client.config_set("maxmemory-policy", "noeviction")
+                await client.config_set("maxmemory", "1")  # the watcher's repair of this DEL is refused (OOM)
+                await client.delete(KS.content(paths[0]))
+                await recorder.wait_for(lambda: recorder.failures)
+                await client.config_set("maxmemory", "0")
+                recorder.failures.clear()
+                assert await convergence.converged(database_url, client, KS.prefix, within_s=WITHIN_S) == []
+                await client.delete(KS.content(paths[1 + trial]))  # key events must still be heard
+                assert await convergence.converged(database_url, client, KS.prefix, within_s=WITHIN_S) == []
+            assert not task.done()
+    finally:
+        await client.aclose()
+
+
+# -- F12: a NULL content_hash (a Bifrost database's column may allow it) ----------------------------------------
+
+
+async def test_a_null_content_hash_is_rejected_and_the_rest_synced(
+    source: pgsource.PgSource, database_url: str, redis_url: str, keyspace: keys.KeySpace
+) -> None:
+    await put_some(source, 2)
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute("ALTER TABLE workspace_files ALTER COLUMN content_hash DROP NOT NULL")
+        await conn.execute(
+            "INSERT INTO workspace_files (path, content, content_hash, entity_type) "
+            "VALUES ('nullhash.py', 'x=1', NULL, 'module')"
+        )
+    finally:
+        await conn.close()
+    env = cli.service_env(database_url, redis_url, keyspace)
+    for args in (("sync", "--once", "--json"), ("status",)):
+        result = await cli.invoke(*args, env=env)
+        assert result.code == 0, result.output
+    client = judge_client(redis_url)
+    try:
+        assert await client.smembers(keyspace.index) == {"pkg/m0.py", "pkg/m1.py"}
+    finally:
+        await client.aclose()
