@@ -100,7 +100,13 @@ class Engine:
         the_plan = self._compute(*observed.narrowed(), repairs)
         outcome = _Outcome()
         if not dry_run:
-            outcome = await self._execute(the_plan, fence=observed.fence, lengths=observed.lengths, progress=progress)
+            outcome = await self._execute(
+                the_plan,
+                fence=observed.fence,
+                lengths=observed.lengths,
+                progress=progress,
+                large=observed.source.large,
+            )
             await self._settle(outcome)
             await self.cache.refresh_ttl(observed.source.live)
         else:  # rows found unservable only when their content is read: a dry run must say so too
@@ -226,12 +232,25 @@ class Engine:
 
     # -- applying a plan -----------------------------------------------------------------------------------
 
+    def _put_batches(self, the_plan: plan.Plan, large: Mapping[str, int]) -> Iterable[Sequence[plan.Item]]:
+        """The PUT items in batches bounded by rows and by content bytes (``plan.batches_by_bytes``)."""
+        puts = the_plan.by_operation(plan.Operation.PUT)
+        by_path = {i.path: i for i in puts}
+        for paths in plan.batches_by_bytes([i.path for i in puts], large, rows=self.fetch_batch_size):
+            yield [by_path[p] for p in paths]
+
     async def _execute(
-        self, the_plan: plan.Plan, *, fence: int, lengths: Mapping[str, int], progress: Progress | None
+        self,
+        the_plan: plan.Plan,
+        *,
+        fence: int,
+        lengths: Mapping[str, int],
+        progress: Progress | None,
+        large: Mapping[str, int],
     ) -> _Outcome:
         outcome = _Outcome()
         total, done = len(the_plan.items), 0
-        batches = iter(list(_chunks(the_plan.by_operation(plan.Operation.PUT), self.fetch_batch_size)))
+        batches = iter(list(self._put_batches(the_plan, large)))
         ahead: collections.deque[tuple[Sequence[plan.Item], asyncio.Task[_Fetched]]] = collections.deque()
 
         def read_ahead() -> None:  # keep FETCH_AHEAD content reads in flight while we encode and write

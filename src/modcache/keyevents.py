@@ -9,9 +9,13 @@ Two sources, merged into one stream of typed events (``Subscribed``, ``Changed``
   SADD/SREM, HSET/HDEL, a key of another type created -- arrives here. ``notify-keyspace-events`` is merged with
   what is set (``K`` plus every key-event class) when CONFIG is permitted; otherwise whatever the admin set is
   used, and a canary write checks that events really arrive (the event says which, so the status can);
-* a **probe** every ``probe_interval_s``: a key of this process's own with a short TTL (gone after FLUSHDB,
-  FLUSHALL, SWAPDB, a restart without persistence) and the generation (gone, or lower than this process has
-  seen: a failover that lost writes). Redis emits no keyspace event for those.
+* a **probe** every ``probe_interval_s`` on a connection of its own that ``WATCH``es a key of this process's own
+  (with a short TTL): FLUSHDB, FLUSHALL and SWAPDB touch watched keys, so the probe's ``MULTI``/``EXEC`` aborts
+  even when the swapped-in database holds a byte-identical copy of the probe key; a restart without persistence
+  loses the key, and a failover that lost writes shows as a generation lower than this process has seen. Redis
+  emits no keyspace event for those. Each round's ``PEXPIRE`` of the probe key must come back as a keyspace event:
+  if none has for ``DEAF_AFTER_ROUNDS`` rounds (``notify-keyspace-events`` changed at runtime, events lost), the
+  subscription is dropped and made again (re-enabling the flags, then a deep resync).
 
 modcache's own writes are not reported: ``rediscache.APPLY`` publishes ``b:<nonce>``/``e:<nonce>`` on the
 prefix's writes channel around its writes, on the same subscription, and a script runs atomically, so every event
@@ -29,19 +33,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 import random
 import secrets
 from collections.abc import AsyncIterator
 from typing import Any
 
-import redis.asyncio as aioredis
 import redis.exceptions
 
-from modcache import backoff, errors, rediscache
+from modcache import backoff, errors, keys, rediscache
 
 #: The keyspace-event flags modcache needs: keyspace channels (K) and every class of key event.
 WANTED_FLAGS = "Kg$lshzxet"
 CANARY_WAIT_S = 1.0
+#: Probe rounds in a row whose own write's keyspace event did not arrive before events count as off (counted in
+#: rounds, not seconds, so an event loop starved by a long sync never looks like lost events).
+DEAF_AFTER_ROUNDS = 10
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,9 +71,12 @@ class Changed:
 
 @dataclasses.dataclass(frozen=True)
 class Regressed:
-    """The cache went back or was replaced without a key event (FLUSHDB, SWAPDB, restart, a lossy failover)."""
+    """The cache went back or was replaced without a key event (FLUSHDB, SWAPDB, restart, a lossy failover).
+
+    ``replaced``: the database was flushed or swapped (whatever it holds now was never checked), not only behind."""
 
     detail: str
+    replaced: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +124,10 @@ class KeyEvents:
         self._token = secrets.token_hex(8)
         self._canary_seen = asyncio.Event()
         self._roles = {key: role for role, key in self._ks.bookkeeping().items()}
+        self._probe_key = f"{self._ks.prefix}modcache:probe:{self._token}"
+        self._probe_conn: Any = None
+        self._probe_armed = asyncio.Event()  # Subscribed is reported only once the probe watches its key
+        self._unheard: int | None = None  # probe rounds since the subscription delivered the probe's own event
 
     async def __aenter__(self) -> KeyEvents:
         self._tasks = [
@@ -126,6 +142,7 @@ class KeyEvents:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await self._close_probe()
         self._cache.tracking_own_writes = False
 
     def __aiter__(self) -> AsyncIterator[KeyEvent]:
@@ -141,10 +158,11 @@ class KeyEvents:
         while True:
             try:
                 await self._subscribe_once(retry)
-            except (redis.exceptions.RedisError, OSError) as e:
+            except Exception as e:  # nothing Redis sends may end the subscription for good
                 self._cache.tracking_own_writes = False
                 self._queue.put_nowait(Lost(errors.describe(e)))
             finally:
+                self._unheard = None
                 await self._disconnect()
             await asyncio.sleep(retry.next_s())
 
@@ -194,6 +212,8 @@ class KeyEvents:
         except (redis.exceptions.RedisError, OSError) as e:
             self._queue.put_nowait(Lost(errors.describe(e)))
         else:
+            await self._probe_armed.wait()  # a resync this causes must not run before a flush can be noticed
+            self._unheard = 0
             self._queue.put_nowait(Subscribed(f"keyspace events on {self._ks.prefix!r}: {configured}"))
 
     async def _read(self, conn: Any, channel_prefix: str) -> None:
@@ -211,10 +231,16 @@ class KeyEvents:
                 elif marker == "e" and nonce == inside:
                     inside = None
                 continue
+            if inside is not None and inside in self._cache.aborted_writes:
+                self._cache.aborted_writes.discard(inside)  # that write failed mid-way: its events are over
+                inside = None
             if kind != "pmessage" or inside is not None:
                 continue
             key = str(message[2])[len(channel_prefix) :]
-            if key == canary:
+            if key == self._probe_key:
+                if self._unheard is not None:
+                    self._unheard = 0
+            elif key == canary:
                 self._canary_seen.set()
             elif (role := self._roles.get(key)) is not None:
                 self._queue.put_nowait(Changed(role=role))
@@ -230,40 +256,73 @@ class KeyEvents:
     # -- the probe --------------------------------------------------------------------------------------------
 
     async def _probe_forever(self) -> None:
-        probe = f"{self._ks.prefix}modcache:probe:{self._token}"
         ttl_ms = max(5_000, int(self._probe_interval_s * 50_000))
-        armed = False
         while True:
-            await asyncio.sleep(self._probe_interval_s)
             try:
-                problem = await self._probe(probe, ttl_ms, armed=armed)
-            except errors.CacheUnavailable as e:
-                armed = False
-                await self._disconnect()  # the subscription is as dead as the probe: reconnect it
-                self._queue.put_nowait(Lost(str(e)))
+                problem = await self._probe(ttl_ms)
+            except Exception as e:  # nothing Redis sends may stop the probe
+                await self._close_probe()
+                await self._disconnect()  # the subscription is as doubtful as the probe: reconnect it
+                self._queue.put_nowait(Lost(errors.describe(e)))
+                await asyncio.sleep(self._probe_interval_s)
                 continue
-            armed = True
             if problem is not None:
-                self._queue.put_nowait(Regressed(problem))
+                self._queue.put_nowait(Regressed(problem, replaced="went back" not in problem))
+            if self._unheard is not None:
+                self._unheard += 1
+                if self._unheard > DEAF_AFTER_ROUNDS:
+                    self._unheard = None
+                    log.warning(
+                        "no keyspace event for the probe's last %d writes: subscribing again", DEAF_AFTER_ROUNDS
+                    )
+                    self._queue.put_nowait(
+                        Lost(f"no keyspace events arrive (none for {DEAF_AFTER_ROUNDS} probe rounds)")
+                    )
+                    await self._disconnect()
+            await asyncio.sleep(self._probe_interval_s)
 
-    async def _probe(self, probe: str, ttl_ms: int, *, armed: bool) -> str | None:
-        client: aioredis.Redis = self._cache.client
+    async def _probe(self, ttl_ms: int) -> str | None:
+        """One round on the probe's own connection: ``EXEC`` of the probe key's refresh and the generation read,
+        then ``WATCH`` again in the same write (Redis runs one client's pipelined commands back to back, so no
+        other client's command lands between the two)."""
         seen = self._cache.high_water  # before the read: a write landing meanwhile must not look like a regression
-        try:
-            async with client.pipeline(transaction=False) as pipe:
-                pipe.pexpire(probe, ttl_ms)
-                pipe.get(self._ks.generation)
-                alive, raw = await pipe.execute(raise_on_error=False)
-            if not alive:
-                await client.set(probe, "1", px=ttl_ms)
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as e:
-            raise errors.CacheUnavailable(f"Redis unreachable: {errors.describe(e)}") from e
-        if not armed:
+        conn = self._probe_conn
+        if conn is None:
+            await self._open_probe(ttl_ms)
             return None
+        ks = self._ks
+        commands = [("MULTI",), ("PEXPIRE", self._probe_key, ttl_ms), ("GET", ks.generation), ("EXEC",)]
+        await conn.send_packed_command(conn.pack_commands([*commands, ("WATCH", self._probe_key)]))
+        replies = [await conn.read_response(disable_decoding=False) for _ in range(5)]
+        executed = replies[3]
+        if executed is None:  # a watched key was touched: flushed, swapped, deleted or written by someone else
+            await self._close_probe()
+            return "the cache was flushed or replaced (modcache's probe key was touched)"
+        alive, raw = executed
         if not alive:
+            await self._close_probe()
             return "the cache was flushed or replaced (modcache's probe key vanished)"
-        value = int(raw) if isinstance(raw, str) and raw.isdigit() else 0
-        if seen and value < seen:
-            self._cache.high_water = value  # learn again from here, so one regression is reported once
-            return f"the generation went back from {seen} to {value or 'nothing'}"
+        value = keys.parse_generation(raw)
+        if seen and (value or 0) < seen:
+            self._cache.high_water = value or 0  # learn again from here, so one regression is reported once
+            return f"the generation went back from {seen} to {value or 'nothing'}"  # behind, not replaced
         return None
+
+    async def _open_probe(self, ttl_ms: int) -> None:
+        pool = self._cache.client.connection_pool
+        conn = pool.connection_class(**{**pool.connection_kwargs, "protocol": 2})
+        await conn.connect()  # type: ignore[no-untyped-call]
+        await conn.send_packed_command(
+            conn.pack_commands([("SET", self._probe_key, "1", "PX", ttl_ms), ("WATCH", self._probe_key)])
+        )
+        for _ in range(2):
+            await conn.read_response()
+        self._probe_conn = conn
+        self._probe_armed.set()
+
+    async def _close_probe(self) -> None:
+        self._probe_armed.clear()
+        conn, self._probe_conn = self._probe_conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await conn.disconnect()

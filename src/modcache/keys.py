@@ -111,6 +111,15 @@ def manifest_hash(value: str | bytes | None) -> str | None:
     return None if entry is None else entry.hash
 
 
+def parse_generation(value: str | bytes | None) -> int | None:
+    """The generation a value read from Redis holds, or None if it is not a positive integer (only ASCII digits:
+    ``"²".isdigit()`` is true, but it is no generation)."""
+    if value is None:
+        return None
+    text = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+    return int(text) if _GENERATION.fullmatch(text) else None
+
+
 def generation_problem(value: str | bytes | None, *, clock_us: int) -> str | None:
     """Why a generation value read from Redis cannot be believed, or None if it can."""
     if value is None:

@@ -12,6 +12,7 @@ import hashlib
 import json
 import json.encoder
 import re
+from collections.abc import Sequence
 from typing import NewType, TypedDict
 
 from modcache import errors
@@ -55,7 +56,9 @@ class Rejected:
 
 
 #: The acceptable paths in one expression (the common case, checked at C speed); ``path_problem`` explains the rest.
-_GOOD_PATH = re.compile(r"(?:(?!\.{1,2}/)[^/\\\x00]+/)*[^/\\\x00]*\.py")
+_GOOD_PATH = re.compile(r"(?:(?!\.{1,2}/)[^/\\\x00\ud800-\udfff]+/)*[^/\\\x00\ud800-\udfff]*\.py")
+#: Lone surrogates: what bytes that are not UTF-8 become when Redis replies are decoded with ``surrogateescape``.
+_NOT_UTF8 = re.compile(r"[\ud800-\udfff]")
 _escape = json.encoder.encode_basestring_ascii  # what json.dumps uses for a str with its defaults
 
 
@@ -63,7 +66,8 @@ def path_problem(path: str) -> str | None:
     """Why ``path`` is not an acceptable module path, or None if it is.
 
     Rules: relative, ``/``-separated, ending in ``.py``, no empty/``.``/``..`` segments, no NUL, no
-    backslash, at most 1000 characters.
+    backslash, valid UTF-8 (a name read back from Redis that was not arrives with lone surrogates), at most 1000
+    characters.
     """
     if len(path) <= MAX_PATH_CHARS and _GOOD_PATH.fullmatch(path) is not None:
         return None
@@ -73,6 +77,8 @@ def path_problem(path: str) -> str | None:
         return f"longer than {MAX_PATH_CHARS} characters"
     if "\x00" in path:
         return "contains NUL"
+    if _NOT_UTF8.search(path):
+        return "not valid UTF-8"
     if path.startswith("/"):
         return "absolute (leading '/')"
     if "\\" in path:
@@ -82,6 +88,28 @@ def path_problem(path: str) -> str | None:
     if "//" in path or "/./" in f"/{path}" or "/../" in f"/{path}":
         return "has an empty, '.' or '..' segment"
     return None
+
+
+def all_paths_good(paths: Sequence[str]) -> bool:
+    """Whether every path passes ``path_problem`` (True), judged at C speed over all of them at once; False means
+    at least one may not (ask ``path_problem`` of each). Used on the 100,000-path listings of a full resync.
+
+    The rules, on the paths joined with NUL (which no good path contains): exactly ``len - 1`` NULs, no backslash,
+    no ``//``, no ``.``/``..`` directory segment (``/./``, ``/../``, or at a path's start), no leading ``/``, each
+    path ends in ``.py`` (``.py`` + NUL occurs once per path), none longer than ``MAX_PATH_CHARS``."""
+    if not paths:
+        return True
+    joined = "\0" + "\0".join(paths) + "\0"
+    return (
+        joined.count("\0") == len(paths) + 1
+        and joined.count(".py\0") == len(paths)
+        and max(map(len, paths)) <= MAX_PATH_CHARS
+        and not any(bad in joined for bad in _BAD_PARTS)
+        and _NOT_UTF8.search(joined) is None
+    )
+
+
+_BAD_PARTS = ("\\", "//", "\0/", "/./", "/../", "\0./", "\0../")
 
 
 def check_path(path: str) -> ModulePath:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from collections.abc import Mapping, Sequence
+from collections.abc import Set as AbstractSet
 
 from modcache import keys, modules, pgsource, plan, rediscache
 
@@ -45,7 +46,9 @@ class Observation:
         """Both views restricted to the unsettled paths (a settled path yields no item and is never an orphan)."""
         paths, live, view = self.unsettled, self.source.live, self.view
         return (
-            plan.SourceView(live={p: live[p] for p in paths if p in live}, rejected=self.source.rejected),
+            plan.SourceView(
+                live={p: live[p] for p in paths if p in live}, rejected=self.source.rejected, large=self.source.large
+            ),
             plan.CacheView(
                 index=frozenset(p for p in paths if p in view.index),
                 manifest={p: view.manifest[p] for p in paths if p in view.manifest},
@@ -84,7 +87,7 @@ class _Views:
         self.malformed: set[str] = set()
         self.invalid: dict[str, str] = {}
         self.unsettled: set[str] = set()
-        self.all_index: set[str] = set()  # every valid index member
+        self.all_index: AbstractSet[str] = frozenset()  # every valid index member
         self.settled = 0
         self.top_generation = 0
 
@@ -194,7 +197,7 @@ async def observe(
         listing.cancel()
         indexing.cancel()
     settling.drain()
-    _judged_index(views, index, cache.keyspace, repairs)
+    _judged_index(views, index, the_source.live, cache.keyspace, repairs)
     observed = Observation(
         fence=generation.value,
         source=the_source,
@@ -216,12 +219,18 @@ async def observe(
 
 
 def _judged_index(
-    views: _Views, index: frozenset[str] | None, ks: keys.KeySpace, repairs: list[plan.KeyRepair]
+    views: _Views,
+    index: frozenset[str] | None,
+    live: Mapping[str, str],
+    ks: keys.KeySpace,
+    repairs: list[plan.KeyRepair],
 ) -> None:
+    """Keep the valid index members; live paths were validated with the source, so only the others are judged."""
     if index is None:  # changed type after the inspection: rebuilt by the next sync
         repairs.append(plan.KeyRepair("index", ks.index, "wrong type"))
         index = frozenset()
-    views.all_index = {name for name in index if views.judge(name)}
+    invalid = {name for name in index - live.keys() if not views.judge(name)}
+    views.all_index = index - invalid if invalid else index
 
 
 async def _by_path(
@@ -237,7 +246,10 @@ async def _by_path(
     paths with a malformed one (does the key exist, of which type), and live paths the manifest lacks (by whole
     value, so that a right content key is only reindexed)."""
     known = settling.manifest_names
-    unknown = (views.all_index - known) | views.malformed
+    live = observed.source.live
+    unlisted = [p for p in live if p not in known]
+    unknown = (views.all_index - known) | views.malformed | set(unlisted)
+    present = []
     for path, code in (await cache.check_lengths(dict.fromkeys(unknown))).items():
         views.unsettled.add(path)
         views.content[path] = None if code == rediscache.ABSENT else plan.UNVERIFIED
@@ -245,10 +257,11 @@ async def _by_path(
             views.damage[path] = plan.Reason.WRONGTYPE
         elif path in views.malformed and code != rediscache.ABSENT:
             views.damage[path] = plan.Reason.MANIFEST
-    live = observed.source.live
-    unlisted = [p for p in live if p not in known]
-    views.unsettled.update(unlisted)
-    await _whole_values(unlisted, observed, views, source=source, cache=cache, batch=batch)
+        if code == rediscache.PRESENT and path in live and path not in known:
+            present.append(path)
+    # only unlisted keys that exist are read and compared by whole value (after a flush none is: nothing is read
+    # twice, once to find it absent and once to write it)
+    await _whole_values(present, observed, views, source=source, cache=cache, batch=batch)
 
 
 async def _deep(
@@ -266,7 +279,8 @@ async def _deep(
         if code != rediscache.ABSENT:
             views.unsettled.add(path)
             views.content[path] = plan.UNVERIFIED
-    await _whole_values(list(live), observed, views, source=source, cache=cache, batch=batch)
+    absent = {p for p in views.unsettled if p in views.content and views.content[p] is None}
+    await _whole_values([p for p in live if p not in absent], observed, views, source=source, cache=cache, batch=batch)
 
 
 async def _whole_values(
@@ -282,8 +296,8 @@ async def _whole_values(
     makes the content key verified (whatever the manifest said); anything else makes the path unsettled with the
     damage found."""
     live = observed.source.live
-    for start in range(0, len(paths), batch):
-        found, _ = await source.fetch(paths[start : start + batch])
+    for chunk in plan.batches_by_bytes(paths, observed.source.large, rows=batch):
+        found, _ = await source.fetch(chunk)
         expected = {p: modules.encode_cached(p, m.content, m.hash) for p, m in found.items() if live.get(p) == m.hash}
         codes = await cache.check_values({p: (rediscache.value_digest(v), live[p]) for p, v in expected.items()})
         for path, code in codes.items():
@@ -315,5 +329,5 @@ async def _list(source: pgsource.PgSource, ks: keys.KeySpace) -> tuple[plan.Sour
         if foreign:
             rejected = [modules.Rejected(p, modules.Rejection.BAD_PATH, why) for p, why in foreign.items()]
             live = {p: h for p, h in listed.live.items() if p not in foreign}
-            listed = plan.SourceView(live=live, rejected=(*listed.rejected, *rejected))
+            listed = plan.SourceView(live=live, rejected=(*listed.rejected, *rejected), large=listed.large)
     return listed, plan.source_digest(listed.live)

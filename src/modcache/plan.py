@@ -35,7 +35,7 @@ import dataclasses
 import enum
 import hashlib
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 from modcache import modules
 
@@ -94,10 +94,38 @@ class KeyRepair:
 
 @dataclasses.dataclass(frozen=True)
 class SourceView:
-    """The live modules of the source: path -> content_hash, plus rows that were rejected."""
+    """The live modules of the source: path -> content_hash, plus rows that were rejected, and the content size of
+    the large ones (above ``SMALL_BYTES``; the others count as that much when batches are bounded by bytes)."""
 
     live: Mapping[str, str]
     rejected: tuple[modules.Rejected, ...] = ()
+    large: Mapping[str, int] = dataclasses.field(default_factory=dict)
+
+
+#: Content bytes read (and so written) per batch at most; a batch holds at least one module however large. Bounds
+#: the memory a batch takes (content, its JSON, the encoded write) and the size of one Redis script call.
+BATCH_BYTES = 8 * 1024 * 1024
+#: Modules up to this size count as this size in a batch (1,000 of them fill one): only larger ones are remembered.
+SMALL_BYTES = 8 * 1024
+
+
+def batches_by_bytes(paths: Sequence[str], large: Mapping[str, int], *, rows: int) -> Iterator[Sequence[str]]:
+    """``paths`` in consecutive batches of at most ``rows`` paths and ``BATCH_BYTES`` of content."""
+    if not large:  # every module is small: by count alone
+        for start in range(0, len(paths), rows):
+            yield paths[start : start + rows]
+        return
+    batch: list[str] = []
+    used = 0
+    for path in paths:
+        size = max(SMALL_BYTES, large.get(path, 0))
+        if batch and (len(batch) >= rows or used + size > BATCH_BYTES):
+            yield batch
+            batch, used = [], 0
+        batch.append(path)
+        used += size
+    if batch:
+        yield batch
 
 
 @dataclasses.dataclass(frozen=True)

@@ -153,7 +153,10 @@ return {g, 0}
 # 'c' conflicted, 'm' content moved on: not reindexed), repairs made ('1'/'2'/'3' a key of the wrong type deleted,
 # 'g' generation reset, 'l' generation raised to the manifest's), the generation written}.
 APPLY = (
-    _DIGITS_LE
+    # the shebang makes Redis refuse the script as a whole when it is out of memory, before its first PUBLISH: a
+    # script that published ``b:`` and then failed would leave the key-event iterator inside a write that never ends
+    "#!lua\n"
+    + _DIGITS_LE
     + """
 local call = redis.call
 local fence, limit = ARGV[1], ARGV[7]
@@ -322,6 +325,7 @@ class RedisCache:
         self._members = client.register_script(MEMBERS)
         self.own_writes: collections.OrderedDict[str, None] = collections.OrderedDict()
         self.tracking_own_writes = False  # set by a key-event iterator while it needs the nonces
+        self.aborted_writes: set[str] = set()  # nonces of writes that failed: their end marker never comes
         self.high_water = 0  # the highest generation this process has read or written
 
     @classmethod
@@ -508,6 +512,8 @@ class RedisCache:
             )
         except BaseException:
             self.own_writes.pop(nonce, None)  # the iterator must not wait for an end marker that may never come
+            if self.tracking_own_writes:
+                self.aborted_writes.add(nonce)
             raise
         self.high_water = max(self.high_water, int(gen))
         return _applied(writes, str(codes), str(repaired), ks)
@@ -577,9 +583,15 @@ def value_digest(value: str) -> str:
 
 
 def client_from_url(url: str, **options: Any) -> aioredis.Redis:
-    """A client for ``url`` (ConfigError if it is not a Redis URL)."""
+    """A client for ``url`` (ConfigError if it is not a Redis URL).
+
+    Replies are decoded with ``surrogateescape``: names, members and values are binary-safe in Redis, and one that
+    is not UTF-8 must become a name that ``keys.KeySpace.name_problem`` rejects (and that encodes back to the same
+    bytes, so exactly it can be removed), never an exception out of the parser."""
     try:
-        return aioredis.Redis.from_url(url, decode_responses=True, health_check_interval=30, **options)
+        return aioredis.Redis.from_url(
+            url, decode_responses=True, encoding_errors="surrogateescape", health_check_interval=30, **options
+        )
     except ValueError as e:
         raise errors.ConfigError("redis_url", "not a valid Redis URL") from e
 

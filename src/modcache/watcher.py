@@ -6,9 +6,10 @@ unexpectedly stops the others and is raised):
 * **source** -- ``pgsource.listen``: NOTIFY hints become path updates; every (re)connect asks for a full resync,
   because notifications sent while the listener was away are lost;
 * **cache** -- ``keyevents.KeyEvents``: a foreign change to a content key becomes a path update (verified by
-  whole value); a change to the index or the manifest, a flush, a restart or a lossy failover (the probe) asks
-  for a full resync; one to the generation or the status record is checked first; every (re)subscribe asks for
-  a *deep* resync (a foreign write in the gap may have kept a value's length);
+  whole value); a change to the index or the manifest asks for a full resync; a flush, a swap, a restart or a
+  lossy failover (the probe) asks for a full resync at once and a deep one right after it; one to the generation
+  or the status record is checked first; every (re)subscribe asks for a *deep* resync (a foreign write in the gap
+  may have kept a value's length);
 * **applier** -- drains the paths queued by the two above and converges them with ``Engine.apply_paths``;
   whatever piled up while a batch ran becomes the next batch, so bursts coalesce with no added delay;
 * **resync** -- a full resync on request or every ``resync_interval_s`` (jittered); deep (whole values, SCAN)
@@ -104,6 +105,7 @@ class Watcher:
         self._resync_wanted = asyncio.Event()
         self._resync_trigger = MANUAL
         self._deep_wanted = True  # nothing was watched before we started
+        self._deep_after = False  # a deep resync is due right after the next routine one
         self._last_deep = monotonic()
         self._pending: dict[str, str] = {}
         self._pending_event = asyncio.Event()
@@ -160,6 +162,9 @@ class Watcher:
             if deep:
                 self._deep_wanted = False
                 self._last_deep = self._monotonic()
+            elif self._deep_after:
+                self._deep_after = False
+                self.request_resync(DEEP, deep=True)
             delay_s = min(self._interval_s(), self._until_deep_s())
             self.state.full_resyncs += 1
             self.state.last_full = report
@@ -248,8 +253,11 @@ class Watcher:
             case keyevents.Changed(role=str(role)):
                 if await self._doubtful(role):
                     self.request_resync(KEYSPACE)
-            case keyevents.Regressed(detail):
-                log.warning("%s: refilling", detail)
+            case keyevents.Regressed(detail, replaced):
+                # refill at once (the routine resync); a replaced database (flushed, swapped) may hold forged values
+                # whose manifest entries agree with them: every value is compared right after
+                log.warning("%s: refilling%s", detail, ", then checking every value" if replaced else "")
+                self._deep_after |= replaced
                 self.request_resync(KEYSPACE)
             case keyevents.Subscribed(detail):
                 self._keyspace_changed(True, detail)
@@ -262,12 +270,20 @@ class Watcher:
 
     async def _doubtful(self, role: str) -> bool:
         """Whether a foreign change to the generation or the status record needs a resync (another modcache
-        writer changes both legitimately, and must not make this one resync after every write)."""
+        writer changes both legitimately, and must not make this one resync after every write).
+
+        A generation that is gone, unbelievable or below what this process has seen is put right at once (reset from
+        the server clock, or raised past the high-water): the fence must never wait for a full resync to be sound
+        again; the resync that follows checks the manifest against it."""
         cache = self.engine.cache
         try:
             if role == "status":
                 return await cache.status_problem() is not None
-            generation = await cache.read_generation(create=False)
+            seen = cache.high_water
+            generation = await cache.read_generation(create=True)
+            if generation.value < seen:
+                await cache.raise_generation(seen)
+                return True
         except errors.TransientError:
             return True
         return bool(generation.problem)

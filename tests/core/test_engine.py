@@ -164,7 +164,8 @@ async def _collect(monitor: Any) -> list[str]:
         command = str(event["command"])
         if "monitor:end" in command:
             return sent
-        if event.get("client_type") != "lua" and "lua" not in str(event.get("client_address", "")):
+        handshake = command.split()[0].upper() in ("HELLO", "CLIENT", "AUTH", "SELECT")  # a new pool connection
+        if event.get("client_type") != "lua" and "lua" not in str(event.get("client_address", "")) and not handshake:
             sent.append(command)
     return sent
 

@@ -43,10 +43,16 @@ async def expected_values(database_url: str, *, max_bytes: int = 64 * 1024) -> d
 
 
 async def differences(
-    database_url: str, client: aioredis.Redis, prefix: str, untouchable: Mapping[str, str] = {}
+    database_url: str,
+    client: aioredis.Redis,
+    prefix: str,
+    untouchable: Mapping[str, str] = {},
+    *,
+    max_bytes: int = 64 * 1024,
 ) -> list[str]:
-    """Everything that differs between what workers must see and what Redis holds (empty: converged)."""
-    wanted = await expected_values(database_url)
+    """Everything that differs between what workers must see and what Redis holds (empty: converged); rows larger
+    than ``max_bytes`` are not expected to be cached."""
+    wanted = await expected_values(database_url, max_bytes=max_bytes)
     found: list[str] = []
     values = await client.mget([prefix + p for p in wanted]) if wanted else []
     found += [f"content of {p!r}" for (p, v), got in zip(wanted.items(), values, strict=True) if got != v]

@@ -1,0 +1,131 @@
+"""The Redis ACL users documented in docs/integrity.md, created on a private redis-server exactly as documented:
+the writer can run a full sync, watch mode and its repairs with only those permissions (with and without CONFIG),
+and the read-only reader can import through Bifrost's layout but write nothing."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+import redis.exceptions
+
+from modcache import engine, keys, pgsource, rediscache, settings, watcher
+from testkit import convergence
+from testkit.observers import Recorder, running
+from testkit.servers import PrivateRedis, private_redis
+
+DOC = Path(__file__).resolve().parents[2] / "docs" / "integrity.md"
+PASSWORD = "s3cret-for-tests"
+KS = keys.KeySpace()
+WITHIN_S = 5.0
+
+
+def documented_users() -> dict[str, list[str]]:
+    """user -> the ``ACL SETUSER`` arguments as docs/integrity.md gives them (``PASSWORD`` filled in)."""
+    text = DOC.read_text()
+    found = {}
+    for command in re.findall(r"ACL SETUSER [^`]+", text):
+        words = shlex.split(command.replace("PASSWORD", PASSWORD))
+        found[words[2]] = words[3:]
+    return found
+
+
+@pytest.fixture
+def server() -> Iterator[PrivateRedis]:
+    with private_redis() as redis_server:
+        yield redis_server
+
+
+@pytest.fixture
+async def admin(server: PrivateRedis) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(server.url, decode_responses=True)
+    for user, rules in documented_users().items():
+        await client.acl_setuser(user, reset=True)
+        await client.execute_command("ACL", "SETUSER", user, *rules)
+    yield client
+    await client.aclose()
+
+
+def url_of(server: PrivateRedis, user: str) -> str:
+    return f"redis://{user}:{PASSWORD}@127.0.0.1:{server.port}/0"
+
+
+async def fill(source: pgsource.PgSource, n: int = 5) -> list[str]:
+    paths = [f"pkg/m{i}.py" for i in range(n)]
+    for i, path in enumerate(paths):
+        await source.put_module(path, f"N = {i}\n".encode())
+    return paths
+
+
+def test_the_doc_names_a_writer_and_a_reader() -> None:
+    users = documented_users()
+    assert set(users) == {"modcache", "worker"}
+    assert "+config|set" in users["modcache"]
+
+
+@pytest.mark.parametrize("config", [True, False], ids=["CONFIG permitted", "CONFIG denied"])
+async def test_the_documented_writer_syncs_watches_and_repairs(
+    config: bool, server: PrivateRedis, admin: aioredis.Redis, source: pgsource.PgSource, database_url: str
+) -> None:
+    if not config:  # the optional part taken away: the admin configures the events instead
+        await admin.execute_command("ACL", "SETUSER", "modcache", "-config|get", "-config|set")
+        await admin.config_set("notify-keyspace-events", "KEA")
+    paths = await fill(source)
+    cache = rediscache.RedisCache.from_url(url_of(server, "modcache"), keyspace=KS)
+    recorder = Recorder()
+    w = watcher.Watcher(
+        engine=engine.Engine(source=source, cache=cache),
+        settings=settings.Settings(resync_interval_s=3600, listener_backoff_max_s=0.2),
+        listen_dsn=database_url,
+        observer=recorder,
+    )
+    try:
+        report = await w.engine.full_resync(deep=True)
+        assert report.applied[report.plan.items[0].reason] == len(paths)
+        async with running(w):
+            await recorder.wait_for(lambda: recorder.full_syncs() and w.state.keyspace_active)
+            detail = recorder.keyspace[-1][1]
+            assert ("configured by the admin (CONFIG not permitted" in detail) is not config, detail
+            await admin.delete(KS.content(paths[0]))
+            await admin.set(KS.content(paths[1]), "garbage")
+            await admin.srem(KS.index, paths[2])
+            await admin.flushdb()
+            assert await convergence.converged(database_url, admin, KS.prefix, within_s=WITHIN_S) == []
+        assert not recorder.failures, recorder.failures
+        refused = {entry["object"] for entry in await admin.acl_log()}
+        assert refused == (set() if config else {"config|get"})  # nothing else the writer tried was refused
+    finally:
+        await cache.close()
+
+
+async def test_the_documented_reader_reads_bifrosts_layout_and_cannot_write(
+    server: PrivateRedis, admin: aioredis.Redis, source: pgsource.PgSource, database_url: str
+) -> None:
+    paths = await fill(source)
+    cache = rediscache.RedisCache.from_url(url_of(server, "modcache"), keyspace=KS)
+    try:
+        await engine.Engine(source=source, cache=cache).full_resync()
+    finally:
+        await cache.close()
+    reader = aioredis.Redis.from_url(url_of(server, "worker"), decode_responses=True)
+    try:
+        members = await reader.smembers(KS.index)  # what a Bifrost worker does: the index, then each module
+        assert members == set(paths)
+        values = await reader.mget([KS.content(p) for p in sorted(members)])
+        assert [json.loads(v)["path"] for v in values] == sorted(members)
+        assert await reader.hmget(KS.manifest, paths[:2]) != [None, None]
+        for attempt in (
+            reader.set(KS.content(paths[0]), "x"),
+            reader.delete(KS.content(paths[0])),
+            reader.sadd(KS.index, "evil.py"),
+            reader.get("other:key"),
+        ):
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                await attempt
+    finally:
+        await reader.aclose()
