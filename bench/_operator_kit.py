@@ -6,15 +6,18 @@ Redis are the real services at ``MODCACHE_TEST_*_URL`` (default: this machine's)
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import os
 import platform
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp
 import asyncpg
 import psutil
 import redis.asyncio as aioredis
@@ -25,7 +28,7 @@ from modcache import embedded
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the emulator lives with the tests
 
-from operatorkit.cluster import NAMESPACE, Cluster, emulated_api  # noqa: E402
+from operatorkit.cluster import NAMESPACE, Cluster, cache_spec, emulated_api  # noqa: E402
 
 __all__ = ["NAMESPACE", "Cluster", "emulated_api"]
 
@@ -92,13 +95,19 @@ async def scratch_prefix() -> AsyncIterator[str]:
         await client.aclose()
 
 
-def spec(prefix: str, **extra: object) -> dict[str, object]:
-    return {
-        "source": {"databaseUrlSecretRef": {"name": "urls", "key": "database"}},
-        "cache": {"redisUrlSecretRef": {"name": "urls", "key": "redis"}},
-        "keyPrefix": prefix,
-        **extra,
-    }
+spec = cache_spec
+
+
+async def until_ready(port: int, timeout_s: float = 60.0) -> None:
+    """Until the operator's ``/readyz`` on ``port`` answers 200."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(aiohttp.ClientError):
+            async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{port}/readyz") as r:
+                if r.status == 200:
+                    return
+        await asyncio.sleep(0.05)
+    raise TimeoutError("the operator never became ready")
 
 
 def kubeconfig(url: str, path: Path) -> Path:

@@ -16,7 +16,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import aiohttp
 import psutil
 
 from bench import _operator_kit as kit
@@ -65,7 +64,7 @@ async def _measure_operator(
     proc = await asyncio.create_subprocess_exec(*args, stdout=log, stderr=log)
     try:
         process = psutil.Process(proc.pid)
-        await _until_ready(health_port)
+        await kit.until_ready(health_port)
         idle = _rss_mb(process)
         await cluster.create_cache("main", kit.spec(prefix, resyncInterval="1h"))
         started = time.perf_counter()
@@ -82,17 +81,6 @@ async def _measure_operator(
             proc.terminate()
         await proc.wait()
         log.close()
-
-
-async def _until_ready(port: int) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        with contextlib.suppress(aiohttp.ClientError):
-            async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{port}/readyz") as r:
-                if r.status == 200:
-                    return
-        await asyncio.sleep(0.05)
-    raise TimeoutError("the operator never became ready")
 
 
 async def _peak_until(process: psutil.Process, done: object, timeout_s: float = 300) -> float:

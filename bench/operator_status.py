@@ -20,14 +20,14 @@ import asyncpg
 
 from bench import _operator_kit as kit
 from modcache import db, engine, keys, modules, pgsource, rediscache
-from modcache_operator import kube, runner
+from modcache_operator import credentials, kube, tunables
 
 MODULES = 1_000
 OBSERVE_S = 65.0
 CHANGES = 30
 NAIVE_CHANGES = 5
 NAIVE_INTERVAL_S = 2.0
-CONFIG = runner.RunnerConfig()  # the defaults a deployment runs with
+CONFIG = tunables.Tunables()  # the defaults a deployment runs with
 
 
 def main() -> None:
@@ -108,7 +108,7 @@ async def _insert(conn: asyncpg.Connection, path: str) -> None:
 async def _naive_latency(cluster: kit.Cluster, api_url: str, database: str, prefix: str) -> list[float]:
     """A naive operator: every NAIVE_INTERVAL_S, a full resync and an unconditional status write."""
     await cluster.create_cache("naive", kit.spec(prefix.replace("bifrost:", "naive:"), suspend=True))
-    api = kube.KubeApi.from_configuration(kube.client.Configuration(host=api_url))
+    api = kube.KubeApi(credentials=credentials.Credentials(server=api_url))
     source = pgsource.PgSource(engine=db.make_engine(database))
     cache = rediscache.RedisCache.from_url(
         kit.service_url("redis"), keyspace=keys.KeySpace(prefix.replace("bifrost:", "naive:"))

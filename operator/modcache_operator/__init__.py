@@ -2,9 +2,14 @@
 
 Layers, outermost first:
 
-* ``cli``       -- ``modcache operator``: flags, servers, leader election, then kopf;
-* ``handlers``  -- the kopf registry: the per-ModuleCache daemon and the event handlers that wake it;
-* ``runner``    -- one ModuleCache's loop: resolve its Secrets, run the core ``Watcher``, keep status current;
-* ``kube``, ``metrics``, ``health``, ``leader`` -- adapters (Kubernetes API, Prometheus, probes, Lease);
-* ``spec``, ``status`` -- pure: the CR's spec as typed settings, and facts + previous status -> new status.
+* ``cli``        -- ``modcache operator``: flags, servers, signals, leader election, then kopf;
+* ``app``        -- kopf run with our signal handling, the probe and metrics servers;
+* ``handlers``   -- the kopf registry: the per-ModuleCache daemon, an index of them, the event handler;
+* ``supervisor`` -- one ModuleCache's level-triggered loop: Secrets, watcher lifecycle, backoff, prefix claims;
+* ``reporter``   -- the watcher's observations and the supervisor's decisions as ``status.Facts``, and events;
+* ``statuswriter`` -- the status computed against the server's copy and written on change, with backoff;
+* ``leader``     -- the Lease elector (client-go semantics) with its watchdog;
+* ``kube``, ``credentials``, ``metrics``, ``health``, ``claims``, ``fence`` -- adapters and shared state;
+* ``spec``, ``status``, ``prefixes``, ``backoff``, ``clock``, ``tunables`` -- pure;
+* ``names``      -- every Kubernetes name the operator uses.
 """

@@ -8,12 +8,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 
 import kopf
 
 from modcache_operator import handlers, health
+
+log = logging.getLogger(__name__)
 
 #: How often the operator's own loop proves it runs (liveness), and the silence it is allowed.
 HEARTBEAT_S = 5.0
@@ -62,17 +65,35 @@ async def run_kopf(
     namespaces: Sequence[str],
     stop: Flag,
     ready: Flag,
+    on_signals: Callable[[], None] | None = None,
 ) -> None:
-    """Run kopf until ``stop`` is set: cluster-wide when ``namespaces`` is empty."""
-    await kopf.operator(
+    """Run kopf until ``stop`` is set: cluster-wide when ``namespaces`` is empty.
+
+    kopf installs SIGTERM/SIGINT handlers of its own when it starts in the main thread, and leaves them behind
+    when it stops; ``on_signals`` puts the caller's back at once, so a signal always reaches the caller (which
+    stops kopf through ``stop``), whether kopf runs, stopped after a lost Lease, or never started.
+    """
+    existing = set(asyncio.all_tasks())
+    tasks = await kopf.spawn_tasks(
         registry=handlers.registry(operator),
-        settings=handlers.settings(namespaced=bool(namespaces)),
+        settings=handlers.settings(namespaced=bool(namespaces), reporting_instance=operator.reporting_instance),
         standalone=True,  # no kopf peering: leader election (a Lease) decides who runs
         clusterwide=not namespaces,
         namespaces=list(namespaces),
         stop_flag=stop,
         ready_flag=ready,
     )
+    if on_signals is not None:
+        on_signals()
+    await kopf.run_tasks([*tasks, asyncio.create_task(_log_when_ready(ready), name="modcache-ready")], ignored=existing)
+
+
+async def _log_when_ready(ready: Flag) -> None:
+    """Say once that kopf is up (then ``/readyz`` answers 200), and wait until kopf stops."""
+    if isinstance(ready, asyncio.Event):
+        await ready.wait()
+        log.info("ready: kopf is watching ModuleCaches")
+    await asyncio.Event().wait()
 
 
 async def _heartbeat(liveness: health.Liveness) -> None:

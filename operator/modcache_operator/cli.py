@@ -2,7 +2,8 @@
 
 The command reads credentials in-cluster (service account) or from a kubeconfig, serves ``/metrics`` and
 ``/healthz`` + ``/readyz`` on their ports, and, with ``--leader-election``, runs kopf only while this replica holds
-the Lease (one replica needs none). SIGTERM/SIGINT stop it gracefully: the loops stop, the Lease is released.
+the Lease (one replica needs none). SIGTERM/SIGINT stop it gracefully in every state (leading: the loops stop,
+then the Lease is released; standing by or after a lost Lease: at once).
 """
 
 from __future__ import annotations
@@ -12,11 +13,12 @@ import contextlib
 import logging
 import os
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 import click
 
-from modcache_operator import app, handlers, health, kube, leader, metrics
+from modcache_operator import app, credentials, fence, handlers, health, kube, leader, metrics
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,18 @@ SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/
     "--lease-namespace", default=None,
     help="Namespace of the Lease [default: the pod's namespace, else the single watched namespace].",
 )  # fmt: skip
+@click.option(
+    "--lease-duration-seconds", type=click.FloatRange(min=1.0), default=15.0, show_default=True,
+    help="A standby takes the Lease over this long after it last saw it renewed.",
+)  # fmt: skip
+@click.option(
+    "--renew-deadline-seconds", type=click.FloatRange(min=0.5), default=10.0, show_default=True,
+    help="The leader stops writing if it could not renew for this long (shorter than the lease duration).",
+)  # fmt: skip
+@click.option(
+    "--retry-period-seconds", type=click.FloatRange(min=0.1), default=2.0, show_default=True,
+    help="How often the leader renews and standbys try (shorter than the renew deadline).",
+)  # fmt: skip
 @click.option("--kubeconfig", type=click.Path(dir_okay=False), default=None, help="Instead of in-cluster credentials.")
 def operator(
     namespaces: tuple[str, ...],
@@ -51,6 +65,9 @@ def operator(
     leader_election: bool,
     lease_name: str,
     lease_namespace: str | None,
+    lease_duration_seconds: float,
+    renew_deadline_seconds: float,
+    retry_period_seconds: float,
     kubeconfig: str | None,
 ) -> None:
     """Keep every ModuleCache converged: one loop per resource, status, events, metrics."""
@@ -61,7 +78,16 @@ def operator(
         where = lease_namespace or _own_namespace() or (namespaces[0] if len(namespaces) == 1 else None)
         if where is None:
             raise click.UsageError("--lease-namespace is needed: cannot tell this pod's namespace")
-        lease = leader.LeaseConfig(namespace=where, name=lease_name)
+        try:
+            lease = leader.LeaseConfig(
+                namespace=where,
+                name=lease_name,
+                lease_duration_s=lease_duration_seconds,
+                renew_deadline_s=renew_deadline_seconds,
+                retry_period_s=retry_period_seconds,
+            )
+        except ValueError as e:
+            raise click.UsageError(str(e)) from None
     if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)  # one line per handled event is noise
     logging.getLogger("modcache_operator").setLevel(min(logging.INFO, logging.getLogger().getEffectiveLevel()))
@@ -86,28 +112,25 @@ async def serve(
     health_port: int,
     kubeconfig: str | None,
 ) -> None:
-    """Run until SIGTERM/SIGINT."""
-    configuration = await kube.load_configuration(kubeconfig=kubeconfig)
-    api = kube.KubeApi.from_configuration(configuration)
-    operator = handlers.Operator(
-        configuration=configuration, kube_api=api, metrics=metrics.Metrics(), liveness=health.Liveness()
-    )
+    """Run until SIGTERM/SIGINT, in whatever state that finds the replica (leading, standing by, starting)."""
     stop = asyncio.Event()
     _on_signals(stop)
-    term = _Term(shutdown=stop)
+    connection = credentials.load(kubeconfig=kubeconfig)
+    api = kube.KubeApi(credentials=connection)
+    operator = handlers.Operator(
+        credentials=connection, kube_api=api, metrics=metrics.Metrics(), liveness=health.Liveness()
+    )
+    term = _Term(operator=operator, namespaces=namespaces, on_signals=lambda: _on_signals(stop))
     try:
         async with app.probes(
             operator=operator, ready=term.ready, host=host, metrics_port=metrics_port, health_port=health_port
         ) as ports:
             log.info("metrics on :%d/metrics, probes on :%d/healthz and /readyz", ports.metrics, ports.health)
             if lease is None:
-                await term.work(operator, namespaces, stop)
+                await term.work(fence.Fence(), stop)
             else:
-                elector = leader.Elector(
-                    api_client=api.api_client, lease=lease, work=lambda s: term.work(operator, namespaces, s)
-                )
-                term.elector = elector
-                await elector.run(stop)
+                term.elector = leader.Elector(api=api, lease=lease, work=term.work)
+                await term.elector.run(stop)
     finally:
         await api.close()
 
@@ -115,17 +138,25 @@ async def serve(
 class _Term:
     """One run of kopf (a leadership term), and readiness: kopf ready, or standing by for the Lease."""
 
-    def __init__(self, *, shutdown: asyncio.Event) -> None:
-        self.shutdown = shutdown
+    def __init__(
+        self, *, operator: handlers.Operator, namespaces: tuple[str, ...], on_signals: Callable[[], None]
+    ) -> None:
+        self.operator = operator
+        self.namespaces = namespaces
+        self.on_signals = on_signals
         self.kopf_ready = asyncio.Event()
         self.elector: leader.Elector | None = None
 
-    async def work(self, operator: handlers.Operator, namespaces: tuple[str, ...], stop: asyncio.Event) -> None:
+    async def work(self, term: fence.Fence, stop: asyncio.Event) -> None:
+        self.operator.fence = term
         self.kopf_ready = asyncio.Event()
-        await app.run_kopf(operator=operator, namespaces=namespaces, stop=stop, ready=self.kopf_ready)
-        if not stop.is_set():  # kopf takes SIGTERM/SIGINT over while it runs: it stopped on a signal
-            self.shutdown.set()
-            _on_signals(self.shutdown)
+        await app.run_kopf(
+            operator=self.operator,
+            namespaces=self.namespaces,
+            stop=stop,
+            ready=self.kopf_ready,
+            on_signals=self.on_signals,
+        )
 
     def ready(self) -> bool:
         standing_by = self.elector is not None and not self.elector.leading

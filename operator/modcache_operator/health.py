@@ -2,7 +2,7 @@
 
 Liveness proves that the operator's loops run, not that PostgreSQL or Redis are up (those are conditions and
 metrics): each loop ``beat``s with the silence it is allowed, and ``/healthz`` fails once any loop has been silent
-for longer. A ModuleCache's runner beats from its supervising loop, and only while its watcher keeps reporting
+for longer. A ModuleCache's supervisor beats from its loop, and only while its watcher keeps reporting
 syncs (successful or failed), so a hung watcher fails the probe too. ``/readyz`` says whether kopf is up.
 """
 

@@ -1,10 +1,24 @@
-"""Leader election: at most one replica runs kopf (and so writes caches) at a time.
+"""Leader election: at most one replica runs kopf, and so writes caches, at any instant.
 
-kopf's peering is a freeze protocol, not an election, so replicas campaign for a ``coordination.k8s.io`` Lease
-with kubernetes-asyncio's ``LeaderElection`` + ``LeaseLock``. The leader runs ``work(stop)`` (kopf); when the
-Lease is lost, that work is cancelled at once (another replica may already be writing) and the replica
-campaigns again. On a graceful shutdown the leader stops its work, then releases the Lease, so a standby takes
-over without waiting for the Lease to expire.
+kopf's peering is a freeze protocol, not an election, and kubernetes-asyncio's ``LeaderElection`` reads the
+wall clock and treats a reset connection as the end of the term; so this is a small Lease elector of our own
+with client-go's semantics (``tools/leaderelection``):
+
+* a candidate GETs the ``coordination.k8s.io`` Lease, creates it when missing, and takes it over when it has no
+  holder or its record has not changed for ``lease_duration_s`` *as measured on the candidate's own monotonic
+  clock* since it first saw that record (clocks of different machines are never compared); every write carries
+  the ``resourceVersion`` it read, so when two candidates race, the API server lets one win (409 for the other);
+* the holder renews every ``retry_period_s`` (``renewTime`` now, ``acquireTime`` kept; ``leaseTransitions`` grows
+  by one whenever the holder changes), with its cached copy first and a fresh GET only after a conflict;
+* a **watchdog** on the monotonic clock, independent of the call in flight, closes the term's ``fence.Fence`` the
+  moment ``renew_deadline_s`` has passed since the start of the last successful renewal: every watcher is
+  cancelled in that instant, then kopf stops. A standby can acquire no earlier than ``lease_duration_s`` after
+  it saw that renewal, which is later than the start of it, so the old holder stopped writing
+  ``lease_duration_s - renew_deadline_s`` (5 s by default) before anyone else may start;
+* connection errors, timeouts and 5xx answers are retried within the deadline; every call's timeout is bounded
+  by the time left, so a hung request cannot hold the term past it;
+* on a graceful stop the holder stops its work, then releases the Lease (no holder), so a standby takes over
+  within a retry period instead of waiting for the Lease to expire.
 
 Overlaps stay harmless anyway: every cache write is fenced by the cache's generation (see ``rediscache``).
 """
@@ -14,21 +28,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import datetime
 import logging
 import os
+import random
 import socket
 import uuid
-from collections.abc import Awaitable, Callable
-
-from kubernetes_asyncio import client
-from kubernetes_asyncio.leaderelection import electionconfig, leaderelection
-from kubernetes_asyncio.leaderelection.resourcelock import leaselock
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, Protocol
 
 from modcache import errors
+from modcache_operator import backoff, clock, fence, kube
 
 log = logging.getLogger(__name__)
 
-Work = Callable[[asyncio.Event], Awaitable[None]]
+#: What a leader runs: ``work(fence, stop)`` until ``stop`` is set; it must write nothing once ``fence`` closes.
+Work = Callable[[fence.Fence, asyncio.Event], Coroutine[Any, Any, None]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,110 +51,275 @@ class LeaseConfig:
     namespace: str
     name: str = "modcache-operator"
     identity: str = dataclasses.field(default_factory=lambda: default_identity())
-    lease_duration_s: float = 15.0  # a standby takes over this long after the leader vanished
-    renew_deadline_s: float = 10.0  # the leader gives up if it could not renew for this long
-    retry_period_s: float = 2.0  # how often the leader renews and standbys retry
+    lease_duration_s: float = 15.0  # a standby takes over this long after it last saw the Lease renewed
+    renew_deadline_s: float = 10.0  # the leader stops writing if it could not renew for this long
+    retry_period_s: float = 2.0  # how often the leader renews and standbys look
     stop_timeout_s: float = 30.0  # how long a graceful stop of the work may take
+
+    def __post_init__(self) -> None:
+        if not self.lease_duration_s > self.renew_deadline_s > self.retry_period_s > 0:
+            raise ValueError("a Lease needs lease duration > renew deadline > retry period > 0")
 
 
 def default_identity() -> str:
     """The pod name (``POD_NAME``, else ``HOSTNAME``) plus a random suffix: a restarted pod is a new candidate."""
-    pod = os.environ.get("POD_NAME") or os.environ.get("HOSTNAME") or socket.gethostname()
-    return f"{pod}-{uuid.uuid4().hex[:6]}"
+    return f"{pod_name()}-{uuid.uuid4().hex[:6]}"
+
+
+def pod_name() -> str:
+    return os.environ.get("POD_NAME") or os.environ.get("HOSTNAME") or socket.gethostname()
+
+
+class LeaseApi(Protocol):
+    def read_lease(self, namespace: str, name: str, *, timeout_s: float) -> Awaitable[kube.Lease | None]: ...
+    def write_lease(self, lease: kube.Lease, *, create: bool, timeout_s: float) -> Awaitable[kube.Lease]: ...
 
 
 class Elector:
     """Runs ``work`` only while holding the Lease, until ``stop`` is set."""
 
-    def __init__(self, *, api_client: client.ApiClient, lease: LeaseConfig, work: Work) -> None:
-        self._api_client = api_client
+    def __init__(
+        self,
+        *,
+        api: LeaseApi,
+        lease: LeaseConfig,
+        work: Work,
+        clock: clock.Clock = clock.SYSTEM,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._api = api
         self.lease = lease
         self._work = work
-        self._term: asyncio.Task[None] | None = None
-        self._term_stop = asyncio.Event()
-        self._failed: BaseException | None = None
-        self._work_ended = asyncio.Event()
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self._cached: kube.Lease | None = None  # the Lease as we last read or wrote it
+        self._observed: tuple[object, ...] | None = None  # the record as last seen, and since when
+        self._observed_at = 0.0
+        self._renewed_at = 0.0  # start of our last successful acquire/renew
+        self._holding = False  # our last write made us the holder, and no term was lost since
+        self._fence: fence.Fence | None = None
+        self._complaint: str | None = None
+        self._reported_holder: str | None = None
         self.terms = 0  # how many times this replica became the leader
 
     @property
     def leading(self) -> bool:
-        return self._term is not None and not self._term.done()
+        return self._fence is not None and self._fence.open
 
     async def run(self, stop: asyncio.Event) -> None:
         """Campaign, lead, campaign again after losing the Lease; until ``stop`` (or the work failed)."""
         try:
-            while not stop.is_set() and not self._work_ended.is_set():
-                await self._campaign(stop)
+            while not stop.is_set() and await self._acquire(stop):
+                failure = await self._lead(stop)
+                if failure is not None:
+                    raise RuntimeError(f"the operator stopped while leading: {failure}")
         finally:
             await self._release()
-        if self._work_ended.is_set() and not stop.is_set():
-            raise RuntimeError(f"the operator stopped while leading: {self._failed!r}")
 
-    async def _campaign(self, stop: asyncio.Event) -> None:
-        election = asyncio.create_task(self._election().run(), name="modcache-leader-election")
-        waits = [asyncio.create_task(stop.wait()), asyncio.create_task(self._work_ended.wait())]
+    # -- campaigning ------------------------------------------------------------------------------------------
+
+    async def _acquire(self, stop: asyncio.Event) -> bool:
+        """Try every retry period (jittered) until this replica holds the Lease (True) or ``stop`` (False)."""
+        while not stop.is_set():
+            attempt = asyncio.create_task(self._attempt(timeout_s=self.lease.renew_deadline_s))
+            if not await _unless_stopped(attempt, stop):
+                return False
+            if attempt.result():
+                return True
+            pause_s = backoff.jittered(self.lease.retry_period_s, self._rng, spread=0.2)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), pause_s)
+        return False
+
+    async def _attempt(self, *, timeout_s: float) -> bool | None:
+        """``_try``, with trouble logged (once per kind, not every retry period): None if it failed."""
         try:
-            await asyncio.wait([election, *waits], return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in waits:
-                task.cancel()
-            await self._stop_term()
-            election.cancel()
-            await asyncio.gather(election, *waits, return_exceptions=True)
-        if stop.is_set() or self._work_ended.is_set():
-            return
-        error = election.exception() if election.done() and not election.cancelled() else None
-        if error is not None:
-            log.error("leader election failed (%s); retrying", errors.describe(error))
-        else:
-            log.warning("%s lost the Lease %s; campaigning again", self.lease.identity, self.lease.name)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), self.lease.retry_period_s)
+            held = await self._try(timeout_s=timeout_s)
+        except Exception as e:  # a transient error, a rejection, a malformed answer: try again next period
+            complaint = errors.describe(e)
+            if complaint != self._complaint:
+                log.warning("leader election: %s; retrying every %.1fs", complaint, self.lease.retry_period_s)
+                self._complaint = complaint
+            return None
+        self._complaint = None
+        return held
 
-    def _election(self) -> leaderelection.LeaderElection:
-        lock = leaselock.LeaseLock(self.lease.name, self.lease.namespace, self.lease.identity, self._api_client)
-        config = electionconfig.Config(
-            lock,
-            int(self.lease.lease_duration_s),  # it goes through str() and back through int()
-            self.lease.renew_deadline_s,
-            self.lease.retry_period_s,
-            onstarted_leading=self._lead,
-            onstopped_leading=self._stop_term,
+    async def _try(self, *, timeout_s: float) -> bool:
+        """client-go's tryAcquireOrRenew: True if this replica holds the Lease afterwards."""
+        started = self._clock.monotonic()
+        if self.leading and self._cached is not None:
+            with contextlib.suppress(kube.LeaseConflict):  # fast path: renew our own copy; a conflict reads anew
+                renewed = await self._write(self._renewed(self._cached), create=False, timeout_s=timeout_s)
+                return self._wrote(renewed, started)
+        current = await self._api.read_lease(
+            self.lease.namespace, self.lease.name, timeout_s=self._left(started, timeout_s)
         )
-        return leaderelection.LeaderElection(config)
+        if current is None:
+            created = await self._write(self._fresh(), create=True, timeout_s=self._left(started, timeout_s))
+            return self._wrote(created, started)
+        self._observe(current)
+        holder = str((current.get("spec") or {}).get("holderIdentity") or "")
+        expired = self._clock.monotonic() > self._observed_at + self.lease.lease_duration_s
+        if holder and holder != self.lease.identity and not expired:
+            self._report(holder)
+            return False
+        claimed = self._renewed(current) if holder == self.lease.identity else self._taken_over(current)
+        return self._wrote(await self._write(claimed, create=False, timeout_s=self._left(started, timeout_s)), started)
 
-    async def _lead(self) -> None:
-        self._term = asyncio.current_task()
-        self._term_stop = asyncio.Event()
-        self.terms += 1
+    def _report(self, holder: str) -> None:
+        if holder != self._reported_holder:
+            log.info("%s stands by: the Lease %s is held by %s", self.lease.identity, self.lease.name, holder)
+            self._reported_holder = holder
+
+    # -- leading ----------------------------------------------------------------------------------------------
+
+    async def _lead(self, stop: asyncio.Event) -> str | None:
+        """One term: the work runs while renewals succeed; None, or why the work ended by itself."""
+        term = fence.Fence()
+        self._fence, self.terms, self._reported_holder = term, self.terms + 1, None
+        lost, term_stop = asyncio.Event(), asyncio.Event()
         log.info("%s leads (Lease %s/%s)", self.lease.identity, self.lease.namespace, self.lease.name)
+        # Created before the work (kopf) starts, so kopf counts them as not its own and leaves them alone.
+        keepers = [
+            asyncio.create_task(self._watchdog(term, lost), name="modcache-lease-watchdog"),
+            asyncio.create_task(self._renew_forever(term, lost), name="modcache-lease-renewer"),
+        ]
+        work = asyncio.create_task(self._work(term, term_stop), name="modcache-leader-work")
+        waits = [asyncio.create_task(stop.wait()), asyncio.create_task(lost.wait())]
         try:
-            await self._work(self._term_stop)
-        except asyncio.CancelledError:
-            raise  # the Lease was lost, or we are stopping
-        except Exception as e:
-            self._failed = e
-            log.exception("the operator failed while leading")
-        if not self._term_stop.is_set():
-            self._work_ended.set()  # it ended by itself: give the Lease up rather than hold it idle
+            await asyncio.wait([work, *waits], return_when=asyncio.FIRST_COMPLETED)
+            term_stop.set()  # kopf stops gracefully; the renewer keeps the Lease meanwhile
+            done, _ = await asyncio.wait([work], timeout=self.lease.stop_timeout_s)
+            if not done:
+                log.warning("the operator did not stop within %.0fs; cancelling it", self.lease.stop_timeout_s)
+        finally:
+            term.close()
+            for task in [work, *keepers, *waits]:
+                task.cancel()
+            await asyncio.gather(work, *keepers, *waits, return_exceptions=True)
+        if lost.is_set():
+            self._holding = False  # we may not hold it any more: never "release" it on someone else's behalf
+            return None
+        if stop.is_set():
+            return None
+        return "it ended by itself" if work.cancelled() or work.exception() is None else repr(work.exception())
 
-    async def _stop_term(self) -> None:
-        """Stop the work: gracefully on shutdown, by cancellation if it overstays (or the Lease was lost)."""
-        term, self._term = self._term, None
-        if term is None or term.done():
-            return
-        self._term_stop.set()
-        done, _ = await asyncio.wait([term], timeout=self.lease.stop_timeout_s)
-        if not done:
-            term.cancel()
-            await asyncio.gather(term, return_exceptions=True)
+    async def _watchdog(self, term: fence.Fence, lost: asyncio.Event) -> None:
+        """Close the fence once the renew deadline has passed, whatever the renewal in flight is doing."""
+        while True:
+            left_s = self._renewed_at + self.lease.renew_deadline_s - self._clock.monotonic()
+            if left_s <= 0.001:  # a sleep this short can end just before the deadline, again and again
+                log.error(
+                    "%s could not renew the Lease within %.1fs: stopped writing, stepping down",
+                    self.lease.identity,
+                    self.lease.renew_deadline_s,
+                )
+                term.close()
+                lost.set()
+                return
+            await asyncio.sleep(left_s)
+
+    async def _renew_forever(self, term: fence.Fence, lost: asyncio.Event) -> None:
+        while term.open:
+            await asyncio.sleep(self.lease.retry_period_s)
+            left_s = self._renewed_at + self.lease.renew_deadline_s - self._clock.monotonic()
+            if left_s <= 0:
+                return  # the watchdog steps down
+            if await self._attempt(timeout_s=left_s) is False:
+                log.warning("%s: another replica holds the Lease %s now", self.lease.identity, self.lease.name)
+                term.close()
+                lost.set()
+                return
+
+    # -- the record (a Lease as the API serves it: plain JSON) ------------------------------------------------
+
+    def _fresh(self) -> kube.Lease:
+        meta = {"name": self.lease.name, "namespace": self.lease.namespace}
+        return {"metadata": meta, "spec": self._spec(acquired=_micro_time(self._clock.now()), transitions=0)}
+
+    def _renewed(self, current: kube.Lease) -> kube.Lease:
+        spec = current.get("spec") or {}
+        acquired = spec.get("acquireTime") or _micro_time(self._clock.now())
+        transitions = int(spec.get("leaseTransitions") or 0)
+        return {"metadata": current["metadata"], "spec": self._spec(acquired=acquired, transitions=transitions)}
+
+    def _taken_over(self, current: kube.Lease) -> kube.Lease:
+        transitions = int((current.get("spec") or {}).get("leaseTransitions") or 0) + 1
+        spec = self._spec(acquired=_micro_time(self._clock.now()), transitions=transitions)
+        return {"metadata": current["metadata"], "spec": spec}
+
+    def _spec(self, *, acquired: str, transitions: int) -> dict[str, Any]:
+        return {
+            "holderIdentity": self.lease.identity,
+            "leaseDurationSeconds": int(self.lease.lease_duration_s),
+            "acquireTime": acquired,
+            "renewTime": _micro_time(self._clock.now()),
+            "leaseTransitions": transitions,
+        }
+
+    async def _write(self, lease: kube.Lease, *, create: bool, timeout_s: float) -> kube.Lease:
+        written = await self._api.write_lease(lease, create=create, timeout_s=timeout_s)
+        self._cached = written
+        return written
+
+    def _wrote(self, written: kube.Lease, started: float) -> bool:
+        self._observe(written)
+        self._renewed_at, self._holding = started, True
+        return True
+
+    def _observe(self, lease: kube.Lease) -> None:
+        """Remember the record and, if it changed, when we first saw it (client-go's observedTime)."""
+        spec = lease.get("spec") or {}
+        record = (
+            (lease.get("metadata") or {}).get("resourceVersion"),
+            spec.get("holderIdentity"),
+            spec.get("renewTime"),
+        )
+        if record != self._observed:
+            self._observed, self._observed_at = record, self._clock.monotonic()
+        self._cached = lease
+
+    def _left(self, started: float, timeout_s: float) -> float:
+        return max(0.1, started + timeout_s - self._clock.monotonic())
 
     async def _release(self) -> None:
         """Give the Lease up if we hold it, so a standby need not wait for it to expire (best effort)."""
-        api = client.CoordinationV1Api(self._api_client)
-        with contextlib.suppress(client.ApiException, OSError):
-            lease = await api.read_namespaced_lease(self.lease.name, self.lease.namespace)
-            if lease.spec is not None and lease.spec.holder_identity == self.lease.identity:
-                lease.spec.holder_identity = ""  # no holder: the next candidate takes it at once
-                await api.replace_namespaced_lease(self.lease.name, self.lease.namespace, lease)
-                log.info("%s released the Lease %s", self.lease.identity, self.lease.name)
+        lease = self._cached
+        if not self._holding or lease is None:
+            return
+        now = _micro_time(self._clock.now())
+        transitions = int((lease.get("spec") or {}).get("leaseTransitions") or 0)
+        released = {
+            "holderIdentity": "",
+            "leaseDurationSeconds": 1,
+            "acquireTime": now,
+            "renewTime": now,
+            "leaseTransitions": transitions,
+        }
+        try:
+            await self._api.write_lease(
+                {"metadata": lease["metadata"], "spec": released}, create=False, timeout_s=self.lease.retry_period_s
+            )
+        except errors.ModcacheError as e:
+            log.warning("%s could not release the Lease %s: %s", self.lease.identity, self.lease.name, e)
+            return
+        self._holding = False
+        log.info("%s released the Lease %s", self.lease.identity, self.lease.name)
+
+
+def _micro_time(moment: datetime.datetime) -> str:
+    """A metav1.MicroTime: RFC 3339 in UTC with microseconds."""
+    return moment.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+async def _unless_stopped(attempt: asyncio.Task[Any], stop: asyncio.Event) -> bool:
+    """Wait for ``attempt`` unless ``stop`` comes first (then cancel it): whether it finished."""
+    stopping = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait([attempt, stopping], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+        if not attempt.done():
+            attempt.cancel()
+        await asyncio.gather(attempt, stopping, return_exceptions=True)
+    return not attempt.cancelled()

@@ -43,6 +43,7 @@ class Reason(enum.StrEnum):
     SOURCE_UNAVAILABLE = "SourceUnavailable"
     CACHE_UNAVAILABLE = "CacheUnavailable"
     SYNC_FAILED = "SyncFailed"
+    PREFIX_CONFLICT = "PrefixConflict"
     # Reconciling / Stalled
     PROGRESSING = "Progressing"
     IDLE = "Idle"
@@ -57,10 +58,19 @@ class Reason(enum.StrEnum):
     DRIFT_CORRECTED = "DriftCorrected"
     RECOVERED = "Recovered"
     LISTENER_RECONNECTED = "ListenerReconnected"
+    STATUS_REJECTED = "StatusRejected"
 
 
 #: Ready reasons that need a person to act (Stalled True): retrying continues, but will not help by itself.
-STALLING = frozenset({Reason.SECRET_NOT_FOUND, Reason.SECRET_KEY_NOT_FOUND, Reason.INVALID_SPEC, Reason.INVALID_URL})
+STALLING = frozenset(
+    {
+        Reason.SECRET_NOT_FOUND,
+        Reason.SECRET_KEY_NOT_FOUND,
+        Reason.INVALID_SPEC,
+        Reason.INVALID_URL,
+        Reason.PREFIX_CONFLICT,
+    }
+)
 
 #: Ready reasons that mean the cache cannot be trusted because something failed (events go out on these).
 FAILING = STALLING | {Reason.SOURCE_UNAVAILABLE, Reason.CACHE_UNAVAILABLE, Reason.SYNC_FAILED}

@@ -7,6 +7,8 @@ Problems are ``SpecProblem``s: a ``ConfigError`` carrying the condition reason a
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
 import hashlib
 import re
@@ -59,9 +61,6 @@ class CacheSpec:
 
     def secret_refs(self) -> list[SecretKeyRef]:
         return [r for r in (self.database, self.listen_database, self.redis) if r is not None]
-
-    def secret_names(self) -> frozenset[str]:
-        return frozenset(r.name for r in self.secret_refs())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,6 +121,18 @@ def parse(spec: Mapping[str, Any]) -> CacheSpec:
         suspend=_flag(spec.get("suspend", False), "spec.suspend"),
         prune=_flag(spec.get("prune", True), "spec.prune"),
     )
+
+
+def secret_value(ref: SecretKeyRef, namespace: str, data: Mapping[str, str]) -> pydantic.SecretStr:
+    """The value under ``ref.key`` of a Secret's (base64) ``data``, as text with surrounding whitespace removed."""
+    if ref.key not in data:
+        raise SpecProblem(
+            ref.field, names.Reason.SECRET_KEY_NOT_FOUND, f"Secret {namespace}/{ref.name} has no key {ref.key!r}"
+        )
+    try:
+        return pydantic.SecretStr(base64.b64decode(data[ref.key], validate=True).decode().strip())
+    except (binascii.Error, UnicodeDecodeError):
+        raise SpecProblem(ref.field, names.Reason.INVALID_URL, f"{ref.describe(namespace)} is not UTF-8 text") from None
 
 
 def parse_duration_s(text: object, field: str) -> float:

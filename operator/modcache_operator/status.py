@@ -1,6 +1,6 @@
 """Pure: what a ModuleCache's status should say, and which events its change deserves.
 
-``compute(facts, previous, now)`` takes what the runner observed (``Facts``), the status as last written and the
+``compute(facts, previous, now)`` takes what the reporter observed (``Facts``), the status as last written and the
 current time, and returns an ``Update``: the new status, or None when nothing worth a write changed.
 ``events_between(old, new)`` says which events a change of facts deserves. Nothing here reads the clock or talks
 to Kubernetes.
@@ -88,7 +88,7 @@ class Drift:
 
 @dataclasses.dataclass(frozen=True)
 class Facts:
-    """What the runner knows about one ModuleCache right now."""
+    """What the reporter knows about one ModuleCache right now."""
 
     generation: int
     suspended: bool = False
@@ -126,13 +126,11 @@ def compute(
     return Update(status=desired if write else None, conditions=tuple(conditions))
 
 
-def drift_event(
-    pending: Drift | None, last_announced_at: datetime.datetime | None, now: datetime.datetime, *, interval_s: float
-) -> Event | None:
+def drift_event(pending: Drift | None, since_announced_s: float | None, *, interval_s: float) -> Event | None:
     """An event for the corrections not yet announced, unless one went out less than ``interval_s`` ago."""
     if pending is None or pending.total == 0:
         return None
-    if last_announced_at is not None and (now - last_announced_at).total_seconds() < interval_s:
+    if since_announced_s is not None and since_announced_s < interval_s:
         return None
     return Event(EventType.NORMAL, R.DRIFT_CORRECTED, f"corrected {pending.total} cache entries ({pending.describe()})")
 
@@ -142,6 +140,12 @@ def patch_for(new: Mapping[str, Any], old: Mapping[str, Any]) -> dict[str, Any]:
     patch: dict[str, Any] = {k: v for k, v in new.items() if old.get(k) != v}
     patch.update({k: None for k in old if k not in new})
     return patch
+
+
+def rejected_conditions(update: Update, message: str) -> list[dict[str, Any]]:
+    """The conditions as they stand, with Ready saying that the API server rejects the status."""
+    ready = {"status": "False", "reason": R.STATUS_REJECTED.value, "message": message}
+    return [({**c, **ready} if c["type"] == C.READY.value else dict(c)) for c in update.conditions]
 
 
 def timestamp(moment: datetime.datetime) -> str:
@@ -189,6 +193,8 @@ def _reconciling(facts: Facts, reconciling: bool) -> tuple[R, str]:
         return R.SUSPENDED, "suspended"
     if not reconciling:
         return R.IDLE, ""
+    if facts.problem is not None and facts.problem.reason == R.STARTING:
+        return R.PROGRESSING, facts.problem.message
     if facts.problem is not None:
         return R.PROGRESSING, f"retrying after: {facts.problem.message}"
     return R.PROGRESSING, "first full resync pending"

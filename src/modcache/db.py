@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 from importlib import resources
+from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
-from alembic import command
-from alembic.config import Config
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from modcache import errors, settings, triggers
+
+if TYPE_CHECKING:
+    from alembic.config import Config
 
 
 def make_engine(url: str, *, pool_size: int = 5, application_name: str = "modcache") -> AsyncEngine:
@@ -26,6 +28,10 @@ def make_engine(url: str, *, pool_size: int = 5, application_name: str = "modcac
 
 
 def alembic_config(url: str) -> Config:
+    # Alembic (with Mako and Pygments) is imported only to migrate: 12 MB that long-running processes
+    # (the operator, the consumer, watch mode) never need.
+    from alembic.config import Config
+
     config = Config()
     config.set_main_option("script_location", str(resources.files("modcache") / "migrations"))
     config.set_main_option("sqlalchemy.url", settings.sqlalchemy_url(url).replace("%", "%%"))
@@ -34,6 +40,8 @@ def alembic_config(url: str) -> Config:
 
 async def upgrade(url: str, revision: str = "head") -> None:
     """Run the migrations (in a thread: Alembic's env drives its own event loop)."""
+    from alembic import command
+
     try:
         await asyncio.to_thread(command.upgrade, alembic_config(url), revision)
     except (OSError, sa.exc.SQLAlchemyError) as e:

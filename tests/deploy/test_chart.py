@@ -221,7 +221,7 @@ OPERATOR_RULES = {
     ("modcache.dev", "modulecaches/status"): "get patch",
     ("", "events"): "create patch",
     ("events.k8s.io", "events"): "create patch",
-    ("", "secrets"): "get list watch",
+    ("", "secrets"): "get",  # by name only: no Secret list or watch, namespaced or cluster-wide
 }
 CLUSTER_SCAN_RULES = {
     ("apiextensions.k8s.io", "customresourcedefinitions"): "get list watch",
@@ -252,6 +252,13 @@ def test_the_operator_gets_exactly_the_verbs_it_uses(rendered: Any, effective_va
         ]
         assert len(bound) == 1
         assert bound[0]["metadata"].get("namespace") == binding["metadata"].get("namespace")
+
+
+def test_no_role_lets_the_operator_list_or_watch_secrets(rendered: Any) -> None:
+    """A Secret list or watch would read every Secret in scope (cluster-wide with --all-namespaces)."""
+    for kind in ("Role", "ClusterRole"):
+        verbs = {verb for group, resource, verb, _ in granted(rendered, kind) if (group, resource) == ("", "secrets")}
+        assert verbs <= {"get"}, (kind, verbs)
 
 
 def test_the_consumer_mounts_no_service_account_token(rendered: Any, effective_values: dict[str, Any]) -> None:
@@ -342,7 +349,7 @@ def test_the_operator_runs_as_configured(rendered: Any, effective_values: dict[s
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports == {"metrics": operator["metricsPort"], "health": operator["healthPort"]}
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
-    assert "readinessProbe" not in container  # liveness proves the loop; PostgreSQL/Redis health is in status
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "health"}
 
 
 def test_the_consumer_is_probed_for_liveness_and_readiness(rendered: Any, effective_values: dict[str, Any]) -> None:

@@ -2,7 +2,8 @@
 
 * the CRD as the API server applies it (defaults, schema, CEL rules);
 * ``cluster``: the operator running against kmock's emulator (see ``operatorkit``), with helpers to create
-  Secrets and ModuleCaches and to wait on what the operator writes back.
+  Secrets and ModuleCaches and to wait on what the operator writes back;
+* ``changes``: awaits a state of the test's keys in Redis (every key under the test's scope), no polling.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ import jsonschema
 import pytest
 import yaml
 
+from modcache import keys
 from operatorkit.cluster import Cluster, emulated_api, running_operator
+from operatorkit.keychanges import KeyChanges, key_changes
 from testkit import crdkit, databases
 
 CRD_PATH = Path(__file__).resolve().parents[2] / "crds" / "modulecache.yaml"
@@ -72,3 +75,10 @@ async def other_database_url(services: dict[str, str], pg_template: str) -> Asyn
     """A second fresh, migrated database, for a second ModuleCache."""
     async with databases.copy_of(services["postgres"], pg_template) as url:
         yield url
+
+
+@pytest.fixture
+async def changes(redis_url: str, keyspace: keys.KeySpace) -> AsyncIterator[KeyChanges]:
+    """Changes to any key of this test's scope (``t<id>:``, whatever prefix follows) in the shared Redis."""
+    async with key_changes(redis_url, keyspace.prefix.split(":", 1)[0] + ":") as watching:
+        yield watching

@@ -2,15 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import signal
-import sys
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import aiohttp
 import pytest
 import redis.asyncio as aioredis
 from click.testing import CliRunner
@@ -18,11 +12,10 @@ from click.testing import CliRunner
 from modcache import keys, pgsource
 from modcache.cli import main
 from modcache_operator import names
-from operatorkit.cluster import NAMESPACE, Cluster, emulated_api
+from operatorkit.cluster import NAMESPACE, Cluster, cache_spec, emulated_api
 from operatorkit.emulator import Emulator
-from testkit.servers import free_port
+from operatorkit.processes import OperatorProcess, operator_process
 
-MODCACHE = Path(sys.executable).parent / "modcache"
 LEASE = ("coordination.k8s.io/v1/leases", NAMESPACE, "modcache-operator")
 
 
@@ -33,77 +26,18 @@ def test_namespace_or_all_namespaces_is_required(args: list[str]) -> None:
     assert "give --namespace NS (repeatable) or --all-namespaces" in result.output
 
 
-class Process:
-    """``modcache operator`` in a child process, pointed at the emulator through a kubeconfig."""
-
-    def __init__(self, kubeconfig: Path, log: Path) -> None:
-        self.kubeconfig = kubeconfig
-        self.log = log
-        self.metrics_port = free_port()
-        self.health_port = free_port()
-        self.proc: asyncio.subprocess.Process | None = None
-
-    async def start(self) -> None:
-        args = [
-            str(MODCACHE), "-v", "operator", "--namespace", NAMESPACE, "--kubeconfig", str(self.kubeconfig),
-            "--leader-election", "--metrics-port", str(self.metrics_port), "--health-port", str(self.health_port),
-            "--bind", "127.0.0.1",
-        ]  # fmt: skip
-        with self.log.open("ab") as out:
-            self.proc = await asyncio.create_subprocess_exec(*args, stdout=out, stderr=out)
-
-    async def probe(self, path: str) -> int:
-        try:
-            async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{self.health_port}{path}") as r:
-                return r.status
-        except aiohttp.ClientError:
-            return 0
-
-    async def wait_probe(self, path: str, timeout_s: float = 30) -> None:
-        deadline = time.monotonic() + timeout_s
-        while await self.probe(path) != 200:
-            assert self.proc is not None
-            assert self.proc.returncode is None, self.log.read_text()[-3000:]
-            assert time.monotonic() < deadline, f"{path} never answered 200:\n{self.log.read_text()[-3000:]}"
-            await asyncio.sleep(0.05)
-
-    async def terminate(self, timeout_s: float = 30) -> int:
-        assert self.proc is not None
-        if self.proc.returncode is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return await asyncio.wait_for(self.proc.wait(), timeout_s)
-
-    async def kill(self) -> None:
-        if self.proc is not None and self.proc.returncode is None:
-            self.proc.kill()
-            await self.proc.wait()
+def test_lease_timings_must_leave_a_margin() -> None:
+    args = ["operator", "-n", "x", "--leader-election", "--lease-namespace", "x", "--lease-duration-seconds", "5"]
+    result = CliRunner().invoke(main.cli, [*args, "--renew-deadline-seconds", "5"])
+    assert result.exit_code == 2
+    assert "lease duration > renew deadline > retry period" in result.output
 
 
 @pytest.fixture
-async def api(tmp_path: Path) -> AsyncIterator[tuple[Cluster, Path]]:
-    """The emulated API (no operator in-process) and a kubeconfig pointing at it."""
+async def api() -> AsyncIterator[tuple[Cluster, str]]:
+    """The emulated API (no operator in-process) and its URL."""
     async with emulated_api() as (emulator, url):
-        kubeconfig = tmp_path / "kubeconfig"
-        kubeconfig.write_text(
-            f"""apiVersion: v1
-kind: Config
-clusters: [{{name: kmock, cluster: {{server: "{url}"}}}}]
-users: [{{name: test, user: {{token: test-token}}}}]
-contexts: [{{name: test, context: {{cluster: kmock, user: test}}}}]
-current-context: test
-"""
-        )
-        yield Cluster(emulator=emulator, operator=None, ports=None), kubeconfig  # type: ignore[arg-type]
-
-
-@contextlib.asynccontextmanager
-async def operator_process(kubeconfig: Path, log: Path) -> AsyncIterator[Process]:
-    process = Process(kubeconfig, log)
-    await process.start()
-    try:
-        yield process
-    finally:
-        await process.kill()
+        yield Cluster(emulator=emulator, operator=None, ports=None), url  # type: ignore[arg-type]
 
 
 def _holder(emulator: Emulator) -> str:
@@ -113,8 +47,17 @@ def _holder(emulator: Emulator) -> str:
         return ""
 
 
+def _instances(cluster: Cluster) -> set[str]:
+    """``reportingInstance`` of every event posted."""
+    found = set()
+    for (resource, _, _), obj in cluster.emulator.objects.items():
+        if resource.plural == "events" and not obj.deleted:
+            found.add(str(obj.raw.get("reportingInstance")))
+    return found
+
+
 async def test_two_replicas_one_writer_and_a_handover(
-    api: tuple[Cluster, Path],
+    api: tuple[Cluster, str],
     tmp_path: Path,
     source: pgsource.PgSource,
     database_url: str,
@@ -122,37 +65,40 @@ async def test_two_replicas_one_writer_and_a_handover(
     keyspace: keys.KeySpace,
     redis_client: aioredis.Redis,
 ) -> None:
-    cluster, kubeconfig = api
+    cluster, url = api
     await source.put_module("a.py", b"A = 1\n")
     await cluster.apply_secret("urls", {"database": database_url, "redis": redis_url})
-    await cluster.create_cache("main", {
-        "source": {"databaseUrlSecretRef": {"name": "urls", "key": "database"}},
-        "cache": {"redisUrlSecretRef": {"name": "urls", "key": "redis"}},
-        "keyPrefix": keyspace.prefix,
-    })  # fmt: skip
+    await cluster.create_cache("main", cache_spec(keyspace.prefix))
 
-    async with (
-        operator_process(kubeconfig, tmp_path / "first.log") as first,
-        operator_process(kubeconfig, tmp_path / "second.log") as second,
-    ):
-        await first.wait_probe("/readyz")
+    async with operator_process(url, tmp_path, name="replica-1") as first:
+        await first.logged(" leads ")
         await cluster.wait_for(lambda: cluster.ready("main"), "Ready True", timeout_s=30)
-        await second.wait_probe("/readyz")  # a standby is ready too (helm --wait must not hang on it)
-        leader = _holder(cluster.emulator)
-        assert leader
-        assert await first.probe("/healthz") == await second.probe("/healthz") == 200
-
-        active, standby = (first, second) if _leads(first, leader) else (second, first)
-        assert _leads(active, leader)
-        assert await active.terminate() == 0, active.log.read_text()[-3000:]
-        await cluster.wait_for(lambda: _holder(cluster.emulator) not in ("", leader), "the standby took over", 30)
-
-        await redis_client.delete(keyspace.content("a.py"))
-        await cluster.wait_for(lambda: cluster.status("main").get("totalRepairs") == 2, "repaired by the new leader")
-        assert await standby.terminate() == 0, standby.log.read_text()[-3000:]
+        async with operator_process(url, tmp_path, name="replica-2") as second:
+            await second.logged("stands by")
+            await _hand_over(cluster, first, second, redis_client, keyspace)
     assert _holder(cluster.emulator) == "", "a replica stopping gracefully releases the Lease"
     assert cluster.body("main")["metadata"]["finalizers"] == [names.FINALIZER]  # type: ignore[index]
 
 
-def _leads(process: Process, holder: str) -> bool:
-    return f"{holder} leads" in process.log.read_text()
+async def _hand_over(
+    cluster: Cluster,
+    first: OperatorProcess,
+    second: OperatorProcess,
+    redis_client: aioredis.Redis,
+    keyspace: keys.KeySpace,
+) -> None:
+    assert await second.probe("/readyz") == 200, "a standby is ready too (helm --wait must not hang on it)"
+    await first.logged("ready: kopf is watching")
+    assert await first.probe("/readyz") == 200
+    assert await first.probe("/healthz") == await second.probe("/healthz") == 200
+    assert _holder(cluster.emulator).startswith("replica-1-")
+    assert _instances(cluster) == {"replica-1"}, "events name the pod that posted them"
+
+    assert await first.terminate() == 0, first.tail()
+    await second.logged(" leads ")
+    await cluster.wait_for(lambda: _holder(cluster.emulator).startswith("replica-2-"), "the standby took over")
+
+    await redis_client.delete(keyspace.content("a.py"))
+    await cluster.wait_for(lambda: cluster.status("main").get("totalRepairs") == 2, "repaired by the new leader")
+    await cluster.wait_for(lambda: "replica-2" in _instances(cluster), "an event from the new leader")
+    assert await second.terminate() == 0, second.tail()

@@ -1,7 +1,9 @@
 """The operator end to end: kopf against kmock's emulator over HTTP, with real PostgreSQL and Redis.
 
 Each test creates Secrets and ModuleCaches through the emulated API, changes the real source or cache, and
-waits for what a user would see: the cache repaired, the status and events, the finalizer gone.
+waits for what a user would see: the cache repaired, the status and events, the finalizer gone. Waits are
+awaited conditions: the emulator re-checks after each request, Redis after each change of the test's keys,
+PostgreSQL backends by their process exit.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ import redis.asyncio as aioredis
 
 from modcache import db, keys, modules, pgsource
 from modcache_operator import names
-from operatorkit.cluster import NAMESPACE, Cluster
+from operatorkit import backends
+from operatorkit.cluster import NAMESPACE, Cluster, cache_spec
+from operatorkit.keychanges import KeyChanges, key_changes
 from testkit.servers import PrivateRedis, private_redis
 
 C = names.ConditionType
@@ -26,13 +30,7 @@ R = names.Reason
 
 
 def _spec(prefix: str, *, secret: str = "urls", **extra: Any) -> dict[str, Any]:
-    return {
-        "source": {"databaseUrlSecretRef": {"name": secret, "key": "database"}},
-        "cache": {"redisUrlSecretRef": {"name": secret, "key": "redis"}},
-        "keyPrefix": prefix,
-        "resyncInterval": "1h",
-        **extra,
-    }
+    return cache_spec(prefix, secret=secret, resyncInterval="1h", **extra)
 
 
 async def _load(source: pgsource.PgSource, count: int, prefix: str = "pkg") -> dict[str, str]:
@@ -64,29 +62,6 @@ async def _set_content(database_url: str, path: str, text: str) -> None:
     )  # fmt: skip
 
 
-async def _listeners(database_url: str) -> int:
-    """Connections LISTENing for modcache on the test's database."""
-    database = database_url.rsplit("/", 1)[1]
-    conn = await asyncpg.connect(database_url)
-    try:
-        count: int = await conn.fetchval(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND application_name = 'modcache-listener'",
-            database,
-        )
-        return count
-    finally:
-        await conn.close()
-
-
-async def _until(predicate: Any, what: str, timeout_s: float = 20.0) -> None:
-    """Poll an async predicate on a real service until it holds."""
-    deadline = time.monotonic() + timeout_s
-    while not await predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout_s}s waiting for: {what}")
-        await asyncio.sleep(0.02)
-
-
 @pytest.fixture
 async def ready_cache(
     cluster: Cluster, source: pgsource.PgSource, database_url: str, redis_url: str, keyspace: keys.KeySpace
@@ -114,7 +89,10 @@ async def test_a_new_cache_becomes_ready_with_counts(
     assert cluster.body("main")["metadata"]["finalizers"] == [names.FINALIZER]  # type: ignore[index]
     for path, text in ready_cache.items():
         assert await _cached(redis_client, keyspace, path) == text
-    assert ("Normal", R.DRIFT_CORRECTED, "corrected 5 cache entries (5 missing)") in cluster.events("main")
+    await cluster.wait_for(
+        lambda: ("Normal", R.DRIFT_CORRECTED, "corrected 5 cache entries (5 missing)") in cluster.events("main"),
+        "the first fill announced",
+    )
 
 
 async def test_a_partial_expiry_is_repaired_with_an_event(
@@ -141,10 +119,11 @@ async def test_a_module_changed_with_sql_reaches_the_cache_within_a_second(
     database_url: str,
     keyspace: keys.KeySpace,
     redis_client: aioredis.Redis,
+    changes: KeyChanges,
 ) -> None:
     started = time.monotonic()
     await _set_content(database_url, "pkg/mod_1.py", "VALUE = 'changed'\n")
-    await _until(lambda: _is(redis_client, keyspace, "pkg/mod_1.py", "VALUE = 'changed'\n"), "the cache updated")
+    await changes.until(lambda: _is(redis_client, keyspace, "pkg/mod_1.py", "VALUE = 'changed'\n"), "the cache updated")
     assert time.monotonic() - started < 1.0
 
     await _sql(database_url, "UPDATE workspace_files SET is_deleted = true WHERE path = 'pkg/mod_2.py'")
@@ -164,9 +143,11 @@ async def test_suspend_stops_writes_and_resume_catches_up(
     keyspace: keys.KeySpace,
     redis_client: aioredis.Redis,
 ) -> None:
+    listening = await backends.listener_pids(database_url)
+    assert len(listening) == 1
     await cluster.patch_cache("main", {"spec": {"suspend": True}})
     await cluster.wait_for(lambda: cluster.condition("main", C.READY)[1] == R.SUSPENDED, "Ready False Suspended")
-    await _until(lambda: _none(_listeners(database_url)), "the LISTEN connection closed")
+    await backends.exited(listening)  # the LISTEN connection closed
     generation = await redis_client.get(keyspace.generation)
 
     await _set_content(database_url, "pkg/mod_0.py", "VALUE = 'while suspended'\n")
@@ -181,10 +162,6 @@ async def test_suspend_stops_writes_and_resume_catches_up(
     assert await _cached(redis_client, keyspace, "pkg/mod_0.py") == "VALUE = 'while suspended'\n"
     assert await _cached(redis_client, keyspace, "pkg/mod_4.py") == ready_cache["pkg/mod_4.py"]
     assert cluster.status("main")["observedGeneration"] == 3
-
-
-async def _none(count: Any) -> bool:
-    return bool(await count == 0)
 
 
 async def test_the_resync_annotation_runs_a_full_resync_and_is_echoed(
@@ -228,6 +205,7 @@ async def test_redis_down_then_back_recovers_without_help(
                 assert await _cached(client, keyspace, path) == text
         finally:
             await client.aclose()
+    await cluster.told("main", "Normal", R.RECOVERED)
     told = [e[:2] for e in cluster.events("main")]
     assert ("Warning", R.CACHE_UNAVAILABLE) in told
     assert told.index(("Warning", R.CACHE_UNAVAILABLE)) < told.index(("Normal", R.RECOVERED))
@@ -254,6 +232,7 @@ async def test_a_terminated_listener_flips_and_recovers_and_changes_meanwhile_ar
     keyspace: keys.KeySpace,
     redis_client: aioredis.Redis,
     listener_role: str,
+    changes: KeyChanges,
 ) -> None:
     await _load(source, 3)
     await cluster.apply_secret("urls", {"database": database_url, "redis": redis_url, "listen": listener_role})
@@ -271,19 +250,21 @@ async def test_a_terminated_listener_flips_and_recovers_and_changes_meanwhile_ar
 
     await _sql(database_url, f'ALTER ROLE "{role}" LOGIN')
     await cluster.wait_for(lambda: cluster.condition("main", C.LISTENER_CONNECTED)[0] == "True", "Listener back")
-    await _until(lambda: _is(redis_client, keyspace, "pkg/mod_1.py", "VALUE = 'missed'\n"), "the missed change")
+    await changes.until(lambda: _is(redis_client, keyspace, "pkg/mod_1.py", "VALUE = 'missed'\n"), "the missed change")
+    await cluster.told("main", "Normal", R.LISTENER_RECONNECTED)
     told = [e[:2] for e in cluster.events("main")]
     assert told.index(("Warning", R.LISTENER_DOWN)) < told.index(("Normal", R.LISTENER_RECONNECTED))
-    assert cluster.condition("main", C.READY)[:2] == ("True", R.IN_SYNC)
+    await cluster.wait_for(lambda: cluster.condition("main", C.READY)[:2] == ("True", R.IN_SYNC), "InSync again")
 
 
 async def test_deleting_the_resource_stops_its_loop_and_removes_the_finalizer(
     cluster: Cluster, ready_cache: dict[str, str], database_url: str
 ) -> None:
-    assert await _listeners(database_url) == 1
+    listening = await backends.listener_pids(database_url)
+    assert len(listening) == 1
     await cluster.delete_cache("main")
     await cluster.wait_for(lambda: cluster.body("main") is None, "the object gone (finalizer removed)")
-    await _until(lambda: _none(_listeners(database_url)), "the LISTEN connection closed")
+    await backends.exited(listening)  # the LISTEN connection closed
 
 
 async def test_a_missing_secret_is_reported_then_picked_up_when_created(
@@ -303,9 +284,9 @@ async def test_a_missing_secret_is_reported_then_picked_up_when_created(
     await cluster.apply_secret("later", {"database": database_url, "redis": redis_url})
     await cluster.wait_for(lambda: cluster.ready("main"), "Ready once the Secret is complete")
     assert cluster.status("main")["sourceModules"] == 2
+    await cluster.told("main", "Normal", R.RECOVERED)
     told = [e[:2] for e in cluster.events("main")]
     assert told[:2] == [("Warning", R.SECRET_NOT_FOUND), ("Warning", R.SECRET_KEY_NOT_FOUND)]
-    assert ("Normal", R.RECOVERED) in told
 
 
 @pytest.mark.parametrize(
@@ -341,7 +322,7 @@ async def test_bad_urls_are_named_never_shown_and_fixing_them_recovers(
 
     await cluster.apply_secret("urls", {"database": database_url, "redis": redis_url})
     await cluster.wait_for(lambda: cluster.ready("main"), "Ready after the fix, with no manual step")
-    assert ("Normal", R.RECOVERED) in [e[:2] for e in cluster.events("main")]
+    await cluster.told("main", "Normal", R.RECOVERED)
 
 
 async def test_a_spec_change_restarts_the_loop_on_the_new_prefix(
@@ -359,8 +340,9 @@ async def test_a_rotated_secret_is_picked_up(
     cluster: Cluster, ready_cache: dict[str, str], database_url: str, keyspace: keys.KeySpace
 ) -> None:
     with private_redis() as server:
-        await cluster.apply_secret("urls", {"database": database_url, "redis": server.url})
-        await _until(lambda: _filled(server, keyspace, ready_cache), "the cache filled in the new Redis")
+        async with key_changes(server.url, keyspace.prefix) as new_keys:
+            await cluster.apply_secret("urls", {"database": database_url, "redis": server.url})
+            await new_keys.until(lambda: _filled(server, keyspace, ready_cache), "the cache filled in the new Redis")
     assert cluster.status("main")["observedGeneration"] == 1, "a Secret change is not a spec change"
 
 
@@ -413,6 +395,7 @@ async def test_prune_false_keeps_entries_of_deleted_modules(
     redis_url: str,
     keyspace: keys.KeySpace,
     redis_client: aioredis.Redis,
+    changes: KeyChanges,
 ) -> None:
     contents = await _load(source, 3)
     await cluster.apply_secret("urls", {"database": database_url, "redis": redis_url})
@@ -421,7 +404,7 @@ async def test_prune_false_keeps_entries_of_deleted_modules(
 
     await _sql(database_url, "UPDATE workspace_files SET is_deleted = true WHERE path = 'pkg/mod_0.py'")
     await _set_content(database_url, "pkg/mod_1.py", "VALUE = 'new'\n")  # a change still flows
-    await _until(lambda: _is(redis_client, keyspace, "pkg/mod_1.py", "VALUE = 'new'\n"), "the change applied")
+    await changes.until(lambda: _is(redis_client, keyspace, "pkg/mod_1.py", "VALUE = 'new'\n"), "the change applied")
     token = "after-delete"
     await cluster.patch_cache("main", {"metadata": {"annotations": {names.RESYNC_ANNOTATION: token}}})
     await cluster.wait_for(lambda: cluster.status("main").get("lastHandledReconcileAt") == token, "a full resync")

@@ -38,7 +38,7 @@ def test_defaults() -> None:
     assert parsed.ttl_s is None
     assert (parsed.suspend, parsed.prune) == (False, True)
     assert parsed.listen_database is None
-    assert parsed.secret_names() == {"db", "redis"}
+    assert {ref.name for ref in parsed.secret_refs()} == {"db", "redis"}
 
 
 @pytest.mark.parametrize(

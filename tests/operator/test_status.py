@@ -230,17 +230,17 @@ def test_a_failure_announced_before_a_restart_is_not_repeated() -> None:
 
 def test_drift_events_are_throttled() -> None:
     drift = status.Drift({plan.Reason.MISSING: 1}, "keyspace", T0)
-    first = status.drift_event(drift, None, T0, interval_s=60)
+    first = status.drift_event(drift, None, interval_s=60)
     assert first is not None
     assert first.reason == R.DRIFT_CORRECTED
     assert first.message == "corrected 1 cache entries (1 missing)"
-    assert status.drift_event(drift, T0, _later(30), interval_s=60) is None
+    assert status.drift_event(drift, 30.0, interval_s=60) is None
     merged = drift.merged(status.Drift({plan.Reason.STALE: 2}, "periodic", _later(30)))
-    later = status.drift_event(merged, T0, _later(61), interval_s=60)
+    later = status.drift_event(merged, 61.0, interval_s=60)
     assert later is not None
     assert later.message == "corrected 3 cache entries (1 missing, 2 stale)"
     assert merged.trigger == "mixed"
-    assert status.drift_event(None, None, T0, interval_s=60) is None
+    assert status.drift_event(None, None, interval_s=60) is None
 
 
 def test_patch_for_nulls_removed_fields() -> None:

@@ -1,5 +1,6 @@
 """The operator (kopf in-process, our registry, metrics and probe servers) running against the emulator, and
-``Cluster``: what a test does to it (Secrets, ModuleCaches) and how it waits on what the operator writes back."""
+``Cluster``: what a test does to it (Secrets, ModuleCaches) and how it waits on what the operator writes back
+(``wait_for`` re-checks its predicate after every write the emulator serves: no polling)."""
 
 from __future__ import annotations
 
@@ -8,16 +9,14 @@ import base64
 import contextlib
 import dataclasses
 import threading
-import time
 import warnings
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import kmock
 import pytest
-from kubernetes_asyncio import client as kube_client
 
-from modcache_operator import app, handlers, health, kube, metrics, names, runner
+from modcache_operator import app, credentials, handlers, health, kube, metrics, names, tunables
 from operatorkit.emulator import Emulator
 
 NAMESPACE = "modcache-test"
@@ -25,7 +24,7 @@ MODULECACHES = f"{names.GROUP}/{names.VERSION}/{names.PLURAL}"
 WAIT_S = 20.0
 
 #: Fast timings, so recoveries and retries happen within a test's patience.
-FAST = runner.RunnerConfig(
+FAST = tunables.Tunables(
     timestamp_interval_s=300.0,
     drift_event_interval_s=0.0,
     status_debounce_s=0.05,
@@ -34,6 +33,10 @@ FAST = runner.RunnerConfig(
     heartbeat_s=0.5,
     secret_recheck_s=1.0,
     stop_timeout_s=5.0,
+    status_retry_initial_s=0.2,
+    status_retry_max_s=1.0,
+    rejected_initial_s=0.5,
+    rejected_max_s=2.0,
 )
 
 
@@ -100,13 +103,14 @@ class Cluster:
                     found.append((event.get("type", ""), event.get("reason", ""), event.get("message", "")))
         return found
 
+    async def told(self, name: str, kind: str, reason: str) -> None:
+        """Until an event of this type and reason about ``name`` has been posted (kopf posts from a queue)."""
+        await self.wait_for(lambda: (kind, reason) in [e[:2] for e in self.events(name)], f"a {kind} {reason} event")
+
     async def wait_for(self, predicate: Callable[[], object], what: str, timeout_s: float = WAIT_S) -> None:
-        """Poll ``predicate`` (it reads the emulator's in-memory objects: cheap) until true, or fail naming it."""
-        deadline = time.monotonic() + timeout_s
-        while not predicate():
-            if time.monotonic() > deadline:
-                pytest.fail(f"timed out after {timeout_s}s waiting for: {what}")
-            await asyncio.sleep(0.02)
+        """Until ``predicate`` (over the emulator's objects) holds, re-checked after each write; or fail naming it."""
+        if not await self.emulator.until(predicate, timeout_s=timeout_s):
+            pytest.fail(f"timed out after {timeout_s}s waiting for: {what}")
 
     # -- plumbing ----------------------------------------------------------------------------------------------
 
@@ -130,6 +134,16 @@ class Cluster:
 SECRETS = "v1/secrets"
 
 
+def cache_spec(prefix: str, *, secret: str = "urls", **extra: Any) -> dict[str, Any]:
+    """A ModuleCache's spec over the Secret ``secret`` (keys ``database`` and ``redis``), plus ``extra`` fields."""
+    return {
+        "source": {"databaseUrlSecretRef": {"name": secret, "key": "database"}},
+        "cache": {"redisUrlSecretRef": {"name": secret, "key": "redis"}},
+        "keyPrefix": prefix,
+        **extra,
+    }
+
+
 def register_resources(emulator: Emulator) -> None:
     with warnings.catch_warnings():  # kmock 0.8 reads its bundled file with a deprecated importlib call
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -145,11 +159,51 @@ def register_resources(emulator: Emulator) -> None:
     )
 
 
+class ApiServer:
+    """The emulator behind an HTTP server that can stop and start again on the same port, its objects kept."""
+
+    def __init__(self, emulator: Emulator) -> None:
+        self.emulator = emulator
+        self.port: int | None = None
+        self._server: kmock.Server | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        server = kmock.Server(self.emulator, port=self.port)
+        await server.__aenter__()
+        self._server, self.port = server, server.port
+
+    async def stop(self) -> None:
+        """Close the port and every connection on it (watch streams included), as a restarting server does."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        runner = server.server.runner
+        if runner is not None and runner.server is not None:
+            for connection in runner.server.connections:  # aiohttp would wait up to a minute for each stream
+                connection.force_close()
+        await server.__aexit__(None, None, None)
+
+
+@contextlib.asynccontextmanager
+async def api_server() -> AsyncIterator[ApiServer]:
+    async with Emulator() as emulator:
+        register_resources(emulator)
+        server = ApiServer(emulator)
+        await server.start()
+        try:
+            yield server
+        finally:
+            await server.stop()
+
+
 @contextlib.asynccontextmanager
 async def emulated_api() -> AsyncIterator[tuple[Emulator, str]]:
-    async with Emulator() as emulator, kmock.Server(emulator) as server:
-        register_resources(emulator)
-        yield emulator, str(server.url).rstrip("/")
+    async with api_server() as server:
+        yield server.emulator, server.url
 
 
 class OperatorThread:
@@ -159,7 +213,7 @@ class OperatorThread:
     it must not share the test's loop. It talks to the emulator over HTTP, like a real operator would.
     """
 
-    def __init__(self, url: str, *, config: runner.RunnerConfig, namespaces: tuple[str, ...]) -> None:
+    def __init__(self, url: str, *, config: tunables.Tunables, namespaces: tuple[str, ...]) -> None:
         self.url = url
         self.config = config
         self.namespaces = namespaces
@@ -172,10 +226,8 @@ class OperatorThread:
 
     def start(self, timeout_s: float = WAIT_S) -> None:
         self._thread.start()
-        deadline = time.monotonic() + timeout_s
-        while not self._ready.wait(0.05):
-            assert self._thread.is_alive(), f"the operator stopped at once: {self.error!r}"
-            assert time.monotonic() < deadline, "the operator did not get ready"
+        assert self._ready.wait(timeout_s), "the operator did not get ready"
+        assert self.error is None, f"the operator stopped at once: {self.error!r}"
 
     def stop(self, timeout_s: float = 60) -> None:
         self._stop.set()
@@ -186,18 +238,20 @@ class OperatorThread:
     def _main(self) -> None:
         try:
             asyncio.run(self._run())
-        except BaseException as e:  # reported to the test by stop()
+        except BaseException as e:  # reported to the test by start() or stop()
             self.error = e
+            self._ready.set()
 
     async def _run(self) -> None:
-        configuration = kube_client.Configuration(host=self.url)
-        api = kube.KubeApi.from_configuration(configuration)
+        connection = credentials.Credentials(server=self.url)
+        api = kube.KubeApi(credentials=connection)
         self.operator = handlers.Operator(
-            configuration=configuration,
+            credentials=connection,
             kube_api=api,
             metrics=metrics.Metrics(),
             liveness=health.Liveness(),
-            runner_config=self.config,
+            tunables=self.config,
+            reporting_instance="operator-thread",
         )
         try:
             async with app.probes(
@@ -212,9 +266,7 @@ class OperatorThread:
 
 
 @contextlib.asynccontextmanager
-async def running_operator(
-    emulator: Emulator, url: str, *, config: runner.RunnerConfig = FAST
-) -> AsyncIterator[Cluster]:
+async def running_operator(emulator: Emulator, url: str, *, config: tunables.Tunables = FAST) -> AsyncIterator[Cluster]:
     thread = OperatorThread(url, config=config, namespaces=(NAMESPACE,))
     await asyncio.to_thread(thread.start)
     try:

@@ -1,12 +1,14 @@
-"""kmock's Kubernetes API emulator, with the server behaviour kopf and leader election rely on."""
+"""kmock's Kubernetes API emulator, with the server behaviour kopf and leader election rely on, and faults."""
 
 from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import datetime
 import itertools
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp.web
@@ -25,25 +27,76 @@ class Emulator(kmock.KubernetesEmulator):
     * PUT replaces an object if its ``resourceVersion`` matches, else 409 (leader election's Lease updates).
 
     Mutations are serialised, so a check and the write it guards see the same object.
+
+    For tests: ``until(predicate)`` waits for a request that makes ``predicate`` true (no polling); ``faults``
+    make chosen requests hang, reset their connection or fail with a status (see ``Fault``), by the client's
+    bearer token, so one operator process can be cut off while another is not.
     """
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
         self._mutating = asyncio.Lock()
         self._versions = itertools.count(1000)
+        self._changed = asyncio.Event()
+        self._healed = asyncio.Event()
+        self.faults: list[Fault] = []
 
     async def _handle(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
-        mutating = request.action in (kmock.action.CREATE, kmock.action.UPDATE) or request.method == kmock.method.PUT
-        if request.resource is None or not mutating:
+        try:
+            return await self._serve(request)
+        finally:
+            if request.action != kmock.action.WATCH:  # a stream "ends" when its client goes: nothing changed
+                self._changed.set()  # wake every ``until``: what it waits for may hold now
+                self._changed = asyncio.Event()
+
+    async def _serve(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
+        fault = next((f for f in self.faults if f.matches(request)), None)
+        if fault is not None:
+            return await self._inflict(fault, request)
+        mutating = request.action in (kmock.action.CREATE, kmock.action.UPDATE, kmock.action.DELETE)
+        if request.resource is None or not (mutating or request.method == kmock.method.PUT):
             return await super()._handle(request)
         async with self._mutating:
             if request.method == kmock.method.PUT:
                 return await self._replace(request)
             if request.action == kmock.action.CREATE:
                 self._fill_new(request)
-            else:
+            elif request.action == kmock.action.UPDATE:
                 self._prepare_patch(request)
             return await super()._handle(request)
+
+    # -- for tests --------------------------------------------------------------------------------------------
+
+    async def until(self, predicate: Callable[[], object], *, timeout_s: float) -> bool:
+        """Wait until ``predicate()`` holds, checked after every request served; False if ``timeout_s`` passed first."""
+        async with asyncio.timeout(timeout_s) as within:
+            while not predicate():
+                await self._changed.wait()
+        return not within.expired()
+
+    def requests_log(self) -> list[kmock.Request]:
+        """Every request served so far, oldest first."""
+        return list(self._requests)
+
+    def heal(self) -> None:
+        """Remove every fault; hung requests then fail with 504 (their clients gave up long ago)."""
+        self.faults.clear()
+        self._healed.set()
+        self._healed = asyncio.Event()
+
+    async def _inflict(self, fault: Fault, request: kmock.Request) -> aiohttp.web.StreamResponse:
+        fault.hits += 1
+        if fault.action == "hang":
+            await self._healed.wait()
+            return aiohttp.web.Response(status=504)
+        if fault.action == "reset":
+            raw = request._raw_request  # the only way to the connection
+            if raw is not None and raw.transport is not None:
+                raw.transport.abort()
+            return aiohttp.web.Response(status=500)
+        body = {"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": fault.action, "reason": "Fault"}
+        body["message"] = f"injected HTTP {fault.action}"
+        return aiohttp.web.json_response(body, status=int(fault.action))
 
     def stored(self, request: kmock.Request) -> dict[str, Any] | None:
         key = (request.resource, request.namespace, request.name)
@@ -114,6 +167,36 @@ class Emulator(kmock.KubernetesEmulator):
         self.objects[request.resource, request.namespace, request.name].history.append(new)
         await self._buses[request.resource].put({"type": "MODIFIED", "object": new})
         return aiohttp.web.json_response(new)
+
+
+@dataclasses.dataclass
+class Fault:
+    """Requests that match every given criterion are answered badly: the client's token, the method, the
+    resource's plural, object name and subresource, a text the body contains.
+
+    ``action``: "hang" (never answered until ``Emulator.heal``), "reset" (the connection is aborted), or an
+    HTTP status code.
+    """
+
+    action: str | int
+    token: str | None = None
+    method: str | None = None
+    plural: str | None = None
+    name: str | None = None
+    subresource: str | None = None
+    body_contains: str | None = None
+    hits: int = 0
+
+    def matches(self, request: kmock.Request) -> bool:
+        checks = [
+            self.token is None or request.headers.get("Authorization") == f"Bearer {self.token}",
+            self.method is None or request.method.value == self.method.upper(),
+            self.plural is None or (request.resource is not None and request.resource.plural == self.plural),
+            self.name is None or request.name == self.name,
+            self.subresource is None or request.subresource == self.subresource,
+            self.body_contains is None or self.body_contains in request.text,
+        ]
+        return all(checks)
 
 
 def _now() -> str:

@@ -4,7 +4,8 @@
 be deleted after its operator is gone and hang forever on the operator's finalizer. Run first, this deletes the
 ModuleCache, waits up to ``MODCACHE_CLEANUP_TIMEOUT_S`` for the operator to stop its loop and release the
 finalizer, and otherwise removes the operator's finalizer itself (the operator is about to be deleted), so an
-uninstall never hangs. It uses the project's image (kubernetes-asyncio) and needs get/delete/patch on one object.
+uninstall never hangs. It uses the project's image (the operator's Kubernetes adapter) and needs get/delete/patch on
+one object.
 
 Settings (environment): MODCACHE_CLEANUP_NAMESPACE, MODCACHE_CLEANUP_NAME, MODCACHE_CLEANUP_TIMEOUT_S (default 120),
 MODCACHE_CLEANUP_POLL_S (default 1). In a pod it uses the in-cluster service account; elsewhere $KUBECONFIG.
@@ -18,71 +19,48 @@ import sys
 import time
 from typing import Any
 
-from kubernetes_asyncio import client, config
-from kubernetes_asyncio.client.exceptions import ApiException
-
-GROUP, VERSION, PLURAL = "modcache.dev", "v1alpha1", "modulecaches"
-FINALIZER = "modcache.dev/finalizer"
+from modcache_operator import credentials, kube, names
 
 
 def say(message: str) -> None:
     print(f"modcache cleanup: {message}", flush=True)
 
 
-async def fetch(api: client.CustomObjectsApi, namespace: str, name: str) -> dict[str, Any] | None:
-    try:
-        found: dict[str, Any] = await api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
-    except ApiException as e:
-        if e.status == 404:
-            return None
-        raise
-    return found
-
-
-async def release(api: client.CustomObjectsApi, namespace: str, name: str) -> str:
+async def release(api: kube.KubeApi, namespace: str, name: str) -> str:
     """Delete the object and wait for it to be gone; the outcome in words."""
-    try:
-        await api.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
-    except ApiException as e:
-        if e.status == 404:
-            return "nothing to delete"
-        raise
+    if not await api.delete_modulecache(namespace, name):
+        return "nothing to delete"
     timeout_s = float(os.environ.get("MODCACHE_CLEANUP_TIMEOUT_S", "120"))
     poll_s = float(os.environ.get("MODCACHE_CLEANUP_POLL_S", "1"))
     deadline = time.monotonic() + timeout_s
-    while (body := await fetch(api, namespace, name)) is not None:
+    while (body := await api.read_modulecache(namespace, name)) is not None:
         if time.monotonic() >= deadline:
             return await unstick(api, namespace, name, body, timeout_s)
         await asyncio.sleep(poll_s)
     return "released by the operator"
 
 
-async def unstick(
-    api: client.CustomObjectsApi, namespace: str, name: str, body: dict[str, Any], waited_s: float
-) -> str:
+async def unstick(api: kube.KubeApi, namespace: str, name: str, body: dict[str, Any], waited_s: float) -> str:
     """Remove the operator's finalizer (only that one), guarded by the resourceVersion we saw."""
     finalizers = list(body.get("metadata", {}).get("finalizers") or [])
-    if FINALIZER not in finalizers:
+    if names.FINALIZER not in finalizers:
         return f"still present after {waited_s:.0f}s, held by finalizers {finalizers} that are not the operator's"
-    rest = [f for f in finalizers if f != FINALIZER]
+    rest = [f for f in finalizers if f != names.FINALIZER]
     metadata: dict[str, Any] = {"finalizers": rest or None}
     if body["metadata"].get("resourceVersion"):
         metadata["resourceVersion"] = body["metadata"]["resourceVersion"]
-    await api.patch_namespaced_custom_object(
-        GROUP, VERSION, namespace, PLURAL, name, {"metadata": metadata}, _content_type="application/merge-patch+json"
-    )
-    return f"the operator did not release it within {waited_s:.0f}s: removed its finalizer {FINALIZER}"
+    await api.patch_modulecache(namespace, name, {"metadata": metadata})
+    return f"the operator did not release it within {waited_s:.0f}s: removed its finalizer {names.FINALIZER}"
 
 
 async def main() -> int:
     namespace = os.environ["MODCACHE_CLEANUP_NAMESPACE"]
     name = os.environ["MODCACHE_CLEANUP_NAME"]
-    if os.environ.get("KUBERNETES_SERVICE_HOST"):
-        config.load_incluster_config()
-    else:
-        await config.load_kube_config()
-    async with client.ApiClient() as api_client:
-        outcome = await release(client.CustomObjectsApi(api_client), namespace, name)
+    api = kube.KubeApi(credentials=credentials.load())  # in a pod its service account, elsewhere $KUBECONFIG
+    try:
+        outcome = await release(api, namespace, name)
+    finally:
+        await api.close()
     say(f"ModuleCache {namespace}/{name}: {outcome}")
     return 0
 
