@@ -1,6 +1,6 @@
 """Cache readiness on the hot path: an O(1) check per message, and repairs that never run twice at once.
 
-The plan's ``_sync_module_cache`` listed every module with content and checked each key, on every message:
+The original plan's ``_sync_module_cache`` listed every module with content and checked each key, on every message:
 O(modules) work and PostgreSQL traffic per execution (bifrost-contract.md, defect 2). Here an execution trusts
 the converged cache (the operator's watcher keeps it so) and checks only its markers, in one round trip:
 
