@@ -86,12 +86,12 @@ def parse_redis(url: str) -> RedisEndpoint:
 
 def _single(url: str, *, tls: bool) -> RedisEndpoint:
     parts = urllib.parse.urlsplit(url)
+    if "," in parts.netloc.rpartition("@")[2]:
+        raise ValueError("several hosts need redis+sentinel:// or redis+cluster://")
     try:
         port = parts.port
     except ValueError:
         raise ValueError("not a valid URL (a bad port)") from None
-    if "," in parts.netloc:
-        raise ValueError("several hosts need redis+sentinel:// or redis+cluster://")
     hosts = ((parts.hostname, port or DEFAULT_REDIS_PORT),) if parts.hostname else ()
     db_part = parts.path.strip("/") if parts.scheme != "unix" else ""
     return RedisEndpoint(
