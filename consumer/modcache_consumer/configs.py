@@ -1,7 +1,7 @@
 """Organizations and configs for executions: Redis first (with a TTL), PostgreSQL on a miss.
 
-* ``get_organization(org_id, db=None)`` and ``load_config_for_scope(scope, db=None)`` keep the plan's names; with
-  ``db`` they read through the caller's session, without they open a unit of work of their own.
+* ``get_organization(org_id, db=None)`` and ``load_config_for_scope(scope, db=None)`` keep the original plan's
+  names; with ``db`` they read through the caller's session, without they open a unit of work of their own.
 * Each scope's own rows are cached separately (``GLOBAL`` and one entry per organization) and merged on read:
   organization rows override global ones, and changing a global config invalidates one key, not every org.
 * Cache fills happen only after the unit of work that read the rows commits (``database.after_commit``), so a

@@ -255,7 +255,7 @@ class WorkflowExecutionConsumer:
             problems.append("module cache unavailable at the last attempt")
         return problems
 
-    # -- the plan's names -----------------------------------------------------------------------------------
+    # -- the original plan's names -----------------------------------------------------------------------------------
 
     @asynccontextmanager
     async def _get_db_session(self) -> AsyncIterator[AsyncSession]:

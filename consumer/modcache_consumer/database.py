@@ -14,8 +14,8 @@ A stale pooled connection is replaced without a round trip on every checkout:
   connection (units are idempotent, see ``executions``).
 
 SQLAlchemy's own ``pool_pre_ping`` would instead cost BEGIN, a query and ROLLBACK on every checkout -- the
-plan's per-message ``SELECT 1`` under another name. Errors leave as ``SourceUnavailable`` (connection problems)
-or unchanged (bugs), never with the URL in them.
+original plan's per-message ``SELECT 1`` under another name. Errors leave as ``SourceUnavailable`` (connection
+problems) or unchanged (bugs), never with the URL in them.
 """
 
 from __future__ import annotations
