@@ -19,13 +19,12 @@ import uuid
 from collections.abc import Awaitable, Mapping
 from typing import Any, TypedDict, TypeVar
 
-import redis.asyncio as aioredis
 import redis.exceptions
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql as pg
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from modcache import errors, keys, schema
+from modcache import errors, keys, rediscache, schema
 from modcache_consumer import crypto, database
 
 log = logging.getLogger(__name__)
@@ -62,7 +61,7 @@ class ConfigResolver:
         self,
         *,
         database: database.Database,
-        client: aioredis.Redis,
+        client: rediscache.Client,  # one node, a Sentinel-managed master or a Cluster (wiring.make_redis)
         secrets: crypto.Secrets,
         ttl_s: int = 60,
         namespace: str = "",

@@ -39,10 +39,9 @@ from typing import Any, TypeVar
 
 import aio_pika.abc
 import aio_pika.exceptions
-import redis.asyncio as aioredis
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from modcache import engine, errors, pgsource, rediscache
+from modcache import engine, errors, pgsource, rediscache, wiring
 from modcache_consumer import (
     amqp,
     configs,
@@ -139,7 +138,7 @@ class WorkflowExecutionConsumer:
     async def _start_storage(self) -> None:
         s = self.settings
         self.database = database.Database(
-            url=s.required("database_url"),
+            url=wiring.database_dsn(s, s.required("database_url")),
             pool_size=s.pool_size,
             pool_timeout_s=s.db_pool_timeout_s,
             ping_after_idle_s=s.db_ping_after_idle_s,
@@ -147,8 +146,9 @@ class WorkflowExecutionConsumer:
         )
         self._stack.push_async_callback(self.database.close)
         await self.database.start()
-        self.redis = aioredis.Redis.from_url(s.required("redis_url"), decode_responses=True, health_check_interval=30)
-        self._stack.push_async_callback(self.redis.aclose)
+        s.required("redis_url")
+        self.redis, close_redis = wiring.make_redis(s)  # one node, a Sentinel's master or a Cluster
+        self._stack.push_async_callback(close_redis)
         cache = rediscache.RedisCache(
             client=self.redis,
             keyspace=s.keyspace(),

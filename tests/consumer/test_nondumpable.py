@@ -44,7 +44,8 @@ pid=$1
 cat /proc/$pid/environ | tr '\\0' '\\n'
 range=$(grep '\\[stack\\]' /proc/$pid/maps | cut -d' ' -f1) || exit 0
 start=$((0x${range%-*})); end=$((0x${range#*-}))
-dd if=/proc/$pid/mem iflag=skip_bytes,count_bytes skip=$start count=$((end - start)) status=none | tr -c '[:print:]' '\\n'
+dd if=/proc/$pid/mem iflag=skip_bytes,count_bytes skip=$start count=$((end - start)) status=none \\
+  | tr -c '[:print:]' '\\n'
 """
 
 

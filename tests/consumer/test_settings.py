@@ -68,6 +68,7 @@ def test_the_consumer_reads_every_secret_from_a_file_too(monkeypatch: pytest.Mon
         "database_url": "postgresql://app:hunter2@db/app",
         "listen_database_url": "postgresql://app:hunter2@db-direct/app",
         "redis_url": "redis://:hunter2@cache/0",
+        "redis_sentinel_password": "hunter2",
         "amqp_url": "amqp://app:hunter2@broker/",
         "secrets_key": "jXf5t0ZAmBKtAMlY0n0C4bqOpTq8bQ2kz9f8sJfQy3A=",
     }

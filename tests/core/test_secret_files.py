@@ -16,6 +16,7 @@ VALUES = {
     "database_url": f"postgresql://app:{SECRET}@db:5432/app",
     "listen_database_url": f"postgresql://listen:{SECRET}@db-direct:5432/app",
     "redis_url": f"redis://:{SECRET}@cache:6379/0",
+    "redis_sentinel_password": SECRET,
 }
 
 
@@ -26,7 +27,7 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.delenv(name)
 
 
-def test_the_secret_fields_are_the_urls() -> None:
+def test_the_secret_fields_are_the_urls_and_the_sentinel_password() -> None:
     assert settings.secret_fields(settings.Settings) == list(VALUES)
 
 
