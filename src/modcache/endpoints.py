@@ -20,6 +20,8 @@ import dataclasses
 import enum
 import urllib.parse
 
+import redis.connection
+
 REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel", "redis+cluster", "rediss+cluster")
 POSTGRES_SCHEMES = ("postgresql", "postgres", "postgresql+asyncpg")
 DEFAULT_REDIS_PORT = 6379
@@ -45,6 +47,7 @@ class RedisEndpoint:
     password: str | None = dataclasses.field(default=None, repr=False)
     service: str | None = None  # Sentinel: the monitored master's name
     db: int = 0
+    socket: str | None = None  # unix:// : the socket's path
 
     def describe(self) -> str:
         """What the URL names, without credentials (for logs and status)."""
@@ -92,8 +95,17 @@ def _single(url: str, *, tls: bool) -> RedisEndpoint:
         port = parts.port
     except ValueError:
         raise ValueError("not a valid URL (a bad port)") from None
-    hosts = ((parts.hostname, port or DEFAULT_REDIS_PORT),) if parts.hostname else ()
     db_part = parts.path.strip("/") if parts.scheme != "unix" else ""
+    _db(urllib.parse.unquote(db_part))  # a path that is not a number is an error here, where redis-py ignores it
+    # Where the client connects is what redis-py's own parser says (the URL goes to it as is): ``?db=`` wins over
+    # the path, host and path are percent-decoded, the host lower-cased. Reading it any other way would watch
+    # the key events of another database and let two overlapping prefixes pass as different endpoints.
+    try:
+        client = redis.connection.parse_url(url)
+    except ValueError:
+        raise ValueError("not a valid Redis URL") from None
+    host = client.get("host")
+    hosts = ((str(host), int(client.get("port") or port or DEFAULT_REDIS_PORT)),) if host else ()
     return RedisEndpoint(
         Topology.SINGLE,
         tls,
@@ -101,7 +113,8 @@ def _single(url: str, *, tls: bool) -> RedisEndpoint:
         url,
         urllib.parse.unquote(parts.username) if parts.username else None,
         urllib.parse.unquote(parts.password) if parts.password else None,
-        db=_db(db_part),
+        db=int(client.get("db") or 0),
+        socket=str(client["path"]) if "path" in client else None,
     )
 
 
