@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import urllib.parse
+from typing import Any
 
 import redis.connection
 
@@ -101,7 +102,7 @@ def _single(url: str, *, tls: bool) -> RedisEndpoint:
     # the path, host and path are percent-decoded, the host lower-cased. Reading it any other way would watch
     # the key events of another database and let two overlapping prefixes pass as different endpoints.
     try:
-        client = redis.connection.parse_url(url)
+        client: dict[str, Any] = redis.connection.parse_url(url)  # type: ignore[no-untyped-call]
     except ValueError:
         raise ValueError("not a valid Redis URL") from None
     host = client.get("host")
