@@ -21,10 +21,9 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-import redis.asyncio as aioredis
 import redis.exceptions
 
-from modcache import errors, keys, modules
+from modcache import errors, keys, modules, rediscache
 from modcache_consumer import configs, crypto, protocol
 
 log = logging.getLogger(__name__)
@@ -37,7 +36,7 @@ MAX_LEARNED = 4096
 class ModuleServer:
     """Cache reads on behalf of executions, shared by all of them (they only read)."""
 
-    def __init__(self, *, client: aioredis.Redis, keyspace: keys.KeySpace, repair: Repair) -> None:
+    def __init__(self, *, client: rediscache.Client, keyspace: keys.KeySpace, repair: Repair) -> None:
         self._client = client
         self._keyspace = keyspace
         self._repair = repair
