@@ -19,9 +19,6 @@ from __future__ import annotations
 import dataclasses
 import enum
 import urllib.parse
-from typing import Any
-
-import redis.connection
 
 REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel", "redis+cluster", "rediss+cluster")
 POSTGRES_SCHEMES = ("postgresql", "postgres", "postgresql+asyncpg")
@@ -96,26 +93,23 @@ def _single(url: str, *, tls: bool) -> RedisEndpoint:
         port = parts.port
     except ValueError:
         raise ValueError("not a valid URL (a bad port)") from None
-    db_part = parts.path.strip("/") if parts.scheme != "unix" else ""
-    _db(urllib.parse.unquote(db_part))  # a path that is not a number is an error here, where redis-py ignores it
-    # Where the client connects is what redis-py's own parser says (the URL goes to it as is): ``?db=`` wins over
-    # the path, host and path are percent-decoded, the host lower-cased. Reading it any other way would watch
-    # the key events of another database and let two overlapping prefixes pass as different endpoints.
-    try:
-        client: dict[str, Any] = redis.connection.parse_url(url)  # type: ignore[no-untyped-call]
-    except ValueError:
-        raise ValueError("not a valid Redis URL") from None
-    host = client.get("host")
-    hosts = ((str(host), int(client.get("port") or port or DEFAULT_REDIS_PORT)),) if host else ()
+    # Where the client connects is what redis-py's ``parse_url`` makes of the URL (it goes to redis-py as is):
+    # ``?db=`` wins over the path, host and path are percent-decoded. Reading it any other way would watch the
+    # key events of another database and let two overlapping prefixes pass as different endpoints.
+    query = urllib.parse.parse_qs(parts.query)
+    db_text = urllib.parse.unquote(query["db"][0]) if query.get("db") else ""
+    if not db_text and parts.scheme != "unix":
+        db_text = urllib.parse.unquote(parts.path).replace("/", "")
+    host = urllib.parse.unquote(parts.hostname).lower() if parts.hostname else None
     return RedisEndpoint(
         Topology.SINGLE,
         tls,
-        hosts,
+        ((host, port or DEFAULT_REDIS_PORT),) if host else (),
         url,
         urllib.parse.unquote(parts.username) if parts.username else None,
         urllib.parse.unquote(parts.password) if parts.password else None,
-        db=int(client.get("db") or 0),
-        socket=str(client["path"]) if "path" in client else None,
+        db=_db(db_text),
+        socket=urllib.parse.unquote(parts.path) if parts.scheme == "unix" and parts.path else None,
     )
 
 
