@@ -391,7 +391,8 @@ def test_the_helm_test_hook_syncs_once_with_the_project_image(rendered: Any, eff
     assert container["args"][-2:] == ["sync", "--once"]
     assert hook["spec"]["restartPolicy"] == "Never"
     env = {e["name"] for e in container["env"]}
-    assert env == {"MODCACHE_DATABASE_URL", "MODCACHE_REDIS_URL", "MODCACHE_KEY_PREFIX"}
+    topology = {n for n in env if "_SSL_" in n or "SENTINEL" in n}  # TLS files and checks (test_topologies_chart)
+    assert env - topology == {"MODCACHE_DATABASE_URL", "MODCACHE_REDIS_URL", "MODCACHE_KEY_PREFIX"}
 
 
 def test_the_module_cache_instance_follows_values(rendered: Any, effective_values: dict[str, Any]) -> None:
@@ -494,6 +495,8 @@ def test_network_policies_allow_only_the_needed_traffic(rendered: Any, effective
         allowed = {(p["port"], p["protocol"]) for rule in spec["egress"] for p in rule["ports"]}
         wanted = {(port, "TCP") for need in needs[component] for port in config[need]["ports"]}
         wanted |= {(port, "UDP") for port in config["dns"]["ports"]}
+        if effective_values["redis"]["topology"] == "sentinel":
+            wanted.add((26379, "TCP"))  # the sentinels, asked for the master first
         assert allowed == wanted
         postgres = [r for r in spec["egress"] if {p["port"] for p in r["ports"]} == set(config["postgresql"]["ports"])]
         assert postgres[0].get("to", []) == config["postgresql"]["to"]
