@@ -48,6 +48,7 @@ from modcache_consumer import (
     crypto,
     database,
     executions,
+    hardening,
     health,
     messages,
     metrics,
@@ -109,7 +110,10 @@ class WorkflowExecutionConsumer:
     # -- lifecycle ------------------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Bring everything up in order; on failure, whatever started is stopped again."""
+        """Bring everything up in order; on failure, whatever started is stopped again. First of all the
+        process makes itself non-dumpable: its memory and environment hold every credential."""
+        if not hardening.make_non_dumpable():
+            log.warning("could not make the consumer non-dumpable (not Linux?): same-uid processes can read it")
         try:
             await self._start_storage()
             await self._start_pool()

@@ -68,8 +68,14 @@ def test_every_connecting_pod_reads_the_tls_files_from_the_referenced_objects(re
             assert volumes[mount["name"]].get("secret", volumes[mount["name"]].get("configMap"))["defaultMode"] == 0o440
         assert env["MODCACHE_DATABASE_SSL_MODE"]["value"] == "verify-full"
         assert env["MODCACHE_REDIS_SSL_CERT_REQS"]["value"] == "required"
-        password = env["MODCACHE_REDIS_SENTINEL_PASSWORD"]["valueFrom"]["secretKeyRef"]
-        assert password == {"name": "redis-sentinel", "key": "sentinel-password"}
+        assert "MODCACHE_REDIS_SENTINEL_PASSWORD" not in env  # a file, never the environment
+        password = Path(env["MODCACHE_REDIS_SENTINEL_PASSWORD_FILE"]["value"])
+        (secrets,) = [v for v in volumes.values() if "projected" in v]
+        mount = mounts[str(password.parent)]
+        assert mount["name"] == secrets["name"]
+        assert {"name": "redis-sentinel", "items": [{"key": "sentinel-password", "path": password.name}]} in [
+            s["secret"] for s in secrets["projected"]["sources"]
+        ]
 
 
 def test_by_default_no_topology_setting_or_volume_is_rendered(render: Render) -> None:
