@@ -90,6 +90,22 @@ VALUES_SETS: dict[str, dict[str, Any]] = {
         "networkPolicy": {"enabled": True},
     },
     "consumer-off": {"consumer": {"enabled": False}, "tests": {"enabled": False}},
+    "topologies": {  # docs/topologies.md: Sentinel, TLS files for both services, a network policy
+        "redis": {
+            "topology": "sentinel",
+            "tls": {"caBundle": {"configMap": "redis-ca"}, "clientCertificate": {"secret": "redis-client"}},
+            "sentinel": {"passwordSecretRef": {"name": "redis-sentinel"}},
+        },
+        "postgres": {
+            "tls": {
+                "mode": "verify-full",
+                "caBundle": {"secret": "pg-ca", "key": "root.crt"},
+                "clientCertificate": {"secret": "pg-client"},
+            }
+        },
+        "networkPolicy": {"enabled": True},
+    },
+    "cluster": {"keyPrefix": "{bifrost}:module:", "redis": {"topology": "cluster"}},
     "own-rbac": {
         "rbac": {"create": False},
         "operator": {"serviceAccount": {"create": False, "name": "platform-operator"}},
