@@ -216,10 +216,13 @@ def _for_dead(path: str, cache: CacheView) -> Item:
 
 def source_digest(modules_by_path: Mapping[str, str]) -> str:
     """A short, order-independent fingerprint of the source (like Flux's applied revision)."""
-    h = hashlib.sha256()
-    for path in sorted(modules_by_path):
-        h.update(f"{path}\0{modules_by_path[path]}\n".encode())
-    return f"sha256:{h.hexdigest()[:16]}"
+    # one buffer of "path\0hash\n" per module in path order, built by C-level joins (a Python f-string and a
+    # hash update per module took 0.15-0.2 s at 100,000 modules); a listing already in path order is not sorted again
+    paths = list(modules_by_path)
+    items = modules_by_path.items() if paths == sorted(paths) else sorted(modules_by_path.items())
+    lines = "\n".join(map("\0".join, items))
+    data = f"{lines}\n".encode() if modules_by_path else b""
+    return f"sha256:{hashlib.sha256(data).hexdigest()[:16]}"
 
 
 @dataclasses.dataclass(frozen=True)

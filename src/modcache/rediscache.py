@@ -149,9 +149,12 @@ return {g, 0}
 
 # KEYS: generation, index, manifest, then one key per item (its content key; the index for 'u' items, whose name
 # names no content key); ARGV: fence, ttl_s, ttl_jitter_s, seed, nonce, writes channel, highest believable
-# generation, then (op, path, hash, value, length) per item. Returns {one character per item ('a' applied,
-# 'c' conflicted, 'm' content moved on: not reindexed), repairs made ('1'/'2'/'3' a key of the wrong type deleted,
-# 'g' generation reset, 'l' generation raised to the manifest's), the generation written}.
+# generation, then the items in four columns: their ops (one character each), their hashes (64 characters each,
+# spaces when none), their lengths (comma-separated, '' when none), then one path per item, then the value of each
+# 'p' item in order. (Columns, not five arguments per item: redis-py packs each argument in Python, which was most
+# of the client's time for 100,000 items.) Returns {one character per item ('a' applied, 'c' conflicted, 'm'
+# content moved on: not reindexed), repairs made ('1'/'2'/'3' a key of the wrong type deleted, 'g' generation reset,
+# 'l' generation raised to the manifest's), the generation written}.
 APPLY = (
     # the shebang makes Redis refuse the script as a whole when it is out of memory, before its first PUBLISH: a
     # script that published ``b:`` and then failed would leave the key-event iterator inside a write that never ends
@@ -173,9 +176,12 @@ if not g or not string.match(g, '^[1-9]%d*$') or not le(g, limit) then
     g = t[1] .. string.format('%06d', tonumber(t[2]))
     repaired = repaired .. 'g'
 end
+local ops, hashes, n = ARGV[8], ARGV[9], #KEYS - 3
+local lens, k = {}, 0
+for l in string.gmatch(ARGV[10] .. ',', '([^,]*),') do k = k + 1; lens[k] = l end
 local held = {}
-for i = 4, #KEYS do
-    local h = call('HGET', KEYS[3], ARGV[7 + (i - 4) * 5 + 2])
+for i = 1, n do
+    local h = call('HGET', KEYS[3], ARGV[10 + i])
     local hg = h and string.match(h, '^([1-9]%d*):')
     if hg and le(hg, limit) then
         held[i] = hg
@@ -184,32 +190,33 @@ for i = 4, #KEYS do
 end
 local gen = string.format('%.0f', tonumber(g) + 1)
 call('SET', KEYS[1], gen)
-local out = {}
-for i = 4, #KEYS do
-    local base = 7 + (i - 4) * 5
-    local op, path, hash, value, len = ARGV[base + 1], ARGV[base + 2], ARGV[base + 3], ARGV[base + 4], ARGV[base + 5]
+local out, put = {}, 10 + n
+for i = 1, n do
+    local key, op, path, len = KEYS[3 + i], string.sub(ops, i, i), ARGV[10 + i], lens[i]
+    local hash = string.sub(hashes, 64 * i - 63, 64 * i)
+    if op == 'p' then put = put + 1 end
     if held[i] and not le(held[i], fence) then
-        out[#out + 1] = 'c'
-    elseif op == 'r' and (call('TYPE', KEYS[i])['ok'] ~= 'string'
-                          or (len ~= '' and call('STRLEN', KEYS[i]) ~= tonumber(len))) then
-        out[#out + 1] = 'm'
+        out[i] = 'c'
+    elseif op == 'r' and (call('TYPE', key)['ok'] ~= 'string'
+                          or (len ~= '' and call('STRLEN', key) ~= tonumber(len))) then
+        out[i] = 'm'
     else
         if op == 'd' or op == 'u' then
-            if op == 'd' then call('DEL', KEYS[i]) end
+            if op == 'd' then call('DEL', key) end
             call('SREM', KEYS[2], path)
             call('HDEL', KEYS[3], path)
         else
             if op == 'p' then
                 if ttl > 0 then
-                    call('SET', KEYS[i], value, 'EX', ttl + ((i * 7919 + seed) % (jitter + 1)))
+                    call('SET', key, ARGV[put], 'EX', ttl + (((i + 3) * 7919 + seed) % (jitter + 1)))
                 else
-                    call('SET', KEYS[i], value)
+                    call('SET', key, ARGV[put])
                 end
             end
             call('SADD', KEYS[2], path)
             if len ~= '' then call('HSET', KEYS[3], path, gen .. ':' .. hash .. ':' .. len) end
         end
-        out[#out + 1] = 'a'
+        out[i] = 'a'
     end
 end
 call('PUBLISH', ARGV[6], 'e:' .. ARGV[5])
@@ -226,22 +233,17 @@ end
 return #KEYS
 """
 
-# KEYS: index. Returns its members, or false if it is not a SET (an absent key is an empty set).
-MEMBERS = """
-local kind = redis.call('TYPE', KEYS[1])['ok']
-if kind == 'none' then return {} end
-if kind ~= 'set' then return false end
-return redis.call('SMEMBERS', KEYS[1])
-"""
-
 _OP_CODES = {
     plan.Operation.PUT: "p",
     plan.Operation.DELETE: "d",
     plan.Operation.REINDEX: "r",
     plan.Operation.UNLIST: "u",
 }
+_NO_HASH = " " * 64
 _WANTED_TYPES = {"index": "set", "manifest": "hash", "generation": "string", "status": "hash"}
 _APPLY_REPAIRS = {"1": "generation", "2": "index", "3": "manifest"}
+#: Index members per SSCAN page (a few milliseconds of Redis each; one call per page, whatever the cache's size).
+INDEX_PAGE = 10_000
 #: Nonces of writes in flight that a key-event iterator may still have to recognise (bounded: oldest dropped).
 MAX_OWN_WRITES = 10_000
 
@@ -322,7 +324,6 @@ class RedisCache:
         self._generation = client.register_script(GENERATION)
         self._raise = client.register_script(RAISE)
         self._touch = client.register_script(TOUCH)
-        self._members = client.register_script(MEMBERS)
         self.own_writes: collections.OrderedDict[str, None] = collections.OrderedDict()
         self.tracking_own_writes = False  # set by a key-event iterator while it needs the nonces
         self.aborted_writes: set[str] = set()  # nonces of writes that failed: their end marker never comes
@@ -400,9 +401,22 @@ class RedisCache:
     # -- reading the cache ------------------------------------------------------------------------------------
 
     async def read_index(self) -> frozenset[str] | None:
-        """The index members, or None if the index key is not a SET."""
-        members = await _call(self._members(keys=[self.keyspace.index]))
-        return None if members is None else frozenset(str(m) for m in members)
+        """The index members, or None if the index key is not a SET.
+
+        Read in ``SSCAN`` pages of ``INDEX_PAGE`` members (one ``SMEMBERS`` of a 1,000,000-member index is one call
+        whose duration grows with the cache and ran past the socket timeout); members added or removed while the
+        pages are read are reported by their key events (the index's, which ask for another resync)."""
+        index = self.keyspace.index
+        members: set[str] = set()
+        cursor = 0
+        while True:
+            try:
+                cursor, page = await _call(self._sscan(index, cursor))
+            except _WrongType:
+                return None
+            members.update(page)
+            if cursor == 0:
+                return frozenset(members)
 
     async def verify_manifest(self, *, limit: int) -> AsyncIterator[VerifiedPage]:
         """The manifest, page by page (HSCAN, ``check_batch_size`` entries per script call), each entry's content key
@@ -424,6 +438,15 @@ class RedisCache:
         finally:
             if pending is not None:
                 pending.cancel()
+
+    async def _sscan(self, key: str, cursor: int) -> tuple[int, list[str]]:
+        try:
+            found: tuple[int, list[str]] = await self.client.sscan(key, cursor, count=INDEX_PAGE)  # type: ignore[assignment]
+        except redis.exceptions.ResponseError as e:
+            if str(e).startswith("WRONGTYPE"):
+                raise _WrongType from e
+            raise
+        return found
 
     async def read_manifest(self, paths: Sequence[str]) -> tuple[dict[str, keys.ManifestEntry], set[str]]:
         """The believable manifest entries of ``paths`` and the paths whose entry is present but malformed."""
@@ -500,12 +523,10 @@ class RedisCache:
         limit = limit or await self._limit()
         nonce = self._own_nonce()
         args: list[str | int] = [str(fence), self._ttl_s, self._ttl_jitter_s, random.randrange(1 << 30)]
-        args += [nonce, ks.writes_channel, str(limit)]
-        item_keys = []
-        for w in writes:
-            unlist = w.item.operation is plan.Operation.UNLIST
-            item_keys.append(ks.index if unlist else ks.content(w.item.path))
-            args += [_OP_CODES[w.item.operation], w.item.path, w.item.new or "", w.value, w.recorded_length()]
+        args += [nonce, ks.writes_channel, str(limit), *_columns(writes)]
+        args += [w.item.path for w in writes]
+        args += [w.value for w in writes if w.item.operation is plan.Operation.PUT]
+        item_keys = [ks.index if w.item.operation is plan.Operation.UNLIST else ks.content(w.item.path) for w in writes]
         try:
             codes, repaired, gen = await _call(
                 self._apply(keys=[ks.generation, ks.index, ks.manifest, *item_keys], args=args)
@@ -577,6 +598,10 @@ class RedisCache:
         return value if value is None else str(value)
 
 
+class _WrongType(Exception):
+    """A key modcache reads page by page changed type between pages (or was of the wrong type)."""
+
+
 def value_digest(value: str) -> str:
     """The sha1 (hex) ``VALUES`` compares a stored value with: of the bytes Redis holds for ``value``."""
     return hashlib.sha1(value.encode(), usedforsecurity=False).hexdigest()
@@ -610,6 +635,16 @@ def _page(entries: list[Any], codes: str, top: str) -> VerifiedPage:
         else:
             page.codes[name] = code
     return page
+
+
+def _columns(writes: Sequence[Write]) -> tuple[str, str, str]:
+    """APPLY's item columns: one op character each, 64 hash characters each (spaces for none), lengths by comma."""
+    hashes = [w.item.new or _NO_HASH for w in writes]
+    for w, h in zip(writes, hashes, strict=True):  # hashes reaching a write were checked (SHA-256 hex)
+        if len(h) != len(_NO_HASH):
+            raise errors.InputError(w.item.path, "not a SHA-256 hex digest")
+    ops = "".join(_OP_CODES[w.item.operation] for w in writes)
+    return ops, "".join(hashes), ",".join(w.recorded_length() for w in writes)
 
 
 def _applied(writes: Sequence[Write], codes: str, repaired: str, ks: keys.KeySpace) -> Applied:
