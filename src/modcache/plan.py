@@ -240,6 +240,7 @@ class Report:
     dry_run: bool = False
     full: bool = True
     deep: bool = False  # every content key's whole value was compared with what the source row makes
+    claimed: int = 0  # content keys taken on their own claim of path and hash (a deep resync must follow)
 
     @property
     def repaired(self) -> int:
@@ -249,6 +250,7 @@ class Report:
         return {
             "full": self.full,
             "deep": self.deep,
+            "claimed": self.claimed,
             "dry_run": self.dry_run,
             "planned": {r.value: n for r, n in self.plan.counts().items()},
             "applied": {r.value: self.applied.get(r, 0) for r in Reason},

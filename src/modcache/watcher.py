@@ -110,6 +110,9 @@ class Watcher:
         self._pending: dict[str, str] = {}
         self._pending_event = asyncio.Event()
         self._cache_heard = asyncio.Event()  # the key-event iterator said whether events flow
+        self._claims_wanted = False  # the manifest changed: the next resync may rebuild it from the keys' claims
+        self._deep_task: asyncio.Task[plan.Report] | None = None  # the deep resync running, if one is
+        self._preempted: asyncio.Task[plan.Report] | None = None  # the one cancelled because the cache was replaced
 
     async def run(self) -> None:
         """Run until cancelled (or until a loop fails unexpectedly, which is raised)."""
@@ -150,8 +153,14 @@ class Watcher:
         while True:
             trigger = await self._wait_for_resync(delay_s)
             deep = self._deep_wanted or self._monotonic() - self._last_deep >= self.settings.deep_interval_s
+            claims, self._claims_wanted = self._claims_wanted, False
             try:
-                report = await self.engine.full_resync(deep=deep)
+                report = await self._resync(deep=deep, claims=claims)
+            except _Preempted:  # the cache was replaced while every value was being compared: refill it first,
+                self._deep_wanted = False  # then compare (``_deep_after``)
+                self._last_deep = self._monotonic()
+                delay_s = 0.0
+                continue
             except errors.TransientError as e:
                 self.state.last_error = str(e)
                 self._observer.on_sync_failed(e, trigger)
@@ -162,7 +171,7 @@ class Watcher:
             if deep:
                 self._deep_wanted = False
                 self._last_deep = self._monotonic()
-            elif self._deep_after:
+            elif self._deep_after or report.claimed:  # values never compared were taken: compare every one now
                 self._deep_after = False
                 self.request_resync(DEEP, deep=True)
             delay_s = min(self._interval_s(), self._until_deep_s())
@@ -170,6 +179,29 @@ class Watcher:
             self.state.last_full = report
             self.state.last_error = None
             self._observer.on_sync(report, trigger)
+
+    async def _resync(self, *, deep: bool, claims: bool) -> plan.Report:
+        """One full resync; a deep one runs as a task that a flushed or replaced cache cancels (``_preempt``): its
+        refill must not wait for 400 MB of values to be compared against a cache that is gone."""
+        task = asyncio.create_task(self.engine.full_resync(deep=deep, claims=claims), name="modcache-full-resync")
+        self._deep_task = task if deep else None
+        try:
+            return await task
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if task is self._preempted and (current is None or not current.cancelling()):
+                raise _Preempted from None
+            raise
+        finally:
+            self._deep_task = None
+
+    def _preempt(self) -> None:
+        task = self._deep_task
+        if task is not None and not task.done():
+            log.warning("the cache was replaced during a deep resync: refilling first, comparing every value after")
+            self._preempted = task
+            self._deep_after = True
+            task.cancel()
 
     async def _wait_for_resync(self, delay_s: float) -> str:
         try:
@@ -248,7 +280,11 @@ class Watcher:
         match event:
             case keyevents.Changed(path=str(path)):
                 self.enqueue([path], KEYSPACE)
-            case keyevents.Changed(role=("index" | "manifest")):
+            case keyevents.Changed(role="manifest"):
+                # a deleted manifest is rebuilt from what each content key claims, then every value is compared
+                self._claims_wanted = True
+                self.request_resync(KEYSPACE)
+            case keyevents.Changed(role="index"):
                 self.request_resync(KEYSPACE)
             case keyevents.Changed(role=str(role)):
                 if await self._doubtful(role):
@@ -258,6 +294,8 @@ class Watcher:
                 # whose manifest entries agree with them: every value is compared right after
                 log.warning("%s: refilling%s", detail, ", then checking every value" if replaced else "")
                 self._deep_after |= replaced
+                if replaced:
+                    self._preempt()
                 self.request_resync(KEYSPACE)
             case keyevents.Subscribed(detail):
                 self._keyspace_changed(True, detail)
@@ -306,6 +344,10 @@ async def _stop(tasks: list[asyncio.Task[None]]) -> None:
         for task in pending:
             task.cancel()
         _, pending = await asyncio.wait(pending, timeout=0.5)
+
+
+class _Preempted(Exception):
+    """The running deep resync was cancelled because the cache was replaced (the refill goes first)."""
 
 
 settings_module = settings  # inside Watcher, ``settings`` is the parameter
