@@ -104,7 +104,8 @@ class Engine:
             dry_run or await self.cache.raise_generation(observed.top_generation)
         ):
             repairs.append(plan.KeyRepair("generation", self.cache.keyspace.generation, "lower than the manifest"))
-        the_plan = self._compute(*observed.narrowed(), repairs)
+        # in a thread: planning 1,000,000 paths (after a DEL of the index) must not block the replies in flight
+        the_plan = await asyncio.to_thread(lambda: self._compute(*observed.narrowed(), repairs))
         outcome = _Outcome()
         if not dry_run:
             outcome = await self._execute(

@@ -91,6 +91,13 @@ class PgSource:
     async def list_modules(self) -> plan.SourceView:
         """Every live module's path and hash (no content), with rows that cannot be served set aside."""
         raw_paths, raw_digests, sizes = await self._run(lambda c: c.fetchrow(LIST_SQL))
+        # judged in a thread: at 1,000,000 rows this is seconds of CPU on a loaded machine, and the event loop must
+        # keep reading the Redis replies in flight meanwhile (a blocked loop times them out)
+        return await asyncio.to_thread(self._judge_listing, raw_paths, raw_digests, sizes)
+
+    def _judge_listing(
+        self, raw_paths: Sequence[bytes], raw_digests: Sequence[bytes], sizes: Sequence[int]
+    ) -> plan.SourceView:
         paths, digests = _texts(raw_paths), _texts(raw_digests)
         limit = self.max_module_bytes
         large = _large(paths, sizes)
