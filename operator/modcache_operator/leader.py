@@ -5,7 +5,8 @@ wall clock and treats a reset connection as the end of the term; so this is a sm
 with client-go's semantics (``tools/leaderelection``):
 
 * a candidate GETs the ``coordination.k8s.io`` Lease, creates it when missing, and takes it over when it has no
-  holder or its record has not changed for ``lease_duration_s`` *as measured on the candidate's own monotonic
+  holder or its record has not changed for the ``leaseDurationSeconds`` the holder wrote (never less than its own
+  ``lease_duration_s``: replicas of a rolling update may differ) *as measured on the candidate's own monotonic
   clock* since it first saw that record (clocks of different machines are never compared); every write carries
   the ``resourceVersion`` it read, so when two candidates race, the API server lets one win (409 for the other);
 * the holder renews every ``retry_period_s`` (``renewTime`` now, ``acquireTime`` kept; ``leaseTransitions`` grows
@@ -44,6 +45,10 @@ log = logging.getLogger(__name__)
 
 #: What a leader runs: ``work(fence, stop)`` until ``stop`` is set; it must write nothing once ``fence`` closes.
 Work = Callable[[fence.Fence, asyncio.Event], Coroutine[Any, Any, None]]
+
+
+#: A standby honours a holder's longer ``leaseDurationSeconds`` up to this multiple of its own setting.
+MAX_HONOURED_FACTOR = 10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,7 +164,7 @@ class Elector:
             return self._wrote(created, started)
         self._observe(current)
         holder = str((current.get("spec") or {}).get("holderIdentity") or "")
-        expired = self._clock.monotonic() > self._observed_at + self.lease.lease_duration_s
+        expired = self._clock.monotonic() > self._observed_at + self._honoured_duration_s(current)
         if holder and holder != self.lease.identity and not expired:
             self._report(holder)
             return False
@@ -278,6 +283,17 @@ class Elector:
         if record != self._observed:
             self._observed, self._observed_at = record, self._clock.monotonic()
         self._cached = lease
+
+    def _honoured_duration_s(self, lease: kube.Lease) -> float:
+        """How long a record must stay unchanged before it is expired: the ``leaseDurationSeconds`` its holder
+        wrote (as client-go: its promise to stop within a shorter renew deadline), never less than our own
+        setting (a record edited to 1 s must not invite a takeover), and at most ``MAX_HONOURED_FACTOR`` times it
+        (a record edited to a year must not freeze the election)."""
+        own = self.lease.lease_duration_s
+        written = (lease.get("spec") or {}).get("leaseDurationSeconds")
+        if isinstance(written, bool) or not isinstance(written, int | float) or not written > 0:
+            return own
+        return min(max(float(written), own), own * MAX_HONOURED_FACTOR)
 
     def _left(self, started: float, timeout_s: float) -> float:
         return max(0.1, started + timeout_s - self._clock.monotonic())

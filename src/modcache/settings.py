@@ -2,20 +2,31 @@
 
 ``Settings.from_env()`` reads ``MODCACHE_*`` variables (and keyword overrides from flags); a bad value becomes a
 one-line ``ConfigError`` naming the variable, never echoing its value (URLs hold passwords).
+
+Every secret setting (a ``SecretStr`` field: the database, LISTEN and Redis URLs here; the AMQP URL and the
+secrets key in the consumer's subclass) can instead be read from the file named by ``MODCACHE_<NAME>_FILE``,
+the Kubernetes Secret-volume convention: the secret then never sits in the process environment, which
+``/proc/<pid>/environ`` exposes to anything that can read it. Setting both variables is an error; a file that
+cannot be read, is empty, is not UTF-8 or is larger than ``MAX_SECRET_FILE_BYTES`` is a ``ConfigError`` naming
+the ``_FILE`` variable, never the content.
 """
 
 from __future__ import annotations
 
-import urllib.parse
+import os
+import typing
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pydantic
 import pydantic_settings
 
-from modcache import errors, keys, modules
+from modcache import endpoints, errors, keys, modules
 
 ENV_PREFIX = "MODCACHE_"
+FILE_SUFFIX = "_FILE"
+MAX_SECRET_FILE_BYTES = 64 * 1024  # a URL or a few keys; also stops a path like /dev/zero from hanging start-up
 
 
 class Settings(pydantic_settings.BaseSettings):
@@ -28,8 +39,37 @@ class Settings(pydantic_settings.BaseSettings):
         None, description="Direct PostgreSQL URL for LISTEN when database_url goes through PgBouncer."
     )
     redis_url: pydantic.SecretStr | None = pydantic.Field(
-        None, description="Redis holding the module cache; unset: embedded server (CLI demo only)."
+        None,
+        description="Redis holding the module cache (redis[s]://, redis[s]+sentinel://, redis[s]+cluster://, "
+        "unix://; see docs/topologies.md); unset: embedded server (CLI demo only).",
     )
+    redis_ssl_ca_file: Path | None = pydantic.Field(
+        None, description="PEM bundle of the CAs that sign the Redis servers' certificates; unset: system CAs."
+    )
+    redis_ssl_cert_file: Path | None = pydantic.Field(
+        None, description="PEM client certificate, for servers that require one (tls-auth-clients yes)."
+    )
+    redis_ssl_key_file: Path | None = pydantic.Field(None, description="PEM private key of redis_ssl_cert_file.")
+    redis_ssl_cert_reqs: Literal["required", "optional", "none"] = pydantic.Field(
+        "required", description="Whether the server's certificate must verify; 'none' only for tests."
+    )
+    redis_ssl_check_hostname: bool = pydantic.Field(
+        True, description="Whether the server's certificate must name the host connected to."
+    )
+    redis_sentinel_password: pydantic.SecretStr | None = pydantic.Field(
+        None, description="Password of the sentinels themselves (requirepass); the URL's is the data nodes'."
+    )
+    redis_connect_timeout_s: float = pydantic.Field(
+        5.0, gt=0, description="A Redis connection must be made within this (a failed-over master may not answer)."
+    )
+    database_ssl_mode: Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] | None = (
+        pydantic.Field(None, description="libpq sslmode added to the PostgreSQL URLs unless they set it.")
+    )
+    database_ssl_root_cert_file: Path | None = pydantic.Field(
+        None, description="PEM CA bundle for sslmode verify-ca/verify-full (libpq sslrootcert)."
+    )
+    database_ssl_cert_file: Path | None = pydantic.Field(None, description="PEM client certificate (sslcert).")
+    database_ssl_key_file: Path | None = pydantic.Field(None, description="PEM key of database_ssl_cert_file.")
     key_prefix: str = pydantic.Field(keys.DEFAULT_PREFIX, min_length=1, description="Bifrost's layout prefix.")
     resync_interval_s: float = pydantic.Field(300.0, gt=0, description="Full diff period; NOTIFY covers the rest.")
     resync_jitter_ratio: float = pydantic.Field(0.1, ge=0, le=1, description="Spreads resyncs of many caches.")
@@ -59,19 +99,54 @@ class Settings(pydantic_settings.BaseSettings):
         Path.home() / ".local" / "state" / "modcache", description="Where embedded servers keep their data."
     )
 
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[pydantic_settings.BaseSettings],
+        init_settings: pydantic_settings.PydanticBaseSettingsSource,
+        env_settings: pydantic_settings.PydanticBaseSettingsSource,
+        dotenv_settings: pydantic_settings.PydanticBaseSettingsSource,
+        file_secret_settings: pydantic_settings.PydanticBaseSettingsSource,
+    ) -> tuple[pydantic_settings.PydanticBaseSettingsSource, ...]:
+        return init_settings, env_settings, SecretFiles(settings_cls), dotenv_settings, file_secret_settings
+
     @pydantic.field_validator("database_url", "listen_database_url")
     @classmethod
     def _postgres_scheme(cls, value: pydantic.SecretStr | None) -> pydantic.SecretStr | None:
         if value is not None:
-            _require_scheme(value.get_secret_value(), ("postgresql", "postgres", "postgresql+asyncpg"))
+            endpoints.check_postgres(value.get_secret_value())  # one host or several (libpq's multi-host form)
         return value
 
     @pydantic.field_validator("redis_url")
     @classmethod
     def _redis_scheme(cls, value: pydantic.SecretStr | None) -> pydantic.SecretStr | None:
         if value is not None:
-            _require_scheme(value.get_secret_value(), ("redis", "rediss", "unix"))
+            endpoints.parse_redis(value.get_secret_value())
         return value
+
+    @pydantic.model_validator(mode="after")
+    def _topology_fits(self) -> Settings:
+        endpoint = self.redis_endpoint()
+        if endpoint is None:
+            return self
+        if endpoint.topology is endpoints.Topology.CLUSTER and keys.hash_tag(self.key_prefix) is None:
+            raise errors.ConfigError(
+                f"{ENV_PREFIX}KEY_PREFIX",
+                "a Redis Cluster URL needs a hash tag in the key prefix, so that every key of the cache lives in one"
+                " slot and the write scripts stay atomic: for example '{bifrost}:module:' instead of"
+                " 'bifrost:module:'",
+            )
+        tls_files = ("redis_ssl_ca_file", "redis_ssl_cert_file", "redis_ssl_key_file")
+        given = [name for name in tls_files if getattr(self, name) is not None]
+        if given and not endpoint.tls:
+            raise errors.ConfigError(
+                f"{ENV_PREFIX}{given[0].upper()}", "set, but MODCACHE_REDIS_URL does not use TLS (rediss://...)"
+            )
+        if (self.redis_ssl_cert_file is None) != (self.redis_ssl_key_file is None):
+            raise errors.ConfigError(
+                f"{ENV_PREFIX}REDIS_SSL_KEY_FILE", "the client certificate and its key are set together"
+            )
+        return self
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Settings:
@@ -85,28 +160,91 @@ class Settings(pydantic_settings.BaseSettings):
     def keyspace(self) -> keys.KeySpace:
         return keys.KeySpace(self.key_prefix, excluded=self.excluded_prefixes)
 
+    def redis_endpoint(self) -> endpoints.RedisEndpoint | None:
+        return None if self.redis_url is None else endpoints.parse_redis(self.redis_url.get_secret_value())
+
+    def database_ssl_params(self) -> dict[str, str]:
+        """The libpq TLS parameters these settings add to every PostgreSQL URL (the URL's own win)."""
+        params = {
+            "sslmode": self.database_ssl_mode,
+            "sslrootcert": self.database_ssl_root_cert_file,
+            "sslcert": self.database_ssl_cert_file,
+            "sslkey": self.database_ssl_key_file,
+        }
+        return {name: str(value) for name, value in params.items() if value is not None}
+
     def listen_url(self) -> str | None:
         """The direct URL for LISTEN: ``listen_database_url`` (behind PgBouncer), else ``database_url``."""
         chosen = self.listen_database_url or self.database_url
         return None if chosen is None else chosen.get_secret_value()
 
 
-def config_error(e: pydantic.ValidationError, env_prefix: str = ENV_PREFIX) -> errors.ConfigError:
-    """The first validation problem as a ConfigError naming the variable, without the offending value."""
+class SecretFiles(pydantic_settings.PydanticBaseSettingsSource):
+    """The secret settings named by ``MODCACHE_<NAME>_FILE``, read from those files."""
+
+    def __init__(
+        self, settings_cls: type[pydantic_settings.BaseSettings], *, environ: Mapping[str, str] | None = None
+    ) -> None:
+        super().__init__(settings_cls)
+        self._environ = os.environ if environ is None else environ
+
+    def get_field_value(self, field: pydantic.fields.FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # unused: __call__ reads every secret field at once
+
+    def __call__(self) -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        for name in secret_fields(self.settings_cls):
+            variable = f"{ENV_PREFIX}{name.upper()}"
+            path = self._environ.get(variable + FILE_SUFFIX)
+            if not path:
+                continue
+            if self._environ.get(variable):
+                raise errors.ConfigError(variable + FILE_SUFFIX, f"{variable} is set too; set only one of them")
+            values[name] = read_secret_file(variable + FILE_SUFFIX, Path(path))
+        return values
+
+
+def secret_fields(settings_cls: type[pydantic.BaseModel]) -> list[str]:
+    """The fields holding secrets: those typed ``SecretStr`` (optional or not)."""
+    return [
+        name
+        for name, field in settings_cls.model_fields.items()
+        if field.annotation is pydantic.SecretStr or pydantic.SecretStr in typing.get_args(field.annotation)
+    ]
+
+
+def read_secret_file(variable: str, path: Path) -> str:
+    """The secret in ``path`` without surrounding whitespace (``echo`` adds a newline), or a ConfigError naming
+    ``variable`` and saying what is wrong, never what the file holds."""
+    try:
+        with path.open("rb") as f:
+            raw = f.read(MAX_SECRET_FILE_BYTES + 1)
+    except OSError as e:
+        raise errors.ConfigError(variable, f"cannot read the file ({e.strerror or type(e).__name__})") from None
+    if len(raw) > MAX_SECRET_FILE_BYTES:
+        raise errors.ConfigError(variable, f"the file is larger than {MAX_SECRET_FILE_BYTES} bytes")
+    try:
+        text = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise errors.ConfigError(variable, "the file is not UTF-8 text") from None
+    if not text:
+        raise errors.ConfigError(variable, "the file is empty")
+    return text
+
+
+def config_error(
+    e: pydantic.ValidationError, env_prefix: str = ENV_PREFIX, *, environ: Mapping[str, str] | None = None
+) -> errors.ConfigError:
+    """The first validation problem as a ConfigError naming the variable (``..._FILE`` when the value came
+    from a file), without the offending value."""
     first = e.errors(include_input=False, include_url=False)[0]
     name = "_".join(str(part) for part in first["loc"]) or "settings"
     reason = str(first["msg"]).removeprefix("Value error, ")
-    return errors.ConfigError(f"{env_prefix}{name.upper()}", reason)
-
-
-def _require_scheme(url: str, schemes: tuple[str, ...]) -> None:
-    try:
-        parsed = urllib.parse.urlsplit(url)
-        parsed.port  # noqa: B018 -- raises ValueError on a malformed port
-    except ValueError:
-        raise ValueError("not a valid URL") from None
-    if parsed.scheme not in schemes:
-        raise ValueError(f"URL scheme must be one of {', '.join(schemes)}")
+    variable = f"{env_prefix}{name.upper()}"
+    environ = os.environ if environ is None else environ
+    if env_prefix and environ.get(variable + FILE_SUFFIX) and not environ.get(variable):
+        variable += FILE_SUFFIX
+    return errors.ConfigError(variable, reason)
 
 
 def asyncpg_dsn(url: str) -> str:

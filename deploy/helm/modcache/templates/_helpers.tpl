@@ -91,13 +91,46 @@ app.kubernetes.io/component: {{ .component }}
 {{- default (include "modcache.fullname" .) .Values.instance.name }}
 {{- end }}
 
-{{/* An env entry read from a Secret key: (dict "env" "MODCACHE_REDIS_URL" "ref" .Values.secretRefs.redisUrl) */}}
-{{- define "modcache.secretEnv" -}}
-- name: {{ .env }}
-  valueFrom:
-    secretKeyRef:
-      name: {{ required (printf "a Secret name is required for %s" .env) .ref.name }}
-      key: {{ .ref.key }}
+{{/* The secrets a container reads from files (MODCACHE_<NAME>_FILE; never secretKeyRef env, CKV_K8S_35):
+     a list of (dict "env" "MODCACHE_REDIS_URL" "ref" .Values.secretRefs.redisUrl "file" "redis-url"). */}}
+{{- define "modcache.secretFileEnv" -}}
+{{- range .secrets }}
+- name: {{ .env }}_FILE
+  value: {{ printf "%s/%s" $.mountPath .file | quote }}
+{{- end }}
+{{- end }}
+
+{{/* One read-only projected volume holding those secrets as files (mode 0440: the container's group). */}}
+{{- define "modcache.secretFilesVolume" -}}
+- name: secrets
+  projected:
+    defaultMode: 288  # 0440
+    sources:
+      {{- range .secrets }}
+      - secret:
+          name: {{ required (printf "a Secret name is required for %s" .env) .ref.name }}
+          items:
+            - key: {{ .ref.key }}
+              path: {{ .file }}
+      {{- end }}
+{{- end }}
+
+{{- define "modcache.secretFilesVolumeMount" -}}
+- name: secrets
+  mountPath: {{ .mountPath }}
+  readOnly: true
+{{- end }}
+
+{{/* The executor's image: its own repository/tag/digest when set, else the chart's image. */}}
+{{- define "modcache.executorImage" -}}
+{{- $e := .Values.consumer.executor.image }}
+{{- if not $e.repository }}
+{{- include "modcache.image" . }}
+{{- else if $e.digest }}
+{{- printf "%s@%s" $e.repository $e.digest }}
+{{- else }}
+{{- printf "%s:%s" $e.repository (default (default .Chart.AppVersion .Values.image.tag) $e.tag) }}
+{{- end }}
 {{- end }}
 
 {{/* Restricted Pod Security Standard: non-root fixed identity, RuntimeDefault seccomp. */}}
@@ -117,6 +150,21 @@ readOnlyRootFilesystem: true
 runAsNonRoot: true
 runAsUser: {{ .Values.podSecurity.runAsUser }}
 runAsGroup: {{ .Values.podSecurity.runAsGroup }}
+capabilities:
+  drop:
+    - ALL
+seccompProfile:
+  type: RuntimeDefault
+{{- end }}
+
+{{/* The executor's: the same restrictions under a uid of its own. */}}
+{{- define "modcache.executorSecurityContext" -}}
+allowPrivilegeEscalation: false
+privileged: false
+readOnlyRootFilesystem: true
+runAsNonRoot: true
+runAsUser: {{ .Values.consumer.executor.runAsUser }}
+runAsGroup: {{ .Values.consumer.executor.runAsGroup }}
 capabilities:
   drop:
     - ALL
@@ -168,6 +216,9 @@ topologySpreadConstraints:
 {{- define "modcache.validate" -}}
 {{- if and (gt (int .Values.operator.replicas) 1) (not .Values.operator.leaderElection.enabled) }}
 {{- fail "operator.replicas > 1 requires operator.leaderElection.enabled=true (kopf alone would run two writers)" }}
+{{- end }}
+{{- if eq (int .Values.consumer.executor.runAsUser) (int .Values.podSecurity.runAsUser) }}
+{{- fail "consumer.executor.runAsUser must differ from podSecurity.runAsUser: workflow code must not run as the uid holding the credentials" }}
 {{- end }}
 {{- if gt (int .Values.consumer.pool.minWorkers) (int .Values.consumer.pool.maxWorkers) }}
 {{- fail "consumer.pool.minWorkers must not exceed consumer.pool.maxWorkers" }}
