@@ -22,6 +22,7 @@ into status conditions, events and metrics.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import logging
@@ -35,10 +36,13 @@ from modcache import backoff, engine, errors, keyevents, pgsource, plan, setting
 log = logging.getLogger(__name__)
 
 # Why a sync ran (a bounded set: used as a metrics label).
-CONNECT, RECONNECT, PERIODIC, MANUAL, NOTIFY, KEYSPACE, RETRY, DEEP = (
-    "connect", "reconnect", "periodic", "manual", "notify", "keyspace", "retry", "deep",
+CONNECT, RECONNECT, PERIODIC, MANUAL, NOTIFY, KEYSPACE, RETRY, DEEP, EVICTED = (
+    "connect", "reconnect", "periodic", "manual", "notify", "keyspace", "retry", "deep", "evicted",
 )  # fmt: skip
 
+EVICTIONS_PER_S = 50  # evicted keys in one second from which the repairs of evicted keys are backed off
+EVICTION_BACKOFF_S = 0.5
+EVICTION_BACKOFF_MAX_S = 30.0
 FIRST_EVENTS_WAIT_S = 5.0  # the first resync waits this long at most for the key events to be subscribed
 
 Backoff = backoff.Backoff
@@ -83,6 +87,8 @@ class State:
     full_resyncs: int = 0
     last_full: plan.Report | None = None
     last_error: str | None = None
+    evicting: bool = False  # Redis is evicting the cache's keys faster than it can hold them (maxmemory)
+    evictions: int = 0  # the cache's keys Redis was heard evicting (a cache that does not fit shows here)
 
 
 class Watcher:
@@ -113,6 +119,12 @@ class Watcher:
         self._pending_event = asyncio.Event()
         self._cache_heard = asyncio.Event()  # the key-event iterator said whether events flow
         self._claims_wanted = False  # the manifest changed: the next resync may rebuild it from the keys' claims
+        self._doubts: set[str] = set()  # roles (generation, status) changed by someone else, checked by one task
+        self._doubts_event = asyncio.Event()
+        self._evictions: collections.deque[float] = collections.deque()  # when evicted events arrived (last 1 s)
+        self._held: set[str] = set()  # evicted paths whose repair waits (Redis is evicting what we write)
+        self._held_resync = False  # an evicted bookkeeping key's resync waits too
+        self._held_event = asyncio.Event()
         self._deep_task: asyncio.Task[plan.Report] | None = None  # the deep resync running, if one is
         self._preempted: asyncio.Task[plan.Report] | None = None  # the one cancelled because the cache was replaced
 
@@ -123,6 +135,8 @@ class Watcher:
             "modcache-listener": self._source_loop(),
             "modcache-keyspace": self._cache_loop(),
             "modcache-applier": self._apply_loop(),
+            "modcache-bookkeeping": self._doubt_loop(),
+            "modcache-evictions": self._eviction_loop(),
         }
         tasks = [asyncio.create_task(coro, name=name) for name, coro in loops.items()]
         try:
@@ -290,6 +304,8 @@ class Watcher:
 
     async def _on_key_event(self, event: keyevents.KeyEvent) -> None:
         match event:
+            case keyevents.Changed(event="evicted") if self._evicted():
+                self._hold(event.path)
             case keyevents.Changed(path=str(path)):
                 self.enqueue([path], KEYSPACE)
             case keyevents.Changed(role="manifest"):
@@ -299,8 +315,14 @@ class Watcher:
             case keyevents.Changed(role="index"):
                 self.request_resync(KEYSPACE)
             case keyevents.Changed(role=str(role)):
-                if await self._doubtful(role):
-                    self.request_resync(KEYSPACE)
+                # checked by ``_doubt_loop``, coalesced: a flood of events on these keys (a co-tenant, a second
+                # writer) costs one check at a time, never one round trip per event ahead of every other repair
+                self._doubts.add(role)
+                self._doubts_event.set()
+            case keyevents.Regressed(keyevents.EVICTED) if self._evicted():
+                self._hold(None)  # not a flush: keys were evicted; refilled once Redis stops evicting what we write
+            case keyevents.Regressed(replaced=False) if self._under_eviction_pressure():
+                self._hold(None)  # the generation evicted: the same
             case keyevents.Regressed(detail, replaced):
                 # refill at once (the routine resync); a replaced database (flushed, swapped) may hold forged values
                 # whose manifest entries agree with them: every value is compared right after
@@ -317,6 +339,61 @@ class Watcher:
             case keyevents.Lost(detail) | keyevents.Unavailable(detail):
                 self._keyspace_changed(False, detail)
                 self._cache_heard.set()
+
+    async def _doubt_loop(self) -> None:
+        while True:
+            await self._doubts_event.wait()
+            self._doubts_event.clear()
+            roles, self._doubts = self._doubts, set()
+            for role in sorted(roles):
+                if await self._doubtful(role):
+                    self.request_resync(KEYSPACE)
+
+    # -- Redis evicting the cache (maxmemory) ------------------------------------------------------------------
+
+    def _evicted(self) -> bool:
+        """Count one eviction; whether Redis has now evicted ``EVICTIONS_PER_S`` keys of the cache within a second:
+        then each repair of an evicted key evicts others (the cache does not fit), and repairs are backed off."""
+        self._evictions.append(self._monotonic())
+        self.state.evictions += 1
+        return self._under_eviction_pressure()
+
+    def _under_eviction_pressure(self) -> bool:
+        now = self._monotonic()
+        while self._evictions and self._evictions[0] < now - 1.0:
+            self._evictions.popleft()
+        return len(self._evictions) >= EVICTIONS_PER_S
+
+    def _hold(self, path: str | None) -> None:
+        if path is None:
+            self._held_resync = True
+        else:
+            self._held.add(path)
+        self._held_event.set()
+
+    async def _eviction_loop(self) -> None:
+        """Release held repairs with exponential backoff while Redis keeps evicting (at most one batch per delay)."""
+        delays = Backoff(EVICTION_BACKOFF_S, EVICTION_BACKOFF_MAX_S, self._rng)
+        while True:
+            await self._held_event.wait()
+            delay_s = delays.next_s()
+            self.state.evicting = True
+            log.warning(
+                "Redis is evicting the cache's keys (maxmemory too small for %d+ modules?): repairs of evicted keys "
+                "wait %.1fs",
+                len(self._held),
+                delay_s,
+            )
+            await asyncio.sleep(delay_s)
+            self._held_event.clear()
+            held, self._held = self._held, set()
+            self.enqueue(held, EVICTED)
+            if self._held_resync:
+                self._held_resync = False
+                self.request_resync(EVICTED)
+            if not self._under_eviction_pressure():
+                delays.reset()
+                self.state.evicting = False
 
     async def _doubtful(self, role: str) -> bool:
         """Whether a foreign change to the generation or the status record needs a resync (another modcache
