@@ -62,7 +62,7 @@ WHERE (workspace_files.content, workspace_files.content_hash, workspace_files.en
 """
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class Module:
     """A live module read with its content, validated."""
 

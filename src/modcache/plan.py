@@ -65,7 +65,7 @@ class Reason(enum.StrEnum):
 CLASSIC_REASONS = (Reason.MISSING, Reason.STALE, Reason.ORPHAN, Reason.INDEX)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)  # 1,000,000 of them after a flush: no per-item dict
 class Item:
     operation: Operation
     path: str

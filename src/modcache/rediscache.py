@@ -314,7 +314,7 @@ MAX_OWN_WRITES = 10_000
 Client = aioredis.Redis | aiocluster.RedisCluster
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class Write:
     """One plan item ready for APPLY: the item plus, for PUT, the JSON value to store (its length goes into the
     manifest entry; a REINDEX may carry the value's length without the value)."""
