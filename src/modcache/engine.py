@@ -155,11 +155,34 @@ class Engine:
         rejected and never acted on."""
         started = self._monotonic()
         wanted, refused = self._judge_names(paths)
-        the_plan, outcome, source, view = await self._converge_paths(wanted, dry_run=dry_run)
+        the_plan, outcome, source, cached = await self._converge_batched(wanted, dry_run=dry_run)
         if not dry_run:
             await self._settle(outcome)
         outcome.rejected += refused
-        return self._report(the_plan, outcome, source, view.cached_count(), started, dry_run=dry_run, digest=None)
+        return self._report(the_plan, outcome, source, cached, started, dry_run=dry_run, digest=None)
+
+    async def _converge_batched(
+        self, paths: Sequence[str], *, dry_run: bool
+    ) -> tuple[plan.Plan, _Outcome, plan.SourceView, int]:
+        """``_converge_paths`` in the full resync's bounded batches (``fetch_batch_size`` rows and
+        ``plan.BATCH_BYTES`` of content each): a burst of hints naming 8 MiB modules must not become one read and
+        one Redis call holding all of them. Returns the plans joined, the outcome, the source seen, the keys cached."""
+        large = await self.source.large_among(paths) if len(paths) > 1 else {}
+        items: list[plan.Item] = []
+        rejected: list[modules.Rejected] = []
+        repairs: list[plan.KeyRepair] = []
+        live: dict[str, str] = {}
+        outcome, cached = _Outcome(), 0
+        for batch in plan.batches_by_bytes(paths, large, rows=self.fetch_batch_size):
+            the_plan, done, source, view = await self._converge_paths(batch, dry_run=dry_run)
+            items += the_plan.items
+            rejected += the_plan.rejected
+            repairs += the_plan.repairs
+            live.update(source.live)
+            outcome.absorb(done)
+            cached += view.cached_count()
+        joined = plan.Plan(items=tuple(items), rejected=tuple(rejected), repairs=_unique_repairs(repairs))
+        return joined, outcome, plan.SourceView(live=live, rejected=tuple(rejected)), cached
 
     def _judge_names(self, paths: Iterable[str]) -> tuple[list[str], list[modules.Rejected]]:
         wanted, refused = [], []
@@ -228,7 +251,7 @@ class Engine:
             if not pending:
                 return
             log.debug("re-checking %d paths a concurrent writer changed", len(pending))
-            _, again, _, _ = await self._converge_paths(sorted({i.path for i in pending}), dry_run=False)
+            _, again, _, _ = await self._converge_batched(sorted({i.path for i in pending}), dry_run=False)
             outcome.applied += again.applied
             outcome.vanished += again.vanished
             outcome.repairs += again.repairs

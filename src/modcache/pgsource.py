@@ -52,6 +52,11 @@ SELECT path, {_RAW.format("content_hash")}, {_RAW.format("content")} AS raw
 FROM workspace_files WHERE path = ANY($1::text[]) AND {LIVE}
 """
 
+SIZES_SQL = f"""
+SELECT path, octet_length(content) FROM workspace_files
+WHERE path = ANY($1::text[]) AND {LIVE} AND octet_length(content) > $2
+"""
+
 UPSERT_SQL = """
 INSERT INTO workspace_files (path, content, content_hash, size_bytes, entity_type, is_deleted)
 VALUES ($1, $2, $3, $4, 'module', false)
@@ -116,6 +121,12 @@ class PgSource:
             else:
                 live[path] = digest
         return plan.SourceView(live=live, rejected=tuple(rejected), large={p: n for p, n in large.items() if p in live})
+
+    async def large_among(self, paths: Sequence[str]) -> dict[str, int]:
+        """The content size of the live modules among ``paths`` larger than ``plan.SMALL_BYTES`` (for
+        ``plan.batches_by_bytes``; ``octet_length`` of a TOASTed value reads its header, not the value)."""
+        rows = await self._run(lambda c: c.fetch(SIZES_SQL, list(paths), plan.SMALL_BYTES))
+        return {str(path): int(size) for path, size in rows}
 
     async def fetch(self, paths: Sequence[str]) -> tuple[dict[str, Module], list[modules.Rejected]]:
         """The live modules among ``paths``, with content; paths that are not live modules are left out."""

@@ -1,7 +1,8 @@
 """The second independent attack on issue 9 (``/work/coord/attack-9.md``, main @ 0380bf0), each finding attacked the
-same way: a flood of key events on the generation and status keys ahead of a forgery (F4), and a cache that does not
-fit in ``maxmemory`` under an ``allkeys-*`` policy, so that every repair evicts other keys, the probe key among them
-(F2). Outcomes are judged by ``testkit.convergence`` (rows and keys compared directly), never by the engine's plan."""
+same way: a flood of key events on the generation and status keys ahead of a forgery (F4), a cache that does not fit
+in ``maxmemory`` under an ``allkeys-*`` policy, so that every repair evicts other keys, the probe key among them (F2),
+a co-tenant's 100,000 junk index members (F8), and a burst of hints naming many large modules (F12). Outcomes are
+judged by ``testkit.convergence`` (rows and keys compared directly), never by the engine's plan."""
 
 from __future__ import annotations
 
@@ -9,13 +10,13 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import pytest
 import redis.asyncio as aioredis
 import redis.exceptions
 
-from modcache import engine, keys, pgsource, rediscache, settings, watcher
+from modcache import engine, keys, modules, pgsource, plan, rediscache, settings, watcher
 from testkit import convergence
 from testkit.observers import Recorder
 from testkit.servers import PrivateRedis, private_redis
@@ -134,5 +135,72 @@ async def test_a_cache_that_does_not_fit_is_neither_taken_for_a_flush_nor_repair
             left = await convergence.converged(database_url, client, KS.prefix, within_s=35.0)
             assert not left, left[:3]
             assert not task.done()
+    finally:
+        await client.aclose()
+
+
+# -- F8: a co-tenant's junk in the index ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def plain_server() -> AsyncIterator[PrivateRedis]:  # type: ignore[misc]
+    with private_redis() as redis_server:
+        yield redis_server
+
+
+async def test_junk_index_members_by_the_hundred_thousand_are_read_in_pages_and_removed(
+    plain_server: PrivateRedis, source: pgsource.PgSource
+) -> None:
+    """1,000,000 ``SADD index junk/<i>.py`` made every full resync time out for ever: the whole index came back from
+    one script call. It is read in SSCAN pages (no call grows with what a co-tenant adds) and the junk goes."""
+    await put_some(source, 20)
+    client = aioredis.Redis.from_url(plain_server.url, decode_responses=True)
+    cache = rediscache.RedisCache(client=client, keyspace=KS)
+    try:
+        e = engine.Engine(source=source, cache=cache)
+        await e.full_resync()
+        async with client.pipeline(transaction=False) as pipe:
+            for start in range(0, 100_000, 5000):
+                pipe.sadd(KS.index, *[f"junk/{i}.py" for i in range(start, start + 5000)])
+            await pipe.execute()
+        await client.config_resetstat()
+        report = await e.full_resync()
+        stats = await client.info("commandstats")
+        assert report.plan.counts()[plan.Reason.INDEX] == 100_000
+        assert await client.scard(KS.index) == 20
+        assert "cmdstat_smembers" not in stats, "the whole index was read in one call"
+        assert stats["cmdstat_sscan"]["calls"] >= 10
+    finally:
+        await client.aclose()
+
+
+# -- F12: the incremental path in bounded batches -----------------------------------------------------------------
+
+
+async def test_hints_naming_many_large_modules_are_applied_in_bounded_batches(
+    plain_server: PrivateRedis, source: pgsource.PgSource, database_url: str
+) -> None:
+    """Thirty 8 MiB modules named in one burst of hints were one read and one APPLY (1.8 GB of RSS, a call over
+    Redis's query buffer limit). Now no APPLY carries more than ``plan.BATCH_BYTES`` of values (plus one module)."""
+    source = pgsource.PgSource(engine=source.engine, max_module_bytes=modules.DEFAULT_MAX_MODULE_BYTES)
+    paths = [f"big/m{i}.py" for i in range(20)]
+    for i, path in enumerate(paths):
+        await source.put_module(path, (f"# {i}\n" + "x = 1\n" * 180_000).encode())  # ~1 MiB each
+    client = aioredis.Redis.from_url(plain_server.url, decode_responses=True)
+    cache = rediscache.RedisCache(client=client, keyspace=KS)
+    sent: list[int] = []
+    apply = cache.apply
+
+    async def recording(writes: Sequence[rediscache.Write], *, fence: int, limit: int = 0) -> rediscache.Applied:
+        sent.append(sum(len(w.value) for w in writes))
+        return await apply(writes, fence=fence, limit=limit)
+
+    cache.apply = recording  # type: ignore[method-assign]
+    try:
+        report = await engine.Engine(source=source, cache=cache).apply_paths(paths)
+        assert report.repaired == 20
+        assert len(sent) >= 3, sent
+        assert max(sent) <= plan.BATCH_BYTES + 1_100_000, sent
+        assert not await convergence.differences(database_url, client, KS.prefix, max_bytes=2**21)
     finally:
         await client.aclose()
