@@ -106,10 +106,18 @@ class Elector:
         self._complaint: str | None = None
         self._reported_holder: str | None = None
         self.terms = 0  # how many times this replica became the leader
+        self._answered_at: float | None = None  # when the API last answered a campaign attempt (monotonic)
 
     @property
     def leading(self) -> bool:
         return self._fence is not None and self._fence.open
+
+    def in_contact(self) -> bool:
+        """Whether a standby can take over when needed: the API answered its last attempt, within the renew
+        deadline. A replica that never reached the API (egress policy, CA, token) is no standby at all, and
+        must not count as ready in a rolling update that then retires the working leader."""
+        answered = self._answered_at
+        return answered is not None and self._clock.monotonic() - answered <= self.lease.renew_deadline_s
 
     async def run(self, stop: asyncio.Event) -> None:
         """Campaign, lead, campaign again after losing the Lease; until ``stop`` (or the work failed)."""
@@ -147,6 +155,7 @@ class Elector:
                 self._complaint = complaint
             return None
         self._complaint = None
+        self._answered_at = self._clock.monotonic()
         return held
 
     async def _try(self, *, timeout_s: float) -> bool:

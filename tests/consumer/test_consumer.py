@@ -7,7 +7,6 @@ import asyncio
 import json
 import urllib.request
 import uuid
-from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -16,6 +15,7 @@ import sqlalchemy as sa
 
 from modcache import keys
 from modcache_consumer import consumer as consumer_module
+from testkit.ledger import LEDGER
 
 ECHO = "def run(**params):\n    return params\n"
 
@@ -100,23 +100,24 @@ async def test_an_internal_error_fails_the_execution_and_poisons_the_message_wit
     assert row["error"] == "internal error: LookupError: a bug"
 
 
-APPEND = "def run(path):\n    with open(path, 'a') as f:\n        f.write('ran\\n')\n    return 'done'\n"
+APPEND = LEDGER + "def run(url, key):\n    note(url, key, 'ran')\n    return 'done'\n"
 
 
-async def test_redelivery_never_runs_a_finished_execution_again(harness, tmp_path: Path) -> None:
+async def test_redelivery_never_runs_a_finished_execution_again(harness) -> None:
     workflow_id = await harness.workflow(APPEND)
-    ledger = tmp_path / "ledger"
+    ledger = harness.ledger()
     execution_id = uuid.uuid4()
     async with harness.consumer():
-        first = await harness.call(workflow_id, {"path": str(ledger)}, execution_id=execution_id)
-        again = await harness.call(workflow_id, {"path": str(ledger)}, execution_id=execution_id)
-    assert first["status"] == again["status"] == "SUCCESS"
+        first = await harness.call(workflow_id, ledger.params, execution_id=execution_id)
+        again = await harness.call(workflow_id, ledger.params, execution_id=execution_id)
+    assert first["status"] == again["status"] == "SUCCESS", first["error"]
     assert again["result"] == "done"  # the stored outcome is replied
-    assert ledger.read_text() == "ran\n"  # ...and the workflow ran once
+    assert await ledger.entries() == ["ran"]  # ...and the workflow ran once
 
 
-async def test_a_running_execution_left_by_a_dead_consumer_is_run_on_redelivery(harness, tmp_path: Path) -> None:
+async def test_a_running_execution_left_by_a_dead_consumer_is_run_on_redelivery(harness) -> None:
     workflow_id = await harness.workflow(APPEND)
+    ledger = harness.ledger()
     execution_id = uuid.uuid4()
     await harness.sql(
         "INSERT INTO executions (id, workflow_id, status, started_at) VALUES ($1, $2, 'RUNNING', now())",
@@ -124,9 +125,9 @@ async def test_a_running_execution_left_by_a_dead_consumer_is_run_on_redelivery(
         workflow_id,
     )
     async with harness.consumer():
-        reply = await harness.call(workflow_id, {"path": str(tmp_path / "ledger")}, execution_id=execution_id)
+        reply = await harness.call(workflow_id, ledger.params, execution_id=execution_id)
     assert reply["status"] == "SUCCESS"
-    assert (tmp_path / "ledger").read_text() == "ran\n"
+    assert await ledger.entries() == ["ran"]
 
 
 async def test_twenty_concurrent_messages_are_all_recorded(harness) -> None:
@@ -142,11 +143,11 @@ async def test_twenty_concurrent_messages_are_all_recorded(harness) -> None:
 async def test_prefetch_bounds_executions_in_flight_to_the_concurrency(harness) -> None:
     code = "import time\ndef run():\n    start = time.time()\n    time.sleep(0.3)\n    return [start, time.time()]\n"
     workflow_id = await harness.workflow(code)
-    async with harness.consumer(consumer_concurrency=2, pool_max_workers=4):
+    async with harness.consumer(consumer_concurrency=2):
         replies = await asyncio.gather(*(harness.call(workflow_id) for _ in range(6)))
     spans = [r["result"] for r in replies]
     overlap = max(sum(1 for s, e in spans if s <= t < e) for t, _ in spans)
-    assert overlap == 2  # four workers were free: only the prefetch of 2 held the rest back
+    assert overlap == 2  # the executor starts any number: only the prefetch of 2 held the rest back
 
 
 async def test_pg_terminate_backend_between_messages_loses_nothing(harness) -> None:
@@ -229,15 +230,12 @@ async def test_a_lost_cache_is_converged_once_before_running(harness, redis_clie
 async def test_a_module_changed_between_two_executions_is_seen_by_the_second(harness) -> None:
     await harness.module("modules/billing.py", "RATE = 1\n")
     await harness.converge()
-    workflow_id = await harness.workflow(
-        "import os, modules.billing\ndef run():\n    return [modules.billing.RATE, os.getpid()]\n"
-    )
-    async with harness.consumer(pool_min_workers=1, pool_max_workers=1):
+    workflow_id = await harness.workflow("import modules.billing\ndef run():\n    return modules.billing.RATE\n")
+    async with harness.consumer():
         first = await harness.call(workflow_id)
         await harness.module("modules/billing.py", "RATE = 2\n")  # what the operator's watcher would write
         second = await harness.call(workflow_id)
-    assert first["result"][0] == 1
-    assert second["result"] == [2, first["result"][1]]  # same worker, new code
+    assert [first["result"], second["result"]] == [1, 2]
 
 
 async def test_timeout_is_recorded(harness) -> None:
@@ -323,26 +321,23 @@ async def test_stop_drains_in_flight_executions(harness) -> None:
     assert (await caller.result(request.execution_id, timeout_s=5))["status"] == "SUCCESS"
 
 
-async def test_an_execution_cut_off_by_the_grace_period_is_redelivered(harness, tmp_path: Path) -> None:
+async def test_an_execution_cut_off_by_the_grace_period_is_redelivered(harness) -> None:
     code = (
-        "import time\n"
-        "def run(path, wait):\n"
-        "    open(path, 'a').write('start\\n')\n"
-        "    time.sleep(wait)\n"
-        "    return 'ok'\n"
+        LEDGER
+        + "import time\ndef run(url, key, wait):\n    note(url, key, 'start')\n    time.sleep(wait)\n    return 'ok'\n"
     )
     workflow_id = await harness.workflow(code)
-    ledger = tmp_path / "ledger"
+    ledger = harness.ledger()
     caller = await harness.caller()
-    request = harness.request(workflow_id, {"path": str(ledger), "wait": 1.5})
+    request = harness.request(workflow_id, {**ledger.params, "wait": 1.5})
     async with harness.consumer(drain_grace_s=0.2):
         await caller.publish(request)
-        await harness.wait_for_status(request.execution_id, "RUNNING")
+        await ledger.wait_for(1)  # its code runs
     assert (await harness.execution(request.execution_id))["status"] == "RUNNING"  # not finished, not lost
     async with harness.consumer():
         reply = await caller.result(request.execution_id, timeout_s=30)
     assert reply["status"] == "SUCCESS"
-    assert ledger.read_text() == "start\nstart\n"
+    assert await ledger.entries() == ["start", "start"]
 
 
 def _get(url: str) -> tuple[int, str]:

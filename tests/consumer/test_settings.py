@@ -32,19 +32,10 @@ def test_a_bad_variable_is_named_and_its_value_never_shown(
     assert "hunter2" not in str(caught.value)
 
 
-def test_pool_min_workers_above_max_names_the_max(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("MODCACHE_POOL_MIN_WORKERS", "5")
-    monkeypatch.setenv("MODCACHE_POOL_MAX_WORKERS", "2")
-    with pytest.raises(
-        errors.ConfigError, match=r"^MODCACHE_POOL_MAX_WORKERS: smaller than MODCACHE_POOL_MIN_WORKERS$"
-    ):
-        settings.ConsumerSettings.from_env()
-
-
 def test_derived_values_follow_concurrency(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MODCACHE_CONSUMER_CONCURRENCY", "6")
     s = settings.ConsumerSettings.from_env()
-    assert (s.max_workers, s.pool_size, s.queue_name) == (6, 7, "workflow-executions")
+    assert (s.pool_size, s.queue_name, s.executor_socket) == (7, "workflow-executions", None)
 
 
 def test_a_missing_url_is_a_config_error_naming_it(monkeypatch: pytest.MonkeyPatch) -> None:

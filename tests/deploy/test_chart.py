@@ -320,16 +320,26 @@ def test_secrets_reach_containers_only_as_files(rendered: Any, effective_values:
             for name, (secret, key) in sources.items():
                 ref = {"MODCACHE_DATABASE_URL_FILE": refs["databaseUrl"], "MODCACHE_REDIS_URL_FILE": refs["redisUrl"]}
                 ref |= {"MODCACHE_AMQP_URL_FILE": refs["amqpUrl"], "MODCACHE_SECRETS_KEY_FILE": refs["secretsKey"]}
+                ref["MODCACHE_REDIS_SENTINEL_PASSWORD_FILE"] = effective_values["redis"]["sentinel"][
+                    "passwordSecretRef"
+                ]
                 assert (secret, key) == (ref[name]["name"], ref[name]["key"]), (where, name)
+    named = effective_values["redis"]["sentinel"]["passwordSecretRef"]["name"]
+    sentinel = {"MODCACHE_REDIS_SENTINEL_PASSWORD_FILE"} if named else set()  # every pod that connects
     if effective_values["consumer"]["enabled"]:
-        assert seen["consumer"] == {
-            "MODCACHE_DATABASE_URL_FILE",
-            "MODCACHE_REDIS_URL_FILE",
-            "MODCACHE_AMQP_URL_FILE",
-            "MODCACHE_SECRETS_KEY_FILE",
-        }
+        assert (
+            seen["consumer"]
+            == {
+                "MODCACHE_DATABASE_URL_FILE",
+                "MODCACHE_REDIS_URL_FILE",
+                "MODCACHE_AMQP_URL_FILE",
+                "MODCACHE_SECRETS_KEY_FILE",
+            }
+            | sentinel
+        )
     if effective_values["tests"]["enabled"]:
-        assert seen["sync"] == {"MODCACHE_DATABASE_URL_FILE", "MODCACHE_REDIS_URL_FILE"}
+        assert seen["sync"] == {"MODCACHE_DATABASE_URL_FILE", "MODCACHE_REDIS_URL_FILE"} | sentinel
+    assert seen["operator"] == sentinel
     workloads = yaml.safe_dump([o for o in rendered.objects if o["kind"] != "CustomResourceDefinition"])
     assert not re.search(r"(postgres(ql)?|rediss?|amqps?)://", workloads)
     assert not rendered.of_kind("Secret")
@@ -433,7 +443,8 @@ def test_the_helm_test_hook_syncs_once_with_the_project_image(rendered: Any, eff
     assert container["args"][-2:] == ["sync", "--once"]
     assert hook["spec"]["restartPolicy"] == "Never"
     env = {e["name"] for e in container["env"]}
-    assert env == {"MODCACHE_DATABASE_URL_FILE", "MODCACHE_REDIS_URL_FILE", "MODCACHE_KEY_PREFIX"}
+    topology = {n for n in env if "_SSL_" in n or "SENTINEL" in n}  # TLS files and checks (test_topologies_chart)
+    assert env - topology == {"MODCACHE_DATABASE_URL_FILE", "MODCACHE_REDIS_URL_FILE", "MODCACHE_KEY_PREFIX"}
 
 
 def test_the_module_cache_instance_follows_values(rendered: Any, effective_values: dict[str, Any]) -> None:
@@ -536,6 +547,8 @@ def test_network_policies_allow_only_the_needed_traffic(rendered: Any, effective
         allowed = {(p["port"], p["protocol"]) for rule in spec["egress"] for p in rule["ports"]}
         wanted = {(port, "TCP") for need in needs[component] for port in config[need]["ports"]}
         wanted |= {(port, "UDP") for port in config["dns"]["ports"]}
+        if effective_values["redis"]["topology"] == "sentinel":
+            wanted.add((26379, "TCP"))  # the sentinels, asked for the master first
         assert allowed == wanted
         postgres = [r for r in spec["egress"] if {p["port"] for p in r["ports"]} == set(config["postgresql"]["ports"])]
         assert postgres[0].get("to", []) == config["postgresql"]["to"]

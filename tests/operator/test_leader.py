@@ -180,6 +180,24 @@ async def test_a_standby_with_a_shorter_lease_setting_waits_for_the_duration_the
                 await replica.shutdown()
 
 
+async def test_a_standby_cut_off_from_the_api_is_no_standby_until_it_is_answered_again(api: ApiServer) -> None:
+    """Its readiness: a rolling update must not retire the leader for a replica that could never take over."""
+    async with replicas(api, "a", "b") as (a, b):
+        a.start()
+        await asyncio.wait_for(a.working.wait(), 10)
+        b.start()
+        await _renewals(api, 2)
+        assert b.elector.in_contact()
+        assert not b.elector.leading
+        cut = Fault("hang", token=b.token, plural="leases")
+        api.emulator.faults.append(cut)
+        await _until(api, lambda: not b.elector.in_contact(), "the cut-off standby admits it", timeout_s=10)
+        api.emulator.faults.remove(cut)
+        await _until(api, b.elector.in_contact, "the standby answered again", timeout_s=10)
+        assert a.elector.leading
+        assert not b.elector.leading
+
+
 async def test_connection_resets_shorter_than_the_renew_deadline_end_no_term(api: ApiServer) -> None:
     async with replicas(api, "a") as (a,):
         a.start()
