@@ -228,6 +228,7 @@ class Executor:
         terminate_grace_s: float = 5.0,
         start_timeout_s: float = 30.0,
         uid_base: int | None = None,
+        namespaces: bool = True,
         python: str = sys.executable,
         environment: Mapping[str, str] | None = None,
         teacher: Teacher | None = None,
@@ -238,6 +239,7 @@ class Executor:
         self._grace_s = terminate_grace_s
         self._start_timeout_s = start_timeout_s
         self._uid_base = uid_base
+        self._namespaces = namespaces
         self._python = python
         self._environment = dict(environment if environment is not None else executor_environment())
         self._teacher = teacher
@@ -290,6 +292,7 @@ class Executor:
                 "--parent",
                 str(os.getpid()),
                 *(["--uid-base", str(self._uid_base)] if self._uid_base is not None else []),
+                *([] if self._namespaces else ["--no-namespaces"]),
                 pass_fds=[theirs.fileno()],
                 env=self._environment,
                 stdin=asyncio.subprocess.DEVNULL,

@@ -20,6 +20,7 @@ import dataclasses
 import inspect
 import json
 import linecache
+import os
 import socket
 import sys
 import time
@@ -245,6 +246,7 @@ def _ms_since(started: float) -> float:
 def main(*, channel_fd: int, memory: Memory) -> int:
     """Run the one execution this process exists for; returns the exit code."""
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+    os.set_inheritable(channel_fd, False)  # subprocess children never get it (a fork still does)
     channel = protocol.Channel(socket.socket(fileno=channel_fd))
     job: Any = channel.receive()
     if job is None or job.get("op") != "run":

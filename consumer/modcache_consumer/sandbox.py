@@ -213,8 +213,13 @@ def enter_user_namespace(outer_uid: int, outer_gid: int) -> None:
         f.write(f"0 {outer_gid} 1")
 
 
-def private_mounts(tmp_bytes: int) -> None:
-    """``/proc`` of the execution's own PID namespace, and a private tmpfs ``/tmp``."""
+#: World-writable directories every execution gets a private, empty tmpfs of its own on.
+SCRATCH_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
+
+
+def private_mounts(tmp_bytes: int, hidden: Sequence[str] = ()) -> None:
+    """``/proc`` of the execution's own PID namespace, a private tmpfs on each of ``SCRATCH_DIRS``, and an
+    empty read-only tmpfs over each of ``hidden`` (the executor's socket directory)."""
     flags = _MS_NOSUID | _MS_NODEV
     mount(None, "/", None, _MS_REC | _MS_PRIVATE)
     try:
@@ -222,7 +227,19 @@ def private_mounts(tmp_bytes: int) -> None:
     except SandboxError as e:
         if e.errno != errno.EPERM:  # a container's masked /proc refuses a new proc mount: keep the old one
             raise
-    mount("tmpfs", "/tmp", "tmpfs", flags, f"mode=1777,size={tmp_bytes}")
+    for scratch in SCRATCH_DIRS:
+        if os.path.isdir(scratch):
+            mount("tmpfs", scratch, "tmpfs", flags, f"mode=1777,size={tmp_bytes}")
+    for path in hidden:
+        if os.path.isdir(path) and not _holds_interpreter(path):
+            mount("tmpfs", path, "tmpfs", flags | _MS_RDONLY | _MS_NOEXEC, "mode=755,size=4k")
+
+
+def _holds_interpreter(path: str) -> bool:
+    """Hiding ``path`` would hide the interpreter or the code the execution imports (``/``, ``/usr``, ...)."""
+    real = os.path.realpath(path).rstrip("/") + "/"
+    needed = (sys.base_prefix, sys.prefix, os.path.dirname(__file__), *sys.path)
+    return any((os.path.realpath(p).rstrip("/") + "/").startswith(real) for p in needed if p)
 
 
 def apply_limits(limits: Limits) -> None:

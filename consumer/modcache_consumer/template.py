@@ -80,8 +80,16 @@ class Execution:
 
 
 class Template:
-    def __init__(self, *, isolation: sandbox.Isolation, memory: runtime.Memory, exit_with_last: bool) -> None:
+    def __init__(
+        self,
+        *,
+        isolation: sandbox.Isolation,
+        memory: runtime.Memory,
+        exit_with_last: bool,
+        hidden: tuple[str, ...] = (),
+    ) -> None:
         self._isolation = isolation
+        self._hidden = hidden
         self._memory = memory
         self._exit_with_last = exit_with_last
         self._selector = selectors.DefaultSelector()
@@ -245,7 +253,9 @@ class Template:
         if iso.user_namespace:
             sandbox.enter_user_namespace(os.getuid(), os.getgid())
         if iso.namespaces:
-            sandbox.private_mounts(limits.tmp_bytes)
+            sandbox.private_mounts(limits.tmp_bytes, self._hidden)
+        else:
+            sandbox.make_non_dumpable()  # same-uid executions cannot read each other's memory
         sandbox.apply_limits(limits)
         sandbox.drop_privileges(None if iso.uid_base is None else iso.uid_base + slot)
         os.environ.clear()
@@ -261,6 +271,8 @@ class Template:
         del self._executions[execution.pidfd]
         os.close(execution.pidfd)
         _, status = os.waitpid(execution.pid, 0)
+        if not self._isolation.namespaces:
+            self._sweep()
         execution.control.send({
             "op": "exited",
             "ticket": execution.ticket,
@@ -269,6 +281,21 @@ class Template:
             "timed_out": execution.timed_out,
             "stopped": execution.stopped,
         })  # fmt: skip
+
+    def _sweep(self) -> None:
+        """Without a PID namespace: orphans of finished executions were reparented to this subreaper; kill
+        every child that is not a running execution, until none is left."""
+        live = {e.pid for e in self._executions.values()}
+        for _ in range(100):
+            strays = [pid for pid in _children(self._pid) if pid not in live]
+            if not strays:
+                return
+            for pid in strays:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            for pid in strays:
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, 0)
 
     def _signal(self, execution: Execution, sig: int) -> None:
         with contextlib.suppress(ProcessLookupError):
@@ -297,6 +324,14 @@ class Template:
 _EXECUTION_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp", "TMPDIR": "/tmp", "LANG": "C.UTF-8"}
 
 
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        return []
+
+
 def select_readable(fd: int) -> bool:
     poller = select.poll()
     poller.register(fd, select.POLLIN)
@@ -310,20 +345,29 @@ def warm_up() -> runtime.Memory:
     return runtime.Memory()
 
 
-def prepare(uid_base: int) -> sandbox.Isolation:
+def prepare(uid_base: int, *, namespaces: bool = True) -> sandbox.Isolation:
     """Once, before serving: non-dumpable, probe the namespaces, hide private trees (root only)."""
     sandbox.make_non_dumpable()
-    isolation = sandbox.probe(uid_base)
-    if isolation.uid_base is not None and isolation.namespaces:
+    root_uid = uid_base if os.geteuid() == 0 else None
+    isolation = sandbox.probe(uid_base) if namespaces else sandbox.Isolation(False, False, root_uid)
+    if not isolation.namespaces:
+        sandbox.become_subreaper()  # what an execution leaves behind is reparented here, and swept
+    if isolation.uid_base is not None:
         sandbox.hide_private_trees(sandbox.needed_trees([os.path.dirname(os.path.dirname(runtime.__file__))]))
     return isolation
 
 
-def run(*, listener: socket.socket | None = None, control: socket.socket | None = None,
-        uid_base: int = DEFAULT_UID_BASE) -> None:  # fmt: skip
+def run(
+    *,
+    listener: socket.socket | None = None,
+    control: socket.socket | None = None,
+    uid_base: int = DEFAULT_UID_BASE,
+    namespaces: bool = True,
+    hidden: tuple[str, ...] = (),
+) -> None:
     """Serve until SIGTERM (``listener``) or until ``control`` closes (child mode)."""
-    isolation = prepare(uid_base)
-    template = Template(isolation=isolation, memory=warm_up(), exit_with_last=control is not None)
+    isolation = prepare(uid_base, namespaces=namespaces)
+    template = Template(isolation=isolation, memory=warm_up(), exit_with_last=control is not None, hidden=hidden)
     wake_r, wake_w = socket.socketpair()
     wake_r.setblocking(False)
     wake_w.setblocking(False)
@@ -351,14 +395,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--control-fd", type=int, help="serve the one consumer on this inherited descriptor")
     parser.add_argument("--parent", type=int, help="die with this parent process (child mode)")
     parser.add_argument("--uid-base", type=int, default=DEFAULT_UID_BASE)
+    parser.add_argument("--no-namespaces", action="store_true", help="a process group per execution only")
     args = parser.parse_args(argv)
+    options: dict[str, Any] = {"uid_base": args.uid_base, "namespaces": not args.no_namespaces}
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stderr)
     if args.parent:
         sandbox.die_with_parent(args.parent)
     if args.control_fd is not None:
-        run(control=socket.socket(fileno=args.control_fd), uid_base=args.uid_base)
+        run(control=socket.socket(fileno=args.control_fd), **options)
     elif args.socket:
-        run(listener=bind(args.socket), uid_base=args.uid_base)
+        hidden = (os.path.dirname(os.path.abspath(args.socket)),)  # executions never see the socket
+        run(listener=bind(args.socket), hidden=hidden, **options)
     else:
         parser.error("--socket or --control-fd is required")
 
