@@ -71,7 +71,6 @@ class Limits:
     memory_bytes: int | None = None
     processes: int | None = 64
     file_bytes: int | None = 64 * 1024**2
-    tmp_bytes: int = 64 * 1024**2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,9 +216,9 @@ def enter_user_namespace(outer_uid: int, outer_gid: int) -> None:
 SCRATCH_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
 
 
-def private_mounts(tmp_bytes: int, hidden: Sequence[str] = ()) -> None:
-    """``/proc`` of the execution's own PID namespace, a private tmpfs on each of ``SCRATCH_DIRS``, and an
-    empty read-only tmpfs over each of ``hidden`` (the executor's socket directory)."""
+def private_mounts(hidden: Sequence[str] = ()) -> None:
+    """``/proc`` of the execution's own PID namespace, and an empty read-only tmpfs over each of ``hidden``
+    (the executor's socket directory)."""
     flags = _MS_NOSUID | _MS_NODEV
     mount(None, "/", None, _MS_REC | _MS_PRIVATE)
     try:
@@ -227,12 +226,16 @@ def private_mounts(tmp_bytes: int, hidden: Sequence[str] = ()) -> None:
     except SandboxError as e:
         if e.errno != errno.EPERM:  # a container's masked /proc refuses a new proc mount: keep the old one
             raise
-    for scratch in SCRATCH_DIRS:
-        if os.path.isdir(scratch):
-            mount("tmpfs", scratch, "tmpfs", flags, f"mode=1777,size={tmp_bytes}")
     for path in hidden:
         if os.path.isdir(path) and not _holds_interpreter(path):
             mount("tmpfs", path, "tmpfs", flags | _MS_RDONLY | _MS_NOEXEC, "mode=755,size=4k")
+
+
+def scratch_mounts(tmp_bytes: int) -> None:
+    """A private, empty tmpfs of ``tmp_bytes`` on each of ``SCRATCH_DIRS``."""
+    for scratch in SCRATCH_DIRS:
+        if os.path.isdir(scratch):
+            mount("tmpfs", scratch, "tmpfs", _MS_NOSUID | _MS_NODEV, f"mode=1777,size={tmp_bytes}")
 
 
 def _holds_interpreter(path: str) -> bool:

@@ -118,8 +118,8 @@ def run(guesses):
                         loot.append(f.read().decode('latin-1'))
             except OSError as e:
                 failures[f'{pid}/{name}'] = type(e).__name__
-    return {'visible': visible, 'ancestors': ancestors, 'ppid': os.getppid(), 'loot': '\\n'.join(loot).replace(chr(0), ' ')[:200000],
-            'failures': failures}
+    text = '\\n'.join(loot).replace(chr(0), ' ')[:200000]
+    return {'visible': visible, 'ancestors': ancestors, 'ppid': os.getppid(), 'loot': text, 'failures': failures}
 """
 
 
