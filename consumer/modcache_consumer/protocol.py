@@ -21,10 +21,11 @@ secret, no parameter and no result, so the template's memory, which every execut
 
 **Channel** (consumer <-> one execution, a socketpair of its own). Consumer -> execution ``Job`` (with the
 limits the clone applies before any of it runs); execution -> consumer requests (``lookup``, ``manifest``,
-``directory``, ``repair``, ``secret``), each answered by one ``{"op": "answer", ...}``; then execution -> consumer exactly one ``Result``. Workflow code can reach its own
-channel descriptor, so the consumer trusts nothing on it beyond that execution: a garbage, oversized or second
-result frame fails only this execution. After its result the runtime shuts the socket for writing (every
-descriptor of it), so the consumer has its EOF at once and nothing can follow the result.
+``directory``, ``repair``, ``secret``), each answered by one ``{"op": "answer", ...}``; then execution ->
+consumer exactly one ``Result``. Workflow code can reach its own channel descriptor, so the consumer trusts
+nothing on it beyond that execution: a garbage, oversized or second result frame fails only this execution.
+After its result the runtime shuts the socket for writing (every descriptor of it), so the consumer has its
+EOF at once and nothing can follow the result.
 """
 
 from __future__ import annotations
