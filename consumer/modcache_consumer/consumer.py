@@ -51,6 +51,7 @@ from modcache_consumer import (
     database,
     executions,
     executor,
+    hardening,
     health,
     messages,
     metrics,
@@ -112,7 +113,10 @@ class WorkflowExecutionConsumer:
     # -- lifecycle ------------------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Bring everything up in order; on failure, whatever started is stopped again."""
+        """Bring everything up in order; on failure, whatever started is stopped again. First of all the
+        process makes itself non-dumpable: its memory and environment hold every credential."""
+        if not hardening.make_non_dumpable():
+            log.warning("could not make the consumer non-dumpable (not Linux?): same-uid processes can read it")
         try:
             await self._start_storage()
             await self._start_executor()

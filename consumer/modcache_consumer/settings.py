@@ -143,6 +143,7 @@ class ConsumerSettings(settings.Settings):
         """The secret URL ``name`` (``database_url``, ``redis_url``, ``amqp_url``), or a ConfigError naming it."""
         value = getattr(self, name)
         if value is None:
-            raise errors.ConfigError(f"{settings.ENV_PREFIX}{name.upper()}", "required by the consumer")
+            variable = f"{settings.ENV_PREFIX}{name.upper()}"
+            raise errors.ConfigError(variable, f"required by the consumer (or {variable}{settings.FILE_SUFFIX})")
         secret: str = value.get_secret_value()
         return secret

@@ -12,13 +12,12 @@ import binascii
 import dataclasses
 import hashlib
 import re
-import urllib.parse
 from collections.abc import Mapping
 from typing import Any
 
 import pydantic
 
-from modcache import errors, keys, settings
+from modcache import endpoints, errors, keys, settings
 from modcache_operator import names
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
@@ -94,6 +93,8 @@ class Resolved:
             problem = settings.config_error(e, env_prefix="")
             field = _SECRET_FIELDS.get(problem.setting.lower(), "spec")
             raise SpecProblem(field, names.Reason.INVALID_URL, problem.reason) from None
+        except errors.ConfigError as e:  # the settings as a whole do not fit (a Cluster URL with an untagged prefix)
+            raise SpecProblem("spec", names.Reason.INVALID_SPEC, f"{e.setting}: {e.reason}") from None
 
     def listen_dsn(self) -> str:
         return (self.listen_database_url or self.database_url).get_secret_value()
@@ -106,6 +107,11 @@ class Resolved:
         return (self.database_url, self.listen_database_url, self.redis_url)
 
 
+#: The CRD's CEL bounds (crds/), as (lowest, highest, how to say it) in seconds.
+RESYNC_INTERVAL_S = (10.0, 24 * 3600.0, "10s and 24h")
+TTL_S = (60.0, 8760 * 3600.0, "1m and 8760h")
+
+
 def parse(spec: Mapping[str, Any]) -> CacheSpec:
     """The typed spec, or a SpecProblem naming the first field that cannot be used."""
     source = _mapping(spec, "source", "spec.source")
@@ -116,8 +122,8 @@ def parse(spec: Mapping[str, Any]) -> CacheSpec:
         listen_database=(_secret_ref(listen, "spec.source.listenDatabaseUrlSecretRef") if listen is not None else None),
         redis=_secret_ref(cache.get("redisUrlSecretRef"), "spec.cache.redisUrlSecretRef"),
         key_prefix=_prefix(spec.get("keyPrefix", keys.DEFAULT_PREFIX)),
-        resync_interval_s=parse_duration_s(spec.get("resyncInterval", "5m"), "spec.resyncInterval"),
-        ttl_s=_ttl(spec.get("ttl")),
+        resync_interval_s=_within(spec.get("resyncInterval", "5m"), "spec.resyncInterval", RESYNC_INTERVAL_S),
+        ttl_s=_ttl(spec.get("ttl"), spec.get("resyncInterval", "5m")),
         suspend=_flag(spec.get("suspend", False), "spec.suspend"),
         prune=_flag(spec.get("prune", True), "spec.prune"),
     )
@@ -146,13 +152,16 @@ def parse_duration_s(text: object, field: str) -> float:
 
 
 def endpoint(url: str) -> str:
-    """``host:port/database`` of a URL; no scheme, user or password."""
+    """``host:port/database`` of a URL (several hosts comma-separated); no scheme, user or password."""
+    _, _, rest = url.partition("://")
+    rest = rest.rpartition("@")[2]  # credentials end at the last "@", whatever the password holds
+    netloc, slash, path = rest.partition("/")
     try:
-        parts = urllib.parse.urlsplit(url)
-        port = f":{parts.port}" if parts.port else ""
-        return f"{parts.hostname or 'localhost'}{port}{parts.path}"
+        hosts = endpoints.split_netloc(netloc.split("?", 1)[0], default_port=0)[2]
     except ValueError:
         return "<unparseable url>"
+    where = ",".join(f"{host}:{port}" if port else host for host, port in hosts) or "localhost"
+    return f"{where}{slash}{path.split('?', 1)[0]}"
 
 
 def _mapping(spec: Mapping[str, Any], key: str, field: str) -> Mapping[str, Any]:
@@ -177,10 +186,23 @@ def _prefix(value: object) -> str:
     return value
 
 
-def _ttl(value: object) -> int | None:
+def _within(value: object, field: str, bounds: tuple[float, float, str]) -> float:
+    """A duration within the CRD's CEL bounds, checked here too: API servers before 1.25 drop CEL rules, and an
+    object stored before a rule existed was never checked (``resyncInterval: 1ms`` spun at 30% of a core)."""
+    seconds = parse_duration_s(value, field)
+    low, high, text = bounds
+    if not low <= seconds <= high:
+        raise SpecProblem(field, names.Reason.INVALID_SPEC, f"must be between {text}")
+    return seconds
+
+
+def _ttl(value: object, resync_interval: object) -> int | None:
     if value is None:
         return None
-    return max(1, round(parse_duration_s(value, "spec.ttl")))
+    seconds = _within(value, "spec.ttl", TTL_S)
+    if seconds <= parse_duration_s(resync_interval, "spec.resyncInterval"):
+        raise SpecProblem("spec.ttl", names.Reason.INVALID_SPEC, "must be longer than resyncInterval")
+    return round(seconds)
 
 
 def _flag(value: object, field: str) -> bool:
