@@ -463,12 +463,13 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def bind(path: str) -> socket.socket:
-    """A Unix socket at ``path`` that only this uid and its group (the consumer container's) may connect to."""
+    """A Unix socket at ``path`` for the consumer, which runs as another uid (another container of the pod:
+    the directory is a pod-private ``emptyDir``, hidden from executions by their mount namespace)."""
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.bind(path)
-    os.chmod(path, 0o660)
+    os.chmod(path, 0o666)  # whoever reaches it gets sandboxed executions only, never another's channel
     sock.listen(16)
     return sock
 
