@@ -254,11 +254,14 @@ def main(*, channel_fd: int, memory: Memory, isolate: Callable[[dict[str, Any]],
         return 0
     if job.get("op") != "run":
         return 2
+    received = time.perf_counter()
     isolate(job)
+    isolated_ms = _ms_since(received)
     store = ChannelStore(channel=channel, memory=memory, generation=int(job["generation"]))
     hook = importer.WorkspaceImporter(store=store, request_repair=lambda paths: _repair(channel, store, paths))
     sys.meta_path.append(hook)
     result = Runner(hook=hook, channel=channel).run(job)
+    result["timings_ms"]["isolate_ms"] = isolated_ms
     sys.stdout.flush()
     sys.stderr.flush()
     if _terminating:
