@@ -151,11 +151,23 @@ def probe(uid_base: int) -> Isolation:
         except SandboxError:
             continue
         if pid == 0:
-            os._exit(0)
+            os._exit(_try_namespaces(user))
         _, status = os.waitpid(pid, 0)
         if os.waitstatus_to_exitcode(status) == 0:
             return Isolation(namespaces=True, user_namespace=user, uid_base=uid_base if root else None)
     return Isolation(namespaces=False, user_namespace=False, uid_base=uid_base if root else None)
+
+
+def _try_namespaces(user: bool) -> int:
+    """In the probe's clone: what an execution will do with its namespaces; 0 if all of it works."""
+    try:
+        if user:
+            enter_user_namespace(os.getuid(), os.getgid())
+        private_mounts(())
+        mount("tmpfs", "/tmp", "tmpfs", _MS_NOSUID | _MS_NODEV, "mode=1777,size=4k")
+    except OSError:
+        return 1
+    return 0
 
 
 def needed_trees(paths: Iterable[str] = ()) -> list[str]:
