@@ -155,6 +155,7 @@ def die_with_parent(expected_parent: int) -> None:
 def probe(uid_base: int) -> Isolation:
     """What is available here: try a namespaced clone whose child exits at once."""
     root = os.geteuid() == 0
+    outer = (os.getuid(), os.getgid())  # in the clone's new user namespace these read 65534
     for user in (False, True) if root else (True,):
         flags = CLONE_NEWPID | CLONE_NEWNS | (CLONE_NEWUSER if user else 0)
         try:
@@ -162,18 +163,18 @@ def probe(uid_base: int) -> Isolation:
         except SandboxError:
             continue
         if pid == 0:
-            os._exit(_try_namespaces(user))
+            os._exit(_try_namespaces(user, outer))
         _, status = os.waitpid(pid, 0)
         if os.waitstatus_to_exitcode(status) == 0:
             return Isolation(namespaces=True, user_namespace=user, uid_base=uid_base if root else None)
     return Isolation(namespaces=False, user_namespace=False, uid_base=uid_base if root else None)
 
 
-def _try_namespaces(user: bool) -> int:
+def _try_namespaces(user: bool, outer: tuple[int, int]) -> int:
     """In the probe's clone: what an execution will do with its namespaces; 0 if all of it works."""
     try:
         if user:
-            enter_user_namespace(os.getuid(), os.getgid())
+            enter_user_namespace(*outer)
         private_mounts(())
         mount("tmpfs", "/tmp", "tmpfs", _MS_NOSUID | _MS_NODEV, "mode=1777,size=4k")
     except OSError:
@@ -231,7 +232,11 @@ def keep_only_fds(channel: int, output: int, parent: int | None = None) -> None:
 
 
 def enter_user_namespace(outer_uid: int, outer_gid: int) -> None:
-    """Map the template's uid/gid to root in the new user namespace (what ``unshare -r`` does)."""
+    """Map the template's uid/gid (read before the clone) to root in the new user namespace (what ``unshare -r``
+    does). Dumpable first: a non-dumpable process's ``/proc/self`` files are owned by the outer root, which is
+    unmapped here (EACCES on ``setgroups``); the execution is alone in its PID namespace, so no other process of
+    that uid can reach it."""
+    prctl(_PR_SET_DUMPABLE, 1)
     with open("/proc/self/setgroups", "w") as f:
         f.write("deny")
     with open("/proc/self/uid_map", "w") as f:
@@ -284,8 +289,9 @@ def apply_limits(limits: Limits) -> None:
             resource.setrlimit(which, (value, value))
 
 
-def drop_privileges(uid: int | None) -> None:
-    """Become ``uid`` (from root), or, in a user namespace, give up the capabilities it granted."""
+def drop_privileges(uid: int | None, *, dumpable: bool) -> None:
+    """Become ``uid`` (from root), or, in a user namespace, give up the capabilities it granted. ``dumpable``
+    only for a process alone in its PID namespace: a dumpable process's memory is readable by its uid's others."""
     if uid is not None:
         os.setgroups([])
         os.setresgid(uid, uid, uid)
@@ -293,7 +299,7 @@ def drop_privileges(uid: int | None) -> None:
     prctl(_PR_SET_NO_NEW_PRIVS, 1)
     if uid is None:
         _drop_capabilities()
-    prctl(_PR_SET_DUMPABLE, 1)  # the uid change made it non-dumpable: its /proc/self would be root's
+    prctl(_PR_SET_DUMPABLE, 1 if dumpable else 0)  # the uid change made it non-dumpable: /proc/self is root's
 
 
 def _drop_capabilities() -> None:

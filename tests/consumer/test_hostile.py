@@ -26,6 +26,8 @@ import contextlib
 import dataclasses
 import logging
 import os
+import shutil
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -39,6 +41,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from modcache import db, embedded, engine, keys, pgsource, rediscache
+from modcache_consumer import protocol
 from testkit import servers
 
 PASSWORD = f"pw-{uuid.uuid4().hex}"
@@ -522,3 +525,106 @@ async def test_a_fork_bomb_is_bounded(harness) -> None:
         reply = await attack(harness, orgs, FORK_BOMB, timeout_seconds=10)
     assert reply["status"] == "SUCCESS", reply["error"]
     assert reply["result"] < 32  # RLIMIT_NPROC of the execution's own uid
+
+
+# -- the executor's control socket (attack-8 F3, F10) ---------------------------------------------------------
+
+LAUNCH_AS = """
+import os, sys
+from modcache_consumer import runtime, sandbox
+uid = int(sys.argv[1])
+if uid:  # what the chart's executor container is: another uid; /root (mode 700) hidden but the interpreter
+    sandbox.hide_private_trees(sandbox.needed_trees([os.path.dirname(os.path.dirname(runtime.__file__))]))
+    os.setgroups([])
+    os.setresgid(uid, uid, uid)
+    os.setresuid(uid, uid, uid)
+os.execv(sys.executable, [sys.executable, '-m', 'modcache_consumer.template', *sys.argv[2:]])
+"""
+
+
+@contextlib.asynccontextmanager
+async def socket_executor(*args: str, uid: int = 0) -> AsyncIterator[tuple[Path, asyncio.subprocess.Process]]:
+    """``modcache executor --socket`` in a directory of /run (not one of the executions' scratch mounts), as
+    ``uid``; yields the socket path and the process."""
+    directory = Path("/run") / f"modcache-test-{uuid.uuid4().hex[:8]}"
+    os.mkdir(directory, 0o755)
+    os.chown(directory, uid, uid)
+    path = directory / "executor.sock"
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", LAUNCH_AS, str(uid), "--socket", str(path), *args
+    )
+    try:
+        yield path, process
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            process.terminate()
+        await process.wait()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+CONTROL = """
+import json, os, socket, struct
+
+def _frame(op):
+    body = json.dumps(op).encode()
+    return struct.pack('>I', len(body)) + body
+
+def run(paths):
+    outcome = {}
+    for path in paths:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(5)
+        try:
+            s.connect(path)
+            hello = s.recv(65536)
+            if hello:  # the template's hello: it would obey
+                s.sendall(_frame({'op': 'learn', 'generation': 1 << 60, 'lookups': []}) + _frame({'op': 'spawn'}))
+            outcome[path] = 'read ' + repr(hello[:40])
+        except OSError as e:
+            outcome[path] = type(e).__name__
+        finally:
+            s.close()
+    return outcome
+"""
+
+
+async def test_an_execution_cannot_reach_or_control_its_executor(harness) -> None:
+    """F3: the socket directory is hidden in executions; and when an execution reaches the socket anyway
+    (here a hard link outside that directory), the executor refuses it (SO_PEERCRED: one of its own
+    executions), so no ``learn`` or ``spawn`` frame of it is ever read."""
+    async with socket_executor() as (path, process), harness.consumer(executor_socket=str(path)) as consumer:
+        orgs = await two_orgs(harness, consumer)
+        linked = Path(f"{path.parent}-link")
+        os.mkdir(linked, 0o755)
+        try:
+            os.link(path, linked / "executor.sock")
+            reply = await attack(harness, orgs, CONTROL, {"paths": [str(path), str(linked / "executor.sock")]})
+        finally:
+            shutil.rmtree(linked)
+        assert process.returncode is None
+    assert reply["status"] == "SUCCESS", reply["error"]
+    assert reply["result"] == {str(path): "FileNotFoundError", str(linked / "executor.sock"): "read b''"}
+
+
+async def test_a_malformed_control_frame_closes_its_connection_not_the_executor(harness) -> None:
+    """F10: ``{"op": "spawn"}``, a ``run`` without its ticket, an unknown op: that connection is closed, the
+    executor and the consumer's own connection carry on."""
+    async with socket_executor() as (path, process), harness.consumer(executor_socket=str(path)) as consumer:
+        orgs = await two_orgs(harness, consumer)
+        for bad in (
+            {"op": "spawn"},
+            {"op": "run", "pid": 1},
+            {"op": "learn"},
+            {"op": "stop", "ticket": []},
+            {"op": "run", "pid": 1, "ticket": 1, "timeout_s": "nan", "grace_s": 1},
+        ):
+            reader, writer = await asyncio.open_unix_connection(str(path))
+            hello = await reader.readexactly(4)
+            await reader.readexactly(int.from_bytes(hello, "big"))
+            writer.write(protocol.encode(bad))
+            await writer.drain()
+            while await reader.read(1 << 16):  # spares offered to it, then the close
+                pass
+            writer.close()
+        assert process.returncode is None
+        await b_is_unharmed(harness, orgs)
