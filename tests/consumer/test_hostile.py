@@ -41,7 +41,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from modcache import db, embedded, engine, keys, pgsource, rediscache
-from modcache_consumer import protocol
+from modcache_consumer import executor, protocol
 from testkit import servers
 
 PASSWORD = f"pw-{uuid.uuid4().hex}"
@@ -538,7 +538,7 @@ if uid:  # what the chart's executor container is: another uid; /root (mode 700)
     os.setgroups([])
     os.setresgid(uid, uid, uid)
     os.setresuid(uid, uid, uid)
-os.execv(sys.executable, [sys.executable, '-m', 'modcache_consumer.template', *sys.argv[2:]])
+os.execv(sys.executable, [sys.executable, *sys.argv[2:]])
 """
 
 
@@ -551,7 +551,7 @@ async def socket_executor(*args: str, uid: int = 0) -> AsyncIterator[tuple[Path,
     os.chown(directory, uid, uid)
     path = directory / "executor.sock"
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", LAUNCH_AS, str(uid), "--socket", str(path), *args
+        sys.executable, "-c", LAUNCH_AS, str(uid), "-m", "modcache_consumer.template", "--socket", str(path), *args
     )
     try:
         yield path, process
@@ -628,3 +628,59 @@ async def test_a_malformed_control_frame_closes_its_connection_not_the_executor(
             writer.close()
         assert process.returncode is None
         await b_is_unharmed(harness, orgs)
+
+
+# -- the executor as a non-root uid: the chart's layout (attack-8 F4, F5, F6) ---------------------------------
+
+EXECUTOR_UID = 54_321  # owns nothing on this machine
+
+
+async def test_a_non_root_executor_runs_executions_in_a_user_namespace(harness) -> None:
+    """F4: the uid maps are written from the uid read before the clone, while dumpable; the consumer's start-up
+    probe ran a real execution through it. Org A's and org B's executions then run with their own results."""
+    async with socket_executor(uid=EXECUTOR_UID) as (path, _), harness.consumer(executor_socket=str(path)) as consumer:
+        assert consumer.executor.isolation == "PID+mount namespaces in a user namespace, uid 54321"
+        orgs = await two_orgs(harness, consumer)
+        reply = await attack(harness, orgs, "import os\ndef run():\n    return os.getuid()\n")
+    assert (reply["status"], reply["result"]) == ("SUCCESS", 0), reply["error"]  # root of its user namespace only
+
+
+async def test_a_shared_uid_without_namespaces_is_refused(harness) -> None:
+    """F5: executions that would all be one uid with no PID namespace (each could read another's memory) are
+    refused by the executor itself and, if it was told to allow them, by the consumer."""
+    async with socket_executor("--no-namespaces", uid=EXECUTOR_UID) as (_, process):
+        assert await process.wait() == 78
+    async with socket_executor("--no-namespaces", "--allow-shared-uid", uid=EXECUTOR_UID) as (path, _):
+        with pytest.raises(executor.ExecutorUnavailable, match="no namespaces: each could read the others' memory"):
+            async with harness.consumer(executor_socket=str(path)):
+                pass
+
+
+AS_CONSUMER = """
+import asyncio
+from modcache_consumer import executor
+
+async def main():
+    the_executor = executor.Executor(socket_path=%r, start_timeout_s=20)
+    try:
+        await the_executor.start()
+        print('started')
+    except executor.ExecutorUnavailable as e:
+        print(e)
+    finally:
+        await the_executor.close()
+
+asyncio.run(main())
+"""
+
+
+async def test_executions_as_the_consumers_own_uid_are_refused() -> None:
+    """F6: a consumer whose executions would run as its own uid (a non-root laptop) refuses to start: they
+    could read its secret files and rewrite its code."""
+    async with socket_executor(uid=EXECUTOR_UID) as (path, _):
+        consumer = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", LAUNCH_AS, str(EXECUTOR_UID), "-c", AS_CONSUMER % str(path),
+            stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        said, _ = await consumer.communicate()
+    assert said.decode().startswith("executions would run as this consumer's own uid 54321"), said
