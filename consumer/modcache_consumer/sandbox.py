@@ -5,6 +5,8 @@ What an execution process gets, from the template that clones it (``template``):
 * **its own PID namespace** (``clone(CLONE_NEWPID)``): the execution is pid 1 there, so every process it starts,
   ``setsid()`` and double-forked ones included, is killed by the kernel when it ends; it cannot see or signal
   any process outside, and ``/proc`` is remounted so no ancestor's ``/proc/<pid>`` entries exist for it;
+* **its own network namespace** (only a loopback, down: no TCP/UDP anywhere, no abstract Unix socket of the
+  host) and **its own IPC namespace** (SysV shared memory, semaphores, message queues);
 * **its own mount namespace** with a private, size-capped tmpfs on ``/tmp`` (gone with the namespace);
 * **an unprivileged uid** when the executor runs as root (one per concurrent execution, so ``RLIMIT_NPROC``,
   which the kernel counts per uid, bounds each execution on its own), no supplementary groups,
@@ -32,8 +34,13 @@ import sys
 from collections.abc import Iterable, Sequence
 
 CLONE_NEWNS = 0x00020000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWNET = 0x40000000
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWPID = 0x20000000
+#: What an execution is cloned into, beyond PID + mount (+ user): no network but a down loopback (module content
+#: comes over its channel), and SysV IPC / POSIX message queues of its own.
+CLONE_EXECUTION = CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC
 _SYS_CLONE = 56  # x86_64
 _SYS_CLOSE_RANGE = 436
 _PR_SET_PDEATHSIG = 1
@@ -83,7 +90,7 @@ class Isolation:
     uid_base: int | None  # executions run as uid_base + slot (the template is root), else as the template's uid
 
     def describe(self) -> str:
-        ns = "PID+mount namespaces" + (" in a user namespace" if self.user_namespace else "")
+        ns = "PID+mount+network+IPC namespaces" + (" in a user namespace" if self.user_namespace else "")
         who = f"uid {self.uid_base}+slot" if self.uid_base is not None else f"uid {os.getuid()}"
         return f"{ns if self.namespaces else 'process group only (no namespaces)'}, {who}"
 
@@ -157,7 +164,7 @@ def probe(uid_base: int) -> Isolation:
     root = os.geteuid() == 0
     outer = (os.getuid(), os.getgid())  # in the clone's new user namespace these read 65534
     for user in (False, True) if root else (True,):
-        flags = CLONE_NEWPID | CLONE_NEWNS | (CLONE_NEWUSER if user else 0)
+        flags = CLONE_EXECUTION | (CLONE_NEWUSER if user else 0)
         try:
             pid = clone(flags)
         except SandboxError:

@@ -289,7 +289,7 @@ class Template:
         ours, theirs = socket.socketpair()
         out_r, out_w = os.pipe()
         slot = self._free_slot()
-        flags = sandbox.CLONE_NEWPID | sandbox.CLONE_NEWNS if self._isolation.namespaces else 0
+        flags = sandbox.CLONE_EXECUTION if self._isolation.namespaces else 0
         if self._isolation.user_namespace:
             flags |= sandbox.CLONE_NEWUSER
         try:

@@ -3,7 +3,8 @@
 Every test runs one attack as an org-A workflow, asserts that the attack failed, then runs a benign execution
 of organization B and asserts it succeeds with B's own result (its organization, its decrypted secret, its
 parameter). The database and cache attacks run against a private PostgreSQL and a private Redis that require
-a password (the shared test services trust loopback, where no sandbox could stop a connection).
+a password; since attack-8 F1 an execution has an empty network namespace, so not even those are reached (the
+shared test services, which trust loopback, neither: test_an_execution_reaches_no_network_service).
 
 =================================================  ===========================================================
 attack                                             what stops it
@@ -16,6 +17,13 @@ patching the runtime to spy on the next execution  every execution is a fresh pr
 forged or garbage result frames                    a channel per execution; FAILED with the reason
 setsid() and double-fork escapes                   the PID namespace dies with the execution
 memory, CPU (SIGTERM ignored), output, fork bombs  RLIMIT_AS; SIGKILL after the grace; output cap; RLIMIT_NPROC
+the executor's control socket (learn, spawn)       socket directory hidden; SO_PEERCRED refuses executions
+a malformed control frame                          closes that connection only, never the executor
+the executor as a non-root uid                     user namespace maps written right; start-up probe runs one
+one shared uid without namespaces                  refused (MODCACHE_EXECUTOR_ALLOW_SHARED_UID to allow)
+executions as the consumer's own uid               refused (same switch)
+TCP to Redis/PostgreSQL/RabbitMQ on 127.0.0.1      an empty network namespace per execution
+SysV IPC left for the next execution               an IPC namespace per execution
 =================================================  ===========================================================
 """
 
@@ -29,6 +37,7 @@ import os
 import shutil
 import sys
 import time
+import urllib.parse
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -282,7 +291,7 @@ async def test_no_database_connection_with_anything_found(locked) -> None:
     assert reply["status"] == "SUCCESS", reply["error"]
     found = reply["result"]
     assert "connected" not in found["outcome"].values()
-    assert [found["outcome"][g] for g in found["guesses"]] == ["InvalidPasswordError"] * 2  # reached, no login
+    assert [found["outcome"][g] for g in found["guesses"]] == ["OSError"] * 2  # no network: not even reached
     assert_no_secret(repr(found["found"]), locked.settings, orgs)
     assert found["clients"] == ["asyncpg"]  # only what the attacker imported itself
 
@@ -320,7 +329,7 @@ async def test_the_module_cache_cannot_be_written(locked) -> None:
     assert reply["status"] == "SUCCESS", reply["error"]
     found = reply["result"]
     assert "written" not in found["outcome"].values()
-    assert found["outcome"][found["guess"]] == "AuthenticationError"  # NOAUTH: no credential anywhere
+    assert found["outcome"][found["guess"]] == "ConnectionError"  # no network (and no credential anywhere)
     assert found["preloaded"] == []  # no Redis client library, let alone a client, in the execution
     assert await locked.redis.get(key) == before
     assert (after["status"], after["result"]) == ("SUCCESS", 3)
@@ -639,7 +648,7 @@ async def test_a_non_root_executor_runs_executions_in_a_user_namespace(harness) 
     """F4: the uid maps are written from the uid read before the clone, while dumpable; the consumer's start-up
     probe ran a real execution through it. Org A's and org B's executions then run with their own results."""
     async with socket_executor(uid=EXECUTOR_UID) as (path, _), harness.consumer(executor_socket=str(path)) as consumer:
-        assert consumer.executor.isolation == "PID+mount namespaces in a user namespace, uid 54321"
+        assert consumer.executor.isolation == "PID+mount+network+IPC namespaces in a user namespace, uid 54321"
         orgs = await two_orgs(harness, consumer)
         reply = await attack(harness, orgs, "import os\ndef run():\n    return os.getuid()\n")
     assert (reply["status"], reply["result"]) == ("SUCCESS", 0), reply["error"]  # root of its user namespace only
@@ -684,3 +693,57 @@ async def test_executions_as_the_consumers_own_uid_are_refused() -> None:
         )  # fmt: skip
         said, _ = await consumer.communicate()
     assert said.decode().startswith("executions would run as this consumer's own uid 54321"), said
+
+
+# -- the host's network and SysV IPC (attack-8 F1, F7) ---------------------------------------------------------
+
+NETWORK = """
+import socket
+
+def run(ports):
+    outcome = {}
+    for port in ports:
+        try:
+            socket.create_connection(('127.0.0.1', port), timeout=3).close()
+            outcome[str(port)] = 'connected'
+        except OSError as e:
+            outcome[str(port)] = type(e).__name__
+    return outcome
+"""
+
+
+async def test_an_execution_reaches_no_network_service(harness) -> None:
+    """F1: Redis, PostgreSQL, RabbitMQ (and this test's own, unauthenticated ones) on 127.0.0.1 are out of
+    reach: each execution has an empty network namespace (a loopback that is down)."""
+    ports = sorted(
+        {6379, 5432, 5672}
+        | {urllib.parse.urlsplit(harness.settings.required(url)).port or 0 for url in ("redis_url", "database_url")}
+    )
+    async with harness.consumer() as consumer:
+        orgs = await two_orgs(harness, consumer)
+        reply = await attack(harness, orgs, NETWORK, {"ports": ports})
+    assert reply["status"] == "SUCCESS", reply["error"]
+    assert set(reply["result"].values()) == {"OSError"}, reply["result"]  # ENETUNREACH: not even refused
+
+
+SYSV = """
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+
+def run(mode):
+    if mode == 'plant':  # a world-readable SysV segment, the way attack-8 left one for the next execution
+        return libc.shmget(0xa8a8, 4096, 0o1000 | 0o666) >= 0
+    with open('/proc/sysvipc/shm') as f:
+        return [line.split()[0] for line in f.readlines()[1:]]
+"""
+
+
+async def test_sysv_ipc_left_behind_is_not_seen_by_the_next_execution(harness) -> None:
+    """F7: each execution has its own IPC namespace; what one creates is gone with it."""
+    async with harness.consumer() as consumer:
+        orgs = await two_orgs(harness, consumer)
+        planted = await attack(harness, orgs, SYSV, {"mode": "plant"})
+        look = await harness.workflow(SYSV)
+        seen = await harness.call(look, {"mode": "look"}, organization_id=orgs.b)
+    assert (planted["status"], planted["result"]) == ("SUCCESS", True), planted["error"]
+    assert (seen["status"], seen["result"]) == ("SUCCESS", []), seen["error"]
