@@ -192,6 +192,7 @@ class WorkflowExecutionConsumer:
             start_timeout_s=s.worker_start_timeout_s,
             uid_base=s.execution_uid_base,
             allow_shared_uid=s.executor_allow_shared_uid,
+            execution_network=s.execution_network,
             environment=self._executor_environment,
             teacher=self.modules,
             observer=self.metrics,

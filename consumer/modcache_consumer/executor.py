@@ -291,6 +291,7 @@ class Executor:
         uid_base: int | None = None,
         namespaces: bool = True,
         allow_shared_uid: bool = False,
+        execution_network: str = "none",
         python: str = sys.executable,
         environment: Mapping[str, str] | None = None,
         teacher: Teacher | None = None,
@@ -303,6 +304,7 @@ class Executor:
         self._uid_base = uid_base
         self._namespaces = namespaces
         self._allow_shared_uid = allow_shared_uid
+        self._execution_network = execution_network
         self.probe_pid: int | None = None  # the start-up probe's execution (it may still be ending)
         self._python = python
         self._environment = dict(environment if environment is not None else executor_environment())
@@ -380,6 +382,8 @@ class Executor:
                 *(["--uid-base", str(self._uid_base)] if self._uid_base is not None else []),
                 *([] if self._namespaces else ["--no-namespaces"]),
                 *(["--allow-shared-uid"] if self._allow_shared_uid else []),
+                "--execution-network",
+                self._execution_network,
                 pass_fds=[theirs.fileno()],
                 env=self._environment,
                 stdin=asyncio.subprocess.DEVNULL,
