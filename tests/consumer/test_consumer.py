@@ -4,6 +4,7 @@ redelivery, the session defects of bifrost-contract.md (5) and cache readiness o
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
 import urllib.request
 import uuid
@@ -16,6 +17,7 @@ import sqlalchemy as sa
 
 from modcache import keys
 from modcache_consumer import consumer as consumer_module
+from testkit.polling import eventually
 
 ECHO = "def run(**params):\n    return params\n"
 
@@ -115,18 +117,49 @@ async def test_redelivery_never_runs_a_finished_execution_again(harness, tmp_pat
     assert ledger.read_text() == "ran\n"  # ...and the workflow ran once
 
 
-async def test_a_running_execution_left_by_a_dead_consumer_is_run_on_redelivery(harness, tmp_path: Path) -> None:
-    workflow_id = await harness.workflow(APPEND)
+DEAD_LEASE = (
+    "INSERT INTO executions (id, workflow_id, status, started_at, lease_owner, lease_token, lease_expires_at, "
+    "attempt, max_attempts) VALUES ($1, $2, 'RUNNING', now(), 'dead-consumer', 1, now() - interval '1 s', 1, $3)"
+)
+
+
+async def test_a_redelivered_run_whose_owner_died_is_retried_by_policy(harness, tmp_path: Path) -> None:
+    workflow_id = await harness.workflow(APPEND, retries_on_crash=1)
     execution_id = uuid.uuid4()
-    await harness.sql(
-        "INSERT INTO executions (id, workflow_id, status, started_at) VALUES ($1, $2, 'RUNNING', now())",
-        execution_id,
-        workflow_id,
-    )
+    await harness.sql(DEAD_LEASE, execution_id, workflow_id, 2)
     async with harness.consumer():
         reply = await harness.call(workflow_id, {"path": str(tmp_path / "ledger")}, execution_id=execution_id)
     assert reply["status"] == "SUCCESS"
     assert (tmp_path / "ledger").read_text() == "ran\n"
+    row = await harness.execution(execution_id)
+    assert (row["attempt"], row["lease_token"], row["lease_owner"]) == (2, 2, None)
+
+
+async def test_a_redelivered_run_whose_owner_died_fails_by_default(harness, tmp_path: Path) -> None:
+    workflow_id = await harness.workflow(APPEND)
+    execution_id = uuid.uuid4()
+    await harness.sql(DEAD_LEASE, execution_id, workflow_id, 1)
+    async with harness.consumer():
+        reply = await harness.call(workflow_id, {"path": str(tmp_path / "ledger")}, execution_id=execution_id)
+    assert (reply["status"], reply["error"]) == ("FAILED", "consumer died mid-run")
+    assert not (tmp_path / "ledger").exists()  # not run again
+
+
+async def test_a_redelivery_while_the_lease_is_live_is_acknowledged_and_not_run(harness, tmp_path: Path) -> None:
+    workflow_id = await harness.workflow(APPEND)
+    execution_id = uuid.uuid4()
+    live = DEAD_LEASE.replace("now() - interval '1 s'", "now() + interval '1 min'")
+    await harness.sql(live, execution_id, workflow_id, 1)
+    async with harness.consumer() as consumer:
+        caller = await harness.caller()
+        await caller.publish(
+            harness.request(workflow_id, {"path": str(tmp_path / "ledger")}, execution_id=execution_id)
+        )
+        after = await harness.call(workflow_id, {"path": str(tmp_path / "other")})  # its other work goes on
+        await eventually(lambda: consumer.metrics.in_flight._value.get() == 0)
+    assert after["status"] == "SUCCESS"
+    assert not (tmp_path / "ledger").exists()
+    assert (await harness.execution(execution_id))["status"] == "RUNNING"  # its owner's, until the sweep
 
 
 async def test_twenty_concurrent_messages_are_all_recorded(harness) -> None:
@@ -295,6 +328,7 @@ async def test_health_endpoints_and_metrics(harness) -> None:
     workflow_id = await harness.workflow(ECHO)
     async with harness.consumer(metrics_port=0) as consumer:
         await harness.call(workflow_id)
+        await eventually(lambda: consumer.metrics.in_flight._value.get() == 0)  # replied, then marked so
         health = f"http://127.0.0.1:{consumer.health_port}"
         paths = [
             f"{health}/livez",
@@ -323,7 +357,7 @@ async def test_stop_drains_in_flight_executions(harness) -> None:
     assert (await caller.result(request.execution_id, timeout_s=5))["status"] == "SUCCESS"
 
 
-async def test_an_execution_cut_off_by_the_grace_period_is_redelivered(harness, tmp_path: Path) -> None:
+async def test_an_execution_cut_off_by_the_grace_period_is_recovered_by_policy(harness, tmp_path: Path) -> None:
     code = (
         "import time\n"
         "def run(path, wait):\n"
@@ -331,18 +365,21 @@ async def test_an_execution_cut_off_by_the_grace_period_is_redelivered(harness, 
         "    time.sleep(wait)\n"
         "    return 'ok'\n"
     )
-    workflow_id = await harness.workflow(code)
+    workflow_id = await harness.workflow(code, retries_on_crash=1)
     ledger = tmp_path / "ledger"
     caller = await harness.caller()
     request = harness.request(workflow_id, {"path": str(ledger), "wait": 1.5})
     async with harness.consumer(drain_grace_s=0.2):
         await caller.publish(request)
         await harness.wait_for_status(request.execution_id, "RUNNING")
-    assert (await harness.execution(request.execution_id))["status"] == "RUNNING"  # not finished, not lost
-    async with harness.consumer():
+    row = await harness.execution(request.execution_id)
+    assert row["status"] == "RUNNING"  # not finished, not lost: its lease was released for the next sweep
+    assert row["lease_expires_at"] <= datetime.datetime.now(datetime.UTC)
+    async with harness.consumer(lease_sweep_interval_s=0.2):
         reply = await caller.result(request.execution_id, timeout_s=30)
     assert reply["status"] == "SUCCESS"
     assert ledger.read_text() == "start\nstart\n"
+    assert (await harness.execution(request.execution_id))["attempt"] == 2
 
 
 def _get(url: str) -> tuple[int, str]:
