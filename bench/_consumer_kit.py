@@ -1,8 +1,8 @@
 """Shared plumbing for the consumer benchmarks (``bench/consumer_*.py``).
 
 Owns: the machine-info header, a throw-away migrated database, a throw-away Redis key prefix and RabbitMQ
-queue, server-side module loading (``generate_series``, no per-row round trips), percentiles, and the plan's
-per-message design reimplemented faithfully for comparison (``PlanSession``: one AsyncSession for the
+queue, server-side module loading (``generate_series``, no per-row round trips), percentiles, and the
+original plan's per-message design reimplemented faithfully for comparison (``PlanSession``: one AsyncSession for the
 consumer's life, ``SELECT 1`` before every message, ``_sync_module_cache`` listing every module with content
 and one EXISTS round trip per module).
 
@@ -126,7 +126,7 @@ def describe_ms(samples: Sequence[float]) -> str:
 
 
 class PlanSession:
-    """The plan's persistent session and module sync, as written in the seed plan (Tasks 1, 2 and 5)."""
+    """The original plan's persistent session and module sync, as written in the seed plan (Tasks 1, 2 and 5)."""
 
     def __init__(self, *, sessions: async_sessionmaker[AsyncSession], client: aioredis.Redis, keyspace: keys.KeySpace):
         self._sessions = sessions

@@ -3,7 +3,8 @@
 Owns: the machine-info header every benchmark prints, a private ``redis-server`` on a free port (so FLUSHDB,
 CONFIG and memory settings never touch the shared Redis), a throw-away migrated PostgreSQL database, fast
 server-side fixture loading (``generate_series``, no per-row round trips), an Engine built with the production
-defaults, the plan's naive ``_sync_module_cache`` reimplemented faithfully, and small statistics/printing helpers.
+defaults, the original plan's naive ``_sync_module_cache`` reimplemented faithfully, and small statistics and
+printing helpers.
 
 Service locations: ``MODCACHE_BENCH_POSTGRES_URL`` (an admin URL; default this machine's PostgreSQL) and
 ``redis-server`` on ``PATH``.
@@ -216,15 +217,15 @@ async def modcache_engine(database_url: str, redis_url: str) -> AsyncIterator[en
         yield wired.engine
 
 
-# -- the plan's algorithm (bifrost-contract.md failure mode 2), reimplemented faithfully ------------------------
+# -- the original plan's algorithm (bifrost-contract.md failure mode 2), reimplemented faithfully ---------------
 
 BIFROST_TTL_S = 86400
 
 
 class PlanConsumer:
-    """The plan's ``WorkflowExecutionConsumer._sync_module_cache`` with Bifrost's ``set_module``.
+    """The original plan's ``WorkflowExecutionConsumer._sync_module_cache`` with Bifrost's ``set_module``.
 
-    A persistent AsyncSession (created before timing, as the plan's consumer holds one), every live module row
+    A persistent AsyncSession (created before timing, as the original plan's consumer holds one), every live module row
     loaded *with content* through the ORM, SMEMBERS of the index, then one EXISTS round trip per module in
     sequence; each missing one is written with ``SETEX 86400`` and a separate ``SADD`` (Bifrost's set_module).
     """
@@ -249,7 +250,7 @@ class PlanConsumer:
         wf = schema.WorkspaceFile
         stmt = sa.select(wf).where(
             wf.entity_type == "module",
-            wf.is_deleted == False,  # noqa: E712 -- the plan's exact filter
+            wf.is_deleted == False,  # noqa: E712 -- the original plan's exact filter
             wf.content.isnot(None),
         )
         result = await self._session.execute(stmt)

@@ -1,4 +1,4 @@
-"""Child process for ``core_cold``: run one sync (modcache's or the plan's) and print its time and peak RSS.
+"""Child process for ``core_cold``: run one sync (modcache's or the original plan's) and print its time and peak RSS.
 
 Run as ``python -m bench._sync_child modcache|plan DATABASE_URL REDIS_URL``; prints one JSON object. Running
 in its own process makes ``ru_maxrss`` the peak of exactly this sync (plus the interpreter and imports).

@@ -1,17 +1,17 @@
-"""Database overhead per message: ours vs. the plan's persistent-session design, in the same run.
+"""Database overhead per message: ours vs. the original plan's persistent-session design, in the same run.
 
 Per message, both do the same lookups (workflow, organization and configs through ConfigResolver's Redis cache)
 and the same execution claim and outcome write. What differs:
 
 * ours: ``WorkflowExecutionConsumer.prepare`` (one short unit of work on the pooled engine, then the O(1)
   cache readiness check) and ``record`` (a second unit);
-* the plan's: one AsyncSession kept for the consumer's life, ``SELECT 1`` before each message
+* the original plan's: one AsyncSession kept for the consumer's life, ``SELECT 1`` before each message
   (``_get_db_session``), the lookups on that session, and ``_sync_module_cache``: every module row with its
   content, then one EXISTS round trip per module (the claim and write go through units as in ours); measured
   also without the module sync, to show the cost of the session design alone.
 
 No worker runs: this measures what the consumer spends around an execution. Prints p50/p99 per message, new
-PostgreSQL connections per 1,000 messages after warm-up, and the backend state the plan's session leaves.
+PostgreSQL connections per 1,000 messages after warm-up, and the backend state the original plan's session leaves.
 
     ./dev bench consumer_db [--modules 1000] [--messages 1000] [--plan-messages 200]
 """
@@ -64,7 +64,7 @@ async def run(args: argparse.Namespace) -> None:
         f"new connections per 1,000 messages: {ours_new * per_k:.0f}"
     )
     print(
-        f"plan's session alone (shared, SELECT 1)       : {kit.describe_ms(bare_s)}   "
+        f"original plan's session (shared, SELECT 1)    : {kit.describe_ms(bare_s)}   "
         f"new connections per 1,000 messages: {bare_new * per_k:.0f}"
     )
     print(
@@ -73,7 +73,7 @@ async def run(args: argparse.Namespace) -> None:
     )
     print(
         f"speed-up at p50: {kit.percentile(plan_s, 50) / kit.percentile(ours_s, 50):.0f}x; "
-        f"the plan's session backend between messages: {plan_state!r}"
+        f"the original plan's session backend between messages: {plan_state!r}"
     )
 
 

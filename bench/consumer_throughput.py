@@ -1,9 +1,10 @@
 """End-to-end throughput of a trivial workflow (publish -> worker -> result row -> reply) with 2 workers.
 
 The consumer runs in a process of its own (as in production; this process only publishes and collects the
-replies). Ours against the plan's per-message design in the same run: the same consumer, with ``prepare``
-preceded by the plan's ``SELECT 1`` on one shared session and its full ``_sync_module_cache`` (every module with
-content, one EXISTS per module). Target: >= 200 executions/s on a 2-core machine.
+replies). Ours against the original plan's per-message design in the same run: the same consumer, with
+``prepare`` preceded by the original plan's ``SELECT 1`` on one shared session and its full
+``_sync_module_cache`` (every module with content, one EXISTS per module). Target: >= 200 executions/s on a
+2-core machine.
 
     ./dev bench consumer_throughput [--executions 2000] [--concurrency 16] [--modules 200] [--plan-executions 300]
 """
@@ -33,7 +34,7 @@ WARMUP = 50
 
 
 class PlanConsumer(consumer.WorkflowExecutionConsumer):
-    """Our consumer, plus what the plan did per message before running anything."""
+    """Our consumer, plus what the original plan did per message before running anything."""
 
     async def start(self) -> None:
         await super().start()
@@ -45,7 +46,7 @@ class PlanConsumer(consumer.WorkflowExecutionConsumer):
         self._plan_lock = asyncio.Lock()
 
     async def prepare(self, request: messages.ExecutionRequest) -> consumer.Prepared | executions.Record:
-        async with self._plan_lock:  # the plan shared one AsyncSession between tasks; asyncpg forbids that
+        async with self._plan_lock:  # the original plan shared one AsyncSession between tasks; asyncpg forbids that
             await self.plan._sync_module_cache()  # starts with _get_db_session()'s SELECT 1
         return await super().prepare(request)
 

@@ -2,7 +2,7 @@
 
 Each sync runs in a child process of its own (``bench._sync_child``), so its peak RSS (``ru_maxrss``, checked
 against ``RUSAGE_CHILDREN`` here) is the sync's alone. modcache streams content in batches (read a batch,
-write it while the next is read); the plan's algorithm loads every row with content at once, then writes the
+write it while the next is read); the original plan's algorithm loads every row with content at once, then writes the
 missing ones one round trip at a time. Both restore the same FLUSHDB'd cache from the same database.
 
     ./dev bench core_cold [--modules N] [--no-plan]
@@ -82,11 +82,11 @@ async def bench(args: argparse.Namespace) -> None:
             _show("modcache, FLUSHDB -> restored", ours)
             theirs = await _flush_and_restore("plan", database_url, redis_url) if args.plan else None
             if theirs is not None:
-                _show("plan's algorithm, FLUSHDB -> restored", theirs)
+                _show("original plan's algorithm, FLUSHDB -> restored", theirs)
     print(f"\nresults ({args.modules} modules x {sup.MODULE_BYTES} B, cold cache after FLUSHDB, one child each):")
     if theirs is not None:
-        sup.row("plan's algorithm: restore time", f"{theirs['sync_s']:.2f} s")
-        sup.row("plan's algorithm: peak RSS", f"{theirs['peak_rss_bytes'] / MIB:.0f} MiB")
+        sup.row("original plan's algorithm: restore time", f"{theirs['sync_s']:.2f} s")
+        sup.row("original plan's algorithm: peak RSS", f"{theirs['peak_rss_bytes'] / MIB:.0f} MiB")
     sup.row(
         "modcache: restore time",
         f"{ours['sync_s']:.2f} s",
@@ -104,7 +104,7 @@ async def bench(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="./dev bench core_cold")
     parser.add_argument("--modules", type=int, default=100_000)
-    parser.add_argument("--no-plan", dest="plan", action="store_false", help="skip the plan's algorithm")
+    parser.add_argument("--no-plan", dest="plan", action="store_false", help="skip the original plan's algorithm")
     args = parser.parse_args()
     started = time.perf_counter()
     asyncio.run(asyncio.wait_for(bench(args), BOUND_S))

@@ -8,7 +8,7 @@ For each of N keys in turn: ``PEXPIRE key 1`` and timestamp Redis's ``expired`` 
 millisecond has already passed, Redis deletes the key at once) and the ``set`` event of the restored key; then
 the same with ``DEL``. No polling: every wait is on a key event.
 
-The naive reference: the plan's design has no event path; a partial expiry stays broken until its next sync
+The naive reference: the original plan's design has no event path; a partial expiry stays broken until its next sync
 (~20 s at 100,000 modules, on the next execution message).
 
     ./dev bench core_expiry [--keys N] [--modules N]

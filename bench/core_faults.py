@@ -13,8 +13,9 @@ and afterwards every content key is compared byte for byte (untimed). Between sa
 watcher has been quiet for 0.3 s, and after a whole-cache sample until its deep resync has ended (it writes nothing
 until then), so one repair never overlaps the next fault.
 
-The naive reference, measured in the same run: without events (the plan's design, or a periodic resync alone) a
-fault waits for the next full sync; its cost at this size is the plan's full resync time, plus up to its interval.
+The naive reference, measured in the same run: without events (the original plan's design, or a periodic resync
+alone) a fault waits for the next full sync; its cost at this size is the original plan's full resync time, plus
+up to its interval.
 
     ./dev bench core_faults [--modules N] [--samples N] [--slow-samples N] [--whole-samples N] [--only NAME,...]
 """
@@ -514,7 +515,7 @@ async def bench(args: argparse.Namespace) -> None:
     for label, times, target in results:
         sup.summary(label, times, target)
     print(f"  naive (no events: repaired by the next full sync): one full resync takes {naive:.2f} s, after waiting")
-    print("  up to resync_interval_s (300 s by default); the plan's per-message sync takes ~15 s at this size")
+    print("  up to resync_interval_s (300 s by default); the original plan's per-message sync takes ~15 s at this size")
 
 
 def main() -> None:

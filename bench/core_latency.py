@@ -7,7 +7,7 @@ acknowledged, (c) when its own LISTEN connection receives the trigger's NOTIFY (
 delivery alone), and (d) when Redis publishes the ``set`` key event of the module's content key (the cache
 holds the new content). Latency is (d) - (a). No polling: every wait is on an event.
 
-The naive reference is the floor (c) - (a) measured on the same commits; the plan's design has no
+The naive reference is the floor (c) - (a) measured on the same commits; the original plan's design has no
 commit-driven path at all (its sync runs on the next execution message and takes ~20 s at 100,000 modules).
 
     ./dev bench core_latency [--changes N] [--modules N]

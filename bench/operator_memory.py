@@ -3,7 +3,7 @@
 ``modcache operator`` runs as its own process against the emulated Kubernetes API, with real PostgreSQL and
 Redis. Its RSS is sampled every 20 ms: idle, while it fills a cold cache (400 MB of content written), and during
 a no-drift full resync (asked for with the resync annotation). The naive approach, in the same run: one process
-that reads every row with its content (the plan's way), as the operator would if it did not stream.
+that reads every row with its content (the original plan's way), as the operator would if it did not stream.
 """
 
 from __future__ import annotations

@@ -4,9 +4,10 @@ Topology (declared idempotently by the consumer and by callers, all durable):
 
     <queue>  --(reject / nack without requeue)-->  <queue>.dlx (direct)  --<queue>.poison-->  <queue>.poison
 
-A malformed message is republished to the poison queue with ``keys.POISON_REASON_HEADER`` saying why, then
-acknowledged (publisher confirms make that a move, not a loss); a message the consumer could not handle for an
-unexpected reason is rejected and reaches the same queue through the dead-letter exchange (``x-death``).
+A malformed message, or one the consumer failed on for an unexpected reason, is republished to the poison queue
+with ``keys.POISON_REASON_HEADER`` saying why, then acknowledged (publisher confirms make that a move, not a
+loss); when that republish fails, the message is rejected and reaches the same queue through the dead-letter
+exchange (``x-death``, no reason header).
 aio-pika's errors become ``BrokerUnavailable`` (retry) or ``ConfigError`` (the queue exists with other
 arguments), without the URL.
 """

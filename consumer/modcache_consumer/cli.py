@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from modcache import errors
+from modcache import errors, wiring
 from modcache_consumer import amqp, consumer, database, messages, settings, workflows
 
 
@@ -178,7 +178,8 @@ async def _resolve(store: workflows.Workflows, workflow: str) -> uuid.UUID:
 
 async def _with_workflows(work: Any, the_settings: settings.ConsumerSettings | None = None) -> Any:
     the_settings = the_settings or settings.ConsumerSettings.from_env()
-    db = database.Database(url=the_settings.required("database_url"), pool_size=1, application_name="modcache-cli")
+    url = wiring.database_dsn(the_settings, the_settings.required("database_url"))
+    db = database.Database(url=url, pool_size=1, application_name="modcache-cli")
     try:
         return await work(workflows.Workflows(database=db))
     finally:

@@ -1,7 +1,7 @@
 """Organizations and configs for executions: Redis first (with a TTL), PostgreSQL on a miss.
 
-* ``get_organization(org_id, db=None)`` and ``load_config_for_scope(scope, db=None)`` keep the plan's names; with
-  ``db`` they read through the caller's session, without they open a unit of work of their own.
+* ``get_organization(org_id, db=None)`` and ``load_config_for_scope(scope, db=None)`` keep the original plan's
+  names; with ``db`` they read through the caller's session, without they open a unit of work of their own.
 * Each scope's own rows are cached separately (``GLOBAL`` and one entry per organization) and merged on read:
   organization rows override global ones, and changing a global config invalidates one key, not every org.
 * Cache fills happen only after the unit of work that read the rows commits (``database.after_commit``), so a
@@ -19,13 +19,12 @@ import uuid
 from collections.abc import Awaitable, Mapping
 from typing import Any, TypedDict, TypeVar
 
-import redis.asyncio as aioredis
 import redis.exceptions
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql as pg
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from modcache import errors, keys, schema
+from modcache import errors, keys, rediscache, schema
 from modcache_consumer import crypto, database
 
 log = logging.getLogger(__name__)
@@ -62,7 +61,7 @@ class ConfigResolver:
         self,
         *,
         database: database.Database,
-        client: aioredis.Redis,
+        client: rediscache.Client,  # one node, a Sentinel-managed master or a Cluster (wiring.make_redis)
         secrets: crypto.Secrets,
         ttl_s: int = 60,
         namespace: str = "",

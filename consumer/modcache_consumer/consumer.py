@@ -15,8 +15,12 @@ Per message (``process_message``):
 4. the worker runs it (missing modules repaired on request, single-flight);
 5. a second unit of work records the outcome; then the reply (if ``reply_to``) and the ack.
 
-A service outage (TransientError) requeues the message after a pause; any other surprise dead-letters it and
-records the execution as FAILED (best effort), so nothing stays RUNNING forever.
+Every message is settled whatever happens while handling it (``_handle``): acknowledged, moved to the poison
+queue with a reason header, or, for a service outage (TransientError), requeued after a pause. An unsettled
+message would hold a prefetch slot until the connection closes, so an exception nobody expected (a bug, a
+hostile body the pre-scan missed) poisons the message with ``internal error: ...`` and records the execution as
+FAILED (best effort), so nothing stays RUNNING forever. A handler still running past ``handler_bound_s`` (a
+wedged socket, a lost future) turns ``/livez`` to 503: only a restart frees its slot.
 """
 
 from __future__ import annotations
@@ -36,10 +40,9 @@ from typing import Any, TypeVar
 
 import aio_pika.abc
 import aio_pika.exceptions
-import redis.asyncio as aioredis
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from modcache import engine, errors, pgsource, rediscache
+from modcache import engine, errors, pgsource, rediscache, wiring
 from modcache_consumer import (
     amqp,
     configs,
@@ -105,6 +108,12 @@ class WorkflowExecutionConsumer:
         self._slots = asyncio.Semaphore(settings.consumer_concurrency)
         self._mine: set[uuid.UUID] = set()  # claimed or running here: a second delivery must not claim again
         self._lost: dict[uuid.UUID, asyncio.Event] = {}
+        self._started_at: dict[asyncio.Task[Any], float] = {}  # monotonic start of each in-flight handler
+        self._limits = messages.Limits(
+            max_bytes=settings.max_message_bytes,
+            max_depth=settings.max_message_depth,
+            max_number_digits=settings.max_message_number_digits,
+        )
         self._drained = asyncio.Event()
         self._drained.set()
         self._consuming = False
@@ -143,7 +152,7 @@ class WorkflowExecutionConsumer:
     async def _start_storage(self) -> None:
         s = self.settings
         self.database = database.Database(
-            url=s.required("database_url"),
+            url=wiring.database_dsn(s, s.required("database_url")),
             pool_size=s.pool_size,
             pool_timeout_s=s.db_pool_timeout_s,
             ping_after_idle_s=s.db_ping_after_idle_s,
@@ -151,8 +160,9 @@ class WorkflowExecutionConsumer:
         )
         self._stack.push_async_callback(self.database.close)
         await self.database.start()
-        self.redis = aioredis.Redis.from_url(s.required("redis_url"), decode_responses=True, health_check_interval=30)
-        self._stack.push_async_callback(self.redis.aclose)
+        s.required("redis_url")
+        self.redis, close_redis = wiring.make_redis(s)  # one node, a Sentinel's master or a Cluster
+        self._stack.push_async_callback(close_redis)
         cache = rediscache.RedisCache(
             client=self.redis,
             keyspace=s.keyspace(),
@@ -274,7 +284,19 @@ class WorkflowExecutionConsumer:
     # -- health ---------------------------------------------------------------------------------------------
 
     def liveness(self) -> list[str]:
-        return []  # answering at all proves the event loop runs; every failure below is retried, not fatal
+        """Answering at all proves the event loop runs, and every service failure is retried, not fatal; but a
+        handler running past ``handler_bound_s`` is wedged (every legitimate wait has a shorter timeout) and
+        holds its prefetch slot until Kubernetes restarts the consumer."""
+        if not self._started_at:
+            return []
+        running_s = self._monotonic() - min(self._started_at.values())
+        bound_s = self.settings.handler_bound_s
+        if running_s <= bound_s:
+            return []
+        return [
+            f"a message handler has been running for {running_s:.0f} s, longer than {bound_s:.0f} s "
+            "(MODCACHE_HANDLER_STUCK_AFTER_S)"
+        ]
 
     def readiness(self) -> list[str]:
         problems = []
@@ -288,7 +310,7 @@ class WorkflowExecutionConsumer:
             problems.append("module cache unavailable at the last attempt")
         return problems
 
-    # -- the plan's names -----------------------------------------------------------------------------------
+    # -- the original plan's names -----------------------------------------------------------------------------------
 
     @asynccontextmanager
     async def _get_db_session(self) -> AsyncIterator[AsyncSession]:
@@ -314,6 +336,7 @@ class WorkflowExecutionConsumer:
         drops, and an execution must not die with the connection (its outcome is still recorded)."""
         task = asyncio.create_task(self._handle(message))
         self._in_flight.add(task)
+        self._started_at[task] = self._monotonic()
         self._drained.clear()
         self.metrics.in_flight.inc()
         task.add_done_callback(self._handled)
@@ -321,14 +344,29 @@ class WorkflowExecutionConsumer:
     def _handled(self, task: asyncio.Task[None]) -> None:
         self.metrics.in_flight.dec()
         self._in_flight.discard(task)
+        self._started_at.pop(task, None)
         if not self._in_flight:
             self._drained.set()
-        if not task.cancelled() and task.exception() is not None:
+        if not task.cancelled() and task.exception() is not None:  # _handle settles everything: a bug if here
             log.error("a message handler failed", exc_info=task.exception())
 
     async def _handle(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        """Settle ``message`` whatever happens. Cancellation (drain) leaves it unsettled on purpose: the broker
+        redelivers it when the channel closes."""
         try:
-            request = messages.parse(message.body, reply_to=message.reply_to, correlation_id=message.correlation_id)
+            await self._handle_settling(message)
+        except Exception as e:
+            if message.processed:  # settled already; what failed came after (nothing left to do for it)
+                log.exception("message %s: failure after it was settled", message.message_id or "-")
+                return
+            log.exception("message %s: unexpected failure; poisoning it", message.message_id or "-")
+            await self._poison(message, f"internal error: {errors.describe(e)}")
+
+    async def _handle_settling(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        try:
+            request = messages.parse(
+                message.body, reply_to=message.reply_to, correlation_id=message.correlation_id, limits=self._limits
+            )
         except messages.Malformed as e:
             await self._poison(message, e.reason)
             return
@@ -361,9 +399,9 @@ class WorkflowExecutionConsumer:
             await _settle(message.nack(requeue=True))
             return
         except Exception as e:
-            log.exception("execution %s: unexpected failure; dead-lettering its message", request.execution_id)
+            log.exception("execution %s: unexpected failure; poisoning its message", request.execution_id)
             await self._record_internal_error(request, e)
-            await _settle(message.reject(requeue=False))
+            await self._poison(message, f"internal error: {errors.describe(e)}")
             return
         if isinstance(admitted, Admitted):
             # PostgreSQL owns the execution from here on (its lease): the broker's consumer_timeout no longer
@@ -387,12 +425,14 @@ class WorkflowExecutionConsumer:
             log.warning("execution %s: could not record the failure: %s", request.execution_id, errors.describe(e))
 
     async def _poison(self, message: aio_pika.abc.AbstractIncomingMessage, reason: str) -> None:
-        log.warning("malformed message %s moved to %s: %s", message.message_id or "-", self._names.poison, reason)
+        """Move ``message`` to the poison queue with ``reason``; if that fails, dead-letter it (same queue, via
+        the DLX, without the reason header): either way its prefetch slot is freed."""
+        log.warning("message %s moved to %s: %s", message.message_id or "-", self._names.poison, reason)
         self.metrics.poisoned.inc()
         assert self._channel is not None
         try:
             await amqp.poison(self._channel, self._names, message, reason)
-        except (OSError, aio_pika.exceptions.AMQPError) as e:
+        except Exception as e:  # whatever broke the republish, the reject below still settles
             log.warning("could not republish to the poison queue (%s); dead-lettering instead", errors.describe(e))
             await _settle(message.reject(requeue=False))
             return

@@ -14,8 +14,8 @@ A stale pooled connection is replaced without a round trip on every checkout:
   connection (units are idempotent, see ``executions``).
 
 SQLAlchemy's own ``pool_pre_ping`` would instead cost BEGIN, a query and ROLLBACK on every checkout -- the
-plan's per-message ``SELECT 1`` under another name. Errors leave as ``SourceUnavailable`` (connection problems)
-or unchanged (bugs), never with the URL in them.
+original plan's per-message ``SELECT 1`` under another name. Errors leave as ``SourceUnavailable`` (connection
+problems) or unchanged (bugs), never with the URL in them.
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ from contextlib import asynccontextmanager
 from typing import Any, Protocol, TypeVar
 
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from modcache import errors, settings
+from modcache import db, errors
 
 log = logging.getLogger(__name__)
 
@@ -68,14 +68,15 @@ class Database:
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.application_name = application_name
-        self.engine: AsyncEngine = create_async_engine(
-            settings.sqlalchemy_url(url),
+        self.engine: AsyncEngine = db.make_engine(  # multi-host and TLS URLs as libpq reads them
+            url,
             pool_size=pool_size,
+            application_name=application_name,
             max_overflow=0,  # no overflow: no connection churn under load
             pool_timeout=pool_timeout_s,
             pool_pre_ping=False,  # see the module docstring: our checkout check is cheaper
+            pool_recycle=-1,
             hide_parameters=True,  # errors reach logs; workflow parameters and config values must not
-            connect_args={"server_settings": {"application_name": application_name}},
         )
         self._sessions = async_sessionmaker(self.engine, expire_on_commit=False)
         self._ping_after_idle_s = ping_after_idle_s

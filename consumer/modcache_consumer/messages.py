@@ -4,14 +4,24 @@ A request is JSON ``{"execution_id": uuid, "workflow_id": uuid, "organization_id
 "parameters": {...}}``; callers that wait set the AMQP ``reply_to`` and ``correlation_id`` properties and get a
 ``RawReply``. ``parse`` returns an ``ExecutionRequest`` or raises ``Malformed`` with a reason a person can act
 on (it goes into the poison queue's reason header), never echoing the body.
+
+Messages come from producers we do not trust, so ``parse`` bounds a body *before* handing it to ``json.loads``
+(``prescan``): its size, NUL bytes, how deep arrays and objects nest, and how many digits a number has. Without
+that, 200 KB of ``[`` raises ``RecursionError`` and a 5,000-digit integer ``ValueError`` out of the parser (Python
+caps int conversion at 4,300 digits), and deep ``parameters`` break every later recursive walk (``has_nul``,
+``json.dumps``, asyncpg's jsonb encoder). Each check is a C-speed pass over the bytes, so even a hostile body at
+the size limit costs a bounded fraction of a second.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import itertools
 import json
+import re
 import uuid
+from collections.abc import Iterator
 from typing import Any, NewType, TypedDict
 
 from modcache import errors
@@ -21,6 +31,14 @@ WorkflowId = NewType("WorkflowId", uuid.UUID)
 OrganizationId = NewType("OrganizationId", uuid.UUID)
 
 MAX_BODY_BYTES = 1024 * 1024
+MAX_DEPTH = 32
+MAX_NUMBER_DIGITS = 100
+
+# A JSON string, its closing quote optional so an unterminated one swallows the rest; possessive quantifiers
+# (Python >= 3.11) keep the regex linear on hostile input (no backtracking into ``\\`` runs).
+_STRING = re.compile(rb'"(?:[^"\\]++|\\.)*+"?', re.DOTALL)
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_NESTING = tuple(1 if b in b"[{" else -1 if b in b"]}" else 0 for b in range(256))
 
 
 class Status(enum.StrEnum):
@@ -51,6 +69,15 @@ class RawReply(TypedDict):
     result: Any
     error: str | None
     duration_ms: int | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """What a body may hold before it is parsed (``MODCACHE_MAX_MESSAGE_*``)."""
+
+    max_bytes: int = MAX_BODY_BYTES
+    max_depth: int = MAX_DEPTH
+    max_number_digits: int = MAX_NUMBER_DIGITS
 
 
 class Malformed(errors.InputError):
@@ -101,11 +128,10 @@ class Outcome:
 
 
 def parse(
-    body: bytes, *, reply_to: str | None = None, correlation_id: str | None = None, max_bytes: int = MAX_BODY_BYTES
+    body: bytes, *, reply_to: str | None = None, correlation_id: str | None = None, limits: Limits = Limits()
 ) -> ExecutionRequest:
     """The request in ``body``, or Malformed saying what is wrong with it."""
-    if len(body) > max_bytes:
-        raise Malformed(f"body is larger than {max_bytes} bytes")
+    prescan(body, limits)
     try:
         data = json.loads(body.decode("utf-8"))
     except UnicodeDecodeError:
@@ -121,6 +147,8 @@ def parse(
         raise Malformed("parameters: must be an object")
     if has_nul(parameters):
         raise Malformed("parameters: a string holds a NUL character (\\u0000), which PostgreSQL cannot store")
+    if has_lone_surrogate(parameters):
+        raise Malformed("parameters: a string holds an unpaired surrogate (\\ud800-\\udfff), which is not Unicode")
     org = data.get("organization_id")
     return ExecutionRequest(
         execution_id=ExecutionId(_uuid(data, "execution_id")),
@@ -145,15 +173,58 @@ def decode_reply(body: bytes) -> RawReply:
     )
 
 
+def prescan(body: bytes, limits: Limits) -> None:
+    """Raise Malformed if ``body`` breaks a limit; what passes is safe for ``json.loads`` and recursive walks."""
+    if len(body) > limits.max_bytes:
+        raise Malformed(f"body is larger than {limits.max_bytes} bytes (MODCACHE_MAX_MESSAGE_BYTES)")
+    nul = body.find(b"\x00")
+    if nul >= 0:
+        raise Malformed(f"body holds a NUL byte at offset {nul}")
+    structure = _STRING.sub(b'""', body)  # what is left outside strings: brackets, numbers, literals, separators
+    if nesting_depth(structure) > limits.max_depth:
+        raise Malformed(f"body nests arrays/objects deeper than {limits.max_depth} levels (MODCACHE_MAX_MESSAGE_DEPTH)")
+    if re.search(rb"[0-9]{%d}" % (limits.max_number_digits + 1), structure):
+        raise Malformed(
+            f"a number has more than {limits.max_number_digits} digits (MODCACHE_MAX_MESSAGE_NUMBER_DIGITS)"
+        )
+
+
+def nesting_depth(structure: bytes) -> int:
+    """How deep ``[``/``{`` nest in ``structure`` (JSON with its strings emptied), unclosed ones included: an
+    upper bound of the parser's recursion, which stops at the first value's end."""
+    brackets = structure.translate(None, _NOT_BRACKETS)
+    if not brackets:
+        return 0
+    return max(itertools.accumulate(map(_NESTING.__getitem__, brackets)))
+
+
 def has_nul(value: Any) -> bool:
     """Whether a JSON value holds U+0000 anywhere (PostgreSQL's jsonb and text reject it)."""
-    if isinstance(value, str):
-        return "\x00" in value
-    if isinstance(value, dict):
-        return any(has_nul(k) or has_nul(v) for k, v in value.items())
-    if isinstance(value, list):
-        return any(has_nul(v) for v in value)
+    return any("\x00" in s for s in _strings(value))
+
+
+def has_lone_surrogate(value: Any) -> bool:
+    """Whether a JSON value holds a string with an unpaired surrogate (``"\\ud800"``: valid JSON, not UTF-8)."""
+    for s in _strings(value):
+        try:
+            s.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
     return False
+
+
+def _strings(value: Any) -> Iterator[str]:
+    """Every string (keys included) in a JSON value; iterative, so no depth can exhaust the stack."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            yield item
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
 
 
 def _uuid(data: dict[str, Any], field: str) -> uuid.UUID:

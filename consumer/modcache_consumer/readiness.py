@@ -1,6 +1,6 @@
 """Cache readiness on the hot path: an O(1) check per message, and repairs that never run twice at once.
 
-The plan's ``_sync_module_cache`` listed every module with content and checked each key, on every message:
+The original plan's ``_sync_module_cache`` listed every module with content and checked each key, on every message:
 O(modules) work and PostgreSQL traffic per execution (bifrost-contract.md, defect 2). Here an execution trusts
 the converged cache (the operator's watcher keeps it so) and checks only its markers, in one round trip:
 
@@ -27,7 +27,7 @@ import redis.exceptions
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from modcache import engine, errors, modules, plan, rediscache
+from modcache import engine, errors, keys, modules, plan, rediscache
 from modcache_consumer import database
 
 log = logging.getLogger(__name__)
@@ -120,10 +120,13 @@ class CacheGuard:
             async with self._cache.client.pipeline(transaction=False) as pipe:
                 pipe.get(ks.generation)
                 pipe.exists(ks.status)
-                generation, synced = await pipe.execute()
+                pipe.time()
+                generation, synced, (seconds, micros) = await pipe.execute()
         except (redis.exceptions.RedisError, OSError) as e:
             raise errors.CacheUnavailable(f"Redis failed: {errors.describe(e)}") from e
-        return (int(generation) if generation is not None else None), bool(synced)
+        if keys.generation_problem(generation, clock_us=int(seconds) * 1_000_000 + int(micros)) is not None:
+            return None, bool(synced)  # missing or not believable (another writer's garbage): converge first
+        return keys.parse_generation(generation), bool(synced)
 
     async def _full_resync(self) -> plan.Report:
         report = await self._engine.full_resync()  # writes the one sync-status record (keys.SyncStatus)

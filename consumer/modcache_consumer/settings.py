@@ -60,6 +60,21 @@ class ConsumerSettings(settings.Settings):
     reply_retry_s: float = pydantic.Field(
         20.0, gt=0, description="A reply the broker did not confirm is retried this long, then left to a sweeper."
     )
+    max_message_bytes: int = pydantic.Field(
+        1024**2, gt=0, le=64 * 1024**2, description="Larger message bodies are poisoned unparsed."
+    )
+    max_message_depth: int = pydantic.Field(
+        32, gt=0, le=200, description="Bodies nesting arrays/objects deeper are poisoned unparsed."
+    )
+    max_message_number_digits: int = pydantic.Field(
+        100, gt=0, le=4000, description="Bodies with a longer number are poisoned unparsed."
+    )
+    handler_stuck_after_s: float | None = pydantic.Field(
+        None,
+        gt=0,
+        description="A message handler running longer fails /livez, so Kubernetes restarts the consumer; "
+        "unset: execution_timeout_s + terminate_grace_s + 300 (the slowest legitimate run plus its bookkeeping).",
+    )
     transient_retry_delay_s: float = pydantic.Field(
         2.0, ge=0, description="A message that met a service outage is requeued after this pause."
     )
@@ -136,6 +151,13 @@ class ConsumerSettings(settings.Settings):
     @property
     def pool_size(self) -> int:
         return self.db_pool_size or self.consumer_concurrency + 1
+
+    @property
+    def handler_bound_s(self) -> float:
+        """How long a message handler may run before /livez calls the consumer wedged."""
+        if self.handler_stuck_after_s is not None:
+            return self.handler_stuck_after_s
+        return self.execution_timeout_s + self.terminate_grace_s + 300.0
 
     def encryption_keys(self) -> list[str]:
         if self.secrets_key is None:

@@ -1,7 +1,7 @@
 """Workflow rows: the lookup an execution needs, and the writes behind ``modcache workflows put | ls``.
 
-``get_workflow_for_execution(workflow_id, db=None)`` keeps the plan's signature: with ``db`` it reads through the
-caller's session (inside the caller's unit of work, seeing what that transaction sees); without, it opens a
+``get_workflow_for_execution(workflow_id, db=None)`` keeps the original plan's signature: with ``db`` it reads
+through the caller's session (inside the caller's unit of work, seeing what that transaction sees); without, it opens a
 unit of work of its own. Workflow rows are read from PostgreSQL every time (code changes must show at once).
 """
 
@@ -28,7 +28,7 @@ class WorkflowNotFound(errors.InputError):
 
 @dataclasses.dataclass(frozen=True)
 class WorkflowForExecution:
-    """What a worker needs to run a workflow (the plan's dict, typed)."""
+    """What a worker needs to run a workflow (the original plan's dict, typed)."""
 
     id: uuid.UUID
     name: str

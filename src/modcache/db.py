@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 from importlib import resources
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+import asyncpg
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
@@ -15,16 +16,22 @@ if TYPE_CHECKING:
     from alembic.config import Config
 
 
-def make_engine(url: str, *, pool_size: int = 5, application_name: str = "modcache") -> AsyncEngine:
-    """An async engine that checks a pooled connection before handing it out (``pool_pre_ping``)."""
-    return create_async_engine(
-        settings.sqlalchemy_url(url),
-        pool_size=pool_size,
-        max_overflow=pool_size,
-        pool_pre_ping=True,
-        pool_recycle=1800,
-        connect_args={"server_settings": {"application_name": application_name}},
-    )
+def make_engine(url: str, *, pool_size: int = 5, application_name: str = "modcache", **options: Any) -> AsyncEngine:
+    """An async engine that checks a pooled connection before handing it out (``pool_pre_ping``; ``options``
+    override the pool's settings).
+
+    asyncpg parses the URL itself, as libpq would: several hosts (``h1:5432,h2:5432``, tried in turn, with
+    ``target_session_attrs=read-write`` picking the primary), ``sslmode``/``sslrootcert``/``sslcert``/``sslkey``.
+    SQLAlchemy's URL parser knows none of these, so the engine gets its connections from asyncpg directly; after a
+    failover a new connection reaches whichever host is now the primary. ``wiring`` adds the TLS settings."""
+    dsn = settings.asyncpg_dsn(url)
+    server_settings = {"application_name": application_name}
+
+    async def connect() -> Any:
+        return await asyncpg.connect(dsn, server_settings=server_settings)
+
+    pool: dict[str, Any] = {"max_overflow": pool_size, "pool_pre_ping": True, "pool_recycle": 1800}
+    return create_async_engine("postgresql+asyncpg://", async_creator=connect, pool_size=pool_size, **(pool | options))
 
 
 def alembic_config(url: str) -> Config:

@@ -23,9 +23,13 @@ between the two markers of a nonce this process registered is its own. A marker 
 process, a forgery) is ignored, so such writes are reported like any other.
 
 After any (re)connect the iterator yields ``Subscribed``: events published while it was away are lost, so the
-caller resyncs (deeply: a foreign write in the gap may have kept a value's length). Issue 11 (Sentinel, Cluster,
-TLS) builds its client construction into the wiring; this iterator only needs a client whose pool makes
-connections.
+caller resyncs (deeply: a foreign write in the gap may have kept a value's length).
+
+Topologies (issue 11): both connections are made by ``RedisCache.open_node_connection``, to the node holding the
+cache's keys at that moment -- the Sentinel's current master, or the Cluster node owning the prefix's slot. A
+failover or resharding breaks them (the old master is killed or demoted: the probe's write is refused with
+READONLY or MOVED), the iterator reconnects to the new node, enables the flags there, and yields ``Subscribed``
+(naming the node, and the one before it), so the caller resyncs after every master change.
 """
 
 from __future__ import annotations
@@ -128,6 +132,7 @@ class KeyEvents:
         self._probe_conn: Any = None
         self._probe_armed = asyncio.Event()  # Subscribed is reported only once the probe watches its key
         self._unheard: int | None = None  # probe rounds since the subscription delivered the probe's own event
+        self._node: str | None = None  # host:port the subscription was last made on (a failover moves it)
 
     async def __aenter__(self) -> KeyEvents:
         self._tasks = [
@@ -167,11 +172,10 @@ class KeyEvents:
             await asyncio.sleep(retry.next_s())
 
     async def _subscribe_once(self, retry: backoff.Backoff) -> None:
-        pool = self._cache.client.connection_pool
-        self._conn = conn = pool.connection_class(**{**pool.connection_kwargs, "protocol": 2})
-        await conn.connect()  # type: ignore[no-untyped-call]
-        configured = await self._enable()
-        db = int(pool.connection_kwargs.get("db", 0) or 0)
+        self._conn = conn = await self._cache.open_node_connection()
+        node = _address(conn)
+        configured = await self._enable(conn)
+        db = self._cache.database
         prefix = f"__keyspace@{db}__:"
         await conn.send_command("PSUBSCRIBE", self._ks.keyspace_pattern(db))
         await conn.read_response()
@@ -180,21 +184,27 @@ class KeyEvents:
         self._cache.own_writes.clear()
         self._cache.tracking_own_writes = True
         self._canary_seen.clear()
-        canary = asyncio.create_task(self._check_canary(configured))
+        moved = f" (was {self._node})" if self._node not in (None, node) else ""
+        self._node = node
+        canary = asyncio.create_task(self._check_canary(f"on {node}{moved}: {configured}"))
         try:
             retry.reset()
             await self._read(conn, prefix)
         finally:
             canary.cancel()
 
-    async def _enable(self) -> str:
-        """Merge the flags modcache needs into ``notify-keyspace-events``; say how events are configured."""
-        client = self._cache.client
+    @staticmethod
+    async def _enable(conn: Any) -> str:
+        """Merge the flags modcache needs into ``notify-keyspace-events`` on the node ``conn`` reaches (the setting
+        is per node: a promoted replica or a slot's new owner needs it too); say how events are configured."""
         try:
-            current = str((await client.config_get("notify-keyspace-events")).get("notify-keyspace-events", ""))
+            await conn.send_command("CONFIG", "GET", "notify-keyspace-events")
+            reply = await conn.read_response()
+            current = str(reply[1] if isinstance(reply, list) else reply.get("notify-keyspace-events", ""))
             wanted = merged_keyspace_flags(current)
             if wanted != current:
-                await client.config_set("notify-keyspace-events", wanted)
+                await conn.send_command("CONFIG", "SET", "notify-keyspace-events", wanted)
+                await conn.read_response()
         except redis.exceptions.ResponseError as e:  # CONFIG disabled, renamed or not permitted (ACL)
             return f"configured by the admin (CONFIG not permitted: {errors.describe(e)})"
         return f"notify-keyspace-events {wanted!r}"
@@ -214,7 +224,7 @@ class KeyEvents:
         else:
             await self._probe_armed.wait()  # a resync this causes must not run before a flush can be noticed
             self._unheard = 0
-            self._queue.put_nowait(Subscribed(f"keyspace events on {self._ks.prefix!r}: {configured}"))
+            self._queue.put_nowait(Subscribed(f"keyspace events on {self._ks.prefix!r} {configured}"))
 
     async def _read(self, conn: Any, channel_prefix: str) -> None:
         own = self._cache.own_writes
@@ -309,9 +319,7 @@ class KeyEvents:
         return None
 
     async def _open_probe(self, ttl_ms: int) -> None:
-        pool = self._cache.client.connection_pool
-        conn = pool.connection_class(**{**pool.connection_kwargs, "protocol": 2})
-        await conn.connect()  # type: ignore[no-untyped-call]
+        conn = await self._cache.open_node_connection()
         await conn.send_packed_command(
             conn.pack_commands([("SET", self._probe_key, "1", "PX", ttl_ms), ("WATCH", self._probe_key)])
         )
@@ -326,3 +334,9 @@ class KeyEvents:
         if conn is not None:
             with contextlib.suppress(Exception):
                 await conn.disconnect()
+
+
+def _address(conn: Any) -> str:
+    """Where a redis-py connection goes: ``host:port``, or the socket path."""
+    path = getattr(conn, "path", None)
+    return str(path) if path else f"{conn.host}:{conn.port}"

@@ -232,3 +232,13 @@ class KeySpace:
 
 def glob_escape(text: str) -> str:
     return "".join(f"\\{c}" if c in "*?[]\\" else c for c in text)
+
+
+def hash_tag(prefix: str) -> str | None:
+    """The Redis Cluster hash tag the prefix gives every key under it, or None.
+
+    Redis hashes only what is between the first ``{`` and the next ``}`` when that is not empty; the tag must close
+    inside the prefix, or a module path with a ``}`` would move its key to another slot."""
+    start = prefix.find("{")
+    end = prefix.find("}", start + 1) if start >= 0 else -1
+    return prefix[start + 1 : end] if end > start + 1 else None

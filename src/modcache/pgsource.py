@@ -207,9 +207,11 @@ def _texts(raw: Sequence[bytes]) -> list[str]:
 @dataclasses.dataclass(frozen=True)
 class Listening:
     """The listener is connected and LISTENing (after every (re)connect: notifications sent while it was away are
-    lost, so the caller resyncs)."""
+    lost, so the caller resyncs). ``server`` is the address of the PostgreSQL server it reached: with a multi-host
+    URL, a failover shows as a new one."""
 
     detail: str
+    server: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -245,8 +247,9 @@ async def listen(
         detail = "connection lost"
         try:
             conn = await _connect(dsn, queue)
+            server = await _server_address(conn)
             retry.reset()
-            yield Listening(f"listening on {keys.NOTIFY_CHANNEL}")
+            yield Listening(f"listening on {keys.NOTIFY_CHANNEL} at {server}", server)
             while (event := await _next(conn, queue, keepalive_s)) is not _LOST:
                 yield event  # type: ignore[misc]
         except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
@@ -263,6 +266,12 @@ async def _connect(dsn: str, queue: asyncio.Queue[object]) -> Any:
     conn.add_termination_listener(lambda _conn: queue.put_nowait(_LOST))
     await conn.add_listener(keys.NOTIFY_CHANNEL, lambda *args: queue.put_nowait(_event(args[3])))
     return conn
+
+
+async def _server_address(conn: Any) -> str:
+    """``host:port`` of the server ``conn`` reached (of the several a multi-host URL names)."""
+    address, port = await conn.fetchrow("SELECT host(inet_server_addr()), inet_server_port()", timeout=10)
+    return "a local socket" if address is None else f"{address}:{port}"
 
 
 async def _next(conn: Any, queue: asyncio.Queue[object], keepalive_s: float) -> object:

@@ -32,10 +32,11 @@ import random
 import re
 import secrets
 import sys
-from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
+import redis.asyncio.cluster as aiocluster
 import redis.exceptions
 
 from modcache import errors, keys, plan
@@ -131,6 +132,17 @@ if problem ~= '' then
 end
 return {g, problem, now, redis.call('TYPE', KEYS[2])['ok'], redis.call('TYPE', KEYS[3])['ok'],
         redis.call('TYPE', KEYS[4])['ok']}
+"""
+
+# KEYS: generation, index, manifest, status. Reads only: {server clock seconds, microseconds, the four keys' types,
+# the generation's raw value ('' unless it is a string)}. One script, not a MULTI with TIME: a cluster refuses
+# keyless commands in a transaction, and a script runs on the node owning the keys' slot.
+PEEK = """
+local t = redis.call('TIME')
+local out = {t[1], t[2]}
+for i = 1, 4 do out[#out + 1] = redis.call('TYPE', KEYS[i])['ok'] end
+out[#out + 1] = out[3] == 'string' and redis.call('GET', KEYS[1]) or ''
+return out
 """
 
 # KEYS: generation; ARGV: a believable generation the counter must reach. Returns the counter afterwards.
@@ -245,6 +257,9 @@ _APPLY_REPAIRS = {"1": "generation", "2": "index", "3": "manifest"}
 #: Nonces of writes in flight that a key-event iterator may still have to recognise (bounded: oldest dropped).
 MAX_OWN_WRITES = 10_000
 
+#: The clients ``wiring.make_redis`` builds: one node or a Sentinel-managed master (``Redis``), or a Cluster.
+Client = aioredis.Redis | aiocluster.RedisCluster
+
 
 @dataclasses.dataclass(frozen=True)
 class Write:
@@ -302,14 +317,16 @@ class RedisCache:
     def __init__(
         self,
         *,
-        client: aioredis.Redis,
+        client: Client,
         keyspace: keys.KeySpace,
         ttl_s: int | None = None,
         ttl_jitter_ratio: float = 0.2,
         check_batch_size: int = 5000,
         deep_batch_size: int = 500,
+        close: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.client = client
+        self._close = close or client.aclose
         self.keyspace = keyspace
         self._ttl_s = ttl_s or 0
         self._ttl_jitter_s = int(self._ttl_s * ttl_jitter_ratio)
@@ -322,6 +339,7 @@ class RedisCache:
         self._generation = client.register_script(GENERATION)
         self._raise = client.register_script(RAISE)
         self._touch = client.register_script(TOUCH)
+        self._peek = client.register_script(PEEK)
         self._members = client.register_script(MEMBERS)
         self.own_writes: collections.OrderedDict[str, None] = collections.OrderedDict()
         self.tracking_own_writes = False  # set by a key-event iterator while it needs the nonces
@@ -333,7 +351,35 @@ class RedisCache:
         return cls(client=client_from_url(url), keyspace=keyspace, **options)
 
     async def close(self) -> None:
-        await self.client.aclose()
+        await self._close()
+
+    # -- the node holding the cache --------------------------------------------------------------------------
+
+    @property
+    def database(self) -> int:
+        """The database number the keys live in (always 0 on a Cluster)."""
+        if isinstance(self.client, aiocluster.RedisCluster):
+            return 0
+        return int(self.client.connection_pool.connection_kwargs.get("db", 0) or 0)
+
+    async def open_node_connection(self) -> Any:
+        """A connection of its own (RESP2, for Pub/Sub and ``WATCH``) to the node holding this cache's keys *now*:
+        the one node; the master a Sentinel names (asked again on every connect); or the Cluster node that owns
+        the prefix's slot (the slot table is read again first: after a failover or a resharding the owner moved).
+        Keyspace notifications are per node, so this is where they must be subscribed."""
+        client = self.client
+        conn: Any
+        if isinstance(client, aiocluster.RedisCluster):
+            await client.nodes_manager.initialize()
+            node = client.get_node_from_key(self.keyspace.generation)
+            if node is None:
+                raise errors.CacheUnavailable("no Cluster node serves the cache's slot")
+            conn = node.connection_class(**{**node.connection_kwargs, "protocol": 2})
+        else:
+            pool = client.connection_pool
+            conn = pool.connection_class(**{**pool.connection_kwargs, "protocol": 2})
+        await conn.connect()
+        return conn
 
     async def ping(self) -> None:
         await _call(self.client.ping())
@@ -370,13 +416,11 @@ class RedisCache:
 
     async def _peek_generation(self) -> Generation:
         ks = self.keyspace
-        async with self.client.pipeline(transaction=True) as pipe:
-            for key in (ks.generation, ks.index, ks.manifest, ks.status):
-                pipe.type(key)
-            pipe.time()
-            kind, *kinds, (seconds, micros) = await _call(pipe.execute())
+        seconds, micros, kind, *kinds, value = await _call(
+            self._peek(keys=[ks.generation, ks.index, ks.manifest, ks.status])
+        )
         clock_us = int(seconds) * 1_000_000 + int(micros)
-        raw = await _call(self.client.get(ks.generation)) if kind == "string" else None
+        raw = str(value) if kind == "string" else None
         problem = f"wrong type: {kind}" if kind not in ("string", "none") else None
         problem = problem or keys.generation_problem(raw, clock_us=clock_us)
         return Generation(0 if problem else int(str(raw)), problem or "", clock_us, self._wrong(kinds))

@@ -6,14 +6,13 @@ one-line ``ConfigError`` naming the variable, never echoing its value (URLs hold
 
 from __future__ import annotations
 
-import urllib.parse
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pydantic
 import pydantic_settings
 
-from modcache import errors, keys, modules
+from modcache import endpoints, errors, keys, modules
 
 ENV_PREFIX = "MODCACHE_"
 
@@ -28,8 +27,37 @@ class Settings(pydantic_settings.BaseSettings):
         None, description="Direct PostgreSQL URL for LISTEN when database_url goes through PgBouncer."
     )
     redis_url: pydantic.SecretStr | None = pydantic.Field(
-        None, description="Redis holding the module cache; unset: embedded server (CLI demo only)."
+        None,
+        description="Redis holding the module cache (redis[s]://, redis[s]+sentinel://, redis[s]+cluster://, "
+        "unix://; see docs/topologies.md); unset: embedded server (CLI demo only).",
     )
+    redis_ssl_ca_file: Path | None = pydantic.Field(
+        None, description="PEM bundle of the CAs that sign the Redis servers' certificates; unset: system CAs."
+    )
+    redis_ssl_cert_file: Path | None = pydantic.Field(
+        None, description="PEM client certificate, for servers that require one (tls-auth-clients yes)."
+    )
+    redis_ssl_key_file: Path | None = pydantic.Field(None, description="PEM private key of redis_ssl_cert_file.")
+    redis_ssl_cert_reqs: Literal["required", "optional", "none"] = pydantic.Field(
+        "required", description="Whether the server's certificate must verify; 'none' only for tests."
+    )
+    redis_ssl_check_hostname: bool = pydantic.Field(
+        True, description="Whether the server's certificate must name the host connected to."
+    )
+    redis_sentinel_password: pydantic.SecretStr | None = pydantic.Field(
+        None, description="Password of the sentinels themselves (requirepass); the URL's is the data nodes'."
+    )
+    redis_connect_timeout_s: float = pydantic.Field(
+        5.0, gt=0, description="A Redis connection must be made within this (a failed-over master may not answer)."
+    )
+    database_ssl_mode: Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] | None = (
+        pydantic.Field(None, description="libpq sslmode added to the PostgreSQL URLs unless they set it.")
+    )
+    database_ssl_root_cert_file: Path | None = pydantic.Field(
+        None, description="PEM CA bundle for sslmode verify-ca/verify-full (libpq sslrootcert)."
+    )
+    database_ssl_cert_file: Path | None = pydantic.Field(None, description="PEM client certificate (sslcert).")
+    database_ssl_key_file: Path | None = pydantic.Field(None, description="PEM key of database_ssl_cert_file.")
     key_prefix: str = pydantic.Field(keys.DEFAULT_PREFIX, min_length=1, description="Bifrost's layout prefix.")
     resync_interval_s: float = pydantic.Field(300.0, gt=0, description="Full diff period; NOTIFY covers the rest.")
     resync_jitter_ratio: float = pydantic.Field(0.1, ge=0, le=1, description="Spreads resyncs of many caches.")
@@ -63,15 +91,39 @@ class Settings(pydantic_settings.BaseSettings):
     @classmethod
     def _postgres_scheme(cls, value: pydantic.SecretStr | None) -> pydantic.SecretStr | None:
         if value is not None:
-            _require_scheme(value.get_secret_value(), ("postgresql", "postgres", "postgresql+asyncpg"))
+            endpoints.check_postgres(value.get_secret_value())  # one host or several (libpq's multi-host form)
         return value
 
     @pydantic.field_validator("redis_url")
     @classmethod
     def _redis_scheme(cls, value: pydantic.SecretStr | None) -> pydantic.SecretStr | None:
         if value is not None:
-            _require_scheme(value.get_secret_value(), ("redis", "rediss", "unix"))
+            endpoints.parse_redis(value.get_secret_value())
         return value
+
+    @pydantic.model_validator(mode="after")
+    def _topology_fits(self) -> Settings:
+        endpoint = self.redis_endpoint()
+        if endpoint is None:
+            return self
+        if endpoint.topology is endpoints.Topology.CLUSTER and keys.hash_tag(self.key_prefix) is None:
+            raise errors.ConfigError(
+                f"{ENV_PREFIX}KEY_PREFIX",
+                "a Redis Cluster URL needs a hash tag in the key prefix, so that every key of the cache lives in one"
+                " slot and the write scripts stay atomic: for example '{bifrost}:module:' instead of"
+                " 'bifrost:module:'",
+            )
+        tls_files = ("redis_ssl_ca_file", "redis_ssl_cert_file", "redis_ssl_key_file")
+        given = [name for name in tls_files if getattr(self, name) is not None]
+        if given and not endpoint.tls:
+            raise errors.ConfigError(
+                f"{ENV_PREFIX}{given[0].upper()}", "set, but MODCACHE_REDIS_URL does not use TLS (rediss://...)"
+            )
+        if (self.redis_ssl_cert_file is None) != (self.redis_ssl_key_file is None):
+            raise errors.ConfigError(
+                f"{ENV_PREFIX}REDIS_SSL_KEY_FILE", "the client certificate and its key are set together"
+            )
+        return self
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Settings:
@@ -85,6 +137,19 @@ class Settings(pydantic_settings.BaseSettings):
     def keyspace(self) -> keys.KeySpace:
         return keys.KeySpace(self.key_prefix, excluded=self.excluded_prefixes)
 
+    def redis_endpoint(self) -> endpoints.RedisEndpoint | None:
+        return None if self.redis_url is None else endpoints.parse_redis(self.redis_url.get_secret_value())
+
+    def database_ssl_params(self) -> dict[str, str]:
+        """The libpq TLS parameters these settings add to every PostgreSQL URL (the URL's own win)."""
+        params = {
+            "sslmode": self.database_ssl_mode,
+            "sslrootcert": self.database_ssl_root_cert_file,
+            "sslcert": self.database_ssl_cert_file,
+            "sslkey": self.database_ssl_key_file,
+        }
+        return {name: str(value) for name, value in params.items() if value is not None}
+
     def listen_url(self) -> str | None:
         """The direct URL for LISTEN: ``listen_database_url`` (behind PgBouncer), else ``database_url``."""
         chosen = self.listen_database_url or self.database_url
@@ -97,16 +162,6 @@ def config_error(e: pydantic.ValidationError, env_prefix: str = ENV_PREFIX) -> e
     name = "_".join(str(part) for part in first["loc"]) or "settings"
     reason = str(first["msg"]).removeprefix("Value error, ")
     return errors.ConfigError(f"{env_prefix}{name.upper()}", reason)
-
-
-def _require_scheme(url: str, schemes: tuple[str, ...]) -> None:
-    try:
-        parsed = urllib.parse.urlsplit(url)
-        parsed.port  # noqa: B018 -- raises ValueError on a malformed port
-    except ValueError:
-        raise ValueError("not a valid URL") from None
-    if parsed.scheme not in schemes:
-        raise ValueError(f"URL scheme must be one of {', '.join(schemes)}")
 
 
 def asyncpg_dsn(url: str) -> str:

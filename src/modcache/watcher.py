@@ -77,6 +77,8 @@ class State:
     """What the watcher knows right now (read by the operator's status writer)."""
 
     listener_connected: bool = False
+    listener_server: str | None = None  # host:port of the PostgreSQL the listener reached last
+    listener_server_changes: int = 0  # how often it reached another one than before (a failover, a switchover)
     keyspace_active: bool | None = None  # None: not yet known
     full_resyncs: int = 0
     last_full: plan.Report | None = None
@@ -218,7 +220,8 @@ class Watcher:
         )
         async for event in events:
             match event:
-                case pgsource.Listening(detail):
+                case pgsource.Listening(detail, server):
+                    detail = self._note_server(server, detail)
                     self.state.listener_connected = True
                     self._observer.on_listener(True, detail)
                     self.request_resync(RECONNECT if connected_before else CONNECT)
@@ -230,6 +233,15 @@ class Watcher:
                 case pgsource.ListenerLost(detail):
                     self.state.listener_connected = False
                     self._observer.on_listener(False, detail)
+
+    def _note_server(self, server: str, detail: str) -> str:
+        """Remember which PostgreSQL server the listener reached; the detail says when it is another one."""
+        before, self.state.listener_server = self.state.listener_server, server
+        if before is None or before == server:
+            return detail
+        self.state.listener_server_changes += 1
+        log.warning("the listener reached another PostgreSQL server: %s (was %s)", server, before)
+        return f"{detail} (was {before})"
 
     # -- Redis key events --------------------------------------------------------------------------------------
 

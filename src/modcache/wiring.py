@@ -12,9 +12,17 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
-from modcache import db, engine, errors, pgsource, rediscache, settings, watcher
+import redis.asyncio as aioredis
+import redis.asyncio.cluster as aiocluster
+import redis.asyncio.sentinel as aiosentinel
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from modcache import db, endpoints, engine, errors, pgsource, rediscache, settings, watcher
+
+Closer = Callable[[], Awaitable[None]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,24 +40,136 @@ class Wired:
         if listen is None:
             raise errors.ConfigError("MODCACHE_DATABASE_URL", "not set (set it or pass --database-url)")
         return watcher.Watcher(
-            engine=self.engine, settings=self.settings, listen_dsn=listen, observer=observer, rng=rng
+            engine=self.engine,
+            settings=self.settings,
+            listen_dsn=database_dsn(self.settings, listen),
+            observer=observer,
+            rng=rng,
         )
 
 
 def make_cache(config: settings.Settings) -> rediscache.RedisCache:
-    return rediscache.RedisCache.from_url(
-        _required(config.redis_url, "redis_url"),
+    client, closer = make_redis(config)
+    return rediscache.RedisCache(
+        client=client,
         keyspace=config.keyspace(),
         ttl_s=config.ttl_s,
         ttl_jitter_ratio=config.ttl_jitter_ratio,
         check_batch_size=config.check_batch_size,
+        close=closer,
     )
 
 
 def make_source(config: settings.Settings, *, application_name: str = "modcache") -> pgsource.PgSource:
-    url = _required(config.database_url, "database_url")
     return pgsource.PgSource(
-        engine=db.make_engine(url, application_name=application_name), max_module_bytes=config.max_module_bytes
+        engine=make_pg_engine(config, application_name=application_name), max_module_bytes=config.max_module_bytes
+    )
+
+
+# -- Redis -------------------------------------------------------------------------------------------------------
+
+
+def make_redis(config: settings.Settings) -> tuple[rediscache.Client, Closer]:
+    """The Redis client ``redis_url`` names (one node, the master a Sentinel names, or a Cluster) and what closes
+    it. A Sentinel client finds the master again on every new connection, a Cluster client follows ``MOVED``:
+    after a failover, commands fail until the topology settles, then reach the new master by themselves."""
+    endpoint = config.redis_endpoint()
+    if endpoint is None:
+        _required(None, "redis_url")
+        raise AssertionError("unreachable")
+    options = _redis_options(config, endpoint)
+    if endpoint.topology is endpoints.Topology.SENTINEL:
+        return _sentinel_client(config, endpoint, options)
+    if endpoint.topology is endpoints.Topology.CLUSTER:
+        cluster = aiocluster.RedisCluster(
+            startup_nodes=[aiocluster.ClusterNode(host, port) for host, port in endpoint.hosts],
+            username=endpoint.username,
+            password=endpoint.password,
+            **options,
+        )
+        return cluster, cluster.aclose
+    try:
+        client = aioredis.Redis.from_url(endpoint.url, **options)
+    except ValueError as e:
+        raise errors.ConfigError("MODCACHE_REDIS_URL", "not a valid Redis URL") from e
+    return client, client.aclose
+
+
+def _sentinel_client(
+    config: settings.Settings, endpoint: endpoints.RedisEndpoint, options: dict[str, Any]
+) -> tuple[aioredis.Redis, Closer]:
+    sentinel_options = {k: v for k, v in options.items() if k.startswith(("ssl", "socket_"))}
+    if config.redis_sentinel_password is not None:
+        sentinel_options["password"] = config.redis_sentinel_password.get_secret_value()
+    sentinel = aiosentinel.Sentinel(  # type: ignore[no-untyped-call]
+        list(endpoint.hosts), sentinel_kwargs=sentinel_options
+    )
+    master = sentinel.master_for(
+        str(endpoint.service),
+        db=endpoint.db,
+        username=endpoint.username,
+        password=endpoint.password,
+        check_connection=True,  # PING each new connection: one to a node that is going away fails at once
+        **options,
+    )
+
+    async def close() -> None:
+        await master.aclose()
+        await sentinel.aclose()
+
+    return master, close
+
+
+def _redis_options(config: settings.Settings, endpoint: endpoints.RedisEndpoint) -> dict[str, Any]:
+    """Options every Redis client gets. Replies are decoded with ``surrogateescape`` (see
+    ``rediscache.client_from_url``)."""
+    options: dict[str, Any] = {
+        "decode_responses": True,
+        "encoding_errors": "surrogateescape",
+        "health_check_interval": 30,
+        "socket_connect_timeout": config.redis_connect_timeout_s,
+    }
+    if endpoint.tls:
+        options |= redis_tls_options(config)
+        if endpoint.topology is not endpoints.Topology.SINGLE:
+            options["ssl"] = True  # rediss:// says so itself
+    return options
+
+
+def redis_tls_options(config: settings.Settings) -> dict[str, Any]:
+    """redis-py's TLS options from the settings (files by path)."""
+    files = {
+        "ssl_ca_certs": config.redis_ssl_ca_file,
+        "ssl_certfile": config.redis_ssl_cert_file,
+        "ssl_keyfile": config.redis_ssl_key_file,
+    }
+    options: dict[str, Any] = {k: str(v) for k, v in files.items() if v is not None}
+    options["ssl_cert_reqs"] = config.redis_ssl_cert_reqs
+    options["ssl_check_hostname"] = config.redis_ssl_check_hostname and config.redis_ssl_cert_reqs != "none"
+    return options
+
+
+# -- PostgreSQL --------------------------------------------------------------------------------------------------
+
+
+def database_dsn(config: settings.Settings, url: str | None = None) -> str:
+    """``url`` (default: ``database_url``) as a libpq/asyncpg DSN with the ``database_ssl_*`` settings added (the
+    URL's own parameters win). Multi-host URLs pass unchanged: asyncpg tries the hosts in turn."""
+    chosen = url if url is not None else _required(config.database_url, "database_url")
+    return endpoints.with_query(settings.asyncpg_dsn(chosen), config.database_ssl_params())
+
+
+def make_pg_engine(
+    config: settings.Settings,
+    *,
+    url: str | None = None,
+    application_name: str = "modcache",
+    pool_size: int = 5,
+    **pool_options: Any,
+) -> AsyncEngine:
+    """The SQLAlchemy engine for ``url`` (default ``database_url``), TLS settings included."""
+    return db.make_engine(
+        database_dsn(config, url), pool_size=pool_size, application_name=application_name, **pool_options
     )
 
 

@@ -87,7 +87,7 @@ async def test_an_unknown_workflow_is_a_failed_execution(harness) -> None:
     assert (row["status"], row["error"], row["workflow_id"]) == ("FAILED", reply["error"], unknown)
 
 
-async def test_an_internal_error_fails_the_execution_and_dead_letters_the_message(harness) -> None:
+async def test_an_internal_error_fails_the_execution_and_poisons_the_message_with_the_reason(harness) -> None:
     class Broken(consumer_module.WorkflowExecutionConsumer):  # a bug injected at our own seam
         async def prepare(self, request: Any) -> Any:
             raise LookupError("a bug")
@@ -97,7 +97,7 @@ async def test_an_internal_error_fails_the_execution_and_dead_letters_the_messag
     async with Broken(settings=harness.settings):
         await (await harness.caller()).publish(request, wait=False)
         (dead,) = await harness.poisoned(1)
-    assert dead.headers["x-death"][0]["reason"] == "rejected"
+    assert dead.headers[keys.POISON_REASON_HEADER] == "internal error: LookupError: a bug"
     row = await harness.wait_for_status(request.execution_id, "FAILED")
     assert row["error"] == "internal error: LookupError: a bug"
 

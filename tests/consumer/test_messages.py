@@ -30,7 +30,22 @@ def body(**fields: object) -> bytes:
         (body(execution_id=EXECUTION), "workflow_id: missing"),
         (body(execution_id=EXECUTION, workflow_id=WORKFLOW, organization_id="x"), "organization_id: not a UUID"),
         (body(execution_id=EXECUTION, workflow_id=WORKFLOW, parameters=[1]), "parameters: must be an object"),
-        (b" " * (messages.MAX_BODY_BYTES + 1), f"body is larger than {messages.MAX_BODY_BYTES} bytes"),
+        (b" " * (messages.MAX_BODY_BYTES + 1), "body is larger than 1048576 bytes (MODCACHE_MAX_MESSAGE_BYTES)"),
+        (b'{"a": "\x00"}', "body holds a NUL byte at offset 7"),
+        (b"[" * 200_000, "body nests arrays/objects deeper than 32 levels (MODCACHE_MAX_MESSAGE_DEPTH)"),
+        (b"[" * 33 + b"]" * 33, "body nests arrays/objects deeper than 32 levels (MODCACHE_MAX_MESSAGE_DEPTH)"),
+        (
+            body(execution_id=EXECUTION, workflow_id=WORKFLOW, parameters={"n": int("7" * 4000)}),
+            "a number has more than 100 digits (MODCACHE_MAX_MESSAGE_NUMBER_DIGITS)",
+        ),
+        (
+            b'{"n": -0.' + b"1" * 101 + b"}",
+            "a number has more than 100 digits (MODCACHE_MAX_MESSAGE_NUMBER_DIGITS)",
+        ),
+        (
+            body(execution_id=EXECUTION, workflow_id=WORKFLOW, parameters={"a": "\ud800"}),
+            "parameters: a string holds an unpaired surrogate (\\ud800-\\udfff), which is not Unicode",
+        ),
         (
             body(execution_id=EXECUTION, workflow_id=WORKFLOW, parameters={"a": ["ok", {"b": "x\x00y"}]}),
             "parameters: a string holds a NUL character (\\u0000), which PostgreSQL cannot store",
@@ -41,6 +56,53 @@ def test_malformed_messages_say_why(raw: bytes, reason: str) -> None:
     with pytest.raises(messages.Malformed) as caught:
         messages.parse(raw)
     assert caught.value.reason == reason
+
+
+def nested(levels: int) -> dict[str, object]:
+    value: dict[str, object] = {}
+    for _ in range(levels - 1):
+        value = {"a": value}
+    return value
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        body(execution_id=EXECUTION, workflow_id=WORKFLOW, parameters=nested(31)),  # 32 levels with the body
+        body(execution_id=EXECUTION, workflow_id=WORKFLOW, parameters={"s": "[" * 1000 + "7" * 1000 + "\\"}),
+        body(execution_id=EXECUTION, workflow_id=WORKFLOW, parameters={"n": int("9" * 100), "f": 1.5e300}),
+    ],
+    ids=["at the depth limit", "brackets, digits and escapes inside a string", "a number at the digit limit"],
+)
+def test_what_the_prescan_lets_through_parses(raw: bytes) -> None:
+    assert messages.parse(raw).parameters == json.loads(raw)["parameters"]
+
+
+def test_one_level_deeper_than_the_limit_is_malformed() -> None:
+    raw = body(execution_id=EXECUTION, workflow_id=WORKFLOW, parameters=nested(32))
+    with pytest.raises(messages.Malformed, match="deeper than 32 levels"):
+        messages.parse(raw)
+
+
+@pytest.mark.parametrize(
+    ("limits", "reason"),
+    [
+        (messages.Limits(max_bytes=10), "body is larger than 10 bytes (MODCACHE_MAX_MESSAGE_BYTES)"),
+        (messages.Limits(max_depth=1), "body nests arrays/objects deeper than 1 levels (MODCACHE_MAX_MESSAGE_DEPTH)"),
+        (messages.Limits(max_number_digits=2), "a number has more than 2 digits (MODCACHE_MAX_MESSAGE_NUMBER_DIGITS)"),
+    ],
+)
+def test_the_limits_are_the_settings(limits: messages.Limits, reason: str) -> None:
+    raw = body(execution_id=EXECUTION, workflow_id=WORKFLOW, parameters={"n": 123})
+    with pytest.raises(messages.Malformed) as caught:
+        messages.parse(raw, limits=limits)
+    assert caught.value.reason == reason
+
+
+def test_an_unterminated_string_full_of_backslashes_is_scanned_in_linear_time() -> None:
+    raw = b'{"a": "' + b"\\" * 500_001  # an odd count: the last escape is cut off
+    with pytest.raises(messages.Malformed, match="not JSON"):
+        messages.parse(raw)
 
 
 def test_a_full_request_round_trips() -> None:

@@ -135,7 +135,7 @@ async def test_no_drift_verification_reads_no_content_and_makes_no_per_module_ro
     source: pgsource.PgSource,
     database_url: str,
 ) -> None:
-    """Failure mode 2: the plan's fix did one EXISTS round trip per module per message."""
+    """Failure mode 2: the original plan's fix did one EXISTS round trip per module per message."""
     for n in range(300):
         await put(source, f"m/mod{n}.py", f"N = {n}\n")
     with private_redis() as server:

@@ -6,9 +6,8 @@ import asyncio
 
 from alembic import context
 from sqlalchemy.engine import Connection
-from sqlalchemy.ext.asyncio import create_async_engine
 
-from modcache import schema
+from modcache import db, schema
 
 VERSION_TABLE = "modcache_alembic_version"
 
@@ -20,7 +19,7 @@ def _run(connection: Connection) -> None:
 
 
 async def _run_async(url: str) -> None:
-    engine = create_async_engine(url)
+    engine = db.make_engine(url, pool_size=1, application_name="modcache-migrations")
     try:
         async with engine.connect() as connection:
             await connection.run_sync(_run)

@@ -1,0 +1,164 @@
+"""Where the services are: Redis and PostgreSQL URLs parsed into typed endpoints (pure: no I/O, no clients).
+
+Redis URL forms (``docs/topologies.md``)::
+
+    redis://[user:pass@]host:6379[/DB]            one node (rediss:// over TLS; unix:///path.sock?db=N)
+    redis+sentinel://[user:pass@]h1:26379[,h2:26379...]/SERVICE[/DB]     the master Sentinel names SERVICE
+    redis+cluster://[user:pass@]h1:6379[,h2:6379...]                      a Redis Cluster (database 0 only)
+
+``rediss+sentinel://`` and ``rediss+cluster://`` speak TLS to every node (and to the sentinels). Credentials in
+the URL are those of the data nodes. PostgreSQL URLs are libpq's, multi-host included
+(``postgresql://u@h1:5432,h2:5432/db?target_session_attrs=read-write``); only their shape is checked here.
+
+Parsing raises ``ValueError`` with a message that never holds the URL (it may carry a password); ``settings``
+turns it into a ``ConfigError`` naming the variable. ``wiring`` builds the clients from what is returned.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import urllib.parse
+
+REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel", "redis+cluster", "rediss+cluster")
+POSTGRES_SCHEMES = ("postgresql", "postgres", "postgresql+asyncpg")
+DEFAULT_REDIS_PORT = 6379
+DEFAULT_SENTINEL_PORT = 26379
+DEFAULT_POSTGRES_PORT = 5432
+
+
+class Topology(enum.StrEnum):
+    SINGLE = "single"
+    SENTINEL = "sentinel"
+    CLUSTER = "cluster"
+
+
+@dataclasses.dataclass(frozen=True)
+class RedisEndpoint:
+    """A parsed Redis URL. ``url`` is the original (for a single node, handed to redis-py as is)."""
+
+    topology: Topology
+    tls: bool
+    hosts: tuple[tuple[str, int], ...]
+    url: str = dataclasses.field(repr=False)
+    username: str | None = None
+    password: str | None = dataclasses.field(default=None, repr=False)
+    service: str | None = None  # Sentinel: the monitored master's name
+    db: int = 0
+
+    def describe(self) -> str:
+        """What the URL names, without credentials (for logs and status)."""
+        nodes = ",".join(f"{h}:{p}" for h, p in self.hosts)
+        tls = " over TLS" if self.tls else ""
+        if self.topology is Topology.SENTINEL:
+            return f"the master of {self.service!r} (db {self.db}) via sentinels {nodes}{tls}"
+        if self.topology is Topology.CLUSTER:
+            return f"the Redis Cluster seeded by {nodes}{tls}"
+        return f"{nodes or 'a unix socket'} (db {self.db}){tls}"
+
+
+def parse_redis(url: str) -> RedisEndpoint:
+    """The endpoint a Redis URL names (``ValueError`` if it is not one of the forms above)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in REDIS_SCHEMES:
+        raise ValueError(f"URL scheme must be one of {', '.join(REDIS_SCHEMES)}")
+    base, _, kind = scheme.partition("+")
+    tls = base == "rediss"
+    if not kind:
+        return _single(url, tls=tls)
+    netloc, _, path = rest.partition("/")
+    path = path.split("?", 1)[0]
+    username, password, hosts = split_netloc(
+        netloc, default_port=DEFAULT_SENTINEL_PORT if kind == "sentinel" else DEFAULT_REDIS_PORT
+    )
+    if not hosts:
+        raise ValueError("names no host")
+    if kind == "cluster":
+        if path.strip("/") not in ("", "0"):
+            raise ValueError("a Redis Cluster has only database 0: drop the /DB part")
+        return RedisEndpoint(Topology.CLUSTER, tls, hosts, url, username, password)
+    service, _, db = path.partition("/")
+    service = urllib.parse.unquote(service)
+    if not service:
+        raise ValueError("names no Sentinel service: redis+sentinel://host:26379[,host:26379]/SERVICE[/DB]")
+    return RedisEndpoint(Topology.SENTINEL, tls, hosts, url, username, password, service, _db(db.strip("/")))
+
+
+def _single(url: str, *, tls: bool) -> RedisEndpoint:
+    parts = urllib.parse.urlsplit(url)
+    if "," in parts.netloc.rpartition("@")[2]:
+        raise ValueError("several hosts need redis+sentinel:// or redis+cluster://")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError("not a valid URL (a bad port)") from None
+    hosts = ((parts.hostname, port or DEFAULT_REDIS_PORT),) if parts.hostname else ()
+    db_part = parts.path.strip("/") if parts.scheme != "unix" else ""
+    return RedisEndpoint(
+        Topology.SINGLE,
+        tls,
+        hosts,
+        url,
+        urllib.parse.unquote(parts.username) if parts.username else None,
+        urllib.parse.unquote(parts.password) if parts.password else None,
+        db=_db(db_part),
+    )
+
+
+def _db(text: str) -> int:
+    if not text:
+        return 0
+    if not text.isdigit():
+        raise ValueError("the database must be a number")
+    return int(text)
+
+
+def split_netloc(netloc: str, *, default_port: int) -> tuple[str | None, str | None, tuple[tuple[str, int], ...]]:
+    """``[user[:pass]@]h1[:p1][,h2[:p2]...]`` as (user, password, ((host, port), ...)); IPv6 hosts in brackets."""
+    credentials, at, hostlist = netloc.rpartition("@")
+    username = password = None
+    if at:
+        user, colon, secret = credentials.partition(":")
+        username = urllib.parse.unquote(user) or None
+        password = urllib.parse.unquote(secret) if colon else None
+    hosts = []
+    for item in hostlist.split(","):
+        if not item:
+            continue
+        hosts.append(_host_port(item, default_port))
+    return username, password, tuple(hosts)
+
+
+def _host_port(item: str, default_port: int) -> tuple[str, int]:
+    if item.startswith("["):
+        host, _, tail = item[1:].partition("]")
+        port_text = tail.removeprefix(":")
+    else:
+        host, _, port_text = item.partition(":")
+    if not host:
+        raise ValueError("a host is empty")
+    if not port_text:
+        return host, default_port
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError("not a valid URL (a bad port)")
+    return host, int(port_text)
+
+
+def check_postgres(url: str) -> tuple[tuple[str, int], ...]:
+    """The hosts of a PostgreSQL URL, one or several (``ValueError`` if it is not a PostgreSQL URL)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in POSTGRES_SCHEMES:
+        raise ValueError(f"URL scheme must be one of {', '.join(POSTGRES_SCHEMES)}")
+    netloc = rest.split("/", 1)[0].split("?", 1)[0]
+    return split_netloc(netloc, default_port=DEFAULT_POSTGRES_PORT)[2]
+
+
+def with_query(url: str, extra: dict[str, str]) -> str:
+    """``url`` with the ``extra`` query parameters the URL does not set itself (the URL's own win)."""
+    base, _, query = url.partition("?")
+    present = dict(urllib.parse.parse_qsl(query, keep_blank_values=True))
+    added = {k: v for k, v in extra.items() if k not in present}
+    if not added:
+        return url
+    joined = "&".join(filter(None, [query, urllib.parse.urlencode(added)]))
+    return f"{base}?{joined}"

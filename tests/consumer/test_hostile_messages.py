@@ -1,0 +1,188 @@
+"""Hostile messages cannot stall the consumer (issue 8, item 5), on real RabbitMQ, PostgreSQL and Redis.
+
+Every consumer here has a concurrency (and so an AMQP prefetch) of 1: a handler that died without settling its
+message would hold the only slot, and "the next message runs" would time out. Each stalling body is poisoned
+with a reason naming the limit it broke, keeps its body in the poison queue, and the next message runs; a
+redelivered one (the broker's answer to a consumer that died on it) is poisoned the same way; an exception
+nobody expected poisons its message too; and a handler wedged past ``handler_stuck_after_s`` fails ``/livez``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.error
+import urllib.request
+import uuid
+from typing import Any
+
+import aio_pika
+import pytest
+
+from modcache import keys
+from modcache_consumer import consumer as consumer_module
+from modcache_consumer import messages, settings
+
+ECHO = "def run(**params):\n    return params\n"
+
+
+def _request(parameters: str) -> bytes:
+    """A request body with ``parameters`` spliced in as raw JSON text (the point is what json.dumps won't make)."""
+    ids = f'"execution_id": "{uuid.uuid4()}", "workflow_id": "{uuid.uuid4()}"'
+    return f'{{{ids}, "parameters": {parameters}}}'.encode()
+
+
+HOSTILE = {
+    "200 KB of nested [": (
+        b"[" * 200_000,
+        "body nests arrays/objects deeper than 32 levels (MODCACHE_MAX_MESSAGE_DEPTH)",
+    ),
+    "a 5,000-digit integer": (
+        _request('{"n": ' + "9" * 5000 + "}"),
+        "a number has more than 100 digits (MODCACHE_MAX_MESSAGE_NUMBER_DIGITS)",
+    ),
+    "parameters nested 900 deep": (
+        _request('{"a": ' * 900 + "1" + "}" * 900),
+        "body nests arrays/objects deeper than 32 levels (MODCACHE_MAX_MESSAGE_DEPTH)",
+    ),
+    "a NUL byte": (
+        _request('{"a": "x\x00y"}'),
+        "body holds a NUL byte at offset 134",
+    ),
+    "an escaped NUL in parameters": (
+        _request('{"a": ["ok", {"b": "x\\u0000y"}]}'),
+        "parameters: a string holds a NUL character (\\u0000), which PostgreSQL cannot store",
+    ),
+    "a 5 MB body": (
+        _request('{"pad": "' + "x" * 5 * 1024**2 + '"}'),
+        "body is larger than 1048576 bytes (MODCACHE_MAX_MESSAGE_BYTES)",
+    ),
+}
+
+
+@pytest.mark.parametrize(("body", "reason"), list(HOSTILE.values()), ids=list(HOSTILE))
+async def test_a_stalling_message_is_poisoned_with_its_reason_and_the_next_one_runs(
+    harness: Any, body: bytes, reason: str
+) -> None:
+    workflow_id = await harness.workflow(ECHO)
+    async with harness.consumer(consumer_concurrency=1) as consumer:
+        await (await harness.caller()).publish_raw(body)
+        (poisoned,) = await harness.poisoned(1)
+        reply = await harness.call(workflow_id, {"next": "runs"}, timeout_s=30)
+        assert consumer.metrics.poisoned._value.get() == 1
+    assert poisoned.headers[keys.POISON_REASON_HEADER] == reason
+    assert poisoned.body == body  # moved, not lost: the producer's team can read what they sent
+    assert (reply["status"], reply["result"]) == ("SUCCESS", {"next": "runs"})
+
+
+class Recording(consumer_module.WorkflowExecutionConsumer):
+    """Records the ``redelivered`` flag of every message it gets (our own seam)."""
+
+    redelivered: list[bool]
+
+    async def _handle(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        self.redelivered.append(message.redelivered)
+        await super()._handle(message)
+
+
+async def test_a_redelivered_stalling_message_after_a_restart_is_poisoned_too(harness: Any) -> None:
+    body, reason = HOSTILE["200 KB of nested ["]
+    workflow_id = await harness.workflow(ECHO)
+    await (await harness.caller()).publish_raw(body)
+    # A consumer that died holding it: delivered, never settled, its channel gone; the broker requeues it.
+    connection = await aio_pika.connect(harness.settings.required("amqp_url"))
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.get_queue(harness.names.queue)
+        taken = await queue.get(no_ack=False, timeout=10)
+        assert taken is not None
+        assert taken.body == body
+    recording = Recording(settings=harness.settings.model_copy(update={"consumer_concurrency": 1}))
+    recording.redelivered = []
+    async with recording:
+        (poisoned,) = await harness.poisoned(1)
+        reply = await harness.call(workflow_id, {"after": "restart"}, timeout_s=30)
+    assert recording.redelivered == [True, False]
+    assert poisoned.headers[keys.POISON_REASON_HEADER] == reason
+    assert reply["result"] == {"after": "restart"}
+
+
+class Surprising(consumer_module.WorkflowExecutionConsumer):
+    """Raises what no one planned for on the first message (a bug at our own seam), then behaves."""
+
+    surprised = False
+
+    async def process_message(self, request: messages.ExecutionRequest) -> messages.Outcome:
+        if not self.surprised:
+            self.surprised = True
+            raise RecursionError("maximum recursion depth exceeded")
+        return await super().process_message(request)
+
+
+async def test_an_unexpected_exception_poisons_the_message_with_a_reason_and_the_next_one_runs(harness: Any) -> None:
+    workflow_id = await harness.workflow(ECHO)
+    first = harness.request(workflow_id)
+    async with Surprising(settings=harness.settings.model_copy(update={"consumer_concurrency": 1})):
+        await (await harness.caller()).publish(first, wait=False)
+        (poisoned,) = await harness.poisoned(1)
+        reply = await harness.call(workflow_id, {"n": 2}, timeout_s=30)
+    reason = poisoned.headers[keys.POISON_REASON_HEADER]
+    assert reason == "internal error: RecursionError: maximum recursion depth exceeded"
+    assert json.loads(poisoned.body)["execution_id"] == str(first.execution_id)
+    assert reply["result"] == {"n": 2}
+
+
+class Wedged(consumer_module.WorkflowExecutionConsumer):
+    """Its first handler hangs in ``prepare`` until released (a socket read with no timeout, say)."""
+
+    entered: asyncio.Event
+    release: asyncio.Event
+
+    async def prepare(self, request: messages.ExecutionRequest) -> Any:
+        self.entered.set()
+        await self.release.wait()
+        return await super().prepare(request)
+
+
+async def test_a_handler_wedged_past_the_bound_fails_livez_until_it_ends(harness: Any) -> None:
+    now = [1000.0]
+    workflow_id = await harness.workflow(ECHO)
+    request = harness.request(workflow_id, {"n": 1})
+    bounded = harness.settings.model_copy(update={"consumer_concurrency": 1, "handler_stuck_after_s": 60.0})
+    wedged = Wedged(settings=bounded, monotonic=lambda: now[0])
+    wedged.entered, wedged.release = asyncio.Event(), asyncio.Event()
+    async with wedged:
+        livez = f"http://127.0.0.1:{wedged.health_port}/livez"
+        await (await harness.caller()).publish(request, wait=False)
+        await asyncio.wait_for(wedged.entered.wait(), 30)
+        now[0] += 60.0
+        at_the_bound = await asyncio.to_thread(_get, livez)
+        now[0] += 1.0
+        past_it = await asyncio.to_thread(_get, livez)
+        wedged.release.set()
+        row = await harness.wait_for_status(request.execution_id, "SUCCESS")
+        # With a prefetch of 1 the next message arrives only once the wedged one was acknowledged.
+        following = await harness.call(workflow_id, {"n": 2}, timeout_s=30)
+        after = await asyncio.to_thread(_get, livez)
+    assert at_the_bound == (200, "ok\n")
+    assert past_it == (
+        503,
+        "a message handler has been running for 61 s, longer than 60 s (MODCACHE_HANDLER_STUCK_AFTER_S)\n",
+    )
+    assert json.loads(row["result"]) == {"n": 1}
+    assert following["result"] == {"n": 2}
+    assert after == (200, "ok\n")
+
+
+def test_the_default_bound_outlasts_the_slowest_legitimate_execution() -> None:
+    s = settings.ConsumerSettings(execution_timeout_s=1800.0, terminate_grace_s=5.0)
+    assert s.handler_bound_s == 1800.0 + 5.0 + 300.0
+    assert settings.ConsumerSettings(handler_stuck_after_s=90.0).handler_bound_s == 90.0
+
+
+def _get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()

@@ -1,0 +1,94 @@
+"""Redis Sentinel (issue 11): one master, one replica, three sentinels of the test's own (``testkit.topologies``).
+
+The watcher is built from a ``redis+sentinel://`` URL by ``wiring``; the master is SIGKILLed, the sentinels promote
+the replica, and a change committed meanwhile must reach the new master with nobody reconnecting anything by hand;
+the key events are subscribed again on the new master and a full resync runs after the master change. The
+consumer's Redis reader (its readiness guard, on wiring's client) keeps answering across the failover.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import pytest
+
+from modcache import engine, errors, keys, settings, watcher, wiring
+from modcache_consumer import readiness
+from testkit import convergence, topologies
+from testkit.observers import Recorder
+from testkit.watching import upsert, watch_settings, watching
+
+PREFIX = keys.DEFAULT_PREFIX
+WITHIN_S = 30.0  # a failover here takes 2-4 s (down-after-milliseconds 1000, then the election)
+
+
+@pytest.fixture(scope="module")
+def sentinel() -> Iterator[topologies.Sentinel]:
+    with topologies.sentinel_redis() as topology:
+        yield topology
+
+
+def test_a_sentinel_url_names_the_service_and_database() -> None:
+    config = settings.Settings(redis_url="redis+sentinel://u:secret@h1:26379,h2/cache/3")  # type: ignore[arg-type]
+    endpoint = config.redis_endpoint()
+    assert endpoint is not None
+    assert (endpoint.service, endpoint.db, endpoint.hosts) == ("cache", 3, (("h1", 26379), ("h2", 26379)))
+    assert (endpoint.username, endpoint.password) == ("u", "secret")
+    assert "secret" not in endpoint.describe()
+    assert "secret" not in repr(endpoint)
+
+
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("redis+sentinel://h1:26379", "names no Sentinel service"),
+        ("redis+sentinel://h1:26379/cache/x", "the database must be a number"),
+        ("redis+sentinel:///cache", "names no host"),
+        ("redis://h1:6379,h2:6379/0", "several hosts need redis+sentinel:// or redis+cluster://"),
+    ],
+)
+def test_a_malformed_sentinel_url_is_a_config_error(url: str, reason: str) -> None:
+    with pytest.raises(errors.ConfigError, match="MODCACHE_REDIS_URL") as caught:
+        settings.Settings.from_env(redis_url=url)
+    assert reason in str(caught.value)
+
+
+async def test_a_change_committed_during_a_failover_reaches_the_new_master(
+    sentinel: topologies.Sentinel, database_url: str
+) -> None:
+    config = watch_settings(database_url=database_url, redis_url=sentinel.url())
+    recorder = Recorder()
+    await upsert(database_url, {f"pkg/m{n}.py": f"V = {n}\n" for n in range(20)})
+    async with watching(config, recorder) as (wired, _):
+        client = wired.cache.client
+        assert await convergence.converged(database_url, client, PREFIX, within_s=10) == []
+        reader_cache = wiring.make_cache(config)  # the consumer's reader: its own client, built the same way
+        guard = readiness.CacheGuard(engine=engine.Engine(source=wired.source, cache=reader_cache), cache=reader_cache)
+        try:
+            before = await guard.check()
+            resyncs = recorder.full_syncs()
+            old = sentinel.kill_master()
+            await upsert(database_url, {"pkg/m0.py": "V = 'during the failover'\n", "pkg/new.py": "NEW = 1\n"})
+            new = await asyncio.to_thread(sentinel.wait_for_new_master, old)
+            assert await convergence.converged(database_url, client, PREFIX, within_s=WITHIN_S) == []
+            await recorder.wait_for(lambda: any(f":{new}" in d for active, d in recorder.keyspace if active), WITHIN_S)
+            await recorder.wait_for(lambda: recorder.full_syncs() > resyncs, WITHIN_S)
+            assert await _when_reachable(guard) >= before  # the replica had the generation: no writes were lost
+            assert await reader_cache.read_module("pkg/new.py") is not None
+        finally:
+            await guard.close()
+            await reader_cache.close()
+    moved = [d for active, d in recorder.keyspace if active and f":{new}" in d]
+    assert f"(was 127.0.0.1:{old})" in moved[0]  # the status says the master changed, and from where
+    assert recorder.full_syncs(watcher.RECONNECT) >= 1
+
+
+async def _when_reachable(guard: readiness.CacheGuard) -> int:
+    """The guard's answer once its client reaches the new master (commands fail until the topology settles)."""
+    for _ in range(100):
+        try:
+            return await guard.check()
+        except errors.CacheUnavailable:
+            await asyncio.sleep(0.1)  # nothing announces when clients can reach the new master: poll
+    return await guard.check()

@@ -1,0 +1,88 @@
+"""TLS (issue 11): a redis-server that speaks only TLS and requires client certificates, signed by a CA the test
+makes; the watcher built by ``wiring`` from ``rediss://`` plus the ``MODCACHE_REDIS_SSL_*`` files converges and
+follows changes (key events over TLS too). A client without the certificate, or trusting another CA, is refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from modcache import errors, keys, settings, wiring
+from testkit import convergence, topologies
+from testkit.observers import Recorder
+from testkit.watching import upsert, watch_settings, watching
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> topologies.Certificates:
+    return topologies.certificates(tmp_path_factory.mktemp("tls"))
+
+
+@pytest.fixture(scope="module")
+def tls_redis(certs: topologies.Certificates) -> Iterator[topologies.TlsRedis]:
+    with topologies.tls_redis(certs, client_certificates="yes") as server:
+        yield server
+
+
+def tls_settings(server: topologies.TlsRedis, **fields: object) -> dict[str, object]:
+    return {
+        "redis_url": server.url,
+        "redis_ssl_ca_file": server.certs.ca,
+        "redis_ssl_cert_file": server.certs.client_cert,
+        "redis_ssl_key_file": server.certs.client_key,
+    } | fields
+
+
+async def test_watch_mode_over_tls_with_a_client_certificate(tls_redis: topologies.TlsRedis, database_url: str) -> None:
+    config = watch_settings(database_url=database_url, **tls_settings(tls_redis))
+    recorder = Recorder()
+    await upsert(database_url, {"tls/a.py": "A = 1\n"})
+    async with watching(config, recorder) as (wired, _):
+        client = wired.cache.client
+        assert await convergence.converged(database_url, client, keys.DEFAULT_PREFIX, within_s=10) == []
+        await upsert(database_url, {"tls/a.py": "A = 2\n", "tls/b.py": "B = 1\n"})
+        assert await convergence.converged(database_url, client, keys.DEFAULT_PREFIX, within_s=10) == []
+        await client.set(keys.DEFAULT_PREFIX + "tls/b.py", "forged")  # a key event, over TLS
+        assert await convergence.converged(database_url, client, keys.DEFAULT_PREFIX, within_s=10) == []
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"redis_ssl_cert_file": None, "redis_ssl_key_file": None},  # no client certificate
+        {"redis_ssl_ca_file": "other-ca"},  # the server's certificate does not verify
+    ],
+    ids=["no-client-certificate", "untrusted-server"],
+)
+async def test_a_client_the_server_or_its_ca_does_not_accept_is_refused(
+    tls_redis: topologies.TlsRedis, tmp_path: Path, change: dict[str, object]
+) -> None:
+    if change.get("redis_ssl_ca_file") == "other-ca":
+        change = {"redis_ssl_ca_file": topologies.certificates(tmp_path).ca}
+    config = settings.Settings(**tls_settings(tls_redis, **change))  # type: ignore[arg-type]
+    cache = wiring.make_cache(config)
+    try:
+        with pytest.raises(errors.CacheUnavailable):
+            await cache.ping()
+    finally:
+        await cache.close()
+
+
+def test_tls_files_with_a_plain_url_are_a_config_error(certs: topologies.Certificates) -> None:
+    with pytest.raises(errors.ConfigError, match="MODCACHE_REDIS_SSL_CA_FILE: set, but MODCACHE_REDIS_URL"):
+        settings.Settings.from_env(redis_url="redis://127.0.0.1:6379/0", redis_ssl_ca_file=certs.ca)
+    with pytest.raises(errors.ConfigError, match="MODCACHE_REDIS_SSL_KEY_FILE: the client certificate and its key"):
+        settings.Settings.from_env(redis_url="rediss://127.0.0.1:6379/0", redis_ssl_cert_file=certs.client_cert)
+
+
+def test_the_tls_settings_become_redis_py_options(certs: topologies.Certificates) -> None:
+    config = settings.Settings(
+        redis_url="rediss+sentinel://h:26379/cache",  # type: ignore[arg-type]
+        redis_ssl_ca_file=certs.ca,
+        redis_ssl_cert_reqs="none",
+    )
+    options = wiring.redis_tls_options(config)
+    assert options == {"ssl_ca_certs": str(certs.ca), "ssl_cert_reqs": "none", "ssl_check_hostname": False}

@@ -1,0 +1,52 @@
+"""Watch mode over any topology, built the production way (``wiring.connect``), for topology tests."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import AsyncIterator
+
+import asyncpg
+
+from modcache import modules, settings, watcher, wiring
+from testkit.observers import Recorder, running
+
+UPSERT = (
+    "INSERT INTO workspace_files (path, content, content_hash, entity_type, is_deleted) "
+    "VALUES ($1, $2, $3, 'module', false) ON CONFLICT (path) DO UPDATE SET content = EXCLUDED.content, "
+    "content_hash = EXCLUDED.content_hash, entity_type = 'module', is_deleted = false"
+)
+
+
+def watch_settings(**fields: object) -> settings.Settings:
+    """Settings for a watcher that reconnects quickly (tests), plus ``fields``."""
+    defaults: dict[str, object] = {
+        "resync_interval_s": 3600,
+        "listener_backoff_max_s": 0.5,
+        "listener_keepalive_s": 1.0,
+        "probe_interval_s": 0.1,
+    }
+    return settings.Settings(**(defaults | fields))  # type: ignore[arg-type]
+
+
+@contextlib.asynccontextmanager
+async def watching(
+    config: settings.Settings, recorder: Recorder
+) -> AsyncIterator[tuple[wiring.Wired, watcher.Watcher]]:
+    """A watcher over ``config`` running in the background, after its first full resync with key events on."""
+    async with wiring.connect(config, application_name="modcache-test") as wired:
+        w = wired.watcher(observer=recorder, rng=random.Random(11))
+        async with running(w):
+            await recorder.wait_for(lambda: recorder.full_syncs() and w.state.keyspace_active, timeout_s=30)
+            yield wired, w
+
+
+async def upsert(dsn: str, rows: dict[str, str]) -> None:
+    """Commit ``rows`` (path -> content) in one transaction through asyncpg (a multi-host DSN works)."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        async with conn.transaction():
+            for path, text in rows.items():
+                await conn.execute(UPSERT, path, text, modules.content_hash(text.encode()))
+    finally:
+        await conn.close()
