@@ -1,0 +1,177 @@
+"""Issue 10 end to end: consumer processes on one queue, a private broker with a short ``consumer_timeout``,
+SIGKILLed consumers recovered by policy. Faults only on private brokers and on this test's own database."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import aio_pika.abc
+import pytest
+
+from testkit.consumers import BrokerNode, ConsumerProcess
+from testkit.polling import eventually
+
+FAST_LEASES = {"lease_ttl_s": 2.0, "lease_renew_interval_s": 0.5, "lease_sweep_interval_s": 0.5}
+# Writes one line when it starts and one when it ends (O_APPEND: concurrent writers never interleave a line);
+# sleeps ``wait`` seconds, but only on the first attempt that finds no ``marker`` (so a retry is quick).
+LEDGER = """
+import os, time
+def run(ledger, key, wait=0.0, marker=None):
+    fd = os.open(ledger, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    os.write(fd, f"start {key}\\n".encode())
+    if marker is None or not os.path.exists(marker):
+        if marker is not None:
+            open(marker, "w").close()
+        time.sleep(wait)
+    os.write(fd, f"end {key}\\n".encode())
+    os.close(fd)
+    return key
+"""
+
+
+def process_env(harness: Any, **overrides: Any) -> dict[str, str]:
+    """The harness's settings as ``MODCACHE_*`` variables for a consumer process."""
+    values = harness.settings.model_dump(exclude_defaults=True) | {"health_port": 0} | FAST_LEASES | overrides
+    env = {}
+    for name, value in values.items():
+        plain = value.get_secret_value() if hasattr(value, "get_secret_value") else value
+        env[f"MODCACHE_{name.upper()}"] = json.dumps(plain) if isinstance(plain, list | dict) else str(plain)
+    return env
+
+
+def starts(ledger: Path) -> list[str]:
+    if not ledger.exists():
+        return []
+    return [line.split()[1] for line in ledger.read_text().splitlines() if line.startswith("start ")]
+
+
+class Replies:
+    """Every reply that reaches one reply queue (the harness's caller ignores duplicates; this counts them)."""
+
+    def __init__(self) -> None:
+        self.bodies: list[bytes] = []
+        self.queue_name = ""
+
+    async def start(self, channel: aio_pika.abc.AbstractChannel) -> None:
+        queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+        self.queue_name = queue.name
+        await queue.consume(self._on_reply, no_ack=True)
+
+    async def _on_reply(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        self.bodies.append(message.body)
+
+
+@contextlib.asynccontextmanager
+async def replies_on(url: str) -> AsyncIterator[tuple[Replies, aio_pika.abc.AbstractChannel]]:
+    connection = await aio_pika.connect(url)
+    try:
+        channel = await connection.channel()
+        replies = Replies()
+        await replies.start(channel)
+        yield replies, channel
+    finally:
+        await connection.close()
+
+
+async def publish(channel: aio_pika.abc.AbstractChannel, queue: str, request: Any, reply_to: str | None = None) -> None:
+    message = aio_pika.Message(
+        request.encode(),
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        reply_to=reply_to,
+        correlation_id=str(request.execution_id),
+    )
+    await channel.default_exchange.publish(message, routing_key=queue)
+
+
+@pytest.fixture
+async def processes(tmp_path: Path) -> AsyncIterator[list[ConsumerProcess]]:
+    started: list[ConsumerProcess] = []
+    yield started
+    for process in started:
+        await process.stop()
+
+
+async def test_two_consumer_processes_and_a_redelivery_while_the_first_runs_run_it_once(
+    harness: Any, processes: list[ConsumerProcess], tmp_path: Path
+) -> None:
+    workflow_id = await harness.workflow(LEDGER)
+    ledger = tmp_path / "ledger"
+    for i in range(2):
+        processes.append(ConsumerProcess(process_env(harness), tmp_path / f"consumer-{i}.log"))
+    await asyncio.gather(*(p.start() for p in processes))
+    url = harness.settings.required("amqp_url")
+    async with replies_on(url) as (replies, channel):
+        request = harness.request(workflow_id, {"ledger": str(ledger), "key": "a", "wait": 2.0})
+        await publish(channel, harness.settings.queue_name, request, replies.queue_name)
+        await harness.wait_for_status(request.execution_id, "RUNNING")
+        await publish(channel, harness.settings.queue_name, request, replies.queue_name)  # the redelivery
+        row = await harness.wait_for_status(request.execution_id, "SUCCESS")
+        await eventually(lambda: len(replies.bodies) >= 1)
+        await harness.wait_for_replied(request.execution_id)
+        await asyncio.sleep(0.5)  # a second reply, if one were coming, would be on its way by now
+    assert starts(ledger) == ["a"]
+    assert len(replies.bodies) == 1
+    assert (row["attempt"], row["lease_token"]) == (1, 1)
+
+
+async def test_a_run_longer_than_the_brokers_consumer_timeout_runs_once_without_channel_errors(
+    harness: Any, tmp_path: Path
+) -> None:
+    broker = BrokerNode(tmp_path / "broker", config="consumer_timeout = 5000\n")
+    await broker.start()
+    try:
+        workflow_id = await harness.workflow(LEDGER)
+        ledger = tmp_path / "ledger"
+        async with harness.consumer(amqp_url=broker.url, amqp_reconnect_interval_s=0.2) as consumer:
+            async with replies_on(broker.url) as (replies, channel):
+                request = harness.request(workflow_id, {"ledger": str(ledger), "key": "long", "wait": 15.0})
+                await publish(channel, harness.settings.queue_name, request, replies.queue_name)
+                await eventually(lambda: len(replies.bodies) >= 1, timeout_s=60)
+                reconnects = consumer.metrics.broker_reconnects._value.get()
+                await harness.wait_for_replied(request.execution_id)
+            readiness = consumer.readiness()
+    finally:
+        await broker.stop()
+    assert starts(ledger) == ["long"]
+    assert len(replies.bodies) == 1
+    assert b'"SUCCESS"' in replies.bodies[0]
+    assert reconnects == 0  # the broker never closed the channel: the message was acked once the lease committed
+    assert readiness == []
+
+
+@pytest.mark.parametrize(("retries", "expected_starts", "status"), [(0, 1, "FAILED"), (1, 2, "SUCCESS")])
+async def test_a_sigkilled_consumers_run_is_recovered_by_policy_within_the_bound(
+    harness: Any, processes: list[ConsumerProcess], tmp_path: Path, retries: int, expected_starts: int, status: str
+) -> None:
+    workflow_id = await harness.workflow(LEDGER, retries_on_crash=retries)
+    ledger = tmp_path / "ledger"
+    doomed = ConsumerProcess(process_env(harness), tmp_path / "doomed.log")
+    processes.append(doomed)
+    await doomed.start()
+    url = harness.settings.required("amqp_url")
+    params = {"ledger": str(ledger), "key": "k", "wait": 30.0, "marker": str(tmp_path / "marker")}
+    request = harness.request(workflow_id, params)
+    async with replies_on(url) as (replies, channel):
+        await publish(channel, harness.settings.queue_name, request, replies.queue_name)
+        await harness.wait_for_status(request.execution_id, "RUNNING")
+        await eventually(lambda: starts(ledger) == ["k"])
+        await doomed.kill()
+        killed_at = time.monotonic()
+        async with harness.consumer(**FAST_LEASES):  # the survivor
+            row = await harness.wait_for_status(request.execution_id, status, timeout_s=60)
+            recovered_s = time.monotonic() - killed_at
+            await harness.wait_for_replied(request.execution_id)
+    bound_s = FAST_LEASES["lease_ttl_s"] + FAST_LEASES["lease_sweep_interval_s"] * 1.2
+    assert recovered_s < bound_s + 5.0 + (3.0 if retries else 0.0)  # + start-up of the survivor, + the retry's run
+    assert starts(ledger) == ["k"] * expected_starts
+    assert row["attempt"] == expected_starts
+    assert len(replies.bodies) == 1
+    if status == "FAILED":
+        assert row["error"] == "consumer died mid-run"
