@@ -128,7 +128,9 @@ async def reply(
     is not an error). A broker that goes away mid-reply (``ChannelInvalidStateError`` during a restart, a
     closed connection, no confirm in time) is retried for ``retry_s``, each time after the robust connection
     is back (``connected``); False if it never was: the caller decides what happens next, nothing raises."""
-    message = aio_pika.Message(body, content_type=CONTENT_TYPE, correlation_id=correlation_id)
+    message = aio_pika.Message(  # persistent: a durable reply queue keeps it across a broker restart
+        body, content_type=CONTENT_TYPE, correlation_id=correlation_id, delivery_mode=aio_pika.DeliveryMode.PERSISTENT
+    )
     deadline = asyncio.get_running_loop().time() + retry_s
     while True:
         try:

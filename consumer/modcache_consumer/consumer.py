@@ -2,18 +2,24 @@
 
 Start order: the database (the persistent engine and pool), Redis, the process pool, cache readiness, then the
 broker (robust connection, prefetch = concurrency) and consuming; health last. ``stop`` runs it backwards:
-stop consuming, drain in-flight executions within ``drain_grace_s`` (cancelling the rest: their messages are
-redelivered), close the broker, the pool, Redis and finally the database.
+stop consuming, drain in-flight executions within ``drain_grace_s`` (cancelling the rest and releasing their
+leases: the next sweep applies their crash policy), stop the lease tasks, close the broker, the pool, Redis
+and finally the database.
 
-Per message (``process_message``):
+Per message (``_handle`` -> ``_deliver``; docs/consumer.md has the why):
 
 1. parse; a malformed message goes to the poison queue with the reason, and the consumer carries on;
-2. one unit of work (``_get_db_session``: a session of its own, here in autocommit since its statements are
-   independent and idempotent): the workflow, the organization and its configs (Redis first), and the claim of
-   the execution (``executions.claim``; a finished execution is not run again, its stored outcome is replied);
-3. ``_sync_module_cache``: the O(1) readiness check, which returns the generation the worker pins;
-4. the worker runs it (missing modules repaired on request, single-flight);
-5. a second unit of work records the outcome; then the reply (if ``reply_to``) and the ack.
+2. an execution slot (a message waiting longer than ``delivery_hold_s`` for one is requeued);
+3. ``prepare``: one unit of work (``_get_db_session``: a session of its own, here in autocommit since its
+   statements are independent and idempotent): the workflow, the organization and its configs (Redis first),
+   and last the claim (``executions.claim``): a lease for this consumer, or the finished record (replied from
+   storage, never run again), or Busy (someone holds a live lease: acknowledged, its owner replies); then
+   ``_sync_module_cache``, the O(1) readiness check, which returns the generation the execution pins;
+4. the ack: PostgreSQL owns the execution from here on (``leases`` renews it; a crash is recovered by the sweep
+   according to the workflow's policy, never by a redelivery, and never by the broker's ``consumer_timeout``);
+5. the executor runs it (``_execute``; stopped if the lease is lost);
+6. the outcome, fenced by the lease token and group-committed; the reply (confirmed, retried through a broker
+   restart); the "replied" mark, which ends the lease.
 
 Every message is settled whatever happens while handling it (``_handle``): acknowledged, moved to the poison
 queue with a reason header, or, for a service outage (TransientError), requeued after a pause. An unsettled
@@ -413,7 +419,7 @@ class WorkflowExecutionConsumer:
             log.info("execution %s runs under a live lease elsewhere; its owner replies", request.execution_id)
         elif admitted.leased and admitted.owner == self._terms.owner:  # we recorded it: the reply is ours
             await self._reply_owed(request, admitted.outcome)
-        elif request.reply_to and not (admitted.replied and _is_redelivery(message)):
+        elif request.reply_to and not admitted.replied_to(request):
             await self._send_reply(request, admitted.outcome)  # a new request for a finished execution
         await _settle(message.ack())
 
@@ -664,8 +670,3 @@ async def _settle(settling: Any) -> None:
         await settling
     except (OSError, aio_pika.exceptions.AMQPError, RuntimeError) as e:
         log.warning("could not settle a message (it will be redelivered): %s", errors.describe(e))
-
-
-def _is_redelivery(message: aio_pika.abc.AbstractIncomingMessage) -> bool:
-    """A message the broker delivered before, or a sweep's republished retry: its caller had a reply (or will)."""
-    return bool(message.redelivered) or amqp.RETRY_HEADER in (message.headers or {})

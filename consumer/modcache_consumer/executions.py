@@ -65,7 +65,13 @@ class Record:
     attempt: int = 0
     leased: bool = False  # a live lease exists (someone runs it, or is about to reply)
     owner: str | None = None  # who holds that lease
-    replied: bool = False  # its reply was sent (replied_at is set)
+    replied: bool = False  # its reply was sent (replied_at is set)...
+    reply_to: str | None = None  # ...to this queue, with this correlation id
+    correlation_id: str | None = None
+
+    def replied_to(self, request: messages.ExecutionRequest) -> bool:
+        """Whether ``request`` (same reply queue and correlation id) already had its reply: a duplicate."""
+        return self.replied and (self.reply_to, self.correlation_id) == (request.reply_to, request.correlation_id)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,7 +129,7 @@ _RETURNED = "id, status, workflow_id, workflow_name, organization_id, result, er
 _READ = sa.text(
     f"""
     SELECT {_RETURNED}, COALESCE(lease_expires_at > now(), false) AS leased, lease_owner,
-        replied_at IS NOT NULL AS replied
+        replied_at IS NOT NULL AS replied, reply_to, correlation_id
     FROM executions WHERE id = :id
     """
 )
@@ -367,7 +373,10 @@ async def sweep(
 
 async def read(db: AsyncSession, execution_id: uuid.UUID) -> Record | None:
     row = (await db.execute(_READ, {"id": execution_id})).first()
-    return None if row is None else _record(row, leased=row.leased, owner=row.lease_owner, replied=row.replied)
+    if row is None:
+        return None
+    record = _record(row, leased=row.leased, owner=row.lease_owner, replied=row.replied)
+    return dataclasses.replace(record, reply_to=row.reply_to, correlation_id=row.correlation_id)
 
 
 def _recovered(row: sa.Row[Any]) -> Recovered:

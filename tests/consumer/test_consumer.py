@@ -12,10 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import pytest
 import redis.asyncio as aioredis
 import sqlalchemy as sa
 
 from modcache import keys
+from modcache_consumer import amqp
 from modcache_consumer import consumer as consumer_module
 from testkit.polling import eventually
 
@@ -109,9 +111,18 @@ async def test_redelivery_never_runs_a_finished_execution_again(harness, tmp_pat
     workflow_id = await harness.workflow(APPEND)
     ledger = tmp_path / "ledger"
     execution_id = uuid.uuid4()
-    async with harness.consumer():
+    async with harness.consumer() as consumer:
         first = await harness.call(workflow_id, {"path": str(ledger)}, execution_id=execution_id)
-        again = await harness.call(workflow_id, {"path": str(ledger)}, execution_id=execution_id)
+        caller = await harness.caller()
+        duplicate = harness.request(workflow_id, {"path": str(ledger)}, execution_id=execution_id)
+        await caller.publish(duplicate)  # the first request again (same reply queue): its reply was sent already
+        async with amqp.caller(harness.settings.required("amqp_url"), queue=harness.settings.queue_name) as other:
+            request = harness.request(workflow_id, {"path": str(ledger)}, execution_id=execution_id)
+            await other.publish(request)  # a new request for it: gets the stored outcome
+            again = await other.result(execution_id, timeout_s=30)
+        await eventually(lambda: consumer.metrics.in_flight._value.get() == 0)
+        with pytest.raises(TimeoutError):
+            await caller.result(execution_id, timeout_s=0.5)
     assert first["status"] == again["status"] == "SUCCESS"
     assert again["result"] == "done"  # the stored outcome is replied
     assert ledger.read_text() == "ran\n"  # ...and the workflow ran once

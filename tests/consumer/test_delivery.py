@@ -4,15 +4,22 @@ SIGKILLed consumers recovered by policy. Faults only on private brokers and on t
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
+import os
+import random
+import signal
 import time
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aio_pika
 import aio_pika.abc
+import aio_pika.exceptions
+import psutil
 import pytest
 
 from testkit.consumers import BrokerNode, ConsumerProcess
@@ -175,3 +182,174 @@ async def test_a_sigkilled_consumers_run_is_recovered_by_policy_within_the_bound
     assert len(replies.bodies) == 1
     if status == "FAILED":
         assert row["error"] == "consumer died mid-run"
+
+
+CHAOS_EXECUTIONS = 200
+
+
+class Chaos:
+    """Seeded faults against two consumer processes, the private broker and this test's database."""
+
+    def __init__(
+        self, *, seed: int, consumers: list[ConsumerProcess], broker: BrokerNode, harness: Any, log: list[str]
+    ) -> None:
+        self.rng = random.Random(seed)
+        self.consumers = consumers
+        self.broker = broker
+        self.harness = harness
+        self.log = log
+
+    async def run(self) -> None:
+        plan = ["kill", "kill", "kill", "worker", "worker", "backends", "backends", "broker"]
+        self.rng.shuffle(plan)
+        for action in plan:
+            await asyncio.sleep(self.rng.uniform(1.0, 2.5))
+            self.log.append(action)
+            await getattr(self, f"_{action}")()
+
+    async def _kill(self) -> None:
+        victim = self.rng.choice(self.consumers)
+        await victim.kill()
+        await asyncio.sleep(self.rng.uniform(0.1, 1.0))
+        await victim.start()
+
+    async def _worker(self) -> None:
+        victim = self.rng.choice(self.consumers)
+        assert victim.proc is not None
+        children = psutil.Process(victim.proc.pid).children(recursive=True)
+        if children:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                self.rng.choice(children).send_signal(signal.SIGKILL)
+
+    async def _backends(self) -> None:
+        name = self.harness.database_url.rpartition("/")[2]
+        await self.harness.sql(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND application_name = $2",
+            name,
+            "modcache-consumer",
+        )
+
+    async def _broker(self) -> None:
+        await self.broker.restart()
+
+
+async def publish_all(url: str, queue: str, requests: list[Any], reply_queue: str) -> None:
+    """Publish every request (persistent, confirmed), riding out the broker's restart: a publish whose confirm
+    was lost is sent again (a duplicate the claims absorb)."""
+    connection = await aio_pika.connect_robust(url, reconnect_interval=0.3)
+    try:
+        channel = await connection.channel()
+        for request in requests:
+            while True:
+                try:
+                    await publish(channel, queue, request, reply_queue)
+                    break
+                except (OSError, RuntimeError, TimeoutError, aio_pika.exceptions.AMQPError):
+                    await asyncio.sleep(0.3)
+            await asyncio.sleep(0.08)
+    finally:
+        await connection.close()
+
+
+async def collect_replies(
+    url: str, queue: str, into: list[bytes], *, ready: asyncio.Event, stop: asyncio.Event
+) -> None:
+    connection = await aio_pika.connect_robust(url, reconnect_interval=0.3)
+    try:
+        channel = await connection.channel()
+        replies = await channel.declare_queue(queue, durable=True)
+
+        async def on_reply(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            into.append(message.body)
+            await message.ack()
+
+        await replies.consume(on_reply)
+        ready.set()
+        await stop.wait()
+    finally:
+        await connection.close()
+
+
+@pytest.mark.timeout(240)  # about 90 s on an idle machine; this one is shared
+async def test_chaos_every_execution_ends_once_and_runs_only_as_its_policy_allows(
+    harness: Any, processes: list[ConsumerProcess], tmp_path: Path
+) -> None:
+    seed = int(os.environ.get("MODCACHE_CHAOS_SEED", "1010"))
+    broker = BrokerNode(tmp_path / "broker")
+    await broker.start()
+    stop_replies = asyncio.Event()
+    replies: list[bytes] = []
+    events: list[str] = []
+    try:
+        retrying = await harness.workflow(LEDGER, retries_on_crash=2)
+        failing = await harness.workflow(LEDGER)
+        ledger = tmp_path / "ledger"
+        rng = random.Random(seed)
+        requests = [
+            harness.request(
+                retrying if i % 2 else failing, {"ledger": str(ledger), "key": str(i), "wait": rng.uniform(0.05, 0.5)}
+            )
+            for i in range(CHAOS_EXECUTIONS)
+        ]
+        env = process_env(
+            harness, amqp_url=broker.url, amqp_reconnect_interval_s=0.3, consumer_concurrency=3, reply_retry_s=5.0
+        )
+        for i in range(2):
+            processes.append(ConsumerProcess(env, tmp_path / f"consumer-{i}.log"))
+        await asyncio.gather(*(p.start() for p in processes))
+        reply_queue = f"chaos-replies-{uuid.uuid4().hex[:6]}"
+        ready = asyncio.Event()
+        collector = asyncio.create_task(
+            collect_replies(broker.url, reply_queue, replies, ready=ready, stop=stop_replies)
+        )
+        await ready.wait()
+        chaos = Chaos(seed=seed, consumers=processes, broker=broker, harness=harness, log=events)
+        async with asyncio.timeout(200):
+            await asyncio.gather(
+                publish_all(broker.url, harness.settings.queue_name, requests, reply_queue), chaos.run()
+            )
+            rows = await _all_finished(harness, len(requests))
+            await eventually(lambda: len({json.loads(b)["execution_id"] for b in replies}) >= len(requests), 30)
+        stop_replies.set()
+        await collector
+    finally:
+        stop_replies.set()
+        await broker.stop()
+    _check_chaos(rows, requests, ledger, replies, retrying=retrying, events=events, seed=seed)
+    for process in processes:
+        assert "a message handler failed" not in process.log_path.read_text(), process.tail()
+
+
+async def _all_finished(harness: Any, count: int) -> list[Any]:
+    while True:
+        rows = await harness.sql("SELECT * FROM executions")
+        if len(rows) == count and all(r["status"] in ("SUCCESS", "FAILED", "TIMEOUT") for r in rows):
+            return rows
+        await asyncio.sleep(0.2)
+
+
+def _check_chaos(
+    rows: list[Any],
+    requests: list[Any],
+    ledger: Path,
+    replies: list[bytes],
+    *,
+    retrying: uuid.UUID,
+    events: list[str],
+    seed: int,
+) -> None:
+    story = f"seed {seed}, faults {events}"
+    runs = collections.Counter(starts(ledger))
+    by_key = {
+        r["parameters"]["key"] if isinstance(r["parameters"], dict) else json.loads(r["parameters"])["key"]: r
+        for r in rows
+    }
+    assert set(by_key) == {r.parameters["key"] for r in requests}, story  # none lost
+    replied = collections.Counter(json.loads(b)["execution_id"] for b in replies)
+    for key, row in by_key.items():
+        allowed = 3 if row["workflow_id"] == retrying else 1
+        assert runs[key] <= min(row["attempt"], allowed), f"{key} ran {runs[key]}x, attempt {row['attempt']}; {story}"
+        if row["status"] == "SUCCESS":
+            assert runs[key] >= 1, story
+        assert replied[str(row["id"])] == 1, f"{key}: {replied[str(row['id'])]} replies; {story}"
+        assert row["replied_at"] is not None, story
