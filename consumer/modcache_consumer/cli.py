@@ -1,4 +1,5 @@
-"""The consumer's commands: ``modcache consumer``, ``modcache workflows put | ls``, ``modcache run``.
+"""The consumer's commands: ``modcache consumer``, ``modcache executor``, ``modcache workflows put | ls``,
+``modcache run``.
 
 Settings come from ``MODCACHE_*`` variables (flags override some); a bad one exits 2 with the variable named.
 ``run --wait`` prints the execution's reply as JSON and exits 1 unless it succeeded.
@@ -8,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -52,6 +55,16 @@ async def _serve(the_settings: settings.ConsumerSettings) -> None:
         click.echo(f"modcache consumer: consuming {the_settings.queue_name}{listeners}", err=True)
         await stop.wait()
         click.echo("modcache consumer: stopping (draining in-flight executions)", err=True)
+
+
+@click.command("executor")
+@click.option("--socket", "socket_path", required=True, help="Unix socket the consumer connects to.")
+@click.option("--uid-base", type=click.IntRange(min=1), default=200_000, show_default=True,
+              help="Under root, executions run as this uid + a slot.")  # fmt: skip
+def executor_command(socket_path: str, uid_base: int) -> None:
+    """Run workflow code for a consumer: one fresh, isolated process per execution (needs no secret)."""
+    argv = [sys.executable, "-m", "modcache_consumer.template", "--socket", socket_path, "--uid-base", str(uid_base)]
+    os.execv(sys.executable, argv)  # a clean interpreter: executions never inherit the consumer's libraries
 
 
 @click.group("workflows")

@@ -1,10 +1,11 @@
 """``WorkflowExecutionConsumer``: the long-lived consumer of the durable ``workflow-executions`` queue.
 
-Start order: the database (the persistent engine and pool), Redis, the process pool, cache readiness, then the
+Start order: the database (the persistent engine and pool), Redis, the executor (a warm template process
+that clones a fresh, isolated process per execution), cache readiness, then the
 broker (robust connection, prefetch = concurrency) and consuming; health last. ``stop`` runs it backwards:
 stop consuming, drain in-flight executions within ``drain_grace_s`` (cancelling the rest and releasing their
-leases: the next sweep applies their crash policy), stop the lease tasks, close the broker, the pool, Redis
-and finally the database.
+leases: the next sweep applies their crash policy), stop the lease tasks, close the broker, the executor,
+Redis and finally the database.
 
 Per message (``_handle`` -> ``_deliver``; docs/consumer.md has the why):
 
@@ -17,7 +18,8 @@ Per message (``_handle`` -> ``_deliver``; docs/consumer.md has the why):
    ``_sync_module_cache``, the O(1) readiness check, which returns the generation the execution pins;
 4. the ack: PostgreSQL owns the execution from here on (``leases`` renews it; a crash is recovered by the sweep
    according to the workflow's policy, never by a redelivery, and never by the broker's ``consumer_timeout``);
-5. the executor runs it (``_execute``; stopped if the lease is lost);
+5. a fresh execution process runs it (``_execute`` -> ``executor``), served modules and its own secrets over
+   its private channel (``serving``); stopped if the lease is lost;
 6. the outcome, fenced by the lease token and group-committed; the reply (confirmed, retried through a broker
    restart); the "replied" mark, which ends the lease.
 
@@ -55,13 +57,15 @@ from modcache_consumer import (
     crypto,
     database,
     executions,
+    executor,
+    hardening,
     health,
     leases,
     messages,
     metrics,
-    pool,
     protocol,
     readiness,
+    serving,
     settings,
     workflows,
 )
@@ -73,12 +77,12 @@ T = TypeVar("T")
 
 @dataclasses.dataclass(frozen=True)
 class Prepared:
-    """Everything a worker needs, read in the first unit of work."""
+    """Everything an execution needs, read in the first unit of work."""
 
     workflow: workflows.WorkflowForExecution
     organization: configs.Organization | None
     config: configs.ConfigMap
-    generation: int = 0  # of the module cache, pinned by the worker
+    generation: int = 0  # of the module cache, pinned by the execution
     attempt: int = 1  # which run of the execution this is (retries by crash policy count up)
 
 
@@ -96,12 +100,12 @@ class WorkflowExecutionConsumer:
         *,
         settings: settings.ConsumerSettings,
         meters: metrics.Metrics | None = None,
-        worker_environment: dict[str, str] | None = None,
+        executor_environment: dict[str, str] | None = None,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
         self.metrics = meters or metrics.Metrics()
-        self._worker_environment = worker_environment
+        self._executor_environment = executor_environment
         self._monotonic = monotonic
         self._names = amqp.Names.for_queue(settings.queue_name)
         self._stack = contextlib.AsyncExitStack()
@@ -133,10 +137,13 @@ class WorkflowExecutionConsumer:
     # -- lifecycle ------------------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Bring everything up in order; on failure, whatever started is stopped again."""
+        """Bring everything up in order; on failure, whatever started is stopped again. First of all the
+        process makes itself non-dumpable: its memory and environment hold every credential."""
+        if not hardening.make_non_dumpable():
+            log.warning("could not make the consumer non-dumpable (not Linux?): same-uid processes can read it")
         try:
             await self._start_storage()
-            await self._start_pool()
+            await self._start_executor()
             await self._sync_module_cache()
             await self._start_broker()
             await self._start_health()
@@ -191,29 +198,29 @@ class WorkflowExecutionConsumer:
             namespace=s.cache_namespace,
         )
 
-    async def _start_pool(self) -> None:
+    async def _start_executor(self) -> None:
         s = self.settings
-        init: protocol.Init = {
-            "op": "init",
-            "redis_url": s.required("redis_url"),
-            "key_prefix": s.key_prefix,
-            "memory_limit_bytes": s.worker_memory_limit_bytes,
-            "max_result_bytes": s.max_result_bytes,
-            "secret_keys": s.encryption_keys(),
-        }
-        self.pool = pool.WorkerPool(
-            init=init,
-            min_workers=s.min_workers,
-            max_workers=s.max_workers,
-            max_executions=s.worker_max_executions,
-            idle_s=s.worker_idle_s,
-            start_timeout_s=s.worker_start_timeout_s,
+        self.modules = serving.ModuleServer(client=self.redis, keyspace=s.keyspace(), repair=self.guard.repair)
+        self.secrets = crypto.Secrets(s.encryption_keys())
+        self.executor = executor.Executor(
+            socket_path=s.executor_socket,
+            limits=executor.Limits(
+                memory_bytes=s.worker_memory_limit_bytes,
+                processes=s.execution_max_processes,
+                file_bytes=s.execution_max_file_bytes,
+                tmp_bytes=s.execution_tmp_bytes,
+                max_result_bytes=s.max_result_bytes,
+                max_output_bytes=s.max_output_bytes,
+            ),
             terminate_grace_s=s.terminate_grace_s,
-            environment=self._worker_environment,
+            start_timeout_s=s.worker_start_timeout_s,
+            uid_base=s.execution_uid_base,
+            environment=self._executor_environment,
+            teacher=self.modules,
             observer=self.metrics,
         )
-        self._stack.push_async_callback(self.pool.close)
-        await self.pool.start()
+        self._stack.push_async_callback(self.executor.close)
+        await self.executor.start()
 
     async def _start_broker(self) -> None:
         s = self.settings
@@ -641,13 +648,14 @@ class WorkflowExecutionConsumer:
                 "function_name": workflow.function_name,
             },
             "parameters": request.parameters,
-            "config": dict(prepared.config),
+            "config": serving.withhold_secrets(prepared.config),
             "organization": prepared.organization.to_raw() if prepared.organization else None,
             "generation": prepared.generation,
         }
         timeout_s = min(float(workflow.timeout_seconds), self.settings.execution_timeout_s)
         started = self._monotonic()
-        result = await self.pool.run(job, timeout_s=timeout_s, repair=self.guard.repair)
+        session = serving.Session(modules=self.modules, config=prepared.config, secrets=self.secrets)
+        result = await self.executor.run(job, timeout_s=timeout_s, session=session)
         elapsed_s = self._monotonic() - started
         self.metrics.duration.observe(elapsed_s)
         return messages.Outcome(

@@ -1,25 +1,25 @@
-"""The worker's import hook: workspace modules served from the Redis cache, in Bifrost's layout.
+"""The execution's import hook: workspace modules from the module cache, in Bifrost's layout.
 
 ``import a.b`` maps to ``a/b.py``, then ``a/b/__init__.py`` (a package); if neither exists but an indexed path
 starts with ``a/b/``, ``a.b`` is a namespace package. The finder sits *after* the standard finders, so a
 workspace file can never shadow the standard library or an installed package.
 
-Each lookup is one Redis round trip (a MULTI/EXEC snapshot of the content keys, their manifest entries, their
-index membership and the generation). What a lookup can find:
+The hook holds no Redis client: each lookup goes to a ``Store`` (``runtime.ChannelStore``: the consumer reads
+the cache in one MULTI/EXEC round trip, verifies each content's SHA-256, and answers over the execution's
+channel; lookups the template already knew at the pinned generation are answered from inherited memory, with
+their compiled code). What a lookup can find:
 
 * content: the module is compiled with its workspace path as filename (tracebacks and SyntaxErrors name it);
 * no content, but the path is indexed or in the manifest (expired, evicted): the consumer is asked to repair it
   from PostgreSQL (``request_repair``, single-flight there) and the lookup is repeated;
 * nothing: the consumer is asked once per name and generation, for a module the cache has not seen yet.
 
-Reused workers (bifrost-contract.md, defect 7): ``begin(generation)`` runs before each execution. If the
-generation did not move since the last check, it costs nothing. Otherwise one HMGET of the manifest for the
-modules this worker has loaded finds the ones whose hash changed; those, their submodules and every workspace
-module that imported them (edges recorded as they are imported) leave ``sys.modules``; the rest stay.
+Every execution is a fresh process, so ``sys.modules`` starts without workspace modules; ``begin`` and the
+eviction below keep a long-lived interpreter correct too (bifrost-contract.md, defect 7) and cost nothing here.
 
-One execution sees one generation: modules are only evicted between executions, and a module first imported
-during an execution whose manifest entry is newer than the checked generation is accepted only if none of the
-loaded modules changed meanwhile (else ImportError: the workspace changed during this execution).
+One execution sees one generation: a module first imported during an execution whose manifest entry is newer
+than the pinned generation is accepted only if none of the loaded modules changed meanwhile (else ImportError:
+the workspace changed during this execution).
 """
 
 from __future__ import annotations
@@ -32,11 +32,9 @@ import importlib.util
 import sys
 import types
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
-import redis
-
-from modcache import keys, modules
+from modcache import modules
 
 RepairRequest = Callable[[list[str]], None]
 """Asks the consumer to repair ``paths`` from the source; raises ImportError if it could not."""
@@ -67,48 +65,20 @@ class Loaded:
     hash: str | None
 
 
-class WorkspaceStore:
-    """The synchronous Redis reads of the hook, each a single round trip."""
+class Store(Protocol):
+    """Where the hook reads the cache: ``runtime.ChannelStore`` (the consumer, over the execution's channel)."""
 
-    def __init__(self, *, client: redis.Redis, keyspace: keys.KeySpace) -> None:
-        self._client = client
-        self._keyspace = keyspace
-        self._directories: tuple[int | None, frozenset[str]] | None = None
+    def lookup(self, paths: Sequence[str]) -> tuple[int | None, list[Entry]]: ...
 
-    def lookup(self, paths: Sequence[str]) -> tuple[int | None, list[Entry]]:
-        ks = self._keyspace
-        with self._client.pipeline(transaction=True) as pipe:
-            pipe.get(ks.generation)
-            pipe.mget([ks.content(p) for p in paths])
-            pipe.hmget(ks.manifest, list(paths))
-            pipe.smismember(ks.index, list(paths))
-            generation, contents, manifest, indexed = pipe.execute()
-        entries = [
-            _entry(path, value, held, bool(member))
-            for path, value, held, member in zip(paths, contents, manifest, indexed, strict=True)
-        ]
-        return _int(generation), entries
+    def manifest(self, paths: Sequence[str]) -> tuple[int | None, dict[str, str]]: ...
 
-    def manifest(self, paths: Sequence[str]) -> tuple[int | None, dict[str, str]]:
-        """The generation and the manifest hashes of ``paths``, read atomically."""
-        with self._client.pipeline(transaction=True) as pipe:
-            pipe.get(self._keyspace.generation)
-            pipe.hmget(self._keyspace.manifest, list(paths) or ["\x00"])
-            generation, held = pipe.execute()
-        found = {p: h for p, v in zip(paths, held, strict=False) if (h := keys.manifest_hash(v)) is not None}
-        return _int(generation), found
+    def is_directory(self, rel: str, generation: int | None) -> bool: ...
 
-    def directories(self, generation: int | None) -> frozenset[str]:
-        """Every directory of an indexed path (``a``, ``a/b`` for ``a/b/c.py``), computed once per generation."""
-        if self._directories is None or self._directories[0] != generation or generation is None:
-            members = self._client.smembers(self._keyspace.index)
-            dirs = {path.rsplit("/", n)[0] for path in map(str, members) for n in range(1, path.count("/") + 1)}
-            self._directories = (generation, frozenset(dirs))
-        return self._directories[1]
+    def compiled(self, entry: Entry) -> types.CodeType: ...
 
 
 class WorkspaceImporter(importlib.abc.MetaPathFinder):
-    def __init__(self, *, store: WorkspaceStore, request_repair: RepairRequest) -> None:
+    def __init__(self, *, store: Store, request_repair: RepairRequest) -> None:
         self._store = store
         self._request_repair = request_repair
         self._loaded: dict[str, Loaded] = {}
@@ -154,22 +124,19 @@ class WorkspaceImporter(importlib.abc.MetaPathFinder):
             self._request_repair(known)  # expired or evicted: repaired from the source, then read again
             generation, entries = self._lookup(candidates)
             entry = _with_content(entries)
-        unseen = not known and rel not in self._store.directories(generation)
+        unseen = not known and not self._store.is_directory(rel, generation)
         if entry is None and unseen and (fullname, generation) not in self._asked:
             self._asked.add((fullname, generation))
             self._request_repair(candidates)  # the cache may not have seen a new module or directory yet
             generation, entries = self._lookup(candidates)
             entry = _with_content(entries)
         if entry is None:
-            return self._namespace_spec(fullname, rel) if rel in self._store.directories(generation) else None
+            return self._namespace_spec(fullname, rel) if self._store.is_directory(rel, generation) else None
         self._keep_one_generation(entry)
         return self._source_spec(fullname, entry)
 
     def _lookup(self, candidates: list[str]) -> tuple[int | None, list[Entry]]:
-        try:
-            return self._store.lookup(candidates)
-        except redis.RedisError as e:
-            raise ImportError(f"{candidates[0]}: the module cache is unavailable ({type(e).__name__})") from e
+        return self._store.lookup(candidates)
 
     def _source_spec(self, fullname: str, entry: Entry) -> importlib.machinery.ModuleSpec:
         is_package = entry.path.endswith("/__init__.py")
@@ -203,6 +170,9 @@ class WorkspaceImporter(importlib.abc.MetaPathFinder):
 
     def _changed(self, hashes: dict[str, str]) -> list[str]:
         return [name for name, m in self._loaded.items() if hashes.get(m.path) != m.hash]
+
+    def compiled(self, entry: Entry) -> types.CodeType:
+        return self._store.compiled(entry)
 
     def _record(self, name: str, loaded: Loaded) -> None:
         self._loaded[name] = loaded
@@ -268,7 +238,7 @@ class _SourceLoader(importlib.abc.Loader):
 
     def exec_module(self, module: types.ModuleType) -> None:
         assert self._entry.content is not None
-        code = compile(self._entry.content, self._entry.path, "exec", dont_inherit=True)
+        code = self._importer.compiled(self._entry)
         module.__dict__["__builtins__"] = self._importer.builtins_for(module.__name__)
         self._importer._record(module.__name__, Loaded(self._entry.path, self._entry.hash))
         try:
@@ -294,28 +264,16 @@ class _NamespaceLoader(importlib.abc.Loader):
         self._importer._record(module.__name__, Loaded(f"{self._rel}/__init__.py", None))
 
 
-def _entry(path: str, value: str | None, held: str | None, indexed: bool) -> Entry:
-    content = digest = None
-    if value is not None:
-        try:
-            cached = modules.decode_cached(value)
-            content, digest = cached["content"], cached["hash"]
-        except ValueError:
-            pass  # a corrupt value is treated as missing: the repair rewrites it
-    entry = keys.parse_manifest(held)
+def entry_from_raw(raw: dict[str, Any]) -> Entry:
     return Entry(
-        path=path,
-        content=content,
-        hash=digest,
-        manifest_generation=entry.generation if entry is not None else None,
-        manifest_hash=entry.hash if entry is not None else None,
-        indexed=indexed,
+        path=str(raw["path"]),
+        content=raw.get("content"),
+        hash=raw.get("hash"),
+        manifest_generation=raw.get("manifest_generation"),
+        manifest_hash=raw.get("manifest_hash"),
+        indexed=bool(raw.get("indexed")),
     )
 
 
 def _with_content(entries: list[Entry]) -> Entry | None:
     return next((e for e in entries if e.content is not None), None)
-
-
-def _int(value: Any) -> int | None:
-    return int(value) if value is not None else None

@@ -1,34 +1,74 @@
-"""The consumer <-> worker protocol: length-prefixed JSON frames over the worker's stdin/stdout pipes.
+"""Wire shapes between the consumer, the executor (``template``) and one execution (``runtime``).
 
-Light on purpose (the worker imports it): no asyncio, no SQLAlchemy. The worker moves the pipes to private
-descriptors before any workflow code runs, so ``print`` in a workflow can never corrupt a frame.
+Every frame is a 4-byte big-endian length and a JSON object with an ``op``. Light on purpose (the execution
+imports it): no asyncio, no SQLAlchemy. Two kinds of connection:
 
-Frames, in order:
+**Control** (consumer <-> executor; one per consumer, a socketpair or the executor's Unix socket). Carries no
+secret, no parameter and no result, so the template's memory, which every execution inherits, never holds one.
 
-* consumer -> worker ``Init`` (Redis URL, key prefix, limits, decryption keys: over the pipe, never the
-  environment), worker -> consumer ``{"op": "ready", "pid"}``;
-* per execution: consumer -> worker ``Job``; worker -> consumer any number of ``{"op": "repair", "paths"}``,
-  each answered by ``{"op": "repaired", "error"}``; then worker -> consumer ``Result``;
-* consumer -> worker ``{"op": "exit"}`` (or EOF) ends the worker.
+* executor -> consumer ``Hello`` on connect;
+* consumer -> executor ``Spawn`` with two descriptors attached (``SCM_RIGHTS``): the execution's channel and
+  its output pipe; executor -> consumer ``Exited`` when the execution's process is gone (its whole PID
+  namespace with it), saying whether the executor stopped it at its deadline;
+* consumer -> executor ``{"op": "stop", "ticket"}`` ends an execution early (a broken channel, a cancelled
+  message); ``{"op": "learn", ...}`` hands the template verified workspace modules to compile and keep
+  (``Learned``): public code any execution may import, cached by content hash.
+
+**Channel** (consumer <-> one execution, a socketpair of its own). Consumer -> execution ``Job``; execution ->
+consumer requests (``lookup``, ``manifest``, ``directory``, ``repair``, ``secret``), each answered by one
+``{"op": "answer", ...}``; then execution -> consumer exactly one ``Result``. Workflow code can reach its own
+channel descriptor, so the consumer trusts nothing on it beyond that execution: a garbage, oversized or second
+result frame fails only this execution.
 """
 
 from __future__ import annotations
 
 import json
+import socket
 import struct
-from typing import IO, Any, NotRequired, TypedDict
+from typing import Any, NotRequired, TypedDict
 
 HEADER = struct.Struct(">I")
-MAX_FRAME_BYTES = 256 * 1024 * 1024
+MAX_CONTROL_FRAME_BYTES = 64 * 1024**2
+MAX_REQUEST_BYTES = 1024**2  # an execution's requests (not its result) stay below this
 
 
-class Init(TypedDict):
+class Spawn(TypedDict):
     op: str
-    redis_url: str
-    key_prefix: str
-    memory_limit_bytes: int | None
-    max_result_bytes: int
-    secret_keys: list[str]
+    ticket: int
+    timeout_s: float
+    grace_s: float
+    memory_bytes: int | None
+    processes: int | None
+    file_bytes: int | None
+    tmp_bytes: int
+
+
+class Exited(TypedDict):
+    op: str
+    ticket: int
+    pid: int
+    returncode: int
+    timed_out: bool
+    stopped: bool  # the executor signalled it (deadline or stop frame)
+
+
+class RawEntry(TypedDict):
+    """One candidate path of a lookup, as the consumer verified it (``content`` None: absent or corrupt)."""
+
+    path: str
+    content: str | None
+    hash: str | None
+    manifest_generation: int | None
+    manifest_hash: str | None
+    indexed: bool
+
+
+class Learned(TypedDict):
+    op: str
+    generation: int
+    lookups: list[list[Any]]  # [[candidate, ...], [RawEntry, ...]]
+    directories: NotRequired[list[list[Any]]]  # [[rel, is a directory of an indexed path], ...]
 
 
 class RawWorkflow(TypedDict):
@@ -43,9 +83,10 @@ class Job(TypedDict):
     execution_id: str
     workflow: RawWorkflow
     parameters: dict[str, Any]
-    config: dict[str, Any]
+    config: dict[str, Any]  # secret values are withheld: {"type": "secret"}; asked for with a "secret" request
     organization: dict[str, Any] | None
     generation: int
+    max_result_bytes: NotRequired[int]
 
 
 class Result(TypedDict):
@@ -54,14 +95,13 @@ class Result(TypedDict):
     result: Any
     error: str | None
     timings_ms: dict[str, float]
-    recycle: NotRequired[bool]  # the worker should not be reused (it ran out of memory)
 
 
 class ProtocolError(Exception):
-    """The peer sent something that is not a frame; the worker is not trusted any more."""
+    """The peer sent something that is not a frame; it is not trusted any more."""
 
 
-def encode(frame: dict[str, Any] | Init | Job | Result) -> bytes:
+def encode(frame: Any) -> bytes:
     body = json.dumps(frame, separators=(",", ":")).encode()
     return HEADER.pack(len(body)) + body
 
@@ -69,47 +109,68 @@ def encode(frame: dict[str, Any] | Init | Job | Result) -> bytes:
 def decode(body: bytes) -> dict[str, Any]:
     try:
         frame = json.loads(body)
-    except ValueError as e:
-        raise ProtocolError(f"undecodable frame: {e}") from None
-    if not isinstance(frame, dict) or "op" not in frame:
+    except (ValueError, RecursionError) as e:
+        raise ProtocolError(f"undecodable frame: {type(e).__name__}") from None
+    if not isinstance(frame, dict) or not isinstance(frame.get("op"), str):
         raise ProtocolError("frame without op")
     return frame
 
 
-def frame_length(header: bytes, *, limit: int = MAX_FRAME_BYTES) -> int:
+def frame_length(header: bytes, *, limit: int) -> int:
     (length,) = HEADER.unpack(header)
     if length > limit:
         raise ProtocolError(f"frame of {length} bytes exceeds {limit}")
     return int(length)
 
 
-# -- blocking side (the worker) ------------------------------------------------------------------------------
+class Frames:
+    """Incremental decoding of a byte stream into frames (the template's non-blocking reads)."""
+
+    def __init__(self, *, limit: int) -> None:
+        self._buffer = bytearray()
+        self._limit = limit
+
+    def feed(self, data: bytes) -> list[dict[str, Any]]:
+        self._buffer += data
+        frames = []
+        while len(self._buffer) >= HEADER.size:
+            length = frame_length(bytes(self._buffer[: HEADER.size]), limit=self._limit)
+            if len(self._buffer) < HEADER.size + length:
+                break
+            frames.append(decode(bytes(self._buffer[HEADER.size : HEADER.size + length])))
+            del self._buffer[: HEADER.size + length]
+        return frames
 
 
-def read_frame(stream: IO[bytes]) -> dict[str, Any] | None:
-    """The next frame, or None at EOF."""
-    header = _read_exactly(stream, HEADER.size)
-    if header is None:
-        return None
-    body = _read_exactly(stream, frame_length(header))
-    if body is None:
-        raise ProtocolError("EOF inside a frame")
-    return decode(body)
+# -- blocking side (the execution) ---------------------------------------------------------------------------
 
 
-def write_frame(stream: IO[bytes], frame: dict[str, Any] | Result) -> None:
-    stream.write(encode(frame))
-    stream.flush()
+class Channel:
+    """The execution's end of its channel: blocking request/answer."""
 
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._reader = sock.makefile("rb")
 
-def _read_exactly(stream: IO[bytes], n: int) -> bytes | None:
-    chunks, got = [], 0
-    while got < n:
-        chunk = stream.read(n - got)
-        if not chunk:
-            if got:
-                raise ProtocolError("EOF inside a frame")
+    def send(self, frame: Any) -> None:
+        self._sock.sendall(encode(frame))
+
+    def receive(self) -> dict[str, Any] | None:
+        header = self._reader.read(HEADER.size)
+        if not header:
             return None
-        chunks.append(chunk)
-        got += len(chunk)
-    return b"".join(chunks)
+        if len(header) < HEADER.size:
+            raise ProtocolError("EOF inside a frame")
+        length = frame_length(header, limit=MAX_CONTROL_FRAME_BYTES)
+        body = self._reader.read(length)
+        if len(body) < length:
+            raise ProtocolError("EOF inside a frame")
+        return decode(body)
+
+    def ask(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Send a request and return its answer; the consumer going away ends the execution."""
+        self.send(request)
+        answer = self.receive()
+        if answer is None or answer.get("op") != "answer":
+            raise SystemExit("modcache: the consumer closed this execution's channel")
+        return answer

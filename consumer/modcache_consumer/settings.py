@@ -27,16 +27,28 @@ class ConsumerSettings(settings.Settings):
     consumer_concurrency: int = pydantic.Field(
         10, gt=0, le=1000, description="Executions in flight at once; also the AMQP prefetch."
     )
-    pool_min_workers: int = pydantic.Field(1, ge=0, le=1000, description="Worker processes kept warm.")
-    pool_max_workers: int | None = pydantic.Field(None, gt=0, le=1000, description="Worker cap; unset: concurrency.")
-    worker_max_executions: int = pydantic.Field(
-        1000, gt=0, description="A worker is replaced (between executions) after this many runs."
+    executor_socket: str | None = pydantic.Field(
+        None, description="The executor's Unix socket (its own container); unset: the consumer starts it as a child."
     )
-    worker_idle_s: float = pydantic.Field(300.0, gt=0, description="Idle workers above the minimum exit after this.")
     worker_memory_limit_bytes: int | None = pydantic.Field(
-        1024**3, ge=64 * 1024**2, description="Address-space limit of each worker (RLIMIT_AS); unset: none."
+        1024**3, ge=64 * 1024**2, description="Address-space limit of each execution (RLIMIT_AS); unset: none."
     )
-    worker_start_timeout_s: float = pydantic.Field(30.0, gt=0, description="A worker must say ready within this.")
+    worker_start_timeout_s: float = pydantic.Field(30.0, gt=0, description="The executor must say hello within this.")
+    execution_max_processes: int | None = pydantic.Field(
+        64, gt=0, description="Processes an execution's uid may run at once (RLIMIT_NPROC, under root only)."
+    )
+    execution_max_file_bytes: int | None = pydantic.Field(
+        64 * 1024**2, gt=0, description="Largest file an execution may write (RLIMIT_FSIZE)."
+    )
+    execution_tmp_bytes: int = pydantic.Field(
+        64 * 1024**2, gt=0, description="Size of each execution's private /tmp (a tmpfs gone with it)."
+    )
+    execution_uid_base: int = pydantic.Field(
+        200_000, gt=0, description="Under root, executions run as this uid + a slot (one per running execution)."
+    )
+    max_output_bytes: int = pydantic.Field(
+        1024**2, ge=0, description="Output (print) of one execution logged at most; the rest is discarded."
+    )
     execution_timeout_s: float = pydantic.Field(
         1800.0, gt=0, description="Upper bound on any execution; a workflow's own timeout_seconds may be lower."
     )
@@ -116,13 +128,6 @@ class ConsumerSettings(settings.Settings):
                     raise ValueError("not a Fernet key (32 url-safe base64-encoded bytes)") from None
         return value
 
-    @pydantic.field_validator("pool_max_workers")
-    @classmethod
-    def _workers_fit(cls, value: int | None, info: pydantic.ValidationInfo) -> int | None:
-        if value is not None and info.data.get("pool_min_workers", 0) > value:
-            raise ValueError("smaller than MODCACHE_POOL_MIN_WORKERS")
-        return value
-
     @pydantic.field_validator("lease_renew_interval_s")
     @classmethod
     def _renew_in_time(cls, value: float, info: pydantic.ValidationInfo) -> float:
@@ -139,14 +144,6 @@ class ConsumerSettings(settings.Settings):
             raise settings.config_error(e) from None
 
     # -- derived values --------------------------------------------------------------------------------------
-
-    @property
-    def max_workers(self) -> int:
-        return self.pool_max_workers or self.consumer_concurrency
-
-    @property
-    def min_workers(self) -> int:
-        return min(self.pool_min_workers, self.max_workers)
 
     @property
     def pool_size(self) -> int:
@@ -168,6 +165,7 @@ class ConsumerSettings(settings.Settings):
         """The secret URL ``name`` (``database_url``, ``redis_url``, ``amqp_url``), or a ConfigError naming it."""
         value = getattr(self, name)
         if value is None:
-            raise errors.ConfigError(f"{settings.ENV_PREFIX}{name.upper()}", "required by the consumer")
+            variable = f"{settings.ENV_PREFIX}{name.upper()}"
+            raise errors.ConfigError(variable, f"required by the consumer (or {variable}{settings.FILE_SUFFIX})")
         secret: str = value.get_secret_value()
         return secret

@@ -136,7 +136,8 @@ async def serve(
 
 
 class _Term:
-    """One run of kopf (a leadership term), and readiness: kopf ready, or standing by for the Lease."""
+    """One run of kopf (a leadership term), and readiness: kopf ready, or standing by for the Lease while the API
+    answers."""
 
     def __init__(
         self, *, operator: handlers.Operator, namespaces: tuple[str, ...], on_signals: Callable[[], None]
@@ -159,8 +160,9 @@ class _Term:
         )
 
     def ready(self) -> bool:
-        standing_by = self.elector is not None and not self.elector.leading
-        return standing_by or self.kopf_ready.is_set()
+        if self.elector is not None and not self.elector.leading:
+            return self.elector.in_contact()  # a standby that cannot reach the API could never take over
+        return self.kopf_ready.is_set()
 
 
 def _on_signals(stop: asyncio.Event) -> None:

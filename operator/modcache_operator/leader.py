@@ -5,7 +5,8 @@ wall clock and treats a reset connection as the end of the term; so this is a sm
 with client-go's semantics (``tools/leaderelection``):
 
 * a candidate GETs the ``coordination.k8s.io`` Lease, creates it when missing, and takes it over when it has no
-  holder or its record has not changed for ``lease_duration_s`` *as measured on the candidate's own monotonic
+  holder or its record has not changed for the ``leaseDurationSeconds`` the holder wrote (never less than its own
+  ``lease_duration_s``: replicas of a rolling update may differ) *as measured on the candidate's own monotonic
   clock* since it first saw that record (clocks of different machines are never compared); every write carries
   the ``resourceVersion`` it read, so when two candidates race, the API server lets one win (409 for the other);
 * the holder renews every ``retry_period_s`` (``renewTime`` now, ``acquireTime`` kept; ``leaseTransitions`` grows
@@ -44,6 +45,10 @@ log = logging.getLogger(__name__)
 
 #: What a leader runs: ``work(fence, stop)`` until ``stop`` is set; it must write nothing once ``fence`` closes.
 Work = Callable[[fence.Fence, asyncio.Event], Coroutine[Any, Any, None]]
+
+
+#: A standby honours a holder's longer ``leaseDurationSeconds`` up to this multiple of its own setting.
+MAX_HONOURED_FACTOR = 10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,10 +106,18 @@ class Elector:
         self._complaint: str | None = None
         self._reported_holder: str | None = None
         self.terms = 0  # how many times this replica became the leader
+        self._answered_at: float | None = None  # when the API last answered a campaign attempt (monotonic)
 
     @property
     def leading(self) -> bool:
         return self._fence is not None and self._fence.open
+
+    def in_contact(self) -> bool:
+        """Whether a standby can take over when needed: the API answered its last attempt, within the renew
+        deadline. A replica that never reached the API (egress policy, CA, token) is no standby at all, and
+        must not count as ready in a rolling update that then retires the working leader."""
+        answered = self._answered_at
+        return answered is not None and self._clock.monotonic() - answered <= self.lease.renew_deadline_s
 
     async def run(self, stop: asyncio.Event) -> None:
         """Campaign, lead, campaign again after losing the Lease; until ``stop`` (or the work failed)."""
@@ -142,6 +155,7 @@ class Elector:
                 self._complaint = complaint
             return None
         self._complaint = None
+        self._answered_at = self._clock.monotonic()
         return held
 
     async def _try(self, *, timeout_s: float) -> bool:
@@ -159,7 +173,7 @@ class Elector:
             return self._wrote(created, started)
         self._observe(current)
         holder = str((current.get("spec") or {}).get("holderIdentity") or "")
-        expired = self._clock.monotonic() > self._observed_at + self.lease.lease_duration_s
+        expired = self._clock.monotonic() > self._observed_at + self._honoured_duration_s(current)
         if holder and holder != self.lease.identity and not expired:
             self._report(holder)
             return False
@@ -278,6 +292,17 @@ class Elector:
         if record != self._observed:
             self._observed, self._observed_at = record, self._clock.monotonic()
         self._cached = lease
+
+    def _honoured_duration_s(self, lease: kube.Lease) -> float:
+        """How long a record must stay unchanged before it is expired: the ``leaseDurationSeconds`` its holder
+        wrote (as client-go: its promise to stop within a shorter renew deadline), never less than our own
+        setting (a record edited to 1 s must not invite a takeover), and at most ``MAX_HONOURED_FACTOR`` times it
+        (a record edited to a year must not freeze the election)."""
+        own = self.lease.lease_duration_s
+        written = (lease.get("spec") or {}).get("leaseDurationSeconds")
+        if isinstance(written, bool) or not isinstance(written, int | float) or not written > 0:
+            return own
+        return min(max(float(written), own), own * MAX_HONOURED_FACTOR)
 
     def _left(self, started: float, timeout_s: float) -> float:
         return max(0.1, started + timeout_s - self._clock.monotonic())

@@ -56,6 +56,12 @@ class Metrics:
         self.listener_connected = prometheus_client.Gauge(
             f"{PREFIX}_listener_connected", "1 while the LISTEN connection is up.", labels, registry=self.registry
         )
+        self.listener_server_changes = prometheus_client.Counter(
+            f"{PREFIX}_listener_server_changes_total",
+            "Times the listener reconnected to another PostgreSQL server than before (a failover, a switchover).",
+            labels,
+            registry=self.registry,
+        )
         self.last_success = prometheus_client.Gauge(
             f"{PREFIX}_last_success_timestamp_seconds",
             "Unix time of the last successful full resync.",
@@ -92,6 +98,9 @@ class Metrics:
     def listener(self, namespace: str, name: str, connected: bool) -> None:
         self.listener_connected.labels(namespace, name).set(1 if connected else 0)
 
+    def listener_server_changed(self, namespace: str, name: str, times: int = 1) -> None:
+        self.listener_server_changes.labels(namespace, name).inc(times)
+
     def conditions(self, namespace: str, name: str, conditions: dict[str, str]) -> None:
         """``conditions`` maps a condition type to its status."""
         for kind, current in conditions.items():
@@ -101,7 +110,13 @@ class Metrics:
     def forget(self, namespace: str, name: str) -> None:
         """Drop every series of a deleted ModuleCache, so label sets stay bounded."""
         ours = (namespace, name)
-        for metric in (self.source_modules, self.cached_modules, self.listener_connected, self.last_success):
+        for metric in (
+            self.source_modules,
+            self.cached_modules,
+            self.listener_connected,
+            self.listener_server_changes,
+            self.last_success,
+        ):
             _remove(metric, ours)
         for trigger in TRIGGER_LABELS:
             for result in ("success", "failure"):

@@ -13,10 +13,9 @@ Endpoints come from the resolved Redis URL and keep no credentials.
 from __future__ import annotations
 
 import dataclasses
-import urllib.parse
 from collections.abc import Iterable
 
-from modcache import keys
+from modcache import endpoints, keys
 
 DEFAULT_REDIS_PORT = 6379
 
@@ -52,14 +51,22 @@ class Claim:
 
 
 def endpoint(url: str) -> Endpoint:
-    """The endpoint of a ``redis://``, ``rediss://`` or ``unix://`` URL; the password is never kept."""
-    parts = urllib.parse.urlsplit(url)
-    query = urllib.parse.parse_qs(parts.query)
-    if parts.scheme == "unix":
-        return Endpoint(host=parts.path, port=0, db=_int(query.get("db", ["0"])[0]))
-    path_db = parts.path.strip("/")
-    db = _int(path_db) if path_db else _int(query.get("db", ["0"])[0])
-    return Endpoint(host=(parts.hostname or "localhost").lower(), port=parts.port or DEFAULT_REDIS_PORT, db=db)
+    """The endpoint a Redis URL names, read as the client reads it (``endpoints.parse_redis``: the same parser
+    as redis-py, so ``/1?db=0`` or ``/%31`` cannot pass for another database); the password is never kept.
+
+    A Sentinel service is named by its sentinels and service name, a Cluster by its seed nodes (one keyspace:
+    database 0). Different spellings of one server (a second DNS name, an IP) still look different: the
+    server's ``run_id`` would tell, but is only known once connected."""
+    parsed = endpoints.parse_redis(url)
+    nodes = ",".join(sorted(f"{host.lower()}:{port}" for host, port in parsed.hosts))
+    if parsed.topology is endpoints.Topology.SENTINEL:
+        return Endpoint(host=f"sentinel {parsed.service} via {nodes}", port=0, db=parsed.db)
+    if parsed.topology is endpoints.Topology.CLUSTER:
+        return Endpoint(host=f"cluster of {nodes}", port=0, db=0)
+    if parsed.socket is not None:
+        return Endpoint(host=parsed.socket, port=0, db=parsed.db)
+    host, port = parsed.hosts[0] if parsed.hosts else ("localhost", DEFAULT_REDIS_PORT)
+    return Endpoint(host=host.lower(), port=port, db=parsed.db)
 
 
 def collide(a: Claim, b: Claim) -> bool:
@@ -78,10 +85,3 @@ def blockers(claims: Iterable[Claim]) -> dict[Owner, Claim]:
         else:
             refused[claim.owner] = blocker
     return refused
-
-
-def _int(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        return 0

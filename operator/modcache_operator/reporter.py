@@ -37,6 +37,8 @@ class Watcher(Protocol):
 
     def request_resync(self, trigger: str = ...) -> None: ...
 
+    def listener_server_changes(self) -> int: ...
+
 
 class Reporter:
     def __init__(
@@ -61,6 +63,7 @@ class Reporter:
         self.facts = seed_facts(body.status or {}, _generation(body))
         self.last_activity_at = clock.monotonic()  # when the watcher last said anything
         self.watcher: Watcher | None = None
+        self._server_changes = 0  # the watcher's listener_server_changes already counted in the metric
         self._secrets: tuple[pydantic.SecretStr, ...] = ()
         self._endpoints = ("", "")
         self._announced = status.announced_failure(body.status or {})
@@ -175,10 +178,18 @@ class Reporter:
         self.last_activity_at = self._clock.monotonic()
         was_up = self.facts.listener.up
         self._metrics.listener(self.namespace, self.name, connected)
+        self._count_server_changes()
         self._apply(dataclasses.replace(self.facts, listener=status.Link(connected, self.scrub(detail))))
         unverified = was_up or self.facts.source.up is None  # lost it, or never heard from PostgreSQL
         if unverified and not connected and self.watcher is not None:
             self.watcher.request_resync(watcher.RECONNECT)  # is PostgreSQL itself still there?
+
+    def _count_server_changes(self) -> None:
+        """A listener that reached another PostgreSQL server (the watcher counts them; a new watcher from 0)."""
+        changes = 0 if self.watcher is None else self.watcher.listener_server_changes()
+        if changes > self._server_changes:
+            self._metrics.listener_server_changed(self.namespace, self.name, changes - self._server_changes)
+        self._server_changes = changes
 
     def on_keyspace(self, active: bool, detail: str) -> None:
         self.last_activity_at = self._clock.monotonic()

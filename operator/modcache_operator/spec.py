@@ -12,13 +12,12 @@ import binascii
 import dataclasses
 import hashlib
 import re
-import urllib.parse
 from collections.abc import Mapping
 from typing import Any
 
 import pydantic
 
-from modcache import errors, keys, settings
+from modcache import endpoints, errors, keys, settings
 from modcache_operator import names
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
@@ -94,6 +93,8 @@ class Resolved:
             problem = settings.config_error(e, env_prefix="")
             field = _SECRET_FIELDS.get(problem.setting.lower(), "spec")
             raise SpecProblem(field, names.Reason.INVALID_URL, problem.reason) from None
+        except errors.ConfigError as e:  # the settings as a whole do not fit (a Cluster URL with an untagged prefix)
+            raise SpecProblem("spec", names.Reason.INVALID_SPEC, f"{e.setting}: {e.reason}") from None
 
     def listen_dsn(self) -> str:
         return (self.listen_database_url or self.database_url).get_secret_value()
@@ -146,13 +147,15 @@ def parse_duration_s(text: object, field: str) -> float:
 
 
 def endpoint(url: str) -> str:
-    """``host:port/database`` of a URL; no scheme, user or password."""
+    """``host:port/database`` of a URL (several hosts comma-separated); no scheme, user or password."""
+    _, _, rest = url.partition("://")
+    netloc, slash, path = rest.partition("/")
     try:
-        parts = urllib.parse.urlsplit(url)
-        port = f":{parts.port}" if parts.port else ""
-        return f"{parts.hostname or 'localhost'}{port}{parts.path}"
+        hosts = endpoints.split_netloc(netloc.split("?", 1)[0], default_port=0)[2]
     except ValueError:
         return "<unparseable url>"
+    where = ",".join(f"{host}:{port}" if port else host for host, port in hosts) or "localhost"
+    return f"{where}{slash}{path.split('?', 1)[0]}"
 
 
 def _mapping(spec: Mapping[str, Any], key: str, field: str) -> Mapping[str, Any]:

@@ -84,6 +84,10 @@ class Running:
         if self.current is not None:  # before it exists, its first full resync (on connect) is still to come
             self.current.request_resync(trigger)
 
+    def listener_server_changes(self) -> int:
+        """How often the watcher's listener reached another PostgreSQL server than before (a failover)."""
+        return 0 if self.current is None else self.current.state.listener_server_changes
+
     async def _run(self, observer: watcher.Observer) -> None:
         """The watcher, its failure kept here rather than in the task: when kopf stops, it re-raises whatever
         the tasks it outlived ended with, and an error that surfaced while cancelling must not fail the

@@ -45,6 +45,7 @@ class RedisEndpoint:
     password: str | None = dataclasses.field(default=None, repr=False)
     service: str | None = None  # Sentinel: the monitored master's name
     db: int = 0
+    socket: str | None = None  # unix:// : the socket's path
 
     def describe(self) -> str:
         """What the URL names, without credentials (for logs and status)."""
@@ -92,16 +93,23 @@ def _single(url: str, *, tls: bool) -> RedisEndpoint:
         port = parts.port
     except ValueError:
         raise ValueError("not a valid URL (a bad port)") from None
-    hosts = ((parts.hostname, port or DEFAULT_REDIS_PORT),) if parts.hostname else ()
-    db_part = parts.path.strip("/") if parts.scheme != "unix" else ""
+    # Where the client connects is what redis-py's ``parse_url`` makes of the URL (it goes to redis-py as is):
+    # ``?db=`` wins over the path, host and path are percent-decoded. Reading it any other way would watch the
+    # key events of another database and let two overlapping prefixes pass as different endpoints.
+    query = urllib.parse.parse_qs(parts.query)
+    db_text = urllib.parse.unquote(query["db"][0]) if query.get("db") else ""
+    if not db_text and parts.scheme != "unix":
+        db_text = urllib.parse.unquote(parts.path).replace("/", "")
+    host = urllib.parse.unquote(parts.hostname).lower() if parts.hostname else None
     return RedisEndpoint(
         Topology.SINGLE,
         tls,
-        hosts,
+        ((host, port or DEFAULT_REDIS_PORT),) if host else (),
         url,
         urllib.parse.unquote(parts.username) if parts.username else None,
         urllib.parse.unquote(parts.password) if parts.password else None,
-        db=_db(db_part),
+        db=_db(db_text),
+        socket=urllib.parse.unquote(parts.path) if parts.scheme == "unix" and parts.path else None,
     )
 
 

@@ -370,7 +370,8 @@ class RedisCache:
         client = self.client
         conn: Any
         if isinstance(client, aiocluster.RedisCluster):
-            await client.nodes_manager.initialize()
+            await _call(client.initialize())  # once per client; the node table must exist before it is refreshed
+            await _call(client.nodes_manager.initialize())
             node = client.get_node_from_key(self.keyspace.generation)
             if node is None:
                 raise errors.CacheUnavailable("no Cluster node serves the cache's slot")

@@ -2,10 +2,20 @@
 
 ``Settings.from_env()`` reads ``MODCACHE_*`` variables (and keyword overrides from flags); a bad value becomes a
 one-line ``ConfigError`` naming the variable, never echoing its value (URLs hold passwords).
+
+Every secret setting (a ``SecretStr`` field: the database, LISTEN and Redis URLs here; the AMQP URL and the
+secrets key in the consumer's subclass) can instead be read from the file named by ``MODCACHE_<NAME>_FILE``,
+the Kubernetes Secret-volume convention: the secret then never sits in the process environment, which
+``/proc/<pid>/environ`` exposes to anything that can read it. Setting both variables is an error; a file that
+cannot be read, is empty, is not UTF-8 or is larger than ``MAX_SECRET_FILE_BYTES`` is a ``ConfigError`` naming
+the ``_FILE`` variable, never the content.
 """
 
 from __future__ import annotations
 
+import os
+import typing
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,6 +25,8 @@ import pydantic_settings
 from modcache import endpoints, errors, keys, modules
 
 ENV_PREFIX = "MODCACHE_"
+FILE_SUFFIX = "_FILE"
+MAX_SECRET_FILE_BYTES = 64 * 1024  # a URL or a few keys; also stops a path like /dev/zero from hanging start-up
 
 
 class Settings(pydantic_settings.BaseSettings):
@@ -87,6 +99,17 @@ class Settings(pydantic_settings.BaseSettings):
         Path.home() / ".local" / "state" / "modcache", description="Where embedded servers keep their data."
     )
 
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[pydantic_settings.BaseSettings],
+        init_settings: pydantic_settings.PydanticBaseSettingsSource,
+        env_settings: pydantic_settings.PydanticBaseSettingsSource,
+        dotenv_settings: pydantic_settings.PydanticBaseSettingsSource,
+        file_secret_settings: pydantic_settings.PydanticBaseSettingsSource,
+    ) -> tuple[pydantic_settings.PydanticBaseSettingsSource, ...]:
+        return init_settings, env_settings, SecretFiles(settings_cls), dotenv_settings, file_secret_settings
+
     @pydantic.field_validator("database_url", "listen_database_url")
     @classmethod
     def _postgres_scheme(cls, value: pydantic.SecretStr | None) -> pydantic.SecretStr | None:
@@ -156,12 +179,72 @@ class Settings(pydantic_settings.BaseSettings):
         return None if chosen is None else chosen.get_secret_value()
 
 
-def config_error(e: pydantic.ValidationError, env_prefix: str = ENV_PREFIX) -> errors.ConfigError:
-    """The first validation problem as a ConfigError naming the variable, without the offending value."""
+class SecretFiles(pydantic_settings.PydanticBaseSettingsSource):
+    """The secret settings named by ``MODCACHE_<NAME>_FILE``, read from those files."""
+
+    def __init__(
+        self, settings_cls: type[pydantic_settings.BaseSettings], *, environ: Mapping[str, str] | None = None
+    ) -> None:
+        super().__init__(settings_cls)
+        self._environ = os.environ if environ is None else environ
+
+    def get_field_value(self, field: pydantic.fields.FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # unused: __call__ reads every secret field at once
+
+    def __call__(self) -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        for name in secret_fields(self.settings_cls):
+            variable = f"{ENV_PREFIX}{name.upper()}"
+            path = self._environ.get(variable + FILE_SUFFIX)
+            if not path:
+                continue
+            if self._environ.get(variable):
+                raise errors.ConfigError(variable + FILE_SUFFIX, f"{variable} is set too; set only one of them")
+            values[name] = read_secret_file(variable + FILE_SUFFIX, Path(path))
+        return values
+
+
+def secret_fields(settings_cls: type[pydantic.BaseModel]) -> list[str]:
+    """The fields holding secrets: those typed ``SecretStr`` (optional or not)."""
+    return [
+        name
+        for name, field in settings_cls.model_fields.items()
+        if field.annotation is pydantic.SecretStr or pydantic.SecretStr in typing.get_args(field.annotation)
+    ]
+
+
+def read_secret_file(variable: str, path: Path) -> str:
+    """The secret in ``path`` without surrounding whitespace (``echo`` adds a newline), or a ConfigError naming
+    ``variable`` and saying what is wrong, never what the file holds."""
+    try:
+        with path.open("rb") as f:
+            raw = f.read(MAX_SECRET_FILE_BYTES + 1)
+    except OSError as e:
+        raise errors.ConfigError(variable, f"cannot read the file ({e.strerror or type(e).__name__})") from None
+    if len(raw) > MAX_SECRET_FILE_BYTES:
+        raise errors.ConfigError(variable, f"the file is larger than {MAX_SECRET_FILE_BYTES} bytes")
+    try:
+        text = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise errors.ConfigError(variable, "the file is not UTF-8 text") from None
+    if not text:
+        raise errors.ConfigError(variable, "the file is empty")
+    return text
+
+
+def config_error(
+    e: pydantic.ValidationError, env_prefix: str = ENV_PREFIX, *, environ: Mapping[str, str] | None = None
+) -> errors.ConfigError:
+    """The first validation problem as a ConfigError naming the variable (``..._FILE`` when the value came
+    from a file), without the offending value."""
     first = e.errors(include_input=False, include_url=False)[0]
     name = "_".join(str(part) for part in first["loc"]) or "settings"
     reason = str(first["msg"]).removeprefix("Value error, ")
-    return errors.ConfigError(f"{env_prefix}{name.upper()}", reason)
+    variable = f"{env_prefix}{name.upper()}"
+    environ = os.environ if environ is None else environ
+    if env_prefix and environ.get(variable + FILE_SUFFIX) and not environ.get(variable):
+        variable += FILE_SUFFIX
+    return errors.ConfigError(variable, reason)
 
 
 def asyncpg_dsn(url: str) -> str:

@@ -27,7 +27,20 @@ import pytest
 import redis.asyncio as aioredis
 
 from modcache import engine, keys, pgsource
-from modcache_consumer import amqp, consumer, database, messages, pool, protocol, readiness, settings, workflows
+from modcache_consumer import (
+    amqp,
+    consumer,
+    crypto,
+    database,
+    executor,
+    messages,
+    protocol,
+    readiness,
+    serving,
+    settings,
+    workflows,
+)
+from testkit.ledger import Ledger
 
 
 @pytest.fixture(scope="session")
@@ -71,7 +84,6 @@ def test_settings(
         "key_prefix": keyspace.prefix,
         "cache_namespace": keyspace.prefix.removesuffix(keys.DEFAULT_PREFIX),
         "consumer_concurrency": 4,
-        "pool_min_workers": 1,
         "drain_grace_s": 10.0,
         "terminate_grace_s": 1.0,
         "transient_retry_delay_s": 0.1,
@@ -137,10 +149,10 @@ class Harness:
     async def consumer(self, **overrides: Any) -> AsyncIterator[consumer.WorkflowExecutionConsumer]:
         values = self.settings.model_dump()
         values.update(overrides)
-        worker_environment = values.pop("worker_environment", None)
+        executor_environment = values.pop("executor_environment", None)
         the_settings = settings.ConsumerSettings(**values)
         async with consumer.WorkflowExecutionConsumer(
-            settings=the_settings, worker_environment=worker_environment
+            settings=the_settings, executor_environment=executor_environment
         ) as running:
             yield running
 
@@ -204,6 +216,10 @@ class Harness:
 
     # -- reading state ------------------------------------------------------------------------------------
 
+    def ledger(self) -> Ledger:
+        """A Redis list workflows append to (executions cannot reach the test's files: their /tmp is private)."""
+        return Ledger(self.redis, url=self.settings.required("redis_url"), key=f"{self.keyspace.prefix}ledger")
+
     async def sql(self, query: str, *args: Any) -> list[asyncpg.Record]:
         conn = await asyncpg.connect(self.database_url)
         try:
@@ -263,53 +279,66 @@ async def harness(
     await h.close()
 
 
-class PoolHarness:
-    """A worker pool on this test's key prefix, with repairs and readiness through the real engine."""
+class ExecutorHarness:
+    """An executor on this test's key prefix, with module serving, repairs and readiness through the real engine."""
 
     def __init__(
-        self, *, redis_url: str, database_url: str, keyspace: keys.KeySpace, sync_engine: engine.Engine
+        self, *, redis_client: aioredis.Redis, database_url: str, keyspace: keys.KeySpace, sync_engine: engine.Engine
     ) -> None:
-        self.redis_url = redis_url
         self.keyspace = keyspace
         self.sync_engine = sync_engine
-        self.database = database.Database(url=database_url, pool_size=2, application_name="modcache-test-pool")
+        self.database = database.Database(url=database_url, pool_size=2, application_name="modcache-test-executor")
         self.guard = readiness.CacheGuard(engine=sync_engine, cache=sync_engine.cache, database=self.database)
+        self.modules = serving.ModuleServer(client=redis_client, keyspace=keyspace, repair=self.guard.repair)
         self._stack = contextlib.AsyncExitStack()
 
-    async def pool(self, **options: Any) -> pool.WorkerPool:
-        init: protocol.Init = {
-            "op": "init",
-            "redis_url": self.redis_url,
-            "key_prefix": self.keyspace.prefix,
-            "memory_limit_bytes": options.pop("memory_limit_bytes", 512 * 1024**2),
-            "max_result_bytes": options.pop("max_result_bytes", 1024**2),
-            "secret_keys": [],
+    async def start(self, **options: Any) -> executor.Executor:
+        limits = executor.Limits(
+            memory_bytes=options.pop("memory_limit_bytes", 512 * 1024**2),
+            max_result_bytes=options.pop("max_result_bytes", 1024**2),
+            max_output_bytes=options.pop("max_output_bytes", 1024**2),
+            processes=options.pop("processes", 64),
+        )
+        options = {"terminate_grace_s": 1.0, "teacher": self.modules, **options}
+        the_executor = executor.Executor(limits=limits, **options)
+        self._stack.push_async_callback(the_executor.close)
+        await the_executor.start()
+        return the_executor
+
+    def job(
+        self,
+        code: str,
+        parameters: dict[str, Any] | None = None,
+        *,
+        generation: int,
+        function: str = "run",
+        config: dict[str, Any] | None = None,
+        organization: dict[str, Any] | None = None,
+    ) -> protocol.Job:
+        return {
+            "op": "run",
+            "execution_id": str(uuid.uuid4()),
+            "workflow": {"name": "test", "path": "workflows/test.py", "code": code, "function_name": function},
+            "parameters": parameters or {},
+            "config": serving.withhold_secrets(config or {}),
+            "organization": organization,
+            "generation": generation,
         }
-        options = {"min_workers": 1, "max_workers": 2, "terminate_grace_s": 1.0, **options}
-        the_pool = pool.WorkerPool(init=init, **options)
-        self._stack.push_async_callback(the_pool.close)
-        await the_pool.start()
-        return the_pool
 
     async def run(
         self,
-        the_pool: pool.WorkerPool,
+        the_executor: executor.Executor,
         code: str,
         parameters: dict[str, Any] | None = None,
         *,
         timeout_s: float = 30.0,
         function: str = "run",
-    ) -> pool.WorkerOutcome:
-        job: protocol.Job = {
-            "op": "run",
-            "execution_id": str(uuid.uuid4()),
-            "workflow": {"name": "test", "path": "workflows/test.py", "code": code, "function_name": function},
-            "parameters": parameters or {},
-            "config": {},
-            "organization": None,
-            "generation": await self.guard.check(),
-        }
-        return await the_pool.run(job, timeout_s=timeout_s, repair=self.guard.repair)
+        config: dict[str, Any] | None = None,
+        secrets: crypto.Secrets | None = None,
+    ) -> executor.Outcome:
+        job = self.job(code, parameters, generation=await self.guard.check(), function=function, config=config)
+        session = serving.Session(modules=self.modules, config=config or {}, secrets=secrets or crypto.Secrets([]))
+        return await the_executor.run(job, timeout_s=timeout_s, session=session)
 
     async def close(self) -> None:
         await self._stack.aclose()
@@ -318,10 +347,12 @@ class PoolHarness:
 
 
 @pytest.fixture
-async def pools(
-    redis_url: str, database_url: str, keyspace: keys.KeySpace, sync_engine: engine.Engine
-) -> AsyncIterator[PoolHarness]:
-    h = PoolHarness(redis_url=redis_url, database_url=database_url, keyspace=keyspace, sync_engine=sync_engine)
+async def executors(
+    redis_client: aioredis.Redis, database_url: str, keyspace: keys.KeySpace, sync_engine: engine.Engine
+) -> AsyncIterator[ExecutorHarness]:
+    h = ExecutorHarness(
+        redis_client=redis_client, database_url=database_url, keyspace=keyspace, sync_engine=sync_engine
+    )
     yield h
     await h.close()
 

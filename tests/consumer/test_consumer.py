@@ -8,7 +8,6 @@ import datetime
 import json
 import urllib.request
 import uuid
-from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -19,6 +18,7 @@ import sqlalchemy as sa
 from modcache import keys
 from modcache_consumer import amqp
 from modcache_consumer import consumer as consumer_module
+from testkit.ledger import LEDGER
 from testkit.polling import eventually
 
 ECHO = "def run(**params):\n    return params\n"
@@ -104,28 +104,28 @@ async def test_an_internal_error_fails_the_execution_and_poisons_the_message_wit
     assert row["error"] == "internal error: LookupError: a bug"
 
 
-APPEND = "def run(path):\n    with open(path, 'a') as f:\n        f.write('ran\\n')\n    return 'done'\n"
+APPEND = LEDGER + "def run(url, key):\n    note(url, key, 'ran')\n    return 'done'\n"
 
 
-async def test_redelivery_never_runs_a_finished_execution_again(harness, tmp_path: Path) -> None:
+async def test_redelivery_never_runs_a_finished_execution_again(harness) -> None:
     workflow_id = await harness.workflow(APPEND)
-    ledger = tmp_path / "ledger"
+    ledger = harness.ledger()
     execution_id = uuid.uuid4()
     async with harness.consumer() as consumer:
-        first = await harness.call(workflow_id, {"path": str(ledger)}, execution_id=execution_id)
+        first = await harness.call(workflow_id, ledger.params, execution_id=execution_id)
         caller = await harness.caller()
-        duplicate = harness.request(workflow_id, {"path": str(ledger)}, execution_id=execution_id)
+        duplicate = harness.request(workflow_id, ledger.params, execution_id=execution_id)
         await caller.publish(duplicate)  # the first request again (same reply queue): its reply was sent already
         async with amqp.caller(harness.settings.required("amqp_url"), queue=harness.settings.queue_name) as other:
-            request = harness.request(workflow_id, {"path": str(ledger)}, execution_id=execution_id)
+            request = harness.request(workflow_id, ledger.params, execution_id=execution_id)
             await other.publish(request)  # a new request for it: gets the stored outcome
             again = await other.result(execution_id, timeout_s=30)
         await eventually(lambda: consumer.metrics.in_flight._value.get() == 0)
         with pytest.raises(TimeoutError):
             await caller.result(execution_id, timeout_s=0.5)
-    assert first["status"] == again["status"] == "SUCCESS"
+    assert first["status"] == again["status"] == "SUCCESS", first["error"]
     assert again["result"] == "done"  # the stored outcome is replied
-    assert ledger.read_text() == "ran\n"  # ...and the workflow ran once
+    assert await ledger.entries() == ["ran"]  # ...and the workflow ran once
 
 
 DEAD_LEASE = (
@@ -134,42 +134,44 @@ DEAD_LEASE = (
 )
 
 
-async def test_a_redelivered_run_whose_owner_died_is_retried_by_policy(harness, tmp_path: Path) -> None:
+async def test_a_redelivered_run_whose_owner_died_is_retried_by_policy(harness) -> None:
     workflow_id = await harness.workflow(APPEND, retries_on_crash=1)
+    ledger = harness.ledger()
     execution_id = uuid.uuid4()
     await harness.sql(DEAD_LEASE, execution_id, workflow_id, 2)
     async with harness.consumer():
-        reply = await harness.call(workflow_id, {"path": str(tmp_path / "ledger")}, execution_id=execution_id)
+        reply = await harness.call(workflow_id, ledger.params, execution_id=execution_id)
     assert reply["status"] == "SUCCESS"
-    assert (tmp_path / "ledger").read_text() == "ran\n"
+    assert await ledger.entries() == ["ran"]
     row = await harness.execution(execution_id)
     assert (row["attempt"], row["lease_token"], row["lease_owner"]) == (2, 2, None)
 
 
-async def test_a_redelivered_run_whose_owner_died_fails_by_default(harness, tmp_path: Path) -> None:
+async def test_a_redelivered_run_whose_owner_died_fails_by_default(harness) -> None:
     workflow_id = await harness.workflow(APPEND)
+    ledger = harness.ledger()
     execution_id = uuid.uuid4()
     await harness.sql(DEAD_LEASE, execution_id, workflow_id, 1)
     async with harness.consumer():
-        reply = await harness.call(workflow_id, {"path": str(tmp_path / "ledger")}, execution_id=execution_id)
+        reply = await harness.call(workflow_id, ledger.params, execution_id=execution_id)
     assert (reply["status"], reply["error"]) == ("FAILED", "consumer died mid-run")
-    assert not (tmp_path / "ledger").exists()  # not run again
+    assert await ledger.entries() == []  # not run again
 
 
-async def test_a_redelivery_while_the_lease_is_live_is_acknowledged_and_not_run(harness, tmp_path: Path) -> None:
+async def test_a_redelivery_while_the_lease_is_live_is_acknowledged_and_not_run(harness) -> None:
     workflow_id = await harness.workflow(APPEND)
+    ledger = harness.ledger()
     execution_id = uuid.uuid4()
     live = DEAD_LEASE.replace("now() - interval '1 s'", "now() + interval '1 min'")
     await harness.sql(live, execution_id, workflow_id, 1)
     async with harness.consumer() as consumer:
         caller = await harness.caller()
-        await caller.publish(
-            harness.request(workflow_id, {"path": str(tmp_path / "ledger")}, execution_id=execution_id)
-        )
-        after = await harness.call(workflow_id, {"path": str(tmp_path / "other")})  # its other work goes on
+        await caller.publish(harness.request(workflow_id, ledger.params, execution_id=execution_id))
+        other = {**ledger.params, "key": ledger.params["key"] + ":other"}
+        after = await harness.call(workflow_id, other)  # its other work goes on
         await eventually(lambda: consumer.metrics.in_flight._value.get() == 0)
     assert after["status"] == "SUCCESS"
-    assert not (tmp_path / "ledger").exists()
+    assert await ledger.entries() == []
     assert (await harness.execution(execution_id))["status"] == "RUNNING"  # its owner's, until the sweep
 
 
@@ -186,11 +188,11 @@ async def test_twenty_concurrent_messages_are_all_recorded(harness) -> None:
 async def test_prefetch_bounds_executions_in_flight_to_the_concurrency(harness) -> None:
     code = "import time\ndef run():\n    start = time.time()\n    time.sleep(0.3)\n    return [start, time.time()]\n"
     workflow_id = await harness.workflow(code)
-    async with harness.consumer(consumer_concurrency=2, pool_max_workers=4):
+    async with harness.consumer(consumer_concurrency=2):
         replies = await asyncio.gather(*(harness.call(workflow_id) for _ in range(6)))
     spans = [r["result"] for r in replies]
     overlap = max(sum(1 for s, e in spans if s <= t < e) for t, _ in spans)
-    assert overlap == 2  # four workers were free: only the prefetch of 2 held the rest back
+    assert overlap == 2  # the executor starts any number: only the prefetch of 2 held the rest back
 
 
 async def test_pg_terminate_backend_between_messages_loses_nothing(harness) -> None:
@@ -273,15 +275,12 @@ async def test_a_lost_cache_is_converged_once_before_running(harness, redis_clie
 async def test_a_module_changed_between_two_executions_is_seen_by_the_second(harness) -> None:
     await harness.module("modules/billing.py", "RATE = 1\n")
     await harness.converge()
-    workflow_id = await harness.workflow(
-        "import os, modules.billing\ndef run():\n    return [modules.billing.RATE, os.getpid()]\n"
-    )
-    async with harness.consumer(pool_min_workers=1, pool_max_workers=1):
+    workflow_id = await harness.workflow("import modules.billing\ndef run():\n    return modules.billing.RATE\n")
+    async with harness.consumer():
         first = await harness.call(workflow_id)
         await harness.module("modules/billing.py", "RATE = 2\n")  # what the operator's watcher would write
         second = await harness.call(workflow_id)
-    assert first["result"][0] == 1
-    assert second["result"] == [2, first["result"][1]]  # same worker, new code
+    assert [first["result"], second["result"]] == [1, 2]
 
 
 async def test_timeout_is_recorded(harness) -> None:
@@ -368,28 +367,25 @@ async def test_stop_drains_in_flight_executions(harness) -> None:
     assert (await caller.result(request.execution_id, timeout_s=5))["status"] == "SUCCESS"
 
 
-async def test_an_execution_cut_off_by_the_grace_period_is_recovered_by_policy(harness, tmp_path: Path) -> None:
+async def test_an_execution_cut_off_by_the_grace_period_is_recovered_by_policy(harness) -> None:
     code = (
-        "import time\n"
-        "def run(path, wait):\n"
-        "    open(path, 'a').write('start\\n')\n"
-        "    time.sleep(wait)\n"
-        "    return 'ok'\n"
+        LEDGER
+        + "import time\ndef run(url, key, wait):\n    note(url, key, 'start')\n    time.sleep(wait)\n    return 'ok'\n"
     )
     workflow_id = await harness.workflow(code, retries_on_crash=1)
-    ledger = tmp_path / "ledger"
+    ledger = harness.ledger()
     caller = await harness.caller()
-    request = harness.request(workflow_id, {"path": str(ledger), "wait": 1.5})
+    request = harness.request(workflow_id, {**ledger.params, "wait": 1.5})
     async with harness.consumer(drain_grace_s=0.2):
         await caller.publish(request)
-        await harness.wait_for_status(request.execution_id, "RUNNING")
+        await ledger.wait_for(1)  # its code runs
     row = await harness.execution(request.execution_id)
     assert row["status"] == "RUNNING"  # not finished, not lost: its lease was released for the next sweep
     assert row["lease_expires_at"] <= datetime.datetime.now(datetime.UTC)
     async with harness.consumer(lease_sweep_interval_s=0.2):
         reply = await caller.result(request.execution_id, timeout_s=30)
     assert reply["status"] == "SUCCESS"
-    assert ledger.read_text() == "start\nstart\n"
+    assert await ledger.entries() == ["start", "start"]
     assert (await harness.execution(request.execution_id))["attempt"] == 2
 
 

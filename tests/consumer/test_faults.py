@@ -16,6 +16,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from modcache import db, embedded, engine, keys, pgsource, rediscache
+from testkit.ledger import LEDGER
 
 
 class PrivatePostgres:
@@ -131,16 +132,16 @@ async def test_the_consumer_reconnects_when_the_broker_drops_its_connection(harn
 
 
 @pytest.mark.skipif(shutil.which("rabbitmqctl") is None, reason="needs rabbitmqctl to close a connection")
-async def test_a_message_redelivered_while_it_still_runs_is_not_run_twice(
-    harness: Any, amqp_url: str, tmp_path: Path
-) -> None:
-    code = "import time\ndef run(path):\n    open(path, 'a').write('ran\\n')\n    time.sleep(1.5)\n    return 'done'\n"
+async def test_a_message_redelivered_while_it_still_runs_is_not_run_twice(harness: Any, amqp_url: str) -> None:
+    code = (
+        LEDGER + "import time\ndef run(url, key):\n    note(url, key, 'ran')\n    time.sleep(1.5)\n    return 'done'\n"
+    )
     workflow_id = await harness.workflow(code)
-    ledger = tmp_path / "ledger"
+    ledger = harness.ledger()
     vhost = urllib.parse.unquote(urllib.parse.urlsplit(amqp_url).path[1:]) or "/"
     async with harness.consumer(amqp_reconnect_interval_s=0.2) as consumer:
         caller = await harness.caller()
-        request = harness.request(workflow_id, {"path": str(ledger)})
+        request = harness.request(workflow_id, ledger.params)
         await caller.publish(request)
         await harness.wait_for_status(request.execution_id, "RUNNING")
         pid = await asyncio.to_thread(_broker_connection, vhost, f"modcache-consumer {harness.settings.queue_name} ")
@@ -151,4 +152,4 @@ async def test_a_message_redelivered_while_it_still_runs_is_not_run_twice(
         reply = await caller.result(request.execution_id, timeout_s=30)
         await eventually(lambda: consumer.metrics.in_flight._value.get() == 0)  # the redelivery was settled too
     assert (reply["status"], reply["result"]) == ("SUCCESS", "done")
-    assert ledger.read_text() == "ran\n"
+    assert await ledger.entries() == ["ran"]

@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from cryptography import fernet
 
 from modcache import errors, keys
-from modcache_consumer import configs, crypto, database, protocol, worker, workflows
+from modcache_consumer import configs, crypto, database, serving, workflows
 
 KEY = fernet.Fernet.generate_key().decode()
 
@@ -169,19 +169,23 @@ async def test_secret_configs_are_encrypted_in_the_database_and_the_cache(
     assert loaded["api_key"]["type"] == "secret"
     assert "hunter2" not in loaded["api_key"]["value"]
     assert "hunter2" not in await redis_client.get(keys.config_cache_key("GLOBAL", namespace))
-    job: protocol.Job = {
-        "op": "run",
-        "execution_id": "e",
-        "workflow": {"name": "w", "path": None, "code": "", "function_name": "run"},
-        "parameters": {},
-        "config": dict(loaded),
-        "organization": None,
-        "generation": 1,
-    }
-    context = worker.ExecutionContext(job, secret_keys=[KEY])  # what a workflow gets in its worker
-    assert context.get_config("api_key") == "hunter2"
-    with pytest.raises(errors.ConfigError, match="cannot decrypt config 'api_key'"):
-        worker.ExecutionContext(job, secret_keys=[fernet.Fernet.generate_key().decode()]).get_config("api_key")
+    withheld = serving.withhold_secrets(loaded)  # what an execution receives in its job
+    assert withheld["api_key"] == {"type": "secret"}
+    cache = serving.ModuleServer(client=redis_client, keyspace=keys.KeySpace("unused:"), repair=_no_repair)
+    session = serving.Session(modules=cache, config=loaded, secrets=crypto.Secrets([KEY]))
+    assert await session.answer({"op": "secret", "key": "api_key"}) == {"op": "answer", "value": "hunter2"}
+    wrong = serving.Session(
+        modules=cache, config=loaded, secrets=crypto.Secrets([fernet.Fernet.generate_key().decode()])
+    )
+    answer = await wrong.answer({"op": "secret", "key": "api_key"})
+    assert answer["error"] == "cannot decrypt config 'api_key': wrong or retired key"
+    assert (await session.answer({"op": "secret", "key": "region"}))["error"] == (
+        "no such secret config for this execution"
+    )
+
+
+async def _no_repair(paths: list[str]) -> None:
+    raise AssertionError(paths)
 
 
 async def test_secrets_need_a_key(db: database.Database, redis_client: aioredis.Redis) -> None:

@@ -69,7 +69,16 @@ VALUES_SETS: dict[str, dict[str, Any]] = {
         "image": {"digest": "sha256:" + "ab" * 32},
         "rbac": {"clusterWide": True},
         "operator": {"replicas": 2, "leaderElection": {"enabled": True}, "logVerbosity": 2},
-        "consumer": {"replicas": 4, "concurrency": 16, "pool": {"minWorkers": 2, "maxWorkers": 8}},
+        "consumer": {
+            "replicas": 4,
+            "concurrency": 16,
+            "pool": {"minWorkers": 2, "maxWorkers": 8},
+            "executor": {
+                "image": {"repository": "registry.example.org/modcache-executor", "digest": "sha256:" + "cd" * 32},
+                "runAsUser": 20000,
+                "runAsGroup": 20000,
+            },
+        },
         "secretRefs": {"listenDatabaseUrl": {"name": "pg-direct", "key": "url"}},
         "instance": {"ttl": "24h", "resyncInterval": "2m", "prune": False},
         "metrics": {
@@ -81,6 +90,22 @@ VALUES_SETS: dict[str, dict[str, Any]] = {
         "networkPolicy": {"enabled": True},
     },
     "consumer-off": {"consumer": {"enabled": False}, "tests": {"enabled": False}},
+    "topologies": {  # docs/topologies.md: Sentinel, TLS files for both services, a network policy
+        "redis": {
+            "topology": "sentinel",
+            "tls": {"caBundle": {"configMap": "redis-ca"}, "clientCertificate": {"secret": "redis-client"}},
+            "sentinel": {"passwordSecretRef": {"name": "redis-sentinel"}},
+        },
+        "postgres": {
+            "tls": {
+                "mode": "verify-full",
+                "caBundle": {"secret": "pg-ca", "key": "root.crt"},
+                "clientCertificate": {"secret": "pg-client"},
+            }
+        },
+        "networkPolicy": {"enabled": True},
+    },
+    "cluster": {"keyPrefix": "{bifrost}:module:", "redis": {"topology": "cluster"}},
     "own-rbac": {
         "rbac": {"create": False},
         "operator": {"serviceAccount": {"create": False, "name": "platform-operator"}},

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -171,14 +172,22 @@ def test_every_pod_meets_the_restricted_pod_security_standard(rendered: Any) -> 
         assert restricted_violations(spec) == [], where
 
 
-def test_every_container_writes_only_to_a_tmp_emptydir_and_has_resources(rendered: Any) -> None:
+#: The one writable mount besides /tmp: the consumer pod's socket directory, shared with its executor.
+SOCKET_DIR = "/run/modcache"
+
+
+def test_every_container_writes_only_to_emptydirs_and_has_resources(rendered: Any) -> None:
     for where, _, spec in rendered.pods():
         volumes = {v["name"]: v for v in spec["volumes"]}
+        mounted_by = Counter(m["name"] for c in spec["containers"] for m in c["volumeMounts"])
         for c in spec["containers"]:
             mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
-            assert mounts["/tmp"]["name"] == "tmp", where
-            assert "emptyDir" in volumes["tmp"], where
-            assert all(m.get("readOnly") for path, m in mounts.items() if path != "/tmp"), where
+            tmp = mounts["/tmp"]["name"]
+            assert "emptyDir" in volumes[tmp], where
+            assert mounted_by[tmp] == 1, (where, "a /tmp shared with another container")
+            writable = {path for path, m in mounts.items() if not m.get("readOnly")}
+            assert writable <= {"/tmp", SOCKET_DIR}, where
+            assert all("emptyDir" in volumes[mounts[path]["name"]] for path in writable), where
             assert {"cpu", "memory"} <= set(c["resources"]["requests"]), where
             assert "memory" in c["resources"]["limits"], where
 
@@ -278,18 +287,59 @@ def test_the_consumer_mounts_no_service_account_token(rendered: Any, effective_v
             assert pod["automountServiceAccountToken"] is False, where
 
 
-def test_connection_settings_come_only_from_secret_references(rendered: Any, effective_values: dict[str, Any]) -> None:
+def secret_file_sources(spec: dict[str, Any], container: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    """``MODCACHE_*_FILE`` variable -> (Secret name, key) it reads, through the container's read-only mounts of
+    projected Secret volumes; a variable pointing anywhere else is missing from the result."""
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    files: dict[str, tuple[str, str]] = {}
+    for mount in container.get("volumeMounts", []):
+        projected = volumes[mount["name"]].get("projected")
+        if not projected or not mount.get("readOnly"):
+            continue
+        for source in projected["sources"]:
+            for item in source["secret"]["items"]:
+                files[f"{mount['mountPath']}/{item['path']}"] = (source["secret"]["name"], item["key"])
+    env = {e["name"]: e.get("value") for e in container.get("env", [])}
+    return {name: files[path] for name, path in env.items() if name.endswith("_FILE") and path in files}
+
+
+def test_secrets_reach_containers_only_as_files(rendered: Any, effective_values: dict[str, Any]) -> None:
+    """No secret in any environment (checkov CKV_K8S_35, and /proc/<pid>/environ): connection settings come
+    as MODCACHE_<NAME>_FILE pointing into a read-only Secret volume."""
     secret_like = re.compile(r"^MODCACHE_(\w+_URL|SECRETS_KEY)$")
-    seen = set()
-    for where, c in containers(rendered):
-        for env in c.get("env", []):
-            if secret_like.match(env["name"]):
-                seen.add(env["name"])
-                assert "value" not in env, (where, env["name"])
-                assert set(env["valueFrom"]) == {"secretKeyRef"}, (where, env["name"])
-                assert env["valueFrom"]["secretKeyRef"]["name"], (where, env["name"])
-    if effective_values["consumer"]["enabled"] or effective_values["tests"]["enabled"]:
-        assert {"MODCACHE_DATABASE_URL", "MODCACHE_REDIS_URL"} <= seen
+    refs = effective_values["secretRefs"]
+    seen: dict[str, set[str]] = {}
+    for where, _, spec in rendered.pods():
+        for c in spec["containers"]:
+            assert "envFrom" not in c, where
+            for env in c.get("env", []):
+                assert not secret_like.match(env["name"]), (where, env["name"])
+                assert "secretKeyRef" not in (env.get("valueFrom") or {}), (where, env["name"])
+            sources = secret_file_sources(spec, c)
+            seen[c["name"]] = set(sources)
+            for name, (secret, key) in sources.items():
+                ref = {"MODCACHE_DATABASE_URL_FILE": refs["databaseUrl"], "MODCACHE_REDIS_URL_FILE": refs["redisUrl"]}
+                ref |= {"MODCACHE_AMQP_URL_FILE": refs["amqpUrl"], "MODCACHE_SECRETS_KEY_FILE": refs["secretsKey"]}
+                ref["MODCACHE_REDIS_SENTINEL_PASSWORD_FILE"] = effective_values["redis"]["sentinel"][
+                    "passwordSecretRef"
+                ]
+                assert (secret, key) == (ref[name]["name"], ref[name]["key"]), (where, name)
+    named = effective_values["redis"]["sentinel"]["passwordSecretRef"]["name"]
+    sentinel = {"MODCACHE_REDIS_SENTINEL_PASSWORD_FILE"} if named else set()  # every pod that connects
+    if effective_values["consumer"]["enabled"]:
+        assert (
+            seen["consumer"]
+            == {
+                "MODCACHE_DATABASE_URL_FILE",
+                "MODCACHE_REDIS_URL_FILE",
+                "MODCACHE_AMQP_URL_FILE",
+                "MODCACHE_SECRETS_KEY_FILE",
+            }
+            | sentinel
+        )
+    if effective_values["tests"]["enabled"]:
+        assert seen["sync"] == {"MODCACHE_DATABASE_URL_FILE", "MODCACHE_REDIS_URL_FILE"} | sentinel
+    assert seen["operator"] == sentinel
     workloads = yaml.safe_dump([o for o in rendered.objects if o["kind"] != "CustomResourceDefinition"])
     assert not re.search(r"(postgres(ql)?|rediss?|amqps?)://", workloads)
     assert not rendered.of_kind("Secret")
@@ -306,7 +356,9 @@ def test_consumer_settings_follow_values(rendered: Any, effective_values: dict[s
     assert env["MODCACHE_POOL_MIN_WORKERS"] == str(consumer["pool"]["minWorkers"])
     assert env["MODCACHE_POOL_MAX_WORKERS"] == str(consumer["pool"]["maxWorkers"])
     assert env["MODCACHE_KEY_PREFIX"] == effective_values["keyPrefix"]
-    assert set(env) >= {"MODCACHE_AMQP_URL", "MODCACHE_SECRETS_KEY", "MODCACHE_DATABASE_URL", "MODCACHE_REDIS_URL"}
+    secrets = {"MODCACHE_AMQP_URL", "MODCACHE_SECRETS_KEY", "MODCACHE_DATABASE_URL", "MODCACHE_REDIS_URL"}
+    assert set(env) >= {f"{name}_FILE" for name in secrets}
+    assert env["MODCACHE_EXECUTOR_SOCKET"] == f"{SOCKET_DIR}/executor.sock"
     assert rendered.one("Deployment", "consumer")["spec"]["replicas"] == consumer["replicas"]
 
 
@@ -355,7 +407,7 @@ def test_the_operator_runs_as_configured(rendered: Any, effective_values: dict[s
 def test_the_consumer_is_probed_for_liveness_and_readiness(rendered: Any, effective_values: dict[str, Any]) -> None:
     if not effective_values["consumer"]["enabled"]:
         return
-    (container,) = rendered.one("Deployment", "consumer")["spec"]["template"]["spec"]["containers"]
+    container, _executor = rendered.one("Deployment", "consumer")["spec"]["template"]["spec"]["containers"]
     assert container["args"][container["args"].index("consumer") :] == [
         "consumer",
         "--metrics-port",
@@ -368,7 +420,7 @@ def test_the_consumer_is_probed_for_liveness_and_readiness(rendered: Any, effect
 
 
 def test_one_image_for_every_pod(rendered: Any, effective_values: dict[str, Any]) -> None:
-    images = {c["image"] for _, c in containers(rendered)}
+    images = {c["image"] for _, c in containers(rendered) if c["name"] != "executor"}  # its own: test_executor.py
     image = effective_values["image"]
     expected = f"{image['repository']}@{image['digest']}" if image["digest"] else f"{image['repository']}:0.1.0"
     assert images == {expected}
@@ -391,7 +443,8 @@ def test_the_helm_test_hook_syncs_once_with_the_project_image(rendered: Any, eff
     assert container["args"][-2:] == ["sync", "--once"]
     assert hook["spec"]["restartPolicy"] == "Never"
     env = {e["name"] for e in container["env"]}
-    assert env == {"MODCACHE_DATABASE_URL", "MODCACHE_REDIS_URL", "MODCACHE_KEY_PREFIX"}
+    topology = {n for n in env if "_SSL_" in n or "SENTINEL" in n}  # TLS files and checks (test_topologies_chart)
+    assert env - topology == {"MODCACHE_DATABASE_URL_FILE", "MODCACHE_REDIS_URL_FILE", "MODCACHE_KEY_PREFIX"}
 
 
 def test_the_module_cache_instance_follows_values(rendered: Any, effective_values: dict[str, Any]) -> None:
@@ -494,6 +547,8 @@ def test_network_policies_allow_only_the_needed_traffic(rendered: Any, effective
         allowed = {(p["port"], p["protocol"]) for rule in spec["egress"] for p in rule["ports"]}
         wanted = {(port, "TCP") for need in needs[component] for port in config[need]["ports"]}
         wanted |= {(port, "UDP") for port in config["dns"]["ports"]}
+        if effective_values["redis"]["topology"] == "sentinel":
+            wanted.add((26379, "TCP"))  # the sentinels, asked for the master first
         assert allowed == wanted
         postgres = [r for r in spec["egress"] if {p["port"] for p in r["ports"]} == set(config["postgresql"]["ports"])]
         assert postgres[0].get("to", []) == config["postgresql"]["to"]
@@ -530,8 +585,19 @@ def test_the_schema_rejects_a_misspelled_key(
         ({"podSecurity": {"runAsUser": 0}}, "runAsUser"),
         ({"instance": {"resyncInterval": "5 minutes"}}, "resyncInterval"),
         ({"secretRefs": {"databaseUrl": {"name": "", "key": "url"}}}, "databaseUrl"),
+        ({"consumer": {"executor": {"runAsUser": 10001}}}, "executor.runAsUser must differ from podSecurity.runAsUser"),
+        ({"consumer": {"executor": {"runAsUser": 0}}}, "runAsUser"),
     ],
-    ids=["ha-without-election", "pool-bounds", "instance-not-watched", "root", "interval", "no-db-secret"],
+    ids=[
+        "ha-without-election",
+        "pool-bounds",
+        "instance-not-watched",
+        "root",
+        "interval",
+        "no-db-secret",
+        "executor-as-consumer",
+        "executor-as-root",
+    ],
 )
 def test_a_broken_combination_fails_with_a_clear_message(
     helm_run: Any, tmp_path: Path, values: dict[str, Any], complaint: str

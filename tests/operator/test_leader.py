@@ -28,7 +28,7 @@ SLACK_S = 0.5
 class Replica:
     """One operator replica whose "work" records its terms: when each began, and when its fence closed."""
 
-    def __init__(self, api: ApiServer, identity: str) -> None:
+    def __init__(self, api: ApiServer, identity: str, timing: dict[str, float] = FAST) -> None:
         self.token = f"token-{identity}"
         self.api = kube.KubeApi(credentials=credentials.Credentials(server=api.url, token=self.token))
         self.working = asyncio.Event()
@@ -37,7 +37,7 @@ class Replica:
         self.closed: list[float] = []
         self.elector = leader.Elector(
             api=self.api,
-            lease=leader.LeaseConfig(namespace="modcache-test", identity=identity, **FAST),
+            lease=leader.LeaseConfig(namespace="modcache-test", identity=identity, **timing),
             work=self._work,
         )
         self.task: asyncio.Task[None] | None = None
@@ -157,6 +157,45 @@ async def test_a_leader_that_cannot_renew_closes_its_fence_before_a_standby_begi
         assert a.closed[0] - cut_at <= FAST["renew_deadline_s"] + SLACK_S, "the watchdog fired late"
         assert _spec(api)["renewTime"] != renewed
         assert _spec(api)["holderIdentity"] == "b"
+
+
+async def test_a_standby_with_a_shorter_lease_setting_waits_for_the_duration_the_holder_wrote(api: ApiServer) -> None:
+    """A rolling update can run replicas with different timings side by side: the standby must honour the
+    holder's ``leaseDurationSeconds`` (its promise to stop within a shorter renew deadline), not its own."""
+    slow = {**FAST, "lease_duration_s": 6.0, "renew_deadline_s": 4.0}
+    a, b = Replica(api, "a", slow), Replica(api, "b")
+    try:
+        a.start()
+        await asyncio.wait_for(a.working.wait(), 10)
+        b.start()
+        await _renewals(api, 2)
+        assert _spec(api)["leaseDurationSeconds"] == 6
+        api.emulator.faults.append(Fault("hang", token=a.token, plural="leases"))
+        await asyncio.wait_for(b.working.wait(), 20)
+        assert len(a.closed) == 1
+        assert a.closed[0] < b.began[0], "the standby began while the old leader could still write"
+    finally:
+        for replica in (a, b):
+            with contextlib.suppress(Exception):
+                await replica.shutdown()
+
+
+async def test_a_standby_cut_off_from_the_api_is_no_standby_until_it_is_answered_again(api: ApiServer) -> None:
+    """Its readiness: a rolling update must not retire the leader for a replica that could never take over."""
+    async with replicas(api, "a", "b") as (a, b):
+        a.start()
+        await asyncio.wait_for(a.working.wait(), 10)
+        b.start()
+        await _renewals(api, 2)
+        assert b.elector.in_contact()
+        assert not b.elector.leading
+        cut = Fault("hang", token=b.token, plural="leases")
+        api.emulator.faults.append(cut)
+        await _until(api, lambda: not b.elector.in_contact(), "the cut-off standby admits it", timeout_s=10)
+        api.emulator.faults.remove(cut)
+        await _until(api, b.elector.in_contact, "the standby answered again", timeout_s=10)
+        assert a.elector.leading
+        assert not b.elector.leading
 
 
 async def test_connection_resets_shorter_than_the_renew_deadline_end_no_term(api: ApiServer) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 
 import pytest
+import redis.connection
 
 from modcache import keys
 from modcache_operator import prefixes
@@ -26,6 +27,32 @@ P = prefixes.Endpoint
 def test_an_endpoint_is_host_port_and_database_without_credentials(url: str, endpoint: prefixes.Endpoint) -> None:
     assert prefixes.endpoint(url) == endpoint
     assert "s3cr3t" not in repr(prefixes.endpoint(url))
+
+
+@pytest.mark.parametrize(
+    ("url", "same_as"),
+    [
+        ("redis://cache:6379/1?db=0", "redis://cache:6379/0"),  # redis-py lets ?db= win over the path
+        ("redis://cache:6379/%31", "redis://cache:6379/1"),  # and percent-decodes the path
+        ("redis://%63ache:6379/0", "redis://cache:6379/0"),  # and the host
+        ("redis://CACHE/0", "redis://cache:6379/0"),
+    ],
+)
+def test_two_spellings_of_one_database_are_one_endpoint(url: str, same_as: str) -> None:
+    """Attack: a second ModuleCache spells the Redis URL differently to escape the PrefixConflict rule, while
+    the client connects to the same database; its endpoint must be the one the client really uses."""
+    assert prefixes.endpoint(url) == prefixes.endpoint(same_as)
+    kwargs = redis.connection.parse_url(url)
+    assert prefixes.endpoint(url) == P(kwargs["host"], kwargs.get("port", 6379), kwargs.get("db", 0))
+
+
+def test_sentinel_and_cluster_endpoints_name_their_nodes_not_their_order() -> None:
+    a = prefixes.endpoint("redis+sentinel://s1:26379,s2:26379/main/2")
+    assert a == prefixes.endpoint("redis+sentinel://:pw@s2:26379,S1:26379/main/2")
+    assert a != prefixes.endpoint("redis+sentinel://s1:26379,s2:26379/other/2")
+    cluster = prefixes.endpoint("redis+cluster://n1:7000,n2:7001")
+    assert cluster == prefixes.endpoint("redis+cluster://n2:7001,n1:7000")
+    assert cluster != a
 
 
 @pytest.mark.parametrize(

@@ -430,7 +430,10 @@ def postgres_pair(*, ssl: bool = False, replica: bool = True) -> Iterator[Postgr
     standby = PostgresNode(scratch / "replica", servers.free_port(), user)
     started: list[PostgresNode] = []
     try:
-        _as(user, [str(PG_BIN / "initdb"), "-D", str(primary.data), "-U", "postgres", "--auth=trust", "-E", "UTF8"])
+        _as(
+            user,
+            [str(PG_BIN / "initdb"), "-D", str(primary.data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "-N"],
+        )
         settings = [
             f"port = {primary.port}", "listen_addresses = '127.0.0.1'", "unix_socket_directories = ''",
             "wal_level = replica", "max_wal_senders = 5", "hot_standby = on", "fsync = off",
@@ -448,7 +451,7 @@ def postgres_pair(*, ssl: bool = False, replica: bool = True) -> Iterator[Postgr
         if replica:
             _as(user, [
                 str(PG_BIN / "pg_basebackup"), "-h", "127.0.0.1", "-p", str(primary.port), "-U", "postgres",
-                "-D", str(standby.data), "-R", "-X", "stream",
+                "-D", str(standby.data), "-R", "-X", "stream", "--checkpoint=fast", "--no-sync",
             ])  # fmt: skip
             _append(standby.data / "postgresql.conf", [f"port = {standby.port}"], user)
             standby.start()

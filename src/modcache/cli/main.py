@@ -2,7 +2,7 @@
 
 * core (``modcache.cli.core``): ``db``, ``sync``, ``modules``, ``status``, ``demo``;
 * ``modcache_operator.cli``: ``operator``;
-* ``modcache_consumer.cli``: ``consumer``, ``workflows``, ``run``.
+* ``modcache_consumer.cli``: ``consumer``, ``executor``, ``workflows``, ``run``.
 
 A command's module is imported only when that command runs (or its own ``--help`` is shown): ``modcache --help``
 lists the commands from ``COMMANDS`` without importing any of them, and ``status`` or ``sync`` never load kopf or
@@ -43,6 +43,11 @@ COMMANDS = {
     ),
     "db": Entry("modcache.cli.core", "db_group", "The source schema: migrations and the NOTIFY trigger."),
     "demo": Entry("modcache.cli.core", "demo", "The main job, end to end, on embedded servers by default."),
+    "executor": Entry(
+        "modcache_consumer.cli",
+        "executor_command",
+        "Run workflow code in fresh isolated processes for a consumer.",
+    ),
     "modules": Entry("modcache.cli.core", "modules_group", "Write and list the source of truth (workspace_files)."),
     "operator": Entry(
         "modcache_operator.cli",

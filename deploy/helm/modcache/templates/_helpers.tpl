@@ -91,13 +91,46 @@ app.kubernetes.io/component: {{ .component }}
 {{- default (include "modcache.fullname" .) .Values.instance.name }}
 {{- end }}
 
-{{/* An env entry read from a Secret key: (dict "env" "MODCACHE_REDIS_URL" "ref" .Values.secretRefs.redisUrl) */}}
-{{- define "modcache.secretEnv" -}}
-- name: {{ .env }}
-  valueFrom:
-    secretKeyRef:
-      name: {{ required (printf "a Secret name is required for %s" .env) .ref.name }}
-      key: {{ .ref.key }}
+{{/* The secrets a container reads from files (MODCACHE_<NAME>_FILE; never secretKeyRef env, CKV_K8S_35):
+     a list of (dict "env" "MODCACHE_REDIS_URL" "ref" .Values.secretRefs.redisUrl "file" "redis-url"). */}}
+{{- define "modcache.secretFileEnv" -}}
+{{- range .secrets }}
+- name: {{ .env }}_FILE
+  value: {{ printf "%s/%s" $.mountPath .file | quote }}
+{{- end }}
+{{- end }}
+
+{{/* One read-only projected volume holding those secrets as files (mode 0440: the container's group). */}}
+{{- define "modcache.secretFilesVolume" -}}
+- name: secrets
+  projected:
+    defaultMode: 288  # 0440
+    sources:
+      {{- range .secrets }}
+      - secret:
+          name: {{ required (printf "a Secret name is required for %s" .env) .ref.name }}
+          items:
+            - key: {{ .ref.key }}
+              path: {{ .file }}
+      {{- end }}
+{{- end }}
+
+{{- define "modcache.secretFilesVolumeMount" -}}
+- name: secrets
+  mountPath: {{ .mountPath }}
+  readOnly: true
+{{- end }}
+
+{{/* The executor's image: its own repository/tag/digest when set, else the chart's image. */}}
+{{- define "modcache.executorImage" -}}
+{{- $e := .Values.consumer.executor.image }}
+{{- if not $e.repository }}
+{{- include "modcache.image" . }}
+{{- else if $e.digest }}
+{{- printf "%s@%s" $e.repository $e.digest }}
+{{- else }}
+{{- printf "%s:%s" $e.repository (default (default .Chart.AppVersion .Values.image.tag) $e.tag) }}
+{{- end }}
 {{- end }}
 
 {{/* Restricted Pod Security Standard: non-root fixed identity, RuntimeDefault seccomp. */}}
@@ -117,6 +150,21 @@ readOnlyRootFilesystem: true
 runAsNonRoot: true
 runAsUser: {{ .Values.podSecurity.runAsUser }}
 runAsGroup: {{ .Values.podSecurity.runAsGroup }}
+capabilities:
+  drop:
+    - ALL
+seccompProfile:
+  type: RuntimeDefault
+{{- end }}
+
+{{/* The executor's: the same restrictions under a uid of its own. */}}
+{{- define "modcache.executorSecurityContext" -}}
+allowPrivilegeEscalation: false
+privileged: false
+readOnlyRootFilesystem: true
+runAsNonRoot: true
+runAsUser: {{ .Values.consumer.executor.runAsUser }}
+runAsGroup: {{ .Values.consumer.executor.runAsGroup }}
 capabilities:
   drop:
     - ALL
@@ -169,10 +217,91 @@ topologySpreadConstraints:
 {{- if and (gt (int .Values.operator.replicas) 1) (not .Values.operator.leaderElection.enabled) }}
 {{- fail "operator.replicas > 1 requires operator.leaderElection.enabled=true (kopf alone would run two writers)" }}
 {{- end }}
+{{- if eq (int .Values.consumer.executor.runAsUser) (int .Values.podSecurity.runAsUser) }}
+{{- fail "consumer.executor.runAsUser must differ from podSecurity.runAsUser: workflow code must not run as the uid holding the credentials" }}
+{{- end }}
 {{- if gt (int .Values.consumer.pool.minWorkers) (int .Values.consumer.pool.maxWorkers) }}
 {{- fail "consumer.pool.minWorkers must not exceed consumer.pool.maxWorkers" }}
 {{- end }}
 {{- if and .Values.instance.enabled (not .Values.rbac.clusterWide) (ne (include "modcache.watchNamespace" .) .Release.Namespace) }}
 {{- fail "instance.enabled creates the ModuleCache in the release namespace, which a namespaced operator watching operator.watchNamespace would not see: set rbac.clusterWide=true, or instance.enabled=false" }}
+{{- end }}
+{{- if and (eq .Values.redis.topology "cluster") (not (regexMatch "^[^{]*[{][^}]+[}]" .Values.keyPrefix)) }}
+{{- fail (printf "redis.topology=cluster needs a hash tag in keyPrefix so every key of the cache is in one slot (the write scripts are atomic only within a slot): for example keyPrefix={bifrost}:module: instead of %s" .Values.keyPrefix) }}
+{{- end }}
+{{- range $service := list "redis" "postgres" }}
+{{- $ca := (index $.Values $service).tls.caBundle }}
+{{- if and $ca.secret $ca.configMap }}
+{{- fail (printf "%s.tls.caBundle names both a Secret and a ConfigMap: give one" $service) }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Production topologies (docs/topologies.md): the TLS files of .Values.redis.tls / .Values.postgres.tls, each
+     mounted read-only from the Secret or ConfigMap it names, and the MODCACHE_* settings pointing at them. */}}
+{{- define "modcache.tlsFiles" -}}
+{{- $files := list }}
+{{- range $service := list "redis" "postgres" }}
+{{- $tls := (index $.Values $service).tls }}
+{{- $setting := ternary "REDIS_SSL" "DATABASE_SSL" (eq $service "redis") }}
+{{- $ca := $tls.caBundle }}
+{{- if or $ca.secret $ca.configMap }}
+{{- $caSetting := ternary "CA_FILE" "ROOT_CERT_FILE" (eq $service "redis") }}
+{{- $files = append $files (dict "volume" (printf "%s-ca" $service) "dir" (printf "/etc/modcache/tls/%s/ca" $service) "secret" $ca.secret "configMap" $ca.configMap "items" (list (dict "key" $ca.key "path" "ca.crt" "env" (printf "MODCACHE_%s_%s" $setting $caSetting)))) }}
+{{- end }}
+{{- $client := $tls.clientCertificate }}
+{{- if $client.secret }}
+{{- $files = append $files (dict "volume" (printf "%s-client" $service) "dir" (printf "/etc/modcache/tls/%s/client" $service) "secret" $client.secret "configMap" "" "items" (list (dict "key" $client.certKey "path" "tls.crt" "env" (printf "MODCACHE_%s_CERT_FILE" $setting)) (dict "key" $client.keyKey "path" "tls.key" "env" (printf "MODCACHE_%s_KEY_FILE" $setting)))) }}
+{{- end }}
+{{- end }}
+{{- toJson (dict "files" $files) }}
+{{- end }}
+
+{{/* Env entries for the topology settings (TLS files, cert checks); the Sentinel password is a secret file. */}}
+{{- define "modcache.topologyEnv" -}}
+{{- range (include "modcache.tlsFiles" . | fromJson).files }}
+{{- $dir := .dir }}
+{{- range .items }}
+- name: {{ .env }}
+  value: {{ printf "%s/%s" $dir .path | quote }}
+{{- end }}
+{{- end }}
+{{- if or .Values.redis.tls.caBundle.secret .Values.redis.tls.caBundle.configMap .Values.redis.tls.clientCertificate.secret (ne .Values.redis.tls.certReqs "required") }}
+- name: MODCACHE_REDIS_SSL_CERT_REQS
+  value: {{ .Values.redis.tls.certReqs | quote }}
+- name: MODCACHE_REDIS_SSL_CHECK_HOSTNAME
+  value: {{ .Values.redis.tls.checkHostname | quote }}
+{{- end }}
+{{- with .Values.postgres.tls.mode }}
+- name: MODCACHE_DATABASE_SSL_MODE
+  value: {{ . | quote }}
+{{- end }}
+{{- end }}
+
+{{- define "modcache.topologyVolumeMounts" -}}
+{{- range (include "modcache.tlsFiles" . | fromJson).files }}
+- name: {{ .volume }}
+  mountPath: {{ .dir }}
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{- define "modcache.topologyVolumes" -}}
+{{- range (include "modcache.tlsFiles" . | fromJson).files }}
+- name: {{ .volume }}
+  {{- if .secret }}
+  secret:
+    secretName: {{ .secret }}
+    defaultMode: 0440
+  {{- else }}
+  configMap:
+    name: {{ .configMap }}
+    defaultMode: 0440
+  {{- end }}
+    items:
+      {{- range .items }}
+      - key: {{ .key }}
+        path: {{ .path }}
+      {{- end }}
 {{- end }}
 {{- end }}

@@ -1,0 +1,583 @@
+"""The consumer's side of the executor: one fresh, isolated process per execution, run over a private channel.
+
+The interface the rest of the consumer uses is small on purpose::
+
+    executor = Executor(socket_path=None, ...)       # None: start the executor side (``template``) as a child
+    await executor.start()
+    outcome = await executor.run(job, timeout_s=..., session=serving.Session(...))   # never raises for
+    await executor.close()                                                            # what the workflow did
+
+``run`` creates the execution's channel (a socketpair) and output pipe, hands their far ends to the executor
+with a ``spawn`` frame, and talks to the execution until its process is gone (``exited``):
+
+* one ``Result`` frame and a clean exit: that result (SUCCESS or FAILED as the workflow ended);
+* the executor stopped it at its deadline (SIGTERM, SIGKILL ``grace_s`` later): TIMEOUT;
+* a garbage, oversized, unknown or second result frame: FAILED with the reason, the process is killed at once;
+  it can only spoil this execution, since the channel is this execution's alone;
+* no result: FAILED saying how the process ended (``describe_exit``: an exit code, or which signal and who
+  sent it; a SIGKILL the executor did not send is not guessed to be "out of memory").
+
+Output (``print``) is logged as ``execution <id>: <line>`` up to ``max_output_bytes``, the rest discarded.
+If the executor itself goes away, in-flight runs raise ``ExecutorLost`` (a TransientError: the message is
+requeued) and the next ``run`` starts or reconnects to it.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import contextlib
+import dataclasses
+import itertools
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+from modcache import errors
+from modcache_consumer import messages, protocol
+
+log = logging.getLogger(__name__)
+
+#: Variables the child-mode executor may inherit; everything else (MODCACHE_*, PG*, DATABASE_URL, ...) stays.
+ENV_ALLOWLIST = (
+    "PATH",
+    "LANG",
+    "LC_ALL",
+    "LC_CTYPE",
+    "TZ",
+    "PYTHONPATH",
+    "VIRTUAL_ENV",
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
+)
+RESULT_FRAME_OVERHEAD = 64 * 1024
+EXIT_REPORT_MARGIN_S = 10.0
+
+
+class ExecutorUnavailable(errors.TransientError):
+    """The executor side did not come up or cannot be reached."""
+
+
+class ExecutorLost(errors.TransientError):
+    """The executor went away during the execution (its outcome is unknown; the message is requeued)."""
+
+
+class Session(Protocol):
+    """Answers an execution's requests (``serving.Session``)."""
+
+    async def answer(self, frame: dict[str, Any]) -> dict[str, Any]: ...
+
+
+class Teacher(Protocol):
+    """Hands the template verified modules after an execution (``serving.ModuleServer``)."""
+
+    def learned(self) -> protocol.Learned | None: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    status: messages.Status
+    result: Any = None
+    error: str | None = None
+    pid: int | None = None
+    timings_ms: Mapping[str, float] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    memory_bytes: int | None = 1024**3
+    processes: int | None = 64
+    file_bytes: int | None = 64 * 1024**2
+    tmp_bytes: int = 64 * 1024**2
+    max_result_bytes: int = 1024**2
+    max_output_bytes: int = 1024**2
+
+
+def executor_environment(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    env = {name: environ[name] for name in ENV_ALLOWLIST if name in environ}
+    env.update(PYTHONUNBUFFERED="1", PYTHONDONTWRITEBYTECODE="1")
+    return env
+
+
+class Observer(Protocol):
+    """What this module reports (``metrics.Metrics`` implements it)."""
+
+    def on_worker_started(self, pid: int) -> None: ...
+
+    def on_worker_lost(self, pid: int, reason: str) -> None: ...
+
+
+class Unobserved:
+    def on_worker_started(self, pid: int) -> None: ...
+
+    def on_worker_lost(self, pid: int, reason: str) -> None: ...
+
+
+@dataclasses.dataclass
+class _Talk:
+    results: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    broken: str | None = None
+    eof: bool = False
+    pid: int | None = None
+
+    @property
+    def finished(self) -> bool:
+        """Exactly one result, then the channel closed by every process that held it."""
+        return self.eof and self.broken is None and len(self.results) == 1
+
+
+class _Control:
+    """The control connection: frames (with descriptors) out, ``exited`` reports in."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self.hello: dict[str, Any] = {}
+        self._waiters: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self.pids: dict[int, int] = {}  # ticket -> the execution's pid, from "started"
+        self._send_lock = asyncio.Lock()
+        self._frames = protocol.Frames(limit=protocol.MAX_CONTROL_FRAME_BYTES)
+        self._first: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._reader = asyncio.create_task(self._read())
+        self.lost = asyncio.Event()
+
+    async def greeted(self, timeout_s: float) -> dict[str, Any]:
+        async with asyncio.timeout(timeout_s):
+            self.hello = await asyncio.shield(self._first)
+        return self.hello
+
+    def expect(self, ticket: int) -> asyncio.Future[dict[str, Any]]:
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        if self.lost.is_set():
+            future.set_exception(ExecutorLost("the executor went away"))
+        self._waiters[ticket] = future
+        return future
+
+    def forget(self, ticket: int) -> None:
+        self._waiters.pop(ticket, None)
+        self.pids.pop(ticket, None)
+
+    async def send(self, frame: Any, fds: list[int] | None = None) -> None:
+        if self.lost.is_set():
+            raise ExecutorLost("the executor went away")
+        data = memoryview(protocol.encode(frame))
+        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+        loop = asyncio.get_running_loop()
+        async with self._send_lock:
+            while data:
+                try:
+                    sent = self.sock.sendmsg([data], ancillary)
+                except BlockingIOError:
+                    await _writable(loop, self.sock)
+                    continue
+                except OSError as e:
+                    raise ExecutorLost(f"the executor went away ({errors.describe(e)})") from e
+                ancillary = []  # the descriptors went with the first byte
+                data = data[sent:]
+
+    async def _read(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while data := await loop.sock_recv(self.sock, 1 << 16):
+                for frame in self._frames.feed(data):
+                    self._deliver(frame)
+        except (OSError, protocol.ProtocolError) as e:
+            log.error("executor control connection failed: %s", errors.describe(e))
+        finally:
+            self._close()
+
+    def _deliver(self, frame: dict[str, Any]) -> None:
+        if frame["op"] == "hello" and not self._first.done():
+            self._first.set_result(frame)
+        elif frame["op"] == "started":
+            self.pids[int(frame["ticket"])] = int(frame["pid"])
+        elif frame["op"] == "exited":
+            waiter = self._waiters.pop(int(frame["ticket"]), None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(frame)
+
+    def _close(self) -> None:
+        self.lost.set()
+        lost = ExecutorLost("the executor went away during the execution")
+        if not self._first.done():
+            self._first.set_exception(ExecutorUnavailable("the executor closed the connection before saying hello"))
+        for waiter in self._waiters.values():
+            if not waiter.done():
+                waiter.set_exception(lost)
+        self._waiters.clear()
+
+    async def close(self) -> None:
+        self._reader.cancel()
+        await asyncio.gather(self._reader, return_exceptions=True)
+        self.sock.close()
+        self._close()
+        if self._first.done() and not self._first.cancelled():
+            self._first.exception()  # retrieved
+
+
+class Executor:
+    def __init__(
+        self,
+        *,
+        socket_path: str | None = None,
+        limits: Limits | None = None,
+        terminate_grace_s: float = 5.0,
+        start_timeout_s: float = 30.0,
+        uid_base: int | None = None,
+        python: str = sys.executable,
+        environment: Mapping[str, str] | None = None,
+        teacher: Teacher | None = None,
+        observer: Observer | None = None,
+    ) -> None:
+        self._socket_path = socket_path
+        self._limits = limits or Limits()
+        self._grace_s = terminate_grace_s
+        self._start_timeout_s = start_timeout_s
+        self._uid_base = uid_base
+        self._python = python
+        self._environment = dict(environment if environment is not None else executor_environment())
+        self._teacher = teacher
+        self._observer = observer or Unobserved()
+        self._control: _Control | None = None
+        self._child: asyncio.subprocess.Process | None = None
+        self._lock = asyncio.Lock()
+        self._tickets = itertools.count(1)
+        self._closed = False
+
+    # -- lifecycle ------------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self._connected()
+
+    async def close(self) -> None:
+        self._closed = True
+        async with self._lock:
+            await self._disconnect()
+
+    @property
+    def template_pid(self) -> int | None:
+        """The executor's (template's) pid, as it reported it."""
+        return None if self._control is None else self._control.hello.get("pid")
+
+    @property
+    def isolation(self) -> str:
+        return "" if self._control is None else str(self._control.hello.get("isolation", ""))
+
+    async def _connected(self) -> _Control:
+        async with self._lock:
+            if self._closed:
+                raise ExecutorUnavailable("the executor is stopping")
+            if self._control is None or self._control.lost.is_set():
+                await self._disconnect()
+                self._control = await (self._spawn_child() if self._socket_path is None else self._connect())
+                log.info("executor %s: %s", self._control.hello.get("pid"), self._control.hello.get("isolation"))
+                self._observer.on_worker_started(int(self._control.hello.get("pid", 0)))
+            return self._control
+
+    async def _spawn_child(self) -> _Control:
+        ours, theirs = socket.socketpair()
+        try:
+            self._child = await asyncio.create_subprocess_exec(
+                self._python,
+                "-m",
+                "modcache_consumer.template",
+                "--control-fd",
+                str(theirs.fileno()),
+                "--parent",
+                str(os.getpid()),
+                *(["--uid-base", str(self._uid_base)] if self._uid_base is not None else []),
+                pass_fds=[theirs.fileno()],
+                env=self._environment,
+                stdin=asyncio.subprocess.DEVNULL,
+                start_new_session=True,  # a terminal's Ctrl-C reaches the consumer only; it drains first
+            )
+        finally:
+            theirs.close()
+        return await self._greet(_Control(ours))
+
+    async def _connect(self) -> _Control:
+        assert self._socket_path is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._start_timeout_s
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            try:
+                await loop.sock_connect(sock, self._socket_path)
+            except OSError as e:
+                sock.close()
+                if loop.time() > deadline:
+                    raise ExecutorUnavailable(f"cannot reach the executor at {self._socket_path}: {e}") from e
+                await asyncio.sleep(0.2)  # the executor container may still be starting; nothing to await
+                continue
+            return await self._greet(_Control(sock))
+
+    async def _greet(self, control: _Control) -> _Control:
+        try:
+            await control.greeted(self._start_timeout_s)
+        except (TimeoutError, ExecutorUnavailable) as e:
+            await control.close()
+            await self._reap_child()
+            raise ExecutorUnavailable(f"the executor did not start: {errors.describe(e) or 'no hello'}") from e
+        return control
+
+    async def _disconnect(self) -> None:
+        if self._control is not None:
+            await self._control.close()
+            self._control = None
+        await self._reap_child()
+
+    async def _reap_child(self) -> None:
+        child, self._child = self._child, None
+        if child is None:
+            return
+        try:
+            await asyncio.wait_for(child.wait(), self._grace_s + 5.0)  # it exits when the control closes
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                child.kill()
+            await child.wait()
+
+    # -- running an execution -------------------------------------------------------------------------------
+
+    async def run(self, job: protocol.Job, *, timeout_s: float, session: Session) -> Outcome:
+        """Run ``job`` in a fresh process; never raises for what the workflow or its process did."""
+        control = await self._connected()
+        ticket = next(self._tickets)
+        exited = control.expect(ticket)
+        ours, theirs = socket.socketpair()
+        out_r, out_w = os.pipe()
+        output = asyncio.create_task(self._forward_output(out_r, job["execution_id"]))
+        try:
+            try:
+                await control.send(self._spawn_frame(ticket, timeout_s), fds=[theirs.fileno(), out_w])
+            finally:
+                theirs.close()
+                os.close(out_w)
+            return await self._follow(control, ticket, exited, ours, job, timeout_s, session)
+        finally:
+            control.forget(ticket)
+            ours.close()
+            await _finish(output)
+            await self._teach(control)
+
+    def _spawn_frame(self, ticket: int, timeout_s: float) -> protocol.Spawn:
+        limits = self._limits
+        return {
+            "op": "spawn",
+            "ticket": ticket,
+            "timeout_s": timeout_s,
+            "grace_s": self._grace_s,
+            "memory_bytes": limits.memory_bytes,
+            "processes": limits.processes,
+            "file_bytes": limits.file_bytes,
+            "tmp_bytes": limits.tmp_bytes,
+        }
+
+    async def _follow(
+        self,
+        control: _Control,
+        ticket: int,
+        exited: asyncio.Future[dict[str, Any]],
+        ours: socket.socket,
+        job: protocol.Job,
+        timeout_s: float,
+        session: Session,
+    ) -> Outcome:
+        talk = _Talk()
+        conversation = asyncio.create_task(self._converse(ours, job, session, talk))
+        report: Mapping[str, Any] | None = None
+        try:
+            async with asyncio.timeout(timeout_s + self._grace_s + EXIT_REPORT_MARGIN_S):
+                waiting: set[asyncio.Future[Any]] = {conversation, exited}
+                await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                if not (conversation.done() and talk.finished):  # else: one result, then EOF: nothing can follow
+                    if talk.broken is not None and not exited.done():
+                        await control.send({"op": "stop", "ticket": ticket})
+                    report = await exited
+                    await asyncio.wait({conversation}, timeout=2.0)  # EOF follows the process's end at once
+        except TimeoutError:
+            with contextlib.suppress(ExecutorLost):
+                await control.send({"op": "stop", "ticket": ticket})
+            raise ExecutorLost("the executor did not report the end of the execution in time") from None
+        except asyncio.CancelledError:
+            with contextlib.suppress(ExecutorLost):
+                await control.send({"op": "stop", "ticket": ticket})
+            raise
+        finally:
+            conversation.cancel()
+            await asyncio.gather(conversation, return_exceptions=True)
+        talk.pid = control.pids.pop(ticket, None)
+        outcome = decide(talk, report, timeout_s=timeout_s)
+        if outcome.status == messages.Status.FAILED and not talk.results:
+            self._observer.on_worker_lost(outcome.pid or 0, outcome.error or "")
+        return outcome
+
+    async def _converse(self, sock: socket.socket, job: protocol.Job, session: Session, talk: _Talk) -> None:
+        reader, writer = await asyncio.open_unix_connection(sock=sock)
+        try:
+            writer.write(protocol.encode({**job, "max_result_bytes": self._limits.max_result_bytes}))
+            await writer.drain()
+            limit = self._limits.max_result_bytes + RESULT_FRAME_OVERHEAD
+            while True:
+                frame = await _read_frame(reader, limit)
+                if frame is None:
+                    talk.eof = True
+                    return
+                problem = _check_frame(frame, talk)
+                if problem is not None:
+                    talk.broken = problem
+                    return
+                if frame["op"] == "result":
+                    talk.results.append(frame)
+                    continue
+                writer.write(protocol.encode(await session.answer(frame)))
+                await writer.drain()
+        except protocol.ProtocolError as e:
+            talk.broken = str(e)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            if talk.results:
+                return
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+
+    async def _forward_output(self, fd: int, execution_id: str) -> None:
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=1 << 16)
+        transport, _ = await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(fd, "rb", buffering=0)
+        )
+        budget = self._limits.max_output_bytes
+        try:
+            pending = b""
+            while chunk := await reader.read(1 << 16):
+                if budget <= 0:
+                    continue  # over the cap: drained and dropped
+                chunk = chunk[:budget]
+                budget -= len(chunk)
+                *lines, pending = (pending + chunk).split(b"\n")
+                for line in lines:
+                    _log_output(execution_id, line)
+                if budget <= 0:
+                    _log_output(execution_id, pending)
+                    pending = b""
+                    log.warning(
+                        "execution %s: output beyond %d bytes discarded", execution_id, self._limits.max_output_bytes
+                    )
+            _log_output(execution_id, pending)
+        finally:
+            transport.close()
+
+    async def _teach(self, control: _Control) -> None:
+        """Verified modules this execution read, for the template to compile before the next clone."""
+        lesson = self._teacher.learned() if self._teacher is not None else None
+        if lesson is not None:
+            with contextlib.suppress(ExecutorLost):
+                await control.send(lesson)
+
+
+def decide(talk: _Talk, report: Mapping[str, Any] | None, *, timeout_s: float) -> Outcome:
+    """The outcome from what the execution said and how its process ended (``report`` None: not awaited,
+    since it sent one result and closed its channel)."""
+    if report is None:
+        report = {"pid": talk.pid, "returncode": 0}
+    pid = int(report.get("pid") or 0) or None
+    returncode = int(report["returncode"])
+    if report.get("timed_out"):
+        return Outcome(
+            messages.Status.TIMEOUT,
+            error=f"the execution exceeded its {timeout_s:g} s timeout; process {pid} and its descendants were stopped",
+            pid=pid,
+        )
+    if talk.broken is not None:
+        return Outcome(
+            messages.Status.FAILED, error=f"execution process {pid} broke the protocol: {talk.broken}", pid=pid
+        )
+    if len(talk.results) == 1 and returncode == 0:
+        frame = talk.results[0]
+        return Outcome(
+            status=messages.Status(frame["status"]),
+            result=frame.get("result"),
+            error=frame.get("error"),
+            pid=pid,
+            timings_ms=frame.get("timings_ms") or {},
+        )
+    reason = describe_exit(returncode, stopped=bool(report.get("stopped")))
+    when = "after sending its result" if talk.results else "during the execution"
+    return Outcome(messages.Status.FAILED, error=f"execution process {pid} {reason} {when}", pid=pid)
+
+
+def describe_exit(returncode: int, *, stopped: bool = False) -> str:
+    if returncode >= 0:
+        return f"exited with code {returncode}"
+    try:
+        name = signal.Signals(-returncode).name
+    except ValueError:
+        name = f"signal {-returncode}"
+    if stopped:
+        return f"was killed by the executor ({name})"
+    if name == "SIGKILL":
+        return "was killed by SIGKILL from outside the execution, not by the executor (the kernel or an administrator)"
+    return f"was killed by {name}"
+
+
+def _check_frame(frame: dict[str, Any], talk: _Talk) -> str | None:
+    if talk.results:
+        return f"sent a {frame['op']!r} frame after its result (a forged frame?)"
+    if frame["op"] == "result":
+        if frame.get("status") not in ("SUCCESS", "FAILED"):
+            return "a result frame with an invalid status"
+        if not isinstance(frame.get("error"), str | None) or not isinstance(frame.get("timings_ms", {}), dict):
+            return "a malformed result frame"
+        return None
+    if frame["op"] not in ("lookup", "manifest", "directory", "repair", "secret"):
+        return f"an unknown {frame['op'][:40]!r} frame"
+    return None
+
+
+async def _read_frame(reader: asyncio.StreamReader, limit: int) -> dict[str, Any] | None:
+    try:
+        header = await reader.readexactly(protocol.HEADER.size)
+    except asyncio.IncompleteReadError as e:
+        if e.partial:
+            raise protocol.ProtocolError("EOF inside a frame header") from None
+        return None
+    length = protocol.frame_length(header, limit=limit)
+    try:
+        return protocol.decode(await reader.readexactly(length))
+    except asyncio.IncompleteReadError:
+        raise protocol.ProtocolError("EOF inside a frame") from None
+
+
+def _log_output(execution_id: str, raw: bytes) -> None:
+    line = errors.truncate(raw.decode(errors="replace").rstrip())
+    if line.strip():
+        log.info("execution %s: %s", execution_id, line)
+
+
+async def _writable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_writer(sock.fileno(), wake)
+    try:
+        await ready
+    finally:
+        loop.remove_writer(sock.fileno())
+
+
+async def _finish(task: asyncio.Task[None]) -> None:
+    """Let the output forwarder drain what the execution wrote last; cancel it if the pipe stays open."""
+    _, pending = await asyncio.wait({task}, timeout=2.0)
+    for stuck in pending:
+        stuck.cancel()
+        await asyncio.wait({stuck})

@@ -1,0 +1,131 @@
+"""PostgreSQL topologies (issue 11), on private clusters of the test's own (``testkit.topologies.postgres_pair``):
+
+* TLS: ``ssl = on``, and modcache connecting with ``sslmode=verify-full`` against the test's CA and with a client
+  certificate, on both paths (the SQLAlchemy engine of ``PgSource``, the bare asyncpg listener);
+* failover: a primary and a streaming replica behind one multi-host URL with ``target_session_attrs=read-write``;
+  the primary dies, the replica is promoted, the listener reconnects to it by itself, a full resync runs, the
+  watcher's state says which server it reached, and a change committed on the new primary reaches the cache.
+
+Redis is the shared server, under a prefix of the test's own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from modcache import db, errors, keys, settings, watcher, wiring
+from testkit import convergence, topologies
+from testkit.observers import Recorder
+from testkit.watching import upsert, watch_settings, watching
+
+
+@pytest.fixture(scope="module")
+def tls_postgres() -> Iterator[topologies.PostgresNode]:
+    with topologies.postgres_pair(ssl=True, replica=False) as pair:
+        yield pair.primary
+
+
+@pytest.fixture(scope="module")
+def pair() -> Iterator[topologies.PostgresPair]:
+    with topologies.postgres_pair() as nodes:
+        yield nodes
+
+
+def verify_full(node: topologies.PostgresNode, **fields: object) -> dict[str, object]:
+    certs = node.data / "certs"
+    return {
+        "database_url": node.url(),
+        "database_ssl_mode": "verify-full",
+        "database_ssl_root_cert_file": certs / "ca.crt",
+        "database_ssl_cert_file": certs / "client.crt",
+        "database_ssl_key_file": certs / "client.key",
+    } | fields
+
+
+@pytest.fixture
+async def tls_source(tls_postgres: topologies.PostgresNode) -> AsyncIterator[settings.Settings]:
+    config = settings.Settings(**verify_full(tls_postgres))  # type: ignore[arg-type]
+    await db.upgrade(wiring.database_dsn(config))  # Alembic's engine is built the same way
+    yield config
+    conn = await asyncpg.connect(wiring.database_dsn(config))
+    try:
+        await conn.execute("TRUNCATE workspace_files")
+    finally:
+        await conn.close()
+
+
+async def test_verify_full_with_a_client_certificate_on_both_drivers(
+    tls_postgres: topologies.PostgresNode, tls_source: settings.Settings, redis_url: str, keyspace: keys.KeySpace
+) -> None:
+    dsn = wiring.database_dsn(tls_source)
+    assert "sslmode=verify-full" in dsn
+    config = watch_settings(**verify_full(tls_postgres), redis_url=redis_url, key_prefix=keyspace.prefix)
+    recorder = Recorder()
+    await upsert(dsn, {"tls/a.py": "A = 1\n"})
+    async with watching(config, recorder) as (wired, _):
+        client = wired.cache.client
+        assert await convergence.converged(dsn, client, keyspace.prefix, within_s=10) == []
+        await upsert(dsn, {"tls/a.py": "A = 2\n"})  # reaches the cache through the listener's NOTIFY
+        assert await convergence.converged(dsn, client, keyspace.prefix, within_s=10) == []
+        conn = await asyncpg.connect(dsn)
+        try:
+            sessions = await conn.fetch(
+                "SELECT a.application_name, s.ssl, s.client_dn FROM pg_stat_ssl s JOIN pg_stat_activity a "
+                "USING (pid) WHERE a.application_name LIKE 'modcache%'"
+            )
+        finally:
+            await conn.close()
+    by_name = {row["application_name"]: (row["ssl"], row["client_dn"]) for row in sessions}
+    assert by_name["modcache-listener"] == (True, "/CN=modcache")  # asyncpg, directly
+    assert by_name["modcache-test"] == (True, "/CN=modcache")  # SQLAlchemy's pool (PgSource)
+
+
+async def test_a_server_certificate_from_another_ca_is_refused(
+    tls_postgres: topologies.PostgresNode, tmp_path: Path
+) -> None:
+    other = topologies.certificates(tmp_path)
+    config = settings.Settings(**verify_full(tls_postgres, database_ssl_root_cert_file=other.ca))  # type: ignore[arg-type]
+    source = wiring.make_source(config)
+    try:
+        with pytest.raises(errors.SourceUnavailable):
+            await source.list_modules()
+    finally:
+        await source.close()
+
+
+def test_the_url_s_own_ssl_parameters_win_over_the_settings() -> None:
+    config = settings.Settings(
+        database_url="postgresql://u@h1:5432,h2:5433/db?sslmode=require",  # type: ignore[arg-type]
+        database_ssl_mode="verify-full",
+        database_ssl_root_cert_file=Path("/etc/ca.crt"),
+    )
+    assert wiring.database_dsn(config) == (
+        "postgresql://u@h1:5432,h2:5433/db?sslmode=require&sslrootcert=%2Fetc%2Fca.crt"
+    )
+
+
+async def test_after_a_promote_the_listener_follows_and_a_change_reaches_the_cache(
+    pair: topologies.PostgresPair, redis_url: str, keyspace: keys.KeySpace
+) -> None:
+    url = pair.url()
+    await db.upgrade(url)  # through the multi-host URL: it reaches the primary
+    config = watch_settings(database_url=url, redis_url=redis_url, key_prefix=keyspace.prefix)
+    recorder = Recorder()
+    await upsert(url, {f"ha/m{n}.py": f"V = {n}\n" for n in range(10)})
+    async with watching(config, recorder) as (wired, w):
+        client = wired.cache.client
+        assert await convergence.converged(url, client, keyspace.prefix, within_s=10) == []
+        assert w.state.listener_server == f"127.0.0.1:{pair.primary.port}"
+        resyncs = recorder.full_syncs(watcher.RECONNECT)
+        await asyncio.to_thread(pair.primary.stop, "immediate")
+        await asyncio.to_thread(pair.replica.promote)
+        await upsert(url, {"ha/m0.py": "V = 'on the new primary'\n", "ha/new.py": "NEW = 1\n"})
+        assert await convergence.converged(url, client, keyspace.prefix, within_s=15) == []
+        await recorder.wait_for(lambda: recorder.full_syncs(watcher.RECONNECT) > resyncs, 15)
+    assert w.state.listener_server == f"127.0.0.1:{pair.replica.port}"
+    assert w.state.listener_server_changes == 1
