@@ -6,7 +6,7 @@ replies). Ours against the original plan's per-message design in the same run: t
 ``_sync_module_cache`` (every module with content, one EXISTS per module). Target: >= 200 executions/s on a
 2-core machine.
 
-    ./dev bench consumer_throughput [--executions 2000] [--concurrency 16] [--modules 200] [--plan-executions 300]
+    ./dev bench consumer_throughput [--executions 2000] [--concurrency 2] [--modules 200] [--plan-executions 300]
 """
 
 from __future__ import annotations
@@ -98,8 +98,6 @@ async def _throughput(kind: str, url: str, keyspace: keys.KeySpace, args: argpar
             "MODCACHE_QUEUE_NAME": queue,
             "MODCACHE_KEY_PREFIX": keyspace.prefix,
             "MODCACHE_CONSUMER_CONCURRENCY": str(args.concurrency),
-            "MODCACHE_POOL_MIN_WORKERS": "2",
-            "MODCACHE_POOL_MAX_WORKERS": "2",
             "MODCACHE_HEALTH_PORT": "0",
             "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")])),
         }
@@ -214,6 +212,6 @@ def main() -> None:
     parser.add_argument("--plan-executions", type=int, default=0)
     parser.add_argument("--latency-samples", type=int, default=200)
     parser.add_argument("--no-celery", action="store_true", help="modcache only (no Celery virtualenv needed)")
-    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--concurrency", type=int, default=2, help="executions at once (2 executors, as Celery -c 2)")
     parser.add_argument("--modules", type=int, default=200)
     asyncio.run(run(parser.parse_args()))

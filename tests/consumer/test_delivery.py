@@ -23,24 +23,25 @@ import psutil
 import pytest
 
 from testkit.consumers import BrokerNode, ConsumerProcess
+from testkit.ledger import LEDGER, Ledger
 from testkit.polling import eventually
 
 FAST_LEASES = {"lease_ttl_s": 2.0, "lease_renew_interval_s": 0.5, "lease_sweep_interval_s": 0.5}
-# Writes one line when it starts and one when it ends (O_APPEND: concurrent writers never interleave a line);
-# sleeps ``wait`` seconds, but only on the first attempt that finds no ``marker`` (so a retry is quick).
-LEDGER = """
-import os, time
-def run(ledger, key, wait=0.0, marker=None):
-    fd = os.open(ledger, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
-    os.write(fd, f"start {key}\\n".encode())
-    if marker is None or not os.path.exists(marker):
-        if marker is not None:
-            open(marker, "w").close()
+# Notes "start NAME" and "end NAME" in a Redis list (RPUSH: an atomic append, as O_APPEND is for a file;
+# executions cannot reach the test's files), sleeping ``wait`` seconds in between, but only on the first attempt
+# that sets ``once`` (so a retry is quick).
+WORKFLOW = (
+    LEDGER
+    + """
+import time
+def run(url, key, name, wait=0.0, once=None):
+    note(url, key, f"start {name}")
+    if once is None or redis.Redis.from_url(url).set(once, 1, nx=True):
         time.sleep(wait)
-    os.write(fd, f"end {key}\\n".encode())
-    os.close(fd)
-    return key
+    note(url, key, f"end {name}")
+    return name
 """
+)
 
 
 def process_env(harness: Any, **overrides: Any) -> dict[str, str]:
@@ -53,10 +54,8 @@ def process_env(harness: Any, **overrides: Any) -> dict[str, str]:
     return env
 
 
-def starts(ledger: Path) -> list[str]:
-    if not ledger.exists():
-        return []
-    return [line.split()[1] for line in ledger.read_text().splitlines() if line.startswith("start ")]
+async def starts(ledger: Ledger) -> list[str]:
+    return [entry.split()[1] for entry in await ledger.entries() if entry.startswith("start ")]
 
 
 class Replies:
@@ -108,14 +107,14 @@ async def processes(tmp_path: Path) -> AsyncIterator[list[ConsumerProcess]]:
 async def test_two_consumer_processes_and_a_redelivery_while_the_first_runs_run_it_once(
     harness: Any, processes: list[ConsumerProcess], tmp_path: Path
 ) -> None:
-    workflow_id = await harness.workflow(LEDGER)
-    ledger = tmp_path / "ledger"
+    workflow_id = await harness.workflow(WORKFLOW)
+    ledger = harness.ledger()
     for i in range(2):
         processes.append(ConsumerProcess(process_env(harness), tmp_path / f"consumer-{i}.log"))
     await asyncio.gather(*(p.start() for p in processes))
     url = harness.settings.required("amqp_url")
     async with replies_on(url) as (replies, channel):
-        request = harness.request(workflow_id, {"ledger": str(ledger), "key": "a", "wait": 2.0})
+        request = harness.request(workflow_id, {**ledger.params, "name": "a", "wait": 2.0})
         await publish(channel, harness.settings.queue_name, request, replies.queue_name)
         await harness.wait_for_status(request.execution_id, "RUNNING")
         await publish(channel, harness.settings.queue_name, request, replies.queue_name)  # the redelivery
@@ -123,7 +122,7 @@ async def test_two_consumer_processes_and_a_redelivery_while_the_first_runs_run_
         await eventually(lambda: len(replies.bodies) >= 1)
         await harness.wait_for_replied(request.execution_id)
         await asyncio.sleep(0.5)  # a second reply, if one were coming, would be on its way by now
-    assert starts(ledger) == ["a"]
+    assert await starts(ledger) == ["a"]
     assert len(replies.bodies) == 1
     assert (row["attempt"], row["lease_token"]) == (1, 1)
 
@@ -134,11 +133,11 @@ async def test_a_run_longer_than_the_brokers_consumer_timeout_runs_once_without_
     broker = BrokerNode(tmp_path / "broker", config="consumer_timeout = 5000\n")
     await broker.start()
     try:
-        workflow_id = await harness.workflow(LEDGER)
-        ledger = tmp_path / "ledger"
+        workflow_id = await harness.workflow(WORKFLOW)
+        ledger = harness.ledger()
         async with harness.consumer(amqp_url=broker.url, amqp_reconnect_interval_s=0.2) as consumer:
             async with replies_on(broker.url) as (replies, channel):
-                request = harness.request(workflow_id, {"ledger": str(ledger), "key": "long", "wait": 15.0})
+                request = harness.request(workflow_id, {**ledger.params, "name": "long", "wait": 15.0})
                 await publish(channel, harness.settings.queue_name, request, replies.queue_name)
                 await eventually(lambda: len(replies.bodies) >= 1, timeout_s=60)
                 reconnects = consumer.metrics.broker_reconnects._value.get()
@@ -146,7 +145,7 @@ async def test_a_run_longer_than_the_brokers_consumer_timeout_runs_once_without_
             readiness = consumer.readiness()
     finally:
         await broker.stop()
-    assert starts(ledger) == ["long"]
+    assert await starts(ledger) == ["long"]
     assert len(replies.bodies) == 1
     assert b'"SUCCESS"' in replies.bodies[0]
     assert reconnects == 0  # the broker never closed the channel: the message was acked once the lease committed
@@ -157,18 +156,18 @@ async def test_a_run_longer_than_the_brokers_consumer_timeout_runs_once_without_
 async def test_a_sigkilled_consumers_run_is_recovered_by_policy_within_the_bound(
     harness: Any, processes: list[ConsumerProcess], tmp_path: Path, retries: int, expected_starts: int, status: str
 ) -> None:
-    workflow_id = await harness.workflow(LEDGER, retries_on_crash=retries)
-    ledger = tmp_path / "ledger"
+    workflow_id = await harness.workflow(WORKFLOW, retries_on_crash=retries)
+    ledger = harness.ledger()
     doomed = ConsumerProcess(process_env(harness), tmp_path / "doomed.log")
     processes.append(doomed)
     await doomed.start()
     url = harness.settings.required("amqp_url")
-    params = {"ledger": str(ledger), "key": "k", "wait": 30.0, "marker": str(tmp_path / "marker")}
+    params = {**ledger.params, "name": "k", "wait": 30.0, "once": ledger.params["key"] + ":once"}
     request = harness.request(workflow_id, params)
     async with replies_on(url) as (replies, channel):
         await publish(channel, harness.settings.queue_name, request, replies.queue_name)
         await harness.wait_for_status(request.execution_id, "RUNNING")
-        await eventually(lambda: starts(ledger) == ["k"])
+        await ledger.wait_for(1)
         await doomed.kill()
         killed_at = time.monotonic()
         async with harness.consumer(**FAST_LEASES):  # the survivor
@@ -177,7 +176,7 @@ async def test_a_sigkilled_consumers_run_is_recovered_by_policy_within_the_bound
             await harness.wait_for_replied(request.execution_id)
     bound_s = FAST_LEASES["lease_ttl_s"] + FAST_LEASES["lease_sweep_interval_s"] * 1.2
     assert recovered_s < bound_s + 5.0 + (3.0 if retries else 0.0)  # + start-up of the survivor, + the retry's run
-    assert starts(ledger) == ["k"] * expected_starts
+    assert await starts(ledger) == ["k"] * expected_starts
     assert row["attempt"] == expected_starts
     assert len(replies.bodies) == 1
     if status == "FAILED":
@@ -281,13 +280,13 @@ async def test_chaos_every_execution_ends_once_and_runs_only_as_its_policy_allow
     replies: list[bytes] = []
     events: list[str] = []
     try:
-        retrying = await harness.workflow(LEDGER, retries_on_crash=2)
-        failing = await harness.workflow(LEDGER)
-        ledger = tmp_path / "ledger"
+        retrying = await harness.workflow(WORKFLOW, retries_on_crash=2)
+        failing = await harness.workflow(WORKFLOW)
+        ledger = harness.ledger()
         rng = random.Random(seed)
         requests = [
             harness.request(
-                retrying if i % 2 else failing, {"ledger": str(ledger), "key": str(i), "wait": rng.uniform(0.05, 0.5)}
+                retrying if i % 2 else failing, {**ledger.params, "name": str(i), "wait": rng.uniform(0.05, 0.5)}
             )
             for i in range(CHAOS_EXECUTIONS)
         ]
@@ -315,7 +314,7 @@ async def test_chaos_every_execution_ends_once_and_runs_only_as_its_policy_allow
     finally:
         stop_replies.set()
         await broker.stop()
-    _check_chaos(rows, requests, ledger, replies, retrying=retrying, events=events, seed=seed)
+    _check_chaos(rows, requests, await starts(ledger), replies, retrying=retrying, events=events, seed=seed)
     for process in processes:
         assert "a message handler failed" not in process.log_path.read_text(), process.tail()
 
@@ -331,7 +330,7 @@ async def _all_finished(harness: Any, count: int) -> list[Any]:
 def _check_chaos(
     rows: list[Any],
     requests: list[Any],
-    ledger: Path,
+    started: list[str],
     replies: list[bytes],
     *,
     retrying: uuid.UUID,
@@ -339,12 +338,12 @@ def _check_chaos(
     seed: int,
 ) -> None:
     story = f"seed {seed}, faults {events}"
-    runs = collections.Counter(starts(ledger))
+    runs = collections.Counter(started)
     by_key = {
-        r["parameters"]["key"] if isinstance(r["parameters"], dict) else json.loads(r["parameters"])["key"]: r
+        r["parameters"]["name"] if isinstance(r["parameters"], dict) else json.loads(r["parameters"])["name"]: r
         for r in rows
     }
-    assert set(by_key) == {r.parameters["key"] for r in requests}, story  # none lost
+    assert set(by_key) == {r.parameters["name"] for r in requests}, story  # none lost
     replied = collections.Counter(json.loads(b)["execution_id"] for b in replies)
     for key, row in by_key.items():
         allowed = 3 if row["workflow_id"] == retrying else 1
