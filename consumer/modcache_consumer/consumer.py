@@ -118,6 +118,7 @@ class WorkflowExecutionConsumer:
         self._slots = asyncio.Semaphore(settings.consumer_concurrency)
         self._mine: set[uuid.UUID] = set()  # claimed or running here: a second delivery must not claim again
         self._lost: dict[uuid.UUID, asyncio.Event] = {}
+        self._replying: set[uuid.UUID] = set()  # replies being sent (a duplicate delivery must not send another)
         self._started_at: dict[asyncio.Task[Any], float] = {}  # monotonic start of each in-flight handler
         self._limits = messages.Limits(
             max_bytes=settings.max_message_bytes,
@@ -424,8 +425,9 @@ class WorkflowExecutionConsumer:
             return
         if isinstance(admitted, executions.Busy):
             log.info("execution %s runs under a live lease elsewhere; its owner replies", request.execution_id)
-        elif admitted.leased and admitted.owner == self._terms.owner:  # we recorded it: the reply is ours
-            await self._reply_owed(request, admitted.outcome)
+        elif admitted.leased:  # finished, its reply owed by the lease holder
+            if admitted.owner == self._terms.owner and request.execution_id not in self._replying:
+                await self._reply_owed(request, admitted.outcome)  # recorded just now, by this prepare
         elif request.reply_to and not admitted.replied_to(request):
             await self._send_reply(request, admitted.outcome)  # a new request for a finished execution
         await _settle(message.ack())
@@ -516,15 +518,20 @@ class WorkflowExecutionConsumer:
     async def _reply_owed(self, request: messages.ExecutionRequest, outcome: messages.Outcome) -> None:
         """Send a reply this consumer owes (it holds the row's lease), then mark it sent. Unsent (the broker
         stayed away), the lease is left to expire and a sweep sends it from the stored outcome."""
-        self.leases.hold(request.execution_id)
-        if not await self._send_reply(request, outcome, retry_s=self.settings.reply_retry_s):
-            self.leases.drop(request.execution_id)
-            return
+        execution_id = request.execution_id
+        self.leases.hold(execution_id)
+        self._replying.add(execution_id)
         try:
-            await self.leases.replied.submit(request.execution_id)
-        except errors.TransientError as e:
-            log.warning("execution %s: replied, but not marked so: %s", request.execution_id, e)
-            self.leases.drop(request.execution_id)
+            if not await self._send_reply(request, outcome, retry_s=self.settings.reply_retry_s):
+                self.leases.drop(execution_id)
+                return
+            try:
+                await self.leases.replied.submit(execution_id)
+            except errors.TransientError as e:
+                log.warning("execution %s: replied, but not marked so: %s", execution_id, e)
+                self.leases.drop(execution_id)
+        finally:
+            self._replying.discard(execution_id)
 
     async def _send_reply(
         self, request: messages.ExecutionRequest, outcome: messages.Outcome, *, retry_s: float = 0.0
@@ -559,6 +566,13 @@ class WorkflowExecutionConsumer:
             await amqp.republish(self._channel, self._names, item.request, attempt=item.record.attempt + 1)
         except errors.TransientError as e:  # still PENDING and leased: the next sweep after expiry tries again
             log.warning("execution %s: retry not republished yet: %s", item.record.id, e)
+            return
+        try:  # confirmed, so in the queue durably: republish again only if it is still PENDING much later
+            await self._unit(lambda db: executions.republished(db, item.record.id, terms=self._terms))
+        except errors.TransientError as e:
+            log.warning(
+                "execution %s: republished, but not marked so (it may be republished again): %s", item.record.id, e
+            )
 
     # -- the two units of work ----------------------------------------------------------------------------------
 

@@ -181,6 +181,12 @@ _UNCLAIM = sa.text(
     WHERE id = :id AND lease_token = :token AND lease_owner = :owner AND status = 'RUNNING'
     """
 )
+_REPUBLISHED = sa.text(
+    """
+    UPDATE executions SET lease_expires_at = now() + make_interval(secs => :unowned_s)
+    WHERE id = :id AND lease_owner = :owner AND status = 'PENDING'
+    """
+)
 _RELEASE = sa.text(
     "UPDATE executions SET lease_expires_at = now() WHERE id = ANY(CAST(:ids AS uuid[])) AND lease_owner = :owner"
 )
@@ -334,6 +340,12 @@ async def renew(db: AsyncSession, ids: Iterable[uuid.UUID], *, terms: Terms) -> 
 async def unclaim(db: AsyncSession, lease: Lease, *, owner: Owner) -> None:
     """Undo a claim before anything ran (the message goes back to the queue): PENDING again, attempt not used."""
     await db.execute(_UNCLAIM, {"id": lease.execution_id, "token": lease.token, "owner": owner})
+
+
+async def republished(db: AsyncSession, execution_id: uuid.UUID, *, terms: Terms) -> None:
+    """The broker confirmed a retry's message: it is queued durably and the consumer that takes it claims the row
+    (or its redelivery does). Republish again only if the row is still PENDING after ``terms.unowned_s``."""
+    await db.execute(_REPUBLISHED, {"id": execution_id, "owner": terms.owner, "unowned_s": terms.unowned_s})
 
 
 async def release(db: AsyncSession, ids: Iterable[uuid.UUID], *, owner: Owner) -> None:
