@@ -311,13 +311,14 @@ def _release_memory() -> None:
 
 
 def _without(text: str, url: str) -> str:
-    password = _password(url)
     text = text.replace(url, errors.redact_url(url))
-    return text.replace(password, "***") if password else text
+    for password in _spellings(errors.url_password(url)):
+        text = text.replace(password, "***")
+    return text
 
 
-def _password(url: str) -> str | None:
-    try:
-        return urllib.parse.urlsplit(url).password
-    except ValueError:
-        return None
+def _spellings(password: str | None) -> list[str]:
+    """A password as written in the URL and as a library decoded it (``%2F`` and ``/`` are both possible)."""
+    if not password:
+        return []
+    return sorted({password, urllib.parse.unquote(password)}, key=len, reverse=True)

@@ -149,6 +149,7 @@ def parse_duration_s(text: object, field: str) -> float:
 def endpoint(url: str) -> str:
     """``host:port/database`` of a URL (several hosts comma-separated); no scheme, user or password."""
     _, _, rest = url.partition("://")
+    rest = rest.rpartition("@")[2]  # credentials end at the last "@", whatever the password holds
     netloc, slash, path = rest.partition("/")
     try:
         hosts = endpoints.split_netloc(netloc.split("?", 1)[0], default_port=0)[2]

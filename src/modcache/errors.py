@@ -13,8 +13,6 @@ carry secrets: URLs are redacted with ``redact_url`` and payloads are truncated 
 
 from __future__ import annotations
 
-import urllib.parse
-
 MAX_DETAIL_CHARS = 256
 
 
@@ -58,17 +56,25 @@ def truncate(text: str, limit: int = MAX_DETAIL_CHARS) -> str:
 
 
 def redact_url(url: str) -> str:
-    """The URL with any password replaced by ``***``; unparseable input is hidden entirely."""
-    try:
-        parts = urllib.parse.urlsplit(url)
-        if parts.password is None:
-            return url
-        user = parts.username or ""
-        host = parts.hostname or ""
-        port = f":{parts.port}" if parts.port else ""
-        return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{host}{port}"))
-    except ValueError:
-        return "<unparseable url>"
+    """The URL with any password replaced by ``***``.
+
+    The credentials are everything between ``://`` and the *last* ``@`` (libpq's and asyncpg's rule): a password
+    holding an unencoded ``/``, ``?``, ``#`` or ``@`` would end a ``urlsplit`` authority early and pass through
+    whole. Text after a later ``@`` (in a path or query) is hidden too: over-redacting is the safe side."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, tail = rest.rpartition("@")
+    if not sep or not at or ":" not in userinfo:
+        return url
+    return f"{scheme}://{userinfo.split(':', 1)[0]}:***@{tail}"
+
+
+def url_password(url: str) -> str | None:
+    """The password in a URL as it is written (see ``redact_url`` for where it ends), or None."""
+    _, sep, rest = url.partition("://")
+    userinfo, at, _ = rest.rpartition("@")
+    if not sep or not at or ":" not in userinfo:
+        return None
+    return userinfo.split(":", 1)[1] or None
 
 
 def describe(exc: BaseException) -> str:
