@@ -425,6 +425,8 @@ class WorkflowExecutionConsumer:
             return
         if isinstance(admitted, executions.Busy):
             log.info("execution %s runs under a live lease elsewhere; its owner replies", request.execution_id)
+        elif admitted.leased and not admitted.answers(request):  # another caller: the stored outcome
+            await self._send_reply(request, admitted.outcome)
         elif admitted.leased:  # finished, its reply owed by the lease holder
             if admitted.owner == self._terms.owner and request.execution_id not in self._replying:
                 await self._reply_owed(request, admitted.outcome)  # recorded just now, by this prepare

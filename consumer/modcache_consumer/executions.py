@@ -14,8 +14,9 @@ PostgreSQL, not the broker, owns an execution once it is claimed. Every running 
   owner dies in between, the reply is still owed and a sweeper sends it from the stored outcome;
 * ``sweep`` is crash recovery: rows whose lease expired are handled by their workflow's policy in one
   statement (``FOR UPDATE SKIP LOCKED``, so concurrent sweepers split the work): RUNNING with attempts left ->
-  PENDING (the sweeper republishes its message), RUNNING without -> FAILED ``consumer died mid-run``; PENDING ->
-  republished again (the last republish may not have reached the broker); finished with a reply owed -> replied.
+  PENDING (the sweeper republishes its message; once the broker confirmed it, ``republished`` extends the lease
+  to ``unowned_s``), RUNNING without -> FAILED ``consumer died mid-run``; PENDING -> republished again (the last
+  republish was not confirmed, or its message vanished); finished with a reply owed -> replied.
   The sweeper takes each row's lease while it acts on it, so a sweeper that dies mid-way is itself recovered.
 
 So RUNNING is never permanent: a live owner renews and finishes (the executor's timeout bounds every run), a
@@ -69,9 +70,13 @@ class Record:
     reply_to: str | None = None  # ...to this queue, with this correlation id
     correlation_id: str | None = None
 
+    def answers(self, request: messages.ExecutionRequest) -> bool:
+        """Whether ``request`` is the one this row replies to (same reply queue and correlation id)."""
+        return (self.reply_to, self.correlation_id) == (request.reply_to, request.correlation_id)
+
     def replied_to(self, request: messages.ExecutionRequest) -> bool:
-        """Whether ``request`` (same reply queue and correlation id) already had its reply: a duplicate."""
-        return self.replied and (self.reply_to, self.correlation_id) == (request.reply_to, request.correlation_id)
+        """Whether ``request`` already had its reply: a duplicate."""
+        return self.replied and self.answers(request)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -392,7 +397,9 @@ async def read(db: AsyncSession, execution_id: uuid.UUID) -> Record | None:
 
 
 def _recovered(row: sa.Row[Any]) -> Recovered:
-    record = _record(row, leased=row.owned, owner=row.lease_owner)
+    record = dataclasses.replace(
+        _record(row, leased=row.owned, owner=row.lease_owner), reply_to=row.reply_to, correlation_id=row.correlation_id
+    )
     request = messages.ExecutionRequest(
         execution_id=messages.ExecutionId(row.id),
         workflow_id=messages.WorkflowId(row.workflow_id),

@@ -216,8 +216,9 @@ async def test_pg_terminate_backend_between_messages_loses_nothing(harness) -> N
 
 async def test_an_idle_consumer_holds_no_transaction_and_never_blocks_a_migration(harness) -> None:
     workflow_id = await harness.workflow(ECHO)
-    async with harness.consumer():
+    async with harness.consumer() as consumer:
         await asyncio.gather(*(harness.call(workflow_id, {"n": n}) for n in range(8)))
+        await eventually(lambda: consumer.metrics.in_flight._value.get() == 0)  # replied, then marked so
         states = [(r["state"], r["xact_start"]) for r in await harness.backends()]
         conn = await asyncpg.connect(harness.database_url)
         try:
