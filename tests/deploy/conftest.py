@@ -223,6 +223,49 @@ def installed_helm(package: str, version: str) -> Path:
     return target
 
 
+#: checkov from PyPI, in a virtualenv of its own in the tools cache (its dependencies would clash with ours).
+CHECKOV = "checkov==3.3.30"
+
+
+def _checkov_runs(binary: Path) -> bool:
+    try:
+        done = subprocess.run([str(binary), "--version"], capture_output=True, text=True, timeout=120)
+    except OSError:
+        return False
+    return done.returncode == 0
+
+
+def installed_checkov() -> Path:
+    """A working checkov, installed with pip into ``<tools>/checkov-venv`` on first use, then reused."""
+    venv = tools_dir() / "checkov-venv"
+    binary = venv / "bin" / "checkov"
+    if not _checkov_runs(binary):
+        steps = [[sys.executable, "-m", "venv", str(venv)], [str(venv / "bin" / "pip"), "install", "-q", CHECKOV]]
+        for step in steps:
+            done = subprocess.run(step, capture_output=True, text=True, timeout=1200, check=False)
+            if done.returncode != 0:
+                tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-8:])
+                pytest.fail(
+                    f"cannot install checkov: `{' '.join(step)}` exited {done.returncode}:\n{tail}\n"
+                    f"Fix PyPI access, or install {CHECKOV} into {venv} (or set MODCACHE_TEST_TOOLS).",
+                    pytrace=False,
+                )
+    if not _checkov_runs(binary):
+        pytest.fail(f"{binary} is not a working checkov", pytrace=False)
+    return binary
+
+
+@pytest.fixture(scope="session")
+def checkov() -> Path:
+    return installed_checkov()
+
+
+@pytest.fixture(scope="session")
+def values_sets() -> dict[str, dict[str, Any]]:
+    """Every named values set (``VALUES_SETS``), for tests that pick a few rather than run on all."""
+    return copy.deepcopy(VALUES_SETS)
+
+
 @pytest.fixture(scope="session")
 def helm() -> Path:
     return installed_helm(*HELM)
