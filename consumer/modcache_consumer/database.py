@@ -163,7 +163,17 @@ def after_commit(db: AsyncSession, callback: AfterCommit) -> bool:
     return True
 
 
+#: SQLSTATEs meaning "this server cannot serve you now", which asyncpg raises at connect as a plain Error (not an
+#: OperationalError): connection exceptions (class 08), too many connections (53300), and admin shutdown, crash
+#: shutdown and "the database system is starting up" (57P01-57P03, met during every restart).
+UNAVAILABLE_SQLSTATES = ("08", "53300", "57P01", "57P02", "57P03")
+
+
 def _translate(e: sa.exc.DBAPIError) -> Exception:
-    if e.connection_invalidated or isinstance(e, sa.exc.OperationalError | sa.exc.InterfaceError):
+    sqlstate = str(getattr(e.orig, "sqlstate", None) or "")
+    unavailable = isinstance(e, sa.exc.OperationalError | sa.exc.InterfaceError) or sqlstate.startswith(
+        UNAVAILABLE_SQLSTATES
+    )
+    if e.connection_invalidated or unavailable:
         return errors.SourceUnavailable(f"PostgreSQL failed: {errors.describe(e.orig or e)}")
     return e

@@ -57,6 +57,21 @@ class ConsumerSettings(settings.Settings):
     )
     max_result_bytes: int = pydantic.Field(1024**2, gt=0, description="Larger results fail the execution.")
     drain_grace_s: float = pydantic.Field(30.0, ge=0, description="On stop, in-flight executions get this long.")
+    lease_ttl_s: float = pydantic.Field(
+        30.0, gt=0, description="A claimed execution's lease lasts this long past its last renewal (crash bound)."
+    )
+    lease_renew_interval_s: float = pydantic.Field(
+        10.0, gt=0, description="The owner renews all its leases this often; must be well below the TTL."
+    )
+    lease_sweep_interval_s: float = pydantic.Field(
+        10.0, gt=0, description="Every consumer looks for expired leases this often (recovery within this)."
+    )
+    delivery_hold_s: float = pydantic.Field(
+        60.0, gt=0, description="A message waiting this long for a free slot goes back to the queue (requeue)."
+    )
+    reply_retry_s: float = pydantic.Field(
+        20.0, gt=0, description="A reply the broker did not confirm is retried this long, then left to a sweeper."
+    )
     max_message_bytes: int = pydantic.Field(
         1024**2, gt=0, le=64 * 1024**2, description="Larger message bodies are poisoned unparsed."
     )
@@ -111,6 +126,13 @@ class ConsumerSettings(settings.Settings):
                     fernet.Fernet(key.strip())
                 except ValueError:
                     raise ValueError("not a Fernet key (32 url-safe base64-encoded bytes)") from None
+        return value
+
+    @pydantic.field_validator("lease_renew_interval_s")
+    @classmethod
+    def _renew_in_time(cls, value: float, info: pydantic.ValidationInfo) -> float:
+        if value * 2 > info.data.get("lease_ttl_s", value * 2):
+            raise ValueError("must be at most half of MODCACHE_LEASE_TTL_S (a renewal may be late once)")
         return value
 
     @classmethod
