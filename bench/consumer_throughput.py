@@ -65,7 +65,7 @@ async def serve(kind: str) -> None:
 
 async def run(args: argparse.Namespace) -> None:
     await kit.print_machine_info()
-    print(f"workload: `def run(n): return n`, 2 executors, concurrency {args.concurrency}, {args.modules} modules")
+    print(f"workload: `def run(n): return n`, fresh processes, concurrency {args.concurrency}, {args.modules} modules")
     async with kit.scratch_database() as url, kit.scratch_keyspace() as keyspace:
         await kit.load_modules(url, args.modules)
         ours = await _throughput("ours", url, keyspace, args, args.executions)

@@ -181,12 +181,15 @@ class _Control:
 
     async def spare(self, timeout_s: float) -> _Spare:
         """A fresh execution process blocked on its channel, handed over by the executor."""
-        async with asyncio.timeout(timeout_s):
-            while not self._spares:
-                if self.lost.is_set():
-                    raise ExecutorLost("the executor went away")
-                self._spare_arrived.clear()
-                await self._spare_arrived.wait()
+        try:
+            async with asyncio.timeout(timeout_s):
+                while not self._spares:
+                    if self.lost.is_set():
+                        raise ExecutorLost("the executor went away")
+                    self._spare_arrived.clear()
+                    await self._spare_arrived.wait()
+        except TimeoutError:
+            raise ExecutorUnavailable(f"no execution process became available within {timeout_s:g} s") from None
         return self._spares.popleft()
 
     def drop_spares(self) -> list[int]:

@@ -26,6 +26,7 @@ import dataclasses
 import errno
 import os
 import resource
+import select
 import signal
 import sys
 from collections.abc import Iterable, Sequence
@@ -122,6 +123,16 @@ def clone(flags: int) -> int:
     return _check(int(pid), "clone")
 
 
+def die_with_template(pidfd: int) -> None:
+    """SIGKILL when the template dies (again after every credential change, which clears it); if it died
+    already, die now."""
+    prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    if poller.poll(0):
+        os._exit(1)
+
+
 def make_non_dumpable() -> None:
     """Same-uid processes can no longer read this process's ``/proc/<pid>/environ|mem`` or ptrace it."""
     prctl(_PR_SET_DUMPABLE, 0)
@@ -203,15 +214,20 @@ def hide_private_trees(keep: Sequence[str]) -> None:
 # -- inside a freshly cloned execution process (before any workflow code) ---------------------------------
 
 
-def keep_only_fds(channel: int, output: int) -> None:
-    """fd 0 = /dev/null, 1 and 2 = the output pipe, 3 = the channel; every other descriptor closed."""
+def keep_only_fds(channel: int, output: int, parent: int | None = None) -> None:
+    """fd 0 = /dev/null, 1 and 2 = the output pipe, 3 = the channel, 4 = ``parent`` (a pidfd of the template,
+    if given); every other descriptor closed."""
     os.dup2(channel, 3)
     os.dup2(output, 1)
     os.dup2(output, 2)
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
-    if _libc.syscall(_SYS_CLOSE_RANGE, 4, ctypes.c_uint(0xFFFFFFFF), 0) < 0:
-        os.closerange(4, os.sysconf("SC_OPEN_MAX"))
+    first_closed = 4
+    if parent is not None:
+        os.dup2(parent, 4)
+        first_closed = 5
+    if _libc.syscall(_SYS_CLOSE_RANGE, first_closed, ctypes.c_uint(0xFFFFFFFF), 0) < 0:
+        os.closerange(first_closed, os.sysconf("SC_OPEN_MAX"))
 
 
 def enter_user_namespace(outer_uid: int, outer_gid: int) -> None:

@@ -28,7 +28,6 @@ import dataclasses
 import importlib
 import logging
 import os
-import select
 import selectors
 import signal
 import socket
@@ -140,6 +139,8 @@ class Template:
             if not self._running:
                 for execution in list(self._executions.values()):
                     self._signal(execution.spare, signal.SIGKILL)
+        for clone in list(self._processes.values()):  # spares nobody holds any more
+            self._signal(clone, signal.SIGKILL)
 
     def _accept(self, listener: socket.socket) -> None:
         with contextlib.suppress(BlockingIOError):
@@ -323,14 +324,12 @@ class Template:
         iso = self._isolation
         if not iso.namespaces:
             os.setsid()  # at least a process group the deadline can signal
-        sandbox.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the template ...
-        if select_readable(self._self_pidfd):  # ... which may have died before that took effect
-            os._exit(1)
+        sandbox.die_with_template(self._self_pidfd)
         signal.set_wakeup_fd(-1)
         for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGPIPE):
             signal.signal(sig, signal.SIG_DFL if sig != signal.SIGPIPE else signal.SIG_IGN)
         signal.signal(signal.SIGTERM, runtime.terminated)  # pid 1 of its namespace gets SIGTERM only with a handler
-        sandbox.keep_only_fds(channel, output)
+        sandbox.keep_only_fds(channel, output, parent=self._self_pidfd)  # fd 4: the template's pidfd
         if iso.user_namespace:
             sandbox.enter_user_namespace(os.getuid(), os.getgid())
         if iso.namespaces:
@@ -351,6 +350,8 @@ class Template:
             )
         )
         sandbox.drop_privileges(None if self._isolation.uid_base is None else self._isolation.uid_base + slot)
+        sandbox.die_with_template(4)  # the uid change cleared PR_SET_PDEATHSIG
+        os.close(4)
         os.environ.clear()
         os.environ.update(_EXECUTION_ENV)
         os.chdir("/tmp")
@@ -382,12 +383,6 @@ def _children(pid: int) -> list[int]:
             return [int(p) for p in f.read().split()]
     except OSError:
         return []
-
-
-def select_readable(fd: int) -> bool:
-    poller = select.poll()
-    poller.register(fd, select.POLLIN)
-    return bool(poller.poll(0))
 
 
 def warm_up() -> runtime.Memory:

@@ -8,6 +8,7 @@ import contextlib
 import logging
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable
 
@@ -214,3 +215,45 @@ async def test_a_lost_executor_fails_nothing_that_was_not_running_and_comes_back
     outcome = await executors.run(the_executor, "def run():\n    return 'fresh'\n")
     assert (outcome.status, outcome.result) == ("SUCCESS", "fresh")
     assert the_executor.template_pid != first
+
+
+CONSUMER = """
+import asyncio
+from modcache_consumer import executor
+
+class Session:
+    async def answer(self, frame):
+        return {"op": "answer"}
+
+async def main():
+    the_executor = executor.Executor()
+    await the_executor.start()
+    print(the_executor.template_pid, flush=True)
+    code = "import subprocess, time\\ndef run():\\n    subprocess.Popen(['sleep', '600'])\\n    time.sleep(600)\\n"
+    job = {"op": "run", "execution_id": "e", "workflow": {"name": "w", "path": None, "code": code,
+           "function_name": "run"}, "parameters": {}, "config": {}, "organization": None, "generation": 1}
+    await the_executor.run(job, timeout_s=600, session=Session())
+
+asyncio.run(main())
+"""
+
+
+async def test_when_the_consumer_is_killed_every_execution_dies_at_once() -> None:
+    """Issue 10, item 3: a SIGKILLed consumer leaves no execution running (the delivery work relies on it)."""
+    consumer = await asyncio.create_subprocess_exec(sys.executable, "-c", CONSUMER, stdout=asyncio.subprocess.PIPE)
+    assert consumer.stdout is not None
+    template = psutil.Process(int(await consumer.stdout.readline()))
+    assert await eventually(lambda: any(c.children() for c in template.children() if c.uids().real != 0))
+    clones = template.children(recursive=True)  # the execution, its child, the spares
+    consumer.kill()
+    await consumer.wait()
+    assert await gone(template.pid)
+    for clone in clones:
+        assert await gone(clone.pid), _describe(clone)
+
+
+def _describe(process: psutil.Process) -> str:
+    try:
+        return f"{process.pid} {process.status()} ppid {process.ppid()} {process.cmdline()}"
+    except psutil.Error as e:
+        return f"{process.pid}: {e!r}"
