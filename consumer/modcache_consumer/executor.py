@@ -7,8 +7,9 @@ The interface the rest of the consumer uses is small on purpose::
     outcome = await executor.run(job, timeout_s=..., session=serving.Session(...))   # never raises for
     await executor.close()                                                            # what the workflow did
 
-``run`` creates the execution's channel (a socketpair) and output pipe, hands their far ends to the executor
-with a ``spawn`` frame, and talks to the execution until its process is gone (``exited``):
+``run`` takes a spare the executor handed over (a fresh clone blocked on its own channel, a socketpair, with
+its output pipe), writes the job on that channel, tells the executor its deadline starts (``run``), and talks
+to the execution until it sent its result and closed the channel, or its process is gone (``exited``):
 
 * one ``Result`` frame and a clean exit: that result (SUCCESS or FAILED as the workflow ended);
 * the executor stopped it at its deadline (SIGTERM, SIGKILL ``grace_s`` later): TIMEOUT;
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import array
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import itertools
@@ -55,6 +57,7 @@ ENV_ALLOWLIST = (
     "SSL_CERT_DIR",
 )
 RESULT_FRAME_OVERHEAD = 64 * 1024
+MAX_FDS = 16
 EXIT_REPORT_MARGIN_S = 10.0
 
 
@@ -130,6 +133,20 @@ class _Talk:
         return self.eof and self.broken is None and len(self.results) == 1
 
 
+@dataclasses.dataclass
+class _Spare:
+    """A fresh execution process waiting for its job: its pid, our end of its channel, its output's read end."""
+
+    pid: int
+    channel: int
+    output: int
+
+    def close(self) -> None:
+        for fd in (self.channel, self.output):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
 class _Control:
     """The control connection: frames (with descriptors) out, ``exited`` reports in."""
 
@@ -138,7 +155,9 @@ class _Control:
         self.sock = sock
         self.hello: dict[str, Any] = {}
         self._waiters: dict[int, asyncio.Future[dict[str, Any]]] = {}
-        self.pids: dict[int, int] = {}  # ticket -> the execution's pid, from "started"
+        self._fds: collections.deque[int] = collections.deque()
+        self._spares: collections.deque[_Spare] = collections.deque()
+        self._spare_arrived = asyncio.Event()
         self._send_lock = asyncio.Lock()
         self._frames = protocol.Frames(limit=protocol.MAX_CONTROL_FRAME_BYTES)
         self._first: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
@@ -159,7 +178,25 @@ class _Control:
 
     def forget(self, ticket: int) -> None:
         self._waiters.pop(ticket, None)
-        self.pids.pop(ticket, None)
+
+    async def spare(self, timeout_s: float) -> _Spare:
+        """A fresh execution process blocked on its channel, handed over by the executor."""
+        async with asyncio.timeout(timeout_s):
+            while not self._spares:
+                if self.lost.is_set():
+                    raise ExecutorLost("the executor went away")
+                self._spare_arrived.clear()
+                await self._spare_arrived.wait()
+        return self._spares.popleft()
+
+    def drop_spares(self) -> list[int]:
+        """Close the channels of the spares held (they exit unused); returns their pids."""
+        dropped = []
+        while self._spares:
+            spare = self._spares.popleft()
+            spare.close()
+            dropped.append(spare.pid)
+        return dropped
 
     async def send(self, frame: Any, fds: list[int] | None = None) -> None:
         if self.lost.is_set():
@@ -182,7 +219,7 @@ class _Control:
     async def _read(self) -> None:
         loop = asyncio.get_running_loop()
         try:
-            while data := await loop.sock_recv(self.sock, 1 << 16):
+            while data := await _recvmsg(loop, self.sock, self._fds):
                 for frame in self._frames.feed(data):
                     self._deliver(frame)
         except (OSError, protocol.ProtocolError) as e:
@@ -193,8 +230,13 @@ class _Control:
     def _deliver(self, frame: dict[str, Any]) -> None:
         if frame["op"] == "hello" and not self._first.done():
             self._first.set_result(frame)
-        elif frame["op"] == "started":
-            self.pids[int(frame["ticket"])] = int(frame["pid"])
+        elif frame["op"] == "spare" and len(self._fds) >= 2:
+            spare = _Spare(pid=int(frame["pid"]), channel=self._fds.popleft(), output=self._fds.popleft())
+            if self.lost.is_set():
+                spare.close()
+                return
+            self._spares.append(spare)
+            self._spare_arrived.set()
         elif frame["op"] == "exited":
             waiter = self._waiters.pop(int(frame["ticket"]), None)
             if waiter is not None and not waiter.done():
@@ -202,6 +244,10 @@ class _Control:
 
     def _close(self) -> None:
         self.lost.set()
+        self._spare_arrived.set()
+        self.drop_spares()
+        while self._fds:
+            os.close(self._fds.popleft())
         lost = ExecutorLost("the executor went away during the execution")
         if not self._first.done():
             self._first.set_exception(ExecutorUnavailable("the executor closed the connection before saying hello"))
@@ -228,6 +274,7 @@ class Executor:
         terminate_grace_s: float = 5.0,
         start_timeout_s: float = 30.0,
         uid_base: int | None = None,
+        namespaces: bool = True,
         python: str = sys.executable,
         environment: Mapping[str, str] | None = None,
         teacher: Teacher | None = None,
@@ -238,6 +285,7 @@ class Executor:
         self._grace_s = terminate_grace_s
         self._start_timeout_s = start_timeout_s
         self._uid_base = uid_base
+        self._namespaces = namespaces
         self._python = python
         self._environment = dict(environment if environment is not None else executor_environment())
         self._teacher = teacher
@@ -247,6 +295,7 @@ class Executor:
         self._lock = asyncio.Lock()
         self._tickets = itertools.count(1)
         self._closed = False
+        self._forwarders: set[asyncio.Task[None]] = set()
 
     # -- lifecycle ------------------------------------------------------------------------------------------
 
@@ -257,6 +306,8 @@ class Executor:
         self._closed = True
         async with self._lock:
             await self._disconnect()
+        for forwarder in list(self._forwarders):
+            await _finish(forwarder)
 
     @property
     def template_pid(self) -> int | None:
@@ -290,6 +341,7 @@ class Executor:
                 "--parent",
                 str(os.getpid()),
                 *(["--uid-base", str(self._uid_base)] if self._uid_base is not None else []),
+                *([] if self._namespaces else ["--no-namespaces"]),
                 pass_fds=[theirs.fileno()],
                 env=self._environment,
                 stdin=asyncio.subprocess.DEVNULL,
@@ -347,52 +399,51 @@ class Executor:
     async def run(self, job: protocol.Job, *, timeout_s: float, session: Session) -> Outcome:
         """Run ``job`` in a fresh process; never raises for what the workflow or its process did."""
         control = await self._connected()
+        spare = await control.spare(self._start_timeout_s)
         ticket = next(self._tickets)
         exited = control.expect(ticket)
-        ours, theirs = socket.socketpair()
-        out_r, out_w = os.pipe()
-        output = asyncio.create_task(self._forward_output(out_r, job["execution_id"]))
+        ours = socket.socket(fileno=spare.channel)
+        output = asyncio.create_task(self._forward_output(spare.output, job["execution_id"]))
         try:
-            try:
-                await control.send(self._spawn_frame(ticket, timeout_s), fds=[theirs.fileno(), out_w])
-            finally:
-                theirs.close()
-                os.close(out_w)
-            return await self._follow(control, ticket, exited, ours, job, timeout_s, session)
+            return await self._follow(control, ticket, spare.pid, exited, ours, job, timeout_s, session)
         finally:
             control.forget(ticket)
             ours.close()
-            await _finish(output)
+            self._forwarders.add(output)  # it ends when the process and its descendants are gone
+            output.add_done_callback(self._forwarders.discard)
             await self._teach(control)
 
-    def _spawn_frame(self, ticket: int, timeout_s: float) -> protocol.Spawn:
+    def _job_frame(self, job: protocol.Job) -> dict[str, Any]:
         limits = self._limits
         return {
-            "op": "spawn",
-            "ticket": ticket,
-            "timeout_s": timeout_s,
-            "grace_s": self._grace_s,
-            "memory_bytes": limits.memory_bytes,
-            "processes": limits.processes,
-            "file_bytes": limits.file_bytes,
-            "tmp_bytes": limits.tmp_bytes,
+            **job,
+            "max_result_bytes": limits.max_result_bytes,
+            "limits": {
+                "memory_bytes": limits.memory_bytes,
+                "processes": limits.processes,
+                "file_bytes": limits.file_bytes,
+                "tmp_bytes": limits.tmp_bytes,
+            },
         }
 
     async def _follow(
         self,
         control: _Control,
         ticket: int,
+        pid: int,
         exited: asyncio.Future[dict[str, Any]],
         ours: socket.socket,
         job: protocol.Job,
         timeout_s: float,
         session: Session,
     ) -> Outcome:
-        talk = _Talk()
+        talk = _Talk(pid=pid)
         conversation = asyncio.create_task(self._converse(ours, job, session, talk))
+        start = {"op": "run", "ticket": ticket, "pid": pid, "timeout_s": timeout_s, "grace_s": self._grace_s}
         report: Mapping[str, Any] | None = None
         try:
             async with asyncio.timeout(timeout_s + self._grace_s + EXIT_REPORT_MARGIN_S):
+                await control.send(start)  # after the job was queued on the channel: the deadline starts
                 waiting: set[asyncio.Future[Any]] = {conversation, exited}
                 await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
                 if not (conversation.done() and talk.finished):  # else: one result, then EOF: nothing can follow
@@ -411,7 +462,6 @@ class Executor:
         finally:
             conversation.cancel()
             await asyncio.gather(conversation, return_exceptions=True)
-        talk.pid = control.pids.pop(ticket, None)
         outcome = decide(talk, report, timeout_s=timeout_s)
         if outcome.status == messages.Status.FAILED and not talk.results:
             self._observer.on_worker_lost(outcome.pid or 0, outcome.error or "")
@@ -420,7 +470,7 @@ class Executor:
     async def _converse(self, sock: socket.socket, job: protocol.Job, session: Session, talk: _Talk) -> None:
         reader, writer = await asyncio.open_unix_connection(sock=sock)
         try:
-            writer.write(protocol.encode({**job, "max_result_bytes": self._limits.max_result_bytes}))
+            writer.write(protocol.encode(self._job_frame(job)))
             await writer.drain()
             limit = self._limits.max_result_bytes + RESULT_FRAME_OVERHEAD
             while True:
@@ -478,8 +528,10 @@ class Executor:
         """Verified modules this execution read, for the template to compile before the next clone."""
         lesson = self._teacher.learned() if self._teacher is not None else None
         if lesson is not None:
+            dropped = control.drop_spares()  # cloned before the lesson: the executor sends fresh ones after it
             with contextlib.suppress(ExecutorLost):
                 await control.send(lesson)
+                await control.send({"op": "spares", "dropped": dropped})
 
 
 def decide(talk: _Talk, report: Mapping[str, Any] | None, *, timeout_s: float) -> Outcome:
@@ -559,6 +611,36 @@ def _log_output(execution_id: str, raw: bytes) -> None:
     line = errors.truncate(raw.decode(errors="replace").rstrip())
     if line.strip():
         log.info("execution %s: %s", execution_id, line)
+
+
+async def _recvmsg(loop: asyncio.AbstractEventLoop, sock: socket.socket, fds: collections.deque[int]) -> bytes:
+    """recvmsg on a non-blocking socket: the data, with any descriptors appended to ``fds``."""
+    while True:
+        try:
+            data, ancillary, _, _ = sock.recvmsg(1 << 16, socket.CMSG_SPACE(MAX_FDS * 4))
+        except BlockingIOError:
+            await _readable(loop, sock)
+            continue
+        for level, kind, payload in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                received = array.array("i")
+                received.frombytes(payload[: len(payload) - len(payload) % received.itemsize])
+                fds.extend(received)
+        return data
+
+
+async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(sock.fileno(), wake)
+    try:
+        await ready
+    finally:
+        loop.remove_reader(sock.fileno())
 
 
 async def _writable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:

@@ -7,18 +7,25 @@ imports it): no asyncio, no SQLAlchemy. Two kinds of connection:
 secret, no parameter and no result, so the template's memory, which every execution inherits, never holds one.
 
 * executor -> consumer ``Hello`` on connect;
-* consumer -> executor ``Spawn`` with two descriptors attached (``SCM_RIGHTS``): the execution's channel and
-  its output pipe; executor -> consumer ``Exited`` when the execution's process is gone (its whole PID
-  namespace with it), saying whether the executor stopped it at its deadline;
+* executor -> consumer ``{"op": "spare", "pid"}`` with two descriptors attached (``SCM_RIGHTS``): the consumer's
+  end of a fresh clone's channel and the read end of its output pipe. The clone never ran anything; it is
+  blocked reading its channel. The executor keeps a couple of spares in each consumer's hands, so no clone is on
+  the hot path;
+* consumer -> executor ``{"op": "run", "ticket", "pid", "timeout_s", "grace_s"}`` once it wrote a job on that
+  spare's channel: the deadline starts (SIGTERM at ``timeout_s``, SIGKILL ``grace_s`` later); executor ->
+  consumer ``Exited`` when the process is gone (its whole PID namespace with it);
 * consumer -> executor ``{"op": "stop", "ticket"}`` ends an execution early (a broken channel, a cancelled
-  message); ``{"op": "learn", ...}`` hands the template verified workspace modules to compile and keep
-  (``Learned``): public code any execution may import, cached by content hash.
+  message); ``Learned`` hands the template verified workspace modules to compile and keep (public code any
+  execution may import, cached by content hash), followed by ``{"op": "spares", "dropped": [pid, ...]}``: the
+  consumer closed the spares it held (cloned from the old memory) and gets new ones.
 
-**Channel** (consumer <-> one execution, a socketpair of its own). Consumer -> execution ``Job``; execution ->
-consumer requests (``lookup``, ``manifest``, ``directory``, ``repair``, ``secret``), each answered by one
-``{"op": "answer", ...}``; then execution -> consumer exactly one ``Result``. Workflow code can reach its own
-channel descriptor, so the consumer trusts nothing on it beyond that execution: a garbage, oversized or second
-result frame fails only this execution.
+**Channel** (consumer <-> one execution, a socketpair of its own). Consumer -> execution ``Job`` (with the
+limits the clone applies before any of it runs); execution -> consumer requests (``lookup``, ``manifest``,
+``directory``, ``repair``, ``secret``), each answered by one ``{"op": "answer", ...}``; then execution ->
+consumer exactly one ``Result``. Workflow code can reach its own channel descriptor, so the consumer trusts
+nothing on it beyond that execution: a garbage, oversized or second result frame fails only this execution.
+After its result the runtime shuts the socket for writing (every descriptor of it), so the consumer has its
+EOF at once and nothing can follow the result.
 """
 
 from __future__ import annotations
@@ -31,17 +38,6 @@ from typing import Any, NotRequired, TypedDict
 HEADER = struct.Struct(">I")
 MAX_CONTROL_FRAME_BYTES = 64 * 1024**2
 MAX_REQUEST_BYTES = 1024**2  # an execution's requests (not its result) stay below this
-
-
-class Spawn(TypedDict):
-    op: str
-    ticket: int
-    timeout_s: float
-    grace_s: float
-    memory_bytes: int | None
-    processes: int | None
-    file_bytes: int | None
-    tmp_bytes: int
 
 
 class Exited(TypedDict):
@@ -87,6 +83,7 @@ class Job(TypedDict):
     organization: dict[str, Any] | None
     generation: int
     max_result_bytes: NotRequired[int]
+    limits: NotRequired[dict[str, int | None]]  # memory_bytes, processes, file_bytes, tmp_bytes
 
 
 class Result(TypedDict):
@@ -166,6 +163,10 @@ class Channel:
         if len(body) < length:
             raise ProtocolError("EOF inside a frame")
         return decode(body)
+
+    def finish(self) -> None:
+        """Shut the socket for writing (for every descriptor of it, a workflow's copies included)."""
+        self._sock.shutdown(socket.SHUT_WR)
 
     def ask(self, request: dict[str, Any]) -> dict[str, Any]:
         """Send a request and return its answer; the consumer going away ends the execution."""

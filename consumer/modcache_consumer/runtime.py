@@ -20,12 +20,13 @@ import dataclasses
 import inspect
 import json
 import linecache
+import os
 import socket
 import sys
 import time
 import traceback
 import types
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from modcache import errors
@@ -242,17 +243,25 @@ def _ms_since(started: float) -> float:
     return round((time.perf_counter() - started) * 1000, 3)
 
 
-def main(*, channel_fd: int, memory: Memory) -> int:
-    """Run the one execution this process exists for; returns the exit code."""
+def main(*, channel_fd: int, memory: Memory, isolate: Callable[[dict[str, Any]], None] = lambda job: None) -> int:
+    """Wait for the one job this process exists for on its channel, ``isolate`` (limits, uid) before any of it
+    runs, run it; returns the exit code (0 too when the channel closed before a job: a spare dropped)."""
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+    os.set_inheritable(channel_fd, False)  # subprocess children never get it (a fork still does)
     channel = protocol.Channel(socket.socket(fileno=channel_fd))
     job: Any = channel.receive()
-    if job is None or job.get("op") != "run":
+    if job is None:
+        return 0
+    if job.get("op") != "run":
         return 2
+    received = time.perf_counter()
+    isolate(job)
+    isolated_ms = _ms_since(received)
     store = ChannelStore(channel=channel, memory=memory, generation=int(job["generation"]))
     hook = importer.WorkspaceImporter(store=store, request_repair=lambda paths: _repair(channel, store, paths))
     sys.meta_path.append(hook)
     result = Runner(hook=hook, channel=channel).run(job)
+    result["timings_ms"]["isolate_ms"] = isolated_ms
     sys.stdout.flush()
     sys.stderr.flush()
     if _terminating:
@@ -261,6 +270,7 @@ def main(*, channel_fd: int, memory: Memory) -> int:
         channel.send(result)
     except (TypeError, ValueError, RecursionError) as e:  # the workflow replaced something json needs
         channel.send(_failed(f"the result could not be sent: {type(e).__name__}", {}))
+    channel.finish()  # EOF for the consumer now, not when the process is gone: nothing can follow the result
     return 0
 
 

@@ -71,7 +71,6 @@ class Limits:
     memory_bytes: int | None = None
     processes: int | None = 64
     file_bytes: int | None = 64 * 1024**2
-    tmp_bytes: int = 64 * 1024**2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,11 +151,23 @@ def probe(uid_base: int) -> Isolation:
         except SandboxError:
             continue
         if pid == 0:
-            os._exit(0)
+            os._exit(_try_namespaces(user))
         _, status = os.waitpid(pid, 0)
         if os.waitstatus_to_exitcode(status) == 0:
             return Isolation(namespaces=True, user_namespace=user, uid_base=uid_base if root else None)
     return Isolation(namespaces=False, user_namespace=False, uid_base=uid_base if root else None)
+
+
+def _try_namespaces(user: bool) -> int:
+    """In the probe's clone: what an execution will do with its namespaces; 0 if all of it works."""
+    try:
+        if user:
+            enter_user_namespace(os.getuid(), os.getgid())
+        private_mounts(())
+        mount("tmpfs", "/tmp", "tmpfs", _MS_NOSUID | _MS_NODEV, "mode=1777,size=4k")
+    except OSError:
+        return 1
+    return 0
 
 
 def needed_trees(paths: Iterable[str] = ()) -> list[str]:
@@ -213,8 +224,13 @@ def enter_user_namespace(outer_uid: int, outer_gid: int) -> None:
         f.write(f"0 {outer_gid} 1")
 
 
-def private_mounts(tmp_bytes: int) -> None:
-    """``/proc`` of the execution's own PID namespace, and a private tmpfs ``/tmp``."""
+#: World-writable directories every execution gets a private, empty tmpfs of its own on.
+SCRATCH_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
+
+
+def private_mounts(hidden: Sequence[str] = ()) -> None:
+    """``/proc`` of the execution's own PID namespace, and an empty read-only tmpfs over each of ``hidden``
+    (the executor's socket directory)."""
     flags = _MS_NOSUID | _MS_NODEV
     mount(None, "/", None, _MS_REC | _MS_PRIVATE)
     try:
@@ -222,7 +238,23 @@ def private_mounts(tmp_bytes: int) -> None:
     except SandboxError as e:
         if e.errno != errno.EPERM:  # a container's masked /proc refuses a new proc mount: keep the old one
             raise
-    mount("tmpfs", "/tmp", "tmpfs", flags, f"mode=1777,size={tmp_bytes}")
+    for path in hidden:
+        if os.path.isdir(path) and not _holds_interpreter(path):
+            mount("tmpfs", path, "tmpfs", flags | _MS_RDONLY | _MS_NOEXEC, "mode=755,size=4k")
+
+
+def scratch_mounts(tmp_bytes: int) -> None:
+    """A private, empty tmpfs of ``tmp_bytes`` on each of ``SCRATCH_DIRS``."""
+    for scratch in SCRATCH_DIRS:
+        if os.path.isdir(scratch):
+            mount("tmpfs", scratch, "tmpfs", _MS_NOSUID | _MS_NODEV, f"mode=1777,size={tmp_bytes}")
+
+
+def _holds_interpreter(path: str) -> bool:
+    """Hiding ``path`` would hide the interpreter or the code the execution imports (``/``, ``/usr``, ...)."""
+    real = os.path.realpath(path).rstrip("/") + "/"
+    needed = (sys.base_prefix, sys.prefix, os.path.dirname(__file__), *sys.path)
+    return any((os.path.realpath(p).rstrip("/") + "/").startswith(real) for p in needed if p)
 
 
 def apply_limits(limits: Limits) -> None:

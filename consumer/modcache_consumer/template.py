@@ -8,8 +8,10 @@ which runs ``runtime.main`` once and exits, so no interpreter ever runs code of 
 
 Single-threaded (a ``selectors`` loop), because it forks. Per control connection (``protocol``):
 
-* ``spawn`` (+ the channel and output descriptors) -> clone; the template keeps neither descriptor;
-* the deadline: SIGTERM at ``timeout_s``, SIGKILL ``grace_s`` later; ``stop`` -> SIGKILL now;
+* spares: fresh clones, already in their PID and mount namespaces, blocked reading their channel, whose other
+  end (and output pipe) is handed to the consumer; the consumer writes a job there and the clone applies its
+  limits, drops to its uid and runs it at once. The template never sees a job;
+* ``run`` -> the deadline: SIGTERM at ``timeout_s``, SIGKILL ``grace_s`` later; ``stop`` -> SIGKILL now;
 * a pidfd per execution says when it is gone -> ``exited`` (the PID namespace, and every descendant, died
   with it);
 * the connection closing (the consumer died, even by SIGKILL) -> every execution of that connection is killed
@@ -21,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import array
-import collections
 import contextlib
 import dataclasses
 import importlib
@@ -52,26 +53,40 @@ MAX_FDS_PER_MESSAGE = 16
 
 @dataclasses.dataclass(eq=False)
 class Control:
-    """One consumer's connection."""
+    """One consumer's connection, and the spares handed to it (by pid)."""
 
     sock: socket.socket
     frames: protocol.Frames = dataclasses.field(
         default_factory=lambda: protocol.Frames(limit=protocol.MAX_CONTROL_FRAME_BYTES)
     )
-    fds: collections.deque[int] = dataclasses.field(default_factory=collections.deque)
+    spares: dict[int, Spare] = dataclasses.field(default_factory=dict)
 
-    def send(self, frame: Any) -> None:
-        with contextlib.suppress(OSError):  # a consumer that is gone learns nothing; its executions die anyway
-            self.sock.sendall(protocol.encode(frame))
+    def send(self, frame: Any, fds: list[int] | None = None) -> bool:
+        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+        data = protocol.encode(frame)
+        try:
+            sent = self.sock.sendmsg([data], ancillary)
+            if sent < len(data):
+                self.sock.sendall(data[sent:])
+        except OSError:  # a consumer that is gone learns nothing; its executions die anyway
+            return False
+        return True
+
+
+@dataclasses.dataclass(eq=False)
+class Spare:
+    """A fresh clone that never ran anything, blocked reading its channel: the consumer holds the other end."""
+
+    pid: int
+    pidfd: int
+    slot: int
 
 
 @dataclasses.dataclass(eq=False)
 class Execution:
     ticket: int
-    pid: int
-    pidfd: int
+    spare: Spare
     control: Control
-    slot: int
     terminate_at: float
     grace_s: float
     kill_at: float | None = None
@@ -80,58 +95,63 @@ class Execution:
 
 
 class Template:
-    def __init__(self, *, isolation: sandbox.Isolation, memory: runtime.Memory, exit_with_last: bool) -> None:
+    def __init__(
+        self,
+        *,
+        isolation: sandbox.Isolation,
+        memory: runtime.Memory,
+        exit_with_last: bool,
+        hidden: tuple[str, ...] = (),
+        spares: int = 2,
+    ) -> None:
         self._isolation = isolation
+        self._hidden = hidden
         self._memory = memory
         self._exit_with_last = exit_with_last
+        self._spares_per_consumer = spares
         self._selector = selectors.DefaultSelector()
-        self._executions: dict[int, Execution] = {}  # by pidfd
+        self._executions: dict[int, Execution] = {}  # by pid
+        self._processes: dict[int, Spare] = {}  # every clone alive, by pid
         self._controls: set[Control] = set()
         self._running = True
         self._pid = os.getpid()
-        self._self_pidfd = os.pidfd_open(self._pid)  # an execution checks it to see that its template lives
+        self._self_pidfd = os.pidfd_open(self._pid)  # a clone checks it to see that its template lives
 
     # -- the loop -------------------------------------------------------------------------------------------
 
     def listen(self, sock: socket.socket) -> None:
-        self._selector.register(sock, selectors.EVENT_READ, self._accept)
+        self._selector.register(sock, selectors.EVENT_READ, lambda: self._accept(sock))
 
     def attach(self, sock: socket.socket) -> None:
         control = Control(sock=sock)
         self._controls.add(control)
         self._selector.register(sock, selectors.EVENT_READ, lambda: self._read(control))
         control.send({"op": "hello", "pid": self._pid, "isolation": self._isolation.describe()})
+        self._offer(control)
 
     def stop(self) -> None:
         self._running = False
 
     def serve(self) -> None:
         while self._running or self._executions:
-            timeout = self._next_timer()
-            for key, _ in self._selector.select(timeout):
+            for key, _ in self._selector.select(self._next_timer()):
                 key.data()
             self._fire_timers()
             if not self._running:
                 for execution in list(self._executions.values()):
-                    self._signal(execution, signal.SIGKILL)
+                    self._signal(execution.spare, signal.SIGKILL)
 
-    def _accept(self) -> None:
-        listener = next(k.fileobj for k in self._selector.get_map().values() if k.data == self._accept)
-        assert isinstance(listener, socket.socket)
+    def _accept(self, listener: socket.socket) -> None:
         with contextlib.suppress(BlockingIOError):
             sock, _ = listener.accept()
+            sock.setblocking(True)
             self.attach(sock)
 
     def _read(self, control: Control) -> None:
         try:
-            data, ancillary, _, _ = control.sock.recvmsg(1 << 16, socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * 4))
+            data = control.sock.recv(1 << 16)
         except OSError:
-            data, ancillary = b"", []
-        for level, kind, payload in ancillary:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds = array.array("i")
-                fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
-                control.fds.extend(fds)
+            data = b""
         if not data:
             self._lose(control)
             return
@@ -146,91 +166,160 @@ class Template:
 
     def _dispatch(self, control: Control, frame: dict[str, Any]) -> None:
         op = frame["op"]
-        if op == "spawn":
-            self._spawn(control, frame)  # type: ignore[arg-type]
+        if op == "run":
+            self._start(control, frame)
         elif op == "stop":
             for execution in self._executions.values():
                 if execution.control is control and execution.ticket == frame.get("ticket"):
                     execution.stopped = True
-                    self._signal(execution, signal.SIGKILL)
+                    self._signal(execution.spare, signal.SIGKILL)
         elif op == "learn":
             try:
                 self._memory.learn(frame)  # type: ignore[arg-type]
             except (KeyError, TypeError, ValueError, SyntaxError) as e:
                 log.warning("executor: ignored a learn frame: %s", type(e).__name__)
+        elif op == "spares":  # the consumer dropped these: new ones, cloned from the new memory
+            for pid in frame.get("dropped", []):
+                spare = control.spares.pop(int(pid), None)
+                if spare is not None:
+                    self._signal(spare, signal.SIGKILL)
+            self._offer(control)
 
     def _lose(self, control: Control) -> None:
-        """The consumer is gone: every execution it started dies now."""
+        """The consumer is gone: every execution it started, and every spare it held, dies now."""
         self._controls.discard(control)
         with contextlib.suppress(KeyError, ValueError):
             self._selector.unregister(control.sock)
         control.sock.close()
-        while control.fds:
-            os.close(control.fds.popleft())
         for execution in self._executions.values():
             if execution.control is control:
-                self._signal(execution, signal.SIGKILL)
+                self._signal(execution.spare, signal.SIGKILL)
+        for spare in control.spares.values():
+            self._signal(spare, signal.SIGKILL)
+        control.spares.clear()
         if self._exit_with_last and not self._controls:
             self._running = False
 
-    # -- executions -----------------------------------------------------------------------------------------
+    # -- spares and executions ------------------------------------------------------------------------------
 
-    def _spawn(self, control: Control, frame: protocol.Spawn) -> None:
-        if len(control.fds) < 2:
-            control.send({"op": "exited", "ticket": frame["ticket"], "pid": 0, "returncode": 127,
+    def _offer(self, control: Control) -> None:
+        """Keep ``spares`` fresh clones waiting in this consumer's hands: it writes a job on one's channel and
+        the clone runs it at once (no clone on the hot path)."""
+        while self._running and control in self._controls and len(control.spares) < self._spares_per_consumer:
+            spare, channel, output = self._clone()
+            if spare is None:
+                return
+            sent = control.send({"op": "spare", "pid": spare.pid}, fds=[channel, output])
+            os.close(channel)
+            os.close(output)
+            if not sent:
+                self._signal(spare, signal.SIGKILL)
+                return
+            control.spares[spare.pid] = spare
+
+    def _start(self, control: Control, frame: dict[str, Any]) -> None:
+        """The consumer wrote a job on a spare's channel: its deadline starts now."""
+        spare = control.spares.pop(int(frame.get("pid", 0)), None)
+        if spare is None:
+            control.send({"op": "exited", "ticket": frame.get("ticket"), "pid": 0, "returncode": 127,
                           "timed_out": False, "stopped": False})  # fmt: skip
             return
-        channel, output = control.fds.popleft(), control.fds.popleft()
-        slot = self._free_slot()
-        limits = sandbox.Limits(
-            memory_bytes=frame.get("memory_bytes"),
-            processes=frame.get("processes"),
-            file_bytes=frame.get("file_bytes"),
-            tmp_bytes=int(frame.get("tmp_bytes") or 64 * 1024**2),
+        self._executions[spare.pid] = Execution(
+            ticket=int(frame["ticket"]),
+            spare=spare,
+            control=control,
+            terminate_at=time.monotonic() + float(frame["timeout_s"]),
+            grace_s=float(frame["grace_s"]),
         )
+        self._offer(control)
+
+    def _clone(self) -> tuple[Spare | None, int, int]:
+        """A fresh clone blocked on its channel; returns it with the consumer's ends (channel, output)."""
+        ours, theirs = socket.socketpair()
+        out_r, out_w = os.pipe()
+        slot = self._free_slot()
         flags = sandbox.CLONE_NEWPID | sandbox.CLONE_NEWNS if self._isolation.namespaces else 0
         if self._isolation.user_namespace:
             flags |= sandbox.CLONE_NEWUSER
         try:
             pid = sandbox.clone(flags)
         except sandbox.SandboxError as e:
-            log.error("executor: cannot start an execution: %s", e)
+            log.error("executor: cannot clone an execution process: %s", e)
             pid = -1
         if pid == 0:
-            self._become_execution(channel, output, slot, limits)  # never returns
-        os.close(channel)
-        os.close(output)
+            self._become_execution(theirs.detach(), out_w, slot)  # never returns
+        theirs.close()
+        os.close(out_w)
         if pid < 0:
-            control.send({"op": "exited", "ticket": frame["ticket"], "pid": 0, "returncode": 126,
-                          "timed_out": False, "stopped": False})  # fmt: skip
-            return
-        pidfd = os.pidfd_open(pid)
-        execution = Execution(
-            ticket=frame["ticket"],
-            pid=pid,
-            pidfd=pidfd,
-            control=control,
-            slot=slot,
-            terminate_at=time.monotonic() + float(frame["timeout_s"]),
-            grace_s=float(frame["grace_s"]),
-        )
-        self._executions[pidfd] = execution
-        self._selector.register(pidfd, selectors.EVENT_READ, lambda: self._reap(execution))
-        control.send({"op": "started", "ticket": execution.ticket, "pid": pid})
+            ours.close()
+            os.close(out_r)
+            return None, -1, -1
+        spare = Spare(pid=pid, pidfd=os.pidfd_open(pid), slot=slot)
+        self._processes[pid] = spare
+        self._selector.register(spare.pidfd, selectors.EVENT_READ, lambda: self._reap(spare))
+        return spare, ours.detach(), out_r
 
-    def _become_execution(self, channel: int, output: int, slot: int, limits: sandbox.Limits) -> None:
-        """In the clone: isolate, then run the one execution. Exits; never returns to the template's loop."""
+    def _free_slot(self) -> int:
+        taken = {p.slot for p in self._processes.values()}
+        return next(n for n in range(len(taken) + 1) if n not in taken)
+
+    def _reap(self, spare: Spare) -> None:
+        self._selector.unregister(spare.pidfd)
+        os.close(spare.pidfd)
+        del self._processes[spare.pid]
+        _, status = os.waitpid(spare.pid, 0)
+        if not self._isolation.namespaces:
+            self._sweep()
+        execution = self._executions.pop(spare.pid, None)
+        if execution is None:  # a spare that never got a job (dropped by its consumer, or killed)
+            for control in self._controls:
+                control.spares.pop(spare.pid, None)
+            return
+        execution.control.send({
+            "op": "exited",
+            "ticket": execution.ticket,
+            "pid": spare.pid,
+            "returncode": os.waitstatus_to_exitcode(status),
+            "timed_out": execution.timed_out,
+            "stopped": execution.stopped,
+        })  # fmt: skip
+
+    def _sweep(self) -> None:
+        """Without a PID namespace: orphans of finished executions were reparented to this subreaper; kill
+        every child that is not a live clone, until none is left."""
+        for _ in range(100):
+            strays = [pid for pid in _children(self._pid) if pid not in self._processes]
+            if not strays:
+                return
+            for pid in strays:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            for pid in strays:
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, 0)
+
+    def _signal(self, spare: Spare, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError, OSError):
+            signal.pidfd_send_signal(spare.pidfd, sig)
+            if not self._isolation.namespaces:
+                os.killpg(spare.pid, sig)
+
+    # -- inside the clone ----------------------------------------------------------------------------------
+
+    def _become_execution(self, channel: int, output: int, slot: int) -> None:
+        """In the clone: isolate what needs no job, wait for the job on the channel, isolate the rest (its
+        limits, its uid), run it, exit. Never returns to the template's loop."""
         code = 70
         try:
-            self._isolate(channel, output, slot, limits)
-            code = runtime.main(channel_fd=3, memory=self._memory)
+            self._prepare_clone(channel, output)
+            code = runtime.main(channel_fd=3, memory=self._memory, isolate=lambda job: self._isolate(job, slot))
         except BaseException as e:
             with contextlib.suppress(Exception):
                 os.write(2, f"modcache execution: {type(e).__name__}: {e}\n".encode())
         finally:
             os._exit(code)
 
-    def _isolate(self, channel: int, output: int, slot: int, limits: sandbox.Limits) -> None:
+    def _prepare_clone(self, channel: int, output: int) -> None:
         iso = self._isolation
         if not iso.namespaces:
             os.setsid()  # at least a process group the deadline can signal
@@ -245,36 +334,26 @@ class Template:
         if iso.user_namespace:
             sandbox.enter_user_namespace(os.getuid(), os.getgid())
         if iso.namespaces:
-            sandbox.private_mounts(limits.tmp_bytes)
-        sandbox.apply_limits(limits)
-        sandbox.drop_privileges(None if iso.uid_base is None else iso.uid_base + slot)
+            sandbox.private_mounts(self._hidden)
+        else:
+            sandbox.make_non_dumpable()  # same-uid executions cannot read each other's memory
+
+    def _isolate(self, job: dict[str, Any], slot: int) -> None:
+        """After the job arrived, before anything of it runs: its limits and uid."""
+        limits = job.get("limits") or {}
+        if self._isolation.namespaces:
+            sandbox.scratch_mounts(int(limits.get("tmp_bytes") or 64 * 1024**2))
+        sandbox.apply_limits(
+            sandbox.Limits(
+                memory_bytes=limits.get("memory_bytes"),
+                processes=limits.get("processes"),
+                file_bytes=limits.get("file_bytes"),
+            )
+        )
+        sandbox.drop_privileges(None if self._isolation.uid_base is None else self._isolation.uid_base + slot)
         os.environ.clear()
         os.environ.update(_EXECUTION_ENV)
         os.chdir("/tmp")
-
-    def _free_slot(self) -> int:
-        taken = {e.slot for e in self._executions.values()}
-        return next(n for n in range(len(taken) + 1) if n not in taken)
-
-    def _reap(self, execution: Execution) -> None:
-        self._selector.unregister(execution.pidfd)
-        del self._executions[execution.pidfd]
-        os.close(execution.pidfd)
-        _, status = os.waitpid(execution.pid, 0)
-        execution.control.send({
-            "op": "exited",
-            "ticket": execution.ticket,
-            "pid": execution.pid,
-            "returncode": os.waitstatus_to_exitcode(status),
-            "timed_out": execution.timed_out,
-            "stopped": execution.stopped,
-        })  # fmt: skip
-
-    def _signal(self, execution: Execution, sig: int) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            signal.pidfd_send_signal(execution.pidfd, sig)
-            if not self._isolation.namespaces:
-                os.killpg(execution.pid, sig)
 
     # -- timers ---------------------------------------------------------------------------------------------
 
@@ -288,13 +367,21 @@ class Template:
             if execution.kill_at is None and now >= execution.terminate_at:
                 execution.timed_out = True
                 execution.kill_at = now + execution.grace_s
-                self._signal(execution, signal.SIGTERM)
+                self._signal(execution.spare, signal.SIGTERM)
             elif execution.kill_at is not None and now >= execution.kill_at:
                 execution.kill_at = now + 3600.0  # signalled; the pidfd reports the end
-                self._signal(execution, signal.SIGKILL)
+                self._signal(execution.spare, signal.SIGKILL)
 
 
 _EXECUTION_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp", "TMPDIR": "/tmp", "LANG": "C.UTF-8"}
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        return []
 
 
 def select_readable(fd: int) -> bool:
@@ -310,20 +397,29 @@ def warm_up() -> runtime.Memory:
     return runtime.Memory()
 
 
-def prepare(uid_base: int) -> sandbox.Isolation:
+def prepare(uid_base: int, *, namespaces: bool = True) -> sandbox.Isolation:
     """Once, before serving: non-dumpable, probe the namespaces, hide private trees (root only)."""
     sandbox.make_non_dumpable()
-    isolation = sandbox.probe(uid_base)
-    if isolation.uid_base is not None and isolation.namespaces:
+    root_uid = uid_base if os.geteuid() == 0 else None
+    isolation = sandbox.probe(uid_base) if namespaces else sandbox.Isolation(False, False, root_uid)
+    if not isolation.namespaces:
+        sandbox.become_subreaper()  # what an execution leaves behind is reparented here, and swept
+    if isolation.uid_base is not None:
         sandbox.hide_private_trees(sandbox.needed_trees([os.path.dirname(os.path.dirname(runtime.__file__))]))
     return isolation
 
 
-def run(*, listener: socket.socket | None = None, control: socket.socket | None = None,
-        uid_base: int = DEFAULT_UID_BASE) -> None:  # fmt: skip
+def run(
+    *,
+    listener: socket.socket | None = None,
+    control: socket.socket | None = None,
+    uid_base: int = DEFAULT_UID_BASE,
+    namespaces: bool = True,
+    hidden: tuple[str, ...] = (),
+) -> None:
     """Serve until SIGTERM (``listener``) or until ``control`` closes (child mode)."""
-    isolation = prepare(uid_base)
-    template = Template(isolation=isolation, memory=warm_up(), exit_with_last=control is not None)
+    isolation = prepare(uid_base, namespaces=namespaces)
+    template = Template(isolation=isolation, memory=warm_up(), exit_with_last=control is not None, hidden=hidden)
     wake_r, wake_w = socket.socketpair()
     wake_r.setblocking(False)
     wake_w.setblocking(False)
@@ -351,25 +447,29 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--control-fd", type=int, help="serve the one consumer on this inherited descriptor")
     parser.add_argument("--parent", type=int, help="die with this parent process (child mode)")
     parser.add_argument("--uid-base", type=int, default=DEFAULT_UID_BASE)
+    parser.add_argument("--no-namespaces", action="store_true", help="a process group per execution only")
     args = parser.parse_args(argv)
+    options: dict[str, Any] = {"uid_base": args.uid_base, "namespaces": not args.no_namespaces}
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stderr)
     if args.parent:
         sandbox.die_with_parent(args.parent)
     if args.control_fd is not None:
-        run(control=socket.socket(fileno=args.control_fd), uid_base=args.uid_base)
+        run(control=socket.socket(fileno=args.control_fd), **options)
     elif args.socket:
-        run(listener=bind(args.socket), uid_base=args.uid_base)
+        hidden = (os.path.dirname(os.path.abspath(args.socket)),)  # executions never see the socket
+        run(listener=bind(args.socket), hidden=hidden, **options)
     else:
         parser.error("--socket or --control-fd is required")
 
 
 def bind(path: str) -> socket.socket:
-    """A Unix socket at ``path`` that only this uid and its group (the consumer container's) may connect to."""
+    """A Unix socket at ``path`` for the consumer, which runs as another uid (another container of the pod:
+    the directory is a pod-private ``emptyDir``, hidden from executions by their mount namespace)."""
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.bind(path)
-    os.chmod(path, 0o660)
+    os.chmod(path, 0o666)  # whoever reaches it gets sandboxed executions only, never another's channel
     sock.listen(16)
     return sock
 

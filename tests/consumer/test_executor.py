@@ -4,6 +4,7 @@ memory limit, output, results, and an executor that dies or cannot start."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -40,8 +41,14 @@ async def gone(pid: int, timeout_s: float = 10.0) -> bool:
 
 
 def executions_of(the_executor: executor.Executor) -> list[psutil.Process]:
+    """The template's clones that run an execution (the spares waiting for one still run as root)."""
     assert the_executor.template_pid is not None
-    return psutil.Process(the_executor.template_pid).children()
+    running = []
+    for clone in psutil.Process(the_executor.template_pid).children():
+        with contextlib.suppress(psutil.Error):
+            if clone.uids().real != 0:
+                running.append(clone)
+    return running
 
 
 SLEEPER = """

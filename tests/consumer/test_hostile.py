@@ -1,0 +1,524 @@
+"""The attack matrix (issue 8): hostile workflow code of organization A, on real services.
+
+Every test runs one attack as an org-A workflow, asserts that the attack failed, then runs a benign execution
+of organization B and asserts it succeeds with B's own result (its organization, its decrypted secret, its
+parameter). The database and cache attacks run against a private PostgreSQL and a private Redis that require
+a password (the shared test services trust loopback, where no sandbox could stop a connection).
+
+=================================================  ===========================================================
+attack                                             what stops it
+=================================================  ===========================================================
+every ancestor's /proc/<pid>/environ|cmdline|mem   own PID namespace and /proc (no ancestor exists), another uid
+secret files                                       another uid; private /tmp, /var/tmp, /dev/shm; /root hidden
+PostgreSQL with anything found                     nothing to find: no URL, password, key or client in reach
+a write to the module cache                        no Redis client or credential; content verified by SHA-256
+patching the runtime to spy on the next execution  every execution is a fresh process
+forged or garbage result frames                    a channel per execution; FAILED with the reason
+setsid() and double-fork escapes                   the PID namespace dies with the execution
+memory, CPU (SIGTERM ignored), output, fork bombs  RLIMIT_AS; SIGKILL after the grace; output cap; RLIMIT_NPROC
+=================================================  ===========================================================
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import psutil
+import pydantic
+import pytest
+import redis.asyncio as aioredis
+
+from modcache import db, embedded, engine, keys, pgsource, rediscache
+from testkit import servers
+
+PASSWORD = f"pw-{uuid.uuid4().hex}"
+SECRETS_KEY = "jXf5t0ZAmBKtAMlY0n0C4bqOpTq8bQ2kz9f8sJfQy3A="  # the harness's MODCACHE_SECRETS_KEY
+
+BENIGN = "def run(n, context):\n    return [context.organization['name'], context.get_config('api_token'), n]\n"
+
+
+@dataclasses.dataclass(frozen=True)
+class Orgs:
+    a: uuid.UUID
+    b: uuid.UUID
+    a_token: str
+    b_token: str
+    benign: uuid.UUID
+
+
+async def two_orgs(harness: Any, consumer: Any) -> Orgs:
+    """Organizations A (the attacker) and B, each with a secret ``api_token`` of its own."""
+    a = await consumer.configs.put_organization(f"A-{uuid.uuid4().hex[:6]}")
+    b = await consumer.configs.put_organization("B")
+    a_token, b_token = f"a-token-{uuid.uuid4().hex}", f"b-token-{uuid.uuid4().hex}"
+    await consumer.configs.set_config("api_token", a_token, config_type="secret", organization_id=a)
+    await consumer.configs.set_config("api_token", b_token, config_type="secret", organization_id=b)
+    return Orgs(a=a, b=b, a_token=a_token, b_token=b_token, benign=await harness.workflow(BENIGN))
+
+
+async def attack(harness: Any, orgs: Orgs, code: str, params: dict[str, Any] | None = None, **options: Any) -> Any:
+    """Run ``code`` as an org-A workflow; then org B's benign execution must get exactly its own result."""
+    hostile = await harness.workflow(code, **options)
+    reply = await harness.call(hostile, params or {}, organization_id=orgs.a)
+    await b_is_unharmed(harness, orgs)
+    return reply
+
+
+async def b_is_unharmed(harness: Any, orgs: Orgs) -> None:
+    n = uuid.uuid4().hex
+    benign = await harness.call(orgs.benign, {"n": n}, organization_id=orgs.b)
+    assert (benign["status"], benign["result"]) == ("SUCCESS", ["B", orgs.b_token, n]), benign["error"]
+
+
+def secrets_of(settings: Any) -> list[str]:
+    """Every secret the consumer holds: its URLs (with passwords), the Fernet key, the password."""
+    urls = [settings.required(name) for name in ("database_url", "redis_url", "amqp_url")]
+    return [*urls, SECRETS_KEY, PASSWORD]
+
+
+def assert_no_secret(found: str, settings: Any, orgs: Orgs) -> None:
+    for secret in [*secrets_of(settings), orgs.b_token]:
+        assert secret not in found
+
+
+# -- ancestors' /proc ----------------------------------------------------------------------------------------
+
+PROC = """
+import os
+def run(guesses):
+    visible = sorted(int(p) for p in os.listdir('/proc') if p.isdigit())
+    ancestors, pid = [], os.getpid()
+    while pid > 0:
+        with open(f'/proc/{pid}/status') as status:
+            pid = int(next(l for l in status if l.startswith('PPid:')).split()[1])
+        if pid:
+            ancestors.append(pid)
+    loot, failures = [], {}
+    for pid in sorted(set(visible) | set(ancestors) | set(guesses)):
+        for name in ('environ', 'cmdline', 'mem'):
+            try:
+                if name == 'mem':
+                    with open(f'/proc/{pid}/maps') as maps:
+                        start, end = (int(x, 16) for x in maps.readline().split()[0].split('-'))
+                    with open(f'/proc/{pid}/mem', 'rb') as mem:
+                        mem.seek(start)
+                        loot.append(mem.read(min(end - start, 1 << 16)).decode('latin-1'))
+                else:
+                    with open(f'/proc/{pid}/{name}', 'rb') as f:
+                        loot.append(f.read().decode('latin-1'))
+            except OSError as e:
+                failures[f'{pid}/{name}'] = type(e).__name__
+    text = '\\n'.join(loot).replace(chr(0), ' ')[:200000]
+    return {'visible': visible, 'ancestors': ancestors, 'ppid': os.getppid(), 'loot': text, 'failures': failures}
+"""
+
+
+async def test_ancestors_proc_environ_cmdline_and_mem_are_out_of_reach(harness) -> None:
+    async with harness.consumer() as consumer:
+        orgs = await two_orgs(harness, consumer)
+        guesses = [os.getpid(), consumer.executor.template_pid, 1]  # the consumer's and executor's real pids
+        reply = await attack(harness, orgs, PROC, {"guesses": guesses})
+    assert reply["status"] == "SUCCESS", reply["error"]
+    found = reply["result"]
+    assert found["visible"] == [1]  # its own PID namespace: only itself
+    assert (found["ancestors"], found["ppid"]) == ([], 0)  # no ancestor exists for it
+    assert_no_secret(found["loot"], harness.settings, orgs)
+    assert found["failures"][f"{os.getpid()}/environ"] == "FileNotFoundError"
+
+
+# -- secret files --------------------------------------------------------------------------------------------
+
+FILES = """
+def run(paths):
+    outcome = {}
+    for path in paths:
+        try:
+            with open(path) as f:
+                outcome[path] = f.read().replace(chr(0), ' ')
+        except OSError as e:
+            outcome[path] = type(e).__name__
+    return outcome
+"""
+
+
+async def test_secret_files_cannot_be_read(harness, tmp_path: Path) -> None:
+    private = tmp_path / "database-url"  # a Secret file of the consumer's, mode 0600
+    private.write_text(harness.settings.required("database_url"))
+    private.chmod(0o600)
+    shared = Path("/dev/shm") / f"modcache-test-{uuid.uuid4().hex}"  # world-readable, in a shared place
+    shared.write_text(PASSWORD)
+    shared.chmod(0o644)
+    paths = [str(private), str(shared), "/etc/shadow", "/root/.bash_history", "/proc/1/environ"]
+    try:
+        async with harness.consumer() as consumer:
+            orgs = await two_orgs(harness, consumer)
+            reply = await attack(harness, orgs, FILES, {"paths": paths})
+    finally:
+        shared.unlink()
+    assert reply["status"] == "SUCCESS", reply["error"]
+    found = reply["result"]
+    assert found[str(private)] == "FileNotFoundError"  # /tmp is the execution's own
+    assert found[str(shared)] == "FileNotFoundError"  # so is /dev/shm
+    assert found["/etc/shadow"] == "PermissionError"  # another uid
+    assert found["/root/.bash_history"] == "FileNotFoundError"  # /root holds only the interpreter
+    assert_no_secret(found["/proc/1/environ"], harness.settings, orgs)  # its own (pid 1), allow-listed
+
+
+# -- PostgreSQL and Redis with a password ----------------------------------------------------------------------
+
+
+@pytest.fixture
+async def locked(harness: Any, tmp_path: Path, keyspace: keys.KeySpace) -> AsyncIterator[Any]:
+    """The harness on a private PostgreSQL and a private Redis that both require ``PASSWORD``."""
+    data = tmp_path / "pg" / "data"
+    server = await asyncio.to_thread(embedded.start_postgres, data, port=embedded.free_port())
+    trusted = server.url
+    conn = await asyncpg.connect(trusted)
+    await conn.execute(f"ALTER ROLE postgres PASSWORD '{PASSWORD}'")
+    (data / "pg_hba.conf").write_text("local all all scram-sha-256\nhost all all 0.0.0.0/0 scram-sha-256\n")
+    await conn.execute("SELECT pg_reload_conf()")
+    await conn.close()
+    pg_url = trusted.replace("postgres@", f"postgres:{PASSWORD}@")
+    await db.upgrade(pg_url)
+    with servers.private_redis("--requirepass", PASSWORD) as private:
+        redis_url = private.url.replace("redis://", f"redis://:{PASSWORD}@")
+        client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        source = pgsource.PgSource(engine=db.make_engine(pg_url))
+        cache = rediscache.RedisCache.from_url(redis_url, keyspace=keyspace)
+        update = {"database_url": pydantic.SecretStr(pg_url), "redis_url": pydantic.SecretStr(redis_url)}
+        settings = harness.settings.model_copy(update=update)
+        on_locked = type(harness)(
+            settings=settings,
+            database_url=pg_url,
+            source=source,
+            sync_engine=engine.Engine(source=source, cache=cache),
+            redis_client=client,
+        )
+        on_locked.ports = {"postgres": int(trusted.rsplit(":", 1)[1].split("/")[0]), "redis": private.port}
+        try:
+            yield on_locked
+        finally:
+            await on_locked.close()
+            await source.close()
+            await cache.close()
+            await client.aclose()
+            await asyncio.to_thread(server.stop)
+
+
+SEARCH = r"""
+import gc, os, re, sys
+PATTERN = re.compile(r'(?:postgres(?:ql)?|rediss?|amqps?)://[^\s\x00"\']+')
+
+def _read(path, limit=1 << 20):
+    try:
+        with open(path, 'rb') as f:
+            return f.read(limit).decode('latin-1')
+    except OSError:
+        return ''
+
+def candidates():
+    texts = [repr(dict(os.environ)), ' '.join(sys.argv)]
+    for pid in (p for p in os.listdir('/proc') if p.isdigit()):
+        texts += [_read(f'/proc/{pid}/environ'), _read(f'/proc/{pid}/cmdline')]
+    for fd in os.listdir('/proc/self/fd'):
+        try:
+            texts.append(os.readlink(f'/proc/self/fd/{fd}'))
+        except OSError:
+            pass
+    with open('/proc/self/maps') as maps:
+        mapped = {line.split()[-1] for line in maps if '/' in line}
+    texts += [_read(path, 1 << 16) for path in mapped if not path.endswith('.so') and '.so.' not in path]
+    texts += [o for o in gc.get_objects() if isinstance(o, str)]
+    for o in gc.get_objects():
+        if isinstance(o, dict):
+            texts += [v for v in o.values() if isinstance(v, str)]
+    return sorted({m for text in texts for m in PATTERN.findall(text)})
+"""
+
+DATABASE = (
+    SEARCH
+    + """
+import asyncio, asyncpg
+async def _try(urls):
+    outcome = {}
+    for url in urls:
+        try:
+            conn = await asyncpg.connect(url, timeout=5)
+        except Exception as e:
+            outcome[url] = type(e).__name__
+        else:
+            outcome[url] = 'connected'
+            await conn.close()
+    return outcome
+
+def run(port):
+    found = candidates()
+    guesses = [f'postgresql://postgres@127.0.0.1:{port}/postgres', f'postgresql://root@127.0.0.1:{port}/postgres']
+    # every URL found that points at this PostgreSQL (others, e.g. docstrings' localhost, are not the platform's)
+    outcome = asyncio.run(_try([u for u in found if u.startswith('postgres') and f':{port}' in u] + guesses))
+    return {'found': found, 'outcome': outcome, 'guesses': guesses,
+            'clients': sorted({m.split('.')[0] for m in sys.modules} & {'sqlalchemy', 'asyncpg', 'redis', 'aio_pika'})}
+"""
+)
+
+
+async def test_no_database_connection_with_anything_found(locked) -> None:
+    async with locked.consumer() as consumer:
+        orgs = await two_orgs(locked, consumer)
+        reply = await attack(locked, orgs, DATABASE, {"port": locked.ports["postgres"]})
+    assert reply["status"] == "SUCCESS", reply["error"]
+    found = reply["result"]
+    assert "connected" not in found["outcome"].values()
+    assert [found["outcome"][g] for g in found["guesses"]] == ["InvalidPasswordError"] * 2  # reached, no login
+    assert_no_secret(repr(found["found"]), locked.settings, orgs)
+    assert found["clients"] == ["asyncpg"]  # only what the attacker imported itself
+
+
+CACHE = (
+    SEARCH
+    + """
+PRELOADED = sorted(m for m in sys.modules if m.split('.')[0] in ('redis', 'valkey', 'aioredis'))  # before ours
+import redis
+def run(port, key):
+    found = candidates()
+    guess = f'redis://127.0.0.1:{port}/0'
+    outcome = {}
+    for url in [u for u in found if u.startswith('redis') and f':{port}' in u] + [guess]:
+        try:
+            redis.Redis.from_url(url, socket_timeout=5).set(key, 'pwned')
+            outcome[url] = 'written'
+        except Exception as e:
+            outcome[url] = type(e).__name__
+    return {'found': found, 'outcome': outcome, 'guess': guess, 'preloaded': PRELOADED}
+"""
+)
+
+
+async def test_the_module_cache_cannot_be_written(locked) -> None:
+    await locked.module("shared/rates.py", "RATE = 3\n")
+    await locked.converge()
+    key = locked.keyspace.content("shared/rates.py")
+    before = await locked.redis.get(key)
+    async with locked.consumer() as consumer:
+        orgs = await two_orgs(locked, consumer)
+        reply = await attack(locked, orgs, CACHE, {"port": locked.ports["redis"], "key": key})
+        reader = await locked.workflow("from shared.rates import RATE\ndef run():\n    return RATE\n")
+        after = await locked.call(reader, organization_id=orgs.b)
+    assert reply["status"] == "SUCCESS", reply["error"]
+    found = reply["result"]
+    assert "written" not in found["outcome"].values()
+    assert found["outcome"][found["guess"]] == "AuthenticationError"  # NOAUTH: no credential anywhere
+    assert found["preloaded"] == []  # no Redis client library, let alone a client, in the execution
+    assert await locked.redis.get(key) == before
+    assert (after["status"], after["result"]) == ("SUCCESS", 3)
+    assert_no_secret(repr(found["found"]), locked.settings, orgs)
+
+
+# -- spying on the next execution ------------------------------------------------------------------------------
+
+SPY = """
+import builtins, os, threading, time
+import modcache_consumer.runtime as runtime
+import modcache_consumer.protocol as protocol
+LOOT = []
+def run(marker):
+    real = runtime.Runner.run
+    def spy(self, job):
+        LOOT.append(job)
+        return real(self, job)
+    runtime.Runner.run = spy
+    real_ask = protocol.Channel.ask
+    protocol.Channel.ask = lambda self, request: LOOT.append(request) or real_ask(self, request)
+    builtins.spied = LOOT
+    for place in ('/tmp', '/dev/shm', '/var/tmp'):
+        with open(f'{place}/{marker}', 'w') as f:
+            f.write('waiting for the next execution')
+    threading.Thread(target=time.sleep, args=(3600,), daemon=True).start()
+    return 'patched'
+"""
+
+LOOK = """
+import builtins, os
+import modcache_consumer.runtime as runtime
+def run(marker):
+    left = [p for p in ('/tmp', '/dev/shm', '/var/tmp') if os.path.exists(f'{p}/{marker}')]
+    return {'left': left, 'spied': hasattr(builtins, 'spied'), 'patched': runtime.Runner.run.__name__ != 'run'}
+"""
+
+
+async def test_patching_the_runtime_cannot_spy_on_the_next_execution(harness) -> None:
+    marker = f"spy-{uuid.uuid4().hex}"
+    async with harness.consumer(consumer_concurrency=1) as consumer:  # one at a time: reuse would happen here
+        orgs = await two_orgs(harness, consumer)
+        hostile = await attack(harness, orgs, SPY, {"marker": marker})
+        look = await harness.call(await harness.workflow(LOOK), {"marker": marker}, organization_id=orgs.a)
+    assert hostile["status"] == "SUCCESS", hostile["error"]
+    assert look["result"] == {"left": [], "spied": False, "patched": False}
+
+
+# -- forged frames ---------------------------------------------------------------------------------------------
+
+FORGE = """
+import json, os, socket, struct, stat
+def _channel():
+    for fd in map(int, os.listdir('/proc/self/fd')):
+        if stat.S_ISSOCK(os.fstat(fd).st_mode):
+            return socket.socket(fileno=os.dup(fd))
+def run(how):
+    sock = _channel()
+    if how == 'second result':
+        body = json.dumps({'op': 'result', 'status': 'SUCCESS', 'result': 'forged', 'error': None,
+                           'timings_ms': {}}).encode()
+        sock.sendall(struct.pack('>I', len(body)) + body)
+    elif how == 'garbage':
+        sock.sendall(struct.pack('>I', 5) + b'\\x80\\x81{[(')
+    elif how == 'oversized':
+        sock.sendall(struct.pack('>I', 2 ** 31) + b'x' * 100)
+    elif how == 'unknown op':
+        body = json.dumps({'op': 'exited', 'ticket': 1, 'returncode': 0}).encode()
+        sock.sendall(struct.pack('>I', len(body)) + body)
+    return 'real'
+"""
+
+
+@pytest.mark.parametrize(
+    ("how", "reason"),
+    [
+        ("second result", "sent a 'result' frame after its result (a forged frame?)"),
+        ("garbage", "undecodable frame: UnicodeDecodeError"),
+        ("oversized", "frame of 2147483648 bytes exceeds 1114112"),
+        ("unknown op", "an unknown 'exited' frame"),
+    ],
+)
+async def test_a_forged_result_frame_fails_only_its_own_execution(harness, how: str, reason: str) -> None:
+    async with harness.consumer() as consumer:
+        orgs = await two_orgs(harness, consumer)
+        reply = await attack(harness, orgs, FORGE, {"how": how})
+    assert reply["status"] == "FAILED"
+    assert reply["error"].endswith(f"broke the protocol: {reason}")
+    assert reply["result"] is None
+
+
+# -- escapes ---------------------------------------------------------------------------------------------------
+
+ESCAPE = """
+import os, time
+def _spawn_sleeper(seconds, double):
+    if os.fork() == 0:
+        if double:
+            if os.fork() != 0:
+                os._exit(0)  # the middle process exits: the sleeper is orphaned
+        else:
+            os.setsid()
+        os.execvp('sleep', ['sleep', seconds])
+def _cmdline(pid):
+    try:
+        with open(f'/proc/{pid}/cmdline') as f:
+            return f.read()
+    except OSError:
+        return ''
+def run(seconds, end):
+    _spawn_sleeper(seconds, double=False)
+    _spawn_sleeper(seconds, double=True)
+    while sum(1 for p in os.listdir('/proc') if p.isdigit() and seconds in _cmdline(p)) < 2:
+        time.sleep(0.01)
+    if end == 'crash':
+        os._exit(9)
+    if end == 'timeout':
+        time.sleep(3600)
+    return 'escaped?'
+"""
+
+
+def sleepers(seconds: str) -> list[int]:
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            if process.info["cmdline"] == ["sleep", seconds] and process.status() != psutil.STATUS_ZOMBIE:
+                found.append(process.pid)
+    return found
+
+
+@pytest.mark.parametrize(("end", "status"), [("success", "SUCCESS"), ("crash", "FAILED"), ("timeout", "TIMEOUT")])
+async def test_setsid_and_double_forked_children_die_with_their_execution(harness, end: str, status: str) -> None:
+    seconds = f"{3000 + time.time() % 600:.6f}"  # a unique command line to find them by
+    async with harness.consumer() as consumer:
+        orgs = await two_orgs(harness, consumer)
+        reply = await attack(harness, orgs, ESCAPE, {"seconds": seconds, "end": end}, timeout_seconds=2)
+    assert reply["status"] == status, reply["error"]
+    deadline = time.monotonic() + 10
+    while sleepers(seconds) and time.monotonic() < deadline:  # noqa: ASYNC110 -- the kernel tears it down
+        await asyncio.sleep(0.02)
+    assert sleepers(seconds) == []
+
+
+# -- bombs -----------------------------------------------------------------------------------------------------
+
+
+async def test_a_memory_bomb_is_bounded(harness) -> None:
+    bomb = "def run():\n    hoard = []\n    while True:\n        hoard.append(bytearray(64 * 1024 ** 2))\n"
+    async with harness.consumer() as consumer:
+        orgs = await two_orgs(harness, consumer)
+        reply = await attack(harness, orgs, bomb)
+    assert reply["status"] == "FAILED"
+    assert reply["error"].startswith("MemoryError")
+
+
+async def test_a_cpu_loop_ignoring_sigterm_is_killed(harness) -> None:
+    loop = (
+        "import signal\ndef run():\n    signal.signal(signal.SIGTERM, signal.SIG_IGN)\n    while True:\n        pass\n"
+    )
+    async with harness.consumer(terminate_grace_s=0.5) as consumer:
+        orgs = await two_orgs(harness, consumer)
+        started = time.monotonic()
+        reply = await attack(harness, orgs, loop, timeout_seconds=1)
+    assert reply["status"] == "TIMEOUT"
+    assert reply["error"].startswith("the execution exceeded its 1 s timeout")
+    assert time.monotonic() - started < 20
+
+
+async def test_an_output_flood_is_capped(harness, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="modcache_consumer.executor")
+    flood = "def run():\n    for _ in range(200_000):\n        print('x' * 99)\n    return 'flooded'\n"
+    async with harness.consumer(max_output_bytes=64 * 1024) as consumer:
+        orgs = await two_orgs(harness, consumer)
+        reply = await attack(harness, orgs, flood)
+    assert (reply["status"], reply["result"]) == ("SUCCESS", "flooded")  # 20 MB written, none of it stalled
+    logged = [r.message for r in caplog.records if r.message.startswith("execution ") and r.message.endswith("x")]
+    assert 0 < sum(len(m) for m in logged) <= 64 * 1024 + 100 * len(logged)
+    assert any(r.message.endswith("output beyond 65536 bytes discarded") for r in caplog.records)
+
+
+FORK_BOMB = """
+import os, time
+def run():
+    children = 0
+    deadline = time.monotonic() + 1
+    while time.monotonic() < deadline:
+        try:
+            if os.fork() == 0:
+                time.sleep(3600)
+                os._exit(0)
+            children += 1
+        except OSError:
+            break
+    return children
+"""
+
+
+async def test_a_fork_bomb_is_bounded(harness) -> None:
+    async with harness.consumer(execution_max_processes=32) as consumer:
+        orgs = await two_orgs(harness, consumer)
+        reply = await attack(harness, orgs, FORK_BOMB, timeout_seconds=10)
+    assert reply["status"] == "SUCCESS", reply["error"]
+    assert reply["result"] < 32  # RLIMIT_NPROC of the execution's own uid
