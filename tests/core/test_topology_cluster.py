@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from modcache import errors, keys, settings
+from modcache_consumer import serving
 from testkit import convergence, topologies
 from testkit.observers import Recorder
 from testkit.watching import upsert, watch_settings, watching
@@ -76,8 +77,17 @@ async def test_watch_mode_on_a_cluster_repairs_faults_and_follows_a_failover(
         assert await convergence.converged(database_url, client, KS.prefix, within_s=10) == []
         await client.set(KS.content("pkg/new.py"), "forged on the new owner")  # heard from the new owner's events
         assert await convergence.converged(database_url, client, KS.prefix, within_s=10) == []
+        # the consumer's module server reads through the same cluster client (a MULTI of one slot's keys)
+        server = serving.ModuleServer(client=client, keyspace=KS, repair=_no_repair)
+        generation, (entry,) = await server.lookup(["pkg/new.py"])
+        assert generation is not None
+        assert entry["content"] == "NEW = 1\n"
     moved = [d for active, d in recorder.keyspace if active and f":{new.port}" in d]
     assert f"(was 127.0.0.1:{old.port})" in moved[0]
+
+
+async def _no_repair(paths: list[str]) -> None:
+    raise AssertionError(f"nothing is missing: {paths}")
 
 
 # -- a subset of test_chaos's cache faults, on the tagged prefix ------------------------------------------------
