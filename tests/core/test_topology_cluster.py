@@ -20,6 +20,7 @@ import pytest
 
 from modcache import errors, keys, settings
 from modcache_consumer import serving
+from modcache_consumer import settings as consumer_settings
 from testkit import convergence, topologies
 from testkit.observers import Recorder
 from testkit.watching import upsert, watch_settings, watching
@@ -142,3 +143,11 @@ async def bookkeeping_fault(client: Any, rng: random.Random) -> str:
 
 
 FAULTS: list[Callable[[Any, random.Random], Awaitable[str]]] = [content_fault, content_fault, bookkeeping_fault]
+
+
+def test_the_consumer_on_a_cluster_needs_a_tagged_config_namespace_too() -> None:
+    cluster = {"redis_url": "redis+cluster://127.0.0.1:7000", "key_prefix": KS.prefix}
+    with pytest.raises(errors.ConfigError, match=r"MODCACHE_CACHE_NAMESPACE.*'\{bifrost-config\}:'"):
+        consumer_settings.ConsumerSettings.from_env(**cluster)
+    tagged = consumer_settings.ConsumerSettings.from_env(**cluster, cache_namespace="{bifrost-config}:")
+    assert keys.hash_tag(keys.config_cache_key("GLOBAL", tagged.cache_namespace)) == "bifrost-config"
