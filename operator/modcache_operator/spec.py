@@ -107,6 +107,11 @@ class Resolved:
         return (self.database_url, self.listen_database_url, self.redis_url)
 
 
+#: The CRD's CEL bounds (crds/), as (lowest, highest, how to say it) in seconds.
+RESYNC_INTERVAL_S = (10.0, 24 * 3600.0, "10s and 24h")
+TTL_S = (60.0, 8760 * 3600.0, "1m and 8760h")
+
+
 def parse(spec: Mapping[str, Any]) -> CacheSpec:
     """The typed spec, or a SpecProblem naming the first field that cannot be used."""
     source = _mapping(spec, "source", "spec.source")
@@ -117,8 +122,8 @@ def parse(spec: Mapping[str, Any]) -> CacheSpec:
         listen_database=(_secret_ref(listen, "spec.source.listenDatabaseUrlSecretRef") if listen is not None else None),
         redis=_secret_ref(cache.get("redisUrlSecretRef"), "spec.cache.redisUrlSecretRef"),
         key_prefix=_prefix(spec.get("keyPrefix", keys.DEFAULT_PREFIX)),
-        resync_interval_s=parse_duration_s(spec.get("resyncInterval", "5m"), "spec.resyncInterval"),
-        ttl_s=_ttl(spec.get("ttl")),
+        resync_interval_s=_within(spec.get("resyncInterval", "5m"), "spec.resyncInterval", RESYNC_INTERVAL_S),
+        ttl_s=_ttl(spec.get("ttl"), spec.get("resyncInterval", "5m")),
         suspend=_flag(spec.get("suspend", False), "spec.suspend"),
         prune=_flag(spec.get("prune", True), "spec.prune"),
     )
@@ -181,10 +186,23 @@ def _prefix(value: object) -> str:
     return value
 
 
-def _ttl(value: object) -> int | None:
+def _within(value: object, field: str, bounds: tuple[float, float, str]) -> float:
+    """A duration within the CRD's CEL bounds, checked here too: API servers before 1.25 drop CEL rules, and an
+    object stored before a rule existed was never checked (``resyncInterval: 1ms`` spun at 30% of a core)."""
+    seconds = parse_duration_s(value, field)
+    low, high, text = bounds
+    if not low <= seconds <= high:
+        raise SpecProblem(field, names.Reason.INVALID_SPEC, f"must be between {text}")
+    return seconds
+
+
+def _ttl(value: object, resync_interval: object) -> int | None:
     if value is None:
         return None
-    return max(1, round(parse_duration_s(value, "spec.ttl")))
+    seconds = _within(value, "spec.ttl", TTL_S)
+    if seconds <= parse_duration_s(resync_interval, "spec.resyncInterval"):
+        raise SpecProblem("spec.ttl", names.Reason.INVALID_SPEC, "must be longer than resyncInterval")
+    return round(seconds)
 
 
 def _flag(value: object, field: str) -> bool:

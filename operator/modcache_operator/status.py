@@ -299,16 +299,26 @@ def _without_timestamps(status: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in status.items() if k not in TIMESTAMP_FIELDS}
 
 
-def _advanced(new: str | None, old: str | None, interval_s: float) -> bool:
+def _advanced(new: str | None, old: object, interval_s: float) -> bool:
+    """Whether our timestamp is worth a write over the server's: it moved by ``interval_s``, or the server's
+    value is one we cannot read (someone else wrote it) or lies ahead of ours (a previous leader's fast clock)."""
     if new is None or new == old:
         return False
-    if old is None:
+    ours, theirs = _parse(new), _parse(old)
+    if ours is None or theirs is None or theirs > ours:
         return True
-    return (_parse(new) - _parse(old)).total_seconds() >= interval_s
+    return (ours - theirs).total_seconds() >= interval_s
 
 
-def _parse(text: str) -> datetime.datetime:
-    return datetime.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.UTC)
+def _parse(text: object) -> datetime.datetime | None:
+    """An RFC 3339 timestamp as the API server accepts it (``Z`` or an offset, fractions allowed), or None."""
+    if not isinstance(text, str):
+        return None
+    try:
+        parsed = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    return parsed.replace(tzinfo=datetime.UTC) if parsed.tzinfo is None else parsed
 
 
 # -- events ---------------------------------------------------------------------------------------------------

@@ -110,13 +110,23 @@ class StatusWriter:
                 await self._dirty.wait()
                 await asyncio.sleep(self._config.status_debounce_s)  # let a burst of reports make one write
                 self._dirty.clear()
-                delay_s = await self._write_once()
+                delay_s = await self._write_or_complain()
                 if delay_s is not None:
                     await asyncio.sleep(delay_s)
                     self._dirty.set()
         finally:
             if self._drift_timer is not None:
                 self._drift_timer.cancel()
+
+    async def _write_or_complain(self) -> float | None:
+        """``_write_once``; a surprise (a bug, a server value nobody expected) is logged and retried with backoff
+        instead of ending the writer, which would freeze the status at whatever it last said."""
+        try:
+            return await self._write_once()
+        except Exception:
+            delay_s = self._retries.next_s()
+            log.exception("%s: the status could not be computed or written; retrying in %.1fs", self.key, delay_s)
+            return delay_s
 
     async def _write_once(self) -> float | None:
         """One comparison and, if needed, one write; the delay before trying again if it failed."""

@@ -48,6 +48,13 @@ def test_defaults() -> None:
         ({"cache": {"redisUrlSecretRef": {"name": "r"}}}, "spec.cache.redisUrlSecretRef"),
         ({"keyPrefix": "a b"}, "spec.keyPrefix"),
         ({"ttl": "soon"}, "spec.ttl"),
+        # the CRD's CEL bounds, enforced again where CEL is not (API servers before 1.25, objects stored before)
+        ({"resyncInterval": "1ms"}, "spec.resyncInterval"),
+        ({"resyncInterval": "9s"}, "spec.resyncInterval"),
+        ({"resyncInterval": "25h"}, "spec.resyncInterval"),
+        ({"ttl": "30s"}, "spec.ttl"),
+        ({"ttl": "9000h"}, "spec.ttl"),
+        ({"resyncInterval": "2h", "ttl": "1h"}, "spec.ttl"),
         ({"suspend": "yes"}, "spec.suspend"),
     ],
 )

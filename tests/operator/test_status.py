@@ -245,3 +245,25 @@ def test_drift_events_are_throttled() -> None:
 
 def test_patch_for_nulls_removed_fields() -> None:
     assert status.patch_for({"a": 1, "b": [1]}, {"a": 1, "b": [2], "c": 3}) == {"b": [1], "c": None}
+
+
+@pytest.mark.parametrize(
+    "foreign", ["2025-01-01T11:59:59.5Z", "2025-01-01T11:59:59+00:00", "2025-01-01T12:59:59+01:00"]
+)
+def test_a_valid_rfc3339_timestamp_from_another_writer_is_read_not_a_crash(foreign: str) -> None:
+    """Fractions and offsets are valid RFC 3339 (the CRD says ``date-time``; Go's MicroTime writes them): the
+    attack froze the status writer with one such value. Within the interval it stands; nothing else changed."""
+    first = _compute(HEALTHY).status
+    assert first is not None
+    assert _compute(HEALTHY, {**first, "lastSyncTime": foreign, "lastSuccessfulSyncTime": foreign}).status is None
+
+
+@pytest.mark.parametrize("foreign", ["yesterday", "", 17, ["2025"], "2031-01-01T00:00:00Z"])
+def test_an_unreadable_or_future_timestamp_left_on_the_server_is_replaced(foreign: object) -> None:
+    """``kubectl edit --subresource=status`` can write anything, and a previous leader's fast clock a time ahead:
+    ours replaces it at once instead of crashing or waiting for the wall clock to catch up."""
+    first = _compute(HEALTHY).status
+    assert first is not None
+    written = _compute(HEALTHY, {**first, "lastSyncTime": foreign, "lastSuccessfulSyncTime": foreign}).status
+    assert written is not None
+    assert written["lastSyncTime"] == written["lastSuccessfulSyncTime"] == "2025-01-01T12:00:00Z"
