@@ -163,7 +163,15 @@ def after_commit(db: AsyncSession, callback: AfterCommit) -> bool:
     return True
 
 
+#: SQLSTATEs that say "this server cannot take the work now", not "this work is wrong": a restart or a failover
+#: in progress (57P01 admin shutdown, 57P02 crash shutdown, 57P03 still starting up), a connection that failed
+#: (class 08), too many connections (53300), or a primary that has just become a replica (25006 read-only).
+TRANSIENT_SQLSTATES = ("57P01", "57P02", "57P03", "53300", "25006")
+
+
 def _translate(e: sa.exc.DBAPIError) -> Exception:
-    if e.connection_invalidated or isinstance(e, sa.exc.OperationalError | sa.exc.InterfaceError):
+    sqlstate = str(getattr(e.orig, "sqlstate", None) or "")
+    transient = sqlstate.startswith("08") or sqlstate in TRANSIENT_SQLSTATES
+    if transient or e.connection_invalidated or isinstance(e, sa.exc.OperationalError | sa.exc.InterfaceError):
         return errors.SourceUnavailable(f"PostgreSQL failed: {errors.describe(e.orig or e)}")
     return e
