@@ -40,7 +40,7 @@ async def _one(size: int, module_bytes: int, runs: int) -> dict[str, Any]:
                 check=False,
             )
     if done.returncode != 0:
-        raise SystemExit(f"scaling child failed:\n{done.stderr[-3000:]}")
+        raise SystemExit(f"scaling child failed:\n{done.stderr[-8000:]}")
     result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
     return result
 

@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 Work = Callable[[fence.Fence, asyncio.Event], Coroutine[Any, Any, None]]
 
 
+#: A release is a courtesy on the way out (the Lease expires anyway): SIGTERM must not wait longer for it.
+RELEASE_TIMEOUT_S = 1.0
 #: A standby honours a holder's longer ``leaseDurationSeconds`` up to this multiple of its own setting.
 MAX_HONOURED_FACTOR = 10
 
@@ -323,7 +325,9 @@ class Elector:
         }
         try:
             await self._api.write_lease(
-                {"metadata": lease["metadata"], "spec": released}, create=False, timeout_s=self.lease.retry_period_s
+                {"metadata": lease["metadata"], "spec": released},
+                create=False,
+                timeout_s=min(self.lease.retry_period_s, RELEASE_TIMEOUT_S),
             )
         except errors.ModcacheError as e:
             log.warning("%s could not release the Lease %s: %s", self.lease.identity, self.lease.name, e)

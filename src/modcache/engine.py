@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 MAX_ROUNDS = 5
 FETCH_AHEAD = 2  # content batches read ahead of the one being written
+LIGHT_BATCH = 5000  # items per APPLY that carry no content (a few calls each in Redis: ~10-20 ms per batch)
 
 Progress = Callable[[int, int], None]
 _Fetched = tuple[dict[str, pgsource.Module], list[modules.Rejected]]
@@ -77,7 +78,9 @@ class Engine:
         observed = await self._observe(deep=deep, dry_run=True, complete=True)
         return observed.fence, observed.source, observed.view
 
-    async def _observe(self, *, deep: bool, dry_run: bool, complete: bool = False) -> observation.Observation:
+    async def _observe(
+        self, *, deep: bool, dry_run: bool, complete: bool = False, claims: bool = False
+    ) -> observation.Observation:
         return await observation.observe(
             source=self.source,
             cache=self.cache,
@@ -85,19 +88,24 @@ class Engine:
             deep=deep,
             dry_run=dry_run,
             complete=complete,
+            claims=claims and not deep,
         )
 
     async def full_resync(
-        self, *, dry_run: bool = False, deep: bool = False, progress: Progress | None = None
+        self, *, dry_run: bool = False, deep: bool = False, claims: bool = False, progress: Progress | None = None
     ) -> plan.Report:
+        """Converge the whole cache. ``claims``: content keys the manifest lacks are taken on what they claim (their
+        path and hash, ``observation``) rather than compared by whole value -- for a watcher rebuilding a deleted
+        manifest, which must then run a deep resync (``Report.claimed`` says how many were taken so)."""
         started = self._monotonic()
-        observed = await self._observe(deep=deep, dry_run=dry_run)
+        observed = await self._observe(deep=deep, dry_run=dry_run, claims=claims)
         repairs = list(observed.repairs)
         if observed.top_generation > observed.fence and (
             dry_run or await self.cache.raise_generation(observed.top_generation)
         ):
             repairs.append(plan.KeyRepair("generation", self.cache.keyspace.generation, "lower than the manifest"))
-        the_plan = self._compute(*observed.narrowed(), repairs)
+        # in a thread: planning 1,000,000 paths (after a DEL of the index) must not block the replies in flight
+        the_plan = await asyncio.to_thread(lambda: self._compute(*observed.narrowed(), repairs))
         outcome = _Outcome()
         if not dry_run:
             outcome = await self._execute(
@@ -114,7 +122,7 @@ class Engine:
         report = self._report(
             the_plan, outcome, observed.source, observed.cached, started, dry_run=dry_run, digest=observed.digest
         )
-        report = dataclasses.replace(report, deep=deep)
+        report = dataclasses.replace(report, deep=deep, claimed=observed.claimed)
         if not dry_run:
             await self.cache.write_status(await self._status(report))
         return report
@@ -147,11 +155,34 @@ class Engine:
         rejected and never acted on."""
         started = self._monotonic()
         wanted, refused = self._judge_names(paths)
-        the_plan, outcome, source, view = await self._converge_paths(wanted, dry_run=dry_run)
+        the_plan, outcome, source, cached = await self._converge_batched(wanted, dry_run=dry_run)
         if not dry_run:
             await self._settle(outcome)
         outcome.rejected += refused
-        return self._report(the_plan, outcome, source, view.cached_count(), started, dry_run=dry_run, digest=None)
+        return self._report(the_plan, outcome, source, cached, started, dry_run=dry_run, digest=None)
+
+    async def _converge_batched(
+        self, paths: Sequence[str], *, dry_run: bool
+    ) -> tuple[plan.Plan, _Outcome, plan.SourceView, int]:
+        """``_converge_paths`` in the full resync's bounded batches (``fetch_batch_size`` rows and
+        ``plan.BATCH_BYTES`` of content each): a burst of hints naming 8 MiB modules must not become one read and
+        one Redis call holding all of them. Returns the plans joined, the outcome, the source seen, the keys cached."""
+        large = await self.source.large_among(paths) if len(paths) > 1 else {}
+        items: list[plan.Item] = []
+        rejected: list[modules.Rejected] = []
+        repairs: list[plan.KeyRepair] = []
+        live: dict[str, str] = {}
+        outcome, cached = _Outcome(), 0
+        for batch in plan.batches_by_bytes(paths, large, rows=self.fetch_batch_size):
+            the_plan, done, source, view = await self._converge_paths(batch, dry_run=dry_run)
+            items += the_plan.items
+            rejected += the_plan.rejected
+            repairs += the_plan.repairs
+            live.update(source.live)
+            outcome.absorb(done)
+            cached += view.cached_count()
+        joined = plan.Plan(items=tuple(items), rejected=tuple(rejected), repairs=_unique_repairs(repairs))
+        return joined, outcome, plan.SourceView(live=live, rejected=tuple(rejected)), cached
 
     def _judge_names(self, paths: Iterable[str]) -> tuple[list[str], list[modules.Rejected]]:
         wanted, refused = [], []
@@ -220,7 +251,7 @@ class Engine:
             if not pending:
                 return
             log.debug("re-checking %d paths a concurrent writer changed", len(pending))
-            _, again, _, _ = await self._converge_paths(sorted({i.path for i in pending}), dry_run=False)
+            _, again, _, _ = await self._converge_batched(sorted({i.path for i in pending}), dry_run=False)
             outcome.applied += again.applied
             outcome.vanished += again.vanished
             outcome.repairs += again.repairs
@@ -260,7 +291,7 @@ class Engine:
         try:
             read_ahead()  # content reads start before the light writes go out
             light = [i for i in the_plan.items if i.operation is not plan.Operation.PUT]
-            for batch in _chunks(light, self.fetch_batch_size):
+            for batch in _chunks(light, LIGHT_BATCH):
                 outcome.absorb(await self._apply(_writes(batch, {}, lengths), fence=fence))
                 done += len(batch)
                 _report_progress(progress, done, total)

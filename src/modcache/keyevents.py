@@ -53,6 +53,11 @@ CANARY_WAIT_S = 1.0
 #: Probe rounds in a row whose own write's keyspace event did not arrive before events count as off (counted in
 #: rounds, not seconds, so an event loop starved by a long sync never looks like lost events).
 DEAF_AFTER_ROUNDS = 10
+#: How long an aborted probe round waits for its key's ``evicted`` event before it counts as a flush (the event and
+#: the EXEC reply travel on two connections).
+EVICTED_WAIT_S = 0.1
+#: What the probe reports when its key was evicted (maxmemory): keys may be gone, but nothing was replaced.
+EVICTED = "Redis evicted keys under maxmemory (modcache's probe key among them)"
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +72,11 @@ class Subscribed:
 @dataclasses.dataclass(frozen=True)
 class Changed:
     """A content key (``path``) or one of modcache's own keys (``role``: index, manifest, generation, status)
-    was changed by someone else."""
+    was changed by someone else; ``event`` is what Redis said happened (``del``, ``evicted``, ``hset``, ...)."""
 
     path: str | None = None
     role: str | None = None
+    event: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,6 +137,7 @@ class KeyEvents:
         self._probe_key = f"{self._ks.prefix}modcache:probe:{self._token}"
         self._probe_conn: Any = None
         self._probe_armed = asyncio.Event()  # Subscribed is reported only once the probe watches its key
+        self._probe_evicted = asyncio.Event()  # the probe key's ``evicted`` event arrived since it was written
         self._unheard: int | None = None  # probe rounds since the subscription delivered the probe's own event
         self._node: str | None = None  # host:port the subscription was last made on (a failover moves it)
 
@@ -246,16 +253,18 @@ class KeyEvents:
                 inside = None
             if kind != "pmessage" or inside is not None:
                 continue
-            key = str(message[2])[len(channel_prefix) :]
+            key, event = str(message[2])[len(channel_prefix) :], str(message[3])
             if key == self._probe_key:
+                if event == "evicted":  # maxmemory: the probe's EXEC aborts, but nothing was flushed
+                    self._probe_evicted.set()
                 if self._unheard is not None:
                     self._unheard = 0
             elif key == canary:
                 self._canary_seen.set()
             elif (role := self._roles.get(key)) is not None:
-                self._queue.put_nowait(Changed(role=role))
+                self._queue.put_nowait(Changed(role=role, event=event))
             elif (path := self._ks.path_of(key)) is not None:
-                self._queue.put_nowait(Changed(path=path))
+                self._queue.put_nowait(Changed(path=path, event=event))
 
     async def _disconnect(self) -> None:
         conn, self._conn = self._conn, None
@@ -270,6 +279,11 @@ class KeyEvents:
         while True:
             try:
                 problem = await self._probe(ttl_ms)
+            except (redis.exceptions.OutOfMemoryError, redis.exceptions.ExecAbortError):
+                # out of memory (maxmemory, nothing evictable enough): the probe's write was refused, the connections
+                # are fine; Redis evicting or refusing is not a lost subscription (which would mean a deep resync)
+                await self._close_probe()
+                problem = EVICTED
             except Exception as e:  # nothing Redis sends may stop the probe
                 await self._close_probe()
                 await self._disconnect()  # the subscription is as doubtful as the probe: reconnect it
@@ -277,8 +291,8 @@ class KeyEvents:
                 await asyncio.sleep(self._probe_interval_s)
                 continue
             if problem is not None:
-                self._queue.put_nowait(Regressed(problem, replaced="went back" not in problem))
-            if self._unheard is not None:
+                self._queue.put_nowait(Regressed(problem, replaced=problem != EVICTED and "went back" not in problem))
+            if self._unheard is not None and problem is None:  # a refused or aborted round wrote nothing to hear
                 self._unheard += 1
                 if self._unheard > DEAF_AFTER_ROUNDS:
                     self._unheard = None
@@ -305,8 +319,12 @@ class KeyEvents:
         await conn.send_packed_command(conn.pack_commands([*commands, ("WATCH", self._probe_key)]))
         replies = [await conn.read_response(disable_decoding=False) for _ in range(5)]
         executed = replies[3]
-        if executed is None:  # a watched key was touched: flushed, swapped, deleted or written by someone else
+        if executed is None:  # a watched key was touched: flushed, swapped, deleted, evicted or written to
             await self._close_probe()
+            with contextlib.suppress(TimeoutError):  # an eviction's event may still be on its way
+                await asyncio.wait_for(self._probe_evicted.wait(), EVICTED_WAIT_S)
+            if self._probe_evicted.is_set():
+                return EVICTED
             return "the cache was flushed or replaced (modcache's probe key was touched)"
         alive, raw = executed
         if not alive:
@@ -320,12 +338,18 @@ class KeyEvents:
 
     async def _open_probe(self, ttl_ms: int) -> None:
         conn = await self._cache.open_node_connection()
-        await conn.send_packed_command(
-            conn.pack_commands([("SET", self._probe_key, "1", "PX", ttl_ms), ("WATCH", self._probe_key)])
-        )
-        for _ in range(2):
-            await conn.read_response()
+        try:
+            await conn.send_packed_command(
+                conn.pack_commands([("SET", self._probe_key, "1", "PX", ttl_ms), ("WATCH", self._probe_key)])
+            )
+            for _ in range(2):
+                await conn.read_response()
+        except BaseException:  # refused (out of memory) or cut: this connection is not the probe's
+            with contextlib.suppress(Exception):
+                await conn.disconnect()
+            raise
         self._probe_conn = conn
+        self._probe_evicted.clear()
         self._probe_armed.set()
 
     async def _close_probe(self) -> None:

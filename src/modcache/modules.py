@@ -140,6 +140,11 @@ def encode_cached(path: str, content: str, digest: str) -> str:
     return f'{{"content": {_escape(content)}, "path": {_escape(path)}, "hash": {_escape(digest)}}}'
 
 
+def cached_tail(path: str, digest: str) -> str:
+    """How every value ``encode_cached`` makes for ``path`` at ``digest`` ends (what a content key claims to be)."""
+    return f', "path": {_escape(path)}, "hash": {_escape(digest)}}}'
+
+
 def decode_cached(value: str | bytes) -> RawCachedModule:
     """Parse a content key's value; raises ValueError if it is not the compatible shape."""
     data = json.loads(value)

@@ -65,7 +65,7 @@ class Reason(enum.StrEnum):
 CLASSIC_REASONS = (Reason.MISSING, Reason.STALE, Reason.ORPHAN, Reason.INDEX)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)  # 1,000,000 of them after a flush: no per-item dict
 class Item:
     operation: Operation
     path: str
@@ -216,10 +216,13 @@ def _for_dead(path: str, cache: CacheView) -> Item:
 
 def source_digest(modules_by_path: Mapping[str, str]) -> str:
     """A short, order-independent fingerprint of the source (like Flux's applied revision)."""
-    h = hashlib.sha256()
-    for path in sorted(modules_by_path):
-        h.update(f"{path}\0{modules_by_path[path]}\n".encode())
-    return f"sha256:{h.hexdigest()[:16]}"
+    # one buffer of "path\0hash\n" per module in path order, built by C-level joins (a Python f-string and a
+    # hash update per module took 0.15-0.2 s at 100,000 modules); a listing already in path order is not sorted again
+    paths = list(modules_by_path)
+    items = modules_by_path.items() if paths == sorted(paths) else sorted(modules_by_path.items())
+    lines = "\n".join(map("\0".join, items))
+    data = f"{lines}\n".encode() if modules_by_path else b""
+    return f"sha256:{hashlib.sha256(data).hexdigest()[:16]}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,6 +240,7 @@ class Report:
     dry_run: bool = False
     full: bool = True
     deep: bool = False  # every content key's whole value was compared with what the source row makes
+    claimed: int = 0  # content keys taken on their own claim of path and hash (a deep resync must follow)
 
     @property
     def repaired(self) -> int:
@@ -246,6 +250,7 @@ class Report:
         return {
             "full": self.full,
             "deep": self.deep,
+            "claimed": self.claimed,
             "dry_run": self.dry_run,
             "planned": {r.value: n for r, n in self.plan.counts().items()},
             "applied": {r.value: self.applied.get(r, 0) for r in Reason},

@@ -85,33 +85,76 @@ return {{page[1], entries, table.concat(codes), top}}
 """
 )
 
-# KEYS: content keys; ARGV: the expected length of each ('' = existence only).
-LENGTHS = f"""
-local out = {{}}
-for i, key in ipairs(KEYS) do
-    local got = redis.pcall('STRLEN', key)
-    if type(got) == 'table' then out[i] = '{WRONGTYPE}'
-    elseif got == 0 then out[i] = '{ABSENT}'
-    elseif ARGV[i] == '' then out[i] = '{PRESENT}'
-    elseif got == tonumber(ARGV[i]) then out[i] = '{MATCH}'
-    else out[i] = '{OTHER}' end
+# The by-path checks (KEYS: the generation, for routing only) take their paths as one NUL-separated argument (a
+# module path never holds a NUL; the caller has checked every one) and build each content key as the prefix plus its
+# path: one argument per key, packed by redis-py in Python, was most of the client's time for 100,000 keys.
+_SPLIT = """
+local function split(s)
+    local t, n = {}, 0
+    for part in string.gmatch(s .. '\\0', '([^%z]*)%z') do n = n + 1; t[n] = part end
+    return t
 end
-return table.concat(out)
 """
 
-# KEYS: content keys; ARGV: per key, the sha1 (hex) of the value it should hold and the module hash.
-VALUES = f"""
-local out, sha = {{}}, redis.sha1hex
-for i, key in ipairs(KEYS) do
-    local value = redis.pcall('GET', key)
-    if type(value) == 'table' then out[i] = '{WRONGTYPE}'
-    elseif not value then out[i] = '{ABSENT}'
-    elseif sha(value) == ARGV[2 * i - 1] then out[i] = '{MATCH}'
-    elseif string.find(value, '"hash": "' .. ARGV[2 * i] .. '"', 1, true) then out[i] = '{CORRUPT}'
+# ARGV: content key prefix, paths, the expected length of each (comma-separated, '' = existence only).
+LENGTHS = (
+    _SPLIT
+    + f"""
+local prefix, paths, expected, k = ARGV[1], split(ARGV[2]), {{}}, 0
+for n in string.gmatch(ARGV[3] .. ',', '([^,]*),') do k = k + 1; expected[k] = n end
+local out = {{}}
+for i, path in ipairs(paths) do
+    local got = redis.pcall('STRLEN', prefix .. path)
+    if type(got) == 'table' then out[i] = '{WRONGTYPE}'
+    elseif got == 0 then out[i] = '{ABSENT}'
+    elseif expected[i] == '' then out[i] = '{PRESENT}'
+    elseif got == tonumber(expected[i]) then out[i] = '{MATCH}'
     else out[i] = '{OTHER}' end
 end
 return table.concat(out)
 """
+)
+
+# ARGV: content key prefix, paths, how each value must end (``modules.cached_tail``, NUL-separated: JSON escapes
+# a NUL). Returns {per key its status (``MATCH`` when a STRING ends so, else ``ABSENT``/``WRONGTYPE``/``OTHER``),
+# the lengths (comma-separated, '' unless MATCH)}.
+CLAIMS = (
+    _SPLIT
+    + f"""
+local prefix, paths, tails = ARGV[1], split(ARGV[2]), split(ARGV[3])
+local codes, lengths, pcall = {{}}, {{}}, redis.pcall
+for i, path in ipairs(paths) do
+    local key, tail = prefix .. path, tails[i]
+    local got = pcall('GETRANGE', key, -#tail, -1)
+    lengths[i] = ''
+    if type(got) == 'table' then codes[i] = '{WRONGTYPE}'
+    elseif got == tail then codes[i] = '{MATCH}'; lengths[i] = tostring(redis.call('STRLEN', key))
+    elseif got == '' and redis.call('EXISTS', key) == 0 then codes[i] = '{ABSENT}'
+    else codes[i] = '{OTHER}' end
+end
+return {{table.concat(codes), table.concat(lengths, ',')}}
+"""
+)
+
+# ARGV: content key prefix, paths, then per key the sha1 (hex, 40 characters each) of the value it should hold, and
+# the module hash (64 characters each).
+VALUES = (
+    _SPLIT
+    + f"""
+local prefix, paths, sums, hashes = ARGV[1], split(ARGV[2]), ARGV[3], ARGV[4]
+local out, sha, sub = {{}}, redis.sha1hex, string.sub
+for i, path in ipairs(paths) do
+    local value = redis.pcall('GET', prefix .. path)
+    if type(value) == 'table' then out[i] = '{WRONGTYPE}'
+    elseif not value then out[i] = '{ABSENT}'
+    elseif sha(value) == sub(sums, 40 * i - 39, 40 * i) then out[i] = '{MATCH}'
+    elseif string.find(value, '"hash": "' .. sub(hashes, 64 * i - 63, 64 * i) .. '"', 1, true) then
+        out[i] = '{CORRUPT}'
+    else out[i] = '{OTHER}' end
+end
+return table.concat(out)
+"""
+)
 
 # KEYS: generation, index, manifest, status; ARGV: slack (us). Returns {generation, problem ('' if it was
 # believable), server clock (us), the types of index, manifest and status}.
@@ -159,11 +202,15 @@ return {g, 0}
 """
 )
 
-# KEYS: generation, index, manifest, then one key per item (its content key; the index for 'u' items, whose name
-# names no content key); ARGV: fence, ttl_s, ttl_jitter_s, seed, nonce, writes channel, highest believable
-# generation, then (op, path, hash, value, length) per item. Returns {one character per item ('a' applied,
-# 'c' conflicted, 'm' content moved on: not reindexed), repairs made ('1'/'2'/'3' a key of the wrong type deleted,
-# 'g' generation reset, 'l' generation raised to the manifest's), the generation written}.
+# KEYS: generation, index, manifest; ARGV: fence, ttl_s, ttl_jitter_s, seed, nonce, writes channel, highest believable
+# generation, content key prefix, then the items in four columns: their ops (one character each), their hashes (64
+# characters each, spaces when none), their lengths (comma-separated, '' when none), their paths (NUL-separated; a
+# module path never holds a NUL, and a 'u' item's entry is empty), then the name of each 'u' item (any bytes: it names
+# no content key) and the value of each 'p' item, in order. Columns, not five arguments per item: redis-py packs each
+# argument in Python, which was most of the client's time for 100,000 items. A content key is the prefix plus its
+# path (``RedisCache.apply`` has checked every path). Returns {one character per item ('a' applied, 'c' conflicted,
+# 'm' content moved on: not reindexed), repairs made ('1'/'2'/'3' a key of the wrong type deleted, 'g' generation
+# reset, 'l' generation raised to the manifest's), the generation written}.
 APPLY = (
     # the shebang makes Redis refuse the script as a whole when it is out of memory, before its first PUBLISH: a
     # script that published ``b:`` and then failed would leave the key-event iterator inside a write that never ends
@@ -185,9 +232,18 @@ if not g or not string.match(g, '^[1-9]%d*$') or not le(g, limit) then
     g = t[1] .. string.format('%06d', tonumber(t[2]))
     repaired = repaired .. 'g'
 end
+local prefix, ops, hashes = ARGV[8], ARGV[9], ARGV[10]
+local n, lens, paths, k, extra = #ops, {}, {}, 0, 12
+for l in string.gmatch(ARGV[11] .. ',', '([^,]*),') do k = k + 1; lens[k] = l end
+k = 0
+for p in string.gmatch(ARGV[12] .. '\\0', '([^%z]*)%z') do
+    k = k + 1
+    if string.sub(ops, k, k) == 'u' then extra = extra + 1; p = ARGV[extra] end
+    paths[k] = p
+end
 local held = {}
-for i = 4, #KEYS do
-    local h = call('HGET', KEYS[3], ARGV[7 + (i - 4) * 5 + 2])
+for i = 1, n do
+    local h = call('HGET', KEYS[3], paths[i])
     local hg = h and string.match(h, '^([1-9]%d*):')
     if hg and le(hg, limit) then
         held[i] = hg
@@ -196,32 +252,34 @@ for i = 4, #KEYS do
 end
 local gen = string.format('%.0f', tonumber(g) + 1)
 call('SET', KEYS[1], gen)
-local out = {}
-for i = 4, #KEYS do
-    local base = 7 + (i - 4) * 5
-    local op, path, hash, value, len = ARGV[base + 1], ARGV[base + 2], ARGV[base + 3], ARGV[base + 4], ARGV[base + 5]
+local out, put = {}, extra
+for i = 1, n do
+    local op, path, len = string.sub(ops, i, i), paths[i], lens[i]
+    local key = op == 'u' and KEYS[2] or prefix .. path
+    local hash = string.sub(hashes, 64 * i - 63, 64 * i)
+    if op == 'p' then put = put + 1 end
     if held[i] and not le(held[i], fence) then
-        out[#out + 1] = 'c'
-    elseif op == 'r' and (call('TYPE', KEYS[i])['ok'] ~= 'string'
-                          or (len ~= '' and call('STRLEN', KEYS[i]) ~= tonumber(len))) then
-        out[#out + 1] = 'm'
+        out[i] = 'c'
+    elseif op == 'r' and (call('TYPE', key)['ok'] ~= 'string'
+                          or (len ~= '' and call('STRLEN', key) ~= tonumber(len))) then
+        out[i] = 'm'
     else
         if op == 'd' or op == 'u' then
-            if op == 'd' then call('DEL', KEYS[i]) end
+            if op == 'd' then call('DEL', key) end
             call('SREM', KEYS[2], path)
             call('HDEL', KEYS[3], path)
         else
             if op == 'p' then
                 if ttl > 0 then
-                    call('SET', KEYS[i], value, 'EX', ttl + ((i * 7919 + seed) % (jitter + 1)))
+                    call('SET', key, ARGV[put], 'EX', ttl + (((i + 3) * 7919 + seed) % (jitter + 1)))
                 else
-                    call('SET', KEYS[i], value)
+                    call('SET', key, ARGV[put])
                 end
             end
             call('SADD', KEYS[2], path)
             if len ~= '' then call('HSET', KEYS[3], path, gen .. ':' .. hash .. ':' .. len) end
         end
-        out[#out + 1] = 'a'
+        out[i] = 'a'
     end
 end
 call('PUBLISH', ARGV[6], 'e:' .. ARGV[5])
@@ -238,22 +296,17 @@ end
 return #KEYS
 """
 
-# KEYS: index. Returns its members, or false if it is not a SET (an absent key is an empty set).
-MEMBERS = """
-local kind = redis.call('TYPE', KEYS[1])['ok']
-if kind == 'none' then return {} end
-if kind ~= 'set' then return false end
-return redis.call('SMEMBERS', KEYS[1])
-"""
-
 _OP_CODES = {
     plan.Operation.PUT: "p",
     plan.Operation.DELETE: "d",
     plan.Operation.REINDEX: "r",
     plan.Operation.UNLIST: "u",
 }
+_NO_HASH = " " * 64
 _WANTED_TYPES = {"index": "set", "manifest": "hash", "generation": "string", "status": "hash"}
 _APPLY_REPAIRS = {"1": "generation", "2": "index", "3": "manifest"}
+#: Index members per SSCAN page (a few milliseconds of Redis each; one call per page, whatever the cache's size).
+INDEX_PAGE = 10_000
 #: Nonces of writes in flight that a key-event iterator may still have to recognise (bounded: oldest dropped).
 MAX_OWN_WRITES = 10_000
 
@@ -261,7 +314,7 @@ MAX_OWN_WRITES = 10_000
 Client = aioredis.Redis | aiocluster.RedisCluster
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class Write:
     """One plan item ready for APPLY: the item plus, for PUT, the JSON value to store (its length goes into the
     manifest entry; a REINDEX may carry the value's length without the value)."""
@@ -335,12 +388,15 @@ class RedisCache:
         self._verify = client.register_script(VERIFY)
         self._lengths = client.register_script(LENGTHS)
         self._values = client.register_script(VALUES)
+        self._claims = client.register_script(CLAIMS)
         self._apply = client.register_script(APPLY)
         self._generation = client.register_script(GENERATION)
         self._raise = client.register_script(RAISE)
         self._touch = client.register_script(TOUCH)
         self._peek = client.register_script(PEEK)
-        self._members = client.register_script(MEMBERS)
+        # the key a by-path script is sent with: it names no key itself, and a Cluster routes a script by its keys (a
+        # Cluster cache's prefix carries a hash tag, so every key of the cache lives in this key's slot)
+        self._route = [keyspace.generation]
         self.own_writes: collections.OrderedDict[str, None] = collections.OrderedDict()
         self.tracking_own_writes = False  # set by a key-event iterator while it needs the nonces
         self.aborted_writes: set[str] = set()  # nonces of writes that failed: their end marker never comes
@@ -445,9 +501,22 @@ class RedisCache:
     # -- reading the cache ------------------------------------------------------------------------------------
 
     async def read_index(self) -> frozenset[str] | None:
-        """The index members, or None if the index key is not a SET."""
-        members = await _call(self._members(keys=[self.keyspace.index]))
-        return None if members is None else frozenset(str(m) for m in members)
+        """The index members, or None if the index key is not a SET.
+
+        Read in ``SSCAN`` pages of ``INDEX_PAGE`` members (one ``SMEMBERS`` of a 1,000,000-member index is one call
+        whose duration grows with the cache and ran past the socket timeout); members added or removed while the
+        pages are read are reported by their key events (the index's, which ask for another resync)."""
+        index = self.keyspace.index
+        members: set[str] = set()
+        cursor = 0
+        while True:
+            try:
+                cursor, page = await _call(self._sscan(index, cursor))
+            except _WrongType:
+                return None
+            members.update(page)
+            if cursor == 0:
+                return frozenset(members)
 
     async def verify_manifest(self, *, limit: int) -> AsyncIterator[VerifiedPage]:
         """The manifest, page by page (HSCAN, ``check_batch_size`` entries per script call), each entry's content key
@@ -469,6 +538,15 @@ class RedisCache:
         finally:
             if pending is not None:
                 pending.cancel()
+
+    async def _sscan(self, key: str, cursor: int) -> tuple[int, list[str]]:
+        try:
+            found: tuple[int, list[str]] = await self.client.sscan(key, cursor, count=INDEX_PAGE)  # type: ignore[assignment]
+        except redis.exceptions.ResponseError as e:
+            if str(e).startswith("WRONGTYPE"):
+                raise _WrongType from e
+            raise
+        return found
 
     async def read_manifest(self, paths: Sequence[str]) -> tuple[dict[str, keys.ManifestEntry], set[str]]:
         """The believable manifest entries of ``paths`` and the paths whose entry is present but malformed."""
@@ -499,13 +577,10 @@ class RedisCache:
         ``PRESENT`` when no length was expected)."""
         result: dict[str, str] = {}
         for batch in _batches(list(expected.items()), self._check_batch_size):
-            codes = await _call(
-                self._lengths(
-                    keys=[self.keyspace.content(p) for p, _ in batch],
-                    args=["" if n is None else str(n) for _, n in batch],
-                )
-            )
-            result.update(zip((p for p, _ in batch), codes, strict=True))
+            paths = [p for p, _ in batch]
+            lengths = ",".join("" if n is None else str(n) for _, n in batch)
+            codes = await _call(self._lengths(keys=self._route, args=[self.keyspace.prefix, _joined(paths), lengths]))
+            result.update(zip(paths, codes, strict=True))
         return result
 
     async def check_values(self, expected: Mapping[str, tuple[str, str]]) -> dict[str, str]:
@@ -513,9 +588,26 @@ class RedisCache:
         module hash, to tell a forged value that claims it, ``CORRUPT``, from another version, ``OTHER``)."""
         result: dict[str, str] = {}
         for batch in _batches(list(expected.items()), self._deep_batch_size):
-            args = [part for _, pair in batch for part in pair]
-            codes = await _call(self._values(keys=[self.keyspace.content(p) for p, _ in batch], args=args))
-            result.update(zip((p for p, _ in batch), codes, strict=True))
+            paths = [p for p, _ in batch]
+            sums, hashes = "".join(s for _, (s, _) in batch), "".join(h for _, (_, h) in batch)
+            if len(sums) != 40 * len(batch) or len(hashes) != 64 * len(batch):
+                raise errors.InputError(paths[0], "a digest is not a sha1/SHA-256 hex digest")
+            args = [self.keyspace.prefix, _joined(paths), sums, hashes]
+            codes = await _call(self._values(keys=self._route, args=args))
+            result.update(zip(paths, codes, strict=True))
+        return result
+
+    async def check_claims(self, tails: Mapping[str, str]) -> dict[str, tuple[str, int]]:
+        """For each path, whether its content key is a STRING ending in the given tail (``modules.cached_tail``: the
+        path and module hash it claims), with its length when it is: ``MATCH`` here is a claim, not a verified
+        value (see ``observation``: only a watcher, which checks every value right after, takes claims)."""
+        result: dict[str, tuple[str, int]] = {}
+        for batch in _batches(list(tails.items()), self._check_batch_size):
+            paths = [p for p, _ in batch]
+            args = [self.keyspace.prefix, _joined(paths), _joined([t for _, t in batch])]
+            codes, lengths = await _call(self._claims(keys=self._route, args=args))
+            for path, code, length in zip(paths, str(codes), str(lengths).split(","), strict=True):
+                result[path] = (code, int(length) if length else 0)
         return result
 
     async def scan_names(self) -> set[str]:
@@ -545,16 +637,11 @@ class RedisCache:
         limit = limit or await self._limit()
         nonce = self._own_nonce()
         args: list[str | int] = [str(fence), self._ttl_s, self._ttl_jitter_s, random.randrange(1 << 30)]
-        args += [nonce, ks.writes_channel, str(limit)]
-        item_keys = []
-        for w in writes:
-            unlist = w.item.operation is plan.Operation.UNLIST
-            item_keys.append(ks.index if unlist else ks.content(w.item.path))
-            args += [_OP_CODES[w.item.operation], w.item.path, w.item.new or "", w.value, w.recorded_length()]
+        args += [nonce, ks.writes_channel, str(limit), ks.prefix, *_columns(writes)]
+        args += [w.item.path for w in writes if w.item.operation is plan.Operation.UNLIST]
+        args += [w.value for w in writes if w.item.operation is plan.Operation.PUT]
         try:
-            codes, repaired, gen = await _call(
-                self._apply(keys=[ks.generation, ks.index, ks.manifest, *item_keys], args=args)
-            )
+            codes, repaired, gen = await _call(self._apply(keys=[ks.generation, ks.index, ks.manifest], args=args))
         except BaseException:
             self.own_writes.pop(nonce, None)  # the iterator must not wait for an end marker that may never come
             if self.tracking_own_writes:
@@ -622,6 +709,10 @@ class RedisCache:
         return value if value is None else str(value)
 
 
+class _WrongType(Exception):
+    """A key modcache reads page by page changed type between pages (or was of the wrong type)."""
+
+
 def value_digest(value: str) -> str:
     """The sha1 (hex) ``VALUES`` compares a stored value with: of the bytes Redis holds for ``value``."""
     return hashlib.sha1(value.encode(), usedforsecurity=False).hexdigest()
@@ -655,6 +746,27 @@ def _page(entries: list[Any], codes: str, top: str) -> VerifiedPage:
         else:
             page.codes[name] = code
     return page
+
+
+def _joined(names: Sequence[str]) -> str:
+    """``names`` as one NUL-separated argument (each must be a module path: none holds a NUL)."""
+    joined = "\0".join(names)
+    if names and joined.count("\0") != len(names) - 1:
+        raise errors.InputError(next(n for n in names if "\0" in n), "a module path cannot hold a NUL")
+    return joined
+
+
+def _columns(writes: Sequence[Write]) -> tuple[str, str, str, str]:
+    """APPLY's item columns: one op character each, 64 hash characters each (spaces for none), lengths by comma,
+    paths by NUL (empty for UNLIST items, whose names go separately)."""
+    hashes = [w.item.new or _NO_HASH for w in writes]
+    for w, h in zip(writes, hashes, strict=True):  # hashes reaching a write were checked (SHA-256 hex)
+        if len(h) != len(_NO_HASH):
+            raise errors.InputError(w.item.path, "not a SHA-256 hex digest")
+    ops = "".join(_OP_CODES[w.item.operation] for w in writes)
+    unlist = plan.Operation.UNLIST
+    paths = _joined(["" if w.item.operation is unlist else w.item.path for w in writes])
+    return ops, "".join(hashes), ",".join(w.recorded_length() for w in writes), paths
 
 
 def _applied(writes: Sequence[Write], codes: str, repaired: str, ks: keys.KeySpace) -> Applied:

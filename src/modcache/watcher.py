@@ -22,6 +22,7 @@ into status conditions, events and metrics.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import logging
@@ -35,10 +36,13 @@ from modcache import backoff, engine, errors, keyevents, pgsource, plan, setting
 log = logging.getLogger(__name__)
 
 # Why a sync ran (a bounded set: used as a metrics label).
-CONNECT, RECONNECT, PERIODIC, MANUAL, NOTIFY, KEYSPACE, RETRY, DEEP = (
-    "connect", "reconnect", "periodic", "manual", "notify", "keyspace", "retry", "deep",
+CONNECT, RECONNECT, PERIODIC, MANUAL, NOTIFY, KEYSPACE, RETRY, DEEP, EVICTED = (
+    "connect", "reconnect", "periodic", "manual", "notify", "keyspace", "retry", "deep", "evicted",
 )  # fmt: skip
 
+EVICTIONS_PER_S = 50  # evicted keys in one second from which the repairs of evicted keys are backed off
+EVICTION_BACKOFF_S = 0.5
+EVICTION_BACKOFF_MAX_S = 30.0
 FIRST_EVENTS_WAIT_S = 5.0  # the first resync waits this long at most for the key events to be subscribed
 
 Backoff = backoff.Backoff
@@ -83,6 +87,8 @@ class State:
     full_resyncs: int = 0
     last_full: plan.Report | None = None
     last_error: str | None = None
+    evicting: bool = False  # Redis is evicting the cache's keys faster than it can hold them (maxmemory)
+    evictions: int = 0  # the cache's keys Redis was heard evicting (a cache that does not fit shows here)
 
 
 class Watcher:
@@ -112,6 +118,15 @@ class Watcher:
         self._pending: dict[str, str] = {}
         self._pending_event = asyncio.Event()
         self._cache_heard = asyncio.Event()  # the key-event iterator said whether events flow
+        self._claims_wanted = False  # the manifest changed: the next resync may rebuild it from the keys' claims
+        self._doubts: set[str] = set()  # roles (generation, status) changed by someone else, checked by one task
+        self._doubts_event = asyncio.Event()
+        self._evictions: collections.deque[float] = collections.deque()  # when evicted events arrived (last 1 s)
+        self._held: set[str] = set()  # evicted paths whose repair waits (Redis is evicting what we write)
+        self._held_resync = False  # an evicted bookkeeping key's resync waits too
+        self._held_event = asyncio.Event()
+        self._deep_task: asyncio.Task[plan.Report] | None = None  # the deep resync running, if one is
+        self._preempted: asyncio.Task[plan.Report] | None = None  # the one cancelled because the cache was replaced
 
     async def run(self) -> None:
         """Run until cancelled (or until a loop fails unexpectedly, which is raised)."""
@@ -120,6 +135,8 @@ class Watcher:
             "modcache-listener": self._source_loop(),
             "modcache-keyspace": self._cache_loop(),
             "modcache-applier": self._apply_loop(),
+            "modcache-bookkeeping": self._doubt_loop(),
+            "modcache-evictions": self._eviction_loop(),
         }
         tasks = [asyncio.create_task(coro, name=name) for name, coro in loops.items()]
         try:
@@ -152,8 +169,14 @@ class Watcher:
         while True:
             trigger = await self._wait_for_resync(delay_s)
             deep = self._deep_wanted or self._monotonic() - self._last_deep >= self.settings.deep_interval_s
+            claims, self._claims_wanted = self._claims_wanted, False
             try:
-                report = await self.engine.full_resync(deep=deep)
+                report = await self._resync(deep=deep, claims=claims)
+            except _Preempted:  # the cache was replaced while every value was being compared: refill it first,
+                self._deep_wanted = False  # then compare (``_deep_after``)
+                self._last_deep = self._monotonic()
+                delay_s = 0.0
+                continue
             except errors.TransientError as e:
                 self.state.last_error = str(e)
                 self._observer.on_sync_failed(e, trigger)
@@ -164,7 +187,7 @@ class Watcher:
             if deep:
                 self._deep_wanted = False
                 self._last_deep = self._monotonic()
-            elif self._deep_after:
+            elif self._deep_after or report.claimed:  # values never compared were taken: compare every one now
                 self._deep_after = False
                 self.request_resync(DEEP, deep=True)
             delay_s = min(self._interval_s(), self._until_deep_s())
@@ -172,6 +195,29 @@ class Watcher:
             self.state.last_full = report
             self.state.last_error = None
             self._observer.on_sync(report, trigger)
+
+    async def _resync(self, *, deep: bool, claims: bool) -> plan.Report:
+        """One full resync; a deep one runs as a task that a flushed or replaced cache cancels (``_preempt``): its
+        refill must not wait for 400 MB of values to be compared against a cache that is gone."""
+        task = asyncio.create_task(self.engine.full_resync(deep=deep, claims=claims), name="modcache-full-resync")
+        self._deep_task = task if deep else None
+        try:
+            return await task
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if task is self._preempted and (current is None or not current.cancelling()):
+                raise _Preempted from None
+            raise
+        finally:
+            self._deep_task = None
+
+    def _preempt(self) -> None:
+        task = self._deep_task
+        if task is not None and not task.done():
+            log.warning("the cache was replaced during a deep resync: refilling first, comparing every value after")
+            self._preempted = task
+            self._deep_after = True
+            task.cancel()
 
     async def _wait_for_resync(self, delay_s: float) -> str:
         try:
@@ -258,18 +304,32 @@ class Watcher:
 
     async def _on_key_event(self, event: keyevents.KeyEvent) -> None:
         match event:
+            case keyevents.Changed(event="evicted") if self._evicted():
+                self._hold(event.path)
             case keyevents.Changed(path=str(path)):
                 self.enqueue([path], KEYSPACE)
-            case keyevents.Changed(role=("index" | "manifest")):
+            case keyevents.Changed(role="manifest"):
+                # a deleted manifest is rebuilt from what each content key claims, then every value is compared
+                self._claims_wanted = True
+                self.request_resync(KEYSPACE)
+            case keyevents.Changed(role="index"):
                 self.request_resync(KEYSPACE)
             case keyevents.Changed(role=str(role)):
-                if await self._doubtful(role):
-                    self.request_resync(KEYSPACE)
+                # checked by ``_doubt_loop``, coalesced: a flood of events on these keys (a co-tenant, a second
+                # writer) costs one check at a time, never one round trip per event ahead of every other repair
+                self._doubts.add(role)
+                self._doubts_event.set()
+            case keyevents.Regressed(keyevents.EVICTED) if self._evicted():
+                self._hold(None)  # not a flush: keys were evicted; refilled once Redis stops evicting what we write
+            case keyevents.Regressed(replaced=False) if self._under_eviction_pressure():
+                self._hold(None)  # the generation evicted: the same
             case keyevents.Regressed(detail, replaced):
                 # refill at once (the routine resync); a replaced database (flushed, swapped) may hold forged values
                 # whose manifest entries agree with them: every value is compared right after
                 log.warning("%s: refilling%s", detail, ", then checking every value" if replaced else "")
                 self._deep_after |= replaced
+                if replaced:
+                    self._preempt()
                 self.request_resync(KEYSPACE)
             case keyevents.Subscribed(detail):
                 self._keyspace_changed(True, detail)
@@ -279,6 +339,61 @@ class Watcher:
             case keyevents.Lost(detail) | keyevents.Unavailable(detail):
                 self._keyspace_changed(False, detail)
                 self._cache_heard.set()
+
+    async def _doubt_loop(self) -> None:
+        while True:
+            await self._doubts_event.wait()
+            self._doubts_event.clear()
+            roles, self._doubts = self._doubts, set()
+            for role in sorted(roles):
+                if await self._doubtful(role):
+                    self.request_resync(KEYSPACE)
+
+    # -- Redis evicting the cache (maxmemory) ------------------------------------------------------------------
+
+    def _evicted(self) -> bool:
+        """Count one eviction; whether Redis has now evicted ``EVICTIONS_PER_S`` keys of the cache within a second:
+        then each repair of an evicted key evicts others (the cache does not fit), and repairs are backed off."""
+        self._evictions.append(self._monotonic())
+        self.state.evictions += 1
+        return self._under_eviction_pressure()
+
+    def _under_eviction_pressure(self) -> bool:
+        now = self._monotonic()
+        while self._evictions and self._evictions[0] < now - 1.0:
+            self._evictions.popleft()
+        return len(self._evictions) >= EVICTIONS_PER_S
+
+    def _hold(self, path: str | None) -> None:
+        if path is None:
+            self._held_resync = True
+        else:
+            self._held.add(path)
+        self._held_event.set()
+
+    async def _eviction_loop(self) -> None:
+        """Release held repairs with exponential backoff while Redis keeps evicting (at most one batch per delay)."""
+        delays = Backoff(EVICTION_BACKOFF_S, EVICTION_BACKOFF_MAX_S, self._rng)
+        while True:
+            await self._held_event.wait()
+            delay_s = delays.next_s()
+            self.state.evicting = True
+            log.warning(
+                "Redis is evicting the cache's keys (maxmemory too small for %d+ modules?): repairs of evicted keys "
+                "wait %.1fs",
+                len(self._held),
+                delay_s,
+            )
+            await asyncio.sleep(delay_s)
+            self._held_event.clear()
+            held, self._held = self._held, set()
+            self.enqueue(held, EVICTED)
+            if self._held_resync:
+                self._held_resync = False
+                self.request_resync(EVICTED)
+            if not self._under_eviction_pressure():
+                delays.reset()
+                self.state.evicting = False
 
     async def _doubtful(self, role: str) -> bool:
         """Whether a foreign change to the generation or the status record needs a resync (another modcache
@@ -318,6 +433,10 @@ async def _stop(tasks: list[asyncio.Task[None]]) -> None:
         for task in pending:
             task.cancel()
         _, pending = await asyncio.wait(pending, timeout=0.5)
+
+
+class _Preempted(Exception):
+    """The running deep resync was cancelled because the cache was replaced (the refill goes first)."""
 
 
 settings_module = settings  # inside Watcher, ``settings`` is the parameter

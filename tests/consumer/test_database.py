@@ -12,6 +12,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from modcache import errors
 from modcache_consumer import database
 
 
@@ -203,3 +204,29 @@ async def test_an_autocommit_unit_commits_each_statement_at_once(
     await the_db.run(unit, autocommit=True)  # each statement commits by itself: visible at once
     assert seen_elsewhere == [0, 2]
     assert {r["state"] for r in await backends(database_url, app_name)} == {"idle"}
+
+
+class _DriverError(Exception):
+    """What SQLAlchemy's asyncpg adapter puts in ``DBAPIError.orig``: the message and the server's SQLSTATE."""
+
+    def __init__(self, message: str, sqlstate: str | None) -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+
+
+@pytest.mark.parametrize(
+    ("sqlstate", "unavailable"),
+    [
+        ("57P03", True),  # "the database system is starting up": every restart, raised at connect as a plain Error
+        ("57P01", True),  # admin shutdown
+        ("53300", True),  # too many connections
+        ("08006", True),  # connection failure
+        ("42P01", False),  # undefined table: a bug, not an outage
+        (None, False),
+    ],
+)
+def test_server_states_that_mean_try_later_become_source_unavailable(sqlstate: str | None, unavailable: bool) -> None:
+    error = sa.exc.DBAPIError("connect", None, _DriverError("the server said no", sqlstate))
+    translated = database._translate(error)
+    assert isinstance(translated, errors.SourceUnavailable) is unavailable
+    assert (translated is error) is not unavailable

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import uuid
 
 import pytest
@@ -127,3 +128,38 @@ def test_optional_fields_default_and_unknown_fields_are_ignored(extra: dict[str,
 
 def test_statuses_know_which_are_finished() -> None:
     assert [s.value for s in messages.Status if s.finished] == ["SUCCESS", "FAILED", "TIMEOUT"]
+
+
+def _parser_depth(brackets: bytes) -> int:
+    """How deep a JSON parser recurses into ``brackets`` before it ends or fails (the reference)."""
+    depth = deepest = 0
+    for c in brackets:
+        depth += 1 if c in b"[{" else -1
+        if depth < 0:
+            break
+        deepest = max(deepest, depth)
+    return deepest
+
+
+def test_deeper_than_is_exact_on_balanced_nesting_and_bounded_on_the_rest() -> None:
+    """Against a per-byte reference on 3,000 random bracket strings (fixed seed): exact when every bracket is
+    closed; never lets the parser recurse past twice the limit otherwise."""
+    rng = random.Random(8)
+    for _ in range(3000):
+        opened, text = 0, bytearray()
+        for _ in range(rng.randint(0, 120)):
+            if opened and rng.random() < 0.5:
+                text += rng.choice([b"]", b"}"])
+                opened -= 1
+            else:
+                text += rng.choice([b"[", b"{"])
+                opened += 1
+        closed = rng.random() < 0.6
+        if closed:
+            text += b"]" * opened
+        for limit in (1, 3, 10, 32):
+            found = messages.deeper_than(bytes(text), limit)
+            if closed:
+                assert found is (_parser_depth(bytes(text)) > limit), (bytes(text), limit)
+            else:
+                assert found or _parser_depth(bytes(text)) <= 2 * limit, (bytes(text), limit)
