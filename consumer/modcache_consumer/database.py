@@ -163,29 +163,18 @@ def after_commit(db: AsyncSession, callback: AfterCommit) -> bool:
     return True
 
 
-<<<<<<< HEAD
-#: SQLSTATEs that say "this server cannot take the work now", not "this work is wrong": a restart or a failover
-#: in progress (57P01 admin shutdown, 57P02 crash shutdown, 57P03 still starting up), a connection that failed
-#: (class 08), too many connections (53300), or a primary that has just become a replica (25006 read-only).
-TRANSIENT_SQLSTATES = ("57P01", "57P02", "57P03", "53300", "25006")
-=======
 #: SQLSTATEs meaning "this server cannot serve you now", which asyncpg raises at connect as a plain Error (not an
 #: OperationalError): connection exceptions (class 08), too many connections (53300), and admin shutdown, crash
-#: shutdown and "the database system is starting up" (57P01-57P03, met during every restart).
-UNAVAILABLE_SQLSTATES = ("08", "53300", "57P01", "57P02", "57P03")
->>>>>>> main
+#: shutdown and "the database system is starting up" (57P01-57P03, met during every restart), and a primary that a
+#: failover has just made a replica (25006, read-only: the next connection reaches the new primary).
+UNAVAILABLE_SQLSTATES = ("08", "53300", "57P01", "57P02", "57P03", "25006")
 
 
 def _translate(e: sa.exc.DBAPIError) -> Exception:
     sqlstate = str(getattr(e.orig, "sqlstate", None) or "")
-<<<<<<< HEAD
-    transient = sqlstate.startswith("08") or sqlstate in TRANSIENT_SQLSTATES
-    if transient or e.connection_invalidated or isinstance(e, sa.exc.OperationalError | sa.exc.InterfaceError):
-=======
     unavailable = isinstance(e, sa.exc.OperationalError | sa.exc.InterfaceError) or sqlstate.startswith(
         UNAVAILABLE_SQLSTATES
     )
     if e.connection_invalidated or unavailable:
->>>>>>> main
         return errors.SourceUnavailable(f"PostgreSQL failed: {errors.describe(e.orig or e)}")
     return e
