@@ -13,7 +13,7 @@ from typing import Any
 import pydantic
 from cryptography import fernet
 
-from modcache import errors, keys, settings
+from modcache import endpoints, errors, keys, settings
 
 
 class ConsumerSettings(settings.Settings):
@@ -134,6 +134,19 @@ class ConsumerSettings(settings.Settings):
         if value * 2 > info.data.get("lease_ttl_s", value * 2):
             raise ValueError("must be at most half of MODCACHE_LEASE_TTL_S (a renewal may be late once)")
         return value
+
+    @pydantic.model_validator(mode="after")
+    def _config_keys_in_one_slot(self) -> ConsumerSettings:
+        """On a Redis Cluster the config cache reads several keys in one MGET: they need one hash tag too."""
+        endpoint = self.redis_endpoint()
+        cluster = endpoint is not None and endpoint.topology is endpoints.Topology.CLUSTER
+        if cluster and keys.hash_tag(self.cache_namespace) is None:
+            raise errors.ConfigError(
+                f"{settings.ENV_PREFIX}CACHE_NAMESPACE",
+                "a Redis Cluster URL needs a hash tag in the config cache namespace too, so that one lookup's"
+                " keys share a slot: for example '{bifrost-config}:'",
+            )
+        return self
 
     @classmethod
     def from_env(cls, **overrides: Any) -> ConsumerSettings:
