@@ -362,8 +362,6 @@ def test_consumer_settings_follow_values(rendered: Any, effective_values: dict[s
         return
     env = {e["name"]: e.get("value") for e in found[0]["env"]}
     assert env["MODCACHE_CONSUMER_CONCURRENCY"] == str(consumer["concurrency"])
-    assert env["MODCACHE_POOL_MIN_WORKERS"] == str(consumer["pool"]["minWorkers"])
-    assert env["MODCACHE_POOL_MAX_WORKERS"] == str(consumer["pool"]["maxWorkers"])
     assert env["MODCACHE_KEY_PREFIX"] == effective_values["keyPrefix"]
     secrets = {"MODCACHE_AMQP_URL", "MODCACHE_SECRETS_KEY", "MODCACHE_DATABASE_URL", "MODCACHE_REDIS_URL"}
     assert set(env) >= {f"{name}_FILE" for name in secrets}
@@ -589,7 +587,6 @@ def test_the_schema_rejects_a_misspelled_key(
     ("values", "complaint"),
     [
         ({"operator": {"replicas": 2}}, "requires operator.leaderElection.enabled"),
-        ({"consumer": {"pool": {"minWorkers": 5, "maxWorkers": 2}}}, "minWorkers must not exceed"),
         ({"operator": {"watchNamespace": "elsewhere"}}, "would not see"),
         ({"podSecurity": {"runAsUser": 0}}, "runAsUser"),
         ({"instance": {"resyncInterval": "5 minutes"}}, "resyncInterval"),
@@ -599,7 +596,6 @@ def test_the_schema_rejects_a_misspelled_key(
     ],
     ids=[
         "ha-without-election",
-        "pool-bounds",
         "instance-not-watched",
         "root",
         "interval",
