@@ -87,9 +87,10 @@ def _requests(workflow_id: uuid.UUID, org: uuid.UUID):  # type: ignore[no-untype
 
 
 async def _ours(ours: consumer.WorkflowExecutionConsumer, request: messages.ExecutionRequest) -> None:
-    prepared = await ours.prepare(request)
-    assert not isinstance(prepared, executions.Record)
-    await ours.record(request, messages.Outcome(messages.Status.SUCCESS, result=1, duration_ms=0))
+    admitted = await ours.prepare(request)
+    assert isinstance(admitted, consumer.Admitted)
+    await ours.record(admitted.lease, messages.Outcome(messages.Status.SUCCESS, result=1, duration_ms=0))
+    ours.leases.drop(request.execution_id)
 
 
 async def _measure(one, count: int, ours: consumer.WorkflowExecutionConsumer) -> tuple[list[float], float]:  # type: ignore[no-untyped-def]
@@ -129,8 +130,12 @@ async def _plan(ours, url, request, count, keyspace, *, sync):  # type: ignore[n
         if sync:
             await plan._sync_module_cache()
         outcome = messages.Outcome(messages.Status.SUCCESS)
-        await ours.database.run(lambda unit: executions.claim(unit, req, workflow_name="bench"), autocommit=True)
-        await ours.database.run(lambda unit: executions.finish(unit, req, outcome), autocommit=True)
+        terms = ours.leases.terms
+        claim = await ours.database.run(
+            lambda unit: executions.claim(unit, req, terms=terms, workflow_name="bench"), autocommit=True
+        )
+        assert isinstance(claim, executions.Lease)
+        await ours.database.run(lambda unit: executions.finish_leased(unit, [(claim, outcome)], terms=terms))
 
     try:
         for _ in range(WARMUP // 4):

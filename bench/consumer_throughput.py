@@ -1,4 +1,4 @@
-"""End-to-end throughput of a trivial workflow (publish -> a fresh execution process -> result row -> reply).
+"""End-to-end throughput of a trivial workflow (publish -> worker -> result row -> reply) with 2 workers.
 
 The consumer runs in a process of its own (as in production; this process only publishes and collects the
 replies). Ours against the original plan's per-message design in the same run: the same consumer, with
@@ -6,13 +6,14 @@ replies). Ours against the original plan's per-message design in the same run: t
 ``_sync_module_cache`` (every module with content, one EXISTS per module). Target: >= 200 executions/s on a
 2-core machine.
 
-    ./dev bench consumer_throughput [--executions 2000] [--concurrency 16] [--modules 200] [--plan-executions 300]
+    ./dev bench consumer_throughput [--executions 2000] [--concurrency 2] [--modules 200] [--plan-executions 300]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import os
 import signal
 import sys
@@ -25,6 +26,7 @@ import asyncpg
 import psutil
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 
+from bench import _celery
 from bench import _consumer_kit as kit
 from modcache import keys
 from modcache import settings as core_settings
@@ -67,12 +69,26 @@ async def run(args: argparse.Namespace) -> None:
     async with kit.scratch_database() as url, kit.scratch_keyspace() as keyspace:
         await kit.load_modules(url, args.modules)
         ours = await _throughput("ours", url, keyspace, args, args.executions)
-        plan = await _throughput("plan", url, keyspace, args, args.plan_executions)
-    print(f"ours: {ours:7.1f} executions/s   (n={args.executions})")
-    print(f"plan: {plan:7.1f} executions/s   (n={args.plan_executions}; SELECT 1 + full module sync per message)")
+        celery = None if args.no_celery else await _celery.throughput(url, args.executions, WARMUP)
+        plan = await _throughput("plan", url, keyspace, args, args.plan_executions) if args.plan_executions else None
+    print(f"modcache: {ours.rate:7.1f} executions/s   (n={args.executions})")
+    if celery is not None:
+        print(f"celery:   {celery:7.1f} executions/s   (n={args.executions}; prefork -c 2, acks_late, PG results)")
+        print(f"ratio:    {ours.rate / celery:7.2f}x Celery   (target >= 2)")
+    if plan is not None:
+        print(f"plan:     {plan.rate:7.1f} executions/s   (n={args.plan_executions}; SELECT 1 + full sync per message)")
+    print(f"consumer CPU: {ours.cpu_ms:.2f} ms per execution   (target <= 1.5; executors not included)")
+    print(f"start latency (publish -> workflow started, idle): {kit.describe_ms(ours.latencies_s)}   (target p50 <= 5)")
 
 
-async def _throughput(kind: str, url: str, keyspace: keys.KeySpace, args: argparse.Namespace, n: int) -> float:
+@dataclasses.dataclass(frozen=True)
+class Measured:
+    rate: float
+    cpu_ms: float
+    latencies_s: list[float]
+
+
+async def _throughput(kind: str, url: str, keyspace: keys.KeySpace, args: argparse.Namespace, n: int) -> Measured:
     async with kit.scratch_queue() as queue:
         env = {
             **{k: v for k, v in os.environ.items() if not k.startswith("MODCACHE_")},
@@ -96,12 +112,13 @@ async def _throughput(kind: str, url: str, keyspace: keys.KeySpace, args: argpar
             assert process.stdout is not None
             assert (await asyncio.wait_for(process.stdout.readline(), 120)) == b"ready\n", "the consumer did not start"
             elapsed, workflow_id, cpu_s = await _drive(url, queue, n, psutil.Process(process.pid))
+            latencies = await _latencies(url, queue, args.latency_samples) if kind == "ours" else []
         finally:
             process.send_signal(signal.SIGTERM)
             await process.wait()
     await _check_rows(url, workflow_id, n + WARMUP)
-    print(f"  {kind}: consumer process CPU {cpu_s / n * 1000:.2f} ms per execution (executions not included)")
-    return n / elapsed
+    print(f"  {kind}: consumer process CPU {cpu_s / n * 1000:.2f} ms per execution (executors not included)")
+    return Measured(rate=n / elapsed, cpu_ms=cpu_s / n * 1000, latencies_s=latencies)
 
 
 async def _drive(url: str, queue: str, n: int, consumer_process: psutil.Process) -> tuple[float, uuid.UUID, float]:
@@ -124,6 +141,38 @@ async def _drive(url: str, queue: str, n: int, consumer_process: psutil.Process)
         return time.perf_counter() - started, workflow_id, _cpu_s(consumer_process) - cpu
     finally:
         await connection.close()
+
+
+async def _latencies(url: str, queue: str, samples: int) -> list[float]:
+    """Publish -> the workflow's first line, one execution at a time (the consumer is idle for each)."""
+    workflow_id = await _put(url, "import time\ndef run():\n    return time.time()\n")
+    connection = await aio_pika.connect(kit.AMQP_URL)
+    try:
+        caller = amqp.Caller(channel=await connection.channel(), names=amqp.Names.for_queue(queue))
+        await caller.start()
+        found = []
+        for _ in range(samples + 5):
+            request = messages.ExecutionRequest(
+                execution_id=messages.ExecutionId(uuid.uuid4()), workflow_id=messages.WorkflowId(workflow_id)
+            )
+            published = time.time()
+            await caller.publish(request)
+            reply = await caller.result(request.execution_id, timeout_s=60)
+            found.append(float(reply["result"]) - published)
+            await asyncio.sleep(0.02)  # idle between samples
+        return found[5:]
+    finally:
+        await connection.close()
+
+
+async def _put(url: str, code: str) -> uuid.UUID:
+    from modcache_consumer import database
+
+    db = database.Database(url=url, pool_size=1)
+    try:
+        return await workflows.Workflows(database=db).put(f"bench-{uuid.uuid4().hex[:6]}", code, function_name="run")
+    finally:
+        await db.close()
 
 
 def _cpu_s(process: psutil.Process) -> float:
@@ -160,7 +209,9 @@ async def _check_rows(url: str, workflow_id: uuid.UUID, expected: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="./dev bench consumer_throughput")
     parser.add_argument("--executions", type=int, default=2000)
-    parser.add_argument("--plan-executions", type=int, default=300)
-    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--plan-executions", type=int, default=0)
+    parser.add_argument("--latency-samples", type=int, default=200)
+    parser.add_argument("--no-celery", action="store_true", help="modcache only (no Celery virtualenv needed)")
+    parser.add_argument("--concurrency", type=int, default=2, help="executions at once (2 executors, as Celery -c 2)")
     parser.add_argument("--modules", type=int, default=200)
     asyncio.run(run(parser.parse_args()))

@@ -54,6 +54,7 @@ async def bench(args: argparse.Namespace) -> None:
     rows = []
     for size, module_bytes in zip(sizes, sizes_b, strict=True):
         rows.append((size, module_bytes, await _one(size, module_bytes, args.runs)))
+        print(f"  {size} modules: {json.dumps(rows[-1][2])}", flush=True)  # kept if a larger size fails
     print(f"\nresults (medians of {args.runs} drifted runs; 1 % missing + 1 % stale + 1 % orphaned):")
     print(f"  {'modules':>9} {'bytes':>6} {'cold fill':>10} {'drifted':>9} {'no drift':>9} {'peak RSS':>9}  per module")
     base = None

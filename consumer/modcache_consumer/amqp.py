@@ -15,6 +15,7 @@ arguments), without the URL.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import uuid
@@ -32,6 +33,7 @@ from modcache_consumer import messages
 log = logging.getLogger(__name__)
 
 CONTENT_TYPE = "application/json"
+RETRY_HEADER = keys.RETRY_ATTEMPT_HEADER
 
 
 class BrokerUnavailable(errors.TransientError):
@@ -112,13 +114,63 @@ async def poison(
     await exchange.publish(copy, routing_key=names.poison)
 
 
-async def reply(channel: aio_pika.abc.AbstractChannel, reply_to: str, correlation_id: str | None, body: bytes) -> None:
-    """Send an execution's outcome to its caller; a caller that went away is not an error."""
-    message = aio_pika.Message(body, content_type=CONTENT_TYPE, correlation_id=correlation_id)
+async def reply(
+    channel: aio_pika.abc.AbstractChannel,
+    reply_to: str,
+    correlation_id: str | None,
+    body: bytes,
+    *,
+    retry_s: float = 0.0,
+    connected: asyncio.Event | None = None,
+    confirm_timeout_s: float = 5.0,
+) -> bool:
+    """Send an execution's outcome to its caller; True once the broker took it (a caller whose queue is gone
+    is not an error). A broker that goes away mid-reply (``ChannelInvalidStateError`` during a restart, a
+    closed connection, no confirm in time) is retried for ``retry_s``, each time after the robust connection
+    is back (``connected``); False if it never was: the caller decides what happens next, nothing raises."""
+    message = aio_pika.Message(  # persistent: a durable reply queue keeps it across a broker restart
+        body, content_type=CONTENT_TYPE, correlation_id=correlation_id, delivery_mode=aio_pika.DeliveryMode.PERSISTENT
+    )
+    deadline = asyncio.get_running_loop().time() + retry_s
+    while True:
+        try:
+            await channel.default_exchange.publish(
+                message, routing_key=reply_to, mandatory=False, timeout=confirm_timeout_s
+            )
+            return True
+        except (OSError, RuntimeError, TimeoutError, aio_pika.exceptions.AMQPError) as e:
+            # RuntimeError: aiormq's ChannelInvalidStateError (the channel closed under the publish)
+            remaining_s = deadline - asyncio.get_running_loop().time()
+            if remaining_s <= 0:
+                log.warning("reply to %s not sent: %s", reply_to, errors.describe(e))
+                return False
+        await _reconnected(connected, min(remaining_s, 1.0))
+
+
+async def _reconnected(connected: asyncio.Event | None, wait_s: float) -> None:
+    """Wait a moment, then for the robust connection to be back (at most ``wait_s`` in all)."""
+    await asyncio.sleep(min(0.05, wait_s))
+    if connected is not None and not connected.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(connected.wait(), wait_s)
+
+
+async def republish(
+    channel: aio_pika.abc.AbstractChannel, names: Names, request: messages.ExecutionRequest, *, attempt: int
+) -> None:
+    """Publish ``request`` again (a crash-policy retry), persistent and confirmed, marked with its attempt."""
+    message = aio_pika.Message(
+        request.encode(),
+        content_type=CONTENT_TYPE,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        reply_to=request.reply_to,
+        correlation_id=request.correlation_id,
+        headers={keys.RETRY_ATTEMPT_HEADER: attempt},
+    )
     try:
-        await channel.default_exchange.publish(message, routing_key=reply_to, mandatory=False)
-    except (OSError, aio_pika.exceptions.AMQPError) as e:
-        log.warning("reply to %s not sent: %s", reply_to, errors.describe(e))
+        await channel.default_exchange.publish(message, routing_key=names.queue, timeout=5.0)
+    except (OSError, RuntimeError, TimeoutError, aio_pika.exceptions.AMQPError) as e:
+        raise BrokerUnavailable(f"republishing to {names.queue!r} failed: {errors.describe(e)}") from e
 
 
 # -- the caller's side (CLI `modcache run`, tests, benchmarks) -------------------------------------------------

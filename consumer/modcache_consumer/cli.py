@@ -90,8 +90,21 @@ def workflows_group() -> None:
 @click.option("--timeout-s", type=click.IntRange(min=1), default=workflows.DEFAULT_TIMEOUT_S, show_default=True)
 @click.option("--path", "workflow_path", help="Path shown in tracebacks (default: FILE's name).")
 @click.option("--organization", type=click.UUID, help="Restrict the workflow to one organization.")
+@click.option(
+    "--retries-on-crash",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Run an execution again (at most this often) when its consumer died mid-run; 0: it fails.",
+)
 def put_command(
-    name: str, file: Path, function_name: str, timeout_s: int, workflow_path: str | None, organization: uuid.UUID | None
+    name: str,
+    file: Path,
+    function_name: str,
+    timeout_s: int,
+    workflow_path: str | None,
+    organization: uuid.UUID | None,
+    retries_on_crash: int,
 ) -> None:
     """Create or update workflow NAME from FILE."""
     try:
@@ -111,6 +124,7 @@ def put_command(
             path=workflow_path or file.name,
             timeout_seconds=timeout_s,
             organization_id=organization,
+            retries_on_crash=retries_on_crash,
         )
 
     click.echo(asyncio.run(_with_workflows(put)))

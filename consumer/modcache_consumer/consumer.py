@@ -3,19 +3,25 @@
 Start order: the database (the persistent engine and pool), Redis, the executor (a warm template process
 that clones a fresh, isolated process per execution), cache readiness, then the
 broker (robust connection, prefetch = concurrency) and consuming; health last. ``stop`` runs it backwards:
-stop consuming, drain in-flight executions within ``drain_grace_s`` (cancelling the rest: their messages are
-redelivered), close the broker, the executor, Redis and finally the database.
+stop consuming, drain in-flight executions within ``drain_grace_s`` (cancelling the rest and releasing their
+leases: the next sweep applies their crash policy), stop the lease tasks, close the broker, the executor,
+Redis and finally the database.
 
-Per message (``process_message``):
+Per message (``_handle`` -> ``_deliver``; docs/consumer.md has the why):
 
 1. parse; a malformed message goes to the poison queue with the reason, and the consumer carries on;
-2. one unit of work (``_get_db_session``: a session of its own, here in autocommit since its statements are
-   independent and idempotent): the workflow, the organization and its configs (Redis first), and the claim of
-   the execution (``executions.claim``; a finished execution is not run again, its stored outcome is replied);
-3. ``_sync_module_cache``: the O(1) readiness check, which returns the generation the execution pins;
-4. a fresh execution process runs it (``executor``), served modules and its own secrets over its private
-   channel (``serving``; missing modules repaired on request, single-flight);
-5. a second unit of work records the outcome; then the reply (if ``reply_to``) and the ack.
+2. an execution slot (a message waiting longer than ``delivery_hold_s`` for one is requeued);
+3. ``prepare``: one unit of work (``_get_db_session``: a session of its own, here in autocommit since its
+   statements are independent and idempotent): the workflow, the organization and its configs (Redis first),
+   and last the claim (``executions.claim``): a lease for this consumer, or the finished record (replied from
+   storage, never run again), or Busy (someone holds a live lease: acknowledged, its owner replies); then
+   ``_sync_module_cache``, the O(1) readiness check, which returns the generation the execution pins;
+4. the ack: PostgreSQL owns the execution from here on (``leases`` renews it; a crash is recovered by the sweep
+   according to the workflow's policy, never by a redelivery, and never by the broker's ``consumer_timeout``);
+5. a fresh execution process runs it (``_execute`` -> ``executor``), served modules and its own secrets over
+   its private channel (``serving``); stopped if the lease is lost;
+6. the outcome, fenced by the lease token and group-committed; the reply (confirmed, retried through a broker
+   restart); the "replied" mark, which ends the lease.
 
 Every message is settled whatever happens while handling it (``_handle``): acknowledged, moved to the poison
 queue with a reason header, or, for a service outage (TransientError), requeued after a pause. An unsettled
@@ -33,6 +39,7 @@ import dataclasses
 import json
 import logging
 import os
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -53,6 +60,7 @@ from modcache_consumer import (
     executor,
     hardening,
     health,
+    leases,
     messages,
     metrics,
     protocol,
@@ -75,6 +83,15 @@ class Prepared:
     organization: configs.Organization | None
     config: configs.ConfigMap
     generation: int = 0  # of the module cache, pinned by the execution
+    attempt: int = 1  # which run of the execution this is (retries by crash policy count up)
+
+
+@dataclasses.dataclass(frozen=True)
+class Admitted:
+    """An execution this consumer claimed: its lease (renewed while it runs) and what the executor needs."""
+
+    lease: executions.Lease
+    prepared: Prepared
 
 
 class WorkflowExecutionConsumer:
@@ -93,13 +110,21 @@ class WorkflowExecutionConsumer:
         self._names = amqp.Names.for_queue(settings.queue_name)
         self._stack = contextlib.AsyncExitStack()
         self._in_flight: set[asyncio.Task[Any]] = set()
+        self._terms = executions.Terms(
+            owner=executions.Owner(f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"),
+            lease_s=settings.lease_ttl_s,
+            unowned_s=settings.execution_timeout_s + settings.terminate_grace_s + settings.lease_ttl_s,
+        )
+        self._slots = asyncio.Semaphore(settings.consumer_concurrency)
+        self._mine: set[uuid.UUID] = set()  # claimed or running here: a second delivery must not claim again
+        self._lost: dict[uuid.UUID, asyncio.Event] = {}
+        self._replying: set[uuid.UUID] = set()  # replies being sent (a duplicate delivery must not send another)
         self._started_at: dict[asyncio.Task[Any], float] = {}  # monotonic start of each in-flight handler
         self._limits = messages.Limits(
             max_bytes=settings.max_message_bytes,
             max_depth=settings.max_message_depth,
             max_number_digits=settings.max_message_number_digits,
         )
-        self._running: dict[uuid.UUID, asyncio.Future[messages.Outcome]] = {}
         self._drained = asyncio.Event()
         self._drained.set()
         self._consuming = False
@@ -210,9 +235,19 @@ class WorkflowExecutionConsumer:
         self._stack.push_async_callback(self._connection.close)
         self._connection.reconnect_callbacks.add(self._on_reconnect)
         self._channel = await self._connection.channel()
-        self._replies = await self._connection.channel(publisher_confirms=False)  # best effort: never waits
+        self._replies = await self._connection.channel()  # confirmed: a reply counts as sent once the broker has it
         await self._channel.set_qos(prefetch_count=self.settings.consumer_concurrency)
         queue = await amqp.declare(self._channel, self._names)
+        self.leases = leases.Leases(
+            database=self.database,
+            terms=self._terms,
+            renew_interval_s=s.lease_renew_interval_s,
+            sweep_interval_s=s.lease_sweep_interval_s,
+            on_recovered=self._on_recovered,
+            on_lost=self._lease_lost,
+        )
+        self._stack.push_async_callback(self.leases.close)  # after the drain below (the stack unwinds backwards)
+        self.leases.start()
         tag = await queue.consume(self._on_message)
         self._consuming = True
         self._stack.push_async_callback(self._stop_consuming, queue, tag)
@@ -251,11 +286,16 @@ class WorkflowExecutionConsumer:
             await asyncio.wait_for(self._drained.wait(), self.settings.drain_grace_s)
         except TimeoutError:
             log.warning(
-                "%d execution(s) still running after the grace period; they will be redelivered", len(self._in_flight)
+                "%d execution(s) still running after the grace period; their leases are released for recovery",
+                len(self._in_flight),
             )
             for task in list(self._in_flight):
                 task.cancel()
             await asyncio.gather(*self._in_flight, return_exceptions=True)
+        try:  # what is still leased here was cut off: expire it now, so the next sweep applies its policy
+            await self.leases.release()
+        except Exception as e:
+            log.warning("could not release the leases of cut-off executions (they expire by themselves): %s", e)
 
     # -- health ---------------------------------------------------------------------------------------------
 
@@ -346,8 +386,28 @@ class WorkflowExecutionConsumer:
         except messages.Malformed as e:
             await self._poison(message, e.reason)
             return
+        await self._deliver(message, request)
+
+    async def _deliver(self, message: aio_pika.abc.AbstractIncomingMessage, request: messages.ExecutionRequest) -> None:
+        """One execution slot for ``request``; a message that waits too long for one goes back to the queue
+        (a waiting message is unacknowledged, so the broker's ``consumer_timeout`` runs for it)."""
         try:
-            outcome = await self.process_message(request)
+            async with asyncio.timeout(self.settings.delivery_hold_s):
+                await self._slots.acquire()
+        except TimeoutError:
+            self.metrics.requeued.inc()
+            await _settle(message.nack(requeue=True))
+            return
+        try:
+            await self._admit_and_run(message, request)
+        finally:
+            self._slots.release()
+
+    async def _admit_and_run(
+        self, message: aio_pika.abc.AbstractIncomingMessage, request: messages.ExecutionRequest
+    ) -> None:
+        try:
+            admitted = await self.prepare(request)
         except errors.TransientError as e:
             log.warning("execution %s postponed: %s", request.execution_id, e)
             await asyncio.sleep(self.settings.transient_retry_delay_s)
@@ -359,16 +419,27 @@ class WorkflowExecutionConsumer:
             await self._record_internal_error(request, e)
             await self._poison(message, f"internal error: {errors.describe(e)}")
             return
-        if request.reply_to:
-            assert self._replies is not None
-            body = json.dumps(outcome.reply(request.execution_id)).encode()
-            await amqp.reply(self._replies, request.reply_to, request.correlation_id, body)
+        if isinstance(admitted, Admitted):
+            # PostgreSQL owns the execution from here on (its lease): the broker's consumer_timeout no longer
+            # matters, and a crash from now on is recovered by the sweep, by policy, not by a redelivery.
+            await _settle(message.ack())
+            await self._run_leased(request, admitted)
+            return
+        if isinstance(admitted, executions.Busy):
+            log.info("execution %s runs under a live lease elsewhere; its owner replies", request.execution_id)
+        elif admitted.leased and not admitted.answers(request):  # another caller: the stored outcome
+            await self._send_reply(request, admitted.outcome)
+        elif admitted.leased:  # finished, its reply owed by the lease holder
+            if admitted.owner == self._terms.owner and request.execution_id not in self._replying:
+                await self._reply_owed(request, admitted.outcome)  # recorded just now, by this prepare
+        elif request.reply_to and not admitted.replied_to(request):
+            await self._send_reply(request, admitted.outcome)  # a new request for a finished execution
         await _settle(message.ack())
 
     async def _record_internal_error(self, request: messages.ExecutionRequest, error: Exception) -> None:
         outcome = messages.Outcome(messages.Status.FAILED, error=f"internal error: {errors.describe(error)}")
         try:
-            await self.record(request, outcome)
+            await self._unit(lambda db: executions.finish_unleased(db, request, outcome, terms=self._terms))
         except Exception as e:  # the database may be the problem: the dead-lettered message still tells
             log.warning("execution %s: could not record the failure: %s", request.execution_id, errors.describe(e))
 
@@ -386,50 +457,162 @@ class WorkflowExecutionConsumer:
             return
         await _settle(message.ack())
 
-    async def process_message(self, request: messages.ExecutionRequest) -> messages.Outcome:
-        """Run one execution end to end; returns the outcome stored for it (which may be an earlier one).
+    # -- a leased run -----------------------------------------------------------------------------------------
 
-        A redelivery of an execution this consumer is still running (the broker connection dropped and the
-        unacknowledged message came back) waits for that run instead of starting a second one.
-        """
-        running = self._running.get(request.execution_id)
-        if running is not None:
-            log.info("execution %s is already running here; waiting for it", request.execution_id)
-            return await asyncio.shield(running)
-        done: asyncio.Future[messages.Outcome] = asyncio.get_running_loop().create_future()
-        self._running[request.execution_id] = done
+    async def _run_leased(self, request: messages.ExecutionRequest, admitted: Admitted) -> None:
+        """Run under the lease, record the outcome (fenced), reply. Nothing here may raise: the message is
+        acknowledged already; what cannot be finished is left to the lease's expiry and the sweep."""
+        lease = admitted.lease
         try:
-            outcome = await self._process(request)
-        except BaseException as e:
-            done.set_exception(e if isinstance(e, Exception) else errors.TransientError("interrupted"))
-            done.exception()  # retrieved: a waiter, if any, gets it too
-            raise
+            try:
+                outcome = await self._execute_while_leased(request, admitted)
+                if outcome is None:
+                    return  # the lease was lost: whoever recovered the execution owns its outcome
+                self.metrics.executions.labels(status=outcome.status.value).inc()
+                recorded = await self.record(lease, outcome)
+            finally:
+                self._lost.pop(lease.execution_id, None)
+                self._mine.discard(lease.execution_id)  # finished: a new request gets the stored outcome
+            if not recorded:
+                log.warning("execution %s: lease lost before its outcome was recorded", request.execution_id)
+            elif request.reply_to:
+                await self._reply_owed(request, outcome)
+                return
+        except Exception:
+            log.exception("execution %s: failed after its message was acknowledged; the sweep recovers it", lease)
+        self.leases.drop(lease.execution_id)
+
+    async def _execute_while_leased(
+        self, request: messages.ExecutionRequest, admitted: Admitted
+    ) -> messages.Outcome | None:
+        """The executor's outcome, or None if the lease was lost meanwhile (the run is stopped then)."""
+        lost = self._lost[admitted.lease.execution_id] = asyncio.Event()
+        run = asyncio.create_task(self._execute(request, admitted.prepared))
+        watch = asyncio.create_task(lost.wait())
+        try:
+            await asyncio.wait((run, watch), return_when=asyncio.FIRST_COMPLETED)
         finally:
-            del self._running[request.execution_id]
-        done.set_result(outcome)
-        return outcome
+            watch.cancel()
+            if not run.done():
+                run.cancel()
+                await asyncio.gather(run, return_exceptions=True)
+        return None if run.cancelled() else run.result()
 
-    async def _process(self, request: messages.ExecutionRequest) -> messages.Outcome:
-        prepared = await self.prepare(request)
-        if isinstance(prepared, executions.Record):
-            return prepared.outcome  # finished already (redelivery) or failed before running
-        outcome = await self._execute(request, prepared)
-        self.metrics.executions.labels(status=outcome.status.value).inc()
-        return await self.record(request, outcome)
+    def _lease_lost(self, execution_id: uuid.UUID) -> None:
+        event = self._lost.get(execution_id)
+        if event is not None:
+            event.set()
 
-    async def prepare(self, request: messages.ExecutionRequest) -> Prepared | executions.Record:
-        """Everything before the execution: the first unit of work, then the O(1) cache readiness check."""
-        prepared = await self._unit(lambda db: self._prepare(db, request))
-        if isinstance(prepared, executions.Record):
-            return prepared
-        return dataclasses.replace(prepared, generation=await self._sync_module_cache())
+    async def record(self, lease: executions.Lease, outcome: messages.Outcome) -> bool:
+        """Record (group-committed with concurrent outcomes); retried through outages while the stop allows:
+        the lease may outlive a short one, and fencing refuses the outcome if it did not."""
+        delay_s = self.settings.transient_retry_delay_s
+        while True:
+            try:
+                recorded = await self.leases.outcomes.submit((lease, outcome))
+            except errors.TransientError as e:
+                self._db_ok = False
+                log.warning("execution %s: outcome not recorded yet: %s", lease.execution_id, e)
+                await asyncio.sleep(delay_s)
+                delay_s = min(delay_s * 2, self.settings.lease_renew_interval_s)
+                continue
+            self._db_ok = True
+            return recorded
 
-    async def record(self, request: messages.ExecutionRequest, outcome: messages.Outcome) -> messages.Outcome:
-        """The second unit of work: store ``outcome`` unless one is stored already; returns the stored one."""
-        stored = await self._unit(lambda db: executions.finish(db, request, outcome))
-        return stored.outcome
+    async def _reply_owed(self, request: messages.ExecutionRequest, outcome: messages.Outcome) -> None:
+        """Send a reply this consumer owes (it holds the row's lease), then mark it sent. Unsent (the broker
+        stayed away), the lease is left to expire and a sweep sends it from the stored outcome."""
+        execution_id = request.execution_id
+        self.leases.hold(execution_id)
+        self._replying.add(execution_id)
+        try:
+            if not await self._send_reply(request, outcome, retry_s=self.settings.reply_retry_s):
+                self.leases.drop(execution_id)
+                return
+            try:
+                await self.leases.replied.submit(execution_id)
+            except errors.TransientError as e:
+                log.warning("execution %s: replied, but not marked so: %s", execution_id, e)
+                self.leases.drop(execution_id)
+        finally:
+            self._replying.discard(execution_id)
 
-    async def _prepare(self, db: AsyncSession, request: messages.ExecutionRequest) -> Prepared | executions.Record:
+    async def _send_reply(
+        self, request: messages.ExecutionRequest, outcome: messages.Outcome, *, retry_s: float = 0.0
+    ) -> bool:
+        if not request.reply_to:
+            return True
+        assert self._replies is not None
+        assert self._connection is not None
+        body = json.dumps(outcome.reply(request.execution_id)).encode()
+        return await amqp.reply(
+            self._replies,
+            request.reply_to,
+            request.correlation_id,
+            body,
+            retry_s=retry_s,
+            connected=self._connection.connected,
+        )
+
+    async def _on_recovered(self, recovered: list[executions.Recovered]) -> None:
+        """What a sweep took over: republish retries, send owed replies (failures included)."""
+        for item in recovered:
+            if item.action is executions.Action.REPUBLISH:
+                await self._republish(item)
+            elif item.action is executions.Action.REPLY:
+                await self._reply_owed(item.request, item.record.outcome)
+            if item.previous_status is messages.Status.RUNNING:
+                self.metrics.executions.labels(status=item.record.status.value).inc()
+
+    async def _republish(self, item: executions.Recovered) -> None:
+        assert self._channel is not None
+        try:
+            await amqp.republish(self._channel, self._names, item.request, attempt=item.record.attempt + 1)
+        except errors.TransientError as e:  # still PENDING and leased: the next sweep after expiry tries again
+            log.warning("execution %s: retry not republished yet: %s", item.record.id, e)
+            return
+        try:  # confirmed, so in the queue durably: republish again only if it is still PENDING much later
+            await self._unit(lambda db: executions.republished(db, item.record.id, terms=self._terms))
+        except errors.TransientError as e:
+            log.warning(
+                "execution %s: republished, but not marked so (it may be republished again): %s", item.record.id, e
+            )
+
+    # -- the two units of work ----------------------------------------------------------------------------------
+
+    async def prepare(self, request: messages.ExecutionRequest) -> Admitted | executions.Record | executions.Busy:
+        """Everything before the executor: the first unit of work (ending with the claim), then the O(1) cache
+        readiness check. An Admitted execution is leased to this consumer (``leases`` renews it)."""
+        execution_id = request.execution_id
+        if execution_id in self._mine:
+            return executions.Busy(None)  # a second delivery of what this consumer claims or runs
+        self._mine.add(execution_id)
+        try:
+            admitted = await self._unit(lambda db: self._prepare(db, request))
+        except BaseException:
+            self._mine.discard(execution_id)
+            raise
+        if not isinstance(admitted, Admitted):
+            self._mine.discard(execution_id)
+            return admitted
+        self.leases.hold(execution_id)
+        try:
+            generation = await self._sync_module_cache()
+        except BaseException:
+            await self._give_back(admitted.lease)
+            raise
+        return dataclasses.replace(admitted, prepared=dataclasses.replace(admitted.prepared, generation=generation))
+
+    async def _give_back(self, lease: executions.Lease) -> None:
+        """Undo a claim that cannot proceed (the cache is unavailable; the message is requeued)."""
+        self.leases.drop(lease.execution_id)
+        self._mine.discard(lease.execution_id)
+        with contextlib.suppress(Exception):
+            await self._unit(lambda db: executions.unclaim(db, lease, owner=self._terms.owner))
+
+    async def _prepare(
+        self, db: AsyncSession, request: messages.ExecutionRequest
+    ) -> Admitted | executions.Record | executions.Busy:
         try:
             workflow = await self.workflows.get_workflow_for_execution(request.workflow_id, db=db)
             organization = await self._organization(db, request, workflow)
@@ -438,15 +621,21 @@ class WorkflowExecutionConsumer:
         except errors.InputError as e:
             outcome = messages.Outcome(messages.Status.FAILED, error=str(e), duration_ms=0)
             self.metrics.executions.labels(status=outcome.status.value).inc()
-            return await executions.finish(db, request, outcome)
-        org_id = organization.id if organization else None
-        finished = await executions.claim(db, request, workflow_name=workflow.name, organization_id=org_id)
-        if finished is not None:
-            log.info("execution %s already %s; not running it again", request.execution_id, finished.status.value)
-            return finished
+            return await executions.finish_unleased(db, request, outcome, terms=self._terms)
         scope = configs.GLOBAL if organization is None else f"ORG:{organization.id}"
-        config = await self.configs.load_config_for_scope(scope, db=db)
-        return Prepared(workflow=workflow, organization=organization, config=config)
+        config = await self.configs.load_config_for_scope(scope, db=db)  # before the claim: may fail transiently
+        claimed = await executions.claim(
+            db,
+            request,
+            terms=self._terms,
+            workflow_name=workflow.name,
+            organization_id=organization.id if organization else None,
+            max_attempts=workflow.retries_on_crash + 1,
+        )
+        if not isinstance(claimed, executions.Lease):
+            return claimed
+        prepared = Prepared(workflow=workflow, organization=organization, config=config, attempt=claimed.attempt)
+        return Admitted(lease=claimed, prepared=prepared)
 
     async def _organization(
         self, db: AsyncSession, request: messages.ExecutionRequest, workflow: workflows.WorkflowForExecution

@@ -165,8 +165,9 @@ def after_commit(db: AsyncSession, callback: AfterCommit) -> bool:
 
 #: SQLSTATEs meaning "this server cannot serve you now", which asyncpg raises at connect as a plain Error (not an
 #: OperationalError): connection exceptions (class 08), too many connections (53300), and admin shutdown, crash
-#: shutdown and "the database system is starting up" (57P01-57P03, met during every restart).
-UNAVAILABLE_SQLSTATES = ("08", "53300", "57P01", "57P02", "57P03")
+#: shutdown and "the database system is starting up" (57P01-57P03, met during every restart), and a primary that a
+#: failover has just made a replica (25006, read-only: the next connection reaches the new primary).
+UNAVAILABLE_SQLSTATES = ("08", "53300", "57P01", "57P02", "57P03", "25006")
 
 
 def _translate(e: sa.exc.DBAPIError) -> Exception:

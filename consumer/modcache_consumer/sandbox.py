@@ -272,10 +272,32 @@ def private_mounts(hidden: Sequence[str] = ()) -> None:
 
 
 def scratch_mounts(tmp_bytes: int) -> None:
-    """A private, empty tmpfs of ``tmp_bytes`` on each of ``SCRATCH_DIRS``."""
+    """A private, empty tmpfs of ``tmp_bytes`` on each of ``SCRATCH_DIRS``. The interpreter's own directories
+    that lie under one of them (a virtualenv in a checkout under ``/tmp``, as CI makes) are bind-mounted back,
+    read-only, so the execution still imports the standard library and installed packages."""
+    trees = _import_trees()
     for scratch in SCRATCH_DIRS:
-        if os.path.isdir(scratch):
-            mount("tmpfs", scratch, "tmpfs", _MS_NOSUID | _MS_NODEV, f"mode=1777,size={tmp_bytes}")
+        if not os.path.isdir(scratch):
+            continue
+        real = os.path.realpath(scratch)
+        inner = [tree for tree in trees if tree.startswith(real + "/")]
+        handles = [os.open(tree, os.O_PATH | os.O_DIRECTORY) for tree in inner]
+        mount("tmpfs", scratch, "tmpfs", _MS_NOSUID | _MS_NODEV, f"mode=1777,size={tmp_bytes}")
+        for tree, handle in zip(inner, handles, strict=True):
+            os.makedirs(tree, mode=0o755, exist_ok=True)
+            mount(f"/proc/self/fd/{handle}", tree, None, _MS_BIND | _MS_REC)
+            mount(None, tree, None, _MS_BIND | _MS_REMOUNT | _MS_RDONLY | _MS_NOSUID | _MS_NODEV)
+            os.close(handle)
+
+
+def _import_trees() -> list[str]:
+    """Where the interpreter and its imports live (real paths, none inside another)."""
+    wanted = {os.path.realpath(p) for p in (sys.base_prefix, sys.prefix, os.path.dirname(__file__), *sys.path) if p}
+    collapsed: list[str] = []
+    for path in sorted(p for p in wanted if os.path.isdir(p)):
+        if not any(path.startswith(kept + "/") for kept in collapsed):
+            collapsed.append(path)
+    return collapsed
 
 
 def _holds_interpreter(path: str) -> bool:

@@ -53,10 +53,11 @@ class ModuleServer:
         self.round_trips += 1
         async with self._client.pipeline(transaction=True) as pipe:
             pipe.get(ks.generation)
-            pipe.mget([ks.content(p) for p in paths])
+            for path in paths:  # one GET each, not MGET: a Cluster client refuses MGET inside a pipeline
+                pipe.get(ks.content(path))
             pipe.hmget(ks.manifest, list(paths))
             pipe.smismember(ks.index, list(paths))
-            generation, contents, manifest, indexed = await pipe.execute()
+            generation, *contents, manifest, indexed = await pipe.execute()
         entries = [
             verified_entry(path, value, held, bool(member))
             for path, value, held, member in zip(paths, contents, manifest, indexed, strict=True)

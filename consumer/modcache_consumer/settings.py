@@ -14,7 +14,7 @@ from typing import Any
 import pydantic
 from cryptography import fernet
 
-from modcache import errors, keys, settings
+from modcache import endpoints, errors, keys, settings
 
 
 class ConsumerSettings(settings.Settings):
@@ -68,6 +68,21 @@ class ConsumerSettings(settings.Settings):
     )
     max_result_bytes: int = pydantic.Field(1024**2, gt=0, description="Larger results fail the execution.")
     drain_grace_s: float = pydantic.Field(30.0, ge=0, description="On stop, in-flight executions get this long.")
+    lease_ttl_s: float = pydantic.Field(
+        30.0, gt=0, description="A claimed execution's lease lasts this long past its last renewal (crash bound)."
+    )
+    lease_renew_interval_s: float = pydantic.Field(
+        10.0, gt=0, description="The owner renews all its leases this often; must be well below the TTL."
+    )
+    lease_sweep_interval_s: float = pydantic.Field(
+        10.0, gt=0, description="Every consumer looks for expired leases this often (recovery within this)."
+    )
+    delivery_hold_s: float = pydantic.Field(
+        60.0, gt=0, description="A message waiting this long for a free slot goes back to the queue (requeue)."
+    )
+    reply_retry_s: float = pydantic.Field(
+        20.0, gt=0, description="A reply the broker did not confirm is retried this long, then left to a sweeper."
+    )
     max_message_bytes: int = pydantic.Field(
         1024**2, gt=0, le=64 * 1024**2, description="Larger message bodies are poisoned unparsed."
     )
@@ -123,6 +138,26 @@ class ConsumerSettings(settings.Settings):
                 except ValueError:
                     raise ValueError("not a Fernet key (32 url-safe base64-encoded bytes)") from None
         return value
+
+    @pydantic.field_validator("lease_renew_interval_s")
+    @classmethod
+    def _renew_in_time(cls, value: float, info: pydantic.ValidationInfo) -> float:
+        if value * 2 > info.data.get("lease_ttl_s", value * 2):
+            raise ValueError("must be at most half of MODCACHE_LEASE_TTL_S (a renewal may be late once)")
+        return value
+
+    @pydantic.model_validator(mode="after")
+    def _config_keys_in_one_slot(self) -> ConsumerSettings:
+        """On a Redis Cluster the config cache reads several keys in one MGET: they need one hash tag too."""
+        endpoint = self.redis_endpoint()
+        cluster = endpoint is not None and endpoint.topology is endpoints.Topology.CLUSTER
+        if cluster and keys.hash_tag(self.cache_namespace) is None:
+            raise errors.ConfigError(
+                f"{settings.ENV_PREFIX}CACHE_NAMESPACE",
+                "a Redis Cluster URL needs a hash tag in the config cache namespace too, so that one lookup's"
+                " keys share a slot: for example '{bifrost-config}:'",
+            )
+        return self
 
     @classmethod
     def from_env(cls, **overrides: Any) -> ConsumerSettings:

@@ -40,6 +40,7 @@ class WorkflowForExecution:
     organization_id: uuid.UUID | None
     time_saved: int
     value: float
+    retries_on_crash: int = 0  # crash policy: runs again after its consumer died mid-run, at most this often
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +58,7 @@ class WorkflowRow:
 
 _BY_ID = sa.text(
     "SELECT id, name, function_name, path, code, timeout_seconds, execution_mode, organization_id, time_saved, "
-    "value FROM workflows WHERE id = :id AND is_active"
+    "value, retries_on_crash FROM workflows WHERE id = :id AND is_active"
 )
 
 
@@ -86,6 +87,7 @@ class Workflows:
             organization_id=row.organization_id,
             time_saved=row.time_saved or 0,
             value=float(row.value or 0),
+            retries_on_crash=row.retries_on_crash or 0,
         )
 
     async def put(
@@ -97,6 +99,7 @@ class Workflows:
         path: str | None = None,
         timeout_seconds: int = DEFAULT_TIMEOUT_S,
         organization_id: uuid.UUID | None = None,
+        retries_on_crash: int = 0,
     ) -> uuid.UUID:
         """Create or replace the workflow called ``name``; its id stays the same across updates."""
         if not name.strip():
@@ -105,6 +108,8 @@ class Workflows:
             raise errors.InputError(function_name, "--function must be a Python identifier")
         if timeout_seconds <= 0:
             raise errors.InputError("timeout_seconds", "must be positive")
+        if retries_on_crash < 0:
+            raise errors.InputError("retries_on_crash", "must not be negative")
         values = {
             "name": name,
             "function_name": function_name,
@@ -113,6 +118,7 @@ class Workflows:
             "timeout_seconds": timeout_seconds,
             "organization_id": organization_id,
             "is_active": True,
+            "retries_on_crash": retries_on_crash,
         }
         insert = pg.insert(schema.Workflow).values(values)
         statement = insert.on_conflict_do_update(

@@ -339,9 +339,18 @@ def rabbitmq_script() -> Path | None:
 
 
 def start_rabbitmq(
-    base_dir: Path, *, script: Path | None = None, port: int | None = None, timeout_s: float = 90.0
+    base_dir: Path,
+    *,
+    script: Path | None = None,
+    port: int | None = None,
+    timeout_s: float = 90.0,
+    node_name: str | None = None,
+    config: str = "",
 ) -> Server:
-    """Start a private RabbitMQ node (own name, ports, cookie, Mnesia and logs under ``base_dir``)."""
+    """Start a private RabbitMQ node (own name, ports, cookie, Mnesia and logs under ``base_dir``).
+
+    ``config``: more ``rabbitmq.conf`` lines (``consumer_timeout = 5000``). The same ``base_dir``, ``port`` and
+    ``node_name`` again restart the same node, with its durable queues and persistent messages."""
     script = script or rabbitmq_script()
     if script is None or not script.exists():
         raise ServerError(
@@ -350,13 +359,13 @@ def start_rabbitmq(
         )
     base_dir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
-    (base_dir / "rabbitmq.conf").write_text(f"listeners.tcp.local = 127.0.0.1:{port}\n")
+    (base_dir / "rabbitmq.conf").write_text(f"listeners.tcp.local = 127.0.0.1:{port}\n{config}")
     (base_dir / "enabled_plugins").write_text("[].\n")
     (base_dir / "rabbitmq-env.conf").write_text("")
     env = {
         **os.environ,
         "HOME": str(base_dir),  # its own Erlang cookie
-        "RABBITMQ_NODENAME": f"modcache-{uuid.uuid4().hex[:8]}@localhost",
+        "RABBITMQ_NODENAME": node_name or f"modcache-{uuid.uuid4().hex[:8]}@localhost",
         "RABBITMQ_NODE_PORT": str(port),
         "RABBITMQ_DIST_PORT": str(free_port()),
         "RABBITMQ_MNESIA_BASE": str(base_dir / "mnesia"),

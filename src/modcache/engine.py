@@ -168,13 +168,15 @@ class Engine:
         ``plan.BATCH_BYTES`` of content each): a burst of hints naming 8 MiB modules must not become one read and
         one Redis call holding all of them. Returns the plans joined, the outcome, the source seen, the keys cached."""
         large = await self.source.large_among(paths) if len(paths) > 1 else {}
+        generation = await self.cache.read_generation(create=not dry_run)  # one fence, read before every batch's rows
         items: list[plan.Item] = []
         rejected: list[modules.Rejected] = []
         repairs: list[plan.KeyRepair] = []
         live: dict[str, str] = {}
         outcome, cached = _Outcome(), 0
-        for batch in plan.batches_by_bytes(paths, large, rows=self.fetch_batch_size):
-            the_plan, done, source, view = await self._converge_paths(batch, dry_run=dry_run)
+        # rows per batch: small modules cost little each (the bytes bound keeps the memory), so not fetch_batch_size
+        for batch in plan.batches_by_bytes(paths, large, rows=max(self.fetch_batch_size, LIGHT_BATCH)):
+            the_plan, done, source, view = await self._converge_paths(batch, dry_run=dry_run, generation=generation)
             items += the_plan.items
             rejected += the_plan.rejected
             repairs += the_plan.repairs
@@ -195,9 +197,10 @@ class Engine:
         return wanted, refused
 
     async def _converge_paths(
-        self, paths: Sequence[str], *, dry_run: bool
+        self, paths: Sequence[str], *, dry_run: bool, generation: rediscache.Generation | None = None
     ) -> tuple[plan.Plan, _Outcome, plan.SourceView, plan.CacheView]:
-        generation = await self.cache.read_generation(create=not dry_run)
+        """``generation``: the fence read before these rows are (read now if not given)."""
+        generation = generation or await self.cache.read_generation(create=not dry_run)
         repairs = [plan.KeyRepair("generation", self.cache.keyspace.generation, generation.problem)]
         repairs = repairs if generation.problem and generation.problem != "missing" else []
         found, rejected = await self.source.fetch(paths)

@@ -38,6 +38,8 @@ NOTIFY_CHANNEL = "modcache_modules"
 EXECUTIONS_QUEUE = "workflow-executions"
 #: Header on a poisoned message saying why it was set aside.
 POISON_REASON_HEADER = "x-modcache-poison-reason"
+#: Header on an execution republished by a sweep (its consumer died; the crash policy retries): the attempt.
+RETRY_ATTEMPT_HEADER = "x-modcache-retry-attempt"
 
 #: Organization/config cache keys used by the consumer's ConfigResolver (behind an optional namespace).
 ORG_CACHE_PREFIX = "modcache:org:"

@@ -309,6 +309,6 @@ def _event(payload: str) -> SourceEvent:
         paths = data.get("paths", [])
         if data.get("resync") or not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
             return ResyncAsked()
-    except (ValueError, AttributeError, TypeError):
+    except (ValueError, AttributeError, TypeError, RecursionError):  # any role with CONNECT may send anything
         return ResyncAsked()
     return Hinted(tuple(paths))

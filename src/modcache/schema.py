@@ -21,6 +21,7 @@ MODULE_ENTITY_TYPE = "module"
 ENTITY_TYPES = ("module", "workflow", "form", "app", "agent", "text")
 EXECUTION_STATUSES = ("PENDING", "RUNNING", "SUCCESS", "FAILED", "TIMEOUT")
 CONFIG_TYPES = ("string", "int", "bool", "json", "secret")
+LEASED_INDEX = "ix_executions_leased"
 
 
 class Base(DeclarativeBase):
@@ -80,6 +81,8 @@ class Workflow(Base):
         pg.UUID(as_uuid=True), sa.ForeignKey("organizations.id", ondelete="SET NULL")
     )
     is_active: Mapped[bool] = mapped_column(sa.Boolean, nullable=False, server_default=sa.true())
+    #: Crash policy: how many times an execution whose consumer died mid-run is run again (0: it fails).
+    retries_on_crash: Mapped[int] = mapped_column(sa.Integer, nullable=False, server_default="0")
     time_saved: Mapped[int] = mapped_column(sa.Integer, nullable=False, server_default="0")
     value: Mapped[decimal.Decimal] = mapped_column(sa.Numeric(10, 2), nullable=False, server_default="0")
     created_at: Mapped[datetime.datetime] = _timestamp()
@@ -112,8 +115,19 @@ class Config(Base):
 
 
 class Execution(Base):
+    """One execution. The lease columns (migration 0002) say which consumer owns it and until when: the owner
+    renews ``lease_expires_at`` while it runs (and until its reply is sent); ``lease_token`` grows by one on
+    every claim and fences outcomes (only the holder of the current token records one)."""
+
     __tablename__ = "executions"
-    __table_args__ = (sa.CheckConstraint(f"status IN {EXECUTION_STATUSES}", name="ck_executions_status"),)
+    __table_args__ = (
+        sa.CheckConstraint(f"status IN {EXECUTION_STATUSES}", name="ck_executions_status"),
+        sa.Index(
+            LEASED_INDEX,
+            "lease_expires_at",
+            postgresql_where=sa.text("lease_owner IS NOT NULL OR status = 'RUNNING'"),
+        ),
+    )
 
     id: Mapped[uuid.UUID] = mapped_column(pg.UUID(as_uuid=True), primary_key=True)
     workflow_id: Mapped[uuid.UUID | None] = mapped_column(pg.UUID(as_uuid=True))
@@ -128,3 +142,11 @@ class Execution(Base):
     duration_ms: Mapped[int | None] = mapped_column(sa.Integer)
     created_at: Mapped[datetime.datetime] = _timestamp()
     updated_at: Mapped[datetime.datetime] = _timestamp()
+    lease_owner: Mapped[str | None] = mapped_column(sa.String(255))
+    lease_token: Mapped[int] = mapped_column(sa.BigInteger, nullable=False, server_default="0")
+    lease_expires_at: Mapped[datetime.datetime | None] = mapped_column(sa.DateTime(timezone=True))
+    attempt: Mapped[int] = mapped_column(sa.Integer, nullable=False, server_default="0")
+    max_attempts: Mapped[int] = mapped_column(sa.Integer, nullable=False, server_default="1")
+    reply_to: Mapped[str | None] = mapped_column(sa.String(255))
+    correlation_id: Mapped[str | None] = mapped_column(sa.String(255))
+    replied_at: Mapped[datetime.datetime | None] = mapped_column(sa.DateTime(timezone=True))

@@ -241,6 +241,15 @@ class Harness:
                     return row
                 await asyncio.sleep(0.02)
 
+    async def wait_for_replied(self, execution_id: uuid.UUID, *, timeout_s: float = 30.0) -> None:
+        """Until the consumer that replied marked the reply sent (nothing is owed any more)."""
+        async with asyncio.timeout(timeout_s):
+            while True:
+                row = await self.execution(execution_id)
+                if row is not None and row["replied_at"] is not None:
+                    return
+                await asyncio.sleep(0.02)
+
     async def backends(self, application_name: str = "modcache-consumer") -> list[asyncpg.Record]:
         name = self.database_url.rpartition("/")[2]
         return await self.sql(

@@ -28,7 +28,6 @@ def env(harness) -> dict[str, str]:
         "MODCACHE_CACHE_NAMESPACE": s.cache_namespace,
         "MODCACHE_HEALTH_HOST": "127.0.0.1",
         "MODCACHE_HEALTH_PORT": "0",
-        "MODCACHE_POOL_MIN_WORKERS": "1",
         "MODCACHE_CONSUMER_CONCURRENCY": "2",
     }
 

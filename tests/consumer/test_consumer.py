@@ -4,18 +4,22 @@ redelivery, the session defects of bifrost-contract.md (5) and cache readiness o
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
 import urllib.request
 import uuid
 from typing import Any
 
 import asyncpg
+import pytest
 import redis.asyncio as aioredis
 import sqlalchemy as sa
 
 from modcache import keys
+from modcache_consumer import amqp
 from modcache_consumer import consumer as consumer_module
 from testkit.ledger import LEDGER
+from testkit.polling import eventually
 
 ECHO = "def run(**params):\n    return params\n"
 
@@ -107,27 +111,68 @@ async def test_redelivery_never_runs_a_finished_execution_again(harness) -> None
     workflow_id = await harness.workflow(APPEND)
     ledger = harness.ledger()
     execution_id = uuid.uuid4()
-    async with harness.consumer():
+    async with harness.consumer() as consumer:
         first = await harness.call(workflow_id, ledger.params, execution_id=execution_id)
-        again = await harness.call(workflow_id, ledger.params, execution_id=execution_id)
+        caller = await harness.caller()
+        duplicate = harness.request(workflow_id, ledger.params, execution_id=execution_id)
+        await caller.publish(duplicate)  # the first request again (same reply queue): its reply was sent already
+        async with amqp.caller(harness.settings.required("amqp_url"), queue=harness.settings.queue_name) as other:
+            request = harness.request(workflow_id, ledger.params, execution_id=execution_id)
+            await other.publish(request)  # a new request for it: gets the stored outcome
+            again = await other.result(execution_id, timeout_s=30)
+        await eventually(lambda: consumer.metrics.in_flight._value.get() == 0)
+        with pytest.raises(TimeoutError):
+            await caller.result(execution_id, timeout_s=0.5)
     assert first["status"] == again["status"] == "SUCCESS", first["error"]
     assert again["result"] == "done"  # the stored outcome is replied
     assert await ledger.entries() == ["ran"]  # ...and the workflow ran once
 
 
-async def test_a_running_execution_left_by_a_dead_consumer_is_run_on_redelivery(harness) -> None:
-    workflow_id = await harness.workflow(APPEND)
+DEAD_LEASE = (
+    "INSERT INTO executions (id, workflow_id, status, started_at, lease_owner, lease_token, lease_expires_at, "
+    "attempt, max_attempts) VALUES ($1, $2, 'RUNNING', now(), 'dead-consumer', 1, now() - interval '1 s', 1, $3)"
+)
+
+
+async def test_a_redelivered_run_whose_owner_died_is_retried_by_policy(harness) -> None:
+    workflow_id = await harness.workflow(APPEND, retries_on_crash=1)
     ledger = harness.ledger()
     execution_id = uuid.uuid4()
-    await harness.sql(
-        "INSERT INTO executions (id, workflow_id, status, started_at) VALUES ($1, $2, 'RUNNING', now())",
-        execution_id,
-        workflow_id,
-    )
+    await harness.sql(DEAD_LEASE, execution_id, workflow_id, 2)
     async with harness.consumer():
         reply = await harness.call(workflow_id, ledger.params, execution_id=execution_id)
     assert reply["status"] == "SUCCESS"
     assert await ledger.entries() == ["ran"]
+    row = await harness.execution(execution_id)
+    assert (row["attempt"], row["lease_token"], row["lease_owner"]) == (2, 2, None)
+
+
+async def test_a_redelivered_run_whose_owner_died_fails_by_default(harness) -> None:
+    workflow_id = await harness.workflow(APPEND)
+    ledger = harness.ledger()
+    execution_id = uuid.uuid4()
+    await harness.sql(DEAD_LEASE, execution_id, workflow_id, 1)
+    async with harness.consumer():
+        reply = await harness.call(workflow_id, ledger.params, execution_id=execution_id)
+    assert (reply["status"], reply["error"]) == ("FAILED", "consumer died mid-run")
+    assert await ledger.entries() == []  # not run again
+
+
+async def test_a_redelivery_while_the_lease_is_live_is_acknowledged_and_not_run(harness) -> None:
+    workflow_id = await harness.workflow(APPEND)
+    ledger = harness.ledger()
+    execution_id = uuid.uuid4()
+    live = DEAD_LEASE.replace("now() - interval '1 s'", "now() + interval '1 min'")
+    await harness.sql(live, execution_id, workflow_id, 1)
+    async with harness.consumer() as consumer:
+        caller = await harness.caller()
+        await caller.publish(harness.request(workflow_id, ledger.params, execution_id=execution_id))
+        other = {**ledger.params, "key": ledger.params["key"] + ":other"}
+        after = await harness.call(workflow_id, other)  # its other work goes on
+        await eventually(lambda: consumer.metrics.in_flight._value.get() == 0)
+    assert after["status"] == "SUCCESS"
+    assert await ledger.entries() == []
+    assert (await harness.execution(execution_id))["status"] == "RUNNING"  # its owner's, until the sweep
 
 
 async def test_twenty_concurrent_messages_are_all_recorded(harness) -> None:
@@ -171,8 +216,9 @@ async def test_pg_terminate_backend_between_messages_loses_nothing(harness) -> N
 
 async def test_an_idle_consumer_holds_no_transaction_and_never_blocks_a_migration(harness) -> None:
     workflow_id = await harness.workflow(ECHO)
-    async with harness.consumer():
+    async with harness.consumer() as consumer:
         await asyncio.gather(*(harness.call(workflow_id, {"n": n}) for n in range(8)))
+        await eventually(lambda: consumer.metrics.in_flight._value.get() == 0)  # replied, then marked so
         states = [(r["state"], r["xact_start"]) for r in await harness.backends()]
         conn = await asyncpg.connect(harness.database_url)
         try:
@@ -293,6 +339,7 @@ async def test_health_endpoints_and_metrics(harness) -> None:
     workflow_id = await harness.workflow(ECHO)
     async with harness.consumer(metrics_port=0) as consumer:
         await harness.call(workflow_id)
+        await eventually(lambda: consumer.metrics.in_flight._value.get() == 0)  # replied, then marked so
         health = f"http://127.0.0.1:{consumer.health_port}"
         paths = [
             f"{health}/livez",
@@ -321,23 +368,26 @@ async def test_stop_drains_in_flight_executions(harness) -> None:
     assert (await caller.result(request.execution_id, timeout_s=5))["status"] == "SUCCESS"
 
 
-async def test_an_execution_cut_off_by_the_grace_period_is_redelivered(harness) -> None:
+async def test_an_execution_cut_off_by_the_grace_period_is_recovered_by_policy(harness) -> None:
     code = (
         LEDGER
         + "import time\ndef run(url, key, wait):\n    note(url, key, 'start')\n    time.sleep(wait)\n    return 'ok'\n"
     )
-    workflow_id = await harness.workflow(code)
+    workflow_id = await harness.workflow(code, retries_on_crash=1)
     ledger = harness.ledger()
     caller = await harness.caller()
     request = harness.request(workflow_id, {**ledger.params, "wait": 1.5})
     async with harness.consumer(drain_grace_s=0.2):
         await caller.publish(request)
         await ledger.wait_for(1)  # its code runs
-    assert (await harness.execution(request.execution_id))["status"] == "RUNNING"  # not finished, not lost
-    async with harness.consumer():
+    row = await harness.execution(request.execution_id)
+    assert row["status"] == "RUNNING"  # not finished, not lost: its lease was released for the next sweep
+    assert row["lease_expires_at"] <= datetime.datetime.now(datetime.UTC)
+    async with harness.consumer(lease_sweep_interval_s=0.2):
         reply = await caller.result(request.execution_id, timeout_s=30)
     assert reply["status"] == "SUCCESS"
     assert await ledger.entries() == ["start", "start"]
+    assert (await harness.execution(request.execution_id))["attempt"] == 2
 
 
 def _get(url: str) -> tuple[int, str]:

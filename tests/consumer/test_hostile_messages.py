@@ -112,11 +112,11 @@ class Surprising(consumer_module.WorkflowExecutionConsumer):
 
     surprised = False
 
-    async def process_message(self, request: messages.ExecutionRequest) -> messages.Outcome:
+    async def prepare(self, request: messages.ExecutionRequest) -> Any:
         if not self.surprised:
             self.surprised = True
             raise RecursionError("maximum recursion depth exceeded")
-        return await super().process_message(request)
+        return await super().prepare(request)
 
 
 async def test_an_unexpected_exception_poisons_the_message_with_a_reason_and_the_next_one_runs(harness: Any) -> None:

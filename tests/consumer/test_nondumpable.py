@@ -107,5 +107,5 @@ def test_a_denied_mem_read_is_denied_at_open(target: tuple[str, subprocess.Popen
 async def test_the_consumer_makes_itself_non_dumpable_at_start(harness) -> None:
     assert hardening.set_dumpable(True)  # whatever an earlier test left
     assert hardening.is_dumpable() is True
-    async with harness.consumer(pool_min_workers=0):
+    async with harness.consumer():
         assert hardening.is_dumpable() is False

@@ -19,6 +19,8 @@ from typing import Any
 import pytest
 
 from modcache import errors, keys, settings
+from modcache_consumer import serving
+from modcache_consumer import settings as consumer_settings
 from testkit import convergence, topologies
 from testkit.observers import Recorder
 from testkit.watching import upsert, watch_settings, watching
@@ -76,8 +78,17 @@ async def test_watch_mode_on_a_cluster_repairs_faults_and_follows_a_failover(
         assert await convergence.converged(database_url, client, KS.prefix, within_s=10) == []
         await client.set(KS.content("pkg/new.py"), "forged on the new owner")  # heard from the new owner's events
         assert await convergence.converged(database_url, client, KS.prefix, within_s=10) == []
+        # the consumer's module server reads through the same cluster client (a MULTI of one slot's keys)
+        server = serving.ModuleServer(client=client, keyspace=KS, repair=_no_repair)
+        generation, (entry,) = await server.lookup(["pkg/new.py"])
+        assert generation is not None
+        assert entry["content"] == "NEW = 1\n"
     moved = [d for active, d in recorder.keyspace if active and f":{new.port}" in d]
     assert f"(was 127.0.0.1:{old.port})" in moved[0]
+
+
+async def _no_repair(paths: list[str]) -> None:
+    raise AssertionError(f"nothing is missing: {paths}")
 
 
 # -- a subset of test_chaos's cache faults, on the tagged prefix ------------------------------------------------
@@ -132,3 +143,11 @@ async def bookkeeping_fault(client: Any, rng: random.Random) -> str:
 
 
 FAULTS: list[Callable[[Any, random.Random], Awaitable[str]]] = [content_fault, content_fault, bookkeeping_fault]
+
+
+def test_the_consumer_on_a_cluster_needs_a_tagged_config_namespace_too() -> None:
+    cluster = {"redis_url": "redis+cluster://127.0.0.1:7000", "key_prefix": KS.prefix}
+    with pytest.raises(errors.ConfigError, match=r"MODCACHE_CACHE_NAMESPACE.*'\{bifrost-config\}:'"):
+        consumer_settings.ConsumerSettings.from_env(**cluster)
+    tagged = consumer_settings.ConsumerSettings.from_env(**cluster, cache_namespace="{bifrost-config}:")
+    assert keys.hash_tag(keys.config_cache_key("GLOBAL", tagged.cache_namespace)) == "bifrost-config"

@@ -72,7 +72,6 @@ VALUES_SETS: dict[str, dict[str, Any]] = {
         "consumer": {
             "replicas": 4,
             "concurrency": 16,
-            "pool": {"minWorkers": 2, "maxWorkers": 8},
             "executor": {
                 "image": {"repository": "registry.example.org/modcache-executor", "digest": "sha256:" + "cd" * 32},
                 "runAsUser": 20000,

@@ -42,11 +42,17 @@ OWN_OR_THIRD_PARTY_KINDS = {"ModuleCache", "ServiceMonitor", "PrometheusRule"}
 
 def restricted_violations(spec: dict[str, Any]) -> list[str]:
     """Why a pod spec fails the restricted Pod Security Standard (Kubernetes 1.34), plus our read-only rootfs rule."""
-    found: list[str] = []
     pod_sc = spec.get("securityContext") or {}
-    for field in ("hostNetwork", "hostPID", "hostIPC", "hostUsers"):
-        if spec.get(field) and field != "hostUsers":
-            found.append(f"{field} is set")
+    found = _pod_violations(spec, pod_sc)
+    containers = [*(spec.get("initContainers") or []), *spec["containers"], *(spec.get("ephemeralContainers") or [])]
+    for c in containers:
+        sc = c.get("securityContext") or {}
+        found += [f"{c['name']}: {v}" for v in [*_privilege_violations(c, sc), *_identity_violations(sc, pod_sc)]]
+    return found
+
+
+def _pod_violations(spec: dict[str, Any], pod_sc: dict[str, Any]) -> list[str]:
+    found = [f"{field} is set" for field in ("hostNetwork", "hostPID", "hostIPC") if spec.get(field)]
     if pod_sc.get("sysctls"):
         found.append("pod sets sysctls")
     if (pod_sc.get("windowsOptions") or {}).get("hostProcess"):
@@ -55,42 +61,45 @@ def restricted_violations(spec: dict[str, Any]) -> list[str]:
         kinds = set(volume) - {"name"}
         if not kinds <= RESTRICTED_VOLUMES:
             found.append(f"volume {volume['name']} has type {sorted(kinds)}")
-    containers = [*(spec.get("initContainers") or []), *spec["containers"], *(spec.get("ephemeralContainers") or [])]
-    for c in containers:
-        sc = c.get("securityContext") or {}
-        name = c["name"]
-        if sc.get("privileged"):
-            found.append(f"{name}: privileged")
-        if sc.get("allowPrivilegeEscalation") is not False:
-            found.append(f"{name}: allowPrivilegeEscalation is not false")
-        caps = sc.get("capabilities") or {}
-        if "ALL" not in (caps.get("drop") or []):
-            found.append(f"{name}: does not drop ALL capabilities")
-        if set(caps.get("add") or []) - {"NET_BIND_SERVICE"}:
-            found.append(f"{name}: adds capabilities {caps['add']}")
-        if sc.get("procMount", "Default") != "Default":
-            found.append(f"{name}: procMount {sc['procMount']}")
-        run_as_non_root = sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot"))
-        if run_as_non_root is not True:
-            found.append(f"{name}: runAsNonRoot is not true")
-        if sc.get("runAsUser", pod_sc.get("runAsUser")) == 0:
-            found.append(f"{name}: runAsUser 0")
-        seccomp = (sc.get("seccompProfile") or pod_sc.get("seccompProfile") or {}).get("type")
-        if seccomp not in ("RuntimeDefault", "Localhost"):
-            found.append(f"{name}: seccompProfile {seccomp!r}")
-        selinux = sc.get("seLinuxOptions") or pod_sc.get("seLinuxOptions") or {}
-        if selinux.get("user") or selinux.get("role"):
-            found.append(f"{name}: custom SELinux user/role")
-        if selinux.get("type") not in (None, "", "container_t", "container_init_t", "container_kvm_t"):
-            found.append(f"{name}: SELinux type {selinux['type']}")
-        apparmor = (sc.get("appArmorProfile") or pod_sc.get("appArmorProfile") or {}).get("type")
-        if apparmor not in (None, "RuntimeDefault", "Localhost"):
-            found.append(f"{name}: appArmorProfile {apparmor}")
-        for port in c.get("ports") or []:
-            if port.get("hostPort"):
-                found.append(f"{name}: hostPort {port['hostPort']}")
-        if sc.get("readOnlyRootFilesystem") is not True:
-            found.append(f"{name}: root filesystem is writable")
+    return found
+
+
+def _privilege_violations(c: dict[str, Any], sc: dict[str, Any]) -> list[str]:
+    found = []
+    if sc.get("privileged"):
+        found.append("privileged")
+    if sc.get("allowPrivilegeEscalation") is not False:
+        found.append("allowPrivilegeEscalation is not false")
+    caps = sc.get("capabilities") or {}
+    if "ALL" not in (caps.get("drop") or []):
+        found.append("does not drop ALL capabilities")
+    if set(caps.get("add") or []) - {"NET_BIND_SERVICE"}:
+        found.append(f"adds capabilities {caps['add']}")
+    if sc.get("procMount", "Default") != "Default":
+        found.append(f"procMount {sc['procMount']}")
+    found += [f"hostPort {port['hostPort']}" for port in c.get("ports") or [] if port.get("hostPort")]
+    if sc.get("readOnlyRootFilesystem") is not True:
+        found.append("root filesystem is writable")
+    return found
+
+
+def _identity_violations(sc: dict[str, Any], pod_sc: dict[str, Any]) -> list[str]:
+    found = []
+    if sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot")) is not True:
+        found.append("runAsNonRoot is not true")
+    if sc.get("runAsUser", pod_sc.get("runAsUser")) == 0:
+        found.append("runAsUser 0")
+    seccomp = (sc.get("seccompProfile") or pod_sc.get("seccompProfile") or {}).get("type")
+    if seccomp not in ("RuntimeDefault", "Localhost"):
+        found.append(f"seccompProfile {seccomp!r}")
+    selinux = sc.get("seLinuxOptions") or pod_sc.get("seLinuxOptions") or {}
+    if selinux.get("user") or selinux.get("role"):
+        found.append("custom SELinux user/role")
+    if selinux.get("type") not in (None, "", "container_t", "container_init_t", "container_kvm_t"):
+        found.append(f"SELinux type {selinux['type']}")
+    apparmor = (sc.get("appArmorProfile") or pod_sc.get("appArmorProfile") or {}).get("type")
+    if apparmor not in (None, "RuntimeDefault", "Localhost"):
+        found.append(f"appArmorProfile {apparmor}")
     return found
 
 
@@ -353,8 +362,6 @@ def test_consumer_settings_follow_values(rendered: Any, effective_values: dict[s
         return
     env = {e["name"]: e.get("value") for e in found[0]["env"]}
     assert env["MODCACHE_CONSUMER_CONCURRENCY"] == str(consumer["concurrency"])
-    assert env["MODCACHE_POOL_MIN_WORKERS"] == str(consumer["pool"]["minWorkers"])
-    assert env["MODCACHE_POOL_MAX_WORKERS"] == str(consumer["pool"]["maxWorkers"])
     assert env["MODCACHE_KEY_PREFIX"] == effective_values["keyPrefix"]
     secrets = {"MODCACHE_AMQP_URL", "MODCACHE_SECRETS_KEY", "MODCACHE_DATABASE_URL", "MODCACHE_REDIS_URL"}
     assert set(env) >= {f"{name}_FILE" for name in secrets}
@@ -580,7 +587,6 @@ def test_the_schema_rejects_a_misspelled_key(
     ("values", "complaint"),
     [
         ({"operator": {"replicas": 2}}, "requires operator.leaderElection.enabled"),
-        ({"consumer": {"pool": {"minWorkers": 5, "maxWorkers": 2}}}, "minWorkers must not exceed"),
         ({"operator": {"watchNamespace": "elsewhere"}}, "would not see"),
         ({"podSecurity": {"runAsUser": 0}}, "runAsUser"),
         ({"instance": {"resyncInterval": "5 minutes"}}, "resyncInterval"),
@@ -590,7 +596,6 @@ def test_the_schema_rejects_a_misspelled_key(
     ],
     ids=[
         "ha-without-election",
-        "pool-bounds",
         "instance-not-watched",
         "root",
         "interval",

@@ -36,16 +36,28 @@ def holds_a_secret(volume: dict[str, Any]) -> bool:
 
 def executor_exposures(spec: dict[str, Any], account: dict[str, Any] | None) -> list[str]:
     """What in a consumer pod spec hands the executor a secret, a token, the consumer's identity or its files."""
-    found: list[str] = []
     executor, consumer = container(spec, "executor"), container(spec, "consumer")
-    volumes = {v["name"]: v for v in spec["volumes"]}
-    if executor.get("envFrom"):
-        found.append("envFrom")
+    return [
+        *_env_exposures(executor),
+        *_volume_exposures(spec, executor, consumer),
+        *_token_exposures(spec, account),
+        *_identity_exposures(spec, executor, consumer),
+    ]
+
+
+def _env_exposures(executor: dict[str, Any]) -> list[str]:
+    found = ["envFrom"] if executor.get("envFrom") else []
     for env in executor.get("env") or []:
         if "valueFrom" in env:
             found.append(f"env {env['name']} from {sorted(env['valueFrom'])}")
         if env["name"].startswith("MODCACHE_") and env["name"] != "MODCACHE_EXECUTOR_SOCKET":
             found.append(f"env {env['name']}")
+    return found
+
+
+def _volume_exposures(spec: dict[str, Any], executor: dict[str, Any], consumer: dict[str, Any]) -> list[str]:
+    found = []
+    volumes = {v["name"]: v for v in spec["volumes"]}
     mounts = {m["mountPath"]: m["name"] for m in executor.get("volumeMounts") or []}
     for path, name in mounts.items():
         if holds_a_secret(volumes[name]):
@@ -57,12 +69,22 @@ def executor_exposures(spec: dict[str, Any], account: dict[str, Any] | None) -> 
         found.append("shares /tmp with the consumer")
     if set(mounts.values()) & consumer_volumes != {mounts.get(SOCKET_DIR)}:
         found.append("shares more than the socket directory with the consumer")
+    return found
+
+
+def _token_exposures(spec: dict[str, Any], account: dict[str, Any] | None) -> list[str]:
+    found = []
     if spec.get("automountServiceAccountToken") is not False:
         found.append("the pod may mount a service-account token")
     if account is not None and account.get("automountServiceAccountToken") is not False:
         found.append("the service account may mount a token")
     if spec.get("shareProcessNamespace"):
         found.append("shares the process namespace (the consumer's /proc)")
+    return found
+
+
+def _identity_exposures(spec: dict[str, Any], executor: dict[str, Any], consumer: dict[str, Any]) -> list[str]:
+    found = []
     if effective(spec, executor, "runAsUser") == effective(spec, consumer, "runAsUser"):
         found.append("runs as the consumer's uid")
     if effective(spec, executor, "runAsGroup") == effective(spec, consumer, "runAsGroup"):

@@ -220,9 +220,6 @@ topologySpreadConstraints:
 {{- if eq (int .Values.consumer.executor.runAsUser) (int .Values.podSecurity.runAsUser) }}
 {{- fail "consumer.executor.runAsUser must differ from podSecurity.runAsUser: workflow code must not run as the uid holding the credentials" }}
 {{- end }}
-{{- if gt (int .Values.consumer.pool.minWorkers) (int .Values.consumer.pool.maxWorkers) }}
-{{- fail "consumer.pool.minWorkers must not exceed consumer.pool.maxWorkers" }}
-{{- end }}
 {{- if and .Values.instance.enabled (not .Values.rbac.clusterWide) (ne (include "modcache.watchNamespace" .) .Release.Namespace) }}
 {{- fail "instance.enabled creates the ModuleCache in the release namespace, which a namespaced operator watching operator.watchNamespace would not see: set rbac.clusterWide=true, or instance.enabled=false" }}
 {{- end }}

@@ -1,0 +1,183 @@
+"""The leases one consumer holds, kept alive; the sweep that recovers everyone's expired ones; group commits.
+
+``Leases`` owns two periodic tasks (each sleeps interruptibly, so ``close`` returns at once):
+
+* **renewal**: every ``renew_interval_s`` one statement extends every lease this consumer holds (running
+  executions and replies not yet sent). An id that comes back missing was taken over (this consumer stalled
+  past the expiry and its execution was recovered elsewhere): ``on_lost`` is told, so the run is stopped and
+  its outcome, which fencing would refuse anyway, is not waited for;
+* **sweep**: every ``sweep_interval_s`` (with jitter, so replicas spread out) one statement applies the crash
+  policy to rows whose lease expired (``executions.sweep``); ``on_recovered`` republishes or replies. So an
+  expired lease is noticed within one sweep interval even if no message is ever redelivered.
+
+``Batcher`` is a group commit: callers ``submit`` one item and await its result; items that arrive while a
+flush runs go into the next one. Idle, a submit is flushed at once (no added latency); busy, N outcomes cost
+one statement instead of N.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Generic, TypeVar
+
+from modcache import errors
+from modcache_consumer import database, executions, messages
+
+log = logging.getLogger(__name__)
+
+I = TypeVar("I")  # noqa: E741  # an item submitted
+O = TypeVar("O")  # noqa: E741  # its result
+
+Recover = Callable[[list[executions.Recovered]], Awaitable[None]]
+
+
+class Batcher(Generic[I, O]):
+    def __init__(self, flush: Callable[[list[I]], Awaitable[Sequence[O]]], *, max_batch: int = 200) -> None:
+        self._flush = flush
+        self._max_batch = max_batch
+        self._pending: list[tuple[I, asyncio.Future[O]]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def submit(self, item: I) -> O:
+        future: asyncio.Future[O] = asyncio.get_running_loop().create_future()
+        self._pending.append((item, future))
+        if self._task is None:
+            self._task = asyncio.create_task(self._drain())
+        return await asyncio.shield(future)  # a cancelled caller does not cancel the others' flush
+
+    async def close(self) -> None:
+        if self._task is not None:
+            with contextlib.suppress(Exception):
+                await self._task
+
+    async def _drain(self) -> None:
+        try:
+            while self._pending:
+                batch, self._pending = self._pending[: self._max_batch], self._pending[self._max_batch :]
+                await self._flush_one(batch)
+        finally:
+            self._task = None
+
+    async def _flush_one(self, batch: list[tuple[I, asyncio.Future[O]]]) -> None:
+        try:
+            results = await self._flush([item for item, _ in batch])
+        except Exception as e:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(e)
+                    future.exception()  # retrieved here: a caller that went away must not warn
+            return
+        for (_, future), result in zip(batch, results, strict=True):
+            if not future.done():
+                future.set_result(result)
+
+
+class Leases:
+    def __init__(
+        self,
+        *,
+        database: database.Database,
+        terms: executions.Terms,
+        renew_interval_s: float,
+        sweep_interval_s: float,
+        on_recovered: Recover,
+        on_lost: Callable[[uuid.UUID], None],
+    ) -> None:
+        self.terms = terms
+        self._database = database
+        self._renew_interval_s = renew_interval_s
+        self._sweep_interval_s = sweep_interval_s
+        self._on_recovered = on_recovered
+        self._on_lost = on_lost
+        self._held: set[uuid.UUID] = set()
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self.outcomes: Batcher[tuple[executions.Lease, messages.Outcome], bool] = Batcher(self._record)
+        self.replied: Batcher[uuid.UUID, None] = Batcher(self._mark_replied)
+
+    def hold(self, execution_id: uuid.UUID) -> None:
+        self._held.add(execution_id)
+
+    def drop(self, execution_id: uuid.UUID) -> None:
+        self._held.discard(execution_id)
+
+    @property
+    def held(self) -> frozenset[uuid.UUID]:
+        return frozenset(self._held)
+
+    def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self._every(self._renew_interval_s, self.renew, jitter=0.0)),
+            asyncio.create_task(self._every(self._sweep_interval_s, self.sweep, jitter=0.2)),
+        ]
+
+    async def close(self) -> None:
+        self._stop.set()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.outcomes.close()
+        await self.replied.close()
+
+    async def release(self) -> None:
+        """Expire every lease still held now (this consumer stops): the next sweep anywhere recovers them."""
+        held, self._held = list(self._held), set()
+        if held:
+            await self._database.run(lambda db: executions.release(db, held, owner=self.terms.owner), autocommit=True)
+
+    async def renew(self) -> None:
+        wanted = set(self._held)
+        if not wanted:
+            return
+        kept = await self._database.run(lambda db: executions.renew(db, wanted, terms=self.terms), autocommit=True)
+        for lost in wanted - kept:
+            if lost in self._held:  # not dropped meanwhile (finished and released by us)
+                log.warning("execution %s: lease lost (taken over after it expired); stopping its run", lost)
+                self._held.discard(lost)
+                self._on_lost(lost)
+
+    async def sweep(self) -> None:
+        recovered = await self._database.run(lambda db: executions.sweep(db, terms=self.terms), autocommit=True)
+        if recovered:
+            for item in recovered:
+                log.warning(
+                    "execution %s: its lease expired while %s (attempt %d); %s",
+                    item.record.id,
+                    item.previous_status.value,
+                    item.record.attempt,
+                    item.action.value,
+                )
+                if item.action is executions.Action.REPLY:  # a republished retry's lease just expires
+                    self._held.add(item.record.id)
+            await self._on_recovered(recovered)
+
+    async def _every(self, interval_s: float, work: Callable[[], Awaitable[None]], *, jitter: float) -> None:
+        while not self._stop.is_set():
+            delay = interval_s * (1 + random.uniform(-jitter, jitter))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), delay)
+            if self._stop.is_set():
+                return
+            try:
+                await work()
+            except errors.TransientError as e:
+                log.warning("lease %s skipped: %s", getattr(work, "__name__", "work"), e)
+            except Exception:
+                log.exception("lease %s failed", getattr(work, "__name__", "work"))
+
+    async def _record(self, batch: list[tuple[executions.Lease, messages.Outcome]]) -> list[bool]:
+        recorded = await self._database.run(
+            lambda db: executions.finish_leased(db, batch, terms=self.terms), autocommit=True
+        )
+        return [lease.execution_id in recorded for lease, _ in batch]
+
+    async def _mark_replied(self, ids: list[uuid.UUID]) -> list[None]:
+        await self._database.run(lambda db: executions.mark_replied(db, ids, owner=self.terms.owner), autocommit=True)
+        for execution_id in ids:
+            self._held.discard(execution_id)
+        return [None] * len(ids)
