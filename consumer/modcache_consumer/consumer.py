@@ -216,6 +216,7 @@ class WorkflowExecutionConsumer:
             terminate_grace_s=s.terminate_grace_s,
             start_timeout_s=s.worker_start_timeout_s,
             uid_base=s.execution_uid_base,
+            allow_shared_uid=s.executor_allow_shared_uid,
             environment=self._executor_environment,
             teacher=self.modules,
             observer=self.metrics,

@@ -36,6 +36,7 @@ import os
 import signal
 import socket
 import sys
+import uuid
 from collections.abc import Mapping
 from typing import Any, Protocol
 
@@ -73,6 +74,17 @@ class Session(Protocol):
     """Answers an execution's requests (``serving.Session``)."""
 
     async def answer(self, frame: dict[str, Any]) -> dict[str, Any]: ...
+
+
+class _NoRequests:
+    """The start-up probe's session: it asks for nothing."""
+
+    async def answer(self, frame: dict[str, Any]) -> dict[str, Any]:
+        return {"op": "answer", "error": "the start-up probe answers no request"}
+
+
+PROBE_CODE = "def run():\n    return 'probe ok'\n"
+PROBE_RESULT = "probe ok"
 
 
 class Teacher(Protocol):
@@ -278,6 +290,7 @@ class Executor:
         start_timeout_s: float = 30.0,
         uid_base: int | None = None,
         namespaces: bool = True,
+        allow_shared_uid: bool = False,
         python: str = sys.executable,
         environment: Mapping[str, str] | None = None,
         teacher: Teacher | None = None,
@@ -289,6 +302,8 @@ class Executor:
         self._start_timeout_s = start_timeout_s
         self._uid_base = uid_base
         self._namespaces = namespaces
+        self._allow_shared_uid = allow_shared_uid
+        self.probe_pid: int | None = None  # the start-up probe's execution (it may still be ending)
         self._python = python
         self._environment = dict(environment if environment is not None else executor_environment())
         self._teacher = teacher
@@ -304,6 +319,25 @@ class Executor:
 
     async def start(self) -> None:
         await self._connected()
+        await self._probe()
+
+    async def _probe(self) -> None:
+        """A trivial execution end to end (clone, namespaces, uid maps, mounts, limits, uid, runtime, result):
+        an executor that can clone but not run (attack-8 F4) must not start."""
+        job: protocol.Job = {
+            "op": "run",
+            "execution_id": f"probe-{uuid.uuid4()}",
+            "workflow": {"name": "probe", "path": "probe.py", "code": PROBE_CODE, "function_name": "run"},
+            "parameters": {},
+            "config": {},
+            "organization": None,
+            "generation": 0,
+        }
+        outcome = await self.run(job, timeout_s=self._start_timeout_s, session=_NoRequests())
+        self.probe_pid = outcome.pid
+        if (outcome.status, outcome.result) != ("SUCCESS", PROBE_RESULT):
+            reason = outcome.error or f"{outcome.status}, result {outcome.result!r}"
+            raise ExecutorUnavailable(f"the executor cannot run an execution: {reason[:500]}")
 
     async def close(self) -> None:
         self._closed = True
@@ -345,6 +379,7 @@ class Executor:
                 str(os.getpid()),
                 *(["--uid-base", str(self._uid_base)] if self._uid_base is not None else []),
                 *([] if self._namespaces else ["--no-namespaces"]),
+                *(["--allow-shared-uid"] if self._allow_shared_uid else []),
                 pass_fds=[theirs.fileno()],
                 env=self._environment,
                 stdin=asyncio.subprocess.DEVNULL,
@@ -378,6 +413,11 @@ class Executor:
             await control.close()
             await self._reap_child()
             raise ExecutorUnavailable(f"the executor did not start: {errors.describe(e) or 'no hello'}") from e
+        refused = None if self._allow_shared_uid else refuse_isolation(control.hello, consumer_uid=os.getuid())
+        if refused:
+            await control.close()
+            await self._reap_child()
+            raise ExecutorUnavailable(refused)
         return control
 
     async def _disconnect(self) -> None:
@@ -535,6 +575,26 @@ class Executor:
             with contextlib.suppress(ExecutorLost):
                 await control.send(lesson)
                 await control.send({"op": "spares", "dropped": dropped})
+
+
+def refuse_isolation(hello: Mapping[str, Any], *, consumer_uid: int) -> str | None:
+    """Why an executor's isolation is unsafe for more than one tenant (None: it is not), from its hello
+    (attack-8 F5, F6). ``MODCACHE_EXECUTOR_ALLOW_SHARED_UID`` skips this."""
+    shared = hello.get("execution_uid")
+    if shared is None:
+        return None
+    advice = "run the executor as root or as a uid of its own, or set MODCACHE_EXECUTOR_ALLOW_SHARED_UID=true " \
+        "(unsafe for more than one tenant)"  # fmt: skip
+    if not hello.get("namespaces"):
+        return (
+            f"executions would all run as uid {shared} with no namespaces: each could read the others' memory; {advice}"
+        )
+    if shared == consumer_uid:
+        return (
+            f"executions would run as this consumer's own uid {shared}: they could read its secret files and "
+            f"rewrite its code; {advice}"
+        )
+    return None
 
 
 def decide(talk: _Talk, report: Mapping[str, Any] | None, *, timeout_s: float) -> Outcome:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import math
 import re
 import uuid
 from collections.abc import Iterator
@@ -133,7 +134,7 @@ def parse(
     """The request in ``body``, or Malformed saying what is wrong with it."""
     prescan(body, limits)
     try:
-        data = json.loads(body.decode("utf-8"))
+        data = json.loads(body.decode("utf-8"), parse_constant=_not_a_number, parse_float=_finite)
     except UnicodeDecodeError:
         raise Malformed("body is not UTF-8") from None
     except json.JSONDecodeError as e:
@@ -158,6 +159,17 @@ def parse(
         reply_to=reply_to or None,
         correlation_id=correlation_id or None,
     )
+
+
+def _not_a_number(constant: str) -> float:
+    raise Malformed(f"body holds {constant}, which is not JSON and which PostgreSQL cannot store")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise Malformed(f"body holds the number {text[:40]}, too large for a float (it would be infinite)")
+    return value
 
 
 def decode_reply(body: bytes) -> RawReply:

@@ -5,6 +5,8 @@ What an execution process gets, from the template that clones it (``template``):
 * **its own PID namespace** (``clone(CLONE_NEWPID)``): the execution is pid 1 there, so every process it starts,
   ``setsid()`` and double-forked ones included, is killed by the kernel when it ends; it cannot see or signal
   any process outside, and ``/proc`` is remounted so no ancestor's ``/proc/<pid>`` entries exist for it;
+* **its own network namespace** (only a loopback, down: no TCP/UDP anywhere, no abstract Unix socket of the
+  host) and **its own IPC namespace** (SysV shared memory, semaphores, message queues);
 * **its own mount namespace** with a private, size-capped tmpfs on ``/tmp`` (gone with the namespace);
 * **an unprivileged uid** when the executor runs as root (one per concurrent execution, so ``RLIMIT_NPROC``,
   which the kernel counts per uid, bounds each execution on its own), no supplementary groups,
@@ -32,8 +34,13 @@ import sys
 from collections.abc import Iterable, Sequence
 
 CLONE_NEWNS = 0x00020000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWNET = 0x40000000
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWPID = 0x20000000
+#: What an execution is cloned into, beyond PID + mount (+ user): no network but a down loopback (module content
+#: comes over its channel), and SysV IPC / POSIX message queues of its own.
+CLONE_EXECUTION = CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC
 _SYS_CLONE = 56  # x86_64
 _SYS_CLOSE_RANGE = 436
 _PR_SET_PDEATHSIG = 1
@@ -83,7 +90,7 @@ class Isolation:
     uid_base: int | None  # executions run as uid_base + slot (the template is root), else as the template's uid
 
     def describe(self) -> str:
-        ns = "PID+mount namespaces" + (" in a user namespace" if self.user_namespace else "")
+        ns = "PID+mount+network+IPC namespaces" + (" in a user namespace" if self.user_namespace else "")
         who = f"uid {self.uid_base}+slot" if self.uid_base is not None else f"uid {os.getuid()}"
         return f"{ns if self.namespaces else 'process group only (no namespaces)'}, {who}"
 
@@ -155,25 +162,26 @@ def die_with_parent(expected_parent: int) -> None:
 def probe(uid_base: int) -> Isolation:
     """What is available here: try a namespaced clone whose child exits at once."""
     root = os.geteuid() == 0
+    outer = (os.getuid(), os.getgid())  # in the clone's new user namespace these read 65534
     for user in (False, True) if root else (True,):
-        flags = CLONE_NEWPID | CLONE_NEWNS | (CLONE_NEWUSER if user else 0)
+        flags = CLONE_EXECUTION | (CLONE_NEWUSER if user else 0)
         try:
             pid = clone(flags)
         except SandboxError:
             continue
         if pid == 0:
-            os._exit(_try_namespaces(user))
+            os._exit(_try_namespaces(user, outer))
         _, status = os.waitpid(pid, 0)
         if os.waitstatus_to_exitcode(status) == 0:
             return Isolation(namespaces=True, user_namespace=user, uid_base=uid_base if root else None)
     return Isolation(namespaces=False, user_namespace=False, uid_base=uid_base if root else None)
 
 
-def _try_namespaces(user: bool) -> int:
+def _try_namespaces(user: bool, outer: tuple[int, int]) -> int:
     """In the probe's clone: what an execution will do with its namespaces; 0 if all of it works."""
     try:
         if user:
-            enter_user_namespace(os.getuid(), os.getgid())
+            enter_user_namespace(*outer)
         private_mounts(())
         mount("tmpfs", "/tmp", "tmpfs", _MS_NOSUID | _MS_NODEV, "mode=1777,size=4k")
     except OSError:
@@ -231,7 +239,11 @@ def keep_only_fds(channel: int, output: int, parent: int | None = None) -> None:
 
 
 def enter_user_namespace(outer_uid: int, outer_gid: int) -> None:
-    """Map the template's uid/gid to root in the new user namespace (what ``unshare -r`` does)."""
+    """Map the template's uid/gid (read before the clone) to root in the new user namespace (what ``unshare -r``
+    does). Dumpable first: a non-dumpable process's ``/proc/self`` files are owned by the outer root, which is
+    unmapped here (EACCES on ``setgroups``); the execution is alone in its PID namespace, so no other process of
+    that uid can reach it."""
+    prctl(_PR_SET_DUMPABLE, 1)
     with open("/proc/self/setgroups", "w") as f:
         f.write("deny")
     with open("/proc/self/uid_map", "w") as f:
@@ -306,8 +318,9 @@ def apply_limits(limits: Limits) -> None:
             resource.setrlimit(which, (value, value))
 
 
-def drop_privileges(uid: int | None) -> None:
-    """Become ``uid`` (from root), or, in a user namespace, give up the capabilities it granted."""
+def drop_privileges(uid: int | None, *, dumpable: bool) -> None:
+    """Become ``uid`` (from root), or, in a user namespace, give up the capabilities it granted. ``dumpable``
+    only for a process alone in its PID namespace: a dumpable process's memory is readable by its uid's others."""
     if uid is not None:
         os.setgroups([])
         os.setresgid(uid, uid, uid)
@@ -315,7 +328,7 @@ def drop_privileges(uid: int | None) -> None:
     prctl(_PR_SET_NO_NEW_PRIVS, 1)
     if uid is None:
         _drop_capabilities()
-    prctl(_PR_SET_DUMPABLE, 1)  # the uid change made it non-dumpable: its /proc/self would be root's
+    prctl(_PR_SET_DUMPABLE, 1 if dumpable else 0)  # the uid change made it non-dumpable: /proc/self is root's
 
 
 def _drop_capabilities() -> None:

@@ -30,6 +30,11 @@ class ConsumerSettings(settings.Settings):
     executor_socket: str | None = pydantic.Field(
         None, description="The executor's Unix socket (its own container); unset: the consumer starts it as a child."
     )
+    executor_allow_shared_uid: bool = pydantic.Field(
+        False,
+        description="UNSAFE for more than one tenant: allow executions to run as one shared uid (no namespaces) or as "
+        "the consumer's own uid (a non-root consumer starting its executor).",
+    )
     worker_memory_limit_bytes: int | None = pydantic.Field(
         1024**3, ge=64 * 1024**2, description="Address-space limit of each execution (RLIMIT_AS); unset: none."
     )

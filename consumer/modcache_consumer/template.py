@@ -27,10 +27,12 @@ import contextlib
 import dataclasses
 import importlib
 import logging
+import math
 import os
 import selectors
 import signal
 import socket
+import struct
 import sys
 import time
 from typing import Any
@@ -47,6 +49,12 @@ WARM_MODULES = (
     "textwrap", "traceback", "typing", "urllib.parse", "uuid", "zoneinfo",
 )  # fmt: skip
 DEFAULT_UID_BASE = 200_000
+SHARED_UID_REFUSED = (
+    "no PID/user namespaces here and not root: every execution would run as one uid and could read the memory "
+    "of every other (other organizations' secrets); refusing to run. Run the executor as root, allow user "
+    "namespaces, or set MODCACHE_EXECUTOR_ALLOW_SHARED_UID=true (unsafe for more than one tenant)"
+)
+MAX_SLOTS = 4096  # execution uids are uid_base .. uid_base + MAX_SLOTS - 1
 MAX_FDS_PER_MESSAGE = 16
 
 
@@ -102,8 +110,11 @@ class Template:
         exit_with_last: bool,
         hidden: tuple[str, ...] = (),
         spares: int = 2,
+        allowed_uids: frozenset[int] | None = None,
     ) -> None:
         self._isolation = isolation
+        self._allowed_uids = allowed_uids
+        self._outer_ids = (os.getuid(), os.getgid())  # before any clone: inside a new user namespace, 65534
         self._hidden = hidden
         self._memory = memory
         self._exit_with_last = exit_with_last
@@ -125,7 +136,14 @@ class Template:
         control = Control(sock=sock)
         self._controls.add(control)
         self._selector.register(sock, selectors.EVENT_READ, lambda: self._read(control))
-        control.send({"op": "hello", "pid": self._pid, "isolation": self._isolation.describe()})
+        control.send({
+            "op": "hello",
+            "pid": self._pid,
+            "isolation": self._isolation.describe(),
+            "namespaces": self._isolation.namespaces,
+            # executions all run as this uid (outside any user namespace), or None: a uid per slot
+            "execution_uid": self._outer_ids[0] if self._isolation.uid_base is None else None,
+        })  # fmt: skip
         self._offer(control)
 
     def stop(self) -> None:
@@ -145,8 +163,27 @@ class Template:
     def _accept(self, listener: socket.socket) -> None:
         with contextlib.suppress(BlockingIOError):
             sock, _ = listener.accept()
+            refused = self._refuse_peer(sock)
+            if refused:
+                log.warning("executor: refused a control connection: %s", refused)
+                sock.close()
+                return
             sock.setblocking(True)
             self.attach(sock)
+
+    def _refuse_peer(self, sock: socket.socket) -> str | None:
+        """Why the peer of an accepted connection may not control this template (None: it may). Only a
+        consumer may: never one of this template's executions or anything they started (descendants of this
+        template, or an execution uid), and, if ``allowed_uids`` is set, only those uids."""
+        pid, uid, _ = peer_credentials(sock)
+        if pid <= 0 or descends_from(pid, self._pid):
+            return f"pid {pid} is one of this executor's executions (or unknown)"
+        base = self._isolation.uid_base
+        if base is not None and base <= uid < base + MAX_SLOTS:
+            return f"uid {uid} is an execution uid"
+        if self._allowed_uids is not None and uid not in self._allowed_uids:
+            return f"uid {uid} is not an allowed consumer uid"
+        return None
 
     def _read(self, control: Control) -> None:
         try:
@@ -163,28 +200,38 @@ class Template:
             self._lose(control)
             return
         for frame in frames:
+            if control not in self._controls:
+                return
             self._dispatch(control, frame)
 
     def _dispatch(self, control: Control, frame: dict[str, Any]) -> None:
-        op = frame["op"]
+        """One control frame; a malformed one closes its connection, never the template."""
+        try:
+            self._obey(control, frame)
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError, SyntaxError) as e:
+            log.error("executor: a malformed control frame (%s); closing that connection", type(e).__name__)
+            self._lose(control)
+
+    def _obey(self, control: Control, frame: dict[str, Any]) -> None:
+        op = frame["op"] if isinstance(frame, dict) else None
         if op == "run":
             self._start(control, frame)
         elif op == "stop":
+            ticket = int(frame["ticket"])
             for execution in self._executions.values():
-                if execution.control is control and execution.ticket == frame.get("ticket"):
+                if execution.control is control and execution.ticket == ticket:
                     execution.stopped = True
                     self._signal(execution.spare, signal.SIGKILL)
-        elif op == "learn":
-            try:
-                self._memory.learn(frame)  # type: ignore[arg-type]
-            except (KeyError, TypeError, ValueError, SyntaxError) as e:
-                log.warning("executor: ignored a learn frame: %s", type(e).__name__)
+        elif op == "learn":  # from a consumer only: _refuse_peer turned executions away
+            self._memory.learn(frame)  # type: ignore[arg-type]
         elif op == "spares":  # the consumer dropped these: new ones, cloned from the new memory
             for pid in frame.get("dropped", []):
                 spare = control.spares.pop(int(pid), None)
                 if spare is not None:
                     self._signal(spare, signal.SIGKILL)
             self._offer(control)
+        else:
+            raise ValueError(f"unknown op {op!r}")
 
     def _lose(self, control: Control) -> None:
         """The consumer is gone: every execution it started, and every spare it held, dies now."""
@@ -220,17 +267,20 @@ class Template:
 
     def _start(self, control: Control, frame: dict[str, Any]) -> None:
         """The consumer wrote a job on a spare's channel: its deadline starts now."""
-        spare = control.spares.pop(int(frame.get("pid", 0)), None)
+        ticket, timeout_s, grace_s = int(frame["ticket"]), float(frame["timeout_s"]), float(frame["grace_s"])
+        if not (math.isfinite(timeout_s) and math.isfinite(grace_s)):
+            raise ValueError("non-finite deadline")
+        spare = control.spares.pop(int(frame["pid"]), None)
         if spare is None:
-            control.send({"op": "exited", "ticket": frame.get("ticket"), "pid": 0, "returncode": 127,
+            control.send({"op": "exited", "ticket": ticket, "pid": 0, "returncode": 127,
                           "timed_out": False, "stopped": False})  # fmt: skip
             return
         self._executions[spare.pid] = Execution(
-            ticket=int(frame["ticket"]),
+            ticket=ticket,
             spare=spare,
             control=control,
-            terminate_at=time.monotonic() + float(frame["timeout_s"]),
-            grace_s=float(frame["grace_s"]),
+            terminate_at=time.monotonic() + timeout_s,
+            grace_s=grace_s,
         )
         self._offer(control)
 
@@ -239,7 +289,7 @@ class Template:
         ours, theirs = socket.socketpair()
         out_r, out_w = os.pipe()
         slot = self._free_slot()
-        flags = sandbox.CLONE_NEWPID | sandbox.CLONE_NEWNS if self._isolation.namespaces else 0
+        flags = sandbox.CLONE_EXECUTION if self._isolation.namespaces else 0
         if self._isolation.user_namespace:
             flags |= sandbox.CLONE_NEWUSER
         try:
@@ -331,7 +381,7 @@ class Template:
         signal.signal(signal.SIGTERM, runtime.terminated)  # pid 1 of its namespace gets SIGTERM only with a handler
         sandbox.keep_only_fds(channel, output, parent=self._self_pidfd)  # fd 4: the template's pidfd
         if iso.user_namespace:
-            sandbox.enter_user_namespace(os.getuid(), os.getgid())
+            sandbox.enter_user_namespace(*self._outer_ids)
         if iso.namespaces:
             sandbox.private_mounts(self._hidden)
         else:
@@ -349,7 +399,10 @@ class Template:
                 file_bytes=limits.get("file_bytes"),
             )
         )
-        sandbox.drop_privileges(None if self._isolation.uid_base is None else self._isolation.uid_base + slot)
+        sandbox.drop_privileges(
+            None if self._isolation.uid_base is None else self._isolation.uid_base + slot,
+            dumpable=self._isolation.namespaces,  # without a PID namespace of its own, others of its uid see it
+        )
         sandbox.die_with_template(4)  # the uid change cleared PR_SET_PDEATHSIG
         os.close(4)
         os.environ.clear()
@@ -375,6 +428,28 @@ class Template:
 
 
 _EXECUTION_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp", "TMPDIR": "/tmp", "LANG": "C.UTF-8"}
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of a Unix socket's peer, as the kernel recorded them at connect()."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", raw)
+    return pid, uid, gid
+
+
+def descends_from(pid: int, ancestor: int) -> bool:
+    """Whether ``pid`` is ``ancestor`` or one of its descendants (an unknown pid counts as one: fail closed)."""
+    for _ in range(4096):
+        if pid == ancestor:
+            return True
+        if pid <= 1:
+            return False
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                pid = next(int(line.split()[1]) for line in f if line.startswith("PPid:"))
+        except (OSError, StopIteration, ValueError):
+            return True
+    return True
 
 
 def _children(pid: int) -> list[int]:
@@ -411,10 +486,21 @@ def run(
     uid_base: int = DEFAULT_UID_BASE,
     namespaces: bool = True,
     hidden: tuple[str, ...] = (),
+    allowed_uids: frozenset[int] | None = None,
+    allow_shared_uid: bool = False,
 ) -> None:
     """Serve until SIGTERM (``listener``) or until ``control`` closes (child mode)."""
     isolation = prepare(uid_base, namespaces=namespaces)
-    template = Template(isolation=isolation, memory=warm_up(), exit_with_last=control is not None, hidden=hidden)
+    if not isolation.namespaces and isolation.uid_base is None and not allow_shared_uid:
+        log.error("executor: %s", SHARED_UID_REFUSED)
+        sys.exit(78)  # EX_CONFIG
+    template = Template(
+        isolation=isolation,
+        memory=warm_up(),
+        exit_with_last=control is not None,
+        hidden=hidden,
+        allowed_uids=allowed_uids,
+    )
     wake_r, wake_w = socket.socketpair()
     wake_r.setblocking(False)
     wake_w.setblocking(False)
@@ -443,8 +529,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--parent", type=int, help="die with this parent process (child mode)")
     parser.add_argument("--uid-base", type=int, default=DEFAULT_UID_BASE)
     parser.add_argument("--no-namespaces", action="store_true", help="a process group per execution only")
+    parser.add_argument("--consumer-uid", type=int, action="append", help="only this uid may connect (repeatable)")
+    parser.add_argument("--allow-shared-uid", action="store_true", help="UNSAFE: one uid for all executions")
     args = parser.parse_args(argv)
-    options: dict[str, Any] = {"uid_base": args.uid_base, "namespaces": not args.no_namespaces}
+    options: dict[str, Any] = {
+        "allow_shared_uid": args.allow_shared_uid,
+        "uid_base": args.uid_base,
+        "namespaces": not args.no_namespaces,
+        "allowed_uids": frozenset(args.consumer_uid) if args.consumer_uid else None,
+    }
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stderr)
     if args.parent:
         sandbox.die_with_parent(args.parent)

@@ -47,7 +47,7 @@ def executions_of(the_executor: executor.Executor) -> list[psutil.Process]:
     running = []
     for clone in psutil.Process(the_executor.template_pid).children():
         with contextlib.suppress(psutil.Error):
-            if clone.uids().real != 0:
+            if clone.uids().real != 0 and clone.pid != the_executor.probe_pid:  # not the start-up probe, ending
                 running.append(clone)
     return running
 

@@ -3,7 +3,8 @@
 Every test runs one attack as an org-A workflow, asserts that the attack failed, then runs a benign execution
 of organization B and asserts it succeeds with B's own result (its organization, its decrypted secret, its
 parameter). The database and cache attacks run against a private PostgreSQL and a private Redis that require
-a password (the shared test services trust loopback, where no sandbox could stop a connection).
+a password; since attack-8 F1 an execution has an empty network namespace, so not even those are reached (the
+shared test services, which trust loopback, neither: test_an_execution_reaches_no_network_service).
 
 =================================================  ===========================================================
 attack                                             what stops it
@@ -16,6 +17,13 @@ patching the runtime to spy on the next execution  every execution is a fresh pr
 forged or garbage result frames                    a channel per execution; FAILED with the reason
 setsid() and double-fork escapes                   the PID namespace dies with the execution
 memory, CPU (SIGTERM ignored), output, fork bombs  RLIMIT_AS; SIGKILL after the grace; output cap; RLIMIT_NPROC
+the executor's control socket (learn, spawn)       socket directory hidden; SO_PEERCRED refuses executions
+a malformed control frame                          closes that connection only, never the executor
+the executor as a non-root uid                     user namespace maps written right; start-up probe runs one
+one shared uid without namespaces                  refused (MODCACHE_EXECUTOR_ALLOW_SHARED_UID to allow)
+executions as the consumer's own uid               refused (same switch)
+TCP to Redis/PostgreSQL/RabbitMQ on 127.0.0.1      an empty network namespace per execution
+SysV IPC left for the next execution               an IPC namespace per execution
 =================================================  ===========================================================
 """
 
@@ -26,7 +34,10 @@ import contextlib
 import dataclasses
 import logging
 import os
+import shutil
+import sys
 import time
+import urllib.parse
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -39,6 +50,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from modcache import db, embedded, engine, keys, pgsource, rediscache
+from modcache_consumer import executor, protocol
 from testkit import servers
 
 PASSWORD = f"pw-{uuid.uuid4().hex}"
@@ -279,7 +291,7 @@ async def test_no_database_connection_with_anything_found(locked) -> None:
     assert reply["status"] == "SUCCESS", reply["error"]
     found = reply["result"]
     assert "connected" not in found["outcome"].values()
-    assert [found["outcome"][g] for g in found["guesses"]] == ["InvalidPasswordError"] * 2  # reached, no login
+    assert [found["outcome"][g] for g in found["guesses"]] == ["OSError"] * 2  # no network: not even reached
     assert_no_secret(repr(found["found"]), locked.settings, orgs)
     assert found["clients"] == ["asyncpg"]  # only what the attacker imported itself
 
@@ -317,7 +329,7 @@ async def test_the_module_cache_cannot_be_written(locked) -> None:
     assert reply["status"] == "SUCCESS", reply["error"]
     found = reply["result"]
     assert "written" not in found["outcome"].values()
-    assert found["outcome"][found["guess"]] == "AuthenticationError"  # NOAUTH: no credential anywhere
+    assert found["outcome"][found["guess"]] == "ConnectionError"  # no network (and no credential anywhere)
     assert found["preloaded"] == []  # no Redis client library, let alone a client, in the execution
     assert await locked.redis.get(key) == before
     assert (after["status"], after["result"]) == ("SUCCESS", 3)
@@ -522,3 +534,216 @@ async def test_a_fork_bomb_is_bounded(harness) -> None:
         reply = await attack(harness, orgs, FORK_BOMB, timeout_seconds=10)
     assert reply["status"] == "SUCCESS", reply["error"]
     assert reply["result"] < 32  # RLIMIT_NPROC of the execution's own uid
+
+
+# -- the executor's control socket (attack-8 F3, F10) ---------------------------------------------------------
+
+LAUNCH_AS = """
+import os, sys
+from modcache_consumer import runtime, sandbox
+uid = int(sys.argv[1])
+if uid:  # what the chart's executor container is: another uid; /root (mode 700) hidden but the interpreter
+    sandbox.hide_private_trees(sandbox.needed_trees([os.path.dirname(os.path.dirname(runtime.__file__))]))
+    os.setgroups([])
+    os.setresgid(uid, uid, uid)
+    os.setresuid(uid, uid, uid)
+os.execv(sys.executable, [sys.executable, *sys.argv[2:]])
+"""
+
+
+@contextlib.asynccontextmanager
+async def socket_executor(*args: str, uid: int = 0) -> AsyncIterator[tuple[Path, asyncio.subprocess.Process]]:
+    """``modcache executor --socket`` in a directory of /run (not one of the executions' scratch mounts), as
+    ``uid``; yields the socket path and the process."""
+    directory = Path("/run") / f"modcache-test-{uuid.uuid4().hex[:8]}"
+    os.mkdir(directory, 0o755)
+    os.chown(directory, uid, uid)
+    path = directory / "executor.sock"
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", LAUNCH_AS, str(uid), "-m", "modcache_consumer.template", "--socket", str(path), *args
+    )
+    try:
+        yield path, process
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            process.terminate()
+        await process.wait()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+CONTROL = """
+import json, os, socket, struct
+
+def _frame(op):
+    body = json.dumps(op).encode()
+    return struct.pack('>I', len(body)) + body
+
+def run(paths):
+    outcome = {}
+    for path in paths:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(5)
+        try:
+            s.connect(path)
+            hello = s.recv(65536)
+            if hello:  # the template's hello: it would obey
+                s.sendall(_frame({'op': 'learn', 'generation': 1 << 60, 'lookups': []}) + _frame({'op': 'spawn'}))
+            outcome[path] = 'read ' + repr(hello[:40])
+        except OSError as e:
+            outcome[path] = type(e).__name__
+        finally:
+            s.close()
+    return outcome
+"""
+
+
+async def test_an_execution_cannot_reach_or_control_its_executor(harness) -> None:
+    """F3: the socket directory is hidden in executions; and when an execution reaches the socket anyway
+    (here a hard link outside that directory), the executor refuses it (SO_PEERCRED: one of its own
+    executions), so no ``learn`` or ``spawn`` frame of it is ever read."""
+    async with socket_executor() as (path, process), harness.consumer(executor_socket=str(path)) as consumer:
+        orgs = await two_orgs(harness, consumer)
+        linked = Path(f"{path.parent}-link")
+        os.mkdir(linked, 0o755)
+        try:
+            os.link(path, linked / "executor.sock")
+            reply = await attack(harness, orgs, CONTROL, {"paths": [str(path), str(linked / "executor.sock")]})
+        finally:
+            shutil.rmtree(linked)
+        assert process.returncode is None
+    assert reply["status"] == "SUCCESS", reply["error"]
+    assert reply["result"] == {str(path): "FileNotFoundError", str(linked / "executor.sock"): "read b''"}
+
+
+async def test_a_malformed_control_frame_closes_its_connection_not_the_executor(harness) -> None:
+    """F10: ``{"op": "spawn"}``, a ``run`` without its ticket, an unknown op: that connection is closed, the
+    executor and the consumer's own connection carry on."""
+    async with socket_executor() as (path, process), harness.consumer(executor_socket=str(path)) as consumer:
+        orgs = await two_orgs(harness, consumer)
+        for bad in (
+            {"op": "spawn"},
+            {"op": "run", "pid": 1},
+            {"op": "learn"},
+            {"op": "stop", "ticket": []},
+            {"op": "run", "pid": 1, "ticket": 1, "timeout_s": "nan", "grace_s": 1},
+        ):
+            reader, writer = await asyncio.open_unix_connection(str(path))
+            hello = await reader.readexactly(4)
+            await reader.readexactly(int.from_bytes(hello, "big"))
+            writer.write(protocol.encode(bad))
+            await writer.drain()
+            while await reader.read(1 << 16):  # spares offered to it, then the close
+                pass
+            writer.close()
+        assert process.returncode is None
+        await b_is_unharmed(harness, orgs)
+
+
+# -- the executor as a non-root uid: the chart's layout (attack-8 F4, F5, F6) ---------------------------------
+
+EXECUTOR_UID = 54_321  # owns nothing on this machine
+
+
+async def test_a_non_root_executor_runs_executions_in_a_user_namespace(harness) -> None:
+    """F4: the uid maps are written from the uid read before the clone, while dumpable; the consumer's start-up
+    probe ran a real execution through it. Org A's and org B's executions then run with their own results."""
+    async with socket_executor(uid=EXECUTOR_UID) as (path, _), harness.consumer(executor_socket=str(path)) as consumer:
+        assert consumer.executor.isolation == "PID+mount+network+IPC namespaces in a user namespace, uid 54321"
+        orgs = await two_orgs(harness, consumer)
+        reply = await attack(harness, orgs, "import os\ndef run():\n    return os.getuid()\n")
+    assert (reply["status"], reply["result"]) == ("SUCCESS", 0), reply["error"]  # root of its user namespace only
+
+
+async def test_a_shared_uid_without_namespaces_is_refused(harness) -> None:
+    """F5: executions that would all be one uid with no PID namespace (each could read another's memory) are
+    refused by the executor itself and, if it was told to allow them, by the consumer."""
+    async with socket_executor("--no-namespaces", uid=EXECUTOR_UID) as (_, process):
+        assert await process.wait() == 78
+    async with socket_executor("--no-namespaces", "--allow-shared-uid", uid=EXECUTOR_UID) as (path, _):
+        with pytest.raises(executor.ExecutorUnavailable, match="no namespaces: each could read the others' memory"):
+            async with harness.consumer(executor_socket=str(path)):
+                pass
+
+
+AS_CONSUMER = """
+import asyncio
+from modcache_consumer import executor
+
+async def main():
+    the_executor = executor.Executor(socket_path=%r, start_timeout_s=20)
+    try:
+        await the_executor.start()
+        print('started')
+    except executor.ExecutorUnavailable as e:
+        print(e)
+    finally:
+        await the_executor.close()
+
+asyncio.run(main())
+"""
+
+
+async def test_executions_as_the_consumers_own_uid_are_refused() -> None:
+    """F6: a consumer whose executions would run as its own uid (a non-root laptop) refuses to start: they
+    could read its secret files and rewrite its code."""
+    async with socket_executor(uid=EXECUTOR_UID) as (path, _):
+        consumer = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", LAUNCH_AS, str(EXECUTOR_UID), "-c", AS_CONSUMER % str(path),
+            stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        said, _ = await consumer.communicate()
+    assert said.decode().startswith("executions would run as this consumer's own uid 54321"), said
+
+
+# -- the host's network and SysV IPC (attack-8 F1, F7) ---------------------------------------------------------
+
+NETWORK = """
+import socket
+
+def run(ports):
+    outcome = {}
+    for port in ports:
+        try:
+            socket.create_connection(('127.0.0.1', port), timeout=3).close()
+            outcome[str(port)] = 'connected'
+        except OSError as e:
+            outcome[str(port)] = type(e).__name__
+    return outcome
+"""
+
+
+async def test_an_execution_reaches_no_network_service(harness) -> None:
+    """F1: Redis, PostgreSQL, RabbitMQ (and this test's own, unauthenticated ones) on 127.0.0.1 are out of
+    reach: each execution has an empty network namespace (a loopback that is down)."""
+    ports = sorted(
+        {6379, 5432, 5672}
+        | {urllib.parse.urlsplit(harness.settings.required(url)).port or 0 for url in ("redis_url", "database_url")}
+    )
+    async with harness.consumer() as consumer:
+        orgs = await two_orgs(harness, consumer)
+        reply = await attack(harness, orgs, NETWORK, {"ports": ports})
+    assert reply["status"] == "SUCCESS", reply["error"]
+    assert set(reply["result"].values()) == {"OSError"}, reply["result"]  # ENETUNREACH: not even refused
+
+
+SYSV = """
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+
+def run(mode):
+    if mode == 'plant':  # a world-readable SysV segment, the way attack-8 left one for the next execution
+        return libc.shmget(0xa8a8, 4096, 0o1000 | 0o666) >= 0
+    with open('/proc/sysvipc/shm') as f:
+        return [line.split()[0] for line in f.readlines()[1:]]
+"""
+
+
+async def test_sysv_ipc_left_behind_is_not_seen_by_the_next_execution(harness) -> None:
+    """F7: each execution has its own IPC namespace; what one creates is gone with it."""
+    async with harness.consumer() as consumer:
+        orgs = await two_orgs(harness, consumer)
+        planted = await attack(harness, orgs, SYSV, {"mode": "plant"})
+        look = await harness.workflow(SYSV)
+        seen = await harness.call(look, {"mode": "look"}, organization_id=orgs.b)
+    assert (planted["status"], planted["result"]) == ("SUCCESS", True), planted["error"]
+    assert (seen["status"], seen["result"]) == ("SUCCESS", []), seen["error"]

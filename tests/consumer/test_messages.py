@@ -43,6 +43,10 @@ def body(**fields: object) -> bytes:
             b'{"n": -0.' + b"1" * 101 + b"}",
             "a number has more than 100 digits (MODCACHE_MAX_MESSAGE_NUMBER_DIGITS)",
         ),
+        (b'{"parameters": {"x": NaN}}', "body holds NaN, which is not JSON and which PostgreSQL cannot store"),
+        (b'{"x": [-Infinity]}', "body holds -Infinity, which is not JSON and which PostgreSQL cannot store"),
+        (b'{"x": 1e999}', "body holds the number 1e999, too large for a float (it would be infinite)"),
+        (b'{"x": -1.5E+400}', "body holds the number -1.5E+400, too large for a float (it would be infinite)"),
         (
             body(execution_id=EXECUTION, workflow_id=WORKFLOW, parameters={"a": "\ud800"}),
             "parameters: a string holds an unpaired surrogate (\\ud800-\\udfff), which is not Unicode",
