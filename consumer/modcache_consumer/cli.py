@@ -65,11 +65,16 @@ async def _serve(the_settings: settings.ConsumerSettings) -> None:
               help="Only this uid may connect (repeatable; default: any uid but an execution's).")  # fmt: skip
 @click.option("--allow-shared-uid", is_flag=True, envvar="MODCACHE_EXECUTOR_ALLOW_SHARED_UID",
               help="UNSAFE for more than one tenant: one uid for every execution.")  # fmt: skip
-def executor_command(socket_path: str, uid_base: int, consumer_uids: tuple[int, ...], allow_shared_uid: bool) -> None:
+@click.option("--execution-network", type=click.Choice(["none", "host"]), default="none", show_default=True,
+              envvar="MODCACHE_EXECUTION_NETWORK", help="none: an empty network namespace per execution.")  # fmt: skip
+def executor_command(
+    socket_path: str, uid_base: int, consumer_uids: tuple[int, ...], allow_shared_uid: bool, execution_network: str
+) -> None:
     """Run workflow code for a consumer: one fresh, isolated process per execution (needs no secret)."""
     argv = [sys.executable, "-m", "modcache_consumer.template", "--socket", socket_path, "--uid-base", str(uid_base)]
     argv += [arg for uid in consumer_uids for arg in ("--consumer-uid", str(uid))]
     argv += ["--allow-shared-uid"] if allow_shared_uid else []
+    argv += ["--execution-network", execution_network]
     os.execv(sys.executable, argv)  # a clean interpreter: executions never inherit the consumer's libraries
 
 

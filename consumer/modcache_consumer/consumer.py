@@ -216,7 +216,7 @@ class WorkflowExecutionConsumer:
             terminate_grace_s=s.terminate_grace_s,
             start_timeout_s=s.worker_start_timeout_s,
             uid_base=s.execution_uid_base,
-            allow_shared_uid=s.executor_allow_shared_uid,
+            policy=executor.Policy(allow_shared_uid=s.executor_allow_shared_uid, network=s.execution_network),
             environment=self._executor_environment,
             teacher=self.modules,
             observer=self.metrics,

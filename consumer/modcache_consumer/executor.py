@@ -280,6 +280,15 @@ class _Control:
             self._first.exception()  # retrieved
 
 
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """What executions may share: ``allow_shared_uid`` (unsafe for more than one tenant: one uid for every
+    execution, or the consumer's own) and ``network`` ("none": an empty network namespace each; "host")."""
+
+    allow_shared_uid: bool = False
+    network: str = "none"
+
+
 class Executor:
     def __init__(
         self,
@@ -290,7 +299,7 @@ class Executor:
         start_timeout_s: float = 30.0,
         uid_base: int | None = None,
         namespaces: bool = True,
-        allow_shared_uid: bool = False,
+        policy: Policy | None = None,
         python: str = sys.executable,
         environment: Mapping[str, str] | None = None,
         teacher: Teacher | None = None,
@@ -302,7 +311,7 @@ class Executor:
         self._start_timeout_s = start_timeout_s
         self._uid_base = uid_base
         self._namespaces = namespaces
-        self._allow_shared_uid = allow_shared_uid
+        self._policy = policy or Policy()
         self.probe_pid: int | None = None  # the start-up probe's execution (it may still be ending)
         self._python = python
         self._environment = dict(environment if environment is not None else executor_environment())
@@ -379,7 +388,9 @@ class Executor:
                 str(os.getpid()),
                 *(["--uid-base", str(self._uid_base)] if self._uid_base is not None else []),
                 *([] if self._namespaces else ["--no-namespaces"]),
-                *(["--allow-shared-uid"] if self._allow_shared_uid else []),
+                *(["--allow-shared-uid"] if self._policy.allow_shared_uid else []),
+                "--execution-network",
+                self._policy.network,
                 pass_fds=[theirs.fileno()],
                 env=self._environment,
                 stdin=asyncio.subprocess.DEVNULL,
@@ -413,7 +424,7 @@ class Executor:
             await control.close()
             await self._reap_child()
             raise ExecutorUnavailable(f"the executor did not start: {errors.describe(e) or 'no hello'}") from e
-        refused = None if self._allow_shared_uid else refuse_isolation(control.hello, consumer_uid=os.getuid())
+        refused = None if self._policy.allow_shared_uid else refuse_isolation(control.hello, consumer_uid=os.getuid())
         if refused:
             await control.close()
             await self._reap_child()

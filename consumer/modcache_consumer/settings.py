@@ -7,6 +7,7 @@ Every field reads ``MODCACHE_<FIELD>`` (``MODCACHE_AMQP_URL``, ``MODCACHE_CONSUM
 
 from __future__ import annotations
 
+import typing
 import urllib.parse
 from typing import Any
 
@@ -34,6 +35,11 @@ class ConsumerSettings(settings.Settings):
         False,
         description="UNSAFE for more than one tenant: allow executions to run as one shared uid (no namespaces) or as "
         "the consumer's own uid (a non-root consumer starting its executor).",
+    )
+    execution_network: typing.Literal["none", "host"] = pydantic.Field(
+        "none",
+        description="none: each execution has an empty network namespace (only a down loopback); host: executions "
+        "share the executor's network (workflows that call APIs; every unauthenticated service on it is reachable).",
     )
     worker_memory_limit_bytes: int | None = pydantic.Field(
         1024**3, ge=64 * 1024**2, description="Address-space limit of each execution (RLIMIT_AS); unset: none."

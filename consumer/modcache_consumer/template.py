@@ -111,8 +111,10 @@ class Template:
         hidden: tuple[str, ...] = (),
         spares: int = 2,
         allowed_uids: frozenset[int] | None = None,
+        host_network: bool = False,
     ) -> None:
         self._isolation = isolation
+        self._host_network = host_network
         self._allowed_uids = allowed_uids
         self._outer_ids = (os.getuid(), os.getgid())  # before any clone: inside a new user namespace, 65534
         self._hidden = hidden
@@ -290,6 +292,8 @@ class Template:
         out_r, out_w = os.pipe()
         slot = self._free_slot()
         flags = sandbox.CLONE_EXECUTION if self._isolation.namespaces else 0
+        if self._host_network:
+            flags &= ~sandbox.CLONE_NEWNET
         if self._isolation.user_namespace:
             flags |= sandbox.CLONE_NEWUSER
         try:
@@ -488,6 +492,7 @@ def run(
     hidden: tuple[str, ...] = (),
     allowed_uids: frozenset[int] | None = None,
     allow_shared_uid: bool = False,
+    host_network: bool = False,
 ) -> None:
     """Serve until SIGTERM (``listener``) or until ``control`` closes (child mode)."""
     isolation = prepare(uid_base, namespaces=namespaces)
@@ -500,6 +505,7 @@ def run(
         exit_with_last=control is not None,
         hidden=hidden,
         allowed_uids=allowed_uids,
+        host_network=host_network,
     )
     wake_r, wake_w = socket.socketpair()
     wake_r.setblocking(False)
@@ -531,9 +537,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-namespaces", action="store_true", help="a process group per execution only")
     parser.add_argument("--consumer-uid", type=int, action="append", help="only this uid may connect (repeatable)")
     parser.add_argument("--allow-shared-uid", action="store_true", help="UNSAFE: one uid for all executions")
+    parser.add_argument("--execution-network", choices=("none", "host"), default="none")
     args = parser.parse_args(argv)
     options: dict[str, Any] = {
         "allow_shared_uid": args.allow_shared_uid,
+        "host_network": args.execution_network == "host",
         "uid_base": args.uid_base,
         "namespaces": not args.no_namespaces,
         "allowed_uids": frozenset(args.consumer_uid) if args.consumer_uid else None,

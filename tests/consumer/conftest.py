@@ -122,6 +122,7 @@ class Harness:
         self._stack = contextlib.AsyncExitStack()
         self._caller: amqp.Caller | None = None
         self._caller_lock = asyncio.Lock()
+        self._ledgers = False  # a ledger's workflows reach Redis: their consumer gives executions the host network
 
     async def close(self) -> None:
         await self._stack.aclose()
@@ -148,6 +149,8 @@ class Harness:
     @contextlib.asynccontextmanager
     async def consumer(self, **overrides: Any) -> AsyncIterator[consumer.WorkflowExecutionConsumer]:
         values = self.settings.model_dump()
+        if self._ledgers:
+            values["execution_network"] = "host"
         values.update(overrides)
         executor_environment = values.pop("executor_environment", None)
         the_settings = settings.ConsumerSettings(**values)
@@ -217,7 +220,9 @@ class Harness:
     # -- reading state ------------------------------------------------------------------------------------
 
     def ledger(self) -> Ledger:
-        """A Redis list workflows append to (executions cannot reach the test's files: their /tmp is private)."""
+        """A Redis list workflows append to (executions cannot reach the test's files: their /tmp is private);
+        consumers of this harness then give executions the host network (the default is none)."""
+        self._ledgers = True
         return Ledger(self.redis, url=self.settings.required("redis_url"), key=f"{self.keyspace.prefix}ledger")
 
     async def sql(self, query: str, *args: Any) -> list[asyncpg.Record]:

@@ -747,3 +747,13 @@ async def test_sysv_ipc_left_behind_is_not_seen_by_the_next_execution(harness) -
         seen = await harness.call(look, {"mode": "look"}, organization_id=orgs.b)
     assert (planted["status"], planted["result"]) == ("SUCCESS", True), planted["error"]
     assert (seen["status"], seen["result"]) == ("SUCCESS", []), seen["error"]
+
+
+async def test_the_host_network_is_an_explicit_choice(harness) -> None:
+    """MODCACHE_EXECUTION_NETWORK=host (workflows that call APIs) gives the executor's network back: the same
+    workflow then reaches the test PostgreSQL's port."""
+    port = urllib.parse.urlsplit(harness.settings.required("database_url")).port or 5432
+    async with harness.consumer(execution_network="host") as consumer:
+        orgs = await two_orgs(harness, consumer)
+        reply = await attack(harness, orgs, NETWORK, {"ports": [port]})
+    assert (reply["status"], reply["result"]) == ("SUCCESS", {str(port): "connected"}), reply["error"]

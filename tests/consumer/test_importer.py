@@ -10,6 +10,7 @@ import uuid
 import redis.asyncio as aioredis
 
 from modcache import modules
+from modcache_consumer import executor
 
 
 async def test_modules_packages_and_namespace_packages_import(executors, harness) -> None:
@@ -183,7 +184,7 @@ async def test_one_execution_sees_one_generation(executors, harness, redis_clien
     for name in "abc":
         await harness.module(f"modules/{name}.py", f"V = '{name}1'\n")
     await harness.converge()
-    the_executor = await executors.start()
+    the_executor = await executors.start(policy=executor.Policy(network="host"))  # it syncs with the test on Redis
 
     async def change_mid_run(lazy: str, *changes: tuple[str, str]) -> object:
         ready, go = (f"{harness.keyspace.prefix}test:{uuid.uuid4().hex}" for _ in range(2))

@@ -125,7 +125,8 @@ def test_the_executor_serves_the_contracted_socket_the_consumer_is_told_about(
         return
     spec, _ = consumer_pod(rendered)
     executor, consumer = container(spec, "executor"), container(spec, "consumer")
-    assert executor["args"] == ["executor", "--socket", SOCKET]
+    uid = str(effective_values["podSecurity"]["runAsUser"])
+    assert executor["args"] == ["executor", "--socket", SOCKET, "--consumer-uid", uid]  # only the consumer's uid
     assert {e["name"]: e.get("value") for e in consumer["env"]}["MODCACHE_EXECUTOR_SOCKET"] == SOCKET
     volumes = {v["name"]: v for v in spec["volumes"]}
     shared = {m["name"] for c in (executor, consumer) for m in c["volumeMounts"] if m["mountPath"] == SOCKET_DIR}

@@ -226,7 +226,7 @@ CONTRACT = {
     "operator": {"--namespace", "--all-namespaces", "--metrics-port", "--health-port"},
     "consumer": {"--metrics-port", "--health-port"},
     "sync": {"--once"},
-    "executor": {"--socket"},  # the consumer pod's second container (docs/security.md)
+    "executor": {"--socket", "--consumer-uid"},  # the consumer pod's second container (docs/security.md)
 }
 
 
