@@ -40,6 +40,7 @@ CONNECT, RECONNECT, PERIODIC, MANUAL, NOTIFY, KEYSPACE, RETRY, DEEP, EVICTED = (
     "connect", "reconnect", "periodic", "manual", "notify", "keyspace", "retry", "deep", "evicted",
 )  # fmt: skip
 
+EVICTION_WINDOW_S = 1.0  # evictions within this long after our repair of evicted keys mean the cache does not fit
 EVICTIONS_PER_S = 50  # evicted keys in one second from which the repairs of evicted keys are backed off
 EVICTION_BACKOFF_S = 0.5
 EVICTION_BACKOFF_MAX_S = 30.0
@@ -374,18 +375,23 @@ class Watcher:
     async def _eviction_loop(self) -> None:
         """Release held repairs with exponential backoff while Redis keeps evicting (at most one batch per delay)."""
         delays = Backoff(EVICTION_BACKOFF_S, EVICTION_BACKOFF_MAX_S, self._rng)
+        released_at: float | None = None
         while True:
             await self._held_event.wait()
-            delay_s = delays.next_s()
-            self.state.evicting = True
-            log.warning(
-                "Redis is evicting the cache's keys (maxmemory too small for %d+ modules?): repairs of evicted keys "
-                "wait %.1fs",
-                len(self._held),
-                delay_s,
-            )
-            await asyncio.sleep(delay_s)
+            # One burst of evictions (someone lowered maxmemory once) is repaired at once; only evictions that go
+            # on right after our own repairs (what we write evicts the rest: the cache does not fit) back off.
+            if released_at is not None and self._monotonic() - released_at < EVICTION_WINDOW_S:
+                delay_s = delays.next_s()
+                self.state.evicting = True
+                log.warning(
+                    "Redis is evicting the cache's keys (maxmemory too small for %d+ modules?): repairs of evicted "
+                    "keys wait %.1fs",
+                    len(self._held),
+                    delay_s,
+                )
+                await asyncio.sleep(delay_s)
             self._held_event.clear()
+            released_at = self._monotonic()
             held, self._held = self._held, set()
             self.enqueue(held, EVICTED)
             if self._held_resync:

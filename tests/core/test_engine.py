@@ -230,3 +230,16 @@ async def test_rolled_back_change_never_reaches_the_cache(
 
 class _Rollback(Exception):
     pass
+
+
+async def test_an_absent_path_added_to_the_index_alone_is_removed(
+    source: pgsource.PgSource, sync_engine: engine.Engine, redis_client: aioredis.Redis, cache: rediscache.RedisCache
+) -> None:
+    """A foreign SADD of a path no module has, with nothing else wrong (the chaos test's ``sadd-valid``)."""
+    for n in range(30):
+        await put(source, f"m/{n}.py", f"N = {n}\n")
+    await sync_engine.full_resync()
+    await redis_client.sadd(cache.keyspace.index, "ghost/never.py")
+    report = await sync_engine.full_resync()
+    assert [(i.operation, i.reason, i.path) for i in report.plan.items] == [(Op.DELETE, R.INDEX, "ghost/never.py")]
+    assert not await redis_client.sismember(cache.keyspace.index, "ghost/never.py")
