@@ -46,7 +46,13 @@ def run(url, key, name, wait=0.0, once=None):
 
 def process_env(harness: Any, **overrides: Any) -> dict[str, str]:
     """The harness's settings as ``MODCACHE_*`` variables for a consumer process."""
-    values = harness.settings.model_dump(exclude_defaults=True) | {"health_port": 0} | FAST_LEASES | overrides
+    # the workflows write a Redis ledger: their executions need the host network (the default is none)
+    values = (
+        harness.settings.model_dump(exclude_defaults=True)
+        | {"health_port": 0, "execution_network": "host"}
+        | FAST_LEASES
+        | overrides
+    )
     env = {}
     for name, value in values.items():
         plain = value.get_secret_value() if hasattr(value, "get_secret_value") else value
