@@ -527,7 +527,12 @@ class RedisCache:
 
         def request(cursor: str) -> asyncio.Future[Any]:
             args[1] = cursor
-            return asyncio.ensure_future(_call(self._verify(keys=[ks.manifest], args=list(args))))
+            page_args = list(args)
+
+            async def verify() -> Any:  # the script's call is made inside the task: a task cancelled before it
+                return await _call(self._verify(keys=[ks.manifest], args=page_args))  # starts leaves none unawaited
+
+            return asyncio.ensure_future(verify())
 
         pending: asyncio.Future[Any] | None = request("0")
         try:
