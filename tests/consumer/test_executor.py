@@ -257,3 +257,19 @@ def _describe(process: psutil.Process) -> str:
         return f"{process.pid} {process.status()} ppid {process.ppid()} {process.cmdline()}"
     except psutil.Error as e:
         return f"{process.pid}: {e!r}"
+
+
+async def test_packages_inside_a_directory_other_users_cannot_enter_are_still_importable(
+    executors, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A checkout made by ``mktemp -d`` is mode 700 and on ``sys.path`` (the working directory) along with the
+    virtualenv inside it: executions run as another uid and must still import what is installed there."""
+    checkout = tmp_path_factory.mktemp("checkout")
+    checkout.chmod(0o700)
+    package = checkout / "site" / "privatepkg"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("ANSWER = 42\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(checkout), str(checkout / "site")]))
+    the_executor = await executors.start()
+    outcome = await executors.run(the_executor, "import privatepkg\ndef run():\n    return privatepkg.ANSWER\n")
+    assert (outcome.status, outcome.result, outcome.error) == ("SUCCESS", 42, None)
