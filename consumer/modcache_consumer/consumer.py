@@ -313,6 +313,10 @@ class WorkflowExecutionConsumer:
             "(MODCACHE_HANDLER_STUCK_AFTER_S)"
         ]
 
+    async def idle(self) -> None:
+        """Until no message is in hand: every delivery received so far is settled and its handler done."""
+        await self._drained.wait()
+
     def readiness(self) -> list[str]:
         problems = []
         if not self._consuming:

@@ -325,12 +325,20 @@ async def test_chaos_every_execution_ends_once_and_runs_only_as_its_policy_allow
         assert "a message handler failed" not in process.log_path.read_text(), process.tail()
 
 
+def _settled(rows: list[Any], count: int) -> bool:
+    ended = all(r["status"] in ("SUCCESS", "FAILED", "TIMEOUT") and r["replied_at"] is not None for r in rows)
+    return len(rows) == count and ended
+
+
 async def _all_finished(harness: Any, count: int) -> list[Any]:
-    while True:
-        rows = await harness.sql("SELECT * FROM executions")
-        if len(rows) == count and all(r["status"] in ("SUCCESS", "FAILED", "TIMEOUT") for r in rows):
-            return rows
-        await asyncio.sleep(0.2)
+    """Until every execution has ended and its reply is marked sent; after 60 s, the rows as they are (the
+    check then names what is missing, with the chaos that came before)."""
+    try:
+        return await harness.wait_for_rows(
+            "SELECT * FROM executions", done=lambda rows: _settled(rows, count), timeout_s=60
+        )
+    except TimeoutError:
+        return await harness.sql("SELECT * FROM executions")
 
 
 def _check_chaos(
