@@ -668,6 +668,7 @@ class WorkflowExecutionConsumer:
             "config": serving.withhold_secrets(prepared.config),
             "organization": prepared.organization.to_raw() if prepared.organization else None,
             "generation": prepared.generation,
+            "attempt": prepared.attempt,
         }
         timeout_s = min(float(workflow.timeout_seconds), self.settings.execution_timeout_s)
         started = self._monotonic()
