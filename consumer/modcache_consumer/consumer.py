@@ -536,7 +536,7 @@ class WorkflowExecutionConsumer:
                 self.leases.drop(execution_id)
                 return
             try:
-                await self.leases.replied.submit(execution_id)
+                await self.leases.mark_replied(execution_id)  # with the next outcome flush, usually
             except errors.TransientError as e:
                 log.warning("execution %s: replied, but not marked so: %s", execution_id, e)
                 self.leases.drop(execution_id)
