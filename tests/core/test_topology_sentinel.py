@@ -9,13 +9,15 @@ consumer's Redis reader (its readiness guard, on wiring's client) keeps answerin
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterator
 
 import pytest
+import redis.asyncio as redis
 
 from modcache import engine, errors, keys, settings, watcher, wiring
 from modcache_consumer import readiness
-from testkit import convergence, topologies
+from testkit import convergence, servers, topologies
 from testkit.observers import Recorder
 from testkit.watching import upsert, watch_settings, watching
 
@@ -52,6 +54,44 @@ def test_a_malformed_sentinel_url_is_a_config_error(url: str, reason: str) -> No
     with pytest.raises(errors.ConfigError, match="MODCACHE_REDIS_URL") as caught:
         settings.Settings.from_env(redis_url=url)
     assert reason in str(caught.value)
+
+
+async def test_a_lying_first_sentinel_is_outvoted_by_the_others(
+    sentinel: topologies.Sentinel, database_url: str
+) -> None:
+    """The attack: the first sentinel listed names another, writable node (a rogue group, or a sentinel that was
+    partitioned away during a failover and still names the old master). redis-py alone believes the first
+    sentinel that answers; modcache believes only what a majority of the configured sentinels say."""
+    with servers.private_redis() as wrong, topologies.rogue_sentinels(wrong.port) as rogues:
+        url = sentinel.url(sentinels=[rogues[0], *sentinel.sentinels[:2]])  # three sentinels, the first one lies
+        config = settings.Settings(database_url=database_url, redis_url=url)  # type: ignore[arg-type]
+        await upsert(database_url, {"pkg/truth.py": "T = 1\n"})
+        async with wiring.connect(config) as wired:
+            await wired.engine.full_resync()
+        wrong_node = redis.Redis(port=wrong.port, decode_responses=True)
+        master = redis.Redis(port=sentinel.master_port(), decode_responses=True)
+        try:
+            assert await wrong_node.keys("*") == []  # nothing was written to the node the liar names
+            assert json.loads(await master.get(f"{PREFIX}pkg/truth.py"))["content"] == "T = 1\n"
+        finally:
+            await wrong_node.aclose()
+            await master.aclose()
+
+
+async def test_a_majority_naming_a_replica_is_refused_on_the_node_s_own_role() -> None:
+    """Two sentinels of three name the replica: the majority is wrong, and the node itself says so (ROLE)."""
+    with topologies.sentinel_redis() as fresh:
+        replica = next(n for n in fresh.nodes if n.port != fresh.master_port())
+        with topologies.rogue_sentinels(replica.port) as rogues:
+            config = settings.Settings(redis_url=fresh.url(sentinels=[*rogues, fresh.sentinels[0]]))  # type: ignore[arg-type]
+            cache = wiring.make_cache(config)
+            try:
+                with pytest.raises(errors.CacheUnavailable) as caught:
+                    await cache.ping()
+            finally:
+                await cache.close()
+    assert f"127.0.0.1:{replica.port}" in str(caught.value)
+    assert "ROLE slave (a replica)" in str(caught.value)
 
 
 async def test_a_change_committed_during_a_failover_reaches_the_new_master(
