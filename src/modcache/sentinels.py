@@ -141,7 +141,8 @@ class Quorum:
                         heard.put_nowait(f"{_name(sentinel)} reachable again")
                     again = True
                     async for message in pubsub.listen():
-                        data = str(message.get("data", ""))
+                        raw = message.get("data", "")  # the sentinels' clients do not decode replies
+                        data = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
                         if message.get("type") == "message" and data.split(" ", 1)[0] == service_name:
                             heard.put_nowait(f"{_name(sentinel)} announced {data}")
             except (redis.exceptions.RedisError, OSError):

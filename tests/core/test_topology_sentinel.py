@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -92,6 +93,38 @@ async def test_a_majority_naming_a_replica_is_refused_on_the_node_s_own_role() -
                 await cache.close()
     assert f"127.0.0.1:{replica.port}" in str(caught.value)
     assert "ROLE slave (a replica)" in str(caught.value)
+
+
+async def test_a_planned_failover_is_followed_at_once_before_the_old_master_is_demoted(database_url: str) -> None:
+    """``SENTINEL FAILOVER``: the old master stays up, and writable, until the sentinels demote it (about 8 s); a
+    watcher that waits for it to refuse a write keeps writing there, and whatever it writes is discarded when it
+    becomes a replica. The sentinels' ``+switch-master`` makes the watcher move at once: a change committed right
+    after the failover reaches the new master while the old one still says it is a master."""
+    with topologies.sentinel_redis() as fresh:
+        config = watch_settings(database_url=database_url, redis_url=fresh.url())
+        recorder = Recorder()
+        await upsert(database_url, {f"pkg/m{n}.py": f"V = {n}\n" for n in range(10)})
+        async with watching(config, recorder) as (wired, _):
+            assert await convergence.converged(database_url, wired.cache.client, PREFIX, within_s=10) == []
+            resyncs = recorder.full_syncs(watcher.RECONNECT)
+            started = time.monotonic()
+            old = fresh.fail_over()
+            new = await asyncio.to_thread(fresh.wait_for_new_master, old)
+            await upsert(database_url, {"pkg/m0.py": "V = 'after the switch'\n"})
+            new_master = redis.Redis(port=new, decode_responses=True)
+            old_master = redis.Redis(port=old, decode_responses=True)
+            try:
+                assert await convergence.converged(database_url, new_master, PREFIX, within_s=WITHIN_S) == []
+                took_s = time.monotonic() - started
+                print(
+                    f"planned failover -> change on the new master: {took_s:.2f} s"
+                )  # the number docs/topologies.md quotes (-s)
+                assert (await old_master.execute_command("ROLE"))[0] == "master"  # not demoted yet: no READONLY
+                await recorder.wait_for(lambda: recorder.full_syncs(watcher.RECONNECT) > resyncs, WITHIN_S)
+            finally:
+                await new_master.aclose()
+                await old_master.aclose()
+    assert any(active and f"on 127.0.0.1:{new} (was 127.0.0.1:{old})" in d for active, d in recorder.keyspace)
 
 
 async def test_a_change_committed_during_a_failover_reaches_the_new_master(

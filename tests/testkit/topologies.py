@@ -232,6 +232,13 @@ class Sentinel:
         self.node(port).kill()
         return port
 
+    def fail_over(self) -> int:
+        """A planned ``SENTINEL FAILOVER`` (the master stays up and writable until the sentinels demote it, seconds
+        later); returns the old master's port."""
+        port = self.master_port()
+        self.sentinels[0].cli("SENTINEL", "FAILOVER", self.service)
+        return port
+
     def wait_for_new_master(self, old_port: int, *, timeout_s: float = 30.0) -> int:
         """Until every sentinel reports another master, up (flags exactly ``master``); returns its port."""
         wait_until(lambda: self._settled_master() not in (None, old_port), timeout_s=timeout_s, what="failover")
