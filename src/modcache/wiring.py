@@ -21,7 +21,7 @@ import redis.asyncio.cluster as aiocluster
 import redis.asyncio.sentinel as aiosentinel
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from modcache import db, endpoints, engine, errors, pgsource, rediscache, sentinels, settings, watcher
+from modcache import db, endpoints, engine, errors, lineage, pgsource, rediscache, sentinels, settings, watcher
 
 Closer = Callable[[], Awaitable[None]]
 Switches = Callable[[], AsyncIterator[str]]
@@ -64,8 +64,13 @@ def make_cache(config: settings.Settings) -> rediscache.RedisCache:
 
 
 def make_source(config: settings.Settings, *, application_name: str = "modcache") -> pgsource.PgSource:
+    """The source, whose connections (and the watcher's listener) refuse a server of another cluster or on an
+    older timeline than the cache was filled from (``lineage``)."""
+    checked = lineage.Lineage()
     return pgsource.PgSource(
-        engine=make_pg_engine(config, application_name=application_name), max_module_bytes=config.max_module_bytes
+        engine=make_pg_engine(config, application_name=application_name, lineage=checked),
+        max_module_bytes=config.max_module_bytes,
+        lineage=checked,
     )
 
 
@@ -179,11 +184,16 @@ def make_pg_engine(
     url: str | None = None,
     application_name: str = "modcache",
     pool_size: int = 5,
+    lineage: lineage.Lineage | None = None,
     **pool_options: Any,
 ) -> AsyncEngine:
     """The SQLAlchemy engine for ``url`` (default ``database_url``), TLS settings included."""
     return db.make_engine(
-        database_dsn(config, url), pool_size=pool_size, application_name=application_name, **pool_options
+        database_dsn(config, url),
+        pool_size=pool_size,
+        application_name=application_name,
+        lineage=lineage,
+        **pool_options,
     )
 
 
