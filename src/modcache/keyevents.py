@@ -29,7 +29,9 @@ Topologies (issue 11): both connections are made by ``RedisCache.open_node_conne
 cache's keys at that moment -- the Sentinel's current master, or the Cluster node owning the prefix's slot. A
 failover or resharding breaks them (the old master is killed or demoted: the probe's write is refused with
 READONLY or MOVED), the iterator reconnects to the new node, enables the flags there, and yields ``Subscribed``
-(naming the node, and the one before it), so the caller resyncs after every master change.
+(naming the node, and the one before it), so the caller resyncs after every master change. On a Sentinel, the
+sentinels' ``+switch-master`` (``RedisCache.master_switches``) makes it reconnect at once: after a planned
+``SENTINEL FAILOVER`` the old master stays writable for seconds, and nothing would break.
 """
 
 from __future__ import annotations
@@ -146,6 +148,8 @@ class KeyEvents:
             asyncio.create_task(self._subscribe_forever(), name="modcache-key-events"),
             asyncio.create_task(self._probe_forever(), name="modcache-cache-probe"),
         ]
+        if self._cache.master_switches is not None:
+            self._tasks.append(asyncio.create_task(self._follow_master(), name="modcache-master-switches"))
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -271,6 +275,22 @@ class KeyEvents:
         if conn is not None:
             with contextlib.suppress(Exception):
                 await conn.disconnect()
+
+    async def _follow_master(self) -> None:
+        """Reconnect the subscription and the probe the moment the sentinels switch the master (a planned failover
+        leaves the old master writable for seconds: waiting for it to refuse the probe's write would watch it, and
+        let the engine write to it, until then). The reconnect yields ``Subscribed``, so the caller resyncs."""
+        switches = self._cache.master_switches
+        assert switches is not None
+        while True:
+            try:
+                async for node in switches():
+                    log.warning("the master moved to %s: subscribing there", node)
+                    await self._close_probe()
+                    await self._disconnect()
+            except Exception as e:  # nothing the sentinels send may stop the following; reconnects are the fallback
+                log.warning("following the sentinels' master switches failed: %s", errors.describe(e))
+            await asyncio.sleep(self._backoff_max_s)
 
     # -- the probe --------------------------------------------------------------------------------------------
 

@@ -377,8 +377,12 @@ class RedisCache:
         check_batch_size: int = 5000,
         deep_batch_size: int = 500,
         close: Callable[[], Awaitable[None]] | None = None,
+        master_switches: Callable[[], AsyncIterator[str]] | None = None,
     ) -> None:
         self.client = client
+        # Sentinel: each new master's ``host:port`` the moment the sentinels switch (``sentinels.Quorum.switches``);
+        # the key-event iterator reconnects on it rather than waiting for the old master to refuse a write
+        self.master_switches = master_switches
         self._close = close or client.aclose
         self.keyspace = keyspace
         self._ttl_s = ttl_s or 0

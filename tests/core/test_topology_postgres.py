@@ -12,13 +12,14 @@ Redis is the shared server, under a prefix of the test's own.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import asyncpg
 import pytest
 
-from modcache import db, errors, keys, settings, watcher, wiring
+from modcache import db, errors, keys, lineage, settings, watcher, wiring
 from testkit import convergence, topologies
 from testkit.observers import Recorder
 from testkit.watching import upsert, watch_settings, watching
@@ -129,3 +130,44 @@ async def test_after_a_promote_the_listener_follows_and_a_change_reaches_the_cac
         await recorder.wait_for(lambda: recorder.full_syncs(watcher.RECONNECT) > resyncs, 15)
     assert w.state.listener_server == f"127.0.0.1:{pair.replica.port}"
     assert w.state.listener_server_changes == 1
+
+
+async def test_an_old_primary_that_comes_back_does_not_roll_the_cache_back(
+    redis_url: str, keyspace: keys.KeySpace, database_url: str
+) -> None:
+    """The attack: after a failover the old primary comes back writable (split brain, a stale node), first in the
+    multi-host URL, so every new connection reaches it; a restarted modcache would sync its older rows and roll the
+    cache back. The cache's status records the cluster and the timeline it was filled from: the old primary is on
+    an older timeline and is refused, the promoted one is read instead; another cluster is refused outright."""
+    with topologies.postgres_pair() as fresh:
+        url = fresh.url()
+        await db.upgrade(url)
+        config = settings.Settings(database_url=url, redis_url=redis_url, key_prefix=keyspace.prefix)  # type: ignore[arg-type]
+        await upsert(url, {"ha/m0.py": "V = 'before'\n"})
+        async with wiring.connect(config) as wired:
+            await wired.engine.full_resync()  # filled from the primary, timeline 1
+        await asyncio.to_thread(fresh.primary.stop, "immediate")
+        await asyncio.to_thread(fresh.replica.promote)
+        await upsert(url, {"ha/m0.py": "V = 'after'\n", "ha/new.py": "NEW = 1\n"})
+        async with wiring.connect(config) as wired:
+            await wired.engine.full_resync()  # from the promoted replica, timeline 2
+        await asyncio.to_thread(fresh.primary.start)  # the old primary is back, writable, with the old rows
+        async with wiring.connect(config) as wired:  # a restarted modcache: nothing in memory
+            await wired.engine.full_resync()
+            truth = fresh.replica.url()  # the judge reads the promoted primary itself (the URL reaches the stale one)
+            assert await convergence.converged(truth, wired.cache.client, keyspace.prefix, within_s=5) == []
+            assert wired.source.lineage is not None
+            assert wired.source.lineage.refusals >= 1
+            assert await wired.cache.read_module("ha/new.py") is not None  # not pruned by the old primary's rows
+            status = await wired.cache.read_status()
+        stale = settings.Settings(database_url=fresh.primary.url(), redis_url=redis_url, key_prefix=keyspace.prefix)  # type: ignore[arg-type]
+        async with wiring.connect(stale) as wired:  # the old primary alone: nothing else to read from
+            with pytest.raises(lineage.StaleSource, match=r"timeline 1, older than timeline 2") as caught:
+                await wired.engine.full_resync()
+        assert f"127.0.0.1:{fresh.primary.port}" in str(caught.value)
+    assert status["source_timeline"] == "2"
+    other = settings.Settings(database_url=database_url, redis_url=redis_url, key_prefix=keyspace.prefix)  # type: ignore[arg-type]
+    async with wiring.connect(other) as wired:  # the shared server: another initdb, another system identifier
+        with pytest.raises(lineage.StaleSource, match="another cluster"):
+            await wired.engine.full_resync()
+        assert json.loads(await wired.cache.read_module("ha/m0.py") or "{}")["content"] == "V = 'after'\n"
