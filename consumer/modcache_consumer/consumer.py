@@ -241,8 +241,12 @@ class WorkflowExecutionConsumer:
         the check before each claim see it back without waiting for a message to try."""
         while True:
             await self.executor.lost()
+            # shielded: a stop that cancels this task lets a connection being made finish (executor.close,
+            # which waits for it, then closes it), instead of leaving its socket and child half-made
+            connecting = asyncio.ensure_future(self.executor.connect())
+            connecting.add_done_callback(_retrieve)
             try:
-                await self.executor.connect()
+                await asyncio.shield(connecting)
             except errors.TransientError as e:
                 log.warning("the executor is unavailable: %s", e)
                 await asyncio.sleep(max(self.settings.transient_retry_delay_s, 0.1))
@@ -790,6 +794,11 @@ class _Slot:
         if self._slots is not None:
             self._slots.release()
             self._slots = None
+
+
+def _retrieve(task: asyncio.Future[None]) -> None:
+    if not task.cancelled():
+        task.exception()  # retrieved: whoever awaited it was cancelled
 
 
 async def _finish(task: asyncio.Task[None]) -> None:
