@@ -471,6 +471,9 @@ class WorkflowExecutionConsumer:
             self.metrics.requeued.inc()
             await _settle(message.nack(requeue=True))
             return
+        except executions.Foreign as e:  # another execution's id: its row is left alone, nothing is replied
+            await self._poison(message, str(e))
+            return
         except Exception as e:
             log.exception("execution %s: unexpected failure; poisoning its message", request.execution_id)
             await self._record_internal_error(request, e)
