@@ -67,8 +67,15 @@ def parse_redis(url: str) -> RedisEndpoint:
     tls = base == "rediss"
     if not kind:
         return _single(url, tls=tls)
+    rest, _, query = rest.partition("#")[0].partition("?")
+    if query:  # redis-py never sees these URLs: a parameter here would be ignored, silently
+        names = ", ".join(sorted({n for n, _ in urllib.parse.parse_qsl(query, keep_blank_values=True)})) or "?"
+        where = "the database goes in the path (/SERVICE/DB)" if kind == "sentinel" else "the database is 0"
+        raise ValueError(
+            f"a {scheme}:// URL takes no query parameters (it has {names}): {where}, and TLS is set by "
+            "the MODCACHE_REDIS_SSL_* settings"
+        )
     netloc, _, path = rest.partition("/")
-    path = path.split("?", 1)[0]
     username, password, hosts = split_netloc(
         netloc, default_port=DEFAULT_SENTINEL_PORT if kind == "sentinel" else DEFAULT_REDIS_PORT
     )
@@ -159,6 +166,34 @@ def check_postgres(url: str) -> tuple[tuple[str, int], ...]:
         raise ValueError(f"URL scheme must be one of {', '.join(POSTGRES_SCHEMES)}")
     netloc = rest.split("/", 1)[0].split("?", 1)[0]
     return split_netloc(netloc, default_port=DEFAULT_POSTGRES_PORT)[2]
+
+
+SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")  # libpq's, weakest first
+PLAINTEXT_SSL_MODES = ("disable", "allow", "prefer")  # may talk to the server unencrypted, or unverified
+REDIS_FALSE = ("0", "F", "FALSE", "N", "NO")  # what redis-py's URL parser reads as false
+
+
+def url_query(url: str) -> dict[str, str]:
+    """The query parameters of ``url`` (the last of a repeated one wins, as in redis-py and libpq)."""
+    return dict(urllib.parse.parse_qsl(url.partition("?")[2].partition("#")[0], keep_blank_values=True))
+
+
+def redis_tls_relaxations(url: str) -> list[tuple[str, str]]:
+    """``(parameter, what it does)`` for each query parameter of a ``rediss://`` URL that weakens the server
+    certificate check (redis-py reads them and lets them override the client's options)."""
+    query = url_query(url)
+    found = []
+    reqs = query.get("ssl_cert_reqs", "").lower().removeprefix("cert_")
+    if reqs in ("none", "optional"):
+        found.append((f"ssl_cert_reqs={reqs}", "the server's certificate is not verified"))
+    if query.get("ssl_check_hostname", "").upper() in REDIS_FALSE and "ssl_check_hostname" in query:
+        found.append(("ssl_check_hostname=false", "the server's certificate need not name the host"))
+    if "ssl_exclude_verify_flags" in query:
+        found.append(("ssl_exclude_verify_flags", "certificate checks are turned off"))
+    for name in ("ssl_ca_certs", "ssl_ca_path", "ssl_ca_data"):
+        if name in query:
+            found.append((name, "another CA is trusted"))
+    return found
 
 
 def with_query(url: str, extra: dict[str, str]) -> str:

@@ -49,6 +49,12 @@ def test_a_sentinel_url_names_the_service_and_database() -> None:
         ("redis+sentinel://h1:26379/cache/x", "the database must be a number"),
         ("redis+sentinel:///cache", "names no host"),
         ("redis://h1:6379,h2:6379/0", "several hosts need redis+sentinel:// or redis+cluster://"),
+        (
+            "redis+sentinel://h1:26379/cache?db=3",
+            "takes no query parameters (it has db): the database goes in the path",
+        ),
+        ("rediss+sentinel://h1/cache/0?ssl_cert_reqs=none", "(it has ssl_cert_reqs)"),
+        ("redis+cluster://h1:6379?db=1", "takes no query parameters (it has db): the database is 0"),
     ],
 )
 def test_a_malformed_sentinel_url_is_a_config_error(url: str, reason: str) -> None:
