@@ -25,6 +25,7 @@ POSTGRES_SCHEMES = ("postgresql", "postgres", "postgresql+asyncpg")
 DEFAULT_REDIS_PORT = 6379
 DEFAULT_SENTINEL_PORT = 26379
 DEFAULT_POSTGRES_PORT = 5432
+IPV6_EXAMPLE = "::1"
 
 
 class Topology(enum.StrEnum):
@@ -93,13 +94,16 @@ def parse_redis(url: str) -> RedisEndpoint:
 
 
 def _single(url: str, *, tls: bool) -> RedisEndpoint:
-    parts = urllib.parse.urlsplit(url)
-    if "," in parts.netloc.rpartition("@")[2]:
-        raise ValueError("several hosts need redis+sentinel:// or redis+cluster://")
     try:
-        port = parts.port
-    except ValueError:
-        raise ValueError("not a valid URL (a bad port)") from None
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:  # urllib's only complaint here: "Invalid IPv6 URL"
+        raise ValueError(f"an IPv6 address has no closing bracket: write it [{IPV6_EXAMPLE}]:6379") from None
+    hostlist = parts.netloc.rpartition("@")[2]
+    if "," in hostlist:
+        raise ValueError("several hosts need redis+sentinel:// or redis+cluster://")
+    if parts.hostname:
+        _host_port(hostlist, DEFAULT_REDIS_PORT)  # the port's own checks (urllib takes '²' and '٦٣٧٩' for digits)
+    port = parts.port
     # Where the client connects is what redis-py's ``parse_url`` makes of the URL (it goes to redis-py as is):
     # ``?db=`` wins over the path, host and path are percent-decoded. Reading it any other way would watch the
     # key events of another database and let two overlapping prefixes pass as different endpoints.
@@ -123,9 +127,14 @@ def _single(url: str, *, tls: bool) -> RedisEndpoint:
 def _db(text: str) -> int:
     if not text:
         return 0
-    if not text.isdigit():
-        raise ValueError("the database must be a number")
+    if not is_number(text):
+        raise ValueError(f"the database must be a number of ASCII digits (0, 1, ...), not {text!r}")
     return int(text)
+
+
+def is_number(text: str) -> bool:
+    """ASCII digits only: ``str.isdigit`` also takes '²' and Arabic-Indic digits, which ``int`` reads (or not)."""
+    return text.isascii() and text.isdigit()
 
 
 def split_netloc(netloc: str, *, default_port: int) -> tuple[str | None, str | None, tuple[tuple[str, int], ...]]:
@@ -146,7 +155,11 @@ def split_netloc(netloc: str, *, default_port: int) -> tuple[str | None, str | N
 
 def _host_port(item: str, default_port: int) -> tuple[str, int]:
     if item.startswith("["):
-        host, _, tail = item[1:].partition("]")
+        host, closed, tail = item[1:].partition("]")
+        if not closed:
+            raise ValueError(f"an IPv6 address has no closing bracket: write it [{IPV6_EXAMPLE}]:{default_port}")
+        if tail and not tail.startswith(":"):
+            raise ValueError(f"after the IPv6 address [{host}] comes ':PORT' or nothing")
         port_text = tail.removeprefix(":")
     else:
         host, _, port_text = item.partition(":")
@@ -154,8 +167,9 @@ def _host_port(item: str, default_port: int) -> tuple[str, int]:
         raise ValueError("a host is empty")
     if not port_text:
         return host, default_port
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise ValueError("not a valid URL (a bad port)")
+    if not is_number(port_text) or not 0 < int(port_text) < 65536:
+        # the port's text is not echoed: in a URL missing its '@' (user:secret/db) it is the password
+        raise ValueError(f"the port of {host!r} must be a number from 1 to 65535, in ASCII digits")
     return host, int(port_text)
 
 
