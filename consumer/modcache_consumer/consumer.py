@@ -35,6 +35,7 @@ wedged socket, a lost future) turns ``/livez`` to 503: only a restart frees its 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import json
@@ -49,6 +50,7 @@ from typing import Any, TypeVar
 
 import aio_pika.abc
 import aio_pika.exceptions
+import aiormq.exceptions
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from modcache import engine, errors, pgsource, rediscache, wiring
@@ -60,6 +62,7 @@ from modcache_consumer import (
     executions,
     executor,
     hardening,
+    headerguard,
     health,
     leases,
     messages,
@@ -74,6 +77,11 @@ from modcache_consumer import (
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+#: The AMQP client failing this often within the window (not the broker going away: the client itself, on what it
+#: was sent) fails /livez: something it cannot decode keeps coming back, and the queue is stalled.
+CLIENT_FAILURES_LIMIT = 3
+CLIENT_FAILURES_WINDOW_S = 300.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,6 +129,7 @@ class WorkflowExecutionConsumer:
         self._lost: dict[uuid.UUID, asyncio.Event] = {}
         self._replying: set[uuid.UUID] = set()  # replies being sent (a duplicate delivery must not send another)
         self._started_at: dict[asyncio.Task[Any], float] = {}  # monotonic start of each in-flight handler
+        self._client_failures: collections.deque[tuple[float, str]] = collections.deque(maxlen=CLIENT_FAILURES_LIMIT)
         self._limits = messages.Limits(
             max_bytes=settings.max_message_bytes,
             max_depth=settings.max_message_depth,
@@ -234,6 +243,7 @@ class WorkflowExecutionConsumer:
         )
         self._stack.push_async_callback(self._connection.close)
         self._connection.reconnect_callbacks.add(self._on_reconnect)
+        self._connection.close_callbacks.add(self._on_connection_lost)
         self._channel = await self._connection.channel()
         self._replies = await self._connection.channel()  # confirmed: a reply counts as sent once the broker has it
         await self._channel.set_qos(prefetch_count=self.settings.consumer_concurrency)
@@ -255,6 +265,17 @@ class WorkflowExecutionConsumer:
     def _on_reconnect(self, *_: object) -> None:
         log.warning("reconnected to RabbitMQ; consuming %s again", self._names.queue)
         self.metrics.broker_reconnects.inc()
+
+    def _on_connection_lost(self, _: object, exc: BaseException | None = None) -> None:
+        """A connection the client itself gave up (its reader failed on a frame), not one the broker or we
+        closed: counted for ``liveness``."""
+        if exc is None or isinstance(exc, OSError | asyncio.CancelledError | aiormq.exceptions.AMQPConnectionError):
+            return
+        self._client_failures.append((self._monotonic(), errors.describe(exc)))
+        self.client_failed()
+
+    def client_failed(self) -> None:
+        """The AMQP client failed on what it was sent (a seam for tests)."""
 
     async def _start_health(self) -> None:
         s = self.settings
@@ -302,17 +323,25 @@ class WorkflowExecutionConsumer:
     def liveness(self) -> list[str]:
         """Answering at all proves the event loop runs, and every service failure is retried, not fatal; but a
         handler running past ``handler_bound_s`` is wedged (every legitimate wait has a shorter timeout) and
-        holds its prefetch slot until Kubernetes restarts the consumer."""
-        if not self._started_at:
-            return []
-        running_s = self._monotonic() - min(self._started_at.values())
-        bound_s = self.settings.handler_bound_s
-        if running_s <= bound_s:
-            return []
-        return [
-            f"a message handler has been running for {running_s:.0f} s, longer than {bound_s:.0f} s "
-            "(MODCACHE_HANDLER_STUCK_AFTER_S)"
-        ]
+        holds its prefetch slot until Kubernetes restarts the consumer; and an AMQP client that keeps failing on
+        what the broker sends it (its reader dies on the same redelivered message, over and over) stalls the
+        queue: a restart at least makes that loud."""
+        problems = []
+        if self._started_at:
+            running_s = self._monotonic() - min(self._started_at.values())
+            bound_s = self.settings.handler_bound_s
+            if running_s > bound_s:
+                problems.append(
+                    f"a message handler has been running for {running_s:.0f} s, longer than {bound_s:.0f} s "
+                    "(MODCACHE_HANDLER_STUCK_AFTER_S)"
+                )
+        failures = self._client_failures
+        if len(failures) == CLIENT_FAILURES_LIMIT and self._monotonic() - failures[0][0] <= CLIENT_FAILURES_WINDOW_S:
+            problems.append(
+                f"the AMQP client failed {len(failures)} times within {CLIENT_FAILURES_WINDOW_S:.0f} s on what "
+                f"the broker sent (last: {failures[-1][1]}); a message it cannot decode stalls the queue"
+            )
+        return problems
 
     async def idle(self) -> None:
         """Until no message is in hand: every delivery received so far is settled and its handler done."""
@@ -383,6 +412,10 @@ class WorkflowExecutionConsumer:
             await self._poison(message, f"internal error: {errors.describe(e)}")
 
     async def _handle_settling(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        undecodable = headerguard.reason(message.headers)
+        if undecodable is not None:  # the client salvaged the frame; its properties are gone
+            await self._poison(message, undecodable)
+            return
         try:
             request = messages.parse(
                 message.body, reply_to=message.reply_to, correlation_id=message.correlation_id, limits=self._limits

@@ -5,12 +5,15 @@ message would hold the only slot, and "the next message runs" would time out. Ea
 with a reason naming the limit it broke, keeps its body in the poison queue, and the next message runs; a
 redelivered one (the broker's answer to a consumer that died on it) is poisoned the same way; an exception
 nobody expected poisons its message too; and a handler wedged past ``handler_stuck_after_s`` fails ``/livez``.
+Message properties the AMQP client cannot decode (headers nested 3,000 deep: attack-8b A4) are poisoned with the
+reason instead of killing the connection's reader at every redelivery.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import urllib.error
 import urllib.request
 import uuid
@@ -21,7 +24,7 @@ import pytest
 
 from modcache import keys
 from modcache_consumer import consumer as consumer_module
-from modcache_consumer import messages, settings
+from modcache_consumer import headerguard, messages, settings
 
 ECHO = "def run(**params):\n    return params\n"
 
@@ -186,3 +189,124 @@ def _get(url: str) -> tuple[int, str]:
             return response.status, response.read().decode()
     except urllib.error.HTTPError as e:
         return e.code, e.read().decode()
+
+
+# -- message properties the AMQP client cannot decode (attack-8b A4) -----------------------------------------
+
+#: The attacker's publisher, in a process of its own: it raises its own recursion limit to encode what it sends
+#: (the consumer, in this test's process, decodes it at the ordinary limit), or rewrites the encoded properties.
+PUBLISH = """
+import asyncio, datetime, sys
+import aio_pika, pamqp.encode, pamqp.header
+url, queue, how, body = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4].encode()
+sys.setrecursionlimit(100_000)
+headers, options = {}, {}
+if how == "deep":
+    nested = {"leaf": 1}
+    for _ in range(3000):
+        nested = {"n": nested}
+    headers["x"] = nested
+elif how == "utf-8":  # an invalid UTF-8 content type, spliced into the encoded frame
+    options["content_type"] = "@@"
+    encode = pamqp.header.ContentHeader.marshal
+    pamqp.header.ContentHeader.marshal = lambda self: encode(self).replace(b"\\x02@@", b"\\x02\\xff\\xfe")
+elif how == "timestamp":  # a timestamp no datetime holds
+    options["timestamp"] = datetime.datetime(2020, 1, 1)
+    pamqp.encode.METHODS["timestamp"] = lambda value: (2**64 - 1).to_bytes(8, "big")
+async def main():
+    connection = await aio_pika.connect(url)
+    async with connection:
+        channel = await connection.channel()
+        message = aio_pika.Message(body, headers=headers, delivery_mode=2, **options)
+        await channel.default_exchange.publish(message, routing_key=queue)
+asyncio.run(main())
+"""
+
+UNDECODABLE = {
+    "headers nested 3,000 deep": (
+        "deep",
+        "message properties could not be decoded: ValueError: a table or array nested deeper than 32 levels",
+    ),
+    "invalid UTF-8 in a property": (
+        "utf-8",
+        "message properties could not be decoded: UnicodeDecodeError: 'utf-8' codec can't decode byte 0xff in "
+        "position 0: invalid start byte",
+    ),
+    "a timestamp out of range": (
+        "timestamp",
+        "message properties could not be decoded: ValueError: year 584556019 is out of range",
+    ),
+}
+
+
+async def publish_hostile(harness: Any, how: str, body: bytes) -> None:
+    publisher = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", PUBLISH, harness.settings.required("amqp_url"), harness.names.queue, how, body.decode()
+    )
+    assert await publisher.wait() == 0
+
+
+async def other_orgs(consumer: Any) -> tuple[uuid.UUID, uuid.UUID]:
+    return (
+        await consumer.configs.put_organization(f"A-{uuid.uuid4().hex[:6]}"),
+        await consumer.configs.put_organization(f"B-{uuid.uuid4().hex[:6]}"),
+    )
+
+
+@pytest.mark.parametrize(("how", "reason"), list(UNDECODABLE.values()), ids=list(UNDECODABLE))
+async def test_properties_the_client_cannot_decode_are_poisoned_and_the_next_message_runs(
+    harness: Any, how: str, reason: str
+) -> None:
+    workflow_id = await harness.workflow(ECHO)
+    async with harness.consumer(consumer_concurrency=1, amqp_reconnect_interval_s=0.1) as consumer:
+        org_a, org_b = await other_orgs(consumer)
+        body = harness.request(workflow_id, {"from": "a"}, organization_id=org_a).encode()
+        await publish_hostile(harness, how, body)
+        (poisoned,) = await harness.poisoned(1)
+        reply = await harness.call(workflow_id, {"from": "b"}, organization_id=org_b, timeout_s=30)
+        livez = await asyncio.to_thread(_get, f"http://127.0.0.1:{consumer.health_port}/livez")
+        reconnects = consumer.metrics.broker_reconnects._value.get()
+    assert poisoned.headers[keys.POISON_REASON_HEADER] == reason
+    assert poisoned.body == body
+    assert (reply["status"], reply["result"]) == ("SUCCESS", {"from": "b"})
+    assert reconnects == 0  # the connection never dropped
+    assert livez == (200, "ok\n")
+
+
+class Counting(consumer_module.WorkflowExecutionConsumer):
+    """Tells when its AMQP client failed (our seam), for the test without the guard."""
+
+    failures: asyncio.Queue[None]
+
+    def client_failed(self) -> None:
+        self.failures.put_nowait(None)
+
+
+async def test_without_the_guard_the_client_dying_on_a_message_fails_livez(harness: Any) -> None:
+    """What the guard prevents, and what would still notice it: the client library's reader dies on the deep
+    headers (RecursionError) at every redelivery; after 3 such failures /livez fails, so Kubernetes restarts the
+    consumer and someone looks. With the guard back the same consumer poisons the message and the queue moves."""
+    workflow_id = await harness.workflow(ECHO)
+    counting = Counting(
+        settings=harness.settings.model_copy(update={"consumer_concurrency": 1, "amqp_reconnect_interval_s": 0.1})
+    )
+    counting.failures = asyncio.Queue()
+    async with counting:
+        livez = f"http://127.0.0.1:{counting.health_port}/livez"
+        headerguard.uninstall()
+        try:
+            await publish_hostile(harness, "deep", harness.request(workflow_id).encode())
+            for _ in range(consumer_module.CLIENT_FAILURES_LIMIT):
+                await asyncio.wait_for(counting.failures.get(), 30)
+            stalled = await asyncio.to_thread(_get, livez)
+        finally:
+            headerguard.install()
+        (poisoned,) = await harness.poisoned(1)
+        reply = await harness.call(workflow_id, {"then": "runs"}, timeout_s=30)
+    assert stalled == (
+        503,
+        "the AMQP client failed 3 times within 300 s on what the broker sent (last: RecursionError: maximum "
+        "recursion depth exceeded while calling a Python object); a message it cannot decode stalls the queue\n",
+    )
+    assert poisoned.headers[keys.POISON_REASON_HEADER].startswith("message properties could not be decoded")
+    assert reply["result"] == {"then": "runs"}
