@@ -20,8 +20,9 @@ Per message (``_handle`` -> ``_deliver``; docs/consumer.md has the why):
    according to the workflow's policy, never by a redelivery, and never by the broker's ``consumer_timeout``);
 5. a fresh execution process runs it (``_execute`` -> ``executor``), served modules and its own secrets over
    its private channel (``serving``); stopped if the lease is lost;
-6. the outcome, fenced by the lease token and group-committed; the reply (confirmed, retried through a broker
-   restart); the "replied" mark, which ends the lease.
+6. the execution slot is freed (the next message's run can start); the outcome, fenced by the lease token and
+   group-committed; the reply (confirmed, retried through a broker restart); the "replied" mark, which ends
+   the lease.
 
 Every message is settled whatever happens while handling it (``_handle``): acknowledged, moved to the poison
 queue with a reason header, or, for a service outage (TransientError), requeued after a pause. An unsettled
@@ -313,6 +314,10 @@ class WorkflowExecutionConsumer:
             "(MODCACHE_HANDLER_STUCK_AFTER_S)"
         ]
 
+    async def idle(self) -> None:
+        """Until no message is in hand: every delivery received so far is settled and its handler done."""
+        await self._drained.wait()
+
     def readiness(self) -> list[str]:
         problems = []
         if not self._consuming:
@@ -397,13 +402,14 @@ class WorkflowExecutionConsumer:
             self.metrics.requeued.inc()
             await _settle(message.nack(requeue=True))
             return
+        slot = _Slot(self._slots)
         try:
-            await self._admit_and_run(message, request)
+            await self._admit_and_run(message, request, slot)
         finally:
-            self._slots.release()
+            slot.release()
 
     async def _admit_and_run(
-        self, message: aio_pika.abc.AbstractIncomingMessage, request: messages.ExecutionRequest
+        self, message: aio_pika.abc.AbstractIncomingMessage, request: messages.ExecutionRequest, slot: _Slot
     ) -> None:
         try:
             admitted = await self.prepare(request)
@@ -422,7 +428,7 @@ class WorkflowExecutionConsumer:
             # PostgreSQL owns the execution from here on (its lease): the broker's consumer_timeout no longer
             # matters, and a crash from now on is recovered by the sweep, by policy, not by a redelivery.
             await _settle(message.ack())
-            await self._run_leased(request, admitted)
+            await self._run_leased(request, admitted, slot)
             return
         if isinstance(admitted, executions.Busy):
             log.info("execution %s runs under a live lease elsewhere; its owner replies", request.execution_id)
@@ -458,13 +464,18 @@ class WorkflowExecutionConsumer:
 
     # -- a leased run -----------------------------------------------------------------------------------------
 
-    async def _run_leased(self, request: messages.ExecutionRequest, admitted: Admitted) -> None:
+    async def _run_leased(self, request: messages.ExecutionRequest, admitted: Admitted, slot: _Slot) -> None:
         """Run under the lease, record the outcome (fenced), reply. Nothing here may raise: the message is
-        acknowledged already; what cannot be finished is left to the lease's expiry and the sweep."""
+        acknowledged already; what cannot be finished is left to the lease's expiry and the sweep. The execution
+        slot is freed as soon as the run ended: recording and replying need no executor, so the next message's
+        run starts meanwhile (the lease, held until the reply is marked sent, keeps covering this one)."""
         lease = admitted.lease
         try:
             try:
-                outcome = await self._execute_while_leased(request, admitted)
+                try:
+                    outcome = await self._execute_while_leased(request, admitted)
+                finally:
+                    slot.release()
                 if outcome is None:
                     return  # the lease was lost: whoever recovered the execution owns its outcome
                 self.metrics.executions.labels(status=outcome.status.value).inc()
@@ -529,7 +540,7 @@ class WorkflowExecutionConsumer:
                 self.leases.drop(execution_id)
                 return
             try:
-                await self.leases.replied.submit(execution_id)
+                await self.leases.mark_replied(execution_id)  # with the next outcome flush, usually
             except errors.TransientError as e:
                 log.warning("execution %s: replied, but not marked so: %s", execution_id, e)
                 self.leases.drop(execution_id)
@@ -668,6 +679,7 @@ class WorkflowExecutionConsumer:
             "config": serving.withhold_secrets(prepared.config),
             "organization": prepared.organization.to_raw() if prepared.organization else None,
             "generation": prepared.generation,
+            "attempt": prepared.attempt,
         }
         timeout_s = min(float(workflow.timeout_seconds), self.settings.execution_timeout_s)
         started = self._monotonic()
@@ -687,6 +699,18 @@ class WorkflowExecutionConsumer:
             raise
         self._db_ok = True
         return result
+
+
+class _Slot:
+    """One execution slot (of ``consumer_concurrency``), released once: after the run, or when handling ends."""
+
+    def __init__(self, slots: asyncio.Semaphore) -> None:
+        self._slots: asyncio.Semaphore | None = slots
+
+    def release(self) -> None:
+        if self._slots is not None:
+            self._slots.release()
+            self._slots = None
 
 
 async def _settle(settling: Any) -> None:

@@ -10,8 +10,9 @@ PostgreSQL, not the broker, owns an execution once it is claimed. Every running 
 * the owner ``renew``\\ s the leases of everything it runs, in one statement per interval;
 * ``finish_leased`` records outcomes **only for the current token** (``WHERE lease_token = :token``): a consumer
   that lost its lease (it stalled past the expiry and the execution was recovered) records nothing;
-* an execution with a ``reply_to`` stays leased by the owner after its outcome until ``mark_replied``: if the
-  owner dies in between, the reply is still owed and a sweeper sends it from the stored outcome;
+* an execution with a ``reply_to`` stays leased by the owner after its outcome until ``mark_replied`` (usually
+  folded into the next ``finish_leased``): if the owner dies in between, the reply is still owed and a sweeper
+  sends it from the stored outcome;
 * ``sweep`` is crash recovery: rows whose lease expired are handled by their workflow's policy in one
   statement (``FOR UPDATE SKIP LOCKED``, so concurrent sweepers split the work): RUNNING with attempts left ->
   PENDING (the sweeper republishes its message; once the broker confirmed it, ``republished`` extends the lease
@@ -159,9 +160,15 @@ _FINISH_UNLEASED = (
     .bindparams(sa.bindparam("parameters", type_=_JSON), sa.bindparam("result", type_=_JSON))
     .columns(E.id)
 )
-# Outcomes of leased runs, many at once; each only if its token is still the current one.
+# Outcomes of leased runs, many at once; each only if its token is still the current one. The same statement
+# marks earlier executions' replies sent (``_REPLIED``, folded in: one statement per batch, not two).
 _FINISH_LEASED = sa.text(
     f"""
+    WITH marked AS (
+        UPDATE executions SET replied_at = now(), lease_owner = NULL, lease_expires_at = NULL
+        WHERE id = ANY(CAST(:replied AS uuid[])) AND lease_owner = :owner AND status NOT IN ('PENDING', 'RUNNING')
+        RETURNING id
+    )
     UPDATE executions AS e SET status = v.status, result = v.result::jsonb, error = v.error, finished_at = now(),
         duration_ms = v.duration_ms, updated_at = now(),
         lease_owner = CASE WHEN e.reply_to IS NULL THEN NULL ELSE e.lease_owner END,
@@ -315,12 +322,18 @@ async def finish_unleased(
 
 
 async def finish_leased(
-    db: AsyncSession, outcomes: Sequence[tuple[Lease, messages.Outcome]], *, terms: Terms
+    db: AsyncSession,
+    outcomes: Sequence[tuple[Lease, messages.Outcome]],
+    *,
+    terms: Terms,
+    replied: Sequence[uuid.UUID] = (),
 ) -> set[uuid.UUID]:
-    """Record many outcomes in one statement; returns the ids recorded (the others' leases were lost)."""
-    if not outcomes:
+    """Record many outcomes in one statement; returns the ids recorded (the others' leases were lost). The same
+    statement does ``mark_replied`` for ``replied`` (other executions, finished earlier)."""
+    if not outcomes and not replied:
         return set()
     values = {
+        "replied": list(replied),
         "ids": [lease.execution_id for lease, _ in outcomes],
         "tokens": [lease.token for lease, _ in outcomes],
         "statuses": [o.status.value for _, o in outcomes],

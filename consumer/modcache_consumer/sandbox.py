@@ -30,6 +30,7 @@ import os
 import resource
 import select
 import signal
+import stat
 import sys
 from collections.abc import Iterable, Sequence
 
@@ -291,13 +292,24 @@ def scratch_mounts(tmp_bytes: int) -> None:
 
 
 def _import_trees() -> list[str]:
-    """Where the interpreter and its imports live (real paths, none inside another)."""
+    """Where the interpreter and its imports live (real paths, none inside another). A directory other users
+    cannot enter (a checkout in ``mktemp -d``, mode 700, on ``sys.path`` as the working directory) is never
+    bound back whole: it would keep its mode and hide the import trees inside it from the execution's uid, so
+    those trees are bound back one by one instead."""
     wanted = {os.path.realpath(p) for p in (sys.base_prefix, sys.prefix, os.path.dirname(__file__), *sys.path) if p}
     collapsed: list[str] = []
-    for path in sorted(p for p in wanted if os.path.isdir(p)):
+    for path in sorted(p for p in wanted if _enterable_by_others(p)):
         if not any(path.startswith(kept + "/") for kept in collapsed):
             collapsed.append(path)
     return collapsed
+
+
+def _enterable_by_others(path: str) -> bool:
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return stat.S_ISDIR(mode) and bool(mode & stat.S_IXOTH)
 
 
 def _holds_interpreter(path: str) -> bool:

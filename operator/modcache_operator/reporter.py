@@ -15,15 +15,14 @@ import dataclasses
 import datetime
 import gc
 import logging
-import random
 import urllib.parse
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 import pydantic
 
 from modcache import errors, plan, watcher
-from modcache_operator import clock, metrics, names, spec, status, statuswriter, tunables
+from modcache_operator import metrics, names, spec, status, statuswriter
 
 log = logging.getLogger(__name__)
 
@@ -49,19 +48,13 @@ class Reporter:
         namespace: str,
         name: str,
         body: statuswriter.ObjectView,
-        api: statuswriter.StatusApi,
-        metrics: metrics.Metrics,
-        post_event: statuswriter.EventPoster,
-        config: tunables.Tunables = tunables.DEFAULT,
-        clock: clock.Clock = clock.SYSTEM,
-        rng: random.Random | None = None,
-        may_write: Callable[[], bool] = lambda: True,
+        outlets: statuswriter.Outlets,
     ) -> None:
         self.namespace = namespace
         self.name = name
-        self._metrics = metrics
-        self._post_event = post_event
-        self._clock = clock
+        self._metrics = outlets.metrics
+        self._post_event = outlets.post_event
+        self._clock = clock = outlets.clock
         self.facts = seed_facts(body.status or {}, _generation(body))
         self.last_activity_at = clock.monotonic()  # when the watcher last said anything
         self.watcher: Watcher | None = None
@@ -72,17 +65,7 @@ class Reporter:
         self._announced = status.announced_failure(body.status or {})
         self._resyncs = _ResyncRequests(handled=self.facts.handled_token)
         self.writer = statuswriter.StatusWriter(
-            namespace=namespace,
-            name=name,
-            body=body,
-            api=api,
-            facts=lambda: self.facts,
-            metrics=metrics,
-            post_event=post_event,
-            config=config,
-            clock=clock,
-            rng=rng,
-            may_write=may_write,
+            namespace=namespace, name=name, body=body, facts=lambda: self.facts, outlets=outlets
         )
 
     @property

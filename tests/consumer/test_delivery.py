@@ -189,6 +189,43 @@ async def test_a_sigkilled_consumers_run_is_recovered_by_policy_within_the_bound
         assert row["error"] == "consumer died mid-run"
 
 
+# Returns what the workflow itself sees of its attempt; the first attempt stays in ``time.sleep`` (``once``).
+ATTEMPTS = (
+    LEDGER
+    + """
+import time
+def run(url, key, once, context):
+    note(url, key, f"start {context.attempt}")
+    if redis.Redis.from_url(url).set(once, 1, nx=True):
+        time.sleep(30)
+    return {"attempt": context.attempt, "execution_id": context.execution_id}
+"""
+)
+
+
+async def test_a_retried_workflow_sees_its_attempt_number_after_its_first_consumer_was_sigkilled(
+    harness: Any, processes: list[ConsumerProcess], tmp_path: Path
+) -> None:
+    workflow_id = await harness.workflow(ATTEMPTS, retries_on_crash=2)
+    ledger = harness.ledger()
+    doomed = ConsumerProcess(process_env(harness), tmp_path / "doomed.log")
+    processes.append(doomed)
+    await doomed.start()
+    request = harness.request(workflow_id, {**ledger.params, "once": ledger.params["key"] + ":once"})
+    async with replies_on(harness.settings.required("amqp_url")) as (replies, channel):
+        await publish(channel, harness.settings.queue_name, request, replies.queue_name)
+        assert await ledger.wait_for(1) == ["start 1"]
+        await doomed.kill()
+        async with harness.consumer(**FAST_LEASES):  # the survivor runs the retry
+            row = await harness.wait_for_status(request.execution_id, "SUCCESS", timeout_s=60)
+            await harness.wait_for_replied(request.execution_id)
+    assert json.loads(replies.bodies[0])["result"] == {"attempt": 2, "execution_id": str(request.execution_id)}
+    assert len(replies.bodies) == 1
+    assert row["attempt"] == 2
+    assert json.loads(row["result"])["attempt"] == 2
+    assert await ledger.entries() == ["start 1", "start 2"]
+
+
 CHAOS_EXECUTIONS = 200
 
 
@@ -325,12 +362,20 @@ async def test_chaos_every_execution_ends_once_and_runs_only_as_its_policy_allow
         assert "a message handler failed" not in process.log_path.read_text(), process.tail()
 
 
+def _settled(rows: list[Any], count: int) -> bool:
+    ended = all(r["status"] in ("SUCCESS", "FAILED", "TIMEOUT") and r["replied_at"] is not None for r in rows)
+    return len(rows) == count and ended
+
+
 async def _all_finished(harness: Any, count: int) -> list[Any]:
-    while True:
-        rows = await harness.sql("SELECT * FROM executions")
-        if len(rows) == count and all(r["status"] in ("SUCCESS", "FAILED", "TIMEOUT") for r in rows):
-            return rows
-        await asyncio.sleep(0.2)
+    """Until every execution has ended and its reply is marked sent; after 60 s, the rows as they are (the
+    check then names what is missing, with the chaos that came before)."""
+    try:
+        return await harness.wait_for_rows(
+            "SELECT * FROM executions", done=lambda rows: _settled(rows, count), timeout_s=60
+        )
+    except TimeoutError:
+        return await harness.sql("SELECT * FROM executions")
 
 
 def _check_chaos(

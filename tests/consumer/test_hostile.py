@@ -52,6 +52,7 @@ import redis.asyncio as aioredis
 from modcache import db, embedded, engine, keys, pgsource, rediscache
 from modcache_consumer import executor, protocol
 from testkit import servers
+from testkit.lifetimes import gone
 
 PASSWORD = f"pw-{uuid.uuid4().hex}"
 SECRETS_KEY = "jXf5t0ZAmBKtAMlY0n0C4bqOpTq8bQ2kz9f8sJfQy3A="  # the harness's MODCACHE_SECRETS_KEY
@@ -468,9 +469,8 @@ async def test_setsid_and_double_forked_children_die_with_their_execution(harnes
         orgs = await two_orgs(harness, consumer)
         reply = await attack(harness, orgs, ESCAPE, {"seconds": seconds, "end": end}, timeout_seconds=2)
     assert reply["status"] == status, reply["error"]
-    deadline = time.monotonic() + 10
-    while sleepers(seconds) and time.monotonic() < deadline:  # noqa: ASYNC110 -- the kernel tears it down
-        await asyncio.sleep(0.02)
+    for pid in sleepers(seconds):  # the kernel may still be tearing them down
+        assert await gone(pid), f"process {pid} outlived its execution"
     assert sleepers(seconds) == []
 
 
