@@ -151,6 +151,8 @@ async def test_a_planned_failover_is_followed_at_once_before_the_old_master_is_d
                 await new_master.aclose()
                 await old_master.aclose()
     assert any(active and f"on 127.0.0.1:{new} (was 127.0.0.1:{old})" in d for active, d in recorder.keyspace)
+    said = f"the sentinels switched the master to 127.0.0.1:{new}: subscribing there"  # not a bare "connection closed"
+    assert (False, said) in recorder.keyspace
 
 
 async def test_a_change_committed_during_a_failover_reaches_the_new_master(
@@ -166,13 +168,13 @@ async def test_a_change_committed_during_a_failover_reaches_the_new_master(
         guard = readiness.CacheGuard(engine=engine.Engine(source=wired.source, cache=reader_cache), cache=reader_cache)
         try:
             before = await guard.check()
-            resyncs = recorder.full_syncs()
+            resyncs = recorder.full_syncs(watcher.RECONNECT)
             old = sentinel.kill_master()
             await upsert(database_url, {"pkg/m0.py": "V = 'during the failover'\n", "pkg/new.py": "NEW = 1\n"})
             new = await asyncio.to_thread(sentinel.wait_for_new_master, old)
             assert await convergence.converged(database_url, client, PREFIX, within_s=WITHIN_S) == []
             await recorder.wait_for(lambda: any(f":{new}" in d for active, d in recorder.keyspace if active), WITHIN_S)
-            await recorder.wait_for(lambda: recorder.full_syncs() > resyncs, WITHIN_S)
+            await recorder.wait_for(lambda: recorder.full_syncs(watcher.RECONNECT) > resyncs, WITHIN_S)
             assert await _when_reachable(guard) >= before  # the replica had the generation: no writes were lost
             assert await reader_cache.read_module("pkg/new.py") is not None
         finally:
