@@ -516,10 +516,10 @@ class WorkflowExecutionConsumer:
             finally:
                 self._lost.pop(lease.execution_id, None)
                 self._mine.discard(lease.execution_id)  # finished: a new request gets the stored outcome
-            if not recorded:
+            if recorded is None:
                 log.warning("execution %s: lease lost before its outcome was recorded", request.execution_id)
             elif request.reply_to:
-                await self._reply_owed(request, outcome)
+                await self._reply_owed(request, recorded)
                 return
         except Exception:
             log.exception("execution %s: failed after its message was acknowledged; the sweep recovers it", lease)
@@ -546,10 +546,12 @@ class WorkflowExecutionConsumer:
         if event is not None:
             event.set()
 
-    async def record(self, lease: executions.Lease, outcome: messages.Outcome) -> bool:
+    async def record(self, lease: executions.Lease, outcome: messages.Outcome) -> messages.Outcome | None:
         """Record (group-committed with concurrent outcomes); retried through outages while the stop allows:
-        the lease may outlive a short one, and fencing refuses the outcome if it did not."""
-        delay_s = self.settings.transient_retry_delay_s
+        the lease may outlive a short one, and fencing refuses the outcome if it did not (None). What was
+        recorded is returned: an outcome PostgreSQL refuses even alone (``storable`` missed something) becomes
+        FAILED saying so, for this execution only, instead of being left to the sweep."""
+        delay_s, replaced = self.settings.transient_retry_delay_s, False
         while True:
             try:
                 recorded = await self.leases.outcomes.submit((lease, outcome))
@@ -559,8 +561,20 @@ class WorkflowExecutionConsumer:
                 await asyncio.sleep(delay_s)
                 delay_s = min(delay_s * 2, self.settings.lease_renew_interval_s)
                 continue
+            except Exception as e:
+                if replaced:
+                    raise  # even the replacement was refused: the sweep recovers it
+                log.warning("execution %s: its outcome was refused: %s", lease.execution_id, errors.describe(e))
+                refused = messages.Outcome(
+                    messages.Status.FAILED,
+                    error=f"the outcome could not be stored: {errors.describe(e)}",
+                    duration_ms=outcome.duration_ms,
+                )
+                outcome = messages.storable(refused, max_result_bytes=self.settings.max_result_bytes)
+                replaced = True
+                continue
             self._db_ok = True
-            return recorded
+            return outcome if recorded else None
 
     async def _reply_owed(self, request: messages.ExecutionRequest, outcome: messages.Outcome) -> None:
         """Send a reply this consumer owes (it holds the row's lease), then mark it sent. Unsent (the broker
@@ -720,9 +734,10 @@ class WorkflowExecutionConsumer:
         result = await self.executor.run(job, timeout_s=timeout_s, session=session)
         elapsed_s = self._monotonic() - started
         self.metrics.duration.observe(elapsed_s)
-        return messages.Outcome(
+        outcome = messages.Outcome(
             status=result.status, result=result.result, error=result.error, duration_ms=round(elapsed_s * 1000)
         )
+        return messages.storable(outcome, max_result_bytes=self.settings.max_result_bytes)
 
     async def _unit(self, work: Callable[[AsyncSession], Awaitable[T]]) -> T:
         try:

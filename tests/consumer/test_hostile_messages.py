@@ -6,17 +6,20 @@ with a reason naming the limit it broke, keeps its body in the poison queue, and
 redelivered one (the broker's answer to a consumer that died on it) is poisoned the same way; an exception
 nobody expected poisons its message too; and a handler wedged past ``handler_stuck_after_s`` fails ``/livez``.
 Message properties the AMQP client cannot decode (headers nested 3,000 deep: attack-8b A4) are poisoned with the
-reason instead of killing the connection's reader at every redelivery.
+reason instead of killing the connection's reader at every redelivery. An outcome PostgreSQL would refuse fails
+only its own execution, never the other organizations' outcomes recorded in the same batch (A3).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sys
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aio_pika
@@ -310,3 +313,95 @@ async def test_without_the_guard_the_client_dying_on_a_message_fails_livez(harne
     )
     assert poisoned.headers[keys.POISON_REASON_HEADER].startswith("message properties could not be decoded")
     assert reply["result"] == {"then": "runs"}
+
+
+# -- outcomes recorded together (attack-8b A3) ----------------------------------------------------------------
+
+#: Org A's workflow: an outcome PostgreSQL would refuse, returned plainly or forged as the execution's own result
+#: frame (then it exits before the runtime sends the real one).
+UNSTORABLE = r"""
+import os, socket, stat, struct
+def _forge(frame):
+    for fd in map(int, os.listdir('/proc/self/fd')):
+        if stat.S_ISSOCK(os.fstat(fd).st_mode):
+            socket.socket(fileno=os.dup(fd)).sendall(struct.pack('>I', len(frame)) + frame.encode())
+            os._exit(0)
+def run(how):
+    if how == 'surrogate result':
+        return '\ud800'
+    if how == 'surrogate error':
+        raise ValueError('bad file name ' + b'\xff'.decode('utf-8', 'surrogateescape'))
+    if how == 'forged NaN':
+        _forge('{"op": "result", "status": "SUCCESS", "result": [NaN], "error": null, "timings_ms": {}}')
+    if how == 'forged NUL':
+        _forge('{"op": "result", "status": "FAILED", "result": null, "error": "x\\u0000y", "timings_ms": {}}')
+"""
+
+STORED_AS = {
+    "surrogate result": (
+        "the result cannot be stored: it holds an unpaired surrogate (\\ud800-\\udfff), which is not Unicode"
+    ),
+    "surrogate error": "ValueError: bad file name \\udcff",
+    "forged NaN": "the result cannot be stored: it is not JSON (Out of range float values are not JSON compliant)",
+    "forged NUL": "x\\x00y",
+}
+
+
+class Together(consumer_module.WorkflowExecutionConsumer):
+    """Holds each outcome until ``expected`` executions have finished: they are then group-committed in one batch
+    (what the attacker arranged by making them finish at the same instant)."""
+
+    expected: int
+    finished: list[uuid.UUID]
+    all_in: asyncio.Event
+
+    async def record(self, lease: Any, outcome: messages.Outcome) -> messages.Outcome | None:
+        self.finished.append(lease.execution_id)
+        if len(self.finished) == self.expected:
+            self.all_in.set()
+        await self.all_in.wait()
+        return await super().record(lease, outcome)
+
+
+@contextlib.asynccontextmanager
+async def together(harness: Any, expected: int) -> AsyncIterator[Together]:
+    consumer = Together(settings=harness.settings.model_copy(update={"consumer_concurrency": expected}))
+    consumer.expected, consumer.finished, consumer.all_in = expected, [], asyncio.Event()
+    async with consumer:
+        yield consumer
+
+
+async def batched_with_victims(harness: Any, consumer: Any, how: str) -> tuple[list[Any], list[Any], list[str]]:
+    """3 executions of org A's UNSTORABLE and 3 of org B's ECHO, recorded in one batch: the replies, and B's ns."""
+    org_a, org_b = await other_orgs(consumer)
+    hostile, benign = await harness.workflow(UNSTORABLE), await harness.workflow(ECHO)
+    ns = [uuid.uuid4().hex for _ in range(3)]
+    replies = await asyncio.gather(
+        *(harness.call(hostile, {"how": how}, organization_id=org_a) for _ in range(3)),
+        *(harness.call(benign, {"n": n}, organization_id=org_b) for n in ns),
+    )
+    return list(replies[:3]), list(replies[3:]), ns
+
+
+@pytest.mark.parametrize("how", list(STORED_AS))
+async def test_an_unstorable_outcome_fails_only_its_own_execution_not_its_batch(harness: Any, how: str) -> None:
+    async with together(harness, 6) as consumer:
+        attackers, victims, ns = await batched_with_victims(harness, consumer, how)
+    assert [(v["status"], v["result"]) for v in victims] == [("SUCCESS", {"n": n}) for n in ns]
+    for reply in attackers:
+        assert (reply["status"], reply["result"]) == ("FAILED", None)
+        assert STORED_AS[how] in reply["error"]
+        row = await harness.execution(uuid.UUID(reply["execution_id"]))
+        assert (row["status"], row["error"]) == ("FAILED", reply["error"])  # stored as replied
+
+
+async def test_a_batch_the_database_refuses_is_recorded_item_by_item(harness: Any, monkeypatch: Any) -> None:
+    """Should the check before batching miss something, PostgreSQL refuses the batch; it is flushed again one
+    outcome at a time: the victims' outcomes are recorded, and the refused one becomes FAILED saying why."""
+    monkeypatch.setattr(messages, "storable", lambda outcome, **_: outcome)
+    async with together(harness, 6) as consumer:
+        attackers, victims, ns = await batched_with_victims(harness, consumer, "surrogate result")
+    assert [(v["status"], v["result"]) for v in victims] == [("SUCCESS", {"n": n}) for n in ns]
+    for reply in attackers:
+        assert (reply["status"], reply["result"]) == ("FAILED", None)
+        assert reply["error"].startswith("the outcome could not be stored: DBAPIError: ")
