@@ -675,9 +675,18 @@ class WorkflowExecutionConsumer:
         result = await self.executor.run(job, timeout_s=timeout_s, session=session)
         elapsed_s = self._monotonic() - started
         self.metrics.duration.observe(elapsed_s)
-        return messages.Outcome(
-            status=result.status, result=result.result, error=result.error, duration_ms=round(elapsed_s * 1000)
+        duration_ms = round(elapsed_s * 1000)
+        # What the execution sent is workflow-controlled (it can forge its result frame): held to a message's
+        # bounds before it reaches PostgreSQL (where it is group-committed with other executions' outcomes) or a
+        # reply, so it can fail only this execution (attack-8 F9b).
+        problem = messages.outcome_problem(
+            result.result, result.error, limits=self._limits, max_result_bytes=self.settings.max_result_bytes
         )
+        if problem is not None:
+            log.warning("execution %s: its result was refused: %s", request.execution_id, problem)
+            error = f"execution process {result.pid} sent a result that cannot be recorded: {problem}"
+            return messages.Outcome(messages.Status.FAILED, error=error, duration_ms=duration_ms)
+        return messages.Outcome(status=result.status, result=result.result, error=result.error, duration_ms=duration_ms)
 
     async def _unit(self, work: Callable[[AsyncSession], Awaitable[T]]) -> T:
         try:
