@@ -549,7 +549,7 @@ class WorkflowExecutionConsumer:
     async def record(self, lease: executions.Lease, outcome: messages.Outcome) -> messages.Outcome | None:
         """Record (group-committed with concurrent outcomes); retried through outages while the stop allows:
         the lease may outlive a short one, and fencing refuses the outcome if it did not (None). What was
-        recorded is returned: an outcome PostgreSQL refuses even alone (``storable`` missed something) becomes
+        recorded is returned: an outcome PostgreSQL refuses even alone (``outcome_problem`` missed something) becomes
         FAILED saying so, for this execution only, instead of being left to the sweep."""
         delay_s, replaced = self.settings.transient_retry_delay_s, False
         while True:
@@ -734,10 +734,20 @@ class WorkflowExecutionConsumer:
         result = await self.executor.run(job, timeout_s=timeout_s, session=session)
         elapsed_s = self._monotonic() - started
         self.metrics.duration.observe(elapsed_s)
-        outcome = messages.Outcome(
-            status=result.status, result=result.result, error=result.error, duration_ms=round(elapsed_s * 1000)
+        duration_ms = round(elapsed_s * 1000)
+        # What the execution sent is workflow-controlled (it can forge its result frame): held to a message's
+        # bounds before it reaches PostgreSQL, where it is group-committed with other organizations' outcomes
+        # (attack-8b A3), or a reply, so it can fail only this execution (attack-8 F9b). An error's words are
+        # kept, NULs and unpaired surrogates escaped (an exception about a surrogateescape'd file name is ordinary).
+        error = messages.storable_text(result.error)
+        problem = messages.outcome_problem(
+            result.result, error, limits=self._limits, max_result_bytes=self.settings.max_result_bytes
         )
-        return messages.storable(outcome, max_result_bytes=self.settings.max_result_bytes)
+        if problem is not None:
+            log.warning("execution %s: its result was refused: %s", request.execution_id, problem)
+            error = f"execution process {result.pid} sent a result that cannot be recorded: {problem}"
+            return messages.Outcome(messages.Status.FAILED, error=error, duration_ms=duration_ms)
+        return messages.Outcome(status=result.status, result=result.result, error=error, duration_ms=duration_ms)
 
     async def _unit(self, work: Callable[[AsyncSession], Awaitable[T]]) -> T:
         try:

@@ -913,3 +913,76 @@ async def test_an_executor_whose_kernel_refuses_seccomp_does_not_start(tmp_path:
     assert "executions cannot be given their system-call filter here (the kernel refused a seccomp filter" in (
         said.decode()
     )
+
+
+# -- forged result values (attack-8 F9b) ------------------------------------------------------------------------
+
+FORGED_VALUE = """
+import json, os, socket, stat, struct
+
+def _channel():
+    for fd in map(int, os.listdir('/proc/self/fd')):
+        if stat.S_ISSOCK(os.fstat(fd).st_mode):
+            return socket.socket(fileno=os.dup(fd))
+
+def _frame(kind):
+    result, error, status = None, None, 'SUCCESS'
+    if kind == 'long error':
+        error, status = 'x' * 200_000, 'FAILED'
+    elif kind == 'deep':
+        result = '[' * 200 + ']' * 200
+    elif kind == 'digits':
+        result = 10 ** 150
+    elif kind == 'too large':  # under the frame's limit, over the result's
+        result = 'x' * (1024 ** 2 + 1000)
+    body = json.dumps({'op': 'result', 'status': status, 'result': result, 'error': error, 'timings_ms': {}})
+    if kind == 'deep':
+        body = body.replace(json.dumps(result), result)
+    literals = {'NaN': 'NaN', 'Infinity': '-Infinity', '1e999': '[1e999]', 'NUL': '"a\\\\u0000b"',
+                'surrogate': '{"k": "\\\\ud800"}', 'NUL error': None}
+    if kind in literals and literals[kind]:
+        body = body.replace('"result": null', '"result": ' + literals[kind])
+    if kind == 'NUL error':
+        body = body.replace('"error": null', '"error": "boom\\\\u0000"').replace('SUCCESS', 'FAILED')
+    return body.encode()
+
+def run(kind):
+    body = _frame(kind)
+    sock = _channel()
+    sock.sendall(struct.pack('>I', len(body)) + body)  # the one result of this execution, forged
+    sock.shutdown(socket.SHUT_WR)
+    os._exit(0)
+"""
+
+
+@pytest.mark.parametrize(
+    ("kind", "reason"),
+    [
+        ("NaN", "the result holds NaN, which is not JSON and which PostgreSQL cannot store"),
+        ("Infinity", "the result holds -Infinity, which is not JSON and which PostgreSQL cannot store"),
+        ("1e999", "the result holds Infinity, which is not JSON and which PostgreSQL cannot store"),
+        ("NUL", "the result holds a NUL character (\\u0000), which PostgreSQL cannot store"),
+        ("surrogate", "the result holds an unpaired surrogate (\\ud800-\\udfff), which is not Unicode"),
+        ("long error", "its error is 200000 characters, over 4000"),
+        ("deep", "the result nests arrays/objects deeper than 32 levels (MODCACHE_MAX_MESSAGE_DEPTH)"),
+        ("digits", "the result holds a number of more than 100 digits (MODCACHE_MAX_MESSAGE_NUMBER_DIGITS)"),
+        ("too large", "the result is 1049578 bytes, over the 1048576-byte limit (MODCACHE_MAX_RESULT_BYTES)"),
+    ],
+)
+async def test_a_forged_result_value_fails_only_its_own_execution(harness, kind: str, reason: str) -> None:
+    """F9b: a well-formed result frame whose value PostgreSQL or a reply cannot carry (written by workflow code
+    on its own channel, past the runtime's checks) makes only that execution FAILED with the reason; what was
+    forged reaches neither the database nor the reply, and the consumer carries on."""
+    async with harness.consumer() as consumer:
+        orgs = await two_orgs(harness, consumer)
+        hostile = await harness.workflow(FORGED_VALUE)
+        request = harness.request(hostile, {"kind": kind}, organization_id=orgs.a)
+        caller = await harness.caller()
+        await caller.publish(request)
+        reply = await caller.result(request.execution_id, timeout_s=60)
+        await b_is_unharmed(harness, orgs)
+    assert (reply["status"], reply["result"]) == ("FAILED", None)
+    assert reply["error"].endswith(f"sent a result that cannot be recorded: {reason}"), reply["error"]
+    row = await harness.execution(request.execution_id)
+    assert row is not None
+    assert (row["status"], row["result"], row["error"]) == ("FAILED", None, reply["error"])
