@@ -174,7 +174,12 @@ class Settings(pydantic_settings.BaseSettings):
         configured = [f for f in sorted(self.model_fields_set) if f.startswith("redis_ssl_")]
         variable = f"{ENV_PREFIX}REDIS_URL"
         found = []
+        unverified = self.redis_ssl_cert_reqs == "none"
+        agreed = {f"ssl_cert_reqs={self.redis_ssl_cert_reqs}"}  # the URL says what the settings say: no conflict
+        agreed |= {"ssl_check_hostname=false"} if unverified or not self.redis_ssl_check_hostname else set()
         for parameter, effect in endpoints.redis_tls_relaxations(endpoint.url):
+            if parameter in agreed and configured:
+                continue
             if configured:
                 setting = f"{ENV_PREFIX}{configured[0].upper()}"
                 reason = f"?{parameter} in the URL overrides {setting} ({effect}): drop the parameter or the setting"

@@ -117,6 +117,12 @@ async def test_a_url_parameter_that_turns_off_the_certificate_check_is_refused(
             await client.aclose()
 
 
+def test_a_url_parameter_that_says_what_the_settings_say_is_no_contradiction(tls_redis: topologies.TlsRedis) -> None:
+    url = f"{tls_redis.url}?ssl_cert_reqs=none&ssl_check_hostname=false"
+    config = settings.Settings.from_env(redis_url=url, redis_ssl_cert_reqs="none")  # the chart's certReqs: none
+    assert config.tls_relaxed_by_url() == []
+
+
 async def test_a_url_that_alone_turns_off_the_certificate_check_is_warned_about_once(
     tls_redis: topologies.TlsRedis, caplog: pytest.LogCaptureFixture
 ) -> None:
