@@ -617,7 +617,7 @@ class WorkflowExecutionConsumer:
         organization and its configs (Redis first), then ``_sync_module_cache``, the O(1) readiness check, which
         returns the generation the execution pins. An execution that cannot run (unknown workflow, another
         organization's, ...) is recorded FAILED here and its Record returned."""
-        prepared = await self._unit(lambda db: self._read(db, request))
+        prepared = await self._read(request)
         if not isinstance(prepared, Prepared):
             return prepared
         return dataclasses.replace(prepared, generation=await self._sync_module_cache())
@@ -632,9 +632,7 @@ class WorkflowExecutionConsumer:
         self._mine.add(execution_id)
         try:
             read = self._ahead.pop(execution_id, None) or await self.read_ahead(request)
-            admitted = (
-                read if not isinstance(read, Prepared) else await self._unit(lambda db: self._claim(db, request, read))
-            )
+            admitted = read if not isinstance(read, Prepared) else await self._claim(request, read)
         except BaseException:
             self._mine.discard(execution_id)
             raise
@@ -644,43 +642,52 @@ class WorkflowExecutionConsumer:
         self.leases.hold(execution_id)
         return admitted
 
-    async def _read(
-        self, db: AsyncSession, request: messages.ExecutionRequest
-    ) -> Prepared | executions.Record | executions.Busy:
+    async def _read(self, request: messages.ExecutionRequest) -> Prepared | executions.Record | executions.Busy:
+        """The workflow (a plain asyncpg statement: ``Database.raw``), the organization and its configs (from
+        Redis; PostgreSQL on a miss); each statement commits by itself (they are independent and idempotent)."""
         try:
-            workflow = await self.workflows.get_workflow_for_execution(request.workflow_id, db=db)
-            organization = await self._organization(db, request, workflow)
+            workflow = await self._db_call(self.workflows.read_for_execution(request.workflow_id))
+            organization = await self._organization(request, workflow)
             if workflow.code is None:
                 raise errors.InputError(workflow.name, "the workflow has no code")
         except errors.InputError as e:
             outcome = messages.Outcome(messages.Status.FAILED, error=str(e), duration_ms=0)
-            record = await executions.finish_unleased(db, request, outcome, terms=self._terms)
+            record = await self._unit(lambda db: executions.finish_unleased(db, request, outcome, terms=self._terms))
             if not record.status.finished:  # running under a live lease (a duplicate delivery): not ours to fail
                 return executions.Busy(record)
             self.metrics.executions.labels(status=outcome.status.value).inc()
             return record
         scope = configs.GLOBAL if organization is None else f"ORG:{organization.id}"
-        config = await self.configs.load_config_for_scope(scope, db=db)  # before the claim: may fail transiently
+        config = await self._db_call(self.configs.load_config_for_scope(scope))  # before the claim: may fail
         return Prepared(workflow=workflow, organization=organization, config=config)
 
     async def _claim(
-        self, db: AsyncSession, request: messages.ExecutionRequest, read: Prepared
+        self, request: messages.ExecutionRequest, read: Prepared
     ) -> Admitted | executions.Record | executions.Busy:
-        workflow, organization = read.workflow, read.organization
-        claimed = await executions.claim(
-            db,
-            request,
-            terms=self._terms,
-            workflow_name=workflow.name,
-            organization_id=organization.id if organization else None,
-            max_attempts=workflow.retries_on_crash + 1,
+        """The claim's statement on a plain asyncpg connection; only if it finds a row it may not claim does
+        ``executions.claim`` find out what is there (finished, leased elsewhere, expired without attempts)."""
+        name, organization = read.workflow.name, read.organization.id if read.organization else None
+        attempts = read.workflow.retries_on_crash + 1
+        terms = self._terms
+        claimed: executions.Lease | executions.Record | executions.Busy | None = await self._db_call(
+            self.database.raw(
+                lambda db: executions.try_claim(
+                    db, request, terms=terms, workflow_name=name, organization_id=organization, max_attempts=attempts
+                )
+            )
         )
+        if claimed is None:
+            claimed = await self._unit(
+                lambda db: executions.claim(
+                    db, request, terms=terms, workflow_name=name, organization_id=organization, max_attempts=attempts
+                )
+            )
         if not isinstance(claimed, executions.Lease):
             return claimed
         return Admitted(lease=claimed, prepared=dataclasses.replace(read, attempt=claimed.attempt))
 
     async def _organization(
-        self, db: AsyncSession, request: messages.ExecutionRequest, workflow: workflows.WorkflowForExecution
+        self, request: messages.ExecutionRequest, workflow: workflows.WorkflowForExecution
     ) -> configs.Organization | None:
         owner, asked = workflow.organization_id, request.organization_id
         if owner is not None and asked is not None and owner != asked:
@@ -688,7 +695,7 @@ class WorkflowExecutionConsumer:
         org_id = asked or owner
         if org_id is None:
             return None
-        organization = await self.configs.get_organization(org_id, db=db)
+        organization = await self._db_call(self.configs.get_organization(org_id))
         if organization is None:
             raise errors.InputError(str(org_id), "no such organization")
         if not organization.is_active:
@@ -724,8 +731,12 @@ class WorkflowExecutionConsumer:
         )
 
     async def _unit(self, work: Callable[[AsyncSession], Awaitable[T]]) -> T:
+        return await self._db_call(self.database.run(work, autocommit=True))
+
+    async def _db_call(self, call: Awaitable[T]) -> T:
+        """``call``, which reads or writes PostgreSQL; its outcome is what ``/readyz`` reports for it."""
         try:
-            result = await self.database.run(work, autocommit=True)
+            result = await call
         except errors.SourceUnavailable:
             self._db_ok = False
             raise

@@ -197,8 +197,8 @@ class Leases:
         ids = [execution_id for execution_id, _ in marks]
         try:
             async with self._writing:
-                recorded = await self._database.run(
-                    lambda db: executions.finish_leased(db, batch, terms=self.terms, replied=ids), autocommit=True
+                recorded = await self._database.raw(
+                    lambda db: executions.finish_leased(db, batch, terms=self.terms, replied=ids)
                 )
         except BaseException:
             self._marks[:0] = marks  # the outcomes' callers retry theirs; the marks get their own flush
@@ -227,9 +227,7 @@ class Leases:
     async def _write_marks(self, marks: list[tuple[uuid.UUID, asyncio.Future[None]]]) -> None:
         ids = [execution_id for execution_id, _ in marks]
         try:
-            await self._database.run(
-                lambda db: executions.mark_replied(db, ids, owner=self.terms.owner), autocommit=True
-            )
+            await self._database.raw(lambda db: executions.mark_replied(db, ids, owner=self.terms.owner))
         except Exception as e:
             for _, future in marks:
                 if not future.done():
