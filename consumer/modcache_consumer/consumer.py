@@ -239,6 +239,19 @@ class WorkflowExecutionConsumer:
         )
         self._stack.push_async_callback(self.executor.close)
         await self.executor.start()
+        watch = asyncio.create_task(self._watch_executor())
+        self._stack.push_async_callback(_finish, watch)
+
+    async def _watch_executor(self) -> None:
+        """Connect to the executor again (restart it, in child mode) as soon as it is lost, so that readiness and
+        the check before each claim see it back without waiting for a message to try."""
+        while True:
+            await self.executor.lost()
+            try:
+                await self.executor.connect()
+            except errors.TransientError as e:
+                log.warning("the executor is unavailable: %s", e)
+                await asyncio.sleep(max(self.settings.transient_retry_delay_s, 0.1))
 
     async def _start_broker(self) -> None:
         s = self.settings
@@ -363,6 +376,8 @@ class WorkflowExecutionConsumer:
             problems.append("PostgreSQL unavailable at the last attempt")
         if not self._cache_ok:
             problems.append("module cache unavailable at the last attempt")
+        if not self.executor.available:
+            problems.append("executor unavailable")
         return problems
 
     # -- the original plan's names -----------------------------------------------------------------------------------
@@ -547,9 +562,23 @@ class WorkflowExecutionConsumer:
             elif request.reply_to:
                 await self._reply_owed(request, recorded)
                 return
+        except executor.NotStarted as e:
+            await self._postpone(request, lease, e)
         except Exception:
             log.exception("execution %s: failed after its message was acknowledged; the sweep recovers it", lease)
         self.leases.drop(lease.execution_id)
+
+    async def _postpone(self, request: messages.ExecutionRequest, lease: executions.Lease, why: Exception) -> None:
+        """Nothing of the execution ran (the executor went away after the claim): PENDING again without using an
+        attempt, and its message published again. If that fails, the lease expires and a sweep republishes it."""
+        log.warning("execution %s: not started (%s); queued again", request.execution_id, errors.describe(why))
+        assert self._channel is not None
+        try:
+            await self._unit(lambda db: executions.postpone(db, lease, terms=self._terms))
+            await amqp.republish(self._channel, self._names, request, attempt=lease.attempt)
+            await self._unit(lambda db: executions.republished(db, lease.execution_id, terms=self._terms))
+        except Exception as e:  # nothing here may raise (see _run_leased)
+            log.warning("execution %s: not queued again yet (a sweep will): %s", request.execution_id, e)
 
     async def _execute_while_leased(
         self, request: messages.ExecutionRequest, admitted: Admitted
@@ -678,6 +707,8 @@ class WorkflowExecutionConsumer:
         waited for its slot), then the claim. An Admitted execution is leased to this consumer (``leases``
         renews it)."""
         execution_id = request.execution_id
+        if not self.executor.available:  # claimed now, it could only fail: requeued instead (a TransientError)
+            raise executor.ExecutorUnavailable("the executor is unavailable")
         if execution_id in self._mine:
             return executions.Busy(None)  # a second delivery of what this consumer claims or runs
         self._mine.add(execution_id)
@@ -834,6 +865,11 @@ class _Slot:
         if self._held:
             self._held = False
             self._slots.release()
+
+
+async def _finish(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
 
 
 async def _settle(settling: Any) -> None:

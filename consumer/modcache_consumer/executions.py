@@ -197,6 +197,12 @@ _UNCLAIM = sa.text(
     WHERE id = :id AND lease_token = :token AND lease_owner = :owner AND status = 'RUNNING'
     """
 )
+_POSTPONE = sa.text(
+    f"""
+    UPDATE executions SET status = 'PENDING', attempt = attempt - 1, lease_expires_at = {_LEASE}, updated_at = now()
+    WHERE id = :id AND lease_token = :token AND lease_owner = :owner AND status = 'RUNNING'
+    """
+)
 _REPUBLISHED = sa.text(
     """
     UPDATE executions SET lease_expires_at = now() + make_interval(secs => :unowned_s)
@@ -391,6 +397,14 @@ async def renew(db: AsyncSession, ids: Iterable[uuid.UUID], *, terms: Terms) -> 
 async def unclaim(db: AsyncSession, lease: Lease, *, owner: Owner) -> None:
     """Undo a claim before anything ran (the message goes back to the queue): PENDING again, attempt not used."""
     await db.execute(_UNCLAIM, {"id": lease.execution_id, "token": lease.token, "owner": owner})
+
+
+async def postpone(db: AsyncSession, lease: Lease, *, terms: Terms) -> None:
+    """Nothing ran (the executor was gone after the claim): PENDING again, the attempt not used, still leased by
+    ``terms.owner`` while its message is published again (``republished``); if that never happens, the lease
+    expires and a sweep republishes it."""
+    values = {"id": lease.execution_id, "token": lease.token, "owner": terms.owner, "lease_s": terms.lease_s}
+    await db.execute(_POSTPONE, values)
 
 
 async def republished(db: AsyncSession, execution_id: uuid.UUID, *, terms: Terms) -> None:

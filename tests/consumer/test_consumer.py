@@ -354,7 +354,7 @@ async def test_health_endpoints_and_metrics(harness) -> None:
     assert 'modcache_executions_total{status="SUCCESS"} 1.0' in metrics[1]
     assert "modcache_execution_duration_seconds_count 1.0" in metrics[1]
     assert "modcache_executions_in_flight 0.0" in metrics[1]
-    assert consumer.readiness() == ["not consuming", "RabbitMQ connection down"]
+    assert consumer.readiness() == ["not consuming", "RabbitMQ connection down", "executor unavailable"]
 
 
 async def test_stop_drains_in_flight_executions(harness) -> None:
