@@ -33,12 +33,13 @@ import uuid
 from collections.abc import Iterable, Sequence
 from typing import Any, NewType
 
+import asyncpg
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql as pg
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from modcache import schema
-from modcache_consumer import messages
+from modcache_consumer import database, messages
 
 E = schema.Execution
 Owner = NewType("Owner", str)
@@ -162,6 +163,8 @@ _CLAIM = sa.text(
     """
 ).bindparams(sa.bindparam("parameters", type_=_JSON))
 
+_CLAIM_RAW = database.Raw(_CLAIM, json_params=("parameters",))
+
 _RETURNED = "id, status, workflow_id, workflow_name, organization_id, result, error, duration_ms, attempt"
 _READ = sa.text(
     f"""
@@ -210,6 +213,7 @@ _FINISH_LEASED = sa.text(
     RETURNING e.id
     """
 )
+_FINISH_LEASED_RAW = database.Raw(_FINISH_LEASED)
 _RENEW = sa.text(
     f"""
     UPDATE executions SET lease_expires_at = {_LEASE}
@@ -244,6 +248,7 @@ _REPLIED = sa.text(
     WHERE id = ANY(CAST(:ids AS uuid[])) AND lease_owner = :owner AND status NOT IN ('PENDING', 'RUNNING')
     """
 )
+_REPLIED_RAW = database.Raw(_REPLIED)
 _SWEEP = sa.text(
     f"""
     WITH due AS (
@@ -299,12 +304,52 @@ async def claim(
 ) -> Lease | Record | Busy:
     """Take the lease and mark the execution RUNNING; else what is there: a finished Record, or Busy. Foreign if
     the row is another execution's (another workflow, organization or parameters): it is left alone."""
-    organization = organization_id or request.organization_id
-    values = {
+    values = _claim_values(request, terms, workflow_name, organization_id, max_attempts)
+    row = (await db.execute(_CLAIM, values)).first()
+    if row is not None:
+        return Lease(execution_id=row.id, token=row.lease_token, attempt=row.attempt)
+    record = await read(db, request.execution_id)
+    assert record is not None  # the insert conflicted: the row exists
+    if not record.same(request, values["organization_id"]):
+        raise Foreign(request.execution_id)
+    if record.status is messages.Status.RUNNING and not record.leased:  # expired, no attempts left: fail it now
+        swept = await sweep(db, terms=terms, only=request.execution_id)
+        return swept[0].record if swept else await claim_again(db, request, terms=terms)
+    if not record.status.finished:
+        return Busy(record)
+    return record
+
+
+async def try_claim(
+    db: asyncpg.Connection,
+    request: messages.ExecutionRequest,
+    *,
+    terms: Terms,
+    workflow_name: str | None = None,
+    organization_id: uuid.UUID | None = None,
+    max_attempts: int = 1,
+) -> Lease | None:
+    """``claim``'s first statement alone, on a plain asyncpg connection (``Database.raw``, the hot path): the
+    lease, or None when the row exists and is not claimable (then ``claim`` finds out what is there)."""
+    values = _claim_values(request, terms, workflow_name, organization_id, max_attempts)
+    row = await db.fetchrow(_CLAIM_RAW.sql, *_CLAIM_RAW.args(values))
+    if row is None:
+        return None
+    return Lease(execution_id=row["id"], token=row["lease_token"], attempt=row["attempt"])
+
+
+def _claim_values(
+    request: messages.ExecutionRequest,
+    terms: Terms,
+    workflow_name: str | None,
+    organization_id: uuid.UUID | None,
+    max_attempts: int,
+) -> dict[str, Any]:
+    return {
         "id": request.execution_id,
         "workflow_id": request.workflow_id,
         "workflow_name": workflow_name,
-        "organization_id": organization,
+        "organization_id": organization_id or request.organization_id,
         "parameters": request.parameters,
         "owner": terms.owner,
         "lease_s": terms.lease_s,
@@ -313,19 +358,6 @@ async def claim(
         "reply_to": request.reply_to,
         "correlation_id": request.correlation_id,
     }
-    row = (await db.execute(_CLAIM, values)).first()
-    if row is not None:
-        return Lease(execution_id=row.id, token=row.lease_token, attempt=row.attempt)
-    record = await read(db, request.execution_id)
-    assert record is not None  # the insert conflicted: the row exists
-    if not record.same(request, organization):
-        raise Foreign(request.execution_id)
-    if record.status is messages.Status.RUNNING and not record.leased:  # expired, no attempts left: fail it now
-        swept = await sweep(db, terms=terms, only=request.execution_id)
-        return swept[0].record if swept else await claim_again(db, request, terms=terms)
-    if not record.status.finished:
-        return Busy(record)
-    return record
 
 
 async def claim_again(db: AsyncSession, request: messages.ExecutionRequest, *, terms: Terms) -> Busy | Record:
@@ -364,7 +396,7 @@ async def finish_unleased(
 
 
 async def finish_leased(
-    db: AsyncSession,
+    db: AsyncSession | asyncpg.Connection,
     outcomes: Sequence[tuple[Lease, messages.Outcome]],
     *,
     terms: Terms,
@@ -385,7 +417,7 @@ async def finish_leased(
         "owner": terms.owner,
         "lease_s": terms.lease_s,
     }
-    return {row.id for row in await db.execute(_FINISH_LEASED, values)}
+    return {row["id"] for row in await _FINISH_LEASED_RAW.fetch(db, _FINISH_LEASED, values)}
 
 
 async def renew(db: AsyncSession, ids: Iterable[uuid.UUID], *, terms: Terms) -> set[uuid.UUID]:
@@ -424,11 +456,11 @@ async def release(db: AsyncSession, ids: Iterable[uuid.UUID], *, owner: Owner) -
         await db.execute(_RELEASE, {"ids": wanted, "owner": owner})
 
 
-async def mark_replied(db: AsyncSession, ids: Iterable[uuid.UUID], *, owner: Owner) -> None:
+async def mark_replied(db: AsyncSession | asyncpg.Connection, ids: Iterable[uuid.UUID], *, owner: Owner) -> None:
     """The replies of ``ids`` were sent: nothing is owed any more and their leases end."""
     wanted = list(ids)
     if wanted:
-        await db.execute(_REPLIED, {"ids": wanted, "owner": owner})
+        await _REPLIED_RAW.fetch(db, _REPLIED, {"ids": wanted, "owner": owner})
 
 
 async def sweep(

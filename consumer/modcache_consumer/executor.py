@@ -444,6 +444,10 @@ class Executor:
             await self._reap_child()
             raise ExecutorUnavailable(f"the executor did not start: {errors.describe(e) or 'no hello'}") from e
         refused = None if self._policy.allow_shared_uid else refuse_isolation(control.hello, consumer_uid=os.getuid())
+        if control.hello.get("refused"):
+            refused = f"the executor refused to start: {str(control.hello['refused'])[:1000]}"
+        elif not control.hello.get("seccomp"):
+            refused = "the executor gives its executions no seccomp filter (an executor of an older version?)"
         if refused:
             await control.close()
             await self._reap_child()

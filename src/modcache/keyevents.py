@@ -141,7 +141,8 @@ class KeyEvents:
         self._probe_armed = asyncio.Event()  # Subscribed is reported only once the probe watches its key
         self._probe_evicted = asyncio.Event()  # the probe key's ``evicted`` event arrived since it was written
         self._unheard: int | None = None  # probe rounds since the subscription delivered the probe's own event
-        self._node: str | None = None  # host:port the subscription was last made on (a failover moves it)
+        self._node: str | None = None  # host:port the subscription was last reported on (a failover moves it)
+        self._moving: str | None = None  # why the subscription is being closed on purpose (the master moved)
 
     async def __aenter__(self) -> KeyEvents:
         self._tasks = [
@@ -176,7 +177,8 @@ class KeyEvents:
                 await self._subscribe_once(retry)
             except Exception as e:  # nothing Redis sends may end the subscription for good
                 self._cache.tracking_own_writes = False
-                self._queue.put_nowait(Lost(errors.describe(e)))
+                self._queue.put_nowait(Lost(self._moving or errors.describe(e)))
+                self._moving = None
             finally:
                 self._unheard = None
                 await self._disconnect()
@@ -195,9 +197,9 @@ class KeyEvents:
         self._cache.own_writes.clear()
         self._cache.tracking_own_writes = True
         self._canary_seen.clear()
+        self._moving = None
         moved = f" (was {self._node})" if self._node not in (None, node) else ""
-        self._node = node
-        canary = asyncio.create_task(self._check_canary(f"on {node}{moved}: {configured}"))
+        canary = asyncio.create_task(self._check_canary(f"on {node}{moved}: {configured}", node))
         try:
             retry.reset()
             await self._read(conn, prefix)
@@ -220,13 +222,14 @@ class KeyEvents:
             return f"configured by the admin (CONFIG not permitted: {errors.describe(e)})"
         return f"notify-keyspace-events {wanted!r}"
 
-    async def _check_canary(self, configured: str) -> None:
+    async def _check_canary(self, configured: str, node: str) -> None:
         """Write a canary key and wait for its event: proof that events arrive, whoever configured them."""
         canary = f"{self._ks.prefix}modcache:canary"
         try:
             await self._cache.client.set(canary, self._token, px=60_000)
             await asyncio.wait_for(self._canary_seen.wait(), CANARY_WAIT_S)
         except TimeoutError:
+            self._node = node
             self._queue.put_nowait(
                 Unavailable(f"no keyspace events arrive ({configured}); repairing on the timer alone and the probe")
             )
@@ -235,6 +238,7 @@ class KeyEvents:
         else:
             await self._probe_armed.wait()  # a resync this causes must not run before a flush can be noticed
             self._unheard = 0
+            self._node = node  # "(was ...)" names the node last reported, not one subscribed to and dropped at once
             self._queue.put_nowait(Subscribed(f"keyspace events on {self._ks.prefix!r} {configured}"))
 
     async def _read(self, conn: Any, channel_prefix: str) -> None:
@@ -285,8 +289,12 @@ class KeyEvents:
         while True:
             try:
                 async for node in switches():
+                    if self._probe_conn is not None and _address(self._probe_conn) != node:
+                        await self._close_probe()
+                    if self._conn is not None and _address(self._conn) == node:
+                        continue  # it reconnected there by itself (a crash: the old master's refusals came first)
                     log.warning("the master moved to %s: subscribing there", node)
-                    await self._close_probe()
+                    self._moving = f"the sentinels switched the master to {node}: subscribing there"
                     await self._disconnect()
             except Exception as e:  # nothing the sentinels send may stop the following; reconnects are the fallback
                 log.warning("following the sentinels' master switches failed: %s", errors.describe(e))

@@ -189,7 +189,8 @@ class Watcher:
                 self.state.last_error = str(e)
                 self._observer.on_sync_failed(e, trigger)
                 delay_s = retry.next_s()
-                self._resync_trigger = RETRY
+                if not self._resync_wanted.is_set():  # a request made meanwhile (a reconnect) keeps its trigger
+                    self._resync_trigger = RETRY
                 continue
             retry.reset()
             if deep:

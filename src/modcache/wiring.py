@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import logging
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -22,6 +23,8 @@ import redis.asyncio.sentinel as aiosentinel
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from modcache import db, endpoints, engine, errors, lineage, pgsource, rediscache, sentinels, settings, watcher
+
+log = logging.getLogger(__name__)
 
 Closer = Callable[[], Awaitable[None]]
 Switches = Callable[[], AsyncIterator[str]]
@@ -87,6 +90,7 @@ def make_redis(config: settings.Settings) -> tuple[rediscache.Client, Closer]:
 
 def _redis(config: settings.Settings) -> tuple[rediscache.Client, Closer, Switches | None]:
     """``make_redis``, and for a Sentinel what announces each new master (``sentinels.Quorum.switches``)."""
+    _warn_relaxed_tls(config)
     endpoint = config.redis_endpoint()
     if endpoint is None:
         _required(None, "redis_url")
@@ -175,6 +179,7 @@ def database_dsn(config: settings.Settings, url: str | None = None) -> str:
     """``url`` (default: ``database_url``) as a libpq/asyncpg DSN with the ``database_ssl_*`` settings added (the
     URL's own parameters win). Multi-host URLs pass unchanged: asyncpg tries the hosts in turn."""
     chosen = url if url is not None else _required(config.database_url, "database_url")
+    _warn_relaxed_tls(config)
     return endpoints.with_query(settings.asyncpg_dsn(chosen), config.database_ssl_params())
 
 
@@ -223,3 +228,14 @@ def _required(value: object, field: str) -> str:
         flag = "--" + field.replace("_", "-")
         raise errors.ConfigError(variable, f"not set (set it or pass {flag})")
     return str(secret())
+
+
+def _warn_relaxed_tls(config: settings.Settings) -> None:
+    """A URL that weakens TLS with no TLS setting to contradict is allowed (a test, a trusted network), and said."""
+    for message in config.tls_relaxed_by_url():
+        _warn_once(message)
+
+
+@functools.cache
+def _warn_once(message: str) -> None:  # once per process: clients are built again on every watcher restart
+    log.warning("TLS is weakened by a URL parameter: %s", message)

@@ -238,14 +238,16 @@ async def test_backend_count_stays_flat_over_500_messages(harness) -> None:
     async with harness.consumer(consumer_concurrency=4) as consumer:
         await asyncio.gather(*(harness.call(workflow_id, {"n": n}) for n in range(50)))  # warm-up
         warm = {(r["pid"], r["backend_start"]) for r in await harness.backends()}
-        opened = consumer.metrics.db_connections._value.get()
         for start in range(0, 500, 100):
             replies = await asyncio.gather(*(harness.call(workflow_id, {"n": n}) for n in range(start, start + 100)))
             assert {r["status"] for r in replies} == {"SUCCESS"}
         after = {(r["pid"], r["backend_start"]) for r in await harness.backends()}
-        assert consumer.metrics.db_connections._value.get() == opened  # no new connection in 500 messages
-    assert after == warm
+        # The pool may still grow to its size after the warm-up (it opens connections as concurrency needs
+        # them), but never replaces one and never opens more than it holds: no churn in 550 messages.
+        opened = consumer.metrics.db_connections._value.get()
+    assert warm <= after
     assert len(after) <= 5  # pool_size = concurrency + 1
+    assert opened == len(after)
 
 
 async def test_partial_expiry_with_no_operator_running_still_imports(harness, redis_client: aioredis.Redis) -> None:

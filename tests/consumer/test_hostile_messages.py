@@ -343,10 +343,12 @@ def run(how):
 
 STORED_AS = {
     "surrogate result": (
-        "the result cannot be stored: it holds an unpaired surrogate (\\ud800-\\udfff), which is not Unicode"
+        "sent a result that cannot be recorded: the result holds an unpaired surrogate (\\ud800-\\udfff), which is"
+        " not Unicode"
     ),
     "surrogate error": "ValueError: bad file name \\udcff",
-    "forged NaN": "the result cannot be stored: it is not JSON (Out of range float values are not JSON compliant)",
+    "forged NaN": "sent a result that cannot be recorded: the result holds NaN, which is not JSON and which PostgreSQL"
+    " cannot store",
     "forged NUL": "x\\x00y",
 }
 
@@ -402,13 +404,14 @@ async def test_an_unstorable_outcome_fails_only_its_own_execution_not_its_batch(
 async def test_a_batch_the_database_refuses_is_recorded_item_by_item(harness: Any, monkeypatch: Any) -> None:
     """Should the check before batching miss something, PostgreSQL refuses the batch; it is flushed again one
     outcome at a time: the victims' outcomes are recorded, and the refused one becomes FAILED saying why."""
-    monkeypatch.setattr(messages, "storable", lambda outcome, **_: outcome)
+    monkeypatch.setattr(messages, "outcome_problem", lambda *_, **__: None)
     async with together(harness, 6) as consumer:
         attackers, victims, ns = await batched_with_victims(harness, consumer, "surrogate result")
     assert [(v["status"], v["result"]) for v in victims] == [("SUCCESS", {"n": n}) for n in ns]
     for reply in attackers:
         assert (reply["status"], reply["result"]) == ("FAILED", None)
-        assert reply["error"].startswith("the outcome could not be stored: DBAPIError: ")
+        assert reply["error"].startswith("the outcome could not be stored: "), reply["error"]
+        assert "invalid input syntax for type json" in reply["error"]  # PostgreSQL's own reason, passed on
 
 
 # -- the executor goes away (attack-8b A10) --------------------------------------------------------------------

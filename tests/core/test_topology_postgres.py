@@ -99,15 +99,60 @@ async def test_a_server_certificate_from_another_ca_is_refused(
         await source.close()
 
 
-def test_the_url_s_own_ssl_parameters_win_over_the_settings() -> None:
+def test_the_url_s_own_stricter_ssl_parameters_win_over_the_settings() -> None:
     config = settings.Settings(
-        database_url="postgresql://u@h1:5432,h2:5433/db?sslmode=require",  # type: ignore[arg-type]
-        database_ssl_mode="verify-full",
+        database_url="postgresql://u@h1:5432,h2:5433/db?sslmode=verify-full",  # type: ignore[arg-type]
+        database_ssl_mode="require",
         database_ssl_root_cert_file=Path("/etc/ca.crt"),
     )
     assert wiring.database_dsn(config) == (
-        "postgresql://u@h1:5432,h2:5433/db?sslmode=require&sslrootcert=%2Fetc%2Fca.crt"
+        "postgresql://u@h1:5432,h2:5433/db?sslmode=verify-full&sslrootcert=%2Fetc%2Fca.crt"
     )
+
+
+@pytest.mark.parametrize(
+    ("query", "fields", "named"),
+    [
+        ("sslmode=disable", {"database_ssl_mode": "verify-full"}, "MODCACHE_DATABASE_SSL_MODE=verify-full"),
+        ("sslmode=require", {"database_ssl_mode": "verify-full"}, "MODCACHE_DATABASE_SSL_MODE=verify-full"),
+        ("sslmode=prefer", {"database_ssl_root_cert_file": "/etc/ca.crt"}, "MODCACHE_DATABASE_SSL_ROOT_CERT_FILE"),
+        ("sslmode=allow", {"database_ssl_cert_file": "/c", "database_ssl_key_file": "/k"}, "MODCACHE_DATABASE_SSL_"),
+        ("sslrootcert=/tmp/mine.crt", {"database_ssl_root_cert_file": "/etc/ca.crt"}, "DATABASE_SSL_ROOT_CERT_FILE"),
+    ],
+)
+def test_a_url_parameter_that_weakens_the_tls_settings_is_refused(
+    query: str, fields: dict[str, str], named: str
+) -> None:
+    for field in ("database_url", "listen_database_url"):
+        with pytest.raises(errors.ConfigError) as caught:
+            settings.Settings.from_env(**{field: f"postgresql://u@h1:5432/db?{query}"}, **fields)
+        assert caught.value.setting == f"MODCACHE_{field.upper()}"
+        assert query.split("=")[0] in caught.value.reason
+        assert named in caught.value.reason
+
+
+async def test_an_unverified_plaintext_fallback_by_url_alone_is_warned_about_once(
+    tls_postgres: topologies.PostgresNode, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The attack: ``sslmode=disable`` beside ``verify-full`` settings connected in plaintext, silently (the
+    server accepts both). Now refused; the URL alone (no TLS settings) may, with one warning."""
+    with pytest.raises(errors.ConfigError, match="sslmode=disable in the URL is weaker than"):
+        settings.Settings.from_env(**verify_full(tls_postgres, database_url=tls_postgres.url(sslmode="disable")))
+    wiring._warn_once.cache_clear()  # once per process: this test's own process-wide state, reset
+    config = settings.Settings(database_url=tls_postgres.url(sslmode="disable"))  # type: ignore[arg-type]
+    for _ in range(2):
+        source = wiring.make_source(config)
+        await source.close()
+    conn = await asyncpg.connect(wiring.database_dsn(config))
+    try:
+        assert await conn.fetchval("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()") is False  # plaintext
+    finally:
+        await conn.close()
+    warned = [r.getMessage() for r in caplog.records if "TLS is weakened" in r.getMessage()]
+    assert warned == [
+        "TLS is weakened by a URL parameter: MODCACHE_DATABASE_URL: sslmode=disable in the URL: the "
+        "connection may be unencrypted"
+    ]
 
 
 async def test_after_a_promote_the_listener_follows_and_a_change_reaches_the_cache(

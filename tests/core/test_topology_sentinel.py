@@ -46,14 +46,40 @@ def test_a_sentinel_url_names_the_service_and_database() -> None:
     ("url", "reason"),
     [
         ("redis+sentinel://h1:26379", "names no Sentinel service"),
-        ("redis+sentinel://h1:26379/cache/x", "the database must be a number"),
+        ("redis+sentinel://h1:26379/cache/x", "the database must be a number of ASCII digits (0, 1, ...), not 'x'"),
+        # str.isdigit takes these, and int() reads them: 2 and 26379 (the input is named, it holds no secret)
+        ("redis+sentinel://h1:26379/cache/²", "the database must be a number of ASCII digits (0, 1, ...), not '²'"),
+        ("redis+sentinel://h1:٢٦٣٧٩/cache", "the port of 'h1' must be a number from 1 to 65535, in ASCII digits"),
+        ("redis://h1:6379/0?db=\u0661", "not '\u0661'"),  # ARABIC-INDIC DIGIT ONE
+        ("redis://h1:6³79/0", "the port of 'h1' must be a number from 1 to 65535, in ASCII digits"),
+        ("redis+sentinel://[::1:26379/cache", "an IPv6 address has no closing bracket: write it [::1]:26379"),
+        ("redis://[::1:6379/0", "an IPv6 address has no closing bracket: write it [::1]:6379"),
         ("redis+sentinel:///cache", "names no host"),
         ("redis://h1:6379,h2:6379/0", "several hosts need redis+sentinel:// or redis+cluster://"),
+        (
+            "redis+sentinel://h1:26379/cache?db=3",
+            "takes no query parameters (it has db): the database goes in the path",
+        ),
+        ("rediss+sentinel://h1/cache/0?ssl_cert_reqs=none", "(it has ssl_cert_reqs)"),
+        ("redis+cluster://h1:6379?db=1", "takes no query parameters (it has db): the database is 0"),
     ],
 )
 def test_a_malformed_sentinel_url_is_a_config_error(url: str, reason: str) -> None:
     with pytest.raises(errors.ConfigError, match="MODCACHE_REDIS_URL") as caught:
         settings.Settings.from_env(redis_url=url)
+    assert reason in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("postgresql://u@[::1:5432/db", "an IPv6 address has no closing bracket: write it [::1]:5432"),
+        ("postgresql://u@h1:٥٤٣٢,h2/db", "the port of 'h1' must be a number from 1 to 65535, in ASCII digits"),
+    ],
+)
+def test_a_malformed_postgres_url_is_a_config_error_naming_the_input(url: str, reason: str) -> None:
+    with pytest.raises(errors.ConfigError, match="MODCACHE_DATABASE_URL") as caught:
+        settings.Settings.from_env(database_url=url)
     assert reason in str(caught.value)
 
 
@@ -125,6 +151,8 @@ async def test_a_planned_failover_is_followed_at_once_before_the_old_master_is_d
                 await new_master.aclose()
                 await old_master.aclose()
     assert any(active and f"on 127.0.0.1:{new} (was 127.0.0.1:{old})" in d for active, d in recorder.keyspace)
+    said = f"the sentinels switched the master to 127.0.0.1:{new}: subscribing there"  # not a bare "connection closed"
+    assert (False, said) in recorder.keyspace
 
 
 async def test_a_change_committed_during_a_failover_reaches_the_new_master(
@@ -140,13 +168,13 @@ async def test_a_change_committed_during_a_failover_reaches_the_new_master(
         guard = readiness.CacheGuard(engine=engine.Engine(source=wired.source, cache=reader_cache), cache=reader_cache)
         try:
             before = await guard.check()
-            resyncs = recorder.full_syncs()
+            resyncs = recorder.full_syncs(watcher.RECONNECT)
             old = sentinel.kill_master()
             await upsert(database_url, {"pkg/m0.py": "V = 'during the failover'\n", "pkg/new.py": "NEW = 1\n"})
             new = await asyncio.to_thread(sentinel.wait_for_new_master, old)
             assert await convergence.converged(database_url, client, PREFIX, within_s=WITHIN_S) == []
             await recorder.wait_for(lambda: any(f":{new}" in d for active, d in recorder.keyspace if active), WITHIN_S)
-            await recorder.wait_for(lambda: recorder.full_syncs() > resyncs, WITHIN_S)
+            await recorder.wait_for(lambda: recorder.full_syncs(watcher.RECONNECT) > resyncs, WITHIN_S)
             assert await _when_reachable(guard) >= before  # the replica had the generation: no writes were lost
             assert await reader_cache.read_module("pkg/new.py") is not None
         finally:
