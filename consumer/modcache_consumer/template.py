@@ -185,7 +185,9 @@ class Template:
         consumer may: never one of this template's executions or anything they started (descendants of this
         template, or an execution uid), and, if ``allowed_uids`` is set, only those uids."""
         pid, uid, _ = peer_credentials(sock)
-        if pid <= 0 or descends_from(pid, self._pid):
+        # pid 0: the peer is outside this template's PID namespace (the chart's consumer container). No execution
+        # is: their namespaces are nested in this one, so each is visible here with a pid (attack-8b A9).
+        if pid < 0 or (pid > 0 and descends_from(pid, self._pid)):
             return f"pid {pid} is one of this executor's executions (or unknown)"
         base = self._isolation.uid_base
         if base is not None and base <= uid < base + MAX_SLOTS:

@@ -558,19 +558,27 @@ os.execv(sys.executable, [sys.executable, *sys.argv[2:]])
 
 
 @contextlib.asynccontextmanager
-async def socket_executor(*args: str, uid: int = 0) -> AsyncIterator[tuple[Path, asyncio.subprocess.Process]]:
+async def socket_executor(
+    *args: str, uid: int = 0, pid_namespace: bool = False
+) -> AsyncIterator[tuple[Path, asyncio.subprocess.Process]]:
     """``modcache executor --socket`` in a directory of /run (not one of the executions' scratch mounts), as
-    ``uid``; yields the socket path and the process."""
+    ``uid`` (in a PID namespace of its own, as in a container, with ``pid_namespace``); yields the socket path
+    and the process."""
     directory = Path("/run") / f"modcache-test-{uuid.uuid4().hex[:8]}"
     os.mkdir(directory, 0o755)
     os.chown(directory, uid, uid)
     path = directory / "executor.sock"
+    container = ["unshare", "--pid", "--fork", "--mount-proc"] if pid_namespace else []
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", LAUNCH_AS, str(uid), "-m", "modcache_consumer.template", "--socket", str(path), *args
-    )
+        *container, sys.executable, "-c", LAUNCH_AS, str(uid), "-m", "modcache_consumer.template",
+        "--socket", str(path), *args,
+    )  # fmt: skip
     try:
         yield path, process
     finally:
+        with contextlib.suppress(psutil.Error):  # unshare(1) forwards no signal; its child changed uid
+            for child in psutil.Process(process.pid).children(recursive=True) if pid_namespace else ():
+                child.terminate()
         with contextlib.suppress(ProcessLookupError):
             process.terminate()
         await process.wait()
@@ -660,6 +668,19 @@ async def test_a_non_root_executor_runs_executions_in_a_user_namespace(harness) 
         orgs = await two_orgs(harness, consumer)
         reply = await attack(harness, orgs, "import os\ndef run():\n    return os.getuid()\n")
     assert (reply["status"], reply["result"]) == ("SUCCESS", 0), reply["error"]  # root of its user namespace only
+
+
+async def test_the_charts_layout_an_executor_in_a_pid_namespace_of_its_own_serves_its_consumer(harness) -> None:
+    """attack-8b A9: the chart's consumer is in another PID namespace than its executor, so SO_PEERCRED shows
+    it as pid 0; that is no execution of the executor (those are all visible to it), and the uid check decides."""
+    async with (
+        socket_executor("--consumer-uid", "0", uid=EXECUTOR_UID, pid_namespace=True) as (path, process),
+        harness.consumer(executor_socket=str(path)) as consumer,
+    ):
+        orgs = await two_orgs(harness, consumer)
+        reply = await attack(harness, orgs, "def run():\n    return 'in the chart'\n")
+        assert process.returncode is None
+    assert (reply["status"], reply["result"]) == ("SUCCESS", "in the chart"), reply["error"]
 
 
 async def test_a_shared_uid_without_namespaces_is_refused(harness) -> None:
