@@ -1072,3 +1072,40 @@ async def test_an_explicit_uid_base_is_locked_too_and_a_clash_is_a_start_up_erro
         await executors.start(uid_base=base + 100)
     again = await executors.run(first, "import os\ndef run():\n    return os.getuid()\n")
     assert again.status == "SUCCESS", again.error
+
+
+# -- what the template learns (attack-8b A1, A2) ----------------------------------------------------------------
+
+SLOW = "import time\ndef run(n, context):\n    time.sleep(3)\n    return [context.organization['name'], n]\n"
+IMPORTS = """
+def run(names):
+    outcome = {}
+    for name in names:
+        try:
+            __import__(name)
+            outcome[name] = 'imported'
+        except BaseException as e:
+            outcome[name] = type(e).__name__
+    return outcome
+"""
+
+
+async def test_a_module_that_does_not_compile_harms_no_other_execution(harness) -> None:
+    """A1: a workspace module with a typo, and one whose compile raises RecursionError, imported by org A: the
+    template learns them after A's execution without closing a connection or dying, so org B's execution in
+    flight meanwhile finishes with its own result, and the next one runs."""
+    await harness.module("typo.py", "def oops(:\n    pass\n")
+    await harness.module("deep.py", "x = " + "+".join(["1"] * 16_000) + "\n")  # RecursionError in compile()
+    await harness.converge()
+    async with harness.consumer() as consumer:
+        orgs = await two_orgs(harness, consumer)
+        slow = await harness.workflow(SLOW)
+        n = uuid.uuid4().hex
+        in_flight = asyncio.create_task(harness.call(slow, {"n": n}, organization_id=orgs.b))
+        reply = await attack(harness, orgs, IMPORTS, {"names": ["typo", "deep"]})
+        victim = await in_flight
+        again = await attack(harness, orgs, IMPORTS, {"names": ["typo", "deep"]})  # now from the template's memory
+    assert reply["status"] == "SUCCESS", reply["error"]
+    assert reply["result"] == {"typo": "SyntaxError", "deep": "RecursionError"}
+    assert (again["status"], again["result"]) == ("SUCCESS", reply["result"]), again["error"]
+    assert (victim["status"], victim["result"]) == ("SUCCESS", ["B", n]), victim["error"]
