@@ -56,7 +56,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from modcache import db, embedded, engine, keys, pgsource, rediscache
-from modcache_consumer import executor, protocol
+from modcache_consumer import executor, protocol, serving
 from testkit import servers
 
 PASSWORD = f"pw-{uuid.uuid4().hex}"
@@ -1109,3 +1109,54 @@ async def test_a_module_that_does_not_compile_harms_no_other_execution(harness) 
     assert reply["result"] == {"typo": "SyntaxError", "deep": "RecursionError"}
     assert (again["status"], again["result"]) == ("SUCCESS", reply["result"]), again["error"]
     assert (victim["status"], victim["result"]) == ("SUCCESS", ["B", n]), victim["error"]
+
+
+LESSONS = """
+import itertools, json, os, socket, struct
+
+def _ask(sock, frame):
+    body = json.dumps(frame).encode()
+    sock.sendall(struct.pack('>I', len(body)) + body)
+    header = b''
+    while len(header) < 4:
+        header += sock.recv(4 - len(header))
+    (length,) = struct.unpack('>I', header)
+    data = b''
+    while len(data) < length:
+        data += sock.recv(length - len(data))
+    return json.loads(data)
+
+def run(paths, rounds):
+    sock = socket.socket(fileno=os.dup(3))  # this execution's channel, under the runtime's feet
+    twice = _ask(sock, {'op': 'lookup', 'paths': [paths[0]] * 63 + ['nothere.py']})
+    long_rel = _ask(sock, {'op': 'directory', 'rel': 'd' * 1_000_000, 'generation': 1})
+    found = 0
+    for order in itertools.islice(itertools.permutations(paths), rounds):  # a new candidate tuple each time
+        answer = _ask(sock, {'op': 'lookup', 'paths': list(order)})
+        found += sum(entry['content'] is not None for entry in answer['entries'])
+    return {'twice': twice.get('error'), 'long rel': long_rel.get('error')[-25:], 'found': found}
+"""
+
+
+async def test_lessons_an_execution_chooses_stay_bounded(harness) -> None:
+    """A2: lookups an execution chooses (the same path 63 times; a new ordering of 6 large modules 300 times,
+    about 108 MB of content) and 1 MB directory names made the lesson to the template exceed the control frame's
+    limit (the connection closed, every execution of the consumer killed) and grew the consumer without bound.
+    Duplicates and non-directory names are refused; what is remembered for the template stays under a budget."""
+    paths = [f"big{i}.py" for i in range(6)]
+    for n, path in enumerate(paths):
+        await harness.module(path, f"# {n}\n" + "X = '" + "x" * 60_000 + "'\n")
+    await harness.converge()
+    async with harness.consumer() as consumer:
+        orgs = await two_orgs(harness, consumer)
+        slow = await harness.workflow(SLOW)
+        n = uuid.uuid4().hex
+        in_flight = asyncio.create_task(harness.call(slow, {"n": n}, organization_id=orgs.b))
+        reply = await attack(harness, orgs, LESSONS, {"paths": paths, "rounds": 300})
+        victim = await in_flight
+        lesson_bytes = consumer.modules.lesson_bytes
+    assert reply["status"] == "SUCCESS", reply["error"]
+    assert reply["result"] == {"twice": "InputError: 'paths': a path is named twice",
+                               "long rel": "not a workspace directory", "found": 1800}  # fmt: skip
+    assert (victim["status"], victim["result"]) == ("SUCCESS", ["B", n]), victim["error"]
+    assert lesson_bytes <= serving.MAX_LESSON_BYTES
