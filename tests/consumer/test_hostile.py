@@ -1160,3 +1160,53 @@ async def test_lessons_an_execution_chooses_stay_bounded(harness) -> None:
                                "long rel": "not a workspace directory", "found": 1800}  # fmt: skip
     assert (victim["status"], victim["result"]) == ("SUCCESS", ["B", n]), victim["error"]
     assert lesson_bytes <= serving.MAX_LESSON_BYTES
+
+
+ROGUE = """
+import hashlib, json, socket, struct, sys
+path, generation, uid = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+import os
+os.setgroups([])
+os.setresgid(uid, uid, uid)
+os.setresuid(uid, uid, uid)  # a local user: not root, not an execution uid, no descendant of the executor
+code = "def greet():\\n    return 'FORGED by a local user'\\n"
+entry = {"path": "greet.py", "content": code, "hash": hashlib.sha256(code.encode()).hexdigest(),
+         "manifest_generation": generation, "manifest_hash": None, "indexed": True}
+lesson = {"op": "learn", "generation": generation, "lookups": [[["greet.py", "greet/__init__.py"], [entry]]]}
+sock = socket.socket(socket.AF_UNIX)
+sock.connect(path)
+hello = sock.recv(1 << 16)
+body = json.dumps(lesson).encode()
+sock.sendall(struct.pack('>I', len(body)) + body)
+print('taught' if hello else 'refused', flush=True)
+sys.stdin.read()  # stays connected until the test ends
+"""
+
+
+async def test_a_local_user_cannot_teach_an_executor_code_for_other_consumers(harness) -> None:
+    """A5: a root executor's socket is reachable by a local user who is no execution and no consumer; what that
+    connection teaches reaches only the clones handed to it, never another consumer's executions (the lesson
+    memory is per connection), so org B still imports the module's real content."""
+    await harness.module("greet.py", "def greet():\n    return 'genuine'\n")
+    await harness.converge()
+    greets = "from greet import greet\ndef run(n, context):\n    return [context.organization['name'], greet(), n]\n"
+    async with socket_executor() as (path, _), harness.consumer(executor_socket=str(path)) as consumer:
+        os.chmod(path.parent, 0o755)
+        orgs = await two_orgs(harness, consumer)
+        workflow = await harness.workflow(greets)
+        first = await harness.call(workflow, {"n": 0}, organization_id=orgs.b)  # the consumer taught its lesson
+        generation = int(await harness.redis.get(harness.keyspace.generation))
+        rogue = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", ROGUE, str(path), str(generation), "65534",
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        assert rogue.stdout is not None
+        said = await rogue.stdout.readline()
+        try:
+            replies = [await harness.call(workflow, {"n": n}, organization_id=orgs.b) for n in range(1, 5)]
+        finally:
+            rogue.kill()
+            await rogue.wait()
+    assert said == b"taught\n"  # it was let in: another uid, no --consumer-uid
+    for n, reply in enumerate([first, *replies]):
+        assert (reply["status"], reply["result"]) == ("SUCCESS", ["B", "genuine", n]), reply["error"]
