@@ -1210,3 +1210,31 @@ async def test_a_local_user_cannot_teach_an_executor_code_for_other_consumers(ha
     assert said == b"taught\n"  # it was let in: another uid, no --consumer-uid
     for n, reply in enumerate([first, *replies]):
         assert (reply["status"], reply["result"]) == ("SUCCESS", ["B", "genuine", n]), reply["error"]
+
+
+ENVIRON = "def run():\n    with open('/proc/self/environ', 'rb') as f:\n        return f.read().decode().split('\\0')\n"
+
+
+async def test_modcache_executor_passes_executions_no_variable_of_its_shell(harness) -> None:
+    """A6: ``modcache executor`` started from a shell that exported the consumer's settings (a CI job, a
+    laptop) runs the template with the allow-listed environment only: an execution's ``/proc/self/environ``
+    (the template's block, which ``os.environ.clear()`` in the clone did not change) holds none of them."""
+    directory = Path("/run") / f"modcache-test-{uuid.uuid4().hex[:8]}"
+    os.mkdir(directory, 0o755)
+    path = directory / "executor.sock"
+    secrets = {"MODCACHE_DATABASE_URL": harness.settings.required("database_url"), "MODCACHE_SECRETS_KEY": SECRETS_KEY,
+               "PGPASSWORD": PASSWORD}  # fmt: skip
+    process = await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).parent / "modcache"), "executor", "--socket", str(path), env={**os.environ, **secrets}
+    )
+    try:
+        async with harness.consumer(executor_socket=str(path)) as consumer:
+            orgs = await two_orgs(harness, consumer)
+            reply = await attack(harness, orgs, ENVIRON)
+    finally:
+        process.terminate()
+        await process.wait()
+        shutil.rmtree(directory, ignore_errors=True)
+    assert reply["status"] == "SUCCESS", reply["error"]
+    assert_no_secret("\n".join(reply["result"]), harness.settings, orgs)
+    assert not [v for v in reply["result"] if v.startswith(("MODCACHE_", "PG"))], reply["result"]
