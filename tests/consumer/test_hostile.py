@@ -1238,3 +1238,32 @@ async def test_modcache_executor_passes_executions_no_variable_of_its_shell(harn
     assert reply["status"] == "SUCCESS", reply["error"]
     assert_no_secret("\n".join(reply["result"]), harness.settings, orgs)
     assert not [v for v in reply["result"] if v.startswith(("MODCACHE_", "PG"))], reply["result"]
+
+
+LINGER = """
+import json, os, socket, struct, subprocess, time
+def run(seconds):
+    subprocess.Popen(['sleep', seconds])
+    body = json.dumps({'op': 'result', 'status': 'SUCCESS', 'result': 'done (or so it says)', 'error': None,
+                       'timings_ms': {}}).encode()
+    sock = socket.socket(fileno=os.dup(3))
+    sock.sendall(struct.pack('>I', len(body)) + body)
+    sock.shutdown(socket.SHUT_WR)  # the consumer has one result and EOF: the execution is over, for it
+    time.sleep(600)
+"""
+
+
+async def test_an_execution_that_sends_its_own_result_does_not_outlive_it(harness) -> None:
+    """A7: a workflow that writes its own result frame and shuts its channel got SUCCESS recorded and its
+    consumer slot freed while it (and what it started) ran on until the deadline. Its process is stopped the
+    moment its result is taken, so the concurrency limit keeps bounding what runs."""
+    seconds = f"{3600 + time.time() % 600:.6f}"
+    async with harness.consumer() as consumer:
+        orgs = await two_orgs(harness, consumer)
+        reply = await attack(harness, orgs, LINGER, {"seconds": seconds}, timeout_seconds=600)
+        deadline = time.monotonic() + 10
+        while sleepers(seconds) and time.monotonic() < deadline:  # noqa: ASYNC110 -- the kernel tears it down
+            await asyncio.sleep(0.02)
+        left = sleepers(seconds)
+    assert (reply["status"], reply["result"]) == ("SUCCESS", "done (or so it says)"), reply["error"]
+    assert left == []
