@@ -135,6 +135,7 @@ class Template:
         self._pid = os.getpid()
         self._self_pidfd = os.pidfd_open(self._pid)  # a clone checks it to see that its template lives
         self._filter = sandbox.SyscallFilter(sandbox.execution_filter())
+        self._other_scratch = sandbox.other_world_writable_dirs() if isolation.namespaces else ()
 
     # -- the loop -------------------------------------------------------------------------------------------
 
@@ -416,7 +417,7 @@ class Template:
         """After the job arrived, before anything of it runs: its limits and uid."""
         limits = job.get("limits") or {}
         if self._isolation.namespaces:
-            sandbox.scratch_mounts(int(limits.get("tmp_bytes") or 64 * 1024**2))
+            sandbox.scratch_mounts(int(limits.get("tmp_bytes") or 64 * 1024**2), self._other_scratch)
         sandbox.apply_limits(
             sandbox.Limits(
                 memory_bytes=limits.get("memory_bytes"),

@@ -1267,3 +1267,36 @@ async def test_an_execution_that_sends_its_own_result_does_not_outlive_it(harnes
         left = sleepers(seconds)
     assert (reply["status"], reply["result"]) == ("SUCCESS", "done (or so it says)"), reply["error"]
     assert left == []
+
+
+LEFTOVERS = """
+import ctypes, errno, os
+libc = ctypes.CDLL(None, use_errno=True)
+
+def run(mode, name):
+    if mode == 'plant':
+        with open(f'/run/lock/{name}', 'w') as f:  # world-writable, on the host's /run: it would stay
+            f.write("org A's note")
+        key = libc.syscall(248, b'user', name.encode(), b'tok_live_AAAA', 13, ctypes.c_long(-4))  # add_key @u
+        return ['planted', errno.errorcode.get(ctypes.get_errno()) if key < 0 else 'key added']
+    try:
+        with open(f'/run/lock/{name}') as f:
+            return ['found', f.read()]
+    except OSError as e:
+        return [type(e).__name__]
+"""
+
+
+async def test_nothing_an_execution_leaves_in_shared_places_reaches_the_next(harness) -> None:
+    """A12: ``/run/lock`` (world-writable, on the host) and the per-uid kernel keyring outlived executions and,
+    with slot uids reused, reached later executions of other organizations. Every world-writable directory
+    found at start gets a private tmpfs in each execution, and the keyring calls are refused (seccomp)."""
+    name = f"modcache-test-{uuid.uuid4().hex[:8]}"
+    async with harness.consumer() as consumer:
+        orgs = await two_orgs(harness, consumer)
+        planted = await attack(harness, orgs, LEFTOVERS, {"mode": "plant", "name": name})
+        look = await harness.workflow(LEFTOVERS)
+        seen = [await harness.call(look, {"mode": "look", "name": name}, organization_id=orgs.b) for _ in range(3)]
+    assert (planted["status"], planted["result"]) == ("SUCCESS", ["planted", "EPERM"]), planted["error"]
+    assert [(r["status"], r["result"]) for r in seen] == [("SUCCESS", ["FileNotFoundError"])] * 3
+    assert not await asyncio.to_thread(os.path.exists, f"/run/lock/{name}")  # nothing reached the host's directory
