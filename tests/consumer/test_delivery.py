@@ -28,14 +28,16 @@ from testkit.ledger import LEDGER, Ledger
 FAST_LEASES = {"lease_ttl_s": 2.0, "lease_renew_interval_s": 0.5, "lease_sweep_interval_s": 0.5}
 # Notes "start NAME" and "end NAME" in a Redis list (RPUSH: an atomic append, as O_APPEND is for a file;
 # executions cannot reach the test's files), sleeping ``wait`` seconds in between, but only on the first attempt
-# that sets ``once`` (so a retry is quick).
+# that sets ``once`` (so a retry is quick). ``once`` is set before "start" is noted: a test that kills the run
+# as soon as it sees "start" must not kill it before the first attempt has taken ``once``.
 WORKFLOW = (
     LEDGER
     + """
 import time
 def run(url, key, name, wait=0.0, once=None):
+    first = once is None or redis.Redis.from_url(url).set(once, 1, nx=True)
     note(url, key, f"start {name}")
-    if once is None or redis.Redis.from_url(url).set(once, 1, nx=True):
+    if first:
         time.sleep(wait)
     note(url, key, f"end {name}")
     return name
