@@ -35,6 +35,7 @@ wedged socket, a lost future) turns ``/livez`` to 503: only a restart frees its 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import json
@@ -49,6 +50,7 @@ from typing import Any, TypeVar
 
 import aio_pika.abc
 import aio_pika.exceptions
+import aiormq.exceptions
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from modcache import engine, errors, pgsource, rediscache, wiring
@@ -60,6 +62,7 @@ from modcache_consumer import (
     executions,
     executor,
     hardening,
+    headerguard,
     health,
     leases,
     messages,
@@ -74,6 +77,11 @@ from modcache_consumer import (
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+#: The AMQP client failing this often within the window (not the broker going away: the client itself, on what it
+#: was sent) fails /livez: something it cannot decode keeps coming back, and the queue is stalled.
+CLIENT_FAILURES_LIMIT = 3
+CLIENT_FAILURES_WINDOW_S = 300.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,6 +129,7 @@ class WorkflowExecutionConsumer:
         self._lost: dict[uuid.UUID, asyncio.Event] = {}
         self._replying: set[uuid.UUID] = set()  # replies being sent (a duplicate delivery must not send another)
         self._started_at: dict[asyncio.Task[Any], float] = {}  # monotonic start of each in-flight handler
+        self._client_failures: collections.deque[tuple[float, str]] = collections.deque(maxlen=CLIENT_FAILURES_LIMIT)
         self._limits = messages.Limits(
             max_bytes=settings.max_message_bytes,
             max_depth=settings.max_message_depth,
@@ -234,6 +243,7 @@ class WorkflowExecutionConsumer:
         )
         self._stack.push_async_callback(self._connection.close)
         self._connection.reconnect_callbacks.add(self._on_reconnect)
+        self._connection.close_callbacks.add(self._on_connection_lost)
         self._channel = await self._connection.channel()
         self._replies = await self._connection.channel()  # confirmed: a reply counts as sent once the broker has it
         await self._channel.set_qos(prefetch_count=self.settings.consumer_concurrency)
@@ -255,6 +265,17 @@ class WorkflowExecutionConsumer:
     def _on_reconnect(self, *_: object) -> None:
         log.warning("reconnected to RabbitMQ; consuming %s again", self._names.queue)
         self.metrics.broker_reconnects.inc()
+
+    def _on_connection_lost(self, _: object, exc: BaseException | None = None) -> None:
+        """A connection the client itself gave up (its reader failed on a frame), not one the broker or we
+        closed: counted for ``liveness``."""
+        if exc is None or isinstance(exc, OSError | asyncio.CancelledError | aiormq.exceptions.AMQPConnectionError):
+            return
+        self._client_failures.append((self._monotonic(), errors.describe(exc)))
+        self.client_failed()
+
+    def client_failed(self) -> None:
+        """The AMQP client failed on what it was sent (a seam for tests)."""
 
     async def _start_health(self) -> None:
         s = self.settings
@@ -302,17 +323,25 @@ class WorkflowExecutionConsumer:
     def liveness(self) -> list[str]:
         """Answering at all proves the event loop runs, and every service failure is retried, not fatal; but a
         handler running past ``handler_bound_s`` is wedged (every legitimate wait has a shorter timeout) and
-        holds its prefetch slot until Kubernetes restarts the consumer."""
-        if not self._started_at:
-            return []
-        running_s = self._monotonic() - min(self._started_at.values())
-        bound_s = self.settings.handler_bound_s
-        if running_s <= bound_s:
-            return []
-        return [
-            f"a message handler has been running for {running_s:.0f} s, longer than {bound_s:.0f} s "
-            "(MODCACHE_HANDLER_STUCK_AFTER_S)"
-        ]
+        holds its prefetch slot until Kubernetes restarts the consumer; and an AMQP client that keeps failing on
+        what the broker sends it (its reader dies on the same redelivered message, over and over) stalls the
+        queue: a restart at least makes that loud."""
+        problems = []
+        if self._started_at:
+            running_s = self._monotonic() - min(self._started_at.values())
+            bound_s = self.settings.handler_bound_s
+            if running_s > bound_s:
+                problems.append(
+                    f"a message handler has been running for {running_s:.0f} s, longer than {bound_s:.0f} s "
+                    "(MODCACHE_HANDLER_STUCK_AFTER_S)"
+                )
+        failures = self._client_failures
+        if len(failures) == CLIENT_FAILURES_LIMIT and self._monotonic() - failures[0][0] <= CLIENT_FAILURES_WINDOW_S:
+            problems.append(
+                f"the AMQP client failed {len(failures)} times within {CLIENT_FAILURES_WINDOW_S:.0f} s on what "
+                f"the broker sent (last: {failures[-1][1]}); a message it cannot decode stalls the queue"
+            )
+        return problems
 
     async def idle(self) -> None:
         """Until no message is in hand: every delivery received so far is settled and its handler done."""
@@ -383,6 +412,10 @@ class WorkflowExecutionConsumer:
             await self._poison(message, f"internal error: {errors.describe(e)}")
 
     async def _handle_settling(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        undecodable = headerguard.reason(message.headers)
+        if undecodable is not None:  # the client salvaged the frame; its properties are gone
+            await self._poison(message, undecodable)
+            return
         try:
             request = messages.parse(
                 message.body, reply_to=message.reply_to, correlation_id=message.correlation_id, limits=self._limits
@@ -483,10 +516,10 @@ class WorkflowExecutionConsumer:
             finally:
                 self._lost.pop(lease.execution_id, None)
                 self._mine.discard(lease.execution_id)  # finished: a new request gets the stored outcome
-            if not recorded:
+            if recorded is None:
                 log.warning("execution %s: lease lost before its outcome was recorded", request.execution_id)
             elif request.reply_to:
-                await self._reply_owed(request, outcome)
+                await self._reply_owed(request, recorded)
                 return
         except Exception:
             log.exception("execution %s: failed after its message was acknowledged; the sweep recovers it", lease)
@@ -513,10 +546,12 @@ class WorkflowExecutionConsumer:
         if event is not None:
             event.set()
 
-    async def record(self, lease: executions.Lease, outcome: messages.Outcome) -> bool:
+    async def record(self, lease: executions.Lease, outcome: messages.Outcome) -> messages.Outcome | None:
         """Record (group-committed with concurrent outcomes); retried through outages while the stop allows:
-        the lease may outlive a short one, and fencing refuses the outcome if it did not."""
-        delay_s = self.settings.transient_retry_delay_s
+        the lease may outlive a short one, and fencing refuses the outcome if it did not (None). What was
+        recorded is returned: an outcome PostgreSQL refuses even alone (``outcome_problem`` missed something) becomes
+        FAILED saying so, for this execution only, instead of being left to the sweep."""
+        delay_s, replaced = self.settings.transient_retry_delay_s, False
         while True:
             try:
                 recorded = await self.leases.outcomes.submit((lease, outcome))
@@ -526,8 +561,20 @@ class WorkflowExecutionConsumer:
                 await asyncio.sleep(delay_s)
                 delay_s = min(delay_s * 2, self.settings.lease_renew_interval_s)
                 continue
+            except Exception as e:
+                if replaced:
+                    raise  # even the replacement was refused: the sweep recovers it
+                log.warning("execution %s: its outcome was refused: %s", lease.execution_id, errors.describe(e))
+                refused = messages.Outcome(
+                    messages.Status.FAILED,
+                    error=f"the outcome could not be stored: {errors.describe(e)}",
+                    duration_ms=outcome.duration_ms,
+                )
+                outcome = messages.storable(refused, max_result_bytes=self.settings.max_result_bytes)
+                replaced = True
+                continue
             self._db_ok = True
-            return recorded
+            return outcome if recorded else None
 
     async def _reply_owed(self, request: messages.ExecutionRequest, outcome: messages.Outcome) -> None:
         """Send a reply this consumer owes (it holds the row's lease), then mark it sent. Unsent (the broker
@@ -687,9 +734,20 @@ class WorkflowExecutionConsumer:
         result = await self.executor.run(job, timeout_s=timeout_s, session=session)
         elapsed_s = self._monotonic() - started
         self.metrics.duration.observe(elapsed_s)
-        return messages.Outcome(
-            status=result.status, result=result.result, error=result.error, duration_ms=round(elapsed_s * 1000)
+        duration_ms = round(elapsed_s * 1000)
+        # What the execution sent is workflow-controlled (it can forge its result frame): held to a message's
+        # bounds before it reaches PostgreSQL, where it is group-committed with other organizations' outcomes
+        # (attack-8b A3), or a reply, so it can fail only this execution (attack-8 F9b). An error's words are
+        # kept, NULs and unpaired surrogates escaped (an exception about a surrogateescape'd file name is ordinary).
+        error = messages.storable_text(result.error)
+        problem = messages.outcome_problem(
+            result.result, error, limits=self._limits, max_result_bytes=self.settings.max_result_bytes
         )
+        if problem is not None:
+            log.warning("execution %s: its result was refused: %s", request.execution_id, problem)
+            error = f"execution process {result.pid} sent a result that cannot be recorded: {problem}"
+            return messages.Outcome(messages.Status.FAILED, error=error, duration_ms=duration_ms)
+        return messages.Outcome(status=result.status, result=result.result, error=error, duration_ms=duration_ms)
 
     async def _unit(self, work: Callable[[AsyncSession], Awaitable[T]]) -> T:
         try:

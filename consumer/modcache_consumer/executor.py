@@ -425,6 +425,8 @@ class Executor:
             await self._reap_child()
             raise ExecutorUnavailable(f"the executor did not start: {errors.describe(e) or 'no hello'}") from e
         refused = None if self._policy.allow_shared_uid else refuse_isolation(control.hello, consumer_uid=os.getuid())
+        if not control.hello.get("seccomp"):
+            refused = "the executor gives its executions no seccomp filter (an executor of an older version?)"
         if refused:
             await control.close()
             await self._reap_child()

@@ -49,6 +49,11 @@ WARM_MODULES = (
     "textwrap", "traceback", "typing", "urllib.parse", "uuid", "zoneinfo",
 )  # fmt: skip
 DEFAULT_UID_BASE = 200_000
+SECCOMP_REFUSED = (
+    "executions cannot be given their system-call filter here ({reason}): they could create nested user "
+    "namespaces and reach kernel interfaces no workflow needs; refusing to run. Every distribution kernel has "
+    "seccomp filters (CONFIG_SECCOMP_FILTER); under a container runtime, allow seccomp(2)/prctl(PR_SET_SECCOMP)"
+)
 SHARED_UID_REFUSED = (
     "no PID/user namespaces here and not root: every execution would run as one uid and could read the memory "
     "of every other (other organizations' secrets); refusing to run. Run the executor as root, allow user "
@@ -128,6 +133,7 @@ class Template:
         self._running = True
         self._pid = os.getpid()
         self._self_pidfd = os.pidfd_open(self._pid)  # a clone checks it to see that its template lives
+        self._filter = sandbox.SyscallFilter(sandbox.execution_filter())
 
     # -- the loop -------------------------------------------------------------------------------------------
 
@@ -143,6 +149,7 @@ class Template:
             "pid": self._pid,
             "isolation": self._isolation.describe(),
             "namespaces": self._isolation.namespaces,
+            "seccomp": self._isolation.seccomp,
             # executions all run as this uid (outside any user namespace), or None: a uid per slot
             "execution_uid": self._outer_ids[0] if self._isolation.uid_base is None else None,
         })  # fmt: skip
@@ -412,6 +419,7 @@ class Template:
         os.environ.clear()
         os.environ.update(_EXECUTION_ENV)
         os.chdir("/tmp")
+        self._filter.install()  # last: nothing of the job has run yet (NO_NEW_PRIVS is set)
 
     # -- timers ---------------------------------------------------------------------------------------------
 
@@ -471,16 +479,19 @@ def warm_up() -> runtime.Memory:
     return runtime.Memory()
 
 
-def prepare(uid_base: int, *, namespaces: bool = True) -> sandbox.Isolation:
-    """Once, before serving: non-dumpable, probe the namespaces, hide private trees (root only)."""
+def prepare(uid_base: int, *, namespaces: bool = True) -> tuple[sandbox.Isolation, str | None]:
+    """Once, before serving: non-dumpable, probe the namespaces and the seccomp filter, hide private trees (root
+    only). Returns the isolation and why executions cannot be filtered (None: they can)."""
     sandbox.make_non_dumpable()
     root_uid = uid_base if os.geteuid() == 0 else None
     isolation = sandbox.probe(uid_base) if namespaces else sandbox.Isolation(False, False, root_uid)
+    unfiltered = sandbox.probe_seccomp(sandbox.execution_filter())
+    isolation = dataclasses.replace(isolation, seccomp=unfiltered is None)
     if not isolation.namespaces:
         sandbox.become_subreaper()  # what an execution leaves behind is reparented here, and swept
     if isolation.uid_base is not None:
         sandbox.hide_private_trees(sandbox.needed_trees([os.path.dirname(os.path.dirname(runtime.__file__))]))
-    return isolation
+    return isolation, unfiltered
 
 
 def run(
@@ -495,7 +506,10 @@ def run(
     host_network: bool = False,
 ) -> None:
     """Serve until SIGTERM (``listener``) or until ``control`` closes (child mode)."""
-    isolation = prepare(uid_base, namespaces=namespaces)
+    isolation, unfiltered = prepare(uid_base, namespaces=namespaces)
+    if unfiltered is not None:
+        log.error("executor: %s", SECCOMP_REFUSED.format(reason=unfiltered))
+        sys.exit(78)  # EX_CONFIG
     if not isolation.namespaces and isolation.uid_base is None and not allow_shared_uid:
         log.error("executor: %s", SHARED_UID_REFUSED)
         sys.exit(78)  # EX_CONFIG
