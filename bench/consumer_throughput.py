@@ -49,7 +49,9 @@ class PlanConsumer(consumer.WorkflowExecutionConsumer):
         )
         self._plan_lock = asyncio.Lock()
 
-    async def prepare(self, request: messages.ExecutionRequest) -> consumer.Prepared | executions.Record:
+    async def prepare(
+        self, request: messages.ExecutionRequest
+    ) -> consumer.Admitted | executions.Record | executions.Busy:
         async with self._plan_lock:  # the original plan shared one AsyncSession between tasks; asyncpg forbids that
             await self.plan._sync_module_cache()  # starts with _get_db_session()'s SELECT 1
         return await super().prepare(request)

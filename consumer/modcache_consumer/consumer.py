@@ -10,12 +10,14 @@ Redis and finally the database.
 Per message (``_handle`` -> ``_deliver``; docs/consumer.md has the why):
 
 1. parse; a malformed message goes to the poison queue with the reason, and the consumer carries on;
-2. an execution slot (a message waiting longer than ``delivery_hold_s`` for one is requeued);
-3. ``prepare``: one unit of work (``_get_db_session``: a session of its own, here in autocommit since its
-   statements are independent and idempotent): the workflow, the organization and its configs (Redis first),
-   and last the claim (``executions.claim``): a lease for this consumer, or the finished record (replied from
-   storage, never run again), or Busy (someone holds a live lease: acknowledged, its owner replies); then
+2. ``read_ahead``, read-only, so it may run while both executors are still busy with earlier messages: one unit
+   of work (``_get_db_session``: a session of its own, here in autocommit since its statements are independent
+   and idempotent) reads the workflow, the organization and its configs (Redis first); then
    ``_sync_module_cache``, the O(1) readiness check, which returns the generation the execution pins;
+3. an execution slot (a message waiting longer than ``delivery_hold_s`` for one is requeued; what was read for
+   it is read again if the wait took longer than ``READ_AHEAD_FRESH_S``), then the claim
+   (``executions.claim``): a lease for this consumer, or the finished record (replied from storage, never run
+   again), or Busy (someone holds a live lease: acknowledged, its owner replies);
 4. the ack: PostgreSQL owns the execution from here on (``leases`` renews it; a crash is recovered by the sweep
    according to the workflow's policy, never by a redelivery, and never by the broker's ``consumer_timeout``);
 5. a fresh execution process runs it (``_execute`` -> ``executor``), served modules and its own secrets over
@@ -83,6 +85,9 @@ T = TypeVar("T")
 CLIENT_FAILURES_LIMIT = 3
 CLIENT_FAILURES_WINDOW_S = 300.0
 
+#: What ``read_ahead`` read for a message is used only if its slot became free within this (else read again).
+READ_AHEAD_FRESH_S = 1.0
+
 
 @dataclasses.dataclass(frozen=True)
 class Prepared:
@@ -125,6 +130,7 @@ class WorkflowExecutionConsumer:
             unowned_s=settings.execution_timeout_s + settings.terminate_grace_s + settings.lease_ttl_s,
         )
         self._slots = asyncio.Semaphore(settings.consumer_concurrency)
+        self._ahead: dict[uuid.UUID, Prepared] = {}  # read_ahead's result for a message that got its slot
         self._mine: set[uuid.UUID] = set()  # claimed or running here: a second delivery must not claim again
         self._lost: dict[uuid.UUID, asyncio.Event] = {}
         self._replying: set[uuid.UUID] = set()  # replies being sent (a duplicate delivery must not send another)
@@ -233,6 +239,19 @@ class WorkflowExecutionConsumer:
         )
         self._stack.push_async_callback(self.executor.close)
         await self.executor.start()
+        watch = asyncio.create_task(self._watch_executor())
+        self._stack.push_async_callback(_finish, watch)
+
+    async def _watch_executor(self) -> None:
+        """Connect to the executor again (restart it, in child mode) as soon as it is lost, so that readiness and
+        the check before each claim see it back without waiting for a message to try."""
+        while True:
+            await self.executor.lost()
+            try:
+                await self.executor.connect()
+            except errors.TransientError as e:
+                log.warning("the executor is unavailable: %s", e)
+                await asyncio.sleep(max(self.settings.transient_retry_delay_s, 0.1))
 
     async def _start_broker(self) -> None:
         s = self.settings
@@ -357,6 +376,8 @@ class WorkflowExecutionConsumer:
             problems.append("PostgreSQL unavailable at the last attempt")
         if not self._cache_ok:
             problems.append("module cache unavailable at the last attempt")
+        if not self.executor.available:
+            problems.append("executor unavailable")
         return problems
 
     # -- the original plan's names -----------------------------------------------------------------------------------
@@ -426,43 +447,63 @@ class WorkflowExecutionConsumer:
         await self._deliver(message, request)
 
     async def _deliver(self, message: aio_pika.abc.AbstractIncomingMessage, request: messages.ExecutionRequest) -> None:
-        """One execution slot for ``request``; a message that waits too long for one goes back to the queue
-        (a waiting message is unacknowledged, so the broker's ``consumer_timeout`` runs for it)."""
-        try:
-            async with asyncio.timeout(self.settings.delivery_hold_s):
-                await self._slots.acquire()
-        except TimeoutError:
-            self.metrics.requeued.inc()
-            await _settle(message.nack(requeue=True))
-            return
+        """Admit ``request`` (``_admit``), then run it or answer it from storage. A message that waits too long
+        for an execution slot goes back to the queue (a waiting message is unacknowledged, so the broker's
+        ``consumer_timeout`` runs for it)."""
         slot = _Slot(self._slots)
         try:
-            await self._admit_and_run(message, request, slot)
+            try:
+                admitted = await self._admit(request, slot)
+            except _NoSlot:
+                self.metrics.requeued.inc()
+                await _settle(message.nack(requeue=True))
+                return
+            except errors.TransientError as e:
+                log.warning("execution %s postponed: %s", request.execution_id, e)
+                await asyncio.sleep(self.settings.transient_retry_delay_s)
+                self.metrics.requeued.inc()
+                await _settle(message.nack(requeue=True))
+                return
+            except Exception as e:
+                log.exception("execution %s: unexpected failure; poisoning its message", request.execution_id)
+                await self._record_internal_error(request, e)
+                await self._poison(message, f"internal error: {errors.describe(e)}")
+                return
+            await self._run_or_answer(message, request, admitted, slot)
         finally:
             slot.release()
 
-    async def _admit_and_run(
-        self, message: aio_pika.abc.AbstractIncomingMessage, request: messages.ExecutionRequest, slot: _Slot
-    ) -> None:
+    async def _admit(
+        self, request: messages.ExecutionRequest, slot: _Slot
+    ) -> Admitted | executions.Record | executions.Busy:
+        """Read what the execution needs (read-only: no claim yet) while the executors may still be busy with
+        earlier messages, then wait for a slot and claim. What was read while waiting longer than
+        ``READ_AHEAD_FRESH_S`` is read again (a workflow changed meanwhile shows at once)."""
+        ahead = await self.read_ahead(request)
+        if not isinstance(ahead, Prepared):
+            return ahead
+        waited_s = await slot.acquire(self.settings.delivery_hold_s)
+        if waited_s <= READ_AHEAD_FRESH_S:
+            self._ahead[request.execution_id] = ahead  # prepare takes it (and drops it whatever happens)
         try:
-            admitted = await self.prepare(request)
-        except errors.TransientError as e:
-            log.warning("execution %s postponed: %s", request.execution_id, e)
-            await asyncio.sleep(self.settings.transient_retry_delay_s)
-            self.metrics.requeued.inc()
-            await _settle(message.nack(requeue=True))
-            return
-        except Exception as e:
-            log.exception("execution %s: unexpected failure; poisoning its message", request.execution_id)
-            await self._record_internal_error(request, e)
-            await self._poison(message, f"internal error: {errors.describe(e)}")
-            return
+            return await self.prepare(request)
+        finally:
+            self._ahead.pop(request.execution_id, None)
+
+    async def _run_or_answer(
+        self,
+        message: aio_pika.abc.AbstractIncomingMessage,
+        request: messages.ExecutionRequest,
+        admitted: Admitted | executions.Record | executions.Busy,
+        slot: _Slot,
+    ) -> None:
         if isinstance(admitted, Admitted):
             # PostgreSQL owns the execution from here on (its lease): the broker's consumer_timeout no longer
             # matters, and a crash from now on is recovered by the sweep, by policy, not by a redelivery.
             await _settle(message.ack())
             await self._run_leased(request, admitted, slot)
             return
+        slot.release()  # nothing runs
         if isinstance(admitted, executions.Busy):
             log.info("execution %s runs under a live lease elsewhere; its owner replies", request.execution_id)
         elif admitted.leased and not admitted.answers(request):  # another caller: the stored outcome
@@ -521,9 +562,23 @@ class WorkflowExecutionConsumer:
             elif request.reply_to:
                 await self._reply_owed(request, recorded)
                 return
+        except executor.NotStarted as e:
+            await self._postpone(request, lease, e)
         except Exception:
             log.exception("execution %s: failed after its message was acknowledged; the sweep recovers it", lease)
         self.leases.drop(lease.execution_id)
+
+    async def _postpone(self, request: messages.ExecutionRequest, lease: executions.Lease, why: Exception) -> None:
+        """Nothing of the execution ran (the executor went away after the claim): PENDING again without using an
+        attempt, and its message published again. If that fails, the lease expires and a sweep republishes it."""
+        log.warning("execution %s: not started (%s); queued again", request.execution_id, errors.describe(why))
+        assert self._channel is not None
+        try:
+            await self._unit(lambda db: executions.postpone(db, lease, terms=self._terms))
+            await amqp.republish(self._channel, self._names, request, attempt=lease.attempt)
+            await self._unit(lambda db: executions.republished(db, lease.execution_id, terms=self._terms))
+        except Exception as e:  # nothing here may raise (see _run_leased)
+            log.warning("execution %s: not queued again yet (a sweep will): %s", request.execution_id, e)
 
     async def _execute_while_leased(
         self, request: messages.ExecutionRequest, admitted: Admitted
@@ -637,15 +692,29 @@ class WorkflowExecutionConsumer:
 
     # -- the two units of work ----------------------------------------------------------------------------------
 
+    async def read_ahead(self, request: messages.ExecutionRequest) -> Prepared | executions.Record | executions.Busy:
+        """The read-only part of preparing, done before an execution slot is free: the workflow, the
+        organization and its configs (Redis first), then ``_sync_module_cache``, the O(1) readiness check, which
+        returns the generation the execution pins. An execution that cannot run (unknown workflow, another
+        organization's, ...) is recorded FAILED here and its Record returned."""
+        prepared = await self._read(request)
+        if not isinstance(prepared, Prepared):
+            return prepared
+        return dataclasses.replace(prepared, generation=await self._sync_module_cache())
+
     async def prepare(self, request: messages.ExecutionRequest) -> Admitted | executions.Record | executions.Busy:
-        """Everything before the executor: the first unit of work (ending with the claim), then the O(1) cache
-        readiness check. An Admitted execution is leased to this consumer (``leases`` renews it)."""
+        """Everything before the executor: what ``read_ahead`` reads (unless read just now, while the message
+        waited for its slot), then the claim. An Admitted execution is leased to this consumer (``leases``
+        renews it)."""
         execution_id = request.execution_id
+        if not self.executor.available:  # claimed now, it could only fail: requeued instead (a TransientError)
+            raise executor.ExecutorUnavailable("the executor is unavailable")
         if execution_id in self._mine:
             return executions.Busy(None)  # a second delivery of what this consumer claims or runs
         self._mine.add(execution_id)
         try:
-            admitted = await self._unit(lambda db: self._prepare(db, request))
+            read = self._ahead.pop(execution_id, None) or await self.read_ahead(request)
+            admitted = read if not isinstance(read, Prepared) else await self._claim(request, read)
         except BaseException:
             self._mine.discard(execution_id)
             raise
@@ -653,49 +722,54 @@ class WorkflowExecutionConsumer:
             self._mine.discard(execution_id)
             return admitted
         self.leases.hold(execution_id)
-        try:
-            generation = await self._sync_module_cache()
-        except BaseException:
-            await self._give_back(admitted.lease)
-            raise
-        return dataclasses.replace(admitted, prepared=dataclasses.replace(admitted.prepared, generation=generation))
+        return admitted
 
-    async def _give_back(self, lease: executions.Lease) -> None:
-        """Undo a claim that cannot proceed (the cache is unavailable; the message is requeued)."""
-        self.leases.drop(lease.execution_id)
-        self._mine.discard(lease.execution_id)
-        with contextlib.suppress(Exception):
-            await self._unit(lambda db: executions.unclaim(db, lease, owner=self._terms.owner))
-
-    async def _prepare(
-        self, db: AsyncSession, request: messages.ExecutionRequest
-    ) -> Admitted | executions.Record | executions.Busy:
+    async def _read(self, request: messages.ExecutionRequest) -> Prepared | executions.Record | executions.Busy:
+        """The workflow (a plain asyncpg statement: ``Database.raw``), the organization and its configs (from
+        Redis; PostgreSQL on a miss); each statement commits by itself (they are independent and idempotent)."""
         try:
-            workflow = await self.workflows.get_workflow_for_execution(request.workflow_id, db=db)
-            organization = await self._organization(db, request, workflow)
+            workflow = await self._db_call(self.workflows.read_for_execution(request.workflow_id))
+            organization = await self._organization(request, workflow)
             if workflow.code is None:
                 raise errors.InputError(workflow.name, "the workflow has no code")
         except errors.InputError as e:
             outcome = messages.Outcome(messages.Status.FAILED, error=str(e), duration_ms=0)
+            record = await self._unit(lambda db: executions.finish_unleased(db, request, outcome, terms=self._terms))
+            if not record.status.finished:  # running under a live lease (a duplicate delivery): not ours to fail
+                return executions.Busy(record)
             self.metrics.executions.labels(status=outcome.status.value).inc()
-            return await executions.finish_unleased(db, request, outcome, terms=self._terms)
+            return record
         scope = configs.GLOBAL if organization is None else f"ORG:{organization.id}"
-        config = await self.configs.load_config_for_scope(scope, db=db)  # before the claim: may fail transiently
-        claimed = await executions.claim(
-            db,
-            request,
-            terms=self._terms,
-            workflow_name=workflow.name,
-            organization_id=organization.id if organization else None,
-            max_attempts=workflow.retries_on_crash + 1,
+        config = await self._db_call(self.configs.load_config_for_scope(scope))  # before the claim: may fail
+        return Prepared(workflow=workflow, organization=organization, config=config)
+
+    async def _claim(
+        self, request: messages.ExecutionRequest, read: Prepared
+    ) -> Admitted | executions.Record | executions.Busy:
+        """The claim's statement on a plain asyncpg connection; only if it finds a row it may not claim does
+        ``executions.claim`` find out what is there (finished, leased elsewhere, expired without attempts)."""
+        name, organization = read.workflow.name, read.organization.id if read.organization else None
+        attempts = read.workflow.retries_on_crash + 1
+        terms = self._terms
+        claimed: executions.Lease | executions.Record | executions.Busy | None = await self._db_call(
+            self.database.raw(
+                lambda db: executions.try_claim(
+                    db, request, terms=terms, workflow_name=name, organization_id=organization, max_attempts=attempts
+                )
+            )
         )
+        if claimed is None:
+            claimed = await self._unit(
+                lambda db: executions.claim(
+                    db, request, terms=terms, workflow_name=name, organization_id=organization, max_attempts=attempts
+                )
+            )
         if not isinstance(claimed, executions.Lease):
             return claimed
-        prepared = Prepared(workflow=workflow, organization=organization, config=config, attempt=claimed.attempt)
-        return Admitted(lease=claimed, prepared=prepared)
+        return Admitted(lease=claimed, prepared=dataclasses.replace(read, attempt=claimed.attempt))
 
     async def _organization(
-        self, db: AsyncSession, request: messages.ExecutionRequest, workflow: workflows.WorkflowForExecution
+        self, request: messages.ExecutionRequest, workflow: workflows.WorkflowForExecution
     ) -> configs.Organization | None:
         owner, asked = workflow.organization_id, request.organization_id
         if owner is not None and asked is not None and owner != asked:
@@ -703,7 +777,7 @@ class WorkflowExecutionConsumer:
         org_id = asked or owner
         if org_id is None:
             return None
-        organization = await self.configs.get_organization(org_id, db=db)
+        organization = await self._db_call(self.configs.get_organization(org_id))
         if organization is None:
             raise errors.InputError(str(org_id), "no such organization")
         if not organization.is_active:
@@ -750,8 +824,12 @@ class WorkflowExecutionConsumer:
         return messages.Outcome(status=result.status, result=result.result, error=error, duration_ms=duration_ms)
 
     async def _unit(self, work: Callable[[AsyncSession], Awaitable[T]]) -> T:
+        return await self._db_call(self.database.run(work, autocommit=True))
+
+    async def _db_call(self, call: Awaitable[T]) -> T:
+        """``call``, which reads or writes PostgreSQL; its outcome is what ``/readyz`` reports for it."""
         try:
-            result = await self.database.run(work, autocommit=True)
+            result = await call
         except errors.SourceUnavailable:
             self._db_ok = False
             raise
@@ -759,16 +837,39 @@ class WorkflowExecutionConsumer:
         return result
 
 
+class _NoSlot(Exception):
+    """No execution slot became free within ``delivery_hold_s``."""
+
+
 class _Slot:
-    """One execution slot (of ``consumer_concurrency``), released once: after the run, or when handling ends."""
+    """One execution slot (of ``consumer_concurrency``): acquired once, released once (after the run, or when
+    handling ends)."""
 
     def __init__(self, slots: asyncio.Semaphore) -> None:
-        self._slots: asyncio.Semaphore | None = slots
+        self._slots = slots
+        self._held = False
+
+    async def acquire(self, timeout_s: float) -> float:
+        """Wait for the slot; returns how long that took (_NoSlot after ``timeout_s``)."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._slots.acquire()
+        except TimeoutError:
+            raise _NoSlot from None
+        self._held = True
+        return loop.time() - started
 
     def release(self) -> None:
-        if self._slots is not None:
+        if self._held:
+            self._held = False
             self._slots.release()
-            self._slots = None
+
+
+async def _finish(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
 
 
 async def _settle(settling: Any) -> None:

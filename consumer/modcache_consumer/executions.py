@@ -33,12 +33,13 @@ import uuid
 from collections.abc import Iterable, Sequence
 from typing import Any, NewType
 
+import asyncpg
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql as pg
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from modcache import schema
-from modcache_consumer import messages
+from modcache_consumer import database, messages
 
 E = schema.Execution
 Owner = NewType("Owner", str)
@@ -131,6 +132,8 @@ _CLAIM = sa.text(
     """
 ).bindparams(sa.bindparam("parameters", type_=_JSON))
 
+_CLAIM_RAW = database.Raw(_CLAIM, json_params=("parameters",))
+
 _RETURNED = "id, status, workflow_id, workflow_name, organization_id, result, error, duration_ms, attempt"
 _READ = sa.text(
     f"""
@@ -180,6 +183,7 @@ _FINISH_LEASED = sa.text(
     RETURNING e.id
     """
 )
+_FINISH_LEASED_RAW = database.Raw(_FINISH_LEASED)
 _RENEW = sa.text(
     f"""
     UPDATE executions SET lease_expires_at = {_LEASE}
@@ -190,6 +194,12 @@ _RENEW = sa.text(
 _UNCLAIM = sa.text(
     """
     UPDATE executions SET status = 'PENDING', attempt = attempt - 1, lease_owner = NULL, lease_expires_at = NULL
+    WHERE id = :id AND lease_token = :token AND lease_owner = :owner AND status = 'RUNNING'
+    """
+)
+_POSTPONE = sa.text(
+    f"""
+    UPDATE executions SET status = 'PENDING', attempt = attempt - 1, lease_expires_at = {_LEASE}, updated_at = now()
     WHERE id = :id AND lease_token = :token AND lease_owner = :owner AND status = 'RUNNING'
     """
 )
@@ -208,6 +218,7 @@ _REPLIED = sa.text(
     WHERE id = ANY(CAST(:ids AS uuid[])) AND lease_owner = :owner AND status NOT IN ('PENDING', 'RUNNING')
     """
 )
+_REPLIED_RAW = database.Raw(_REPLIED)
 _SWEEP = sa.text(
     f"""
     WITH due AS (
@@ -262,7 +273,46 @@ async def claim(
     max_attempts: int = 1,
 ) -> Lease | Record | Busy:
     """Take the lease and mark the execution RUNNING; else what is there: a finished Record, or Busy."""
-    values = {
+    values = _claim_values(request, terms, workflow_name, organization_id, max_attempts)
+    row = (await db.execute(_CLAIM, values)).first()
+    if row is not None:
+        return Lease(execution_id=row.id, token=row.lease_token, attempt=row.attempt)
+    record = await read(db, request.execution_id)
+    assert record is not None  # the insert conflicted: the row exists
+    if record.status is messages.Status.RUNNING and not record.leased:  # expired, no attempts left: fail it now
+        swept = await sweep(db, terms=terms, only=request.execution_id)
+        return swept[0].record if swept else await claim_again(db, request, terms=terms)
+    if not record.status.finished:
+        return Busy(record)
+    return record
+
+
+async def try_claim(
+    db: asyncpg.Connection,
+    request: messages.ExecutionRequest,
+    *,
+    terms: Terms,
+    workflow_name: str | None = None,
+    organization_id: uuid.UUID | None = None,
+    max_attempts: int = 1,
+) -> Lease | None:
+    """``claim``'s first statement alone, on a plain asyncpg connection (``Database.raw``, the hot path): the
+    lease, or None when the row exists and is not claimable (then ``claim`` finds out what is there)."""
+    values = _claim_values(request, terms, workflow_name, organization_id, max_attempts)
+    row = await db.fetchrow(_CLAIM_RAW.sql, *_CLAIM_RAW.args(values))
+    if row is None:
+        return None
+    return Lease(execution_id=row["id"], token=row["lease_token"], attempt=row["attempt"])
+
+
+def _claim_values(
+    request: messages.ExecutionRequest,
+    terms: Terms,
+    workflow_name: str | None,
+    organization_id: uuid.UUID | None,
+    max_attempts: int,
+) -> dict[str, Any]:
+    return {
         "id": request.execution_id,
         "workflow_id": request.workflow_id,
         "workflow_name": workflow_name,
@@ -275,17 +325,6 @@ async def claim(
         "reply_to": request.reply_to,
         "correlation_id": request.correlation_id,
     }
-    row = (await db.execute(_CLAIM, values)).first()
-    if row is not None:
-        return Lease(execution_id=row.id, token=row.lease_token, attempt=row.attempt)
-    record = await read(db, request.execution_id)
-    assert record is not None  # the insert conflicted: the row exists
-    if record.status is messages.Status.RUNNING and not record.leased:  # expired, no attempts left: fail it now
-        swept = await sweep(db, terms=terms, only=request.execution_id)
-        return swept[0].record if swept else await claim_again(db, request, terms=terms)
-    if not record.status.finished:
-        return Busy(record)
-    return record
 
 
 async def claim_again(db: AsyncSession, request: messages.ExecutionRequest, *, terms: Terms) -> Busy | Record:
@@ -322,7 +361,7 @@ async def finish_unleased(
 
 
 async def finish_leased(
-    db: AsyncSession,
+    db: AsyncSession | asyncpg.Connection,
     outcomes: Sequence[tuple[Lease, messages.Outcome]],
     *,
     terms: Terms,
@@ -343,7 +382,7 @@ async def finish_leased(
         "owner": terms.owner,
         "lease_s": terms.lease_s,
     }
-    return {row.id for row in await db.execute(_FINISH_LEASED, values)}
+    return {row["id"] for row in await _FINISH_LEASED_RAW.fetch(db, _FINISH_LEASED, values)}
 
 
 async def renew(db: AsyncSession, ids: Iterable[uuid.UUID], *, terms: Terms) -> set[uuid.UUID]:
@@ -360,6 +399,14 @@ async def unclaim(db: AsyncSession, lease: Lease, *, owner: Owner) -> None:
     await db.execute(_UNCLAIM, {"id": lease.execution_id, "token": lease.token, "owner": owner})
 
 
+async def postpone(db: AsyncSession, lease: Lease, *, terms: Terms) -> None:
+    """Nothing ran (the executor was gone after the claim): PENDING again, the attempt not used, still leased by
+    ``terms.owner`` while its message is published again (``republished``); if that never happens, the lease
+    expires and a sweep republishes it."""
+    values = {"id": lease.execution_id, "token": lease.token, "owner": terms.owner, "lease_s": terms.lease_s}
+    await db.execute(_POSTPONE, values)
+
+
 async def republished(db: AsyncSession, execution_id: uuid.UUID, *, terms: Terms) -> None:
     """The broker confirmed a retry's message: it is queued durably and the consumer that takes it claims the row
     (or its redelivery does). Republish again only if the row is still PENDING after ``terms.unowned_s``."""
@@ -374,11 +421,11 @@ async def release(db: AsyncSession, ids: Iterable[uuid.UUID], *, owner: Owner) -
         await db.execute(_RELEASE, {"ids": wanted, "owner": owner})
 
 
-async def mark_replied(db: AsyncSession, ids: Iterable[uuid.UUID], *, owner: Owner) -> None:
+async def mark_replied(db: AsyncSession | asyncpg.Connection, ids: Iterable[uuid.UUID], *, owner: Owner) -> None:
     """The replies of ``ids`` were sent: nothing is owed any more and their leases end."""
     wanted = list(ids)
     if wanted:
-        await db.execute(_REPLIED, {"ids": wanted, "owner": owner})
+        await _REPLIED_RAW.fetch(db, _REPLIED, {"ids": wanted, "owner": owner})
 
 
 async def sweep(

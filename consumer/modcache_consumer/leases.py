@@ -106,6 +106,7 @@ class Leases:
         self._mark_delay_s = mark_delay_s
         self._marks: list[tuple[uuid.UUID, asyncio.Future[None]]] = []  # replied, to be marked so
         self._marking: asyncio.Task[None] | None = None
+        self._writing = asyncio.Lock()  # outcome and mark flushes take turns: one connection for both
         self._database = database
         self._renew_interval_s = renew_interval_s
         self._sweep_interval_s = sweep_interval_s
@@ -203,9 +204,10 @@ class Leases:
         marks, self._marks = self._marks, []
         ids = [execution_id for execution_id, _ in marks]
         try:
-            recorded = await self._database.run(
-                lambda db: executions.finish_leased(db, batch, terms=self.terms, replied=ids), autocommit=True
-            )
+            async with self._writing:
+                recorded = await self._database.raw(
+                    lambda db: executions.finish_leased(db, batch, terms=self.terms, replied=ids)
+                )
         except BaseException:
             self._marks[:0] = marks  # the outcomes' callers retry theirs; the marks get their own flush
             if marks and self._marking is None:
@@ -225,14 +227,15 @@ class Leases:
             self._marking = None
 
     async def _marks_now(self) -> None:
-        marks, self._marks = self._marks, []
-        if not marks:
-            return
+        async with self._writing:
+            marks, self._marks = self._marks, []
+            if marks:
+                await self._write_marks(marks)
+
+    async def _write_marks(self, marks: list[tuple[uuid.UUID, asyncio.Future[None]]]) -> None:
         ids = [execution_id for execution_id, _ in marks]
         try:
-            await self._database.run(
-                lambda db: executions.mark_replied(db, ids, owner=self.terms.owner), autocommit=True
-            )
+            await self._database.raw(lambda db: executions.mark_replied(db, ids, owner=self.terms.owner))
         except Exception as e:
             for _, future in marks:
                 if not future.done():

@@ -163,7 +163,7 @@ def die_with_parent(expected_parent: int) -> None:
 # -- probing and the template's own mount namespace -------------------------------------------------------
 
 
-def probe(uid_base: int) -> Isolation:
+def probe(uid_base: int | None) -> Isolation:
     """What is available here: try a namespaced clone whose child exits at once."""
     root = os.geteuid() == 0
     outer = (os.getuid(), os.getgid())  # in the clone's new user namespace these read 65534

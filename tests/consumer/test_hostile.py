@@ -27,6 +27,8 @@ SysV IPC left for the next execution               an IPC namespace per executio
 nested user namespaces, mount, ptrace, bpf, ...    a seccomp filter per execution (EPERM; clone3: ENOSYS)
 i386 int 0x80 or x32 system calls                  the seccomp filter kills the process (SIGSYS)
 a kernel that refuses seccomp filters              the executor refuses to start
+another root executor's executions on the host     a uid range per executor, locked under /run/modcache/uids
+forged result values (NaN, NUL, deep, huge)        re-validated before they are recorded: FAILED, reason
 =================================================  ===========================================================
 """
 
@@ -37,6 +39,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import random
 import shutil
 import sys
 import time
@@ -986,3 +989,64 @@ async def test_a_forged_result_value_fails_only_its_own_execution(harness, kind:
     row = await harness.execution(request.execution_id)
     assert row is not None
     assert (row["status"], row["result"], row["error"]) == ("FAILED", None, reply["error"])
+
+
+# -- two root executors on one host (attack-8 F7) ---------------------------------------------------------------
+
+HOARD = """
+import os, time
+def run(seconds):
+    children = 0
+    while True:
+        try:
+            pid = os.fork()
+        except OSError:  # RLIMIT_NPROC of this execution's uid
+            break
+        if pid == 0:
+            time.sleep(seconds)
+            os._exit(0)
+        children += 1
+    time.sleep(seconds)
+    return [os.getuid(), children]
+"""
+FORKS = "import os, subprocess\ndef run(n):\n    return [os.getuid(), subprocess.run(['true']).returncode, n]\n"
+
+
+def _execution_processes(template_pid: int | None) -> int:
+    count = 0
+    with contextlib.suppress(psutil.Error):
+        for process in psutil.Process(template_pid).children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                count += process.uids().real != 0
+    return count
+
+
+async def test_two_root_executors_on_one_host_never_share_execution_uids(executors) -> None:
+    """F7: two executors started at once claim disjoint uid ranges (a lock per range under /run/modcache/uids),
+    so one consumer's execution that takes every process its uid may have leaves another consumer's execution
+    its own: that one still forks, as a uid of another range."""
+    a, b = await asyncio.gather(executors.start(processes=16), executors.start(processes=16))
+    hoard = asyncio.create_task(executors.run(a, HOARD, {"seconds": 6}))
+    deadline = time.monotonic() + 20
+    while _execution_processes(a.template_pid) < 16 and time.monotonic() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.05)  # the hoarder's forks, seen from outside: nothing to await
+    n = uuid.uuid4().hex
+    benign = await executors.run(b, FORKS, {"n": n})
+    hoarded = await hoard
+    assert (hoarded.status, hoarded.result[1]) == ("SUCCESS", 15), hoarded.error  # the execution + 15 = 16
+    assert (benign.status, benign.result[1:]) == ("SUCCESS", [0, n]), benign.error
+    assert hoarded.result[0] // 4096 != benign.result[0] // 4096  # disjoint ranges of 4096 uids
+
+
+async def test_an_explicit_uid_base_is_locked_too_and_a_clash_is_a_start_up_error(executors) -> None:
+    """F7: MODCACHE_EXECUTION_UID_BASE is honoured and its range locked; a second executor whose range overlaps
+    it does not start, and says which setting to change."""
+    base = 5_000_000 + 4096 * random.randrange(1000)
+    first = await executors.start(uid_base=base)
+    outcome = await executors.run(first, "import os\ndef run():\n    return os.getuid()\n")
+    assert outcome.status == "SUCCESS", outcome.error
+    assert base <= outcome.result < base + 4096
+    with pytest.raises(executor.ExecutorUnavailable, match=f"MODCACHE_EXECUTION_UID_BASE={base + 100}: execution"):
+        await executors.start(uid_base=base + 100)
+    again = await executors.run(first, "import os\ndef run():\n    return os.getuid()\n")
+    assert again.status == "SUCCESS", again.error

@@ -7,7 +7,8 @@ redelivered one (the broker's answer to a consumer that died on it) is poisoned 
 nobody expected poisons its message too; and a handler wedged past ``handler_stuck_after_s`` fails ``/livez``.
 Message properties the AMQP client cannot decode (headers nested 3,000 deep: attack-8b A4) are poisoned with the
 reason instead of killing the connection's reader at every redelivery. An outcome PostgreSQL would refuse fails
-only its own execution, never the other organizations' outcomes recorded in the same batch (A3).
+only its own execution, never the other organizations' outcomes recorded in the same batch (A3). While the
+executor is gone the consumer is not ready and claims nothing: messages wait in the queue, not FAILED (A10).
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import shutil
 import sys
 import urllib.error
 import urllib.request
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aio_pika
@@ -27,7 +30,7 @@ import pytest
 
 from modcache import keys
 from modcache_consumer import consumer as consumer_module
-from modcache_consumer import headerguard, messages, settings
+from modcache_consumer import executor, headerguard, messages, settings
 
 ECHO = "def run(**params):\n    return params\n"
 
@@ -407,3 +410,123 @@ async def test_a_batch_the_database_refuses_is_recorded_item_by_item(harness: An
     for reply in attackers:
         assert (reply["status"], reply["result"]) == ("FAILED", None)
         assert reply["error"].startswith("the outcome could not be stored: DBAPIError: ")
+
+
+# -- the executor goes away (attack-8b A10) --------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def executor_socket() -> AsyncIterator[Path]:
+    """A directory of /run for the executor's socket (not one of the executions' scratch mounts)."""
+    directory = Path("/run") / f"modcache-test-{uuid.uuid4().hex[:8]}"
+    directory.mkdir(mode=0o755)
+    try:
+        yield directory / "executor.sock"
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+async def start_executor(path: Path) -> asyncio.subprocess.Process:
+    """``modcache executor --socket`` (the chart's executor container; the consumer retries until it listens)."""
+    template = ("-m", "modcache_consumer.template", "--socket", str(path))
+    return await asyncio.create_subprocess_exec(sys.executable, *template)
+
+
+async def stop(process: asyncio.subprocess.Process) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        process.kill()
+    await process.wait()
+
+
+class Gated(consumer_module.WorkflowExecutionConsumer):
+    """Tells which requests it turned away because the executor was unavailable (our seam), and can lose its
+    executor right after a claim (``lose_after_claim``: what a crash at that moment looks like)."""
+
+    turned_away: asyncio.Queue[uuid.UUID]
+    lose_after_claim: asyncio.subprocess.Process | None = None
+
+    async def prepare(self, request: messages.ExecutionRequest) -> Any:
+        try:
+            return await super().prepare(request)
+        except executor.ExecutorUnavailable:
+            self.turned_away.put_nowait(request.execution_id)
+            raise
+
+    async def _execute(self, request: messages.ExecutionRequest, prepared: Any) -> messages.Outcome:
+        if self.lose_after_claim is not None:
+            process, self.lose_after_claim = self.lose_after_claim, None
+            await stop(process)
+            await self.executor.lost()
+        return await super()._execute(request, prepared)
+
+
+@contextlib.asynccontextmanager
+async def gated(harness: Any, path: Path) -> AsyncIterator[Gated]:
+    update = {"executor_socket": str(path), "worker_start_timeout_s": 2.0, "consumer_concurrency": 2}
+    consumer = Gated(settings=harness.settings.model_copy(update=update))
+    consumer.turned_away = asyncio.Queue()
+    async with consumer:
+        yield consumer
+
+
+async def test_while_the_executor_is_gone_the_consumer_is_not_ready_and_takes_no_message(harness: Any) -> None:
+    workflow_id = await harness.workflow(ECHO)
+    async with executor_socket() as path:
+        first = await start_executor(path)
+        try:
+            async with gated(harness, path) as consumer:
+                readyz = f"http://127.0.0.1:{consumer.health_port}/readyz"
+                org_a, org_b = await other_orgs(consumer)
+                before = await harness.call(workflow_id, {"org": "a"}, organization_id=org_a)
+                await stop(first)  # crashed, OOM-killed, restarting
+                await consumer.executor.lost()
+                gone = await asyncio.to_thread(_get, readyz)
+                request = harness.request(workflow_id, {"org": "b"}, organization_id=org_b)
+                caller = await harness.caller()
+                await caller.publish(request)
+                assert await asyncio.wait_for(consumer.turned_away.get(), 30) == request.execution_id
+                untouched = await harness.execution(request.execution_id)
+                second = await start_executor(path)  # back
+                try:
+                    reply = await caller.result(request.execution_id, timeout_s=60)
+                    back = await asyncio.to_thread(_get, readyz)
+                finally:
+                    await stop(second)
+        finally:
+            await stop(first)
+    assert before["result"] == {"org": "a"}
+    assert gone == (503, "executor unavailable\n")
+    assert untouched is None  # not claimed, not failed: requeued
+    assert (reply["status"], reply["result"]) == ("SUCCESS", {"org": "b"})
+    row = await harness.execution(request.execution_id)
+    assert (row["status"], row["attempt"]) == ("SUCCESS", 1)
+    assert back == (200, "ok\n")
+
+
+async def test_an_executor_lost_right_after_the_claim_queues_the_execution_again(harness: Any) -> None:
+    """The window the readiness check cannot close: the executor goes away between the claim (the message is
+    acknowledged then) and the run. Nothing ran, so the execution is PENDING again, without using an attempt,
+    and its message is published again; it runs once the executor is back."""
+    workflow_id = await harness.workflow(ECHO)
+    async with executor_socket() as path:
+        first = await start_executor(path)
+        try:
+            async with gated(harness, path) as consumer:
+                org_b = await consumer.configs.put_organization(f"B-{uuid.uuid4().hex[:6]}")
+                consumer.lose_after_claim = first
+                request = harness.request(workflow_id, {"org": "b"}, organization_id=org_b)
+                caller = await harness.caller()
+                await caller.publish(request)
+                assert await asyncio.wait_for(consumer.turned_away.get(), 60) == request.execution_id
+                pending = await harness.execution(request.execution_id)
+                second = await start_executor(path)
+                try:
+                    reply = await caller.result(request.execution_id, timeout_s=60)
+                finally:
+                    await stop(second)
+        finally:
+            await stop(first)
+    assert (pending["status"], pending["attempt"], pending["error"]) == ("PENDING", 0, None)
+    assert (reply["status"], reply["result"]) == ("SUCCESS", {"org": "b"})
+    row = await harness.execution(request.execution_id)
+    assert (row["status"], row["attempt"]) == ("SUCCESS", 1)
