@@ -103,6 +103,7 @@ def _single(url: str, *, tls: bool) -> RedisEndpoint:
         raise ValueError("several hosts need redis+sentinel:// or redis+cluster://")
     if parts.hostname:
         _host_port(hostlist, DEFAULT_REDIS_PORT)  # the port's own checks (urllib takes '²' and '٦٣٧٩' for digits)
+    url_query(url)  # every parameter once, with a value (the TLS checks read it as redis-py does)
     port = parts.port
     # Where the client connects is what redis-py's ``parse_url`` makes of the URL (it goes to redis-py as is):
     # ``?db=`` wins over the path, host and path are percent-decoded. Reading it any other way would watch the
@@ -188,8 +189,19 @@ REDIS_FALSE = ("0", "F", "FALSE", "N", "NO")  # what redis-py's URL parser reads
 
 
 def url_query(url: str) -> dict[str, str]:
-    """The query parameters of ``url`` (the last of a repeated one wins, as in redis-py and libpq)."""
-    return dict(urllib.parse.parse_qsl(url.partition("?")[2].partition("#")[0], keep_blank_values=True))
+    """The query parameters of ``url``, each given once and with a value (``ValueError`` naming the first that is
+    not). The drivers disagree about the others: redis-py takes the first of a repeated parameter and asyncpg the
+    last, both drop a blank one (and asyncpg then falls back to ``PGSSLMODE`` or ``prefer``), so a check reading
+    ``?ssl_cert_reqs=none&ssl_cert_reqs=required`` or ``?sslmode=`` one way was passed by a URL the driver read
+    the other way (attack-11b T1, T2). Refusing them leaves one reading, the driver's."""
+    found: dict[str, str] = {}
+    for name, value in urllib.parse.parse_qsl(url.partition("?")[2].partition("#")[0], keep_blank_values=True):
+        if name in found:
+            raise ValueError(f"the query parameter {name!r} is given twice: give it once")
+        if not value:
+            raise ValueError(f"the query parameter {name!r} has no value: give it one, or drop it")
+        found[name] = value
+    return found
 
 
 def redis_tls_relaxations(url: str) -> list[tuple[str, str]]:
