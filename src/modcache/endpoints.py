@@ -180,7 +180,9 @@ def check_postgres(url: str) -> tuple[tuple[str, int], ...]:
     if not sep or scheme not in POSTGRES_SCHEMES:
         raise ValueError(f"URL scheme must be one of {', '.join(POSTGRES_SCHEMES)}")
     netloc = rest.split("/", 1)[0].split("?", 1)[0]
-    return split_netloc(netloc, default_port=DEFAULT_POSTGRES_PORT)[2]
+    hosts = split_netloc(netloc, default_port=DEFAULT_POSTGRES_PORT)[2]
+    url_query(url)  # every parameter once, with a value: a blank ?sslmode= was dropped by asyncpg (attack-11b T2)
+    return hosts
 
 
 SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")  # libpq's, weakest first
@@ -223,9 +225,11 @@ def redis_tls_relaxations(url: str) -> list[tuple[str, str]]:
 
 
 def with_query(url: str, extra: dict[str, str]) -> str:
-    """``url`` with the ``extra`` query parameters the URL does not set itself (the URL's own win)."""
+    """``url`` with the ``extra`` query parameters the URL does not set itself (the URL's own win). A parameter
+    the URL repeats or leaves blank is a ``ValueError`` (``url_query``): a blank ``sslmode=`` counted as set, kept
+    the setting's ``verify-full`` out, and asyncpg, dropping it, fell back to ``prefer`` (attack-11b T2)."""
     base, _, query = url.partition("?")
-    present = dict(urllib.parse.parse_qsl(query, keep_blank_values=True))
+    present = url_query(url)
     added = {k: v for k, v in extra.items() if k not in present}
     if not added:
         return url

@@ -180,7 +180,10 @@ def database_dsn(config: settings.Settings, url: str | None = None) -> str:
     URL's own parameters win). Multi-host URLs pass unchanged: asyncpg tries the hosts in turn."""
     chosen = url if url is not None else _required(config.database_url, "database_url")
     _warn_relaxed_tls(config)
-    return endpoints.with_query(settings.asyncpg_dsn(chosen), config.database_ssl_params())
+    try:  # the settings refused a repeated or blank parameter already; a URL given here directly is held to it too
+        return endpoints.with_query(settings.asyncpg_dsn(chosen), config.database_ssl_params())
+    except ValueError as e:
+        raise errors.ConfigError("MODCACHE_DATABASE_URL", str(e)) from None
 
 
 def make_pg_engine(

@@ -19,7 +19,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from modcache import db, errors, keys, lineage, settings, watcher, wiring
+from modcache import db, endpoints, errors, keys, lineage, settings, watcher, wiring
 from testkit import convergence, topologies
 from testkit.observers import Recorder
 from testkit.watching import upsert, watch_settings, watching
@@ -129,6 +129,42 @@ def test_a_url_parameter_that_weakens_the_tls_settings_is_refused(
         assert caught.value.setting == f"MODCACHE_{field.upper()}"
         assert query.split("=")[0] in caught.value.reason
         assert named in caught.value.reason
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "sslmode=",
+        "sslmode=disable&sslmode=",
+        "target_session_attrs=read-write&sslmode=",
+        "sslmode=verify-full&sslmode=disable",
+        "sslmode",
+    ],
+)
+async def test_a_blank_or_repeated_sslmode_is_refused(
+    pair: topologies.PostgresPair, monkeypatch: pytest.MonkeyPatch, query: str
+) -> None:
+    """attack-11b T2: a blank ``?sslmode=`` counted as "the URL sets it", so MODCACHE_DATABASE_SSL_MODE=verify-full
+    was not added, and asyncpg, dropping the blank value, fell back to ``prefer``: the sync ran over plaintext to
+    a server without TLS. Now a blank or repeated parameter is a ConfigError naming it, and the DSN modcache
+    builds carries exactly the sslmode it checked."""
+    monkeypatch.delenv("PGSSLMODE", raising=False)
+    url = f"{pair.primary.url()}?{query}"
+    for field in ("database_url", "listen_database_url"):
+        with pytest.raises(errors.ConfigError) as caught:
+            settings.Settings.from_env(**{field: url}, database_ssl_mode="verify-full")
+        assert caught.value.setting == f"MODCACHE_{field.upper()}"
+        assert "'sslmode'" in caught.value.reason
+    if query == "sslmode=":  # what was at stake: asyncpg drops the blank value and talks plaintext
+        conn = await asyncpg.connect(url)
+        try:
+            assert await conn.fetchval("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()") is False
+        finally:
+            await conn.close()
+    plain = settings.Settings(database_url=pair.primary.url(), database_ssl_mode="verify-full")  # type: ignore[arg-type]
+    assert endpoints.url_query(wiring.database_dsn(plain)) == {"sslmode": "verify-full"}
+    with pytest.raises(errors.ConfigError, match="'sslmode' has no value"):
+        wiring.database_dsn(plain, f"{pair.primary.url()}?sslmode=")
 
 
 async def test_an_unverified_plaintext_fallback_by_url_alone_is_warned_about_once(
