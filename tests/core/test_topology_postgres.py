@@ -32,6 +32,12 @@ def tls_postgres() -> Iterator[topologies.PostgresNode]:
 
 
 @pytest.fixture(scope="module")
+def plain_postgres() -> Iterator[topologies.PostgresNode]:
+    with topologies.postgres_pair(replica=False) as pair:
+        yield pair.primary
+
+
+@pytest.fixture(scope="module")
 def pair() -> Iterator[topologies.PostgresPair]:
     with topologies.postgres_pair() as nodes:
         yield nodes
@@ -142,14 +148,14 @@ def test_a_url_parameter_that_weakens_the_tls_settings_is_refused(
     ],
 )
 async def test_a_blank_or_repeated_sslmode_is_refused(
-    pair: topologies.PostgresPair, monkeypatch: pytest.MonkeyPatch, query: str
+    plain_postgres: topologies.PostgresNode, monkeypatch: pytest.MonkeyPatch, query: str
 ) -> None:
     """attack-11b T2: a blank ``?sslmode=`` counted as "the URL sets it", so MODCACHE_DATABASE_SSL_MODE=verify-full
     was not added, and asyncpg, dropping the blank value, fell back to ``prefer``: the sync ran over plaintext to
     a server without TLS. Now a blank or repeated parameter is a ConfigError naming it, and the DSN modcache
     builds carries exactly the sslmode it checked."""
     monkeypatch.delenv("PGSSLMODE", raising=False)
-    url = f"{pair.primary.url()}?{query}"
+    url = f"{plain_postgres.url()}?{query}"
     for field in ("database_url", "listen_database_url"):
         with pytest.raises(errors.ConfigError) as caught:
             settings.Settings.from_env(**{field: url}, database_ssl_mode="verify-full")
@@ -161,10 +167,10 @@ async def test_a_blank_or_repeated_sslmode_is_refused(
             assert await conn.fetchval("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()") is False
         finally:
             await conn.close()
-    plain = settings.Settings(database_url=pair.primary.url(), database_ssl_mode="verify-full")  # type: ignore[arg-type]
+    plain = settings.Settings(database_url=plain_postgres.url(), database_ssl_mode="verify-full")  # type: ignore[arg-type]
     assert endpoints.url_query(wiring.database_dsn(plain)) == {"sslmode": "verify-full"}
     with pytest.raises(errors.ConfigError, match="'sslmode' has no value"):
-        wiring.database_dsn(plain, f"{pair.primary.url()}?sslmode=")
+        wiring.database_dsn(plain, f"{plain_postgres.url()}?sslmode=")
 
 
 async def test_an_unverified_plaintext_fallback_by_url_alone_is_warned_about_once(
