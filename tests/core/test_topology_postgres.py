@@ -258,3 +258,49 @@ async def test_an_old_primary_that_comes_back_does_not_roll_the_cache_back(
         with pytest.raises(lineage.StaleSource, match="another cluster"):
             await wired.engine.full_resync()
         assert json.loads(await wired.cache.read_module("ha/m0.py") or "{}")["content"] == "V = 'after'\n"
+
+
+async def test_an_old_primary_promoted_again_onto_the_same_timeline_does_not_roll_the_cache_back(
+    redis_url: str, keyspace: keys.KeySpace
+) -> None:
+    """attack-11b T3: the old primary, promoted again after the failover (a second failover manager, an operator
+    promoting a stale node), moves from timeline 1 to a timeline 2 of its own: the same number as the true
+    primary's. The check compared numbers only: it synced from the stale branch (pruning what was written on the
+    true primary) and, once the stale node reached timeline 3, refused the true primary for good. Now a server
+    whose WAL position is behind the one the cache was filled from is refused too, and a refused server never
+    raises what is recorded."""
+    with topologies.postgres_pair() as fresh:
+        url = fresh.url()
+        await db.upgrade(url)
+        config = settings.Settings(database_url=url, redis_url=redis_url, key_prefix=keyspace.prefix)  # type: ignore[arg-type]
+        stale = settings.Settings(database_url=fresh.primary.url(), redis_url=redis_url, key_prefix=keyspace.prefix)  # type: ignore[arg-type]
+        truth = fresh.replica.url()
+        await upsert(url, {"ha/a.py": "A = 1\n"})
+        async with wiring.connect(config) as wired:
+            await wired.engine.full_resync()  # timeline 1
+        await asyncio.to_thread(fresh.primary.stop, "immediate")
+        await asyncio.to_thread(fresh.replica.promote)
+        await upsert(url, {f"ha/b{n}.py": f"B = {n}\n" for n in range(20)})  # the true primary carries on
+        async with wiring.connect(config) as wired:
+            await wired.engine.full_resync()  # timeline 2, on the promoted replica
+        for timeline in (2, 3):
+            await asyncio.to_thread(fresh.primary.promote_on_its_own)
+            assert await _timeline(fresh.primary.url()) == timeline  # the attack's premise: 2 is the true one's too
+            async with wiring.connect(stale) as wired:  # the stale branch alone: refused, nothing written
+                with pytest.raises(lineage.StaleSource, match=rf"\(timeline {timeline}\), behind .* already filled"):
+                    await wired.engine.full_resync()
+            async with wiring.connect(config) as wired:  # a restarted modcache, the stale node first in the URL
+                await wired.engine.full_resync()
+                assert await convergence.converged(truth, wired.cache.client, keyspace.prefix, within_s=5) == []
+                assert await wired.cache.read_module("ha/b7.py") is not None  # not pruned by the stale branch
+                status = await wired.cache.read_status()
+            assert status["source_timeline"] == "2"
+            assert lineage.parse_lsn(status["source_lsn"]) > 0
+
+
+async def _timeline(url: str) -> int:
+    conn = await asyncpg.connect(url)
+    try:
+        return int(await conn.fetchval("SELECT substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8)"), 16)
+    finally:
+        await conn.close()
