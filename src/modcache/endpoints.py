@@ -59,11 +59,29 @@ class RedisEndpoint:
         return f"{nodes or 'a unix socket'} (db {self.db}){tls}"
 
 
+URL_DELIMITERS = "/?#@"  # what ends the user, the password or the host part of a URL, unless percent-encoded
+
+
+def check_credentials(rest: str) -> None:
+    """``ValueError`` if the user or password of a URL (``rest``: after ``://``) holds an unencoded ``/``, ``?``,
+    ``#`` or ``@``. The drivers end the credentials at different places then (``urlsplit``, redis-py and asyncpg at
+    the first ``/``, ``?`` or ``#``; asyncpg at the first ``@``, ``redact_url`` at the last), so the one that is
+    handed the URL takes part of the password for a host or a port, and says so in its error (attack-11b T4, T5).
+    The message never holds the URL."""
+    userinfo, at, _ = rest.rpartition("@")
+    if at and any(c in userinfo for c in URL_DELIMITERS):
+        raise ValueError(
+            "the user or password holds an unencoded '/', '?', '#' or '@' (or an '@' follows the host): "
+            "percent-encode them in the URL (%2F, %3F, %23, %40)"
+        )
+
+
 def parse_redis(url: str) -> RedisEndpoint:
     """The endpoint a Redis URL names (``ValueError`` if it is not one of the forms above)."""
     scheme, sep, rest = url.partition("://")
     if not sep or scheme not in REDIS_SCHEMES:
         raise ValueError(f"URL scheme must be one of {', '.join(REDIS_SCHEMES)}")
+    check_credentials(rest)
     base, _, kind = scheme.partition("+")
     tls = base == "rediss"
     if not kind:
@@ -104,7 +122,10 @@ def _single(url: str, *, tls: bool) -> RedisEndpoint:
     if parts.hostname:
         _host_port(hostlist, DEFAULT_REDIS_PORT)  # the port's own checks (urllib takes '²' and '٦٣٧٩' for digits)
     url_query(url)  # every parameter once, with a value (the TLS checks read it as redis-py does)
-    port = parts.port
+    try:
+        port = parts.port
+    except ValueError:  # urllib's message quotes the port's text: with no host before it, it is the password
+        raise ValueError("the port must be a number from 1 to 65535, in ASCII digits") from None
     # Where the client connects is what redis-py's ``parse_url`` makes of the URL (it goes to redis-py as is):
     # ``?db=`` wins over the path, host and path are percent-decoded. Reading it any other way would watch the
     # key events of another database and let two overlapping prefixes pass as different endpoints.
@@ -179,7 +200,8 @@ def check_postgres(url: str) -> tuple[tuple[str, int], ...]:
     scheme, sep, rest = url.partition("://")
     if not sep or scheme not in POSTGRES_SCHEMES:
         raise ValueError(f"URL scheme must be one of {', '.join(POSTGRES_SCHEMES)}")
-    netloc = rest.split("/", 1)[0].split("?", 1)[0]
+    check_credentials(rest)
+    netloc = rest.split("/", 1)[0].split("?", 1)[0].split("#", 1)[0]
     hosts = split_netloc(netloc, default_port=DEFAULT_POSTGRES_PORT)[2]
     url_query(url)  # every parameter once, with a value: a blank ?sslmode= was dropped by asyncpg (attack-11b T2)
     return hosts

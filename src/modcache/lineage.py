@@ -152,7 +152,10 @@ class Lineage:
 async def connect(dsn: str, *, lineage: Lineage | None, **options: Any) -> Any:
     """``asyncpg.connect(dsn, **options)``, refusing a server ``lineage`` does not admit: then each host the URL
     names is tried on its own, in order (``target_session_attrs`` still applies), and the first admitted wins."""
-    conn = await asyncpg.connect(dsn, **options)
+    try:
+        conn = await asyncpg.connect(dsn, **options)
+    except ValueError:  # asyncpg's DSN parser quotes what it could not read: a part of the password, maybe
+        raise errors.ConfigError("MODCACHE_DATABASE_URL", "asyncpg cannot read the URL: check its shape") from None
     if lineage is None:
         return conn
     problem = await _checked(conn, lineage)
