@@ -88,3 +88,38 @@ async def test_the_cli_says_what_is_wrong_and_never_shows_the_password(
         assert SECRET not in result.output + caplog.text
         assert "Hunter2" not in result.output + caplog.text
         assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        f"password={SECRET}",
+        f"sslmode=require&sslpassword={SECRET}",
+        f"target_session_attrs=read-write&password={SECRET}&sslmode=require",
+        f"pass%77ord={SECRET}",  # percent-encoded name: the drivers decode it
+        f"PASSWORD={SECRET}#frag",
+        f"sentinel_password={SECRET}",
+    ],
+)
+def test_a_password_in_the_query_is_redacted(query: str) -> None:
+    """attack-11b T6: ``modcache db upgrade`` printed ``migrated postgresql://postgres@.../postgres?password=...``."""
+    for url in (f"postgresql://postgres@127.0.0.1:5432/db?{query}", f"redis://u:pw@127.0.0.1:6379/0?{query}"):
+        redacted = errors.redact_url(url)
+        assert SECRET not in redacted, redacted
+        assert "127.0.0.1" in redacted, redacted
+        assert "=***" in redacted, redacted
+    assert errors.redact_url("postgresql://u@h/db?passfile=/p&sslmode=require") == (
+        "postgresql://u@h/db?passfile=/p&sslmode=require"  # a path, not a secret
+    )
+
+
+async def test_db_upgrade_does_not_print_a_password_given_in_the_query(
+    database_url: str, redis_url: str, keyspace: keys.KeySpace
+) -> None:
+    result = await cli.invoke(
+        "db", "upgrade", env=cli.service_env(f"{database_url}?password={SECRET}", redis_url, keyspace)
+    )
+    assert result.code == 0, result.output
+    assert "migrated" in result.out
+    assert "password=***" in result.out
+    assert SECRET not in result.output
