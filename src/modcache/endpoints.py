@@ -100,6 +100,9 @@ def parse_redis(url: str) -> RedisEndpoint:
     )
     if not hosts:
         raise ValueError("names no host")
+    for n, (host, port) in enumerate(hosts):  # a sentinel listed twice would vote twice (attack-11b T9)
+        if (host.lower(), port) in {(h.lower(), p) for h, p in hosts[:n]}:
+            raise ValueError(f"lists {host}:{port} twice: list each {kind} node once")
     if kind == "cluster":
         if path.strip("/") not in ("", "0"):
             raise ValueError("a Redis Cluster has only database 0: drop the /DB part")

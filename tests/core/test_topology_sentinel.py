@@ -62,6 +62,8 @@ def test_a_sentinel_url_names_the_service_and_database() -> None:
         ),
         ("rediss+sentinel://h1/cache/0?ssl_cert_reqs=none", "(it has ssl_cert_reqs)"),
         ("redis+cluster://h1:6379?db=1", "takes no query parameters (it has db): the database is 0"),
+        ("redis+sentinel://h1:26379,h2,H1/cache", "lists H1:26379 twice: list each sentinel node once"),
+        ("redis+cluster://h1:6379,h1:6379", "lists h1:6379 twice: list each cluster node once"),
     ],
 )
 def test_a_malformed_sentinel_url_is_a_config_error(url: str, reason: str) -> None:
@@ -103,6 +105,31 @@ async def test_a_lying_first_sentinel_is_outvoted_by_the_others(
         finally:
             await wrong_node.aclose()
             await master.aclose()
+
+
+async def test_one_sentinel_listed_under_two_names_votes_once(sentinel: topologies.Sentinel, database_url: str) -> None:
+    """attack-11b T9: a rogue sentinel listed twice, as ``127.0.0.1:P`` and ``localhost:P``, beside one real one:
+    the majority counted URL entries, two of three named the rogue's node, and the whole cache was written there.
+    Now a sentinel votes once (its run id, ``SENTINEL MYID``): no majority, nothing written, and the message says
+    which entries are one sentinel."""
+    with servers.private_redis() as wrong, topologies.rogue_sentinels(wrong.port) as rogues:
+        hosts = f"127.0.0.1:{rogues[0].port},localhost:{rogues[0].port},127.0.0.1:{sentinel.sentinels[0].port}"
+        config = settings.Settings(
+            database_url=database_url, redis_url=f"redis+sentinel://{hosts}/{sentinel.service}/0"
+        )  # type: ignore[arg-type]
+        await upsert(database_url, {"pkg/dup.py": "D = 1\n"})
+        async with wiring.connect(config) as wired:
+            with pytest.raises(errors.CacheUnavailable) as caught:
+                await wired.engine.full_resync()
+        wrong_node = redis.Redis(port=wrong.port, decode_responses=True)
+        try:
+            assert await wrong_node.keys("*") == []  # nothing was written to the node the rogue names
+        finally:
+            await wrong_node.aclose()
+    assert f"localhost:{rogues[0].port}: the same sentinel as 127.0.0.1:{rogues[0].port}, counted once" in str(
+        caught.value
+    )
+    assert "named by a majority (2 of 3) of the sentinels" in str(caught.value)
 
 
 async def test_a_majority_naming_a_replica_is_refused_on_the_node_s_own_role() -> None:
