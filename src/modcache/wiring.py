@@ -151,6 +151,9 @@ def _redis_options(config: settings.Settings, endpoint: endpoints.RedisEndpoint)
         "encoding_errors": "surrogateescape",
         "health_check_interval": 30,
         "socket_connect_timeout": config.redis_connect_timeout_s,
+        # every reply: a stopped or partitioned master fails the command instead of hanging it (attack-11b T7);
+        # blocking pub/sub reads (key events, +switch-master) are exempt in redis-py
+        "socket_timeout": config.redis_socket_timeout_s,
     }
     if endpoint.tls:
         options |= redis_tls_options(config)
