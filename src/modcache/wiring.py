@@ -9,6 +9,7 @@ multi-host) is added in exactly one place.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import functools
@@ -83,9 +84,31 @@ def make_source(config: settings.Settings, *, application_name: str = "modcache"
 def make_redis(config: settings.Settings) -> tuple[rediscache.Client, Closer]:
     """The Redis client ``redis_url`` names (one node, the master a Sentinel names, or a Cluster) and what closes
     it. A Sentinel client finds the master again on every new connection, a Cluster client follows ``MOVED``:
-    after a failover, commands fail until the topology settles, then reach the new master by themselves."""
-    client, closer, _ = _redis(config)
-    return client, closer
+    after a failover, commands fail until the topology settles, then reach the new master by themselves.
+
+    A Sentinel client built inside a running event loop (the consumer's) also follows ``+switch-master`` the way
+    the watcher does (``sentinels.Quorum.switches``, which drops the pool's connections once a majority names the
+    new master): after a planned failover it reads the new master at once, not the old one until it is demoted,
+    about 10 s later, serving values modcache no longer updates there (attack-11b T8)."""
+    client, closer, switches = _redis(config)
+    if switches is None:
+        return client, closer
+    try:
+        follower = asyncio.get_running_loop().create_task(_follow(switches), name="modcache-follow-master")
+    except RuntimeError:  # no loop: nothing to run the follower on; new connections still ask the quorum
+        return client, closer
+
+    async def close() -> None:
+        follower.cancel()
+        await asyncio.gather(follower, return_exceptions=True)
+        await closer()
+
+    return client, close
+
+
+async def _follow(switches: Switches) -> None:
+    async for _ in switches():  # each switch has dropped the pool's connections already (and said so)
+        pass
 
 
 def _redis(config: settings.Settings) -> tuple[rediscache.Client, Closer, Switches | None]:

@@ -9,9 +9,11 @@ consumer's Redis reader (its readiness guard, on wiring's client) keeps answerin
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import redis.asyncio as redis
@@ -210,6 +212,46 @@ async def test_a_change_committed_during_a_failover_reaches_the_new_master(
     moved = [d for active, d in recorder.keyspace if active and f":{new}" in d]
     assert f"(was 127.0.0.1:{old})" in moved[0]  # the status says the master changed, and from where
     assert recorder.full_syncs(watcher.RECONNECT) >= 1
+
+
+async def test_the_consumer_s_reader_follows_a_planned_failover_at_once() -> None:
+    """attack-11b T8: after ``SENTINEL FAILOVER`` the consumer's reader (``wiring.make_redis``) kept its pooled
+    connection to the old master, still writable and saying ROLE master, for the ~10 s until the sentinels demoted
+    it, and read values modcache had stopped updating there. Now it follows ``+switch-master`` as the watcher does:
+    a value set on the new master is what it reads, while the old master still says it is the master."""
+    with topologies.sentinel_redis() as fresh:
+        config = settings.Settings(redis_url=fresh.url())  # type: ignore[arg-type]
+        reader, close = wiring.make_redis(config)
+        try:
+            await reader.set("t8:module", "before")  # on the old master: the pool holds a connection to it
+            old = fresh.fail_over()
+            new = await asyncio.to_thread(fresh.wait_for_new_master, old)
+            new_master = redis.Redis(port=new, decode_responses=True)
+            old_master = redis.Redis(port=old, decode_responses=True)
+            try:
+                await new_master.set("t8:module", "after")  # what modcache writes now
+                read = await _read_until(reader, "after", within_s=3)
+                role = (await old_master.execute_command("ROLE"))[0]
+            finally:
+                await new_master.aclose()
+                await old_master.aclose()
+        finally:
+            await close()
+    assert role == "master"  # the old master was not demoted yet: the reader moved on the announcement
+    assert read == "after"
+
+
+async def _read_until(client: Any, value: str, *, within_s: float) -> str | None:
+    """What ``client`` reads, once it reads ``value`` (nothing announces which node a client reads: poll)."""
+    deadline = time.monotonic() + within_s
+    read = None
+    while time.monotonic() < deadline:
+        with contextlib.suppress(redis.RedisError):  # a dropped connection, retried: the next read
+            read = await client.get("t8:module")
+            if read == value:
+                return read
+        await asyncio.sleep(0.05)
+    return read
 
 
 async def _when_reachable(guard: readiness.CacheGuard) -> int:
