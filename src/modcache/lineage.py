@@ -154,7 +154,9 @@ async def connect(dsn: str, *, lineage: Lineage | None, **options: Any) -> Any:
     names is tried on its own, in order (``target_session_attrs`` still applies), and the first admitted wins."""
     try:
         conn = await asyncpg.connect(dsn, **options)
-    except ValueError:  # asyncpg's DSN parser quotes what it could not read: a part of the password, maybe
+    except ValueError as e:  # asyncpg's DSN parser quotes what it could not read: a part of the password, maybe
+        if isinstance(e, OSError):  # ssl.SSLCertVerificationError is a ValueError too: the server's, not the URL's
+            raise
         raise errors.ConfigError("MODCACHE_DATABASE_URL", "asyncpg cannot read the URL: check its shape") from None
     if lineage is None:
         return conn
