@@ -13,9 +13,13 @@ A timeline number alone does not name a branch: an old primary promoted again (b
 partition, or an operator promoting a stale standby) starts a timeline with the same number as the true primary's,
 on a history of its own (attack-11b T3). So the WAL position is checked beside it: ``pg_current_wal_lsn()`` on a
 primary, ``pg_last_wal_replay_lsn()`` on a standby, read when the connection is made, before anything is read
-through it. The cache then holds what the server had at that position or later. A server whose position is
-behind the highest one modcache has synced from is refused, whatever its timeline: it lacks some of what the cache
-already holds (a stale branch, a lagging standby), and syncing from it would roll the cache back.
+through it. The cache then holds what the server had at that position or later. A server on the recorded timeline
+whose position is behind the highest one modcache has synced from is refused: it lacks some of what the cache
+already holds (a stale branch with the same number, a lagging standby), and syncing from it would roll the cache
+back. A server on a *newer* timeline but behind is either the new primary of a failover that lost the last
+transactions (asynchronous replication) or a stale node promoted once more: it is taken only when no host of the
+URL passes outright, so while the true primary is reachable it is the one read, and a failover that lost
+transactions is still followed.
 
 ``Lineage`` holds the highest (system, timeline, position) this process has read from, and the one recorded in the
 cache's status hash by the last full resync (``source_system``/``source_timeline``/``source_lsn``, learnt before
@@ -23,9 +27,8 @@ the first read: a restarted modcache that first reaches the old primary must ref
 passes raises them, so a stale branch that is refused never ratchets the true primary out.
 
 Limits (``docs/topologies.md``): without the timeline history files (``pg_read_file`` needs privileges) a stale
-branch that has written more WAL than the true primary since they split is not told apart; and after a failover
-that lost the last transactions (asynchronous replication), the new primary is refused until its own WAL passes
-the recorded position (any write does that; ``SELECT pg_switch_wal()`` moves it to the next segment).
+branch that has written more WAL than the true primary since they split is not told apart, nor one promoted to a
+newer timeline when it is the only host the URL reaches.
 
 ``connect`` checks each new asyncpg connection (the SQLAlchemy pool's and the listener's): a server of another
 system, on an older timeline or behind the recorded position, is closed and the other hosts of the URL are tried in
@@ -103,8 +106,12 @@ class Lineage:
             self.timeline = max(self.timeline, timeline)
             self.lsn = max(self.lsn, lsn)
 
-    def problem(self, identity: Identity) -> str | None:
-        """Why ``identity`` must not be synced from, or None (and then it is what the cache is filled from)."""
+    def problem(self, identity: Identity, *, lenient: bool = False) -> str | None:
+        """Why ``identity`` must not be synced from, or None (and then it is what the cache is filled from).
+
+        A server on a newer timeline but behind the recorded position is either the new primary of a failover
+        that lost the last transactions or a stale node promoted again: refused unless ``lenient`` (``connect``
+        is, once no host of the URL passes without it)."""
         if self.system is not None and identity.system != self.system:
             return (
                 f"PostgreSQL at {identity.server} is another cluster (system identifier {identity.system}) than the "
@@ -117,13 +124,23 @@ class Lineage:
                 f"{self.timeline} the cache was filled from: a former primary that came back (split brain) or a "
                 "stale node; refusing to sync from it"
             )
-        if identity.lsn < self.lsn:
+        if identity.lsn < self.lsn and identity.timeline == self.timeline:
             return (
                 f"PostgreSQL at {identity.server} is at WAL position {lsn_text(identity.lsn)} (timeline "
                 f"{identity.timeline}), behind {lsn_text(self.lsn)} the cache was already filled from: a former "
                 "primary promoted again on a branch of its own (split brain), or a lagging node; refusing to sync "
-                "from it (a failover that lost transactions? see docs/topologies.md)"
+                "from it"
             )
+        if identity.lsn < self.lsn:
+            said = (
+                f"PostgreSQL at {identity.server} is on timeline {identity.timeline}, newer than timeline "
+                f"{self.timeline} the cache was filled from, but at WAL position {lsn_text(identity.lsn)}, behind "
+                f"{lsn_text(self.lsn)}: the new primary of a failover that lost the last transactions, or a stale "
+                "node promoted again"
+            )
+            if not lenient:
+                return f"{said}; trying the URL's other hosts first"
+            log.warning("%s; no host of the URL is ahead of it: syncing from it (see docs/topologies.md)", said)
         self.system, self.timeline, self.lsn = identity.system, identity.timeline, identity.lsn
         return None
 
@@ -133,8 +150,8 @@ class Lineage:
             log.warning("%s", reason)
             self._said = reason
 
-    async def admit(self, conn: Any) -> str | None:
-        """Why the server ``conn`` reached must not be synced from, or None."""
+    async def admit(self, conn: Any, *, lenient: bool = False) -> str | None:
+        """Why the server ``conn`` reached must not be synced from, or None (``lenient``: see ``problem``)."""
         try:
             row = await conn.fetchrow(IDENTITY_SQL, timeout=10)
         except asyncpg.PostgresError as e:  # a managed service may revoke pg_control_*: accepted, said once
@@ -143,7 +160,7 @@ class Lineage:
                 self._unreadable_said = True
             return None
         server = "a local socket" if row[2] is None else f"{row[2]}:{row[3]}"
-        problem = self.problem(Identity(str(row[0]), int(row[1]), server, int(row[4])))
+        problem = self.problem(Identity(str(row[0]), int(row[1]), server, int(row[4])), lenient=lenient)
         if problem is not None:
             self.refuse(problem)
         return problem
@@ -151,7 +168,8 @@ class Lineage:
 
 async def connect(dsn: str, *, lineage: Lineage | None, **options: Any) -> Any:
     """``asyncpg.connect(dsn, **options)``, refusing a server ``lineage`` does not admit: then each host the URL
-    names is tried on its own, in order (``target_session_attrs`` still applies), and the first admitted wins."""
+    names is tried on its own, in order (``target_session_attrs`` still applies), and the first admitted wins; if
+    none is, the first on a newer timeline though behind the recorded position (``Lineage.problem``)."""
     try:
         conn = await asyncpg.connect(dsn, **options)
     except ValueError as e:  # asyncpg's DSN parser quotes what it could not read: a part of the password, maybe
@@ -163,19 +181,20 @@ async def connect(dsn: str, *, lineage: Lineage | None, **options: Any) -> Any:
     problem = await _checked(conn, lineage)
     if problem is None:
         return conn
-    for host, port in endpoints.check_postgres(dsn):
-        try:
-            other = await asyncpg.connect(dsn, host=host, port=port, **options)
-        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
-            continue  # down, or not a primary: the next one
-        if await _checked(other, lineage) is None:
-            return other
+    for lenient in (False, True):
+        for host, port in endpoints.check_postgres(dsn):
+            try:
+                other = await asyncpg.connect(dsn, host=host, port=port, **options)
+            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                continue  # down, or not a primary: the next one
+            if await _checked(other, lineage, lenient=lenient) is None:
+                return other
     raise StaleSource(problem)
 
 
-async def _checked(conn: Any, lineage: Lineage) -> str | None:
+async def _checked(conn: Any, lineage: Lineage, *, lenient: bool = False) -> str | None:
     try:
-        problem = await lineage.admit(conn)
+        problem = await lineage.admit(conn, lenient=lenient)
     except BaseException:
         conn.terminate()
         raise

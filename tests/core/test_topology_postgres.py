@@ -286,16 +286,68 @@ async def test_an_old_primary_promoted_again_onto_the_same_timeline_does_not_rol
         for timeline in (2, 3):
             await asyncio.to_thread(fresh.primary.promote_on_its_own)
             assert await _timeline(fresh.primary.url()) == timeline  # the attack's premise: 2 is the true one's too
-            async with wiring.connect(stale) as wired:  # the stale branch alone: refused, nothing written
-                with pytest.raises(lineage.StaleSource, match=rf"\(timeline {timeline}\), behind .* already filled"):
-                    await wired.engine.full_resync()
+            if timeline == 2:
+                async with wiring.connect(stale) as wired:  # the stale branch alone: refused, nothing written
+                    with pytest.raises(lineage.StaleSource, match=r"\(timeline 2\), behind .* already filled"):
+                        await wired.engine.full_resync()
             async with wiring.connect(config) as wired:  # a restarted modcache, the stale node first in the URL
                 await wired.engine.full_resync()
                 assert await convergence.converged(truth, wired.cache.client, keyspace.prefix, within_s=5) == []
                 assert await wired.cache.read_module("ha/b7.py") is not None  # not pruned by the stale branch
                 status = await wired.cache.read_status()
-            assert status["source_timeline"] == "2"
+            assert status["source_timeline"] == "2"  # timeline 3 behind the position: the true primary is read
             assert lineage.parse_lsn(status["source_lsn"]) > 0
+
+
+async def test_a_failover_that_lost_the_last_transactions_is_still_followed(
+    redis_url: str, keyspace: keys.KeySpace
+) -> None:
+    """The other side of the position check: the replica is promoted without the primary's last transactions
+    (asynchronous replication; here it was down while they were written), so the new primary, on a newer
+    timeline, starts behind the position the cache was filled at. No host of the URL is ahead of it: it is the
+    truth now, and it is synced from (what was lost is pruned), not refused until its WAL catches up."""
+    with topologies.postgres_pair() as fresh:
+        url = fresh.url()
+        await db.upgrade(url)
+        config = settings.Settings(database_url=url, redis_url=redis_url, key_prefix=keyspace.prefix)  # type: ignore[arg-type]
+        await upsert(url, {"ha/kept.py": "K = 1\n"})
+        await _replayed(fresh)
+        await asyncio.to_thread(fresh.replica.stop)
+        await upsert(url, {f"ha/lost{n}.py": f"L = {n}\n" for n in range(50)})  # never reaches the replica
+        async with wiring.connect(config) as wired:
+            await wired.engine.full_resync()  # timeline 1, with the 50 modules the failover is about to lose
+            recorded = lineage.parse_lsn((await wired.cache.read_status())["source_lsn"])
+        await asyncio.to_thread(fresh.primary.stop, "immediate")
+        await asyncio.to_thread(fresh.replica.start)
+        await asyncio.to_thread(fresh.replica.promote)
+        assert await _lsn(fresh.replica.url()) < recorded  # the premise: the new primary is behind
+        async with wiring.connect(config) as wired:
+            await wired.engine.full_resync()
+            truth = fresh.replica.url()
+            assert await convergence.converged(truth, wired.cache.client, keyspace.prefix, within_s=5) == []
+            assert await wired.cache.read_module("ha/lost0.py") is None
+            status = await wired.cache.read_status()
+        assert status["source_timeline"] == "2"
+
+
+async def _replayed(pair: topologies.PostgresPair) -> None:
+    """Until the replica has replayed everything the primary has written (an event the servers expose: poll)."""
+    target = await _lsn(pair.primary.url())
+    for _ in range(200):
+        if await _lsn(pair.replica.url()) >= target:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("the replica never caught up")
+
+
+async def _lsn(url: str) -> int:
+    conn = await asyncpg.connect(url)
+    try:
+        sql = """SELECT (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END
+                        - '0/0'::pg_lsn)::bigint"""
+        return int(await conn.fetchval(sql))
+    finally:
+        await conn.close()
 
 
 async def _timeline(url: str) -> int:
