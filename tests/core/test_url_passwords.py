@@ -14,6 +14,7 @@ import logging
 import urllib.parse
 
 import pytest
+import redis.asyncio as aioredis
 
 from modcache import errors, keys, settings
 from testkit import cli
@@ -123,3 +124,21 @@ async def test_db_upgrade_does_not_print_a_password_given_in_the_query(
     assert "migrated" in result.out
     assert "password=***" in result.out
     assert SECRET not in result.output
+
+
+@pytest.mark.parametrize("password", [f"{SECRET} x", f"{SECRET}%zz", urllib.parse.quote(f"{SECRET}#/?@x", safe="")])
+async def test_a_working_password_shows_nowhere(
+    password: str, database_url: str, redis_url: str, keyspace: keys.KeySpace, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Accepted shapes, against the real servers: not in the output, the log or the status hash."""
+    caplog.set_level(logging.DEBUG)
+    env = cli.service_env(f"postgresql://postgres:{password}@{database_url.split('@', 1)[1]}", redis_url, keyspace)
+    outputs = [await cli.invoke(*command, env=env) for command in (["-vv", "sync", "--once"], ["status"])]
+    assert [r.code for r in outputs] == [0, 0], [r.output for r in outputs]
+    client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        status = await client.hgetall(keyspace.status)
+    finally:
+        await client.aclose()
+    assert status
+    assert SECRET not in "".join(r.output for r in outputs) + caplog.text + repr(status)
