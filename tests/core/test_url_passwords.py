@@ -142,3 +142,15 @@ async def test_a_working_password_shows_nowhere(
         await client.aclose()
     assert status
     assert SECRET not in "".join(r.output for r in outputs) + caplog.text + repr(status)
+
+
+@pytest.mark.parametrize(
+    "url", [f"redis://:{SECRET}/0", f"rediss://:{SECRET}", f"redis://u:{SECRET}/0", f"postgresql://u:{SECRET}/db"]
+)
+def test_a_url_missing_its_at_sign_does_not_show_the_password_as_a_port(url: str) -> None:
+    """attack-11b T5: urllib's ``Port could not be cast to integer value as '...'`` quoted the password."""
+    field = "redis_url" if url.startswith("redis") else "database_url"
+    with pytest.raises(errors.ConfigError) as caught:
+        settings.Settings.from_env(**{field: url})
+    assert "port" in caught.value.reason
+    assert SECRET not in _texts(caught.value)
