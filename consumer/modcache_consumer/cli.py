@@ -19,7 +19,7 @@ from typing import Any
 import click
 
 from modcache import errors, wiring
-from modcache_consumer import amqp, consumer, database, messages, settings, workflows
+from modcache_consumer import amqp, consumer, database, executor, messages, settings, workflows
 
 
 class ExecutionFailed(errors.ModcacheError):
@@ -80,7 +80,9 @@ def executor_command(
     argv += [arg for uid in consumer_uids for arg in ("--consumer-uid", str(uid))]
     argv += ["--allow-shared-uid"] if allow_shared_uid else []
     argv += ["--execution-network", execution_network]
-    os.execv(sys.executable, argv)  # a clean interpreter: executions never inherit the consumer's libraries
+    # A clean interpreter with an allow-listed environment (as the consumer gives its child-mode executor): an
+    # execution's /proc/self/environ is the template's, so nothing exported in this shell may reach it (A6).
+    os.execve(sys.executable, argv, executor.executor_environment())
 
 
 @click.group("workflows")

@@ -247,8 +247,12 @@ class WorkflowExecutionConsumer:
         the check before each claim see it back without waiting for a message to try."""
         while True:
             await self.executor.lost()
+            # shielded: a stop that cancels this task lets a connection being made finish (executor.close,
+            # which waits for it, then closes it), instead of leaving its socket and child half-made
+            connecting = asyncio.ensure_future(self.executor.connect())
+            connecting.add_done_callback(_retrieve)
             try:
-                await self.executor.connect()
+                await asyncio.shield(connecting)
             except errors.TransientError as e:
                 log.warning("the executor is unavailable: %s", e)
                 await asyncio.sleep(max(self.settings.transient_retry_delay_s, 0.1))
@@ -463,6 +467,9 @@ class WorkflowExecutionConsumer:
                 await asyncio.sleep(self.settings.transient_retry_delay_s)
                 self.metrics.requeued.inc()
                 await _settle(message.nack(requeue=True))
+                return
+            except executions.Foreign as e:  # another execution's id: its row is left alone, nothing is replied
+                await self._poison(message, str(e))
                 return
             except Exception as e:
                 log.exception("execution %s: unexpected failure; poisoning its message", request.execution_id)
@@ -865,6 +872,11 @@ class _Slot:
         if self._held:
             self._held = False
             self._slots.release()
+
+
+def _retrieve(task: asyncio.Future[None]) -> None:
+    if not task.cancelled():
+        task.exception()  # retrieved: whoever awaited it was cancelled
 
 
 async def _finish(task: asyncio.Task[None]) -> None:

@@ -71,6 +71,15 @@ class Record:
     replied: bool = False  # its reply was sent (replied_at is set)...
     reply_to: str | None = None  # ...to this queue, with this correlation id
     correlation_id: str | None = None
+    parameters: Any = None  # as stored (``read`` only)
+
+    def same(self, request: messages.ExecutionRequest, organization_id: uuid.UUID | None) -> bool:
+        """Whether ``request`` (its organization resolved to ``organization_id``) is this row's execution."""
+        return (self.workflow_id, self.organization_id, self.parameters) == (
+            request.workflow_id,
+            organization_id,
+            request.parameters,
+        )
 
     def answers(self, request: messages.ExecutionRequest) -> bool:
         """Whether ``request`` is the one this row replies to (same reply queue and correlation id)."""
@@ -79,6 +88,17 @@ class Record:
     def replied_to(self, request: messages.ExecutionRequest) -> bool:
         """Whether ``request`` already had its reply: a duplicate."""
         return self.replied and self.answers(request)
+
+
+class Foreign(Exception):
+    """A request names the id of another execution (another workflow, organization or parameters): it may neither
+    run in that row nor be answered from it."""
+
+    def __init__(self, execution_id: uuid.UUID) -> None:
+        super().__init__(
+            f"execution id {execution_id} belongs to another execution (its workflow, organization or parameters "
+            "differ)"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +129,15 @@ class Recovered:
 # Plain SQL with typed parameters: built once; executing it costs no per-call statement analysis.
 _JSON = pg.JSONB(none_as_null=True)
 _LEASE = "now() + make_interval(secs => :lease_s)"
+# A request may act on an existing row only if it is the same execution: the row's workflow, organization and
+# parameters (attack-8b A11: a message naming another organization's execution id took over its PENDING row).
+_SAME = """executions.workflow_id IS NOT DISTINCT FROM EXCLUDED.workflow_id
+      AND executions.organization_id IS NOT DISTINCT FROM EXCLUDED.organization_id
+      AND executions.parameters = EXCLUDED.parameters"""
+# The same for an outcome decided before any run, where the request may leave the organization to the workflow.
+_SAME_UNLEASED = """executions.workflow_id IS NOT DISTINCT FROM EXCLUDED.workflow_id
+      AND (EXCLUDED.organization_id IS NULL OR executions.organization_id IS NOT DISTINCT FROM EXCLUDED.organization_id)
+      AND executions.parameters = EXCLUDED.parameters"""
 _EXPIRED = "COALESCE(executions.lease_expires_at, executions.updated_at + make_interval(secs => :unowned_s)) < now()"
 _CLAIM = sa.text(
     f"""
@@ -123,11 +152,13 @@ _CLAIM = sa.text(
         attempt = executions.attempt + CASE WHEN executions.status = 'RUNNING'
             AND executions.lease_owner = EXCLUDED.lease_owner THEN 0 ELSE 1 END,
         max_attempts = EXCLUDED.max_attempts, replied_at = NULL,
-        reply_to = COALESCE(EXCLUDED.reply_to, executions.reply_to),
-        correlation_id = COALESCE(EXCLUDED.correlation_id, executions.correlation_id)
-    WHERE executions.status = 'PENDING'
+        reply_to = COALESCE(executions.reply_to, EXCLUDED.reply_to),
+        correlation_id = CASE WHEN executions.reply_to IS NULL THEN EXCLUDED.correlation_id
+            ELSE executions.correlation_id END
+    WHERE (executions.status = 'PENDING'
        OR (executions.status = 'RUNNING' AND executions.lease_owner = EXCLUDED.lease_owner)
-       OR (executions.status = 'RUNNING' AND {_EXPIRED} AND GREATEST(executions.attempt, 1) < executions.max_attempts)
+       OR (executions.status = 'RUNNING' AND {_EXPIRED} AND GREATEST(executions.attempt, 1) < executions.max_attempts))
+      AND {_SAME}
     RETURNING id, lease_token, attempt
     """
 ).bindparams(sa.bindparam("parameters", type_=_JSON))
@@ -138,7 +169,7 @@ _RETURNED = "id, status, workflow_id, workflow_name, organization_id, result, er
 _READ = sa.text(
     f"""
     SELECT {_RETURNED}, COALESCE(lease_expires_at > now(), false) AS leased, lease_owner,
-        replied_at IS NOT NULL AS replied, reply_to, correlation_id
+        replied_at IS NOT NULL AS replied, reply_to, correlation_id, parameters
     FROM executions WHERE id = :id
     """
 )
@@ -155,8 +186,7 @@ _FINISH_UNLEASED = (
         finished_at = now(), duration_ms = EXCLUDED.duration_ms, updated_at = now(),
         reply_to = EXCLUDED.reply_to, correlation_id = EXCLUDED.correlation_id, replied_at = NULL,
         lease_owner = EXCLUDED.lease_owner, lease_expires_at = EXCLUDED.lease_expires_at
-    WHERE executions.status = 'PENDING'
-       OR (executions.status = 'RUNNING' AND {_EXPIRED})
+    WHERE (executions.status = 'PENDING' OR (executions.status = 'RUNNING' AND {_EXPIRED})) AND {_SAME_UNLEASED}
     RETURNING id
     """
     )
@@ -272,13 +302,16 @@ async def claim(
     organization_id: uuid.UUID | None = None,
     max_attempts: int = 1,
 ) -> Lease | Record | Busy:
-    """Take the lease and mark the execution RUNNING; else what is there: a finished Record, or Busy."""
+    """Take the lease and mark the execution RUNNING; else what is there: a finished Record, or Busy. Foreign if
+    the row is another execution's (another workflow, organization or parameters): it is left alone."""
     values = _claim_values(request, terms, workflow_name, organization_id, max_attempts)
     row = (await db.execute(_CLAIM, values)).first()
     if row is not None:
         return Lease(execution_id=row.id, token=row.lease_token, attempt=row.attempt)
     record = await read(db, request.execution_id)
     assert record is not None  # the insert conflicted: the row exists
+    if not record.same(request, values["organization_id"]):
+        raise Foreign(request.execution_id)
     if record.status is messages.Status.RUNNING and not record.leased:  # expired, no attempts left: fail it now
         swept = await sweep(db, terms=terms, only=request.execution_id)
         return swept[0].record if swept else await claim_again(db, request, terms=terms)
@@ -357,6 +390,8 @@ async def finish_unleased(
     await db.execute(_FINISH_UNLEASED, values)
     record = await read(db, request.execution_id)
     assert record is not None  # just written, or already there
+    if not record.same(request, request.organization_id or record.organization_id):
+        raise Foreign(request.execution_id)
     return record
 
 
@@ -453,7 +488,9 @@ async def read(db: AsyncSession, execution_id: uuid.UUID) -> Record | None:
     if row is None:
         return None
     record = _record(row, leased=row.leased, owner=row.lease_owner, replied=row.replied)
-    return dataclasses.replace(record, reply_to=row.reply_to, correlation_id=row.correlation_id)
+    return dataclasses.replace(
+        record, reply_to=row.reply_to, correlation_id=row.correlation_id, parameters=row.parameters
+    )
 
 
 def _recovered(row: sa.Row[Any]) -> Recovered:

@@ -527,11 +527,14 @@ class Executor:
                 await control.send(start)  # after the job was queued on the channel: the deadline starts
                 waiting: set[asyncio.Future[Any]] = {conversation, exited}
                 await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-                if not (conversation.done() and talk.finished):  # else: one result, then EOF: nothing can follow
+                if not (conversation.done() and talk.finished):
                     if talk.broken is not None and not exited.done():
                         await control.send({"op": "stop", "ticket": ticket})
                     report = await exited
                     await asyncio.wait({conversation}, timeout=2.0)  # EOF follows the process's end at once
+                elif not exited.done():  # one result, then EOF: nothing can follow; its process may not linger
+                    with contextlib.suppress(ExecutorLost):  # (a workflow that wrote its own result; A7)
+                        await control.send({"op": "stop", "ticket": ticket})
         except TimeoutError:
             with contextlib.suppress(ExecutorLost):
                 await control.send({"op": "stop", "ticket": ticket})

@@ -60,7 +60,10 @@ class Memory:
             self.lookups[tuple(candidates)] = entries
             for entry in entries:
                 if entry.content is not None and entry.hash is not None:
-                    self.compile(entry)
+                    try:
+                        self.compile(entry)
+                    except Exception:  # SyntaxError, RecursionError, MemoryError: tenant code
+                        continue  # the execution that imports it compiles it again and gets the error itself
 
     def compile(self, entry: importer.Entry) -> types.CodeType:
         assert entry.content is not None

@@ -27,6 +27,7 @@ packages, and nothing else of that directory is visible.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import errno
@@ -278,18 +279,41 @@ def private_mounts(hidden: Sequence[str] = ()) -> None:
             mount("tmpfs", path, "tmpfs", flags | _MS_RDONLY | _MS_NOEXEC, "mode=755,size=4k")
 
 
-def scratch_mounts(tmp_bytes: int) -> None:
-    """A private, empty tmpfs of ``tmp_bytes`` on each of ``SCRATCH_DIRS``. The interpreter's own directories
-    that lie under one of them (a virtualenv in a checkout under ``/tmp``, as CI makes) are bind-mounted back,
-    read-only, so the execution still imports the standard library and installed packages."""
+#: Where other world-writable directories usually are (``/run/lock`` on the host's disk or /run, ...): each one
+#: found there at start gets a small private tmpfs too, so nothing an execution leaves outlives it (attack-8b A12).
+SCRATCH_PARENTS = ("/", "/run", "/var", "/var/lib", "/var/cache", "/var/spool", "/var/mail", "/var/crash", "/dev")
+OTHER_SCRATCH_BYTES = 1024**2
+
+
+def other_world_writable_dirs() -> tuple[str, ...]:
+    """World-writable directories directly under ``SCRATCH_PARENTS`` other than ``SCRATCH_DIRS`` (no symlinks)."""
+    found: set[str] = set()
+    for parent in SCRATCH_PARENTS:
+        try:
+            entries = list(os.scandir(parent))
+        except OSError:
+            continue
+        for entry in entries:
+            with contextlib.suppress(OSError):
+                if entry.is_dir(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_mode & 0o002:
+                    found.add(entry.path)
+    return tuple(sorted(found - {os.path.realpath(d) for d in SCRATCH_DIRS} - set(SCRATCH_DIRS)))
+
+
+def scratch_mounts(tmp_bytes: int, others: Sequence[str] = ()) -> None:
+    """A private, empty tmpfs of ``tmp_bytes`` on each of ``SCRATCH_DIRS``, and of ``OTHER_SCRATCH_BYTES`` on each
+    of ``others`` (``other_world_writable_dirs``). The interpreter's own directories that lie under one of them (a
+    virtualenv in a checkout under ``/tmp``, as CI makes) are bind-mounted back, read-only, so the execution
+    still imports the standard library and installed packages."""
     trees = _import_trees()
-    for scratch in SCRATCH_DIRS:
+    for scratch in (*SCRATCH_DIRS, *others):
         if not os.path.isdir(scratch):
             continue
+        size = tmp_bytes if scratch in SCRATCH_DIRS else min(tmp_bytes, OTHER_SCRATCH_BYTES)
         real = os.path.realpath(scratch)
         inner = [tree for tree in trees if tree.startswith(real + "/")]
         handles = [os.open(tree, os.O_PATH | os.O_DIRECTORY) for tree in inner]
-        mount("tmpfs", scratch, "tmpfs", _MS_NOSUID | _MS_NODEV, f"mode=1777,size={tmp_bytes}")
+        mount("tmpfs", scratch, "tmpfs", _MS_NOSUID | _MS_NODEV, f"mode=1777,size={size}")
         for tree, handle in zip(inner, handles, strict=True):
             os.makedirs(tree, mode=0o755, exist_ok=True)
             mount(f"/proc/self/fd/{handle}", tree, None, _MS_BIND | _MS_REC)

@@ -17,6 +17,7 @@ Nothing here raises for what an execution asked: a bad request is answered with 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -31,6 +32,9 @@ log = logging.getLogger(__name__)
 Repair = Callable[[list[str]], Awaitable[None]]
 MAX_PATHS = 64
 MAX_LEARNED = 4096
+#: What one generation's lessons may hold, as JSON (module content, directories): well below the control frame's
+#: limit, so a lesson always fits one frame, and a bound on what the consumer keeps for the template.
+MAX_LESSON_BYTES = 16 * 1024**2
 
 
 class ModuleServer:
@@ -46,6 +50,7 @@ class ModuleServer:
         self._taught: set[tuple[str, ...]] = set()
         self._learned_directories: dict[str, bool] = {}
         self._taught_directories: set[str] = set()
+        self.lesson_bytes = 0  # what the lessons of this generation hold, as JSON (MAX_LESSON_BYTES)
         self.round_trips = 0  # to Redis, for lookups and manifests (tests and benchmarks read it)
 
     async def lookup(self, paths: Sequence[str]) -> tuple[int | None, list[protocol.RawEntry]]:
@@ -82,8 +87,11 @@ class ModuleServer:
             dirs = {path.rsplit("/", n)[0] for path in map(str, members) for n in range(1, path.count("/") + 1)}
             self._directories = (generation, frozenset(dirs))
         found = rel in self._directories[1]
-        if generation is not None and generation == self._learned_generation:
-            self._learned_directories[rel] = found
+        if generation is not None and generation == self._learned_generation and rel not in self._learned_directories:
+            size = len(rel) + 16
+            if len(self._learned_directories) < MAX_LEARNED and self.lesson_bytes + size <= MAX_LESSON_BYTES:
+                self._learned_directories[rel] = found
+                self.lesson_bytes += size
         return found
 
     async def repair(self, paths: list[str]) -> None:
@@ -103,8 +111,13 @@ class ModuleServer:
         if self._learned_generation is None or generation > self._learned_generation:
             self._learned_generation, self._learned, self._taught = generation, {}, set()
             self._learned_directories, self._taught_directories = {}, set()
-        if generation == self._learned_generation and len(self._learned) < MAX_LEARNED:
+            self.lesson_bytes = 0
+        if generation != self._learned_generation or candidates in self._learned or len(self._learned) >= MAX_LEARNED:
+            return
+        size = len(json.dumps([list(candidates), entries]))  # as the lesson will carry it (attack-8b A2)
+        if self.lesson_bytes + size <= MAX_LESSON_BYTES:
             self._learned[candidates] = entries
+            self.lesson_bytes += size
 
 
 class Session:
@@ -137,6 +150,8 @@ class Session:
             rel, generation = frame.get("rel"), frame.get("generation")
             if not isinstance(rel, str) or not (generation is None or isinstance(generation, int)):
                 raise errors.InputError("directory", "malformed request")
+            if modules.path_problem(f"{rel}/__init__.py") is not None:
+                raise errors.InputError(rel[:200], "not a workspace directory")
             return {"directory": await self._modules.is_directory(rel, generation)}
         if op == "repair":
             await self._modules.repair(_paths(frame))
@@ -193,6 +208,8 @@ def _paths(frame: dict[str, Any]) -> list[str]:
     bad = next((p for p in paths if modules.path_problem(p)), None)
     if bad is not None:
         raise errors.InputError(bad[:200], "not a workspace path")
+    if len(set(paths)) != len(paths):
+        raise errors.InputError("paths", "a path is named twice")
     return paths
 
 

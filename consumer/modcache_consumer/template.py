@@ -72,6 +72,9 @@ class Control:
         default_factory=lambda: protocol.Frames(limit=protocol.MAX_CONTROL_FRAME_BYTES)
     )
     spares: dict[int, Spare] = dataclasses.field(default_factory=dict)
+    #: What this consumer taught: only the clones handed to it inherit it (another connection, even a rogue
+    #: local peer that got past the checks, teaches its own clones only; attack-8b A5).
+    memory: runtime.Memory = dataclasses.field(default_factory=runtime.Memory)
 
     def send(self, frame: Any, fds: list[int] | None = None) -> bool:
         ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
@@ -111,7 +114,6 @@ class Template:
         self,
         *,
         isolation: sandbox.Isolation,
-        memory: runtime.Memory,
         exit_with_last: bool,
         hidden: tuple[str, ...] = (),
         spares: int = 2,
@@ -123,7 +125,6 @@ class Template:
         self._allowed_uids = allowed_uids
         self._outer_ids = (os.getuid(), os.getgid())  # before any clone: inside a new user namespace, 65534
         self._hidden = hidden
-        self._memory = memory
         self._exit_with_last = exit_with_last
         self._spares_per_consumer = spares
         self._selector = selectors.DefaultSelector()
@@ -134,6 +135,7 @@ class Template:
         self._pid = os.getpid()
         self._self_pidfd = os.pidfd_open(self._pid)  # a clone checks it to see that its template lives
         self._filter = sandbox.SyscallFilter(sandbox.execution_filter())
+        self._other_scratch = sandbox.other_world_writable_dirs() if isolation.namespaces else ()
 
     # -- the loop -------------------------------------------------------------------------------------------
 
@@ -185,7 +187,9 @@ class Template:
         consumer may: never one of this template's executions or anything they started (descendants of this
         template, or an execution uid), and, if ``allowed_uids`` is set, only those uids."""
         pid, uid, _ = peer_credentials(sock)
-        if pid <= 0 or descends_from(pid, self._pid):
+        # pid 0: the peer is outside this template's PID namespace (the chart's consumer container). No execution
+        # is: their namespaces are nested in this one, so each is visible here with a pid (attack-8b A9).
+        if pid < 0 or (pid > 0 and descends_from(pid, self._pid)):
             return f"pid {pid} is one of this executor's executions (or unknown)"
         base = self._isolation.uid_base
         if base is not None and base <= uid < base + MAX_SLOTS:
@@ -217,7 +221,7 @@ class Template:
         """One control frame; a malformed one closes its connection, never the template."""
         try:
             self._obey(control, frame)
-        except (KeyError, TypeError, ValueError, AttributeError, OverflowError, SyntaxError) as e:
+        except Exception as e:  # whatever a frame did, it never ends the template (attack-8b A1)
             log.error("executor: a malformed control frame (%s); closing that connection", type(e).__name__)
             self._lose(control)
 
@@ -232,7 +236,7 @@ class Template:
                     execution.stopped = True
                     self._signal(execution.spare, signal.SIGKILL)
         elif op == "learn":  # from a consumer only: _refuse_peer turned executions away
-            self._memory.learn(frame)  # type: ignore[arg-type]
+            control.memory.learn(frame)  # type: ignore[arg-type]
         elif op == "spares":  # the consumer dropped these: new ones, cloned from the new memory
             for pid in frame.get("dropped", []):
                 spare = control.spares.pop(int(pid), None)
@@ -263,7 +267,7 @@ class Template:
         """Keep ``spares`` fresh clones waiting in this consumer's hands: it writes a job on one's channel and
         the clone runs it at once (no clone on the hot path)."""
         while self._running and control in self._controls and len(control.spares) < self._spares_per_consumer:
-            spare, channel, output = self._clone()
+            spare, channel, output = self._clone(control.memory)
             if spare is None:
                 return
             sent = control.send({"op": "spare", "pid": spare.pid}, fds=[channel, output])
@@ -293,8 +297,9 @@ class Template:
         )
         self._offer(control)
 
-    def _clone(self) -> tuple[Spare | None, int, int]:
-        """A fresh clone blocked on its channel; returns it with the consumer's ends (channel, output)."""
+    def _clone(self, memory: runtime.Memory) -> tuple[Spare | None, int, int]:
+        """A fresh clone (inheriting ``memory``: its consumer's lessons) blocked on its channel; returns it with the
+        consumer's ends (channel, output)."""
         ours, theirs = socket.socketpair()
         try:
             slot = self._free_slot()
@@ -315,7 +320,7 @@ class Template:
             log.error("executor: cannot clone an execution process: %s", e)
             pid = -1
         if pid == 0:
-            self._become_execution(theirs.detach(), out_w, slot)  # never returns
+            self._become_execution(theirs.detach(), out_w, slot, memory)  # never returns
         theirs.close()
         os.close(out_w)
         if pid < 0:
@@ -378,13 +383,13 @@ class Template:
 
     # -- inside the clone ----------------------------------------------------------------------------------
 
-    def _become_execution(self, channel: int, output: int, slot: int) -> None:
+    def _become_execution(self, channel: int, output: int, slot: int, memory: runtime.Memory) -> None:
         """In the clone: isolate what needs no job, wait for the job on the channel, isolate the rest (its
         limits, its uid), run it, exit. Never returns to the template's loop."""
         code = 70
         try:
             self._prepare_clone(channel, output)
-            code = runtime.main(channel_fd=3, memory=self._memory, isolate=lambda job: self._isolate(job, slot))
+            code = runtime.main(channel_fd=3, memory=memory, isolate=lambda job: self._isolate(job, slot))
         except BaseException as e:
             with contextlib.suppress(Exception):
                 os.write(2, f"modcache execution: {type(e).__name__}: {e}\n".encode())
@@ -412,7 +417,7 @@ class Template:
         """After the job arrived, before anything of it runs: its limits and uid."""
         limits = job.get("limits") or {}
         if self._isolation.namespaces:
-            sandbox.scratch_mounts(int(limits.get("tmp_bytes") or 64 * 1024**2))
+            sandbox.scratch_mounts(int(limits.get("tmp_bytes") or 64 * 1024**2), self._other_scratch)
         sandbox.apply_limits(
             sandbox.Limits(
                 memory_bytes=limits.get("memory_bytes"),
@@ -482,11 +487,10 @@ def _children(pid: int) -> list[int]:
         return []
 
 
-def warm_up() -> runtime.Memory:
+def warm_up() -> None:
     for name in WARM_MODULES:
         with contextlib.suppress(ImportError):
             importlib.import_module(name)
-    return runtime.Memory()
 
 
 def prepare(uid_base: int | None, *, namespaces: bool = True) -> tuple[sandbox.Isolation, str | None]:
@@ -529,9 +533,9 @@ def run(
         refuse(control, SECCOMP_REFUSED.format(reason=unfiltered))
     if not isolation.namespaces and isolation.uid_base is None and not allow_shared_uid:
         refuse(control, SHARED_UID_REFUSED)
+    warm_up()
     template = Template(
         isolation=isolation,
-        memory=warm_up(),
         exit_with_last=control is not None,
         hidden=hidden,
         allowed_uids=allowed_uids,
@@ -599,7 +603,9 @@ def main(argv: list[str] | None = None) -> None:
 
 def bind(path: str) -> socket.socket:
     """A Unix socket at ``path`` for the consumer, which runs as another uid (another container of the pod:
-    the directory is a pod-private ``emptyDir``, hidden from executions by their mount namespace)."""
+    the directory is a pod-private ``emptyDir``, hidden from executions by their mount namespace). Whoever
+    reaches it may run code here: restrict it with ``--consumer-uid`` (the chart does); what a connection
+    teaches reaches only the clones handed to that connection."""
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

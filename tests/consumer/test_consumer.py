@@ -127,9 +127,11 @@ async def test_redelivery_never_runs_a_finished_execution_again(harness) -> None
     assert await ledger.entries() == ["ran"]  # ...and the workflow ran once
 
 
+#: The claim of a consumer that died (its lease expired a second ago), for the parameters ``$4`` (JSON).
 DEAD_LEASE = (
     "INSERT INTO executions (id, workflow_id, status, started_at, lease_owner, lease_token, lease_expires_at, "
-    "attempt, max_attempts) VALUES ($1, $2, 'RUNNING', now(), 'dead-consumer', 1, now() - interval '1 s', 1, $3)"
+    "attempt, max_attempts, parameters) "
+    "VALUES ($1, $2, 'RUNNING', now(), 'dead-consumer', 1, now() - interval '1 s', 1, $3, $4::jsonb)"
 )
 
 
@@ -137,7 +139,7 @@ async def test_a_redelivered_run_whose_owner_died_is_retried_by_policy(harness) 
     workflow_id = await harness.workflow(APPEND, retries_on_crash=1)
     ledger = harness.ledger()
     execution_id = uuid.uuid4()
-    await harness.sql(DEAD_LEASE, execution_id, workflow_id, 2)
+    await harness.sql(DEAD_LEASE, execution_id, workflow_id, 2, json.dumps(ledger.params))
     async with harness.consumer():
         reply = await harness.call(workflow_id, ledger.params, execution_id=execution_id)
     assert reply["status"] == "SUCCESS"
@@ -150,7 +152,7 @@ async def test_a_redelivered_run_whose_owner_died_fails_by_default(harness) -> N
     workflow_id = await harness.workflow(APPEND)
     ledger = harness.ledger()
     execution_id = uuid.uuid4()
-    await harness.sql(DEAD_LEASE, execution_id, workflow_id, 1)
+    await harness.sql(DEAD_LEASE, execution_id, workflow_id, 1, json.dumps(ledger.params))
     async with harness.consumer():
         reply = await harness.call(workflow_id, ledger.params, execution_id=execution_id)
     assert (reply["status"], reply["error"]) == ("FAILED", "consumer died mid-run")
@@ -162,7 +164,7 @@ async def test_a_redelivery_while_the_lease_is_live_is_acknowledged_and_not_run(
     ledger = harness.ledger()
     execution_id = uuid.uuid4()
     live = DEAD_LEASE.replace("now() - interval '1 s'", "now() + interval '1 min'")
-    await harness.sql(live, execution_id, workflow_id, 1)
+    await harness.sql(live, execution_id, workflow_id, 1, json.dumps(ledger.params))
     async with harness.consumer() as consumer:
         caller = await harness.caller()
         await caller.publish(harness.request(workflow_id, ledger.params, execution_id=execution_id))

@@ -56,7 +56,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from modcache import db, embedded, engine, keys, pgsource, rediscache
-from modcache_consumer import executor, protocol
+from modcache_consumer import executor, protocol, serving
 from testkit import servers
 from testkit.lifetimes import gone
 
@@ -558,19 +558,27 @@ os.execv(sys.executable, [sys.executable, *sys.argv[2:]])
 
 
 @contextlib.asynccontextmanager
-async def socket_executor(*args: str, uid: int = 0) -> AsyncIterator[tuple[Path, asyncio.subprocess.Process]]:
+async def socket_executor(
+    *args: str, uid: int = 0, pid_namespace: bool = False
+) -> AsyncIterator[tuple[Path, asyncio.subprocess.Process]]:
     """``modcache executor --socket`` in a directory of /run (not one of the executions' scratch mounts), as
-    ``uid``; yields the socket path and the process."""
+    ``uid`` (in a PID namespace of its own, as in a container, with ``pid_namespace``); yields the socket path
+    and the process."""
     directory = Path("/run") / f"modcache-test-{uuid.uuid4().hex[:8]}"
     os.mkdir(directory, 0o755)
     os.chown(directory, uid, uid)
     path = directory / "executor.sock"
+    container = ["unshare", "--pid", "--fork", "--mount-proc"] if pid_namespace else []
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", LAUNCH_AS, str(uid), "-m", "modcache_consumer.template", "--socket", str(path), *args
-    )
+        *container, sys.executable, "-c", LAUNCH_AS, str(uid), "-m", "modcache_consumer.template",
+        "--socket", str(path), *args,
+    )  # fmt: skip
     try:
         yield path, process
     finally:
+        with contextlib.suppress(psutil.Error):  # unshare(1) forwards no signal; its child changed uid
+            for child in psutil.Process(process.pid).children(recursive=True) if pid_namespace else ():
+                child.terminate()
         with contextlib.suppress(ProcessLookupError):
             process.terminate()
         await process.wait()
@@ -660,6 +668,19 @@ async def test_a_non_root_executor_runs_executions_in_a_user_namespace(harness) 
         orgs = await two_orgs(harness, consumer)
         reply = await attack(harness, orgs, "import os\ndef run():\n    return os.getuid()\n")
     assert (reply["status"], reply["result"]) == ("SUCCESS", 0), reply["error"]  # root of its user namespace only
+
+
+async def test_the_charts_layout_an_executor_in_a_pid_namespace_of_its_own_serves_its_consumer(harness) -> None:
+    """attack-8b A9: the chart's consumer is in another PID namespace than its executor, so SO_PEERCRED shows
+    it as pid 0; that is no execution of the executor (those are all visible to it), and the uid check decides."""
+    async with (
+        socket_executor("--consumer-uid", "0", uid=EXECUTOR_UID, pid_namespace=True) as (path, process),
+        harness.consumer(executor_socket=str(path)) as consumer,
+    ):
+        orgs = await two_orgs(harness, consumer)
+        reply = await attack(harness, orgs, "def run():\n    return 'in the chart'\n")
+        assert process.returncode is None
+    assert (reply["status"], reply["result"]) == ("SUCCESS", "in the chart"), reply["error"]
 
 
 async def test_a_shared_uid_without_namespaces_is_refused(harness) -> None:
@@ -1050,3 +1071,231 @@ async def test_an_explicit_uid_base_is_locked_too_and_a_clash_is_a_start_up_erro
         await executors.start(uid_base=base + 100)
     again = await executors.run(first, "import os\ndef run():\n    return os.getuid()\n")
     assert again.status == "SUCCESS", again.error
+
+
+# -- what the template learns (attack-8b A1, A2) ----------------------------------------------------------------
+
+SLOW = "import time\ndef run(n, context):\n    time.sleep(3)\n    return [context.organization['name'], n]\n"
+IMPORTS = """
+def run(names):
+    outcome = {}
+    for name in names:
+        try:
+            __import__(name)
+            outcome[name] = 'imported'
+        except BaseException as e:
+            outcome[name] = type(e).__name__
+    return outcome
+"""
+
+
+async def test_a_module_that_does_not_compile_harms_no_other_execution(harness) -> None:
+    """A1: a workspace module with a typo, and one whose compile raises RecursionError, imported by org A: the
+    template learns them after A's execution without closing a connection or dying, so org B's execution in
+    flight meanwhile finishes with its own result, and the next one runs."""
+    await harness.module("typo.py", "def oops(:\n    pass\n")
+    await harness.module("deep.py", "x = " + "+".join(["1"] * 16_000) + "\n")  # RecursionError in compile()
+    await harness.converge()
+    async with harness.consumer() as consumer:
+        orgs = await two_orgs(harness, consumer)
+        slow = await harness.workflow(SLOW)
+        n = uuid.uuid4().hex
+        in_flight = asyncio.create_task(harness.call(slow, {"n": n}, organization_id=orgs.b))
+        reply = await attack(harness, orgs, IMPORTS, {"names": ["typo", "deep"]})
+        victim = await in_flight
+        again = await attack(harness, orgs, IMPORTS, {"names": ["typo", "deep"]})  # now from the template's memory
+    assert reply["status"] == "SUCCESS", reply["error"]
+    assert reply["result"] == {"typo": "SyntaxError", "deep": "RecursionError"}
+    assert (again["status"], again["result"]) == ("SUCCESS", reply["result"]), again["error"]
+    assert (victim["status"], victim["result"]) == ("SUCCESS", ["B", n]), victim["error"]
+
+
+LESSONS = """
+import itertools, json, os, socket, struct
+
+def _ask(sock, frame):
+    body = json.dumps(frame).encode()
+    sock.sendall(struct.pack('>I', len(body)) + body)
+    header = b''
+    while len(header) < 4:
+        header += sock.recv(4 - len(header))
+    (length,) = struct.unpack('>I', header)
+    data = b''
+    while len(data) < length:
+        data += sock.recv(length - len(data))
+    return json.loads(data)
+
+def run(paths, rounds):
+    sock = socket.socket(fileno=os.dup(3))  # this execution's channel, under the runtime's feet
+    twice = _ask(sock, {'op': 'lookup', 'paths': [paths[0]] * 63 + ['nothere.py']})
+    long_rel = _ask(sock, {'op': 'directory', 'rel': 'd' * 1_000_000, 'generation': 1})
+    found = 0
+    for order in itertools.islice(itertools.permutations(paths), rounds):  # a new candidate tuple each time
+        answer = _ask(sock, {'op': 'lookup', 'paths': list(order)})
+        found += sum(entry['content'] is not None for entry in answer['entries'])
+    return {'twice': twice.get('error'), 'long rel': long_rel.get('error')[-25:], 'found': found}
+"""
+
+
+async def test_lessons_an_execution_chooses_stay_bounded(harness) -> None:
+    """A2: lookups an execution chooses (the same path 63 times; a new ordering of 6 large modules 300 times,
+    about 108 MB of content) and 1 MB directory names made the lesson to the template exceed the control frame's
+    limit (the connection closed, every execution of the consumer killed) and grew the consumer without bound.
+    Duplicates and non-directory names are refused; what is remembered for the template stays under a budget."""
+    paths = [f"big{i}.py" for i in range(6)]
+    for n, path in enumerate(paths):
+        await harness.module(path, f"# {n}\n" + "X = '" + "x" * 60_000 + "'\n")
+    await harness.converge()
+    async with harness.consumer() as consumer:
+        orgs = await two_orgs(harness, consumer)
+        slow = await harness.workflow(SLOW)
+        n = uuid.uuid4().hex
+        in_flight = asyncio.create_task(harness.call(slow, {"n": n}, organization_id=orgs.b))
+        reply = await attack(harness, orgs, LESSONS, {"paths": paths, "rounds": 300})
+        victim = await in_flight
+        lesson_bytes = consumer.modules.lesson_bytes
+    assert reply["status"] == "SUCCESS", reply["error"]
+    assert reply["result"] == {"twice": "InputError: 'paths': a path is named twice",
+                               "long rel": "not a workspace directory", "found": 1800}  # fmt: skip
+    assert (victim["status"], victim["result"]) == ("SUCCESS", ["B", n]), victim["error"]
+    assert lesson_bytes <= serving.MAX_LESSON_BYTES
+
+
+ROGUE = """
+import hashlib, json, socket, struct, sys
+path, generation, uid = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+import os
+os.setgroups([])
+os.setresgid(uid, uid, uid)
+os.setresuid(uid, uid, uid)  # a local user: not root, not an execution uid, no descendant of the executor
+code = "def greet():\\n    return 'FORGED by a local user'\\n"
+entry = {"path": "greet.py", "content": code, "hash": hashlib.sha256(code.encode()).hexdigest(),
+         "manifest_generation": generation, "manifest_hash": None, "indexed": True}
+lesson = {"op": "learn", "generation": generation, "lookups": [[["greet.py", "greet/__init__.py"], [entry]]]}
+sock = socket.socket(socket.AF_UNIX)
+sock.connect(path)
+hello = sock.recv(1 << 16)
+body = json.dumps(lesson).encode()
+sock.sendall(struct.pack('>I', len(body)) + body)
+print('taught' if hello else 'refused', flush=True)
+sys.stdin.read()  # stays connected until the test ends
+"""
+
+
+async def test_a_local_user_cannot_teach_an_executor_code_for_other_consumers(harness) -> None:
+    """A5: a root executor's socket is reachable by a local user who is no execution and no consumer; what that
+    connection teaches reaches only the clones handed to it, never another consumer's executions (the lesson
+    memory is per connection), so org B still imports the module's real content."""
+    await harness.module("greet.py", "def greet():\n    return 'genuine'\n")
+    await harness.converge()
+    greets = "from greet import greet\ndef run(n, context):\n    return [context.organization['name'], greet(), n]\n"
+    async with socket_executor() as (path, _), harness.consumer(executor_socket=str(path)) as consumer:
+        os.chmod(path.parent, 0o755)
+        orgs = await two_orgs(harness, consumer)
+        workflow = await harness.workflow(greets)
+        first = await harness.call(workflow, {"n": 0}, organization_id=orgs.b)  # the consumer taught its lesson
+        generation = int(await harness.redis.get(harness.keyspace.generation))
+        rogue = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", ROGUE, str(path), str(generation), "65534",
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        assert rogue.stdout is not None
+        said = await rogue.stdout.readline()
+        try:
+            replies = [await harness.call(workflow, {"n": n}, organization_id=orgs.b) for n in range(1, 5)]
+        finally:
+            rogue.kill()
+            await rogue.wait()
+    assert said == b"taught\n"  # it was let in: another uid, no --consumer-uid
+    for n, reply in enumerate([first, *replies]):
+        assert (reply["status"], reply["result"]) == ("SUCCESS", ["B", "genuine", n]), reply["error"]
+
+
+ENVIRON = "def run():\n    with open('/proc/self/environ', 'rb') as f:\n        return f.read().decode().split('\\0')\n"
+
+
+async def test_modcache_executor_passes_executions_no_variable_of_its_shell(harness) -> None:
+    """A6: ``modcache executor`` started from a shell that exported the consumer's settings (a CI job, a
+    laptop) runs the template with the allow-listed environment only: an execution's ``/proc/self/environ``
+    (the template's block, which ``os.environ.clear()`` in the clone did not change) holds none of them."""
+    directory = Path("/run") / f"modcache-test-{uuid.uuid4().hex[:8]}"
+    os.mkdir(directory, 0o755)
+    path = directory / "executor.sock"
+    secrets = {"MODCACHE_DATABASE_URL": harness.settings.required("database_url"), "MODCACHE_SECRETS_KEY": SECRETS_KEY,
+               "PGPASSWORD": PASSWORD}  # fmt: skip
+    process = await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).parent / "modcache"), "executor", "--socket", str(path), env={**os.environ, **secrets}
+    )
+    try:
+        async with harness.consumer(executor_socket=str(path)) as consumer:
+            orgs = await two_orgs(harness, consumer)
+            reply = await attack(harness, orgs, ENVIRON)
+    finally:
+        process.terminate()
+        await process.wait()
+        shutil.rmtree(directory, ignore_errors=True)
+    assert reply["status"] == "SUCCESS", reply["error"]
+    assert_no_secret("\n".join(reply["result"]), harness.settings, orgs)
+    assert not [v for v in reply["result"] if v.startswith(("MODCACHE_", "PG"))], reply["result"]
+
+
+LINGER = """
+import json, os, socket, struct, subprocess, time
+def run(seconds):
+    subprocess.Popen(['sleep', seconds])
+    body = json.dumps({'op': 'result', 'status': 'SUCCESS', 'result': 'done (or so it says)', 'error': None,
+                       'timings_ms': {}}).encode()
+    sock = socket.socket(fileno=os.dup(3))
+    sock.sendall(struct.pack('>I', len(body)) + body)
+    sock.shutdown(socket.SHUT_WR)  # the consumer has one result and EOF: the execution is over, for it
+    time.sleep(600)
+"""
+
+
+async def test_an_execution_that_sends_its_own_result_does_not_outlive_it(harness) -> None:
+    """A7: a workflow that writes its own result frame and shuts its channel got SUCCESS recorded and its
+    consumer slot freed while it (and what it started) ran on until the deadline. Its process is stopped the
+    moment its result is taken, so the concurrency limit keeps bounding what runs."""
+    seconds = f"{3600 + time.time() % 600:.6f}"
+    async with harness.consumer() as consumer:
+        orgs = await two_orgs(harness, consumer)
+        reply = await attack(harness, orgs, LINGER, {"seconds": seconds}, timeout_seconds=600)
+        deadline = time.monotonic() + 10
+        while sleepers(seconds) and time.monotonic() < deadline:  # noqa: ASYNC110 -- the kernel tears it down
+            await asyncio.sleep(0.02)
+        left = sleepers(seconds)
+    assert (reply["status"], reply["result"]) == ("SUCCESS", "done (or so it says)"), reply["error"]
+    assert left == []
+
+
+LEFTOVERS = """
+import ctypes, errno, os
+libc = ctypes.CDLL(None, use_errno=True)
+
+def run(mode, name):
+    if mode == 'plant':
+        with open(f'/run/lock/{name}', 'w') as f:  # world-writable, on the host's /run: it would stay
+            f.write("org A's note")
+        key = libc.syscall(248, b'user', name.encode(), b'tok_live_AAAA', 13, ctypes.c_long(-4))  # add_key @u
+        return ['planted', errno.errorcode.get(ctypes.get_errno()) if key < 0 else 'key added']
+    try:
+        with open(f'/run/lock/{name}') as f:
+            return ['found', f.read()]
+    except OSError as e:
+        return [type(e).__name__]
+"""
+
+
+async def test_nothing_an_execution_leaves_in_shared_places_reaches_the_next(harness) -> None:
+    """A12: ``/run/lock`` (world-writable, on the host) and the per-uid kernel keyring outlived executions and,
+    with slot uids reused, reached later executions of other organizations. Every world-writable directory
+    found at start gets a private tmpfs in each execution, and the keyring calls are refused (seccomp)."""
+    name = f"modcache-test-{uuid.uuid4().hex[:8]}"
+    async with harness.consumer() as consumer:
+        orgs = await two_orgs(harness, consumer)
+        planted = await attack(harness, orgs, LEFTOVERS, {"mode": "plant", "name": name})
+        look = await harness.workflow(LEFTOVERS)
+        seen = [await harness.call(look, {"mode": "look", "name": name}, organization_id=orgs.b) for _ in range(3)]
+    assert (planted["status"], planted["result"]) == ("SUCCESS", ["planted", "EPERM"]), planted["error"]
+    assert [(r["status"], r["result"]) for r in seen] == [("SUCCESS", ["FileNotFoundError"])] * 3
+    assert not await asyncio.to_thread(os.path.exists, f"/run/lock/{name}")  # nothing reached the host's directory

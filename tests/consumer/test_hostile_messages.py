@@ -8,7 +8,8 @@ nobody expected poisons its message too; and a handler wedged past ``handler_stu
 Message properties the AMQP client cannot decode (headers nested 3,000 deep: attack-8b A4) are poisoned with the
 reason instead of killing the connection's reader at every redelivery. An outcome PostgreSQL would refuse fails
 only its own execution, never the other organizations' outcomes recorded in the same batch (A3). While the
-executor is gone the consumer is not ready and claims nothing: messages wait in the queue, not FAILED (A10).
+executor is gone the consumer is not ready and claims nothing: messages wait in the queue, not FAILED (A10). A
+message naming another organization's execution id neither takes over its row nor reads its outcome (A11).
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ import aio_pika
 import pytest
 
 from modcache import keys
+from modcache_consumer import amqp, executor, headerguard, messages, settings
 from modcache_consumer import consumer as consumer_module
-from modcache_consumer import executor, headerguard, messages, settings
 
 ECHO = "def run(**params):\n    return params\n"
 
@@ -409,7 +410,8 @@ async def test_a_batch_the_database_refuses_is_recorded_item_by_item(harness: An
     assert [(v["status"], v["result"]) for v in victims] == [("SUCCESS", {"n": n}) for n in ns]
     for reply in attackers:
         assert (reply["status"], reply["result"]) == ("FAILED", None)
-        assert reply["error"].startswith("the outcome could not be stored: DBAPIError: ")
+        assert reply["error"].startswith("the outcome could not be stored: "), reply["error"]
+        assert "invalid input syntax for type json" in reply["error"]  # PostgreSQL's own reason, passed on
 
 
 # -- the executor goes away (attack-8b A10) --------------------------------------------------------------------
@@ -530,3 +532,74 @@ async def test_an_executor_lost_right_after_the_claim_queues_the_execution_again
     assert (reply["status"], reply["result"]) == ("SUCCESS", {"org": "b"})
     row = await harness.execution(request.execution_id)
     assert (row["status"], row["attempt"]) == ("SUCCESS", 1)
+
+
+# -- a message naming another organization's execution id (attack-8b A11) --------------------------------------
+
+PAY = "def run(amount):\n    return {'paid': amount}\n"
+
+
+@pytest.mark.parametrize("posing_as", ["its own workflow", "the victim's workflow"])
+async def test_a_message_cannot_take_over_or_read_another_organizations_execution(harness: Any, posing_as: str) -> None:
+    """Org A publishes requests naming two of org B's execution ids: a finished one (its stored outcome would be
+    sent to A's reply queue) and a PENDING one (a crash-policy retry waiting for its republished message, which
+    A's run would take over). Both are poisoned with the reason; B's rows are untouched, nothing reaches A, and
+    B's retry then runs with B's own result."""
+    async with harness.consumer(consumer_concurrency=1) as consumer:
+        org_a, org_b = await other_orgs(consumer)
+        attackers = await harness.workflow("def run(**_):\n    return 'attacker result'\n", organization_id=org_a)
+        victims = await harness.workflow(PAY, organization_id=org_b, retries_on_crash=1)
+        done, pending = uuid.uuid4(), uuid.uuid4()
+        caller = await harness.caller()
+        await harness.sql(
+            "INSERT INTO executions (id, workflow_id, organization_id, status, parameters, result, attempt, "
+            "max_attempts) VALUES ($1, $2, $3, 'SUCCESS', '{\"amount\": 100}', '{\"paid\": 100}', 1, 1)",
+            done,
+            victims,
+            org_b,
+        )
+        await harness.sql(
+            "INSERT INTO executions (id, workflow_id, organization_id, status, parameters, attempt, max_attempts) "
+            "VALUES ($1, $2, $3, 'PENDING', '{\"amount\": 250}', 1, 2)",
+            pending,
+            victims,
+            org_b,
+        )
+        before = {row["id"]: dict(row) for row in await harness.sql("SELECT * FROM executions")}
+        workflow_id = attackers if posing_as == "its own workflow" else victims
+        for execution_id in (done, pending):
+            await caller.publish(harness.request(workflow_id, {}, organization_id=org_a, execution_id=execution_id))
+        poisoned = await harness.poisoned(2)
+        await consumer.idle()
+        after = {row["id"]: dict(row) for row in await harness.sql("SELECT * FROM executions")}
+        answered = [caller._pending[str(i)].done() for i in (done, pending)]
+        caller._pending.clear()  # the victim's caller waits on the same ids below
+        retry = await harness.call(victims, {"amount": 250}, organization_id=org_b, execution_id=pending)
+        other = await harness.call(victims, {"amount": 5}, organization_id=org_b)
+    reasons = sorted(message.headers[keys.POISON_REASON_HEADER] for message in poisoned)
+    assert reasons == sorted(
+        f"execution id {i} belongs to another execution (its workflow, organization or parameters differ)"
+        for i in (done, pending)
+    )
+    assert after == before
+    assert answered == [False, False]
+    assert (retry["status"], retry["result"]) == ("SUCCESS", {"paid": 250})
+    assert (other["status"], other["result"]) == ("SUCCESS", {"paid": 5})
+    row = await harness.execution(pending)
+    assert (row["organization_id"], row["attempt"], row["status"]) == (org_b, 2, "SUCCESS")
+
+
+async def test_a_stored_outcome_is_replied_to_a_request_for_the_same_execution(harness: Any) -> None:
+    """What the check keeps: another caller's request for a finished execution (same workflow, organization,
+    parameters) is answered from storage, not run again."""
+    async with harness.consumer(consumer_concurrency=1) as consumer:
+        _, org_b = await other_orgs(consumer)
+        victims = await harness.workflow(PAY, organization_id=org_b)
+        first = await harness.call(victims, {"amount": 7}, organization_id=org_b)
+        execution_id = uuid.UUID(first["execution_id"])
+        request = harness.request(victims, {"amount": 7}, organization_id=org_b, execution_id=execution_id)
+        async with amqp.caller(harness.settings.required("amqp_url"), queue=harness.names.queue) as another:
+            await another.publish(request)
+            again = await another.result(request.execution_id, timeout_s=30)
+    assert first["result"] == again["result"] == {"paid": 7}
+    assert again["duration_ms"] == first["duration_ms"]  # the stored outcome
