@@ -36,4 +36,3 @@ async def test_a_stopped_redis_fails_the_sync_within_the_socket_timeout(
             finally:
                 server.resume()
             await wired.engine.full_resync()  # and it comes back by itself
-
