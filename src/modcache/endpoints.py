@@ -59,11 +59,29 @@ class RedisEndpoint:
         return f"{nodes or 'a unix socket'} (db {self.db}){tls}"
 
 
+URL_DELIMITERS = "/?#@"  # what ends the user, the password or the host part of a URL, unless percent-encoded
+
+
+def check_credentials(rest: str) -> None:
+    """``ValueError`` if the user or password of a URL (``rest``: after ``://``) holds an unencoded ``/``, ``?``,
+    ``#`` or ``@``. The drivers end the credentials at different places then (``urlsplit``, redis-py and asyncpg at
+    the first ``/``, ``?`` or ``#``; asyncpg at the first ``@``, ``redact_url`` at the last), so the one that is
+    handed the URL takes part of the password for a host or a port, and says so in its error (attack-11b T4, T5).
+    The message never holds the URL."""
+    userinfo, at, _ = rest.rpartition("@")
+    if at and any(c in userinfo for c in URL_DELIMITERS):
+        raise ValueError(
+            "the user or password holds an unencoded '/', '?', '#' or '@' (or an '@' follows the host): "
+            "percent-encode them in the URL (%2F, %3F, %23, %40)"
+        )
+
+
 def parse_redis(url: str) -> RedisEndpoint:
     """The endpoint a Redis URL names (``ValueError`` if it is not one of the forms above)."""
     scheme, sep, rest = url.partition("://")
     if not sep or scheme not in REDIS_SCHEMES:
         raise ValueError(f"URL scheme must be one of {', '.join(REDIS_SCHEMES)}")
+    check_credentials(rest)
     base, _, kind = scheme.partition("+")
     tls = base == "rediss"
     if not kind:
@@ -82,6 +100,9 @@ def parse_redis(url: str) -> RedisEndpoint:
     )
     if not hosts:
         raise ValueError("names no host")
+    for n, (host, port) in enumerate(hosts):  # a sentinel listed twice would vote twice (attack-11b T9)
+        if (host.lower(), port) in {(h.lower(), p) for h, p in hosts[:n]}:
+            raise ValueError(f"lists {host}:{port} twice: list each {kind} node once")
     if kind == "cluster":
         if path.strip("/") not in ("", "0"):
             raise ValueError("a Redis Cluster has only database 0: drop the /DB part")
@@ -103,7 +124,11 @@ def _single(url: str, *, tls: bool) -> RedisEndpoint:
         raise ValueError("several hosts need redis+sentinel:// or redis+cluster://")
     if parts.hostname:
         _host_port(hostlist, DEFAULT_REDIS_PORT)  # the port's own checks (urllib takes '²' and '٦٣٧٩' for digits)
-    port = parts.port
+    url_query(url)  # every parameter once, with a value (the TLS checks read it as redis-py does)
+    try:
+        port = parts.port
+    except ValueError:  # urllib's message quotes the port's text: with no host before it, it is the password
+        raise ValueError("the port must be a number from 1 to 65535, in ASCII digits") from None
     # Where the client connects is what redis-py's ``parse_url`` makes of the URL (it goes to redis-py as is):
     # ``?db=`` wins over the path, host and path are percent-decoded. Reading it any other way would watch the
     # key events of another database and let two overlapping prefixes pass as different endpoints.
@@ -178,8 +203,11 @@ def check_postgres(url: str) -> tuple[tuple[str, int], ...]:
     scheme, sep, rest = url.partition("://")
     if not sep or scheme not in POSTGRES_SCHEMES:
         raise ValueError(f"URL scheme must be one of {', '.join(POSTGRES_SCHEMES)}")
-    netloc = rest.split("/", 1)[0].split("?", 1)[0]
-    return split_netloc(netloc, default_port=DEFAULT_POSTGRES_PORT)[2]
+    check_credentials(rest)
+    netloc = rest.split("/", 1)[0].split("?", 1)[0].split("#", 1)[0]
+    hosts = split_netloc(netloc, default_port=DEFAULT_POSTGRES_PORT)[2]
+    url_query(url)  # every parameter once, with a value: a blank ?sslmode= was dropped by asyncpg (attack-11b T2)
+    return hosts
 
 
 SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")  # libpq's, weakest first
@@ -188,8 +216,19 @@ REDIS_FALSE = ("0", "F", "FALSE", "N", "NO")  # what redis-py's URL parser reads
 
 
 def url_query(url: str) -> dict[str, str]:
-    """The query parameters of ``url`` (the last of a repeated one wins, as in redis-py and libpq)."""
-    return dict(urllib.parse.parse_qsl(url.partition("?")[2].partition("#")[0], keep_blank_values=True))
+    """The query parameters of ``url``, each given once and with a value (``ValueError`` naming the first that is
+    not). The drivers disagree about the others: redis-py takes the first of a repeated parameter and asyncpg the
+    last, both drop a blank one (and asyncpg then falls back to ``PGSSLMODE`` or ``prefer``), so a check reading
+    ``?ssl_cert_reqs=none&ssl_cert_reqs=required`` or ``?sslmode=`` one way was passed by a URL the driver read
+    the other way (attack-11b T1, T2). Refusing them leaves one reading, the driver's."""
+    found: dict[str, str] = {}
+    for name, value in urllib.parse.parse_qsl(url.partition("?")[2].partition("#")[0], keep_blank_values=True):
+        if name in found:
+            raise ValueError(f"the query parameter {name!r} is given twice: give it once")
+        if not value:
+            raise ValueError(f"the query parameter {name!r} has no value: give it one, or drop it")
+        found[name] = value
+    return found
 
 
 def redis_tls_relaxations(url: str) -> list[tuple[str, str]]:
@@ -211,9 +250,11 @@ def redis_tls_relaxations(url: str) -> list[tuple[str, str]]:
 
 
 def with_query(url: str, extra: dict[str, str]) -> str:
-    """``url`` with the ``extra`` query parameters the URL does not set itself (the URL's own win)."""
+    """``url`` with the ``extra`` query parameters the URL does not set itself (the URL's own win). A parameter
+    the URL repeats or leaves blank is a ``ValueError`` (``url_query``): a blank ``sslmode=`` counted as set, kept
+    the setting's ``verify-full`` out, and asyncpg, dropping it, fell back to ``prefer`` (attack-11b T2)."""
     base, _, query = url.partition("?")
-    present = dict(urllib.parse.parse_qsl(query, keep_blank_values=True))
+    present = url_query(url)
     added = {k: v for k, v in extra.items() if k not in present}
     if not added:
         return url

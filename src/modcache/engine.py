@@ -22,7 +22,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
-from modcache import keys, modules, observation, pgsource, plan, rediscache
+from modcache import keys, lineage, modules, observation, pgsource, plan, rediscache
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +143,7 @@ class Engine:
             deep="1" if report.deep else "0",
             source_system=(checked.system or "") if checked is not None else "",
             source_timeline=str(checked.timeline if checked is not None else 0),
+            source_lsn=lineage.lsn_text(checked.lsn if checked is not None else 0),
         )
 
     async def learn_lineage(self) -> None:
@@ -153,7 +154,9 @@ class Engine:
         status = await self.cache.read_status()
         timeline = status.get("source_timeline", "")
         self.source.lineage.learn(
-            status.get("source_system", ""), int(timeline) if timeline.isascii() and timeline.isdigit() else 0
+            status.get("source_system", ""),
+            int(timeline) if timeline.isascii() and timeline.isdigit() else 0,
+            lineage.parse_lsn(status.get("source_lsn", "")),
         )
 
     async def _unservable(self, the_plan: plan.Plan) -> list[modules.Rejected]:

@@ -13,6 +13,8 @@ carry secrets: URLs are redacted with ``redact_url`` and payloads are truncated 
 
 from __future__ import annotations
 
+import urllib.parse
+
 MAX_DETAIL_CHARS = 256
 
 
@@ -55,8 +57,13 @@ def truncate(text: str, limit: int = MAX_DETAIL_CHARS) -> str:
     return text if len(text) <= limit else f"{text[: limit - 1]}…"
 
 
+SECRET_PARAMETER_WORDS = ("password", "secret", "token")  # libpq's password/sslpassword, redis-py's password=
+
+
 def redact_url(url: str) -> str:
-    """The URL with any password replaced by ``***``.
+    """The URL with any password replaced by ``***``: the one in the credentials and the value of every query
+    parameter whose name holds ``password``, ``secret`` or ``token`` (libpq and asyncpg read ``?password=`` and
+    ``?sslpassword=``, redis-py ``?password=``: attack-11b T6).
 
     The credentials are everything between ``://`` and the *last* ``@`` (libpq's and asyncpg's rule): a password
     holding an unencoded ``/``, ``?``, ``#`` or ``@`` would end a ``urlsplit`` authority early and pass through
@@ -64,8 +71,21 @@ def redact_url(url: str) -> str:
     scheme, sep, rest = url.partition("://")
     userinfo, at, tail = rest.rpartition("@")
     if not sep or not at or ":" not in userinfo:
+        return _redact_query(url)
+    return _redact_query(f"{scheme}://{userinfo.split(':', 1)[0]}:***@{tail}")
+
+
+def _redact_query(url: str) -> str:
+    base, mark, query = url.partition("?")
+    if not mark:
         return url
-    return f"{scheme}://{userinfo.split(':', 1)[0]}:***@{tail}"
+    items = []
+    for item in query.split("&"):
+        name, equals, _ = item.partition("=")
+        named = urllib.parse.unquote_plus(name).lower()
+        secret = equals and any(word in named for word in SECRET_PARAMETER_WORDS)
+        items.append(f"{name}=***" if secret else item)
+    return f"{base}?{'&'.join(items)}"
 
 
 def url_password(url: str) -> str | None:

@@ -9,13 +9,31 @@ PostgreSQL does: every promotion starts a new **timeline** (the first 8 hex digi
 ``pg_control_checkpoint()`` on a standby), and every cluster made by ``initdb`` has its own
 ``pg_control_system().system_identifier``, kept by its replicas.
 
-``Lineage`` holds the highest (system, timeline) this process has read from, and the one recorded in the cache's
-status hash by the last full resync (``source_system``/``source_timeline``, learnt before the first read: a
-restarted modcache that first reaches the old primary must refuse it too). ``connect`` checks each new asyncpg
-connection (the SQLAlchemy pool's and the listener's): a server of another system, or on an older timeline, is
-closed and the other hosts of the URL are tried in turn; if none passes, ``StaleSource`` (a ``SourceUnavailable``:
-retried, and shown in the status) says which server, which timeline and why. A server that does not let us read
-its identity is accepted, with one warning.
+A timeline number alone does not name a branch: an old primary promoted again (by a second failover manager in a
+partition, or an operator promoting a stale standby) starts a timeline with the same number as the true primary's,
+on a history of its own (attack-11b T3). So the WAL position is checked beside it: ``pg_current_wal_lsn()`` on a
+primary, ``pg_last_wal_replay_lsn()`` on a standby, read when the connection is made, before anything is read
+through it. The cache then holds what the server had at that position or later. A server on the recorded timeline
+whose position is behind the highest one modcache has synced from is refused: it lacks some of what the cache
+already holds (a stale branch with the same number, a lagging standby), and syncing from it would roll the cache
+back. A server on a *newer* timeline but behind is either the new primary of a failover that lost the last
+transactions (asynchronous replication) or a stale node promoted once more: it is taken only when no host of the
+URL passes outright, so while the true primary is reachable it is the one read, and a failover that lost
+transactions is still followed.
+
+``Lineage`` holds the highest (system, timeline, position) this process has read from, and the one recorded in the
+cache's status hash by the last full resync (``source_system``/``source_timeline``/``source_lsn``, learnt before
+the first read: a restarted modcache that first reaches the old primary must refuse it too). Only a server that
+passes raises them, so a stale branch that is refused never ratchets the true primary out.
+
+Limits (``docs/topologies.md``): without the timeline history files (``pg_read_file`` needs privileges) a stale
+branch that has written more WAL than the true primary since they split is not told apart, nor one promoted to a
+newer timeline when it is the only host the URL reaches.
+
+``connect`` checks each new asyncpg connection (the SQLAlchemy pool's and the listener's): a server of another
+system, on an older timeline or behind the recorded position, is closed and the other hosts of the URL are tried in
+turn; if none passes, ``StaleSource`` (a ``SourceUnavailable``: retried, and shown in the status) says which
+server, which timeline and why. A server that does not let us read its identity is accepted, with one warning.
 
 Moving the cache to another cluster on purpose (a restore into a new ``initdb``, a migration): delete the status
 hash (``DEL <prefix>modcache:status``) and restart modcache; the next full resync records the new cluster.
@@ -37,7 +55,9 @@ IDENTITY_SQL = """
 SELECT (SELECT system_identifier FROM pg_control_system())::text,
        CASE WHEN pg_is_in_recovery() THEN (SELECT timeline_id FROM pg_control_checkpoint())::bigint
             ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::bigint END,
-       host(inet_server_addr()), inet_server_port()
+       host(inet_server_addr()), inet_server_port(),
+       (coalesce(CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END,
+                 '0/0') - '0/0'::pg_lsn)::bigint
 """
 
 
@@ -46,6 +66,21 @@ class Identity:
     system: str
     timeline: int
     server: str  # host:port, for messages
+    lsn: int = 0  # the WAL position (bytes): pg_current_wal_lsn(), or pg_last_wal_replay_lsn() on a standby
+
+
+def lsn_text(lsn: int) -> str:
+    """A WAL position the way PostgreSQL writes it (``0/3000148``)."""
+    return f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}"
+
+
+def parse_lsn(text: str) -> int:
+    """``lsn_text`` read back (0 for anything else: nothing recorded)."""
+    high, slash, low = text.partition("/")
+    try:
+        return (int(high, 16) << 32) + int(low, 16) if slash and high.isalnum() and low.isalnum() else 0
+    except ValueError:
+        return 0
 
 
 class StaleSource(errors.SourceUnavailable):
@@ -58,19 +93,25 @@ class Lineage:
     def __init__(self) -> None:
         self.system: str | None = None
         self.timeline = 0
+        self.lsn = 0  # the highest WAL position synced from (``Identity.lsn``)
         self.refusals = 0  # servers refused (a metric: modcache_source_refusals_total)
         self._said: str | None = None  # the last refusal logged (the same one, retried, is not logged again)
         self._unreadable_said = False
 
-    def learn(self, system: str, timeline: int) -> None:
+    def learn(self, system: str, timeline: int, lsn: int = 0) -> None:
         """What the cache's status hash recorded (an empty ``system``: nothing recorded)."""
         if system and self.system is None:
             self.system = system
-        if system == self.system and timeline > self.timeline:
-            self.timeline = timeline
+        if system == self.system:
+            self.timeline = max(self.timeline, timeline)
+            self.lsn = max(self.lsn, lsn)
 
-    def problem(self, identity: Identity) -> str | None:
-        """Why ``identity`` must not be synced from, or None (and then it is what the cache is filled from)."""
+    def problem(self, identity: Identity, *, lenient: bool = False) -> str | None:
+        """Why ``identity`` must not be synced from, or None (and then it is what the cache is filled from).
+
+        A server on a newer timeline but behind the recorded position is either the new primary of a failover
+        that lost the last transactions or a stale node promoted again: refused unless ``lenient`` (``connect``
+        is, once no host of the URL passes without it)."""
         if self.system is not None and identity.system != self.system:
             return (
                 f"PostgreSQL at {identity.server} is another cluster (system identifier {identity.system}) than the "
@@ -83,7 +124,24 @@ class Lineage:
                 f"{self.timeline} the cache was filled from: a former primary that came back (split brain) or a "
                 "stale node; refusing to sync from it"
             )
-        self.system, self.timeline = identity.system, identity.timeline
+        if identity.lsn < self.lsn and identity.timeline == self.timeline:
+            return (
+                f"PostgreSQL at {identity.server} is at WAL position {lsn_text(identity.lsn)} (timeline "
+                f"{identity.timeline}), behind {lsn_text(self.lsn)} the cache was already filled from: a former "
+                "primary promoted again on a branch of its own (split brain), or a lagging node; refusing to sync "
+                "from it"
+            )
+        if identity.lsn < self.lsn:
+            said = (
+                f"PostgreSQL at {identity.server} is on timeline {identity.timeline}, newer than timeline "
+                f"{self.timeline} the cache was filled from, but at WAL position {lsn_text(identity.lsn)}, behind "
+                f"{lsn_text(self.lsn)}: the new primary of a failover that lost the last transactions, or a stale "
+                "node promoted again"
+            )
+            if not lenient:
+                return f"{said}; trying the URL's other hosts first"
+            log.warning("%s; no host of the URL is ahead of it: syncing from it (see docs/topologies.md)", said)
+        self.system, self.timeline, self.lsn = identity.system, identity.timeline, identity.lsn
         return None
 
     def refuse(self, reason: str) -> None:
@@ -92,8 +150,8 @@ class Lineage:
             log.warning("%s", reason)
             self._said = reason
 
-    async def admit(self, conn: Any) -> str | None:
-        """Why the server ``conn`` reached must not be synced from, or None."""
+    async def admit(self, conn: Any, *, lenient: bool = False) -> str | None:
+        """Why the server ``conn`` reached must not be synced from, or None (``lenient``: see ``problem``)."""
         try:
             row = await conn.fetchrow(IDENTITY_SQL, timeout=10)
         except asyncpg.PostgresError as e:  # a managed service may revoke pg_control_*: accepted, said once
@@ -102,7 +160,7 @@ class Lineage:
                 self._unreadable_said = True
             return None
         server = "a local socket" if row[2] is None else f"{row[2]}:{row[3]}"
-        problem = self.problem(Identity(str(row[0]), int(row[1]), server))
+        problem = self.problem(Identity(str(row[0]), int(row[1]), server, int(row[4])), lenient=lenient)
         if problem is not None:
             self.refuse(problem)
         return problem
@@ -110,26 +168,33 @@ class Lineage:
 
 async def connect(dsn: str, *, lineage: Lineage | None, **options: Any) -> Any:
     """``asyncpg.connect(dsn, **options)``, refusing a server ``lineage`` does not admit: then each host the URL
-    names is tried on its own, in order (``target_session_attrs`` still applies), and the first admitted wins."""
-    conn = await asyncpg.connect(dsn, **options)
+    names is tried on its own, in order (``target_session_attrs`` still applies), and the first admitted wins; if
+    none is, the first on a newer timeline though behind the recorded position (``Lineage.problem``)."""
+    try:
+        conn = await asyncpg.connect(dsn, **options)
+    except ValueError as e:  # asyncpg's DSN parser quotes what it could not read: a part of the password, maybe
+        if isinstance(e, OSError):  # ssl.SSLCertVerificationError is a ValueError too: the server's, not the URL's
+            raise
+        raise errors.ConfigError("MODCACHE_DATABASE_URL", "asyncpg cannot read the URL: check its shape") from None
     if lineage is None:
         return conn
     problem = await _checked(conn, lineage)
     if problem is None:
         return conn
-    for host, port in endpoints.check_postgres(dsn):
-        try:
-            other = await asyncpg.connect(dsn, host=host, port=port, **options)
-        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
-            continue  # down, or not a primary: the next one
-        if await _checked(other, lineage) is None:
-            return other
+    for lenient in (False, True):
+        for host, port in endpoints.check_postgres(dsn):
+            try:
+                other = await asyncpg.connect(dsn, host=host, port=port, **options)
+            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                continue  # down, or not a primary: the next one
+            if await _checked(other, lineage, lenient=lenient) is None:
+                return other
     raise StaleSource(problem)
 
 
-async def _checked(conn: Any, lineage: Lineage) -> str | None:
+async def _checked(conn: Any, lineage: Lineage, *, lenient: bool = False) -> str | None:
     try:
-        problem = await lineage.admit(conn)
+        problem = await lineage.admit(conn, lenient=lenient)
     except BaseException:
         conn.terminate()
         raise

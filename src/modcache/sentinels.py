@@ -11,7 +11,9 @@ redis-py's ``SentinelConnectionPool`` asks instead (its ``sentinel_manager``: co
    ``min_other_sentinels`` peers, set to ``len(sentinels) // 2``: a sentinel that knows fewer peers could not have
    taken part in the majority that elected the current master);
 2. an address is believed only when **more than half of the configured sentinels** name it (an unreachable
-   sentinel counts against: two of three, three of five);
+   sentinel counts against: two of three, three of five). A sentinel votes once, however many entries of the
+   URL reach it (``127.0.0.1:P`` and ``localhost:P``, a Service name beside its pod's): each is asked for its run
+   id (``SENTINEL MYID``) and a run id already heard is not counted again (attack-11b T9);
 3. the node must say ``ROLE`` master (a majority that names a demoted master, during the seconds before the
    sentinels reconfigure it, or a replica).
 
@@ -61,13 +63,23 @@ class Quorum:
 
     async def discover_master(self, service_name: str) -> Address:
         answers = await asyncio.gather(*(self._ask(s, service_name) for s in self._order))
-        votes = collections.Counter(a for a in answers if isinstance(a, tuple))
+        votes: collections.Counter[Address] = collections.Counter()
+        heard: dict[str, str] = {}  # run id -> the entry that voted for that sentinel
+        said = []
+        for sentinel, (answer, run_id) in zip(self._order, answers, strict=True):
+            if run_id is not None and run_id in heard:
+                said.append(f"{_name(sentinel)}: the same sentinel as {heard[run_id]}, counted once")
+                continue
+            if run_id is not None:
+                heard[run_id] = _name(sentinel)
+            if isinstance(answer, tuple):
+                votes[answer] += 1
+            said.append(f"{_name(sentinel)}: {_said(answer)}")
         address, count = votes.most_common(1)[0] if votes else (None, 0)
         if address is None or count < self.majority:
-            said = "; ".join(f"{_name(s)}: {_said(a)}" for s, a in zip(self._order, answers, strict=True))
             raise aiosentinel.MasterNotFoundError(
                 f"no master of {service_name!r} named by a majority ({self.majority} of {len(self._order)}) of the "
-                f"sentinels ({said})"
+                f"sentinels ({'; '.join(said)})"
             )
         role = await self._role(address)
         if role != "master":
@@ -81,15 +93,16 @@ class Quorum:
     async def discover_slaves(self, service_name: str) -> Sequence[Address]:
         return [(str(host), int(port)) for host, port in await self.sentinel.discover_slaves(service_name)]
 
-    async def _ask(self, sentinel: aioredis.Redis, service_name: str) -> Address | str:
-        """The address this sentinel names, or why it names none."""
+    async def _ask(self, sentinel: aioredis.Redis, service_name: str) -> tuple[Address | str, str | None]:
+        """The address this sentinel names, or why it names none; and its run id (None: it did not say)."""
         try:
             state: Any = await sentinel.sentinel_master(service_name)
         except (redis.exceptions.RedisError, OSError) as e:
-            return errors.describe(e)
+            return errors.describe(e), None
+        run_id = await _run_id(sentinel)
         if not isinstance(state, dict) or not self.sentinel.check_master_state(state, service_name):
-            return "reports it down, or knows too few other sentinels"
-        return str(state["ip"]), int(state["port"])
+            return "reports it down, or knows too few other sentinels", run_id
+        return (str(state["ip"]), int(state["port"])), run_id
 
     async def _role(self, address: Address) -> str:
         node = aioredis.Redis(host=address[0], port=address[1], **self._node_options)
@@ -148,6 +161,16 @@ class Quorum:
             except (redis.exceptions.RedisError, OSError):
                 pass
             await asyncio.sleep(retry.next_s())
+
+
+async def _run_id(sentinel: aioredis.Redis) -> str | None:
+    """The sentinel's run id (``SENTINEL MYID``, Redis 6.2 on), which names the process whatever address reached it."""
+    try:
+        reply = await sentinel.execute_command("SENTINEL MYID")  # type: ignore[no-untyped-call]
+    except (redis.exceptions.RedisError, OSError):
+        return None
+    text = reply.decode(errors="replace") if isinstance(reply, bytes) else str(reply)
+    return text or None
 
 
 def _name(sentinel: aioredis.Redis) -> str:

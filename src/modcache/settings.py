@@ -62,6 +62,12 @@ class Settings(pydantic_settings.BaseSettings):
     redis_connect_timeout_s: float = pydantic.Field(
         5.0, gt=0, description="A Redis connection must be made within this (a failed-over master may not answer)."
     )
+    redis_socket_timeout_s: float = pydantic.Field(
+        10.0,
+        gt=0,
+        description="A Redis reply must come within this (a stopped master otherwise hangs the sync); longer than "
+        "the biggest script call.",
+    )
     database_ssl_mode: Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] | None = (
         pydantic.Field(None, description="libpq sslmode added to the PostgreSQL URLs unless they set it.")
     )

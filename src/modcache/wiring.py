@@ -9,6 +9,7 @@ multi-host) is added in exactly one place.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import functools
@@ -83,9 +84,31 @@ def make_source(config: settings.Settings, *, application_name: str = "modcache"
 def make_redis(config: settings.Settings) -> tuple[rediscache.Client, Closer]:
     """The Redis client ``redis_url`` names (one node, the master a Sentinel names, or a Cluster) and what closes
     it. A Sentinel client finds the master again on every new connection, a Cluster client follows ``MOVED``:
-    after a failover, commands fail until the topology settles, then reach the new master by themselves."""
-    client, closer, _ = _redis(config)
-    return client, closer
+    after a failover, commands fail until the topology settles, then reach the new master by themselves.
+
+    A Sentinel client built inside a running event loop (the consumer's) also follows ``+switch-master`` the way
+    the watcher does (``sentinels.Quorum.switches``, which drops the pool's connections once a majority names the
+    new master): after a planned failover it reads the new master at once, not the old one until it is demoted,
+    about 10 s later, serving values modcache no longer updates there (attack-11b T8)."""
+    client, closer, switches = _redis(config)
+    if switches is None:
+        return client, closer
+    try:
+        follower = asyncio.get_running_loop().create_task(_follow(switches), name="modcache-follow-master")
+    except RuntimeError:  # no loop: nothing to run the follower on; new connections still ask the quorum
+        return client, closer
+
+    async def close() -> None:
+        follower.cancel()
+        await asyncio.gather(follower, return_exceptions=True)
+        await closer()
+
+    return client, close
+
+
+async def _follow(switches: Switches) -> None:
+    async for _ in switches():  # each switch has dropped the pool's connections already (and said so)
+        pass
 
 
 def _redis(config: settings.Settings) -> tuple[rediscache.Client, Closer, Switches | None]:
@@ -151,6 +174,9 @@ def _redis_options(config: settings.Settings, endpoint: endpoints.RedisEndpoint)
         "encoding_errors": "surrogateescape",
         "health_check_interval": 30,
         "socket_connect_timeout": config.redis_connect_timeout_s,
+        # every reply: a stopped or partitioned master fails the command instead of hanging it (attack-11b T7);
+        # blocking pub/sub reads (key events, +switch-master) are exempt in redis-py
+        "socket_timeout": config.redis_socket_timeout_s,
     }
     if endpoint.tls:
         options |= redis_tls_options(config)
@@ -180,7 +206,10 @@ def database_dsn(config: settings.Settings, url: str | None = None) -> str:
     URL's own parameters win). Multi-host URLs pass unchanged: asyncpg tries the hosts in turn."""
     chosen = url if url is not None else _required(config.database_url, "database_url")
     _warn_relaxed_tls(config)
-    return endpoints.with_query(settings.asyncpg_dsn(chosen), config.database_ssl_params())
+    try:  # the settings refused a repeated or blank parameter already; a URL given here directly is held to it too
+        return endpoints.with_query(settings.asyncpg_dsn(chosen), config.database_ssl_params())
+    except ValueError as e:
+        raise errors.ConfigError("MODCACHE_DATABASE_URL", str(e)) from None
 
 
 def make_pg_engine(

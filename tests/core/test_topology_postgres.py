@@ -19,7 +19,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from modcache import db, errors, keys, lineage, settings, watcher, wiring
+from modcache import db, endpoints, errors, keys, lineage, settings, watcher, wiring
 from testkit import convergence, topologies
 from testkit.observers import Recorder
 from testkit.watching import upsert, watch_settings, watching
@@ -28,6 +28,12 @@ from testkit.watching import upsert, watch_settings, watching
 @pytest.fixture(scope="module")
 def tls_postgres() -> Iterator[topologies.PostgresNode]:
     with topologies.postgres_pair(ssl=True, replica=False) as pair:
+        yield pair.primary
+
+
+@pytest.fixture(scope="module")
+def plain_postgres() -> Iterator[topologies.PostgresNode]:
+    with topologies.postgres_pair(replica=False) as pair:
         yield pair.primary
 
 
@@ -131,6 +137,42 @@ def test_a_url_parameter_that_weakens_the_tls_settings_is_refused(
         assert named in caught.value.reason
 
 
+@pytest.mark.parametrize(
+    "query",
+    [
+        "sslmode=",
+        "sslmode=disable&sslmode=",
+        "target_session_attrs=read-write&sslmode=",
+        "sslmode=verify-full&sslmode=disable",
+        "sslmode",
+    ],
+)
+async def test_a_blank_or_repeated_sslmode_is_refused(
+    plain_postgres: topologies.PostgresNode, monkeypatch: pytest.MonkeyPatch, query: str
+) -> None:
+    """attack-11b T2: a blank ``?sslmode=`` counted as "the URL sets it", so MODCACHE_DATABASE_SSL_MODE=verify-full
+    was not added, and asyncpg, dropping the blank value, fell back to ``prefer``: the sync ran over plaintext to
+    a server without TLS. Now a blank or repeated parameter is a ConfigError naming it, and the DSN modcache
+    builds carries exactly the sslmode it checked."""
+    monkeypatch.delenv("PGSSLMODE", raising=False)
+    url = f"{plain_postgres.url()}?{query}"
+    for field in ("database_url", "listen_database_url"):
+        with pytest.raises(errors.ConfigError) as caught:
+            settings.Settings.from_env(**{field: url}, database_ssl_mode="verify-full")
+        assert caught.value.setting == f"MODCACHE_{field.upper()}"
+        assert "'sslmode'" in caught.value.reason
+    if query == "sslmode=":  # what was at stake: asyncpg drops the blank value and talks plaintext
+        conn = await asyncpg.connect(url)
+        try:
+            assert await conn.fetchval("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()") is False
+        finally:
+            await conn.close()
+    plain = settings.Settings(database_url=plain_postgres.url(), database_ssl_mode="verify-full")  # type: ignore[arg-type]
+    assert endpoints.url_query(wiring.database_dsn(plain)) == {"sslmode": "verify-full"}
+    with pytest.raises(errors.ConfigError, match="'sslmode' has no value"):
+        wiring.database_dsn(plain, f"{plain_postgres.url()}?sslmode=")
+
+
 async def test_an_unverified_plaintext_fallback_by_url_alone_is_warned_about_once(
     tls_postgres: topologies.PostgresNode, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -216,3 +258,101 @@ async def test_an_old_primary_that_comes_back_does_not_roll_the_cache_back(
         with pytest.raises(lineage.StaleSource, match="another cluster"):
             await wired.engine.full_resync()
         assert json.loads(await wired.cache.read_module("ha/m0.py") or "{}")["content"] == "V = 'after'\n"
+
+
+async def test_an_old_primary_promoted_again_onto_the_same_timeline_does_not_roll_the_cache_back(
+    redis_url: str, keyspace: keys.KeySpace
+) -> None:
+    """attack-11b T3: the old primary, promoted again after the failover (a second failover manager, an operator
+    promoting a stale node), moves from timeline 1 to a timeline 2 of its own: the same number as the true
+    primary's. The check compared numbers only: it synced from the stale branch (pruning what was written on the
+    true primary) and, once the stale node reached timeline 3, refused the true primary for good. Now a server
+    whose WAL position is behind the one the cache was filled from is refused too, and a refused server never
+    raises what is recorded."""
+    with topologies.postgres_pair() as fresh:
+        url = fresh.url()
+        await db.upgrade(url)
+        config = settings.Settings(database_url=url, redis_url=redis_url, key_prefix=keyspace.prefix)  # type: ignore[arg-type]
+        stale = settings.Settings(database_url=fresh.primary.url(), redis_url=redis_url, key_prefix=keyspace.prefix)  # type: ignore[arg-type]
+        truth = fresh.replica.url()
+        await upsert(url, {"ha/a.py": "A = 1\n"})
+        async with wiring.connect(config) as wired:
+            await wired.engine.full_resync()  # timeline 1
+        await asyncio.to_thread(fresh.primary.stop, "immediate")
+        await asyncio.to_thread(fresh.replica.promote)
+        await upsert(url, {f"ha/b{n}.py": f"B = {n}\n" for n in range(20)})  # the true primary carries on
+        async with wiring.connect(config) as wired:
+            await wired.engine.full_resync()  # timeline 2, on the promoted replica
+        for timeline in (2, 3):
+            await asyncio.to_thread(fresh.primary.promote_on_its_own)
+            assert await _timeline(fresh.primary.url()) == timeline  # the attack's premise: 2 is the true one's too
+            if timeline == 2:
+                async with wiring.connect(stale) as wired:  # the stale branch alone: refused, nothing written
+                    with pytest.raises(lineage.StaleSource, match=r"\(timeline 2\), behind .* already filled"):
+                        await wired.engine.full_resync()
+            async with wiring.connect(config) as wired:  # a restarted modcache, the stale node first in the URL
+                await wired.engine.full_resync()
+                assert await convergence.converged(truth, wired.cache.client, keyspace.prefix, within_s=5) == []
+                assert await wired.cache.read_module("ha/b7.py") is not None  # not pruned by the stale branch
+                status = await wired.cache.read_status()
+            assert status["source_timeline"] == "2"  # timeline 3 behind the position: the true primary is read
+            assert lineage.parse_lsn(status["source_lsn"]) > 0
+
+
+async def test_a_failover_that_lost_the_last_transactions_is_still_followed(
+    redis_url: str, keyspace: keys.KeySpace
+) -> None:
+    """The other side of the position check: the replica is promoted without the primary's last transactions
+    (asynchronous replication; here it was down while they were written), so the new primary, on a newer
+    timeline, starts behind the position the cache was filled at. No host of the URL is ahead of it: it is the
+    truth now, and it is synced from (what was lost is pruned), not refused until its WAL catches up."""
+    with topologies.postgres_pair() as fresh:
+        url = fresh.url()
+        await db.upgrade(url)
+        config = settings.Settings(database_url=url, redis_url=redis_url, key_prefix=keyspace.prefix)  # type: ignore[arg-type]
+        await upsert(url, {"ha/kept.py": "K = 1\n"})
+        await _replayed(fresh)
+        await asyncio.to_thread(fresh.replica.stop)
+        await upsert(url, {f"ha/lost{n}.py": f"L = {n}\n" for n in range(50)})  # never reaches the replica
+        async with wiring.connect(config) as wired:
+            await wired.engine.full_resync()  # timeline 1, with the 50 modules the failover is about to lose
+            recorded = lineage.parse_lsn((await wired.cache.read_status())["source_lsn"])
+        await asyncio.to_thread(fresh.primary.stop, "immediate")
+        await asyncio.to_thread(fresh.replica.start)
+        await asyncio.to_thread(fresh.replica.promote)
+        assert await _lsn(fresh.replica.url()) < recorded  # the premise: the new primary is behind
+        async with wiring.connect(config) as wired:
+            await wired.engine.full_resync()
+            truth = fresh.replica.url()
+            assert await convergence.converged(truth, wired.cache.client, keyspace.prefix, within_s=5) == []
+            assert await wired.cache.read_module("ha/lost0.py") is None
+            status = await wired.cache.read_status()
+        assert status["source_timeline"] == "2"
+
+
+async def _replayed(pair: topologies.PostgresPair) -> None:
+    """Until the replica has replayed everything the primary has written (an event the servers expose: poll)."""
+    target = await _lsn(pair.primary.url())
+    for _ in range(200):
+        if await _lsn(pair.replica.url()) >= target:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("the replica never caught up")
+
+
+async def _lsn(url: str) -> int:
+    conn = await asyncpg.connect(url)
+    try:
+        sql = """SELECT (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END
+                        - '0/0'::pg_lsn)::bigint"""
+        return int(await conn.fetchval(sql))
+    finally:
+        await conn.close()
+
+
+async def _timeline(url: str) -> int:
+    conn = await asyncpg.connect(url)
+    try:
+        return int(await conn.fetchval("SELECT substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8)"), 16)
+    finally:
+        await conn.close()

@@ -9,9 +9,11 @@ consumer's Redis reader (its readiness guard, on wiring's client) keeps answerin
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import redis.asyncio as redis
@@ -62,6 +64,8 @@ def test_a_sentinel_url_names_the_service_and_database() -> None:
         ),
         ("rediss+sentinel://h1/cache/0?ssl_cert_reqs=none", "(it has ssl_cert_reqs)"),
         ("redis+cluster://h1:6379?db=1", "takes no query parameters (it has db): the database is 0"),
+        ("redis+sentinel://h1:26379,h2,H1/cache", "lists H1:26379 twice: list each sentinel node once"),
+        ("redis+cluster://h1:6379,h1:6379", "lists h1:6379 twice: list each cluster node once"),
     ],
 )
 def test_a_malformed_sentinel_url_is_a_config_error(url: str, reason: str) -> None:
@@ -103,6 +107,31 @@ async def test_a_lying_first_sentinel_is_outvoted_by_the_others(
         finally:
             await wrong_node.aclose()
             await master.aclose()
+
+
+async def test_one_sentinel_listed_under_two_names_votes_once(sentinel: topologies.Sentinel, database_url: str) -> None:
+    """attack-11b T9: a rogue sentinel listed twice, as ``127.0.0.1:P`` and ``localhost:P``, beside one real one:
+    the majority counted URL entries, two of three named the rogue's node, and the whole cache was written there.
+    Now a sentinel votes once (its run id, ``SENTINEL MYID``): no majority, nothing written, and the message says
+    which entries are one sentinel."""
+    with servers.private_redis() as wrong, topologies.rogue_sentinels(wrong.port) as rogues:
+        hosts = f"127.0.0.1:{rogues[0].port},localhost:{rogues[0].port},127.0.0.1:{sentinel.sentinels[0].port}"
+        config = settings.Settings(
+            database_url=database_url, redis_url=f"redis+sentinel://{hosts}/{sentinel.service}/0"
+        )  # type: ignore[arg-type]
+        await upsert(database_url, {"pkg/dup.py": "D = 1\n"})
+        async with wiring.connect(config) as wired:
+            with pytest.raises(errors.CacheUnavailable) as caught:
+                await wired.engine.full_resync()
+        wrong_node = redis.Redis(port=wrong.port, decode_responses=True)
+        try:
+            assert await wrong_node.keys("*") == []  # nothing was written to the node the rogue names
+        finally:
+            await wrong_node.aclose()
+    assert f"localhost:{rogues[0].port}: the same sentinel as 127.0.0.1:{rogues[0].port}, counted once" in str(
+        caught.value
+    )
+    assert "named by a majority (2 of 3) of the sentinels" in str(caught.value)
 
 
 async def test_a_majority_naming_a_replica_is_refused_on_the_node_s_own_role() -> None:
@@ -183,6 +212,46 @@ async def test_a_change_committed_during_a_failover_reaches_the_new_master(
     moved = [d for active, d in recorder.keyspace if active and f":{new}" in d]
     assert f"(was 127.0.0.1:{old})" in moved[0]  # the status says the master changed, and from where
     assert recorder.full_syncs(watcher.RECONNECT) >= 1
+
+
+async def test_the_consumer_s_reader_follows_a_planned_failover_at_once() -> None:
+    """attack-11b T8: after ``SENTINEL FAILOVER`` the consumer's reader (``wiring.make_redis``) kept its pooled
+    connection to the old master, still writable and saying ROLE master, for the ~10 s until the sentinels demoted
+    it, and read values modcache had stopped updating there. Now it follows ``+switch-master`` as the watcher does:
+    a value set on the new master is what it reads, while the old master still says it is the master."""
+    with topologies.sentinel_redis() as fresh:
+        config = settings.Settings(redis_url=fresh.url())  # type: ignore[arg-type]
+        reader, close = wiring.make_redis(config)
+        try:
+            await reader.set("t8:module", "before")  # on the old master: the pool holds a connection to it
+            old = fresh.fail_over()
+            new = await asyncio.to_thread(fresh.wait_for_new_master, old)
+            new_master = redis.Redis(port=new, decode_responses=True)
+            old_master = redis.Redis(port=old, decode_responses=True)
+            try:
+                await new_master.set("t8:module", "after")  # what modcache writes now
+                read = await _read_until(reader, "after", within_s=3)
+                role = (await old_master.execute_command("ROLE"))[0]
+            finally:
+                await new_master.aclose()
+                await old_master.aclose()
+        finally:
+            await close()
+    assert role == "master"  # the old master was not demoted yet: the reader moved on the announcement
+    assert read == "after"
+
+
+async def _read_until(client: Any, value: str, *, within_s: float) -> str | None:
+    """What ``client`` reads, once it reads ``value`` (nothing announces which node a client reads: poll)."""
+    deadline = time.monotonic() + within_s
+    read = None
+    while time.monotonic() < deadline:
+        with contextlib.suppress(redis.RedisError):  # a dropped connection, retried: the next read
+            read = await client.get("t8:module")
+            if read == value:
+                return read
+        await asyncio.sleep(0.05)
+    return read
 
 
 async def _when_reachable(guard: readiness.CacheGuard) -> int:

@@ -117,6 +117,39 @@ async def test_a_url_parameter_that_turns_off_the_certificate_check_is_refused(
             await client.aclose()
 
 
+@pytest.mark.parametrize(
+    "query",
+    [
+        "ssl_cert_reqs=none&ssl_cert_reqs=required",  # redis-py reads the first, the check read the last
+        "ssl_cert_reqs=none&ssl_cert_reqs=",  # redis-py drops the blank one
+        "ssl_check_hostname=false&ssl_check_hostname=true",
+        "ssl_cert_reqs=none&ssl_cert_reqs",
+        "ssl_cert_reqs=",
+        "db=1&db=2",
+    ],
+)
+async def test_a_repeated_or_blank_url_parameter_is_refused(
+    tls_redis: topologies.TlsRedis, tmp_path: Path, query: str
+) -> None:
+    """attack-11b T1: a second or a blank ``ssl_cert_reqs`` made the check read ``required`` while redis-py read
+    ``none``: the sync talked to a server whose certificate the configured CA did not sign. Now a repeated or
+    blank parameter is a ConfigError naming it (and never the URL)."""
+    other_ca = topologies.certificates(tmp_path).ca
+    url = f"{tls_redis.url}?{query}"
+    with pytest.raises(errors.ConfigError) as caught:
+        settings.Settings.from_env(**tls_settings(tls_redis, redis_url=url, redis_ssl_ca_file=other_ca))
+    assert caught.value.setting == "MODCACHE_REDIS_URL"
+    assert repr(query.split("=")[0]) in caught.value.reason
+    assert ("twice" if query.count(query.split("=")[0]) > 1 else "no value") in caught.value.reason
+    if query.startswith("ssl_cert_reqs=none&"):  # what it was refused for: redis-py reads none, the MITM is reached
+        options = wiring.redis_tls_options(settings.Settings(**tls_settings(tls_redis, redis_ssl_ca_file=other_ca)))  # type: ignore[arg-type]
+        client = aioredis.Redis.from_url(url, **options)
+        try:
+            assert await client.ping()
+        finally:
+            await client.aclose()
+
+
 def test_a_url_parameter_that_says_what_the_settings_say_is_no_contradiction(tls_redis: topologies.TlsRedis) -> None:
     url = f"{tls_redis.url}?ssl_cert_reqs=none&ssl_check_hostname=false"
     config = settings.Settings.from_env(redis_url=url, redis_ssl_cert_reqs="none")  # the chart's certReqs: none

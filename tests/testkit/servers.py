@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import signal
 import socket
 import subprocess
 import time
@@ -47,8 +48,18 @@ class PrivateRedis:
         self._proc = subprocess.Popen([*args, *self.extra_args], stdout=subprocess.DEVNULL)
         wait_port(self.port)
 
+    def pause(self) -> None:
+        """SIGSTOP: the port still accepts connections, nothing is answered (a partition, a frozen VM)."""
+        assert self._proc is not None
+        self._proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self._proc is not None
+        self._proc.send_signal(signal.SIGCONT)
+
     def stop(self) -> None:
         if self._proc is not None:
+            self._proc.send_signal(signal.SIGCONT)  # a paused server would not see the SIGTERM
             self._proc.terminate()
             self._proc.wait(10)
             self._proc = None

@@ -430,6 +430,17 @@ class PostgresNode:
     def promote(self) -> None:
         self.pg_ctl("promote")
 
+    def promote_on_its_own(self) -> None:
+        """Start this (stopped) node as a standby with no upstream and promote it: a branch of its own, with the next
+        timeline number, as a second failover manager or an operator promoting a stale node does (attack-11b T3)."""
+        self.stop()
+        signal = self.data / "standby.signal"
+        signal.touch()
+        if self.user is not None:
+            _chown(signal, self.user)
+        self.start()
+        self.promote()
+
 
 @dataclasses.dataclass
 class PostgresPair:
