@@ -37,6 +37,7 @@ wedged socket, a lost future) turns ``/livez`` to 503: only a restart frees its 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import json
@@ -51,6 +52,7 @@ from typing import Any, TypeVar
 
 import aio_pika.abc
 import aio_pika.exceptions
+import aiormq.exceptions
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from modcache import engine, errors, pgsource, rediscache, wiring
@@ -62,6 +64,7 @@ from modcache_consumer import (
     executions,
     executor,
     hardening,
+    headerguard,
     health,
     leases,
     messages,
@@ -76,6 +79,11 @@ from modcache_consumer import (
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+#: The AMQP client failing this often within the window (not the broker going away: the client itself, on what it
+#: was sent) fails /livez: something it cannot decode keeps coming back, and the queue is stalled.
+CLIENT_FAILURES_LIMIT = 3
+CLIENT_FAILURES_WINDOW_S = 300.0
 
 #: What ``read_ahead`` read for a message is used only if its slot became free within this (else read again).
 READ_AHEAD_FRESH_S = 1.0
@@ -127,6 +135,7 @@ class WorkflowExecutionConsumer:
         self._lost: dict[uuid.UUID, asyncio.Event] = {}
         self._replying: set[uuid.UUID] = set()  # replies being sent (a duplicate delivery must not send another)
         self._started_at: dict[asyncio.Task[Any], float] = {}  # monotonic start of each in-flight handler
+        self._client_failures: collections.deque[tuple[float, str]] = collections.deque(maxlen=CLIENT_FAILURES_LIMIT)
         self._limits = messages.Limits(
             max_bytes=settings.max_message_bytes,
             max_depth=settings.max_message_depth,
@@ -230,6 +239,19 @@ class WorkflowExecutionConsumer:
         )
         self._stack.push_async_callback(self.executor.close)
         await self.executor.start()
+        watch = asyncio.create_task(self._watch_executor())
+        self._stack.push_async_callback(_finish, watch)
+
+    async def _watch_executor(self) -> None:
+        """Connect to the executor again (restart it, in child mode) as soon as it is lost, so that readiness and
+        the check before each claim see it back without waiting for a message to try."""
+        while True:
+            await self.executor.lost()
+            try:
+                await self.executor.connect()
+            except errors.TransientError as e:
+                log.warning("the executor is unavailable: %s", e)
+                await asyncio.sleep(max(self.settings.transient_retry_delay_s, 0.1))
 
     async def _start_broker(self) -> None:
         s = self.settings
@@ -240,6 +262,7 @@ class WorkflowExecutionConsumer:
         )
         self._stack.push_async_callback(self._connection.close)
         self._connection.reconnect_callbacks.add(self._on_reconnect)
+        self._connection.close_callbacks.add(self._on_connection_lost)
         self._channel = await self._connection.channel()
         self._replies = await self._connection.channel()  # confirmed: a reply counts as sent once the broker has it
         await self._channel.set_qos(prefetch_count=self.settings.consumer_concurrency)
@@ -261,6 +284,17 @@ class WorkflowExecutionConsumer:
     def _on_reconnect(self, *_: object) -> None:
         log.warning("reconnected to RabbitMQ; consuming %s again", self._names.queue)
         self.metrics.broker_reconnects.inc()
+
+    def _on_connection_lost(self, _: object, exc: BaseException | None = None) -> None:
+        """A connection the client itself gave up (its reader failed on a frame), not one the broker or we
+        closed: counted for ``liveness``."""
+        if exc is None or isinstance(exc, OSError | asyncio.CancelledError | aiormq.exceptions.AMQPConnectionError):
+            return
+        self._client_failures.append((self._monotonic(), errors.describe(exc)))
+        self.client_failed()
+
+    def client_failed(self) -> None:
+        """The AMQP client failed on what it was sent (a seam for tests)."""
 
     async def _start_health(self) -> None:
         s = self.settings
@@ -308,17 +342,29 @@ class WorkflowExecutionConsumer:
     def liveness(self) -> list[str]:
         """Answering at all proves the event loop runs, and every service failure is retried, not fatal; but a
         handler running past ``handler_bound_s`` is wedged (every legitimate wait has a shorter timeout) and
-        holds its prefetch slot until Kubernetes restarts the consumer."""
-        if not self._started_at:
-            return []
-        running_s = self._monotonic() - min(self._started_at.values())
-        bound_s = self.settings.handler_bound_s
-        if running_s <= bound_s:
-            return []
-        return [
-            f"a message handler has been running for {running_s:.0f} s, longer than {bound_s:.0f} s "
-            "(MODCACHE_HANDLER_STUCK_AFTER_S)"
-        ]
+        holds its prefetch slot until Kubernetes restarts the consumer; and an AMQP client that keeps failing on
+        what the broker sends it (its reader dies on the same redelivered message, over and over) stalls the
+        queue: a restart at least makes that loud."""
+        problems = []
+        if self._started_at:
+            running_s = self._monotonic() - min(self._started_at.values())
+            bound_s = self.settings.handler_bound_s
+            if running_s > bound_s:
+                problems.append(
+                    f"a message handler has been running for {running_s:.0f} s, longer than {bound_s:.0f} s "
+                    "(MODCACHE_HANDLER_STUCK_AFTER_S)"
+                )
+        failures = self._client_failures
+        if len(failures) == CLIENT_FAILURES_LIMIT and self._monotonic() - failures[0][0] <= CLIENT_FAILURES_WINDOW_S:
+            problems.append(
+                f"the AMQP client failed {len(failures)} times within {CLIENT_FAILURES_WINDOW_S:.0f} s on what "
+                f"the broker sent (last: {failures[-1][1]}); a message it cannot decode stalls the queue"
+            )
+        return problems
+
+    async def idle(self) -> None:
+        """Until no message is in hand: every delivery received so far is settled and its handler done."""
+        await self._drained.wait()
 
     def readiness(self) -> list[str]:
         problems = []
@@ -330,6 +376,8 @@ class WorkflowExecutionConsumer:
             problems.append("PostgreSQL unavailable at the last attempt")
         if not self._cache_ok:
             problems.append("module cache unavailable at the last attempt")
+        if not self.executor.available:
+            problems.append("executor unavailable")
         return problems
 
     # -- the original plan's names -----------------------------------------------------------------------------------
@@ -385,6 +433,10 @@ class WorkflowExecutionConsumer:
             await self._poison(message, f"internal error: {errors.describe(e)}")
 
     async def _handle_settling(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        undecodable = headerguard.reason(message.headers)
+        if undecodable is not None:  # the client salvaged the frame; its properties are gone
+            await self._poison(message, undecodable)
+            return
         try:
             request = messages.parse(
                 message.body, reply_to=message.reply_to, correlation_id=message.correlation_id, limits=self._limits
@@ -505,14 +557,28 @@ class WorkflowExecutionConsumer:
             finally:
                 self._lost.pop(lease.execution_id, None)
                 self._mine.discard(lease.execution_id)  # finished: a new request gets the stored outcome
-            if not recorded:
+            if recorded is None:
                 log.warning("execution %s: lease lost before its outcome was recorded", request.execution_id)
             elif request.reply_to:
-                await self._reply_owed(request, outcome)
+                await self._reply_owed(request, recorded)
                 return
+        except executor.NotStarted as e:
+            await self._postpone(request, lease, e)
         except Exception:
             log.exception("execution %s: failed after its message was acknowledged; the sweep recovers it", lease)
         self.leases.drop(lease.execution_id)
+
+    async def _postpone(self, request: messages.ExecutionRequest, lease: executions.Lease, why: Exception) -> None:
+        """Nothing of the execution ran (the executor went away after the claim): PENDING again without using an
+        attempt, and its message published again. If that fails, the lease expires and a sweep republishes it."""
+        log.warning("execution %s: not started (%s); queued again", request.execution_id, errors.describe(why))
+        assert self._channel is not None
+        try:
+            await self._unit(lambda db: executions.postpone(db, lease, terms=self._terms))
+            await amqp.republish(self._channel, self._names, request, attempt=lease.attempt)
+            await self._unit(lambda db: executions.republished(db, lease.execution_id, terms=self._terms))
+        except Exception as e:  # nothing here may raise (see _run_leased)
+            log.warning("execution %s: not queued again yet (a sweep will): %s", request.execution_id, e)
 
     async def _execute_while_leased(
         self, request: messages.ExecutionRequest, admitted: Admitted
@@ -535,10 +601,12 @@ class WorkflowExecutionConsumer:
         if event is not None:
             event.set()
 
-    async def record(self, lease: executions.Lease, outcome: messages.Outcome) -> bool:
+    async def record(self, lease: executions.Lease, outcome: messages.Outcome) -> messages.Outcome | None:
         """Record (group-committed with concurrent outcomes); retried through outages while the stop allows:
-        the lease may outlive a short one, and fencing refuses the outcome if it did not."""
-        delay_s = self.settings.transient_retry_delay_s
+        the lease may outlive a short one, and fencing refuses the outcome if it did not (None). What was
+        recorded is returned: an outcome PostgreSQL refuses even alone (``outcome_problem`` missed something) becomes
+        FAILED saying so, for this execution only, instead of being left to the sweep."""
+        delay_s, replaced = self.settings.transient_retry_delay_s, False
         while True:
             try:
                 recorded = await self.leases.outcomes.submit((lease, outcome))
@@ -548,8 +616,20 @@ class WorkflowExecutionConsumer:
                 await asyncio.sleep(delay_s)
                 delay_s = min(delay_s * 2, self.settings.lease_renew_interval_s)
                 continue
+            except Exception as e:
+                if replaced:
+                    raise  # even the replacement was refused: the sweep recovers it
+                log.warning("execution %s: its outcome was refused: %s", lease.execution_id, errors.describe(e))
+                refused = messages.Outcome(
+                    messages.Status.FAILED,
+                    error=f"the outcome could not be stored: {errors.describe(e)}",
+                    duration_ms=outcome.duration_ms,
+                )
+                outcome = messages.storable(refused, max_result_bytes=self.settings.max_result_bytes)
+                replaced = True
+                continue
             self._db_ok = True
-            return recorded
+            return outcome if recorded else None
 
     async def _reply_owed(self, request: messages.ExecutionRequest, outcome: messages.Outcome) -> None:
         """Send a reply this consumer owes (it holds the row's lease), then mark it sent. Unsent (the broker
@@ -634,6 +714,8 @@ class WorkflowExecutionConsumer:
         waited for its slot), then the claim. An Admitted execution is leased to this consumer (``leases``
         renews it)."""
         execution_id = request.execution_id
+        if not self.executor.available:  # claimed now, it could only fail: requeued instead (a TransientError)
+            raise executor.ExecutorUnavailable("the executor is unavailable")
         if execution_id in self._mine:
             return executions.Busy(None)  # a second delivery of what this consumer claims or runs
         self._mine.add(execution_id)
@@ -744,9 +826,20 @@ class WorkflowExecutionConsumer:
         result = await self.executor.run(job, timeout_s=timeout_s, session=session)
         elapsed_s = self._monotonic() - started
         self.metrics.duration.observe(elapsed_s)
-        return messages.Outcome(
-            status=result.status, result=result.result, error=result.error, duration_ms=round(elapsed_s * 1000)
+        duration_ms = round(elapsed_s * 1000)
+        # What the execution sent is workflow-controlled (it can forge its result frame): held to a message's
+        # bounds before it reaches PostgreSQL, where it is group-committed with other organizations' outcomes
+        # (attack-8b A3), or a reply, so it can fail only this execution (attack-8 F9b). An error's words are
+        # kept, NULs and unpaired surrogates escaped (an exception about a surrogateescape'd file name is ordinary).
+        error = messages.storable_text(result.error)
+        problem = messages.outcome_problem(
+            result.result, error, limits=self._limits, max_result_bytes=self.settings.max_result_bytes
         )
+        if problem is not None:
+            log.warning("execution %s: its result was refused: %s", request.execution_id, problem)
+            error = f"execution process {result.pid} sent a result that cannot be recorded: {problem}"
+            return messages.Outcome(messages.Status.FAILED, error=error, duration_ms=duration_ms)
+        return messages.Outcome(status=result.status, result=result.result, error=error, duration_ms=duration_ms)
 
     async def _unit(self, work: Callable[[AsyncSession], Awaitable[T]]) -> T:
         return await self._db_call(self.database.run(work, autocommit=True))
@@ -794,6 +887,11 @@ class _Slot:
         if self._held:
             self._held = False
             self._slots.release()
+
+
+async def _finish(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
 
 
 async def _settle(settling: Any) -> None:

@@ -191,6 +191,12 @@ _RENEW = sa.text(
     RETURNING id
     """
 )
+_POSTPONE = sa.text(
+    f"""
+    UPDATE executions SET status = 'PENDING', attempt = attempt - 1, lease_expires_at = {_LEASE}, updated_at = now()
+    WHERE id = :id AND lease_token = :token AND lease_owner = :owner AND status = 'RUNNING'
+    """
+)
 _REPUBLISHED = sa.text(
     """
     UPDATE executions SET lease_expires_at = now() + make_interval(secs => :unowned_s)
@@ -380,6 +386,14 @@ async def renew(db: AsyncSession, ids: Iterable[uuid.UUID], *, terms: Terms) -> 
         return set()
     values = {"ids": wanted, "owner": terms.owner, "lease_s": terms.lease_s}
     return {row.id for row in await db.execute(_RENEW, values)}
+
+
+async def postpone(db: AsyncSession, lease: Lease, *, terms: Terms) -> None:
+    """Nothing ran (the executor was gone after the claim): PENDING again, the attempt not used, still leased by
+    ``terms.owner`` while its message is published again (``republished``); if that never happens, the lease
+    expires and a sweep republishes it."""
+    values = {"id": lease.execution_id, "token": lease.token, "owner": terms.owner, "lease_s": terms.lease_s}
+    await db.execute(_POSTPONE, values)
 
 
 async def republished(db: AsyncSession, execution_id: uuid.UUID, *, terms: Terms) -> None:

@@ -12,7 +12,8 @@
 
 ``Batcher`` is a group commit: callers ``submit`` one item and await its result; items that arrive while a
 flush runs go into the next one. Idle, a submit is flushed at once (no added latency); busy, N outcomes cost
-one statement instead of N.
+one statement instead of N. A batch that fails other than by an outage is flushed again item by item: one
+outcome the database refuses spoils only its own.
 
 "Replied" marks (``mark_replied``) ride along with the next outcome flush (the same statement): a mark waits
 up to ``mark_delay_s`` for one and is flushed alone only if none came. Busy, an execution costs one write after
@@ -69,9 +70,16 @@ class Batcher(Generic[I, O]):
             self._task = None
 
     async def _flush_one(self, batch: list[tuple[I, asyncio.Future[O]]]) -> None:
+        """Flush ``batch``; if it fails for a reason other than an outage, flush its items one by one, so an
+        item the database refuses fails only its own caller (attack-8b A3), not everyone batched with it."""
         try:
             results = await self._flush([item for item, _ in batch])
         except Exception as e:
+            if len(batch) > 1 and not isinstance(e, errors.TransientError):
+                log.warning("a batch of %d failed (%s); flushing its items one by one", len(batch), errors.describe(e))
+                for one in batch:
+                    await self._flush_one([one])
+                return
             for _, future in batch:
                 if not future.done():
                     future.set_exception(e)

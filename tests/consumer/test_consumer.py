@@ -19,7 +19,6 @@ from modcache import keys
 from modcache_consumer import amqp
 from modcache_consumer import consumer as consumer_module
 from testkit.ledger import LEDGER
-from testkit.polling import eventually
 
 ECHO = "def run(**params):\n    return params\n"
 
@@ -120,7 +119,7 @@ async def test_redelivery_never_runs_a_finished_execution_again(harness) -> None
             request = harness.request(workflow_id, ledger.params, execution_id=execution_id)
             await other.publish(request)  # a new request for it: gets the stored outcome
             again = await other.result(execution_id, timeout_s=30)
-        await eventually(lambda: consumer.metrics.in_flight._value.get() == 0)
+        await consumer.idle()
         with pytest.raises(TimeoutError):
             await caller.result(execution_id, timeout_s=0.5)
     assert first["status"] == again["status"] == "SUCCESS", first["error"]
@@ -169,7 +168,7 @@ async def test_a_redelivery_while_the_lease_is_live_is_acknowledged_and_not_run(
         await caller.publish(harness.request(workflow_id, ledger.params, execution_id=execution_id))
         other = {**ledger.params, "key": ledger.params["key"] + ":other"}
         after = await harness.call(workflow_id, other)  # its other work goes on
-        await eventually(lambda: consumer.metrics.in_flight._value.get() == 0)
+        await consumer.idle()
     assert after["status"] == "SUCCESS"
     assert await ledger.entries() == []
     assert (await harness.execution(execution_id))["status"] == "RUNNING"  # its owner's, until the sweep
@@ -218,7 +217,7 @@ async def test_an_idle_consumer_holds_no_transaction_and_never_blocks_a_migratio
     workflow_id = await harness.workflow(ECHO)
     async with harness.consumer() as consumer:
         await asyncio.gather(*(harness.call(workflow_id, {"n": n}) for n in range(8)))
-        await eventually(lambda: consumer.metrics.in_flight._value.get() == 0)  # replied, then marked so
+        await consumer.idle()  # replied, then marked so
         states = [(r["state"], r["xact_start"]) for r in await harness.backends()]
         conn = await asyncpg.connect(harness.database_url)
         try:
@@ -354,7 +353,7 @@ async def test_health_endpoints_and_metrics(harness) -> None:
     workflow_id = await harness.workflow(ECHO)
     async with harness.consumer(metrics_port=0) as consumer:
         await harness.call(workflow_id)
-        await eventually(lambda: consumer.metrics.in_flight._value.get() == 0)  # replied, then marked so
+        await consumer.idle()  # replied, then marked so
         health = f"http://127.0.0.1:{consumer.health_port}"
         paths = [
             f"{health}/livez",
@@ -368,7 +367,7 @@ async def test_health_endpoints_and_metrics(harness) -> None:
     assert 'modcache_executions_total{status="SUCCESS"} 1.0' in metrics[1]
     assert "modcache_execution_duration_seconds_count 1.0" in metrics[1]
     assert "modcache_executions_in_flight 0.0" in metrics[1]
-    assert consumer.readiness() == ["not consuming", "RabbitMQ connection down"]
+    assert consumer.readiness() == ["not consuming", "RabbitMQ connection down", "executor unavailable"]
 
 
 async def test_stop_drains_in_flight_executions(harness) -> None:
