@@ -703,11 +703,18 @@ class WorkflowExecutionConsumer:
         """The read-only part of preparing, done before an execution slot is free: the workflow, the
         organization and its configs (Redis first), then ``_sync_module_cache``, the O(1) readiness check, which
         returns the generation the execution pins. An execution that cannot run (unknown workflow, another
-        organization's, ...) is recorded FAILED here and its Record returned."""
-        prepared = await self._read(request)
+        organization's, ...) is recorded FAILED here and its Record returned. The reads and the check are
+        independent: they run at once (the start latency is one round trip, not several)."""
+        prepared, generation = await asyncio.gather(
+            self._read(request), self._sync_module_cache(), return_exceptions=True
+        )
+        if isinstance(prepared, BaseException):
+            raise prepared
         if not isinstance(prepared, Prepared):
-            return prepared
-        return dataclasses.replace(prepared, generation=await self._sync_module_cache())
+            return prepared  # recorded without a run: the cache's state does not matter
+        if isinstance(generation, BaseException):
+            raise generation
+        return dataclasses.replace(prepared, generation=generation)
 
     async def prepare(self, request: messages.ExecutionRequest) -> Admitted | executions.Record | executions.Busy:
         """Everything before the executor: what ``read_ahead`` reads (unless read just now, while the message
@@ -734,8 +741,16 @@ class WorkflowExecutionConsumer:
     async def _read(self, request: messages.ExecutionRequest) -> Prepared | executions.Record | executions.Busy:
         """The workflow (a plain asyncpg statement: ``Database.raw``), the organization and its configs (from
         Redis; PostgreSQL on a miss); each statement commits by itself (they are independent and idempotent)."""
+        guessed = _scope(request.organization_id)  # the workflow's own organization only if the request has none
         try:
-            workflow = await self._db_call(self.workflows.read_for_execution(request.workflow_id))
+            found, config = await asyncio.gather(
+                self._db_call(self.workflows.read_for_execution(request.workflow_id)),
+                self._db_call(self.configs.load_config_for_scope(guessed)),  # before the claim: may fail
+                return_exceptions=True,
+            )
+            if isinstance(found, BaseException):
+                raise found
+            workflow = found
             organization = await self._organization(request, workflow)
             if workflow.code is None:
                 raise errors.InputError(workflow.name, "the workflow has no code")
@@ -746,8 +761,11 @@ class WorkflowExecutionConsumer:
                 return executions.Busy(record)
             self.metrics.executions.labels(status=outcome.status.value).inc()
             return record
-        scope = configs.GLOBAL if organization is None else f"ORG:{organization.id}"
-        config = await self._db_call(self.configs.load_config_for_scope(scope))  # before the claim: may fail
+        scope = _scope(organization.id if organization else None)
+        if scope != guessed:  # the workflow's own organization
+            config = await self._db_call(self.configs.load_config_for_scope(scope))
+        elif isinstance(config, BaseException):
+            raise config
         return Prepared(workflow=workflow, organization=organization, config=config)
 
     async def _claim(
@@ -842,6 +860,10 @@ class WorkflowExecutionConsumer:
             raise
         self._db_ok = True
         return result
+
+
+def _scope(organization_id: uuid.UUID | None) -> str:
+    return configs.GLOBAL if organization_id is None else f"ORG:{organization_id}"
 
 
 class _NoSlot(Exception):

@@ -241,8 +241,11 @@ def _lost(e: BaseException, connection: asyncpg.Connection | None) -> bool:
     """Whether ``e`` means the connection (or the server) went away, not a bug or a refused statement."""
     if isinstance(e, OSError | TimeoutError | sa.exc.TimeoutError | asyncpg.PostgresConnectionError):
         return True
-    if isinstance(e, asyncpg.InterfaceError):
-        return connection is not None and connection.is_closed()
+    if isinstance(e, asyncpg.InterfaceError | asyncpg.InternalClientError):
+        # closed under the statement, or the protocol is in a state it cannot leave (a backend terminated while
+        # pooled: its FATAL message arrived before our next statement). A unit never shares its connection, so
+        # this is never two operations at once: the connection is replaced either way.
+        return connection is not None
     if isinstance(e, asyncpg.PostgresError):
         return str(e.sqlstate or "").startswith(UNAVAILABLE_SQLSTATES)
     return False

@@ -221,12 +221,6 @@ _RENEW = sa.text(
     RETURNING id
     """
 )
-_UNCLAIM = sa.text(
-    """
-    UPDATE executions SET status = 'PENDING', attempt = attempt - 1, lease_owner = NULL, lease_expires_at = NULL
-    WHERE id = :id AND lease_token = :token AND lease_owner = :owner AND status = 'RUNNING'
-    """
-)
 _POSTPONE = sa.text(
     f"""
     UPDATE executions SET status = 'PENDING', attempt = attempt - 1, lease_expires_at = {_LEASE}, updated_at = now()
@@ -427,11 +421,6 @@ async def renew(db: AsyncSession, ids: Iterable[uuid.UUID], *, terms: Terms) -> 
         return set()
     values = {"ids": wanted, "owner": terms.owner, "lease_s": terms.lease_s}
     return {row.id for row in await db.execute(_RENEW, values)}
-
-
-async def unclaim(db: AsyncSession, lease: Lease, *, owner: Owner) -> None:
-    """Undo a claim before anything ran (the message goes back to the queue): PENDING again, attempt not used."""
-    await db.execute(_UNCLAIM, {"id": lease.execution_id, "token": lease.token, "owner": owner})
 
 
 async def postpone(db: AsyncSession, lease: Lease, *, terms: Terms) -> None:

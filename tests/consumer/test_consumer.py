@@ -338,6 +338,19 @@ async def test_org_configs_and_secrets_reach_the_workflow(harness) -> None:
     assert refused["error"] == f"'{inactive}': the organization is inactive"
 
 
+async def test_a_workflow_of_an_organization_called_without_one_gets_its_organizations_configs(harness) -> None:
+    code = "def run(context):\n    return [context.organization['name'], context.get_config('region')]\n"
+    async with harness.consumer() as consumer:
+        org = await consumer.configs.put_organization("Initech")
+        await consumer.configs.set_config("region", "eu")
+        await consumer.configs.set_config("region", "ap", organization_id=org)
+        workflow_id = await harness.workflow(code, organization_id=org)
+        reply = await harness.call(workflow_id)  # no organization in the request: the workflow's own
+    assert reply["result"] == ["Initech", "ap"]
+    row = await harness.execution(uuid.UUID(reply["execution_id"]))
+    assert row["organization_id"] == org
+
+
 async def test_health_endpoints_and_metrics(harness) -> None:
     workflow_id = await harness.workflow(ECHO)
     async with harness.consumer(metrics_port=0) as consumer:

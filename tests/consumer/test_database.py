@@ -230,3 +230,55 @@ def test_server_states_that_mean_try_later_become_source_unavailable(sqlstate: s
     translated = database._translate(error)
     assert isinstance(translated, errors.SourceUnavailable) is unavailable
     assert (translated is error) is not unavailable
+
+
+# -- Database.raw: the hot path's plain asyncpg statements ---------------------------------------------------
+
+
+async def test_a_raw_unit_whose_backend_is_terminated_is_retried_once_on_a_fresh_connection(
+    db: tuple[database.Database, Counting], database_url: str, app_name: str
+) -> None:
+    the_db, observer = db
+    attempts: list[int] = []
+
+    async def unit(conn: asyncpg.Connection) -> int:
+        attempts.append(await conn.fetchval("SELECT pg_backend_pid()"))
+        if len(attempts) == 1:
+            await terminate(database_url, app_name)
+        pid: int = await conn.fetchval("SELECT pg_backend_pid()")
+        return pid
+
+    assert await the_db.raw(unit) == attempts[1] != attempts[0]
+    assert len(observer.reconnects) == 1
+    assert await the_db.raw(lambda conn: conn.fetchval("SELECT 1")) == 1  # the pool is healthy again
+
+
+async def test_a_raw_unit_that_keeps_losing_its_connection_is_source_unavailable(
+    db: tuple[database.Database, Counting], database_url: str, app_name: str
+) -> None:
+    the_db, _ = db
+
+    async def unit(conn: asyncpg.Connection) -> None:
+        await terminate(database_url, app_name)
+        await conn.fetchval("SELECT 1")
+
+    with pytest.raises(errors.SourceUnavailable):
+        await the_db.raw(unit)
+
+
+async def test_a_raw_statement_the_server_refuses_is_raised_as_it_is_and_the_connection_kept(
+    db: tuple[database.Database, Counting],
+) -> None:
+    the_db, observer = db
+    with pytest.raises(asyncpg.UndefinedTableError):
+        await the_db.raw(lambda conn: conn.fetch("SELECT * FROM no_such_table"))
+    assert await the_db.raw(lambda conn: conn.fetchval("SELECT 1")) == 1
+    assert (observer.connects, observer.reconnects) == (1, [])
+
+
+def test_raw_numbers_named_parameters_once_each_and_leaves_casts_alone() -> None:
+    raw = database.Raw(
+        sa.text("SELECT CAST(:a AS int), :b::text, make_interval(secs => :a)"), json_params=("b",)
+    )
+    assert raw.sql == "SELECT CAST($1 AS int), $2::text, make_interval(secs => $1)"
+    assert raw.args({"a": 3, "b": {"k": [1]}}) == [3, '{"k": [1]}']
