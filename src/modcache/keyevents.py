@@ -77,6 +77,9 @@ class Changed:
     path: str | None = None
     role: str | None = None
     event: str = ""
+    #: ``RedisCache.writes_heard`` when the event arrived: events arrive in the order Redis published them, so an
+    #: event heard after the begin marker of this process's write number N happened after write N started
+    after_write: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,7 +137,8 @@ class KeyEvents:
         self._token = secrets.token_hex(8)
         self._canary_seen = asyncio.Event()
         self._roles = {key: role for role, key in self._ks.bookkeeping().items()}
-        self._probe_key = f"{self._ks.prefix}modcache:probe:{self._token}"
+        self._probe_arms = 0  # each arming watches a key of its own name: a late event of an earlier one is not its
+        self._probe_key = self._next_probe_key()
         self._probe_conn: Any = None
         self._probe_armed = asyncio.Event()  # Subscribed is reported only once the probe watches its key
         self._probe_evicted = asyncio.Event()  # the probe key's ``evicted`` event arrived since it was written
@@ -243,7 +247,7 @@ class KeyEvents:
             if kind == "message":
                 marker, _, nonce = str(message[2]).partition(":")
                 if marker == "b" and nonce in own:
-                    del own[nonce]
+                    self._cache.writes_heard = max(self._cache.writes_heard, own.pop(nonce))
                     inside = nonce
                 elif marker == "e" and nonce == inside:
                     inside = None
@@ -254,6 +258,7 @@ class KeyEvents:
             if kind != "pmessage" or inside is not None:
                 continue
             key, event = str(message[2])[len(channel_prefix) :], str(message[3])
+            heard = self._cache.writes_heard
             if key == self._probe_key:
                 if event == "evicted":  # maxmemory: the probe's EXEC aborts, but nothing was flushed
                     self._probe_evicted.set()
@@ -262,9 +267,9 @@ class KeyEvents:
             elif key == canary:
                 self._canary_seen.set()
             elif (role := self._roles.get(key)) is not None:
-                self._queue.put_nowait(Changed(role=role, event=event))
+                self._queue.put_nowait(Changed(role=role, event=event, after_write=heard))
             elif (path := self._ks.path_of(key)) is not None:
-                self._queue.put_nowait(Changed(path=path, event=event))
+                self._queue.put_nowait(Changed(path=path, event=event, after_write=heard))
 
     async def _disconnect(self) -> None:
         conn, self._conn = self._conn, None
@@ -336,7 +341,15 @@ class KeyEvents:
             return f"the generation went back from {seen} to {value or 'nothing'}"  # behind, not replaced
         return None
 
+    def _next_probe_key(self) -> str:
+        self._probe_arms += 1
+        return f"{self._ks.prefix}modcache:probe:{self._token}:{self._probe_arms}"
+
     async def _open_probe(self, ttl_ms: int) -> None:
+        # a new name each time: the ``evicted`` event of the key an earlier round watched may arrive after this one
+        # is armed, and must not make a later FLUSHDB (which aborts this round's EXEC) look like an eviction
+        self._probe_key = self._next_probe_key()
+        self._probe_evicted.clear()
         conn = await self._cache.open_node_connection()
         try:
             await conn.send_packed_command(
@@ -349,7 +362,6 @@ class KeyEvents:
                 await conn.disconnect()
             raise
         self._probe_conn = conn
-        self._probe_evicted.clear()
         self._probe_armed.set()
 
     async def _close_probe(self) -> None:

@@ -203,8 +203,10 @@ async def observe(
         the_source, digest = await listing
         index = await indexing
     finally:
-        listing.cancel()
-        indexing.cancel()
+        for task in (listing, indexing):
+            task.cancel()
+            if task.done() and not task.cancelled():
+                task.exception()  # retrieved: a read that failed while VERIFY failed too is not logged as lost
     await settling.drain()
     _judged_index(views, index, the_source.live, cache.keyspace, repairs)
     observed = Observation(

@@ -252,7 +252,7 @@ for i = 1, n do
 end
 local gen = string.format('%.0f', tonumber(g) + 1)
 call('SET', KEYS[1], gen)
-local out, put = {}, extra
+local out, put, gone, listed, entries = {}, extra, {}, {}, {}
 for i = 1, n do
     local op, path, len = string.sub(ops, i, i), paths[i], lens[i]
     local key = op == 'u' and KEYS[2] or prefix .. path
@@ -266,8 +266,7 @@ for i = 1, n do
     else
         if op == 'd' or op == 'u' then
             if op == 'd' then call('DEL', key) end
-            call('SREM', KEYS[2], path)
-            call('HDEL', KEYS[3], path)
+            gone[#gone + 1] = path
         else
             if op == 'p' then
                 if ttl > 0 then
@@ -276,12 +275,24 @@ for i = 1, n do
                     call('SET', key, ARGV[put])
                 end
             end
-            call('SADD', KEYS[2], path)
-            if len ~= '' then call('HSET', KEYS[3], path, gen .. ':' .. hash .. ':' .. len) end
+            listed[#listed + 1] = path
+            if len ~= '' then
+                entries[#entries + 1] = path
+                entries[#entries + 1] = gen .. ':' .. hash .. ':' .. len
+            end
         end
         out[i] = 'a'
     end
 end
+-- the index and manifest changes go in a few calls, not one per item: a 5,000-item batch was 10,000 calls and as
+-- many keyspace events for the key-event iterator to read past
+local function each(command, key, list)
+    for i = 1, #list, 1000 do call(command, key, unpack(list, i, math.min(i + 999, #list))) end
+end
+each('SREM', KEYS[2], gone)
+each('HDEL', KEYS[3], gone)
+each('SADD', KEYS[2], listed)
+each('HSET', KEYS[3], entries)
 call('PUBLISH', ARGV[6], 'e:' .. ARGV[5])
 return {table.concat(out), repaired, gen}
 """
@@ -307,6 +318,8 @@ _WANTED_TYPES = {"index": "set", "manifest": "hash", "generation": "string", "st
 _APPLY_REPAIRS = {"1": "generation", "2": "index", "3": "manifest"}
 #: Index members per SSCAN page (a few milliseconds of Redis each; one call per page, whatever the cache's size).
 INDEX_PAGE = 10_000
+#: How close to ``maxmemory`` Redis must be to count as evicting for lack of memory (it evicts to stay just below).
+MEMORY_LIMIT_MARGIN = 0.1
 #: Nonces of writes in flight that a key-event iterator may still have to recognise (bounded: oldest dropped).
 MAX_OWN_WRITES = 10_000
 
@@ -397,7 +410,11 @@ class RedisCache:
         # the key a by-path script is sent with: it names no key itself, and a Cluster routes a script by its keys (a
         # Cluster cache's prefix carries a hash tag, so every key of the cache lives in this key's slot)
         self._route = [keyspace.generation]
-        self.own_writes: collections.OrderedDict[str, None] = collections.OrderedDict()
+        # nonce -> the write's number (``writes_issued`` when it was made) of the writes a key-event iterator may
+        # still have to recognise
+        self.own_writes: collections.OrderedDict[str, int] = collections.OrderedDict()
+        self.writes_issued = 0  # APPLY calls this process made (each write's number, in the order they were made)
+        self.writes_heard = 0  # the highest number of an own write whose begin marker the key events delivered
         self.tracking_own_writes = False  # set by a key-event iterator while it needs the nonces
         self.aborted_writes: set[str] = set()  # nonces of writes that failed: their end marker never comes
         self.high_water = 0  # the highest generation this process has read or written
@@ -440,6 +457,16 @@ class RedisCache:
 
     async def ping(self) -> None:
         await _call(self.client.ping())
+
+    async def at_memory_limit(self) -> bool | None:
+        """Whether Redis holds within ``MEMORY_LIMIT_MARGIN`` of its ``maxmemory`` now (where it evicts to stay), or
+        None when ``INFO`` is not permitted (the writer's ACL may leave it out) or Redis cannot be asked."""
+        try:
+            found = await self.client.info("memory")
+        except (redis.exceptions.RedisError, OSError):
+            return None
+        limit, used = int(found.get("maxmemory", 0) or 0), int(found.get("used_memory", 0) or 0)
+        return bool(limit) and used >= limit * (1 - MEMORY_LIMIT_MARGIN)
 
     # -- the generation ---------------------------------------------------------------------------------------
 
@@ -657,8 +684,9 @@ class RedisCache:
 
     def _own_nonce(self) -> str:
         nonce = secrets.token_hex(8)
+        self.writes_issued += 1
         if self.tracking_own_writes:
-            self.own_writes[nonce] = None
+            self.own_writes[nonce] = self.writes_issued
             while len(self.own_writes) > MAX_OWN_WRITES:
                 self.own_writes.popitem(last=False)
         return nonce
