@@ -259,8 +259,7 @@ async def _by_path(
     value, so that a right content key is only reindexed; with ``claims``, by what the value claims)."""
     known = settling.manifest_names
     live = observed.source.live
-    unlisted = [p for p in live if p not in known]
-    unknown = (views.all_index - known) | views.malformed | set(unlisted)
+    unknown = (views.all_index - known) | views.malformed | (live.keys() - known)  # set operations: 100,000 each
     present = []
     for path, code in (await cache.check_lengths(dict.fromkeys(unknown))).items():
         views.unsettled.add(path)
