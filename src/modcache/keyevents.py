@@ -53,6 +53,9 @@ CANARY_WAIT_S = 1.0
 #: Probe rounds in a row whose own write's keyspace event did not arrive before events count as off (counted in
 #: rounds, not seconds, so an event loop starved by a long sync never looks like lost events).
 DEAF_AFTER_ROUNDS = 10
+#: Probe rounds between two reads of ``notify-keyspace-events`` (the probe key's own event is a ``g`` event: a
+#: runtime change that keeps ``g`` and drops ``$``, ``s`` or ``h`` leaves the probe hearing itself and the rest deaf).
+FLAGS_EVERY_ROUNDS = 10
 #: How long an aborted probe round waits for its key's ``evicted`` event before it counts as a flush (the event and
 #: the EXEC reply travel on two connections).
 EVICTED_WAIT_S = 0.1
@@ -98,13 +101,30 @@ class Lost:
 
 
 @dataclasses.dataclass(frozen=True)
+class Degraded:
+    """``notify-keyspace-events`` lacks classes modcache needs (``missing``) and they could not be set again: changes
+    of those kinds are not heard, only the probe and the periodic resyncs repair them."""
+
+    detail: str
+    missing: str
+
+
+@dataclasses.dataclass(frozen=True)
 class Unavailable:
     """Connected, but no keyspace events arrive (and they cannot be enabled): only the probe and the timer work."""
 
     detail: str
 
 
-KeyEvent = Subscribed | Changed | Regressed | Lost | Unavailable
+KeyEvent = Subscribed | Changed | Regressed | Lost | Unavailable | Degraded
+
+
+def missing_keyspace_flags(current: str) -> str:
+    """The flags modcache needs that ``current`` lacks ('' when none)."""
+    have = set(current)
+    if "A" in have:
+        have |= set("g$lshzxetd")
+    return "".join(flag for flag in WANTED_FLAGS if flag not in have)
 
 
 def merged_keyspace_flags(current: str) -> str:
@@ -144,6 +164,8 @@ class KeyEvents:
         self._probe_evicted = asyncio.Event()  # the probe key's ``evicted`` event arrived since it was written
         self._unheard: int | None = None  # probe rounds since the subscription delivered the probe's own event
         self._node: str | None = None  # host:port the subscription was last made on (a failover moves it)
+        self._rounds = 0  # probe rounds made
+        self._flags_refused: str | None = None  # flags found missing that re-subscribing did not bring back
 
     async def __aenter__(self) -> KeyEvents:
         self._tasks = [
@@ -297,6 +319,9 @@ class KeyEvents:
                 continue
             if problem is not None:
                 self._queue.put_nowait(Regressed(problem, replaced=problem != EVICTED and "went back" not in problem))
+            self._rounds += 1
+            if self._rounds % FLAGS_EVERY_ROUNDS == 0 and self._probe_conn is not None and self._unheard is not None:
+                await self._check_flags(self._probe_conn)
             if self._unheard is not None and problem is None:  # a refused or aborted round wrote nothing to hear
                 self._unheard += 1
                 if self._unheard > DEAF_AFTER_ROUNDS:
@@ -340,6 +365,36 @@ class KeyEvents:
             self._cache.high_water = value or 0  # learn again from here, so one regression is reported once
             return f"the generation went back from {seen} to {value or 'nothing'}"  # behind, not replaced
         return None
+
+    async def _check_flags(self, conn: Any) -> None:
+        """Read ``notify-keyspace-events`` on the probe's connection (when CONFIG is permitted): if classes modcache
+        needs were dropped at runtime, subscribe again (which merges them back, then a deep resync); if that did not
+        bring them back (they are dropped again, or CONFIG SET is refused), say so once (``Degraded``) and rely on
+        the probe and the periodic resyncs rather than re-subscribing (and resyncing deeply) in a loop."""
+        try:
+            await conn.send_command("CONFIG", "GET", "notify-keyspace-events")
+            reply = await conn.read_response()
+        except redis.exceptions.ResponseError:  # not permitted: the canary and the probe's own event are the checks
+            return
+        current = str(reply[1] if isinstance(reply, list) and len(reply) > 1 else "")
+        missing = missing_keyspace_flags(current)
+        if not missing:
+            self._flags_refused = None
+            return
+        if self._flags_refused is None:
+            self._flags_refused = missing
+            log.warning("notify-keyspace-events is %r, lacking %r: subscribing again", current, missing)
+            self._queue.put_nowait(Lost(f"notify-keyspace-events {current!r} lacks {missing!r} (changed at runtime)"))
+            await self._disconnect()
+        elif self._flags_refused != "reported":
+            self._flags_refused = "reported"
+            self._queue.put_nowait(
+                Degraded(
+                    f"notify-keyspace-events {current!r} lacks {missing!r} and could not be set again: changes of "
+                    "those kinds are repaired by the periodic resync and the probe only",
+                    missing,
+                )
+            )
 
     def _next_probe_key(self) -> str:
         self._probe_arms += 1

@@ -331,14 +331,32 @@ async def _whole_values(
     makes the content key verified (whatever the manifest said); anything else makes the path unsettled with the
     damage found."""
     live = observed.source.live
+    changed: list[modules.Rejected] = []
     for chunk in plan.batches_by_bytes(paths, observed.source.large, rows=batch):
-        found, _ = await source.fetch(chunk)
+        found, refused = await source.fetch(chunk)
+        changed += _changed_under_hash(refused, live)
         expected = {p: modules.encode_cached(p, m.content, m.hash) for p, m in found.items() if live.get(p) == m.hash}
         codes = await cache.check_values({p: (rediscache.value_digest(v), live[p]) for p, v in expected.items()})
         for path, code in codes.items():
             _judge_value(views, path, code, live[path])
             if code == rediscache.MATCH:
                 observed.lengths[path] = len(expected[path].encode())
+    if changed:  # reported as rejected (the path is left alone, as every rejected row is), under its own reason
+        rejected = (*observed.source.rejected, *changed)
+        observed.source = dataclasses.replace(observed.source, rejected=rejected)
+
+
+def _changed_under_hash(refused: Sequence[modules.Rejected], live: Mapping[str, str]) -> list[modules.Rejected]:
+    """The rows listed as live with a hash that their content, read now, does not have (attack-9 F9)."""
+    return [
+        modules.Rejected(
+            r.path,
+            modules.Rejection.CONTENT_CHANGED,
+            f"content_hash still {live[r.path][:12]}…, the cache serves that version ({r.detail})",
+        )
+        for r in refused
+        if r.reason is modules.Rejection.HASH_MISMATCH and r.path in live
+    ]
 
 
 def _judge_value(views: _Views, path: str, code: str, digest: str) -> None:

@@ -299,12 +299,16 @@ return {table.concat(out), repaired, gen}
 """
 )
 
-# KEYS: content keys; ARGV: ttl_s, ttl_jitter_s, seed. Refreshes the TTL of keys that exist.
-TOUCH = """
+# KEYS: content keys; ARGV: ttl_s, ttl_jitter_s, seed, nonce, writes channel. Refreshes the TTL of keys that exist,
+# between the same markers as APPLY: the key-event iterator must not take 100,000 ``expire`` events of our own for
+# foreign writes (each one a whole-value comparison).
+TOUCH = """#!lua
 local ttl, jitter, seed = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+redis.call('PUBLISH', ARGV[5], 'b:' .. ARGV[4])
 for i, key in ipairs(KEYS) do
     redis.call('EXPIRE', key, ttl + ((i * 7919 + seed) % (jitter + 1)))
 end
+redis.call('PUBLISH', ARGV[5], 'e:' .. ARGV[4])
 return #KEYS
 """
 
@@ -727,11 +731,9 @@ class RedisCache:
             return
         for batch in _batches(list(paths), self._check_batch_size):
             seed = random.randrange(1 << 30)
-            await _call(
-                self._touch(
-                    keys=[self.keyspace.content(p) for p in batch], args=[self._ttl_s, self._ttl_jitter_s, seed]
-                )
-            )
+            nonce, channel = self._marker()
+            args: list[str | int] = [self._ttl_s, self._ttl_jitter_s, seed, nonce, channel]
+            await self._own(self._touch(keys=[self.keyspace.content(p) for p in batch], args=args), nonce)
 
     # -- the sync status record ------------------------------------------------------------------------------
 

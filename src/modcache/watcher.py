@@ -45,6 +45,9 @@ EVICTIONS_PER_S = 50  # evicted keys in one second from which the repairs of evi
 EVICTION_BACKOFF_S = 0.5
 EVICTION_BACKOFF_MAX_S = 30.0
 FIRST_EVENTS_WAIT_S = 5.0
+#: Reports of a replaced cache whose bookkeeping still looks intact (a write to the probe key) are acted on at most
+#: once per this long (attack-9 F6): the first at once, the rest by one routine and one deep resync at its end.
+REPLACED_WINDOW_S = 30.0  # the first resync waits this long at most for the key events to be subscribed
 
 Backoff = backoff.Backoff
 merged_keyspace_flags = keyevents.merged_keyspace_flags
@@ -90,6 +93,8 @@ class State:
     last_error: str | None = None
     evicting: bool = False  # Redis is evicting the cache's keys faster than it can hold them (maxmemory)
     evictions: int = 0  # the cache's keys Redis was heard evicting (a cache that does not fit shows here)
+    keyspace_missing: str = ""  # keyspace-event classes Redis does not send and modcache could not set again
+    replacements_limited: int = 0  # probe reports of a replaced cache not acted on at once (rate limit, F6)
 
 
 class Watcher:
@@ -132,6 +137,8 @@ class Watcher:
         self._thrashing = False  # Redis evicted after one of those repairs was written: the cache does not fit
         self._deep_task: asyncio.Task[bool] | None = None  # the deep resync running (in the background), if one is
         self._preempted: asyncio.Task[bool] | None = None  # the one cancelled because the cache was replaced
+        self._replaced_at: float | None = None  # when a replaced cache was last acted on
+        self._replaced_owed: asyncio.TimerHandle | None = None  # the rate-limited resyncs, due at the window's end
 
     async def run(self) -> None:
         """Run until cancelled (or until a loop fails unexpectedly, which is raised)."""
@@ -344,6 +351,9 @@ class Watcher:
                 await self._on_key_event(event)
 
     async def _on_key_event(self, event: keyevents.KeyEvent) -> None:
+        if isinstance(event, keyevents.Subscribed | keyevents.Lost | keyevents.Unavailable | keyevents.Degraded):
+            self._on_connectivity(event)
+            return
         match event:
             case keyevents.Changed(event="evicted") if self._evicted(event.after_write):
                 self._hold(event.path)
@@ -364,6 +374,8 @@ class Watcher:
                 self._hold(None)  # not a flush: keys were evicted; refilled once Redis stops evicting what we write
             case keyevents.Regressed(replaced=False) if self._under_eviction_pressure():
                 self._hold(None)  # the generation evicted: the same
+            case keyevents.Regressed(replaced=True) if await self._replaced_again():
+                pass  # rate-limited: the resyncs it owes run once at the end of the window (``_replaced_again``)
             case keyevents.Regressed(detail, replaced):
                 # refill at once (the routine resync); a replaced database (flushed, swapped) may hold forged values
                 # whose manifest entries agree with them: every value is compared right after
@@ -373,14 +385,52 @@ class Watcher:
                     self._preempt()
                 self.request_resync(KEYSPACE)
 
+    def _on_connectivity(
+        self, event: keyevents.Subscribed | keyevents.Lost | keyevents.Unavailable | keyevents.Degraded
+    ) -> None:
+        match event:
             case keyevents.Subscribed(detail):
+                self.state.keyspace_missing = ""
                 self._keyspace_changed(True, detail)
                 if self._cache_heard.is_set():  # events published while we were away are lost
                     self.request_resync(RECONNECT, deep=True)
                 self._cache_heard.set()
+            case keyevents.Degraded(detail, missing):
+                self.state.keyspace_missing = missing
+                self._keyspace_changed(False, detail)
             case keyevents.Lost(detail) | keyevents.Unavailable(detail):
                 self._keyspace_changed(False, detail)
                 self._cache_heard.set()
+
+    async def _replaced_again(self) -> bool:
+        """Whether a report of a replaced cache is rate-limited: another came less than ``REPLACED_WINDOW_S`` ago and
+        the bookkeeping still looks like ours (the generation believable and not behind, index and manifest of their
+        types): what a write to the probe key looks like. Anyone who can write under the prefix can touch the probe
+        key as often as they like, and each report costs a routine and a deep resync; rate-limited, they cost one of
+        each per window (at its end). A real flush empties the bookkeeping and is refilled at once."""
+        now = self._monotonic()
+        if self._replaced_at is None or now - self._replaced_at >= REPLACED_WINDOW_S:
+            self._replaced_at = now
+            return False
+        cache = self.engine.cache
+        try:
+            seen, found = cache.high_water, await cache.read_generation(create=False)
+        except errors.TransientError:
+            return False
+        if found.problem or found.value < seen or found.wrong_types:
+            self._replaced_at = now
+            return False
+        self.state.replacements_limited += 1
+        if self._replaced_owed is None:
+            left_s = REPLACED_WINDOW_S - (now - self._replaced_at)
+            self._replaced_owed = asyncio.get_running_loop().call_later(left_s, self._owed_resync)
+        return True
+
+    def _owed_resync(self) -> None:
+        self._replaced_owed = None
+        self._replaced_at = self._monotonic()
+        self._deep_after = True
+        self.request_resync(KEYSPACE)
 
     async def _doubt_loop(self) -> None:
         while True:
