@@ -320,7 +320,8 @@ class KeyEvents:
             if problem is not None:
                 self._queue.put_nowait(Regressed(problem, replaced=problem != EVICTED and "went back" not in problem))
             self._rounds += 1
-            if self._rounds % FLAGS_EVERY_ROUNDS == 0 and self._probe_conn is not None and self._unheard is not None:
+            # also while the canary is unheard (a configuration without ``$`` fails it): the classes are named then
+            if self._rounds % FLAGS_EVERY_ROUNDS == 0 and self._probe_conn is not None and self._conn is not None:
                 await self._check_flags(self._probe_conn)
             if self._unheard is not None and problem is None:  # a refused or aborted round wrote nothing to hear
                 self._unheard += 1
