@@ -83,7 +83,7 @@ class Engine:
         return observed.fence, observed.source, observed.view
 
     async def _observe(
-        self, *, deep: bool, dry_run: bool, complete: bool = False, claims: bool = False
+        self, *, deep: bool, dry_run: bool, complete: bool = False, claims: bool = False, lengths: bool = True
     ) -> observation.Observation:
         return await observation.observe(
             source=self.source,
@@ -93,16 +93,25 @@ class Engine:
             dry_run=dry_run,
             complete=complete,
             claims=claims and not deep,
+            lengths=lengths or deep,
         )
 
     async def full_resync(
-        self, *, dry_run: bool = False, deep: bool = False, claims: bool = False, progress: Progress | None = None
+        self,
+        *,
+        dry_run: bool = False,
+        deep: bool = False,
+        claims: bool = False,
+        lengths: bool = True,
+        progress: Progress | None = None,
     ) -> plan.Report:
         """Converge the whole cache. ``claims``: content keys the manifest lacks are taken on what they claim (their
         path and hash, ``observation``) rather than compared by whole value -- for a watcher rebuilding a deleted
-        manifest, which must then run a deep resync (``Report.claimed`` says how many were taken so)."""
+        manifest, which must then run a deep resync (``Report.claimed`` says how many were taken so). ``lengths``
+        false: the content keys the manifest names are not checked (their length) -- only for a watcher whose
+        keyspace events cover every write to them (docs/integrity.md)."""
         started = self._monotonic()
-        observed = await self._observe(deep=deep, dry_run=dry_run, claims=claims)
+        observed = await self._observe(deep=deep, dry_run=dry_run, claims=claims, lengths=lengths)
         repairs = list(observed.repairs)
         if observed.top_generation > observed.fence and (
             dry_run or await self.cache.raise_generation(observed.top_generation)

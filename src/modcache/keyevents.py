@@ -67,9 +67,12 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class Subscribed:
-    """Subscribed (again): events may have been missed; ``detail`` says how events are configured."""
+    """Subscribed (again): events may have been missed; ``detail`` says how events are configured; ``complete``:
+    this process set (or found) every class it needs in ``notify-keyspace-events`` (CONFIG permitted), so every write
+    to a key under the prefix is heard (until a ``Lost``, ``Unavailable`` or ``Degraded``)."""
 
     detail: str
+    complete: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,7 +210,7 @@ class KeyEvents:
     async def _subscribe_once(self, retry: backoff.Backoff) -> None:
         self._conn = conn = await self._cache.open_node_connection()
         node = _address(conn)
-        configured = await self._enable(conn)
+        configured, complete = await self._enable(conn)
         db = self._cache.database
         prefix = f"__keyspace@{db}__:"
         await conn.send_command("PSUBSCRIBE", self._ks.keyspace_pattern(db))
@@ -219,7 +222,7 @@ class KeyEvents:
         self._canary_seen.clear()
         moved = f" (was {self._node})" if self._node not in (None, node) else ""
         self._node = node
-        canary = asyncio.create_task(self._check_canary(f"on {node}{moved}: {configured}"))
+        canary = asyncio.create_task(self._check_canary(f"on {node}{moved}: {configured}", complete))
         try:
             retry.reset()
             await self._read(conn, prefix)
@@ -227,9 +230,10 @@ class KeyEvents:
             canary.cancel()
 
     @staticmethod
-    async def _enable(conn: Any) -> str:
+    async def _enable(conn: Any) -> tuple[str, bool]:
         """Merge the flags modcache needs into ``notify-keyspace-events`` on the node ``conn`` reaches (the setting
-        is per node: a promoted replica or a slot's new owner needs it too); say how events are configured."""
+        is per node: a promoted replica or a slot's new owner needs it too); say how events are configured, and
+        whether every class is known to be on."""
         try:
             await conn.send_command("CONFIG", "GET", "notify-keyspace-events")
             reply = await conn.read_response()
@@ -239,10 +243,10 @@ class KeyEvents:
                 await conn.send_command("CONFIG", "SET", "notify-keyspace-events", wanted)
                 await conn.read_response()
         except redis.exceptions.ResponseError as e:  # CONFIG disabled, renamed or not permitted (ACL)
-            return f"configured by the admin (CONFIG not permitted: {errors.describe(e)})"
-        return f"notify-keyspace-events {wanted!r}"
+            return f"configured by the admin (CONFIG not permitted: {errors.describe(e)})", False
+        return f"notify-keyspace-events {wanted!r}", True
 
-    async def _check_canary(self, configured: str) -> None:
+    async def _check_canary(self, configured: str, complete: bool) -> None:
         """Write a canary key and wait for its event: proof that events arrive, whoever configured them."""
         canary = f"{self._ks.prefix}modcache:canary"
         try:
@@ -257,7 +261,7 @@ class KeyEvents:
         else:
             await self._probe_armed.wait()  # a resync this causes must not run before a flush can be noticed
             self._unheard = 0
-            self._queue.put_nowait(Subscribed(f"keyspace events on {self._ks.prefix!r} {configured}"))
+            self._queue.put_nowait(Subscribed(f"keyspace events on {self._ks.prefix!r} {configured}", complete))
 
     async def _read(self, conn: Any, channel_prefix: str) -> None:
         own = self._cache.own_writes

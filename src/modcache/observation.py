@@ -186,6 +186,7 @@ async def observe(
     dry_run: bool,
     complete: bool = False,
     claims: bool = False,
+    lengths: bool = True,
 ) -> Observation:
     generation = await cache.read_generation(create=not dry_run)
     repairs = list(generation.wrong_types)
@@ -198,7 +199,7 @@ async def observe(
     indexing = asyncio.create_task(cache.read_index())
     settling = _Settling(views, listing, indexing)
     try:
-        async for page in cache.verify_manifest(limit=generation.limit):  # Redis verifies while we list
+        async for page in cache.verify_manifest(limit=generation.limit, lengths=lengths):  # verified while we list
             await settling.page(page)
         the_source, digest = await listing
         index = await indexing

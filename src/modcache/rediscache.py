@@ -52,7 +52,8 @@ _DIGITS_LE = """
 local function le(a, b) return #a < #b or (#a == #b and a <= b) end  -- digit strings without leading zeros
 """
 
-# KEYS: manifest; ARGV: content key prefix, HSCAN cursor, page size, the highest believable generation. Returns
+# KEYS: manifest; ARGV: content key prefix, HSCAN cursor, page size, the highest believable generation, whether to
+# check each content key's length ('1'; '0': a watcher whose keyspace events cover every write to them). Returns
 # {next cursor, {path, hash, ...}, one status character per entry, the highest believable generation seen}.
 VERIFY = (
     _DIGITS_LE
@@ -61,6 +62,7 @@ local call, pcall, sub, match, find = redis.call, redis.pcall, string.sub, strin
 if call('TYPE', KEYS[1])['ok'] ~= 'hash' then return {{'0', {{}}, '', ''}} end
 local page = call('HSCAN', KEYS[1], ARGV[2], 'COUNT', ARGV[3])
 local entries, codes, prefix, limit, n, top = page[2], {{}}, ARGV[1], ARGV[4], 0, ''
+local lengths = ARGV[5] ~= '0'
 for i = 1, #entries, 2 do
     n = n + 1
     -- %x and a length check, not 64 character classes: a fifth of the script's time (an upper-case digest is
@@ -74,7 +76,7 @@ for i = 1, #entries, 2 do
     else
         if le(top, gen) then top = gen end
         entries[i + 1] = hash
-        local got = pcall('STRLEN', prefix .. entries[i])
+        local got = lengths and pcall('STRLEN', prefix .. entries[i]) or tonumber(len)
         if type(got) == 'table' then codes[n] = '{WRONGTYPE}'
         elseif got == 0 then codes[n] = '{ABSENT}'
         elseif got == tonumber(len) then codes[n] = '{MATCH}'
@@ -561,12 +563,12 @@ class RedisCache:
             if cursor == 0:
                 return frozenset(members)
 
-    async def verify_manifest(self, *, limit: int) -> AsyncIterator[VerifiedPage]:
+    async def verify_manifest(self, *, limit: int, lengths: bool = True) -> AsyncIterator[VerifiedPage]:
         """The manifest, page by page (HSCAN, ``check_batch_size`` entries per script call), each entry's content key
         checked server-side against the length it records. The next page is requested before a page is handed
         out, so Redis verifies while the caller works."""
         ks = self.keyspace
-        args: list[str | int] = [ks.prefix, "0", self._check_batch_size, str(limit)]
+        args: list[str | int] = [ks.prefix, "0", self._check_batch_size, str(limit), "1" if lengths else "0"]
 
         def request(cursor: str) -> asyncio.Future[Any]:
             args[1] = cursor

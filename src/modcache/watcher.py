@@ -120,6 +120,8 @@ class Watcher:
         self._resync_trigger = MANUAL
         self._deep_wanted = True  # nothing was watched before we started
         self._routine_wanted = False  # a routine resync was asked for (not only a deep one)
+        self._events_complete = False  # every write to a content key is heard (keyevents.Subscribed.complete)
+        self._lengths_next = False  # the next routine resync checks lengths whatever the events (a replaced cache)
         self._deep_after = False  # a deep resync is due right after the next routine one
         self._last_deep = monotonic()
         self._pending: dict[str, str] = {}
@@ -201,10 +203,14 @@ class Watcher:
                     continue
                 claims, self._claims_wanted = self._claims_wanted, False
                 try:
-                    report = await self.engine.full_resync(claims=claims)
+                    # lengths are left unchecked only while every write to a content key is heard (each one is then
+                    # compared by whole value on its event; docs/integrity.md)
+                    lengths, self._lengths_next = not self._events_complete or self._lengths_next, False
+                    report = await self.engine.full_resync(claims=claims, lengths=lengths)
                 except errors.TransientError as e:
                     self.state.last_error = str(e)
                     self._observer.on_sync_failed(e, trigger)
+                    self._lengths_next = True
                     delay_s = retry.next_s()
                     self._resync_trigger = RETRY
                     continue
@@ -296,6 +302,7 @@ class Watcher:
                 report = await self.engine.apply_paths(batch)
             except errors.TransientError as e:
                 self._observer.on_sync_failed(e, trigger)
+                self._lengths_next = True  # the events of these paths were heard and are gone: lengths must tell
                 self.request_resync(RETRY)  # the full resync retries with backoff and covers these paths
                 continue
             if report.plan.repairs:  # a bookkeeping key was rebuilt: the other paths need a look too
@@ -381,6 +388,7 @@ class Watcher:
                 # whose manifest entries agree with them: every value is compared right after
                 log.warning("%s: refilling%s", detail, ", then checking every value" if replaced else "")
                 self._deep_after |= replaced
+                self._lengths_next = True  # what is there now was never heard being written
                 if replaced:
                     self._preempt()
                 self.request_resync(KEYSPACE)
@@ -389,16 +397,19 @@ class Watcher:
         self, event: keyevents.Subscribed | keyevents.Lost | keyevents.Unavailable | keyevents.Degraded
     ) -> None:
         match event:
-            case keyevents.Subscribed(detail):
+            case keyevents.Subscribed(detail, complete):
+                self._events_complete = complete
                 self.state.keyspace_missing = ""
                 self._keyspace_changed(True, detail)
                 if self._cache_heard.is_set():  # events published while we were away are lost
                     self.request_resync(RECONNECT, deep=True)
                 self._cache_heard.set()
             case keyevents.Degraded(detail, missing):
+                self._events_complete = False
                 self.state.keyspace_missing = missing
                 self._keyspace_changed(False, detail)
             case keyevents.Lost(detail) | keyevents.Unavailable(detail):
+                self._events_complete = False
                 self._keyspace_changed(False, detail)
                 self._cache_heard.set()
 
@@ -430,6 +441,7 @@ class Watcher:
         self._replaced_owed = None
         self._replaced_at = self._monotonic()
         self._deep_after = True
+        self._lengths_next = True
         self.request_resync(KEYSPACE)
 
     async def _doubt_loop(self) -> None:

@@ -247,3 +247,41 @@ async def test_content_changed_under_an_unchanged_hash_is_reported_by_a_deep_res
         assert plan.Reason.STALE not in {i.reason for i in deep.plan.items}
     finally:
         await client.aclose()
+
+
+# -- a watcher's routine resync leaves the content keys' lengths to the keyspace events ----------------------------
+
+
+async def test_a_watchers_routine_resync_leaves_lengths_to_the_events_it_hears(
+    server: PrivateRedis, source: pgsource.PgSource, database_url: str
+) -> None:
+    """While every class of keyspace event is on (this watcher set them), every write to a content key is heard and
+    compared by whole value on its event, so the routine resync does not ``STRLEN`` every key (the largest part of
+    its Redis time); once the events cannot be trusted (here: cut to ``Kg`` for good), it checks lengths again."""
+    paths = await put_some(source, 100)
+    client = aioredis.Redis.from_url(server.url, decode_responses=True)
+    try:
+        async with watching(source, server.url, database_url) as (w, task, recorder):
+
+            async def strlen_calls_in_one_routine_resync() -> int:
+                await client.config_resetstat()
+                done = recorder.full_syncs()
+                w.request_resync()
+                await recorder.wait_for(lambda: recorder.full_syncs() > done)
+                stats = await client.info("commandstats")
+                return int(stats.get("cmdstat_strlen", {}).get("calls", 0))
+
+            assert await strlen_calls_in_one_routine_resync() == 0
+            victim = paths[9]
+            await client.append(KS.content(victim), " ")  # another length: heard, repaired on its event
+            left = await convergence.converged(database_url, client, KS.prefix, within_s=WITHIN_S)
+            assert not left, left[:3]
+            ends = time.monotonic() + 4.0
+            while time.monotonic() < ends and not w.state.keyspace_missing:
+                await client.config_set("notify-keyspace-events", "Kg")
+                await asyncio.sleep(0.001)
+            assert w.state.keyspace_missing
+            assert await strlen_calls_in_one_routine_resync() >= 100
+            assert not task.done()
+    finally:
+        await client.aclose()
