@@ -57,6 +57,7 @@ class CacheSpec:
     ttl_s: int | None
     suspend: bool
     prune: bool
+    deep_interval_s: float = 3600.0
 
     def secret_refs(self) -> list[SecretKeyRef]:
         return [r for r in (self.database, self.listen_database, self.redis) if r is not None]
@@ -85,6 +86,7 @@ class Resolved:
             "redis_url": self.redis_url,
             "key_prefix": self.spec.key_prefix,
             "resync_interval_s": self.spec.resync_interval_s,
+            "deep_interval_s": self.spec.deep_interval_s,
             "ttl_s": self.spec.ttl_s,
         }
         try:  # every value comes from the CR; operator-wide tunables (jitter, batch sizes) from MODCACHE_* env
@@ -109,6 +111,7 @@ class Resolved:
 
 #: The CRD's CEL bounds (crds/), as (lowest, highest, how to say it) in seconds.
 RESYNC_INTERVAL_S = (10.0, 24 * 3600.0, "10s and 24h")
+DEEP_INTERVAL_S = (60.0, 168 * 3600.0, "1m and 168h")
 TTL_S = (60.0, 8760 * 3600.0, "1m and 8760h")
 
 
@@ -124,6 +127,7 @@ def parse(spec: Mapping[str, Any]) -> CacheSpec:
         key_prefix=_prefix(spec.get("keyPrefix", keys.DEFAULT_PREFIX)),
         resync_interval_s=_within(spec.get("resyncInterval", "5m"), "spec.resyncInterval", RESYNC_INTERVAL_S),
         ttl_s=_ttl(spec.get("ttl"), spec.get("resyncInterval", "5m")),
+        deep_interval_s=_within(spec.get("deepInterval", "1h"), "spec.deepInterval", DEEP_INTERVAL_S),
         suspend=_flag(spec.get("suspend", False), "spec.suspend"),
         prune=_flag(spec.get("prune", True), "spec.prune"),
     )

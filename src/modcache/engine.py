@@ -28,6 +28,10 @@ log = logging.getLogger(__name__)
 
 MAX_ROUNDS = 5
 FETCH_AHEAD = 2  # content batches read ahead of the one being written
+#: A status record that says what a resync found (all but its time and duration) is rewritten only this often: a
+#: resync that finds nothing to do writes nothing (``modcache status`` shows when the record was written).
+STATUS_REFRESH_S = 60.0
+_STATUS_TIMES = ("last_success_at", "duration_s")
 LIGHT_BATCH = 5000  # items per APPLY that carry no content (a few calls each in Redis: ~10-20 ms per batch)
 
 Progress = Callable[[int, int], None]
@@ -79,7 +83,7 @@ class Engine:
         return observed.fence, observed.source, observed.view
 
     async def _observe(
-        self, *, deep: bool, dry_run: bool, complete: bool = False, claims: bool = False
+        self, *, deep: bool, dry_run: bool, complete: bool = False, claims: bool = False, lengths: bool = True
     ) -> observation.Observation:
         return await observation.observe(
             source=self.source,
@@ -89,17 +93,26 @@ class Engine:
             dry_run=dry_run,
             complete=complete,
             claims=claims and not deep,
+            lengths=lengths or deep,
         )
 
     async def full_resync(
-        self, *, dry_run: bool = False, deep: bool = False, claims: bool = False, progress: Progress | None = None
+        self,
+        *,
+        dry_run: bool = False,
+        deep: bool = False,
+        claims: bool = False,
+        lengths: bool = True,
+        progress: Progress | None = None,
     ) -> plan.Report:
         """Converge the whole cache. ``claims``: content keys the manifest lacks are taken on what they claim (their
         path and hash, ``observation``) rather than compared by whole value -- for a watcher rebuilding a deleted
-        manifest, which must then run a deep resync (``Report.claimed`` says how many were taken so)."""
+        manifest, which must then run a deep resync (``Report.claimed`` says how many were taken so). ``lengths``
+        false: the content keys the manifest names are not checked (their length) -- only for a watcher whose
+        keyspace events cover every write to them (docs/integrity.md)."""
         started = self._monotonic()
         await self.learn_lineage()
-        observed = await self._observe(deep=deep, dry_run=dry_run, claims=claims)
+        observed = await self._observe(deep=deep, dry_run=dry_run, claims=claims, lengths=lengths)
         repairs = list(observed.repairs)
         if observed.top_generation > observed.fence and (
             dry_run or await self.cache.raise_generation(observed.top_generation)
@@ -125,8 +138,17 @@ class Engine:
         )
         report = dataclasses.replace(report, deep=deep, claimed=observed.claimed)
         if not dry_run:
-            await self.cache.write_status(await self._status(report))
+            await self._record(report)
         return report
+
+    async def _record(self, report: plan.Report) -> None:
+        """Write the status record, unless the one stored says the same (but for its time and duration) and is less
+        than ``STATUS_REFRESH_S`` old: a resync that finds nothing to do writes nothing at all."""
+        status = await self._status(report)
+        stored = await self.cache.read_status()
+        if _same_news(stored, status, now=self._wall_clock()):
+            return
+        await self.cache.write_status(status)
 
     async def _status(self, report: plan.Report) -> keys.SyncStatus:
         """The sync-status record (``keys.SyncStatus``): what the consumer and ``modcache status`` read."""
@@ -376,6 +398,22 @@ class Engine:
             dry_run=dry_run,
             full=digest is not None,
         )
+
+
+def _same_news(stored: Mapping[str, str], status: keys.SyncStatus, *, now: datetime.datetime) -> bool:
+    """Whether ``stored`` is a status record saying what ``status`` says, written less than STATUS_REFRESH_S ago."""
+    fresh = dict(status)
+    if stored.keys() != fresh.keys():
+        return False
+    if any(stored[k] != v for k, v in fresh.items() if k not in _STATUS_TIMES):
+        return False
+    try:
+        written = datetime.datetime.fromisoformat(stored["last_success_at"])
+    except ValueError:
+        return False
+    if written.tzinfo is None:
+        return False
+    return datetime.timedelta(0) <= now - written < datetime.timedelta(seconds=STATUS_REFRESH_S)
 
 
 def _writes(

@@ -55,6 +55,9 @@ CANARY_WAIT_S = 1.0
 #: Probe rounds in a row whose own write's keyspace event did not arrive before events count as off (counted in
 #: rounds, not seconds, so an event loop starved by a long sync never looks like lost events).
 DEAF_AFTER_ROUNDS = 10
+#: Probe rounds between two reads of ``notify-keyspace-events`` (the probe key's own event is a ``g`` event: a
+#: runtime change that keeps ``g`` and drops ``$``, ``s`` or ``h`` leaves the probe hearing itself and the rest deaf).
+FLAGS_EVERY_ROUNDS = 10
 #: How long an aborted probe round waits for its key's ``evicted`` event before it counts as a flush (the event and
 #: the EXEC reply travel on two connections).
 EVICTED_WAIT_S = 0.1
@@ -66,9 +69,12 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class Subscribed:
-    """Subscribed (again): events may have been missed; ``detail`` says how events are configured."""
+    """Subscribed (again): events may have been missed; ``detail`` says how events are configured; ``complete``:
+    this process set (or found) every class it needs in ``notify-keyspace-events`` (CONFIG permitted), so every write
+    to a key under the prefix is heard (until a ``Lost``, ``Unavailable`` or ``Degraded``)."""
 
     detail: str
+    complete: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +85,9 @@ class Changed:
     path: str | None = None
     role: str | None = None
     event: str = ""
+    #: ``RedisCache.writes_heard`` when the event arrived: events arrive in the order Redis published them, so an
+    #: event heard after the begin marker of this process's write number N happened after write N started
+    after_write: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,13 +106,30 @@ class Lost:
 
 
 @dataclasses.dataclass(frozen=True)
+class Degraded:
+    """``notify-keyspace-events`` lacks classes modcache needs (``missing``) and they could not be set again: changes
+    of those kinds are not heard, only the probe and the periodic resyncs repair them."""
+
+    detail: str
+    missing: str
+
+
+@dataclasses.dataclass(frozen=True)
 class Unavailable:
     """Connected, but no keyspace events arrive (and they cannot be enabled): only the probe and the timer work."""
 
     detail: str
 
 
-KeyEvent = Subscribed | Changed | Regressed | Lost | Unavailable
+KeyEvent = Subscribed | Changed | Regressed | Lost | Unavailable | Degraded
+
+
+def missing_keyspace_flags(current: str) -> str:
+    """The flags modcache needs that ``current`` lacks ('' when none)."""
+    have = set(current)
+    if "A" in have:
+        have |= set("g$lshzxetd")
+    return "".join(flag for flag in WANTED_FLAGS if flag not in have)
 
 
 def merged_keyspace_flags(current: str) -> str:
@@ -136,13 +162,16 @@ class KeyEvents:
         self._token = secrets.token_hex(8)
         self._canary_seen = asyncio.Event()
         self._roles = {key: role for role, key in self._ks.bookkeeping().items()}
-        self._probe_key = f"{self._ks.prefix}modcache:probe:{self._token}"
+        self._probe_arms = 0  # each arming watches a key of its own name: a late event of an earlier one is not its
+        self._probe_key = self._next_probe_key()
         self._probe_conn: Any = None
         self._probe_armed = asyncio.Event()  # Subscribed is reported only once the probe watches its key
         self._probe_evicted = asyncio.Event()  # the probe key's ``evicted`` event arrived since it was written
         self._unheard: int | None = None  # probe rounds since the subscription delivered the probe's own event
         self._node: str | None = None  # host:port the subscription was last reported on (a failover moves it)
         self._moving: str | None = None  # why the subscription is being closed on purpose (the master moved)
+        self._rounds = 0  # probe rounds made
+        self._flags_refused: str | None = None  # flags found missing that re-subscribing did not bring back
 
     async def __aenter__(self) -> KeyEvents:
         self._tasks = [
@@ -187,7 +216,7 @@ class KeyEvents:
     async def _subscribe_once(self, retry: backoff.Backoff) -> None:
         self._conn = conn = await self._cache.open_node_connection()
         node = _address(conn)
-        configured = await self._enable(conn)
+        configured, complete = await self._enable(conn)
         db = self._cache.database
         prefix = f"__keyspace@{db}__:"
         await conn.send_command("PSUBSCRIBE", self._ks.keyspace_pattern(db))
@@ -199,7 +228,7 @@ class KeyEvents:
         self._canary_seen.clear()
         self._moving = None
         moved = f" (was {self._node})" if self._node not in (None, node) else ""
-        canary = asyncio.create_task(self._check_canary(f"on {node}{moved}: {configured}", node))
+        canary = asyncio.create_task(self._check_canary(f"on {node}{moved}: {configured}", node, complete))
         try:
             retry.reset()
             await self._read(conn, prefix)
@@ -207,9 +236,10 @@ class KeyEvents:
             canary.cancel()
 
     @staticmethod
-    async def _enable(conn: Any) -> str:
+    async def _enable(conn: Any) -> tuple[str, bool]:
         """Merge the flags modcache needs into ``notify-keyspace-events`` on the node ``conn`` reaches (the setting
-        is per node: a promoted replica or a slot's new owner needs it too); say how events are configured."""
+        is per node: a promoted replica or a slot's new owner needs it too); say how events are configured, and
+        whether every class is known to be on."""
         try:
             await conn.send_command("CONFIG", "GET", "notify-keyspace-events")
             reply = await conn.read_response()
@@ -219,10 +249,10 @@ class KeyEvents:
                 await conn.send_command("CONFIG", "SET", "notify-keyspace-events", wanted)
                 await conn.read_response()
         except redis.exceptions.ResponseError as e:  # CONFIG disabled, renamed or not permitted (ACL)
-            return f"configured by the admin (CONFIG not permitted: {errors.describe(e)})"
-        return f"notify-keyspace-events {wanted!r}"
+            return f"configured by the admin (CONFIG not permitted: {errors.describe(e)})", False
+        return f"notify-keyspace-events {wanted!r}", True
 
-    async def _check_canary(self, configured: str, node: str) -> None:
+    async def _check_canary(self, configured: str, node: str, complete: bool) -> None:
         """Write a canary key and wait for its event: proof that events arrive, whoever configured them."""
         canary = f"{self._ks.prefix}modcache:canary"
         try:
@@ -239,7 +269,7 @@ class KeyEvents:
             await self._probe_armed.wait()  # a resync this causes must not run before a flush can be noticed
             self._unheard = 0
             self._node = node  # "(was ...)" names the node last reported, not one subscribed to and dropped at once
-            self._queue.put_nowait(Subscribed(f"keyspace events on {self._ks.prefix!r} {configured}"))
+            self._queue.put_nowait(Subscribed(f"keyspace events on {self._ks.prefix!r} {configured}", complete))
 
     async def _read(self, conn: Any, channel_prefix: str) -> None:
         own = self._cache.own_writes
@@ -251,7 +281,7 @@ class KeyEvents:
             if kind == "message":
                 marker, _, nonce = str(message[2]).partition(":")
                 if marker == "b" and nonce in own:
-                    del own[nonce]
+                    self._cache.writes_heard = max(self._cache.writes_heard, own.pop(nonce))
                     inside = nonce
                 elif marker == "e" and nonce == inside:
                     inside = None
@@ -262,6 +292,7 @@ class KeyEvents:
             if kind != "pmessage" or inside is not None:
                 continue
             key, event = str(message[2])[len(channel_prefix) :], str(message[3])
+            heard = self._cache.writes_heard
             if key == self._probe_key:
                 if event == "evicted":  # maxmemory: the probe's EXEC aborts, but nothing was flushed
                     self._probe_evicted.set()
@@ -270,9 +301,9 @@ class KeyEvents:
             elif key == canary:
                 self._canary_seen.set()
             elif (role := self._roles.get(key)) is not None:
-                self._queue.put_nowait(Changed(role=role, event=event))
+                self._queue.put_nowait(Changed(role=role, event=event, after_write=heard))
             elif (path := self._ks.path_of(key)) is not None:
-                self._queue.put_nowait(Changed(path=path, event=event))
+                self._queue.put_nowait(Changed(path=path, event=event, after_write=heard))
 
     async def _disconnect(self) -> None:
         conn, self._conn = self._conn, None
@@ -320,6 +351,10 @@ class KeyEvents:
                 continue
             if problem is not None:
                 self._queue.put_nowait(Regressed(problem, replaced=problem != EVICTED and "went back" not in problem))
+            self._rounds += 1
+            # also while the canary is unheard (a configuration without ``$`` fails it): the classes are named then
+            if self._rounds % FLAGS_EVERY_ROUNDS == 0 and self._probe_conn is not None and self._conn is not None:
+                await self._check_flags(self._probe_conn)
             if self._unheard is not None and problem is None:  # a refused or aborted round wrote nothing to hear
                 self._unheard += 1
                 if self._unheard > DEAF_AFTER_ROUNDS:
@@ -364,7 +399,45 @@ class KeyEvents:
             return f"the generation went back from {seen} to {value or 'nothing'}"  # behind, not replaced
         return None
 
+    async def _check_flags(self, conn: Any) -> None:
+        """Read ``notify-keyspace-events`` on the probe's connection (when CONFIG is permitted): if classes modcache
+        needs were dropped at runtime, subscribe again (which merges them back, then a deep resync); if that did not
+        bring them back (they are dropped again, or CONFIG SET is refused), say so once (``Degraded``) and rely on
+        the probe and the periodic resyncs rather than re-subscribing (and resyncing deeply) in a loop."""
+        try:
+            await conn.send_command("CONFIG", "GET", "notify-keyspace-events")
+            reply = await conn.read_response()
+        except redis.exceptions.ResponseError:  # not permitted: the canary and the probe's own event are the checks
+            return
+        current = str(reply[1] if isinstance(reply, list) and len(reply) > 1 else "")
+        missing = missing_keyspace_flags(current)
+        if not missing:
+            self._flags_refused = None
+            return
+        if self._flags_refused is None:
+            self._flags_refused = missing
+            log.warning("notify-keyspace-events is %r, lacking %r: subscribing again", current, missing)
+            self._queue.put_nowait(Lost(f"notify-keyspace-events {current!r} lacks {missing!r} (changed at runtime)"))
+            await self._disconnect()
+        elif self._flags_refused != "reported":
+            self._flags_refused = "reported"
+            self._queue.put_nowait(
+                Degraded(
+                    f"notify-keyspace-events {current!r} lacks {missing!r} and could not be set again: changes of "
+                    "those kinds are repaired by the periodic resync and the probe only",
+                    missing,
+                )
+            )
+
+    def _next_probe_key(self) -> str:
+        self._probe_arms += 1
+        return f"{self._ks.prefix}modcache:probe:{self._token}:{self._probe_arms}"
+
     async def _open_probe(self, ttl_ms: int) -> None:
+        # a new name each time: the ``evicted`` event of the key an earlier round watched may arrive after this one
+        # is armed, and must not make a later FLUSHDB (which aborts this round's EXEC) look like an eviction
+        self._probe_key = self._next_probe_key()
+        self._probe_evicted.clear()
         conn = await self._cache.open_node_connection()
         try:
             await conn.send_packed_command(
@@ -377,7 +450,6 @@ class KeyEvents:
                 await conn.disconnect()
             raise
         self._probe_conn = conn
-        self._probe_evicted.clear()
         self._probe_armed.set()
 
     async def _close_probe(self) -> None:

@@ -38,6 +38,9 @@ class Rejection(enum.StrEnum):
     BAD_PATH = "invalid path"
     NULL_CONTENT = "content is NULL"
     HASH_MISMATCH = "stored content_hash disagrees with the content"
+    #: found by a deep resync: the listing (which reads no content) showed the row unchanged, so the cache keeps
+    #: serving the version its content_hash names while the content says otherwise (an UPDATE that forgot the hash)
+    CONTENT_CHANGED = "content changed but content_hash did not"
     NOT_UTF8 = "content is not valid UTF-8"
     TOO_LARGE = "content exceeds the size limit"
 

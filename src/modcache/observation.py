@@ -186,6 +186,7 @@ async def observe(
     dry_run: bool,
     complete: bool = False,
     claims: bool = False,
+    lengths: bool = True,
 ) -> Observation:
     generation = await cache.read_generation(create=not dry_run)
     repairs = list(generation.wrong_types)
@@ -198,13 +199,15 @@ async def observe(
     indexing = asyncio.create_task(cache.read_index())
     settling = _Settling(views, listing, indexing)
     try:
-        async for page in cache.verify_manifest(limit=generation.limit):  # Redis verifies while we list
+        async for page in cache.verify_manifest(limit=generation.limit, lengths=lengths):  # verified while we list
             await settling.page(page)
         the_source, digest = await listing
         index = await indexing
     finally:
-        listing.cancel()
-        indexing.cancel()
+        for task in (listing, indexing):
+            task.cancel()
+            if task.done() and not task.cancelled():
+                task.exception()  # retrieved: a read that failed while VERIFY failed too is not logged as lost
     await settling.drain()
     _judged_index(views, index, the_source.live, cache.keyspace, repairs)
     observed = Observation(
@@ -257,8 +260,7 @@ async def _by_path(
     value, so that a right content key is only reindexed; with ``claims``, by what the value claims)."""
     known = settling.manifest_names
     live = observed.source.live
-    unlisted = [p for p in live if p not in known]
-    unknown = (views.all_index - known) | views.malformed | set(unlisted)
+    unknown = (views.all_index - known) | views.malformed | (live.keys() - known)  # set operations: 100,000 each
     present = []
     for path, code in (await cache.check_lengths(dict.fromkeys(unknown))).items():
         views.unsettled.add(path)
@@ -330,14 +332,32 @@ async def _whole_values(
     makes the content key verified (whatever the manifest said); anything else makes the path unsettled with the
     damage found."""
     live = observed.source.live
+    changed: list[modules.Rejected] = []
     for chunk in plan.batches_by_bytes(paths, observed.source.large, rows=batch):
-        found, _ = await source.fetch(chunk)
+        found, refused = await source.fetch(chunk)
+        changed += _changed_under_hash(refused, live)
         expected = {p: modules.encode_cached(p, m.content, m.hash) for p, m in found.items() if live.get(p) == m.hash}
         codes = await cache.check_values({p: (rediscache.value_digest(v), live[p]) for p, v in expected.items()})
         for path, code in codes.items():
             _judge_value(views, path, code, live[path])
             if code == rediscache.MATCH:
                 observed.lengths[path] = len(expected[path].encode())
+    if changed:  # reported as rejected (the path is left alone, as every rejected row is), under its own reason
+        rejected = (*observed.source.rejected, *changed)
+        observed.source = dataclasses.replace(observed.source, rejected=rejected)
+
+
+def _changed_under_hash(refused: Sequence[modules.Rejected], live: Mapping[str, str]) -> list[modules.Rejected]:
+    """The rows listed as live with a hash that their content, read now, does not have (attack-9 F9)."""
+    return [
+        modules.Rejected(
+            r.path,
+            modules.Rejection.CONTENT_CHANGED,
+            f"content_hash still {live[r.path][:12]}…, the cache serves that version ({r.detail})",
+        )
+        for r in refused
+        if r.reason is modules.Rejection.HASH_MISMATCH and r.path in live
+    ]
 
 
 def _judge_value(views: _Views, path: str, code: str, digest: str) -> None:

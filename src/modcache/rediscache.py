@@ -48,12 +48,12 @@ ABSENT, MATCH, OTHER, PRESENT, WRONGTYPE, MALFORMED, NOT_A_PATH = "-", "=", "~",
 CORRUPT = "c"  # present, claims the expected hash (``"hash": "<hash>"``), but is not the value modcache writes
 _NOT_MATCHED = re.compile(f"[^{re.escape(MATCH)}]")
 
-_HEX64 = "[0-9a-f]" * 64
 _DIGITS_LE = """
 local function le(a, b) return #a < #b or (#a == #b and a <= b) end  -- digit strings without leading zeros
 """
 
-# KEYS: manifest; ARGV: content key prefix, HSCAN cursor, page size, the highest believable generation. Returns
+# KEYS: manifest; ARGV: content key prefix, HSCAN cursor, page size, the highest believable generation, whether to
+# check each content key's length ('1'; '0': a watcher whose keyspace events cover every write to them). Returns
 # {next cursor, {path, hash, ...}, one status character per entry, the highest believable generation seen}.
 VERIFY = (
     _DIGITS_LE
@@ -62,18 +62,21 @@ local call, pcall, sub, match, find = redis.call, redis.pcall, string.sub, strin
 if call('TYPE', KEYS[1])['ok'] ~= 'hash' then return {{'0', {{}}, '', ''}} end
 local page = call('HSCAN', KEYS[1], ARGV[2], 'COUNT', ARGV[3])
 local entries, codes, prefix, limit, n, top = page[2], {{}}, ARGV[1], ARGV[4], 0, ''
+local lengths = ARGV[5] ~= '0'
 for i = 1, #entries, 2 do
     n = n + 1
-    local gen, hash, len = match(entries[i + 1], '^([1-9]%d*):({_HEX64}):([1-9]%d*)$')
+    -- %x and a length check, not 64 character classes: a fifth of the script's time (an upper-case digest is
+    -- believable here, and differs from every source hash, so it is rewritten as stale)
+    local gen, hash, len = match(entries[i + 1], '^([1-9]%d*):(%x+):([1-9]%d*)$')
     entries[i + 1] = ''
     if sub(entries[i], -3) ~= '.py' then
         codes[n] = '{NOT_A_PATH}'
-    elseif not gen or not le(gen, limit) then
+    elseif not gen or #hash ~= 64 or not le(gen, limit) then
         codes[n] = '{MALFORMED}'
     else
         if le(top, gen) then top = gen end
         entries[i + 1] = hash
-        local got = pcall('STRLEN', prefix .. entries[i])
+        local got = lengths and pcall('STRLEN', prefix .. entries[i]) or tonumber(len)
         if type(got) == 'table' then codes[n] = '{WRONGTYPE}'
         elseif got == 0 then codes[n] = '{ABSENT}'
         elseif got == tonumber(len) then codes[n] = '{MATCH}'
@@ -252,7 +255,7 @@ for i = 1, n do
 end
 local gen = string.format('%.0f', tonumber(g) + 1)
 call('SET', KEYS[1], gen)
-local out, put = {}, extra
+local out, put, gone, listed, entries = {}, extra, {}, {}, {}
 for i = 1, n do
     local op, path, len = string.sub(ops, i, i), paths[i], lens[i]
     local key = op == 'u' and KEYS[2] or prefix .. path
@@ -266,8 +269,7 @@ for i = 1, n do
     else
         if op == 'd' or op == 'u' then
             if op == 'd' then call('DEL', key) end
-            call('SREM', KEYS[2], path)
-            call('HDEL', KEYS[3], path)
+            gone[#gone + 1] = path
         else
             if op == 'p' then
                 if ttl > 0 then
@@ -276,24 +278,50 @@ for i = 1, n do
                     call('SET', key, ARGV[put])
                 end
             end
-            call('SADD', KEYS[2], path)
-            if len ~= '' then call('HSET', KEYS[3], path, gen .. ':' .. hash .. ':' .. len) end
+            listed[#listed + 1] = path
+            if len ~= '' then
+                entries[#entries + 1] = path
+                entries[#entries + 1] = gen .. ':' .. hash .. ':' .. len
+            end
         end
         out[i] = 'a'
     end
 end
+-- the index and manifest changes go in a few calls, not one per item: a 5,000-item batch was 10,000 calls and as
+-- many keyspace events for the key-event iterator to read past
+local function each(command, key, list)
+    for i = 1, #list, 1000 do call(command, key, unpack(list, i, math.min(i + 999, #list))) end
+end
+each('SREM', KEYS[2], gone)
+each('HDEL', KEYS[3], gone)
+each('SADD', KEYS[2], listed)
+each('HSET', KEYS[3], entries)
 call('PUBLISH', ARGV[6], 'e:' .. ARGV[5])
 return {table.concat(out), repaired, gen}
 """
 )
 
-# KEYS: content keys; ARGV: ttl_s, ttl_jitter_s, seed. Refreshes the TTL of keys that exist.
-TOUCH = """
+# KEYS: content keys; ARGV: ttl_s, ttl_jitter_s, seed, nonce, writes channel. Refreshes the TTL of keys that exist,
+# between the same markers as APPLY: the key-event iterator must not take 100,000 ``expire`` events of our own for
+# foreign writes (each one a whole-value comparison).
+TOUCH = """#!lua
 local ttl, jitter, seed = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+redis.call('PUBLISH', ARGV[5], 'b:' .. ARGV[4])
 for i, key in ipairs(KEYS) do
     redis.call('EXPIRE', key, ttl + ((i * 7919 + seed) % (jitter + 1)))
 end
+redis.call('PUBLISH', ARGV[5], 'e:' .. ARGV[4])
 return #KEYS
+"""
+
+# KEYS: status; ARGV: nonce, writes channel, then field, value, ... Replaces the whole status hash, between the
+# markers (our own ``del``/``hset`` events must not read as a foreign change of the record).
+STATUS = """#!lua
+redis.call('PUBLISH', ARGV[2], 'b:' .. ARGV[1])
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+redis.call('PUBLISH', ARGV[2], 'e:' .. ARGV[1])
+return 1
 """
 
 _OP_CODES = {
@@ -307,6 +335,8 @@ _WANTED_TYPES = {"index": "set", "manifest": "hash", "generation": "string", "st
 _APPLY_REPAIRS = {"1": "generation", "2": "index", "3": "manifest"}
 #: Index members per SSCAN page (a few milliseconds of Redis each; one call per page, whatever the cache's size).
 INDEX_PAGE = 10_000
+#: How close to ``maxmemory`` Redis must be to count as evicting for lack of memory (it evicts to stay just below).
+MEMORY_LIMIT_MARGIN = 0.1
 #: Nonces of writes in flight that a key-event iterator may still have to recognise (bounded: oldest dropped).
 MAX_OWN_WRITES = 10_000
 
@@ -397,11 +427,16 @@ class RedisCache:
         self._generation = client.register_script(GENERATION)
         self._raise = client.register_script(RAISE)
         self._touch = client.register_script(TOUCH)
+        self._status = client.register_script(STATUS)
         self._peek = client.register_script(PEEK)
         # the key a by-path script is sent with: it names no key itself, and a Cluster routes a script by its keys (a
         # Cluster cache's prefix carries a hash tag, so every key of the cache lives in this key's slot)
         self._route = [keyspace.generation]
-        self.own_writes: collections.OrderedDict[str, None] = collections.OrderedDict()
+        # nonce -> the write's number (``writes_issued`` when it was made) of the writes a key-event iterator may
+        # still have to recognise
+        self.own_writes: collections.OrderedDict[str, int] = collections.OrderedDict()
+        self.writes_issued = 0  # APPLY calls this process made (each write's number, in the order they were made)
+        self.writes_heard = 0  # the highest number of an own write whose begin marker the key events delivered
         self.tracking_own_writes = False  # set by a key-event iterator while it needs the nonces
         self.aborted_writes: set[str] = set()  # nonces of writes that failed: their end marker never comes
         self.high_water = 0  # the highest generation this process has read or written
@@ -444,6 +479,16 @@ class RedisCache:
 
     async def ping(self) -> None:
         await _call(self.client.ping())
+
+    async def at_memory_limit(self) -> bool | None:
+        """Whether Redis holds within ``MEMORY_LIMIT_MARGIN`` of its ``maxmemory`` now (where it evicts to stay), or
+        None when ``INFO`` is not permitted (the writer's ACL may leave it out) or Redis cannot be asked."""
+        try:
+            found = await self.client.info("memory")
+        except (redis.exceptions.RedisError, OSError):
+            return None
+        limit, used = int(found.get("maxmemory", 0) or 0), int(found.get("used_memory", 0) or 0)
+        return bool(limit) and used >= limit * (1 - MEMORY_LIMIT_MARGIN)
 
     # -- the generation ---------------------------------------------------------------------------------------
 
@@ -522,12 +567,12 @@ class RedisCache:
             if cursor == 0:
                 return frozenset(members)
 
-    async def verify_manifest(self, *, limit: int) -> AsyncIterator[VerifiedPage]:
+    async def verify_manifest(self, *, limit: int, lengths: bool = True) -> AsyncIterator[VerifiedPage]:
         """The manifest, page by page (HSCAN, ``check_batch_size`` entries per script call), each entry's content key
         checked server-side against the length it records. The next page is requested before a page is handed
         out, so Redis verifies while the caller works."""
         ks = self.keyspace
-        args: list[str | int] = [ks.prefix, "0", self._check_batch_size, str(limit)]
+        args: list[str | int] = [ks.prefix, "0", self._check_batch_size, str(limit), "1" if lengths else "0"]
 
         def request(cursor: str) -> asyncio.Future[Any]:
             args[1] = cursor
@@ -659,10 +704,25 @@ class RedisCache:
         self.high_water = max(self.high_water, int(gen))
         return _applied(writes, str(codes), str(repaired), ks)
 
+    def _marker(self) -> tuple[str, str]:
+        """A nonce for a write of our own and the channel its markers go to."""
+        return self._own_nonce(), self.keyspace.writes_channel
+
+    async def _own(self, call: Awaitable[T], nonce: str) -> T:
+        """Await a write bracketed by ``nonce``'s markers (forgotten if it fails: its end marker may never come)."""
+        try:
+            return await _call(call)
+        except BaseException:
+            self.own_writes.pop(nonce, None)
+            if self.tracking_own_writes:
+                self.aborted_writes.add(nonce)
+            raise
+
     def _own_nonce(self) -> str:
         nonce = secrets.token_hex(8)
+        self.writes_issued += 1
         if self.tracking_own_writes:
-            self.own_writes[nonce] = None
+            self.own_writes[nonce] = self.writes_issued
             while len(self.own_writes) > MAX_OWN_WRITES:
                 self.own_writes.popitem(last=False)
         return nonce
@@ -677,20 +737,17 @@ class RedisCache:
             return
         for batch in _batches(list(paths), self._check_batch_size):
             seed = random.randrange(1 << 30)
-            await _call(
-                self._touch(
-                    keys=[self.keyspace.content(p) for p in batch], args=[self._ttl_s, self._ttl_jitter_s, seed]
-                )
-            )
+            nonce, channel = self._marker()
+            args: list[str | int] = [self._ttl_s, self._ttl_jitter_s, seed, nonce, channel]
+            await self._own(self._touch(keys=[self.keyspace.content(p) for p in batch], args=args), nonce)
 
     # -- the sync status record ------------------------------------------------------------------------------
 
     async def write_status(self, status: keys.SyncStatus) -> None:
         """Replace the whole status hash (whatever else was in it, or whatever type it had, is gone)."""
-        async with self.client.pipeline(transaction=True) as pipe:
-            pipe.delete(self.keyspace.status)
-            pipe.hset(self.keyspace.status, mapping=dict(status))  # type: ignore[arg-type]
-            await _call(pipe.execute())
+        nonce, channel = self._marker()
+        fields = [str(part) for pair in dict(status).items() for part in pair]
+        await self._own(self._status(keys=[self.keyspace.status], args=[nonce, channel, *fields]), nonce)
 
     async def read_status(self) -> dict[str, str]:
         """The status hash as stored (empty if absent or not a hash)."""

@@ -44,7 +44,10 @@ EVICTION_WINDOW_S = 1.0  # evictions within this long after our repair of evicte
 EVICTIONS_PER_S = 50  # evicted keys in one second from which the repairs of evicted keys are backed off
 EVICTION_BACKOFF_S = 0.5
 EVICTION_BACKOFF_MAX_S = 30.0
-FIRST_EVENTS_WAIT_S = 5.0  # the first resync waits this long at most for the key events to be subscribed
+FIRST_EVENTS_WAIT_S = 5.0
+#: Reports of a replaced cache whose bookkeeping still looks intact (a write to the probe key) are acted on at most
+#: once per this long (attack-9 F6): the first at once, the rest by one routine and one deep resync at its end.
+REPLACED_WINDOW_S = 30.0  # the first resync waits this long at most for the key events to be subscribed
 
 Backoff = backoff.Backoff
 merged_keyspace_flags = keyevents.merged_keyspace_flags
@@ -90,6 +93,8 @@ class State:
     last_error: str | None = None
     evicting: bool = False  # Redis is evicting the cache's keys faster than it can hold them (maxmemory)
     evictions: int = 0  # the cache's keys Redis was heard evicting (a cache that does not fit shows here)
+    keyspace_missing: str = ""  # keyspace-event classes Redis does not send and modcache could not set again
+    replacements_limited: int = 0  # probe reports of a replaced cache not acted on at once (rate limit, F6)
 
 
 class Watcher:
@@ -114,6 +119,9 @@ class Watcher:
         self._resync_wanted = asyncio.Event()
         self._resync_trigger = MANUAL
         self._deep_wanted = True  # nothing was watched before we started
+        self._routine_wanted = False  # a routine resync was asked for (not only a deep one)
+        self._events_complete = False  # every write to a content key is heard (keyevents.Subscribed.complete)
+        self._lengths_next = False  # the next routine resync checks lengths whatever the events (a replaced cache)
         self._deep_after = False  # a deep resync is due right after the next routine one
         self._last_deep = monotonic()
         self._pending: dict[str, str] = {}
@@ -126,8 +134,13 @@ class Watcher:
         self._held: set[str] = set()  # evicted paths whose repair waits (Redis is evicting what we write)
         self._held_resync = False  # an evicted bookkeeping key's resync waits too
         self._held_event = asyncio.Event()
-        self._deep_task: asyncio.Task[plan.Report] | None = None  # the deep resync running, if one is
-        self._preempted: asyncio.Task[plan.Report] | None = None  # the one cancelled because the cache was replaced
+        self._released_at: float | None = None  # when held repairs were last released
+        self._released_write = 0  # ``writes_issued`` then: writes after it are (among them) those repairs
+        self._thrashing = False  # Redis evicted after one of those repairs was written: the cache does not fit
+        self._deep_task: asyncio.Task[bool] | None = None  # the deep resync running (in the background), if one is
+        self._preempted: asyncio.Task[bool] | None = None  # the one cancelled because the cache was replaced
+        self._replaced_at: float | None = None  # when a replaced cache was last acted on
+        self._replaced_owed: asyncio.TimerHandle | None = None  # the rate-limited resyncs, due at the window's end
 
     async def run(self) -> None:
         """Run until cancelled (or until a loop fails unexpectedly, which is raised)."""
@@ -155,9 +168,11 @@ class Watcher:
         return 0 if checked is None else checked.refusals
 
     def request_resync(self, trigger: str = MANUAL, *, deep: bool = False) -> None:
-        """Ask for a full resync as soon as the current one (if any) is done."""
+        """Ask for a full resync as soon as the current one (if any) is done; ``deep``: one that compares every value
+        (it runs in the background; a routine one runs too unless only a deep one was asked for, ``DEEP``)."""
         self._resync_trigger = trigger
         self._deep_wanted |= deep
+        self._routine_wanted |= trigger != DEEP
         self._resync_wanted.set()
 
     def enqueue(self, paths: Iterable[str], trigger: str) -> None:
@@ -174,51 +189,89 @@ class Watcher:
         delay_s = self._interval_s()
         with contextlib.suppress(TimeoutError):  # the first (deep) resync starts once changes are being heard
             await asyncio.wait_for(self._cache_heard.wait(), FIRST_EVENTS_WAIT_S)
-        while True:
-            trigger = await self._wait_for_resync(delay_s)
-            deep = self._deep_wanted or self._monotonic() - self._last_deep >= self.settings.deep_interval_s
-            claims, self._claims_wanted = self._claims_wanted, False
-            try:
-                report = await self._resync(deep=deep, claims=claims)
-            except _Preempted:  # the cache was replaced while every value was being compared: refill it first,
-                self._deep_wanted = False  # then compare (``_deep_after``)
-                self._last_deep = self._monotonic()
-                delay_s = 0.0
-                continue
-            except errors.TransientError as e:
-                self.state.last_error = str(e)
-                self._observer.on_sync_failed(e, trigger)
-                delay_s = retry.next_s()
-                if not self._resync_wanted.is_set():  # a request made meanwhile (a reconnect) keeps its trigger
-                    self._resync_trigger = RETRY
-                continue
-            retry.reset()
-            if deep:
-                self._deep_wanted = False
-                self._last_deep = self._monotonic()
-            elif self._deep_after or report.claimed:  # values never compared were taken: compare every one now
-                self._deep_after = False
-                self.request_resync(DEEP, deep=True)
-            delay_s = min(self._interval_s(), self._until_deep_s())
-            self.state.full_resyncs += 1
-            self.state.last_full = report
-            self.state.last_error = None
-            self._observer.on_sync(report, trigger)
-
-    async def _resync(self, *, deep: bool, claims: bool) -> plan.Report:
-        """One full resync; a deep one runs as a task that a flushed or replaced cache cancels (``_preempt``): its
-        refill must not wait for 400 MB of values to be compared against a cache that is gone."""
-        task = asyncio.create_task(self.engine.full_resync(deep=deep, claims=claims), name="modcache-full-resync")
-        self._deep_task = task if deep else None
         try:
-            return await task
-        except asyncio.CancelledError:
-            current = asyncio.current_task()
-            if task is self._preempted and (current is None or not current.cancelling()):
-                raise _Preempted from None
-            raise
+            while True:
+                trigger = await self._wait_for_resync(delay_s)
+                routine, self._routine_wanted = self._routine_wanted or trigger in (PERIODIC, RETRY), False
+                deep = self._deep_wanted or self._monotonic() - self._last_deep >= self.settings.deep_interval_s
+                if deep and self._deep_task is None:
+                    # in the background: a routine resync asked for meanwhile (a fault in the index, a flush) runs at
+                    # once instead of waiting for every value to be compared (seconds at 10,000 modules and more)
+                    deep_task = self._start_deep(trigger)
+                    if not self.state.full_resyncs:  # the first (the cold fill): routine ones would only repeat it
+                        if not await deep_task:
+                            delay_s = retry.next_s()
+                            self._resync_trigger = RETRY
+                            continue
+                        retry.reset()
+                        routine = False
+                if not routine:  # only a deep one was asked for: it runs (or follows the one running)
+                    delay_s = min(self._interval_s(), self._until_deep_s())
+                    continue
+                claims, self._claims_wanted = self._claims_wanted, False
+                try:
+                    # lengths are left unchecked only while every write to a content key is heard (each one is then
+                    # compared by whole value on its event; docs/integrity.md)
+                    lengths, self._lengths_next = not self._events_complete or self._lengths_next, False
+                    report = await self.engine.full_resync(claims=claims, lengths=lengths)
+                except errors.TransientError as e:
+                    self.state.last_error = str(e)
+                    self._observer.on_sync_failed(e, trigger)
+                    self._lengths_next = True
+                    delay_s = retry.next_s()
+                    if not self._resync_wanted.is_set():  # a request made meanwhile (a reconnect) keeps its trigger
+                        self._resync_trigger = RETRY
+                    continue
+                retry.reset()
+                if self._deep_after or report.claimed:  # values never compared were taken: compare every one now
+                    self._deep_after = False
+                    self.request_resync(DEEP, deep=True)
+                delay_s = min(self._interval_s(), self._until_deep_s())
+                self._record_full(report, trigger)
         finally:
-            self._deep_task = None
+            if self._deep_task is not None:
+                self._deep_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._deep_task
+
+    def _record_full(self, report: plan.Report, trigger: str) -> None:
+        self.state.full_resyncs += 1
+        self.state.last_full = report
+        self.state.last_error = None
+        self._observer.on_sync(report, trigger)
+
+    def _start_deep(self, trigger: str) -> asyncio.Task[bool]:
+        self._deep_wanted = False  # taken: a request made while it runs sets it again, for one more after it
+        self._last_deep = self._monotonic()  # the interval counts from its start (no routine ones in a loop meanwhile)
+        task = asyncio.create_task(self._run_deep(trigger), name="modcache-deep-resync")
+        self._deep_task = task
+        return task
+
+    async def _run_deep(self, trigger: str) -> bool:
+        """One deep resync (a task that a flushed or replaced cache cancels, ``_preempt``: its refill must not wait
+        for 400 MB of values to be compared against a cache that is gone); whether it completed."""
+        current = asyncio.current_task()
+        try:
+            report = await self.engine.full_resync(deep=True)
+        except asyncio.CancelledError:
+            if current is not self._preempted or (current is not None and current.cancelling() > 1):
+                raise
+            self._last_deep = self._monotonic()  # refilled first, then compared again (``_deep_after``)
+            return False
+        except errors.TransientError as e:
+            self.state.last_error = str(e)
+            self._observer.on_sync_failed(e, trigger)
+            self._deep_wanted = True  # again with the next resync (a reconnect asks for one anyway)
+            return False
+        finally:
+            if self._deep_task is current:
+                self._deep_task = None
+        self._last_deep = self._monotonic()
+        self._record_full(report, trigger)
+        if self._deep_wanted:  # asked for again while this one ran (events missed after it had read them)
+            self._resync_trigger = DEEP
+            self._resync_wanted.set()
+        return True
 
     def _preempt(self) -> None:
         task = self._deep_task
@@ -257,6 +310,7 @@ class Watcher:
                 report = await self.engine.apply_paths(batch)
             except errors.TransientError as e:
                 self._observer.on_sync_failed(e, trigger)
+                self._lengths_next = True  # the events of these paths were heard and are gone: lengths must tell
                 self.request_resync(RETRY)  # the full resync retries with backoff and covers these paths
                 continue
             if report.plan.repairs:  # a bookkeeping key was rebuilt: the other paths need a look too
@@ -313,8 +367,11 @@ class Watcher:
                 await self._on_key_event(event)
 
     async def _on_key_event(self, event: keyevents.KeyEvent) -> None:
+        if isinstance(event, keyevents.Subscribed | keyevents.Lost | keyevents.Unavailable | keyevents.Degraded):
+            self._on_connectivity(event)
+            return
         match event:
-            case keyevents.Changed(event="evicted") if self._evicted():
+            case keyevents.Changed(event="evicted") if self._evicted(event.after_write):
                 self._hold(event.path)
             case keyevents.Changed(path=str(path)):
                 self.enqueue([path], KEYSPACE)
@@ -329,26 +386,72 @@ class Watcher:
                 # writer) costs one check at a time, never one round trip per event ahead of every other repair
                 self._doubts.add(role)
                 self._doubts_event.set()
-            case keyevents.Regressed(keyevents.EVICTED) if self._evicted():
+            case keyevents.Regressed(keyevents.EVICTED) if self._evicted(self.engine.cache.writes_heard):
                 self._hold(None)  # not a flush: keys were evicted; refilled once Redis stops evicting what we write
             case keyevents.Regressed(replaced=False) if self._under_eviction_pressure():
                 self._hold(None)  # the generation evicted: the same
+            case keyevents.Regressed(replaced=True) if await self._replaced_again():
+                pass  # rate-limited: the resyncs it owes run once at the end of the window (``_replaced_again``)
             case keyevents.Regressed(detail, replaced):
                 # refill at once (the routine resync); a replaced database (flushed, swapped) may hold forged values
                 # whose manifest entries agree with them: every value is compared right after
                 log.warning("%s: refilling%s", detail, ", then checking every value" if replaced else "")
                 self._deep_after |= replaced
+                self._lengths_next = True  # what is there now was never heard being written
                 if replaced:
                     self._preempt()
                 self.request_resync(KEYSPACE)
-            case keyevents.Subscribed(detail):
+
+    def _on_connectivity(
+        self, event: keyevents.Subscribed | keyevents.Lost | keyevents.Unavailable | keyevents.Degraded
+    ) -> None:
+        match event:
+            case keyevents.Subscribed(detail, complete):
+                self._events_complete = complete
+                self.state.keyspace_missing = ""
                 self._keyspace_changed(True, detail)
                 if self._cache_heard.is_set():  # events published while we were away are lost
                     self.request_resync(RECONNECT, deep=True)
                 self._cache_heard.set()
+            case keyevents.Degraded(detail, missing):
+                self._events_complete = False
+                self.state.keyspace_missing = missing
+                self._keyspace_changed(False, detail)
             case keyevents.Lost(detail) | keyevents.Unavailable(detail):
+                self._events_complete = False
                 self._keyspace_changed(False, detail)
                 self._cache_heard.set()
+
+    async def _replaced_again(self) -> bool:
+        """Whether a report of a replaced cache is rate-limited: another came less than ``REPLACED_WINDOW_S`` ago and
+        the bookkeeping still looks like ours (the generation believable and not behind, index and manifest of their
+        types): what a write to the probe key looks like. Anyone who can write under the prefix can touch the probe
+        key as often as they like, and each report costs a routine and a deep resync; rate-limited, they cost one of
+        each per window (at its end). A real flush empties the bookkeeping and is refilled at once."""
+        now = self._monotonic()
+        if self._replaced_at is None or now - self._replaced_at >= REPLACED_WINDOW_S:
+            self._replaced_at = now
+            return False
+        cache = self.engine.cache
+        try:
+            seen, found = cache.high_water, await cache.read_generation(create=False)
+        except errors.TransientError:
+            return False
+        if found.problem or found.value < seen or found.wrong_types:
+            self._replaced_at = now
+            return False
+        self.state.replacements_limited += 1
+        if self._replaced_owed is None:
+            left_s = REPLACED_WINDOW_S - (now - self._replaced_at)
+            self._replaced_owed = asyncio.get_running_loop().call_later(left_s, self._owed_resync)
+        return True
+
+    def _owed_resync(self) -> None:
+        self._replaced_owed = None
+        self._replaced_at = self._monotonic()
+        self._deep_after = True
+        self._lengths_next = True
+        self.request_resync(KEYSPACE)
 
     async def _doubt_loop(self) -> None:
         while True:
@@ -361,11 +464,20 @@ class Watcher:
 
     # -- Redis evicting the cache (maxmemory) ------------------------------------------------------------------
 
-    def _evicted(self) -> bool:
-        """Count one eviction; whether Redis has now evicted ``EVICTIONS_PER_S`` keys of the cache within a second:
-        then each repair of an evicted key evicts others (the cache does not fit), and repairs are backed off."""
-        self._evictions.append(self._monotonic())
+    def _evicted(self, after_write: int) -> bool:
+        """Count one eviction (heard after this process's write number ``after_write`` began); whether Redis has now
+        evicted ``EVICTIONS_PER_S`` keys of the cache within a second: then repairs of evicted keys are held.
+
+        An eviction heard within ``EVICTION_WINDOW_S`` of a release, after the begin marker of a write made since
+        that release, happened after our repairs were written: what we write evicts the rest (the cache does not
+        fit), and the next release backs off. The rest of one burst (someone lowered ``maxmemory`` once: every
+        event was published before we wrote anything) is released at once however many events it has."""
+        now = self._monotonic()
+        self._evictions.append(now)
         self.state.evictions += 1
+        released = self._released_at
+        if released is not None and now - released < EVICTION_WINDOW_S and after_write > self._released_write:
+            self._thrashing = True
         return self._under_eviction_pressure()
 
     def _under_eviction_pressure(self) -> bool:
@@ -382,33 +494,35 @@ class Watcher:
         self._held_event.set()
 
     async def _eviction_loop(self) -> None:
-        """Release held repairs with exponential backoff while Redis keeps evicting (at most one batch per delay)."""
+        """Release held repairs, with exponential backoff while Redis evicts what those repairs wrote and is at its
+        ``maxmemory`` (at most one batch per delay then); a burst that our writes did not cause, or one after which
+        Redis has room again (someone lowered ``maxmemory`` for a moment), is released at once and resets the
+        backoff. Without ``INFO`` (ACL) the evictions after our writes alone decide."""
         delays = Backoff(EVICTION_BACKOFF_S, EVICTION_BACKOFF_MAX_S, self._rng)
-        released_at: float | None = None
         while True:
             await self._held_event.wait()
-            # One burst of evictions (someone lowered maxmemory once) is repaired at once; only evictions that go
-            # on right after our own repairs (what we write evicts the rest: the cache does not fit) back off.
-            if released_at is not None and self._monotonic() - released_at < EVICTION_WINDOW_S:
+            if self._thrashing and await self.engine.cache.at_memory_limit() is not False:
                 delay_s = delays.next_s()
                 self.state.evicting = True
                 log.warning(
-                    "Redis is evicting the cache's keys (maxmemory too small for %d+ modules?): repairs of evicted "
-                    "keys wait %.1fs",
+                    "Redis is evicting the cache's keys as they are repaired (maxmemory too small for %d+ modules?): "
+                    "repairs of evicted keys wait %.1fs",
                     len(self._held),
                     delay_s,
                 )
                 await asyncio.sleep(delay_s)
+            else:
+                delays.reset()
+                self.state.evicting = False
             self._held_event.clear()
-            released_at = self._monotonic()
+            self._released_at = self._monotonic()
+            self._released_write = self.engine.cache.writes_issued
+            self._thrashing = False  # only what these repairs cause counts against the next release
             held, self._held = self._held, set()
             self.enqueue(held, EVICTED)
             if self._held_resync:
                 self._held_resync = False
                 self.request_resync(EVICTED)
-            if not self._under_eviction_pressure():
-                delays.reset()
-                self.state.evicting = False
 
     async def _doubtful(self, role: str) -> bool:
         """Whether a foreign change to the generation or the status record needs a resync (another modcache
@@ -448,10 +562,6 @@ async def _stop(tasks: list[asyncio.Task[None]]) -> None:
         for task in pending:
             task.cancel()
         _, pending = await asyncio.wait(pending, timeout=0.5)
-
-
-class _Preempted(Exception):
-    """The running deep resync was cancelled because the cache was replaced (the refill goes first)."""
 
 
 settings_module = settings  # inside Watcher, ``settings`` is the parameter

@@ -56,6 +56,7 @@ def test_defaults_are_applied(crd_defaults: Callable[[dict[str, Any]], dict[str,
     spec = crd_defaults(copy.deepcopy(VALID))["spec"]
     assert spec["keyPrefix"] == "bifrost:module:"
     assert spec["resyncInterval"] == "5m"
+    assert spec["deepInterval"] == "1h"
     assert spec["suspend"] is False
     assert spec["prune"] is True
     assert "ttl" not in spec
@@ -86,6 +87,7 @@ INVALID = {
     "interval not a duration": ("spec.resyncInterval", "five minutes", "five minutes"),
     "interval too short": ("spec.resyncInterval", "5s", "resyncInterval must be between 10s and 24h"),
     "interval too long": ("spec.resyncInterval", "25h", "resyncInterval must be between 10s and 24h"),
+    "deep interval too short": ("spec.deepInterval", "30s", "deepInterval must be between 1m and 168h"),
     "ttl too short": ("spec.ttl", "30s", "ttl must be between 1m and 8760h"),
     "ttl not above interval": ("spec.ttl", "2m", "ttl must be longer than resyncInterval"),
     "suspend not a boolean": ("spec.suspend", "yes", "suspend"),

@@ -35,6 +35,7 @@ def test_defaults() -> None:
     parsed = spec.parse(SPEC)
     assert parsed.key_prefix == "bifrost:module:"
     assert parsed.resync_interval_s == 300
+    assert parsed.deep_interval_s == 3600
     assert parsed.ttl_s is None
     assert (parsed.suspend, parsed.prune) == (False, True)
     assert parsed.listen_database is None
@@ -56,6 +57,8 @@ def test_defaults() -> None:
         ({"ttl": "9000h"}, "spec.ttl"),
         ({"resyncInterval": "2h", "ttl": "1h"}, "spec.ttl"),
         ({"suspend": "yes"}, "spec.suspend"),
+        ({"deepInterval": "30s"}, "spec.deepInterval"),
+        ({"deepInterval": "200h"}, "spec.deepInterval"),
     ],
 )
 def test_unusable_specs_name_the_field(changes: dict[str, Any], field: str) -> None:
@@ -77,6 +80,7 @@ def test_settings_take_every_value_from_the_cr() -> None:
     resolved = _resolved("postgresql://u:pw@db:5432/app", "redis://:pw@cache:6379/2", "postgresql://u:pw@direct/app")
     settings = resolved.settings()
     assert settings.ttl_s == 3600
+    assert settings.deep_interval_s == 3600
     assert settings.key_prefix == "bifrost:module:"
     assert resolved.listen_dsn() == "postgresql://u:pw@direct/app"
     assert resolved.endpoints() == ("db:5432/app", "cache:6379/2")
