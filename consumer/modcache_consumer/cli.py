@@ -59,8 +59,8 @@ async def _serve(the_settings: settings.ConsumerSettings) -> None:
 
 @click.command("executor")
 @click.option("--socket", "socket_path", required=True, help="Unix socket the consumer connects to.")
-@click.option("--uid-base", type=click.IntRange(min=1), default=200_000, show_default=True,
-              help="Under root, executions run as this uid + a slot.")  # fmt: skip
+@click.option("--uid-base", type=click.IntRange(min=1), default=None, envvar="MODCACHE_EXECUTION_UID_BASE",
+              help="Under root, executions run as this uid + a slot (default: a free range of this host).")  # fmt: skip
 @click.option("--consumer-uid", "consumer_uids", type=int, multiple=True, envvar="MODCACHE_EXECUTOR_CONSUMER_UID",
               help="Only this uid may connect (repeatable; default: any uid but an execution's).")  # fmt: skip
 @click.option("--allow-shared-uid", is_flag=True, envvar="MODCACHE_EXECUTOR_ALLOW_SHARED_UID",
@@ -68,10 +68,15 @@ async def _serve(the_settings: settings.ConsumerSettings) -> None:
 @click.option("--execution-network", type=click.Choice(["none", "host"]), default="none", show_default=True,
               envvar="MODCACHE_EXECUTION_NETWORK", help="none: an empty network namespace per execution.")  # fmt: skip
 def executor_command(
-    socket_path: str, uid_base: int, consumer_uids: tuple[int, ...], allow_shared_uid: bool, execution_network: str
+    socket_path: str,
+    uid_base: int | None,
+    consumer_uids: tuple[int, ...],
+    allow_shared_uid: bool,
+    execution_network: str,
 ) -> None:
     """Run workflow code for a consumer: one fresh, isolated process per execution (needs no secret)."""
-    argv = [sys.executable, "-m", "modcache_consumer.template", "--socket", socket_path, "--uid-base", str(uid_base)]
+    argv = [sys.executable, "-m", "modcache_consumer.template", "--socket", socket_path]
+    argv += ["--uid-base", str(uid_base)] if uid_base is not None else []
     argv += [arg for uid in consumer_uids for arg in ("--consumer-uid", str(uid))]
     argv += ["--allow-shared-uid"] if allow_shared_uid else []
     argv += ["--execution-network", execution_network]

@@ -33,6 +33,7 @@ OrganizationId = NewType("OrganizationId", uuid.UUID)
 MAX_BODY_BYTES = 1024 * 1024
 MAX_DEPTH = 32
 MAX_NUMBER_DIGITS = 100
+MAX_ERROR_CHARS = 4000  # an execution's error message (the runtime truncates its tracebacks to this)
 
 # A JSON string, its closing quote optional so an unterminated one swallows the rest; possessive quantifiers
 # (Python >= 3.11) keep the regex linear on hostile input (no backtracking into ``\\`` runs).
@@ -126,6 +127,51 @@ class Outcome:
             "error": self.error,
             "duration_ms": self.duration_ms,
         }
+
+
+def storable(outcome: Outcome, *, max_result_bytes: int) -> Outcome:
+    """``outcome`` as PostgreSQL can store it and every caller can decode it. Outcomes are recorded in batches
+    (one statement for every execution that finished meanwhile, of any organization), so one value PostgreSQL
+    refuses would fail them all (attack-8b A3): a result holding NaN/Infinity, U+0000, an unpaired surrogate
+    (``return "\\ud800"``), or more than ``max_result_bytes`` makes *this* execution FAILED, saying why; an error
+    text keeps its words, NULs and unpaired surrogates escaped (``\\x00``, ``\\udcff``: an exception about a
+    file name decoded with ``surrogateescape`` is ordinary)."""
+    error = storable_text(outcome.error)
+    problem = _result_problem(outcome.result, max_result_bytes)
+    if problem is not None:
+        return Outcome(Status.FAILED, error=f"the result cannot be stored: {problem}", duration_ms=outcome.duration_ms)
+    if error is outcome.error:
+        return outcome
+    return Outcome(outcome.status, result=outcome.result, error=error, duration_ms=outcome.duration_ms)
+
+
+def _result_problem(result: Any, max_bytes: int) -> str | None:
+    if result is None:
+        return None
+    try:
+        encoded = json.dumps(result, allow_nan=False)  # ASCII: NUL and surrogates come out as \u escapes
+    except (TypeError, ValueError, RecursionError) as e:
+        return f"it is not JSON ({errors.truncate(str(e))})"
+    if "\\u0000" in encoded and has_nul(result):
+        return "it holds a NUL character (\\u0000), which PostgreSQL cannot store"
+    if "\\ud" in encoded and has_lone_surrogate(result):
+        return "it holds an unpaired surrogate (\\ud800-\\udfff), which is not Unicode"
+    if len(encoded) > max_bytes:
+        return f"it is {len(encoded)} bytes, over the {max_bytes}-byte limit (MODCACHE_MAX_RESULT_BYTES)"
+    return None
+
+
+def storable_text(text: str | None) -> str | None:
+    """``text`` with NULs and unpaired surrogates escaped (``\\x00``, ``\\udcff``), as PostgreSQL can store it."""
+    if text is None:
+        return None
+    if not isinstance(text, str):
+        return repr(text)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text.replace("\x00", "\\x00") if "\x00" in text else text
 
 
 def parse(
@@ -230,6 +276,74 @@ def has_lone_surrogate(value: Any) -> bool:
         except UnicodeEncodeError:
             return True
     return False
+
+
+def value_problem(value: Any, limits: Limits, what: str) -> str | None:
+    """Why a decoded value may not be recorded or replied as it is (None: it may), under the same bounds as a
+    message: JSON types only, finite numbers of at most ``max_number_digits`` digits, no NUL, no unpaired
+    surrogate, arrays/objects nested at most ``max_depth`` deep. Iterative: no value can exhaust the stack.
+    For what an execution sends back (attack-8 F9b): its frames come from workflow code."""
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    too_large = 10**limits.max_number_digits
+    while stack:
+        item, depth = stack.pop()
+        if not isinstance(item, list | dict):
+            problem = _scalar_problem(item, too_large, limits)
+            if problem:
+                return f"{what} {problem}"
+            continue
+        if depth >= limits.max_depth:
+            return f"{what} nests arrays/objects deeper than {limits.max_depth} levels (MODCACHE_MAX_MESSAGE_DEPTH)"
+        if isinstance(item, dict):
+            if not all(isinstance(key, str) for key in item):
+                return f"{what} has an object key that is not a string"
+            stack.extend((key, depth + 1) for key in item)
+        stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return None
+
+
+def _scalar_problem(item: Any, too_large: int, limits: Limits) -> str | None:
+    if isinstance(item, str):
+        return _string_problem(item)
+    if isinstance(item, bool) or item is None:
+        return None
+    if isinstance(item, int):
+        if abs(item) >= too_large:
+            return f"holds a number of more than {limits.max_number_digits} digits (MODCACHE_MAX_MESSAGE_NUMBER_DIGITS)"
+        return None
+    if isinstance(item, float):
+        if not math.isfinite(item):
+            return f"holds {json.dumps(item)}, which is not JSON and which PostgreSQL cannot store"
+        return None
+    return f"holds a {type(item).__name__[:40]}, which is not JSON"
+
+
+def outcome_problem(result: Any, error: Any, *, limits: Limits, max_result_bytes: int) -> str | None:
+    """Why an execution's result and error may not be recorded or replied (None: they may): ``value_problem``
+    for both, an error that is a string of at most ``MAX_ERROR_CHARS``, a result of at most ``max_result_bytes``
+    as JSON. The runtime holds itself to this; a forged result frame may not (attack-8 F9b)."""
+    if error is not None:
+        if not isinstance(error, str):
+            return "its error is not a string"
+        if len(error) > MAX_ERROR_CHARS:
+            return f"its error is {len(error)} characters, over {MAX_ERROR_CHARS}"
+    problem = value_problem(result, limits, "the result") or value_problem(error, limits, "its error")
+    if problem:
+        return problem
+    size = len(json.dumps(result, allow_nan=False))
+    if size > max_result_bytes:
+        return f"the result is {size} bytes, over the {max_result_bytes}-byte limit (MODCACHE_MAX_RESULT_BYTES)"
+    return None
+
+
+def _string_problem(text: str) -> str | None:
+    if "\x00" in text:
+        return "holds a NUL character (\\u0000), which PostgreSQL cannot store"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "holds an unpaired surrogate (\\ud800-\\udfff), which is not Unicode"
+    return None
 
 
 def _strings(value: Any) -> Iterator[str]:

@@ -33,7 +33,7 @@ from modcache import errors
 from modcache_consumer import importer, messages, protocol
 
 MAX_TRACEBACK_LINES = 30
-MAX_ERROR_CHARS = 4000
+MAX_ERROR_CHARS = messages.MAX_ERROR_CHARS
 DEFAULT_MAX_RESULT_BYTES = 1024**2
 _INTERNAL = (__file__.rsplit("/", 1)[0], "<frozen importlib._bootstrap")
 
@@ -128,6 +128,9 @@ class ExecutionContext:
         self.workflow_name: str = job["workflow"]["name"]
         self.organization: dict[str, Any] | None = job["organization"]
         self.parameters: dict[str, Any] = job["parameters"]
+        #: 1 on the first run; a workflow with ``retries_on_crash`` sees 2, 3, ... on the runs after its
+        #: consumer died mid-run (``executions.attempt`` holds the same number)
+        self.attempt: int = int(job.get("attempt", 1))
         self._config: dict[str, Any] = job["config"]
         self._channel = channel
 
@@ -229,6 +232,7 @@ def describe_failure(exc: BaseException) -> str:
     lines = "".join(summary.format()).splitlines()
     head = _headline(exc)
     text = "\n".join([head, *lines[-MAX_TRACEBACK_LINES:]]).replace("\x00", "\\x00")  # PostgreSQL text
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")  # an unpaired surrogate is not Unicode
     return errors.truncate(text, MAX_ERROR_CHARS)
 
 

@@ -13,12 +13,16 @@ What an execution process gets, from the template that clones it (``template``):
   ``PR_SET_NO_NEW_PRIVS``; when the executor is not root, a user namespace provides the other namespaces;
 * ``PR_SET_PDEATHSIG(SIGKILL)``: it dies the moment its template dies;
 * ``RLIMIT_AS``, ``RLIMIT_NPROC``, ``RLIMIT_FSIZE``, ``RLIMIT_CORE = 0``;
-* no inherited descriptor except its channel and its output pipe.
+* no inherited descriptor except its channel and its output pipe;
+* last, just before any of its job runs, **a seccomp filter** (``execution_filter``): no namespaces (nested user
+  namespaces above all), mounts, ptrace, other processes' memory, keyrings, eBPF, perf, userfaultfd, io_uring,
+  kernel modules or kexec, and the native x86_64 ABI only; ``fork``, threads and ``subprocess`` keep working.
 
-``hide_private_trees`` runs once in the template: when the interpreter lives under a directory other users
-cannot enter (``/root`` is mode 700 on these machines), the template's own mount namespace gets a read-only
-tmpfs over that directory with only the interpreter's tree bind-mounted back, read-only, so the unprivileged
-uid can still import the standard library and installed packages, and nothing else of ``/root`` is visible.
+``hide_private_trees`` runs once in the template: when the interpreter or the code it imports lives under a
+directory other users cannot enter (``/root`` is mode 700 on these machines; a checkout made by ``mktemp -d``
+is too), the template's own mount namespace gets a read-only tmpfs over that directory with only the import
+trees bind-mounted back, read-only, so the unprivileged uid can still import the standard library and installed
+packages, and nothing else of that directory is visible.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ import os
 import resource
 import select
 import signal
+import stat
+import struct
 import sys
 from collections.abc import Iterable, Sequence
 
@@ -64,10 +70,6 @@ _libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_u
 _held.syscall.restype = ctypes.c_long
 _libc.syscall.restype = ctypes.c_long
 
-#: Directories that hold the interpreter on some machines but that other users cannot enter.
-PRIVATE_TREES = ("/root",)
-
-
 class SandboxError(OSError):
     """An isolation step failed; the execution must not run."""
 
@@ -88,11 +90,13 @@ class Isolation:
     namespaces: bool  # PID + mount namespaces per execution
     user_namespace: bool  # they need a user namespace (the template is not root)
     uid_base: int | None  # executions run as uid_base + slot (the template is root), else as the template's uid
+    seccomp: bool = False  # the system-call filter (``execution_filter``) works here
 
     def describe(self) -> str:
         ns = "PID+mount+network+IPC namespaces" + (" in a user namespace" if self.user_namespace else "")
         who = f"uid {self.uid_base}+slot" if self.uid_base is not None else f"uid {os.getuid()}"
-        return f"{ns if self.namespaces else 'process group only (no namespaces)'}, {who}"
+        filtered = ", seccomp filter" if self.seccomp else ", NO seccomp filter"
+        return f"{ns if self.namespaces else 'process group only (no namespaces)'}, {who}{filtered}"
 
 
 def _check(result: int, what: str) -> int:
@@ -159,7 +163,7 @@ def die_with_parent(expected_parent: int) -> None:
 # -- probing and the template's own mount namespace -------------------------------------------------------
 
 
-def probe(uid_base: int) -> Isolation:
+def probe(uid_base: int | None) -> Isolation:
     """What is available here: try a namespaced clone whose child exits at once."""
     root = os.geteuid() == 0
     outer = (os.getuid(), os.getgid())  # in the clone's new user namespace these read 65534
@@ -190,25 +194,18 @@ def _try_namespaces(user: bool, outer: tuple[int, int]) -> int:
 
 
 def needed_trees(paths: Iterable[str] = ()) -> list[str]:
-    """The interpreter's directories that lie under a private tree (collapsed: no path inside another)."""
-    wanted = {os.path.realpath(p) for p in (sys.base_prefix, sys.prefix, *sys.path, *paths) if p}
-    inside = sorted(p for p in wanted if any(p.startswith(t + "/") for t in PRIVATE_TREES) and os.path.isdir(p))
-    collapsed: list[str] = []
-    for path in inside:
-        if not any(path.startswith(kept + "/") for kept in collapsed):
-            collapsed.append(path)
-    return collapsed
+    """The import trees (``_import_trees``, plus ``paths``) that lie inside a directory other users cannot enter."""
+    return [tree for tree in _import_trees(paths) if _private_ancestor(tree) is not None]
 
 
 def hide_private_trees(keep: Sequence[str]) -> None:
-    """In a mount namespace of the template's own: a read-only tmpfs over each private tree holding ``keep``,
-    with ``keep`` bind-mounted back read-only. Root only; mounts never propagate to the host."""
+    """In a mount namespace of the template's own: a read-only tmpfs over each directory other users cannot
+    enter that holds one of ``keep``, with ``keep`` bind-mounted back read-only. Root only; mounts never
+    propagate to the host."""
     unshare(CLONE_NEWNS)
     mount(None, "/", None, _MS_REC | _MS_PRIVATE)
-    for tree in PRIVATE_TREES:
+    for tree in sorted({a for a in map(_private_ancestor, keep) if a is not None}):
         inner = [k for k in keep if k.startswith(tree + "/")]
-        if not inner:
-            continue
         handles = [os.open(k, os.O_PATH | os.O_DIRECTORY) for k in inner]
         mount("tmpfs", tree, "tmpfs", _MS_NOSUID | _MS_NODEV, "mode=755,size=1m")
         for path, handle in zip(inner, handles, strict=True):
@@ -217,6 +214,16 @@ def hide_private_trees(keep: Sequence[str]) -> None:
             mount(None, path, None, _MS_BIND | _MS_REMOUNT | _MS_RDONLY | _MS_NOSUID | _MS_NODEV)
             os.close(handle)
         mount("tmpfs", tree, "tmpfs", _MS_REMOUNT | _MS_RDONLY | _MS_NOSUID | _MS_NODEV, "mode=755,size=1m")
+
+
+def _private_ancestor(path: str) -> str | None:
+    """The outermost directory on the way to ``path`` (``path`` excluded) that other users cannot enter."""
+    parts = os.path.realpath(path).strip("/").split("/")
+    for depth in range(1, len(parts)):
+        ancestor = "/" + "/".join(parts[:depth])
+        if not _enterable_by_others(ancestor):
+            return ancestor
+    return None
 
 
 # -- inside a freshly cloned execution process (before any workflow code) ---------------------------------
@@ -290,14 +297,26 @@ def scratch_mounts(tmp_bytes: int) -> None:
             os.close(handle)
 
 
-def _import_trees() -> list[str]:
-    """Where the interpreter and its imports live (real paths, none inside another)."""
-    wanted = {os.path.realpath(p) for p in (sys.base_prefix, sys.prefix, os.path.dirname(__file__), *sys.path) if p}
+def _import_trees(paths: Iterable[str] = ()) -> list[str]:
+    """Where the interpreter and its imports live (real paths, none inside another). A directory other users
+    cannot enter (a checkout in ``mktemp -d``, mode 700, on ``sys.path`` as the working directory) is never
+    bound back whole: it would keep its mode and hide the import trees inside it from the execution's uid, so
+    those trees are bound back one by one instead."""
+    places = (sys.base_prefix, sys.prefix, os.path.dirname(__file__), *sys.path, *paths)
+    wanted = {os.path.realpath(p) for p in places if p}
     collapsed: list[str] = []
-    for path in sorted(p for p in wanted if os.path.isdir(p)):
+    for path in sorted(p for p in wanted if _enterable_by_others(p)):
         if not any(path.startswith(kept + "/") for kept in collapsed):
             collapsed.append(path)
     return collapsed
+
+
+def _enterable_by_others(path: str) -> bool:
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return stat.S_ISDIR(mode) and bool(mode & stat.S_IXOTH)
 
 
 def _holds_interpreter(path: str) -> bool:
@@ -341,3 +360,169 @@ def _drop_capabilities() -> None:
     header = Header(0x20080522, 0)
     data = (Data * 2)()
     _check(_libc.capset(ctypes.byref(header), data), "capset")
+
+
+# -- the system-call filter (seccomp): installed last, just before any of the job runs -----------------------
+
+_PR_SET_SECCOMP = 22
+_SECCOMP_MODE_FILTER = 2
+_AUDIT_ARCH_X86_64 = 0xC000003E
+_X32_SYSCALL_BIT = 0x40000000
+_RET_KILL_PROCESS = 0x80000000
+_RET_ERRNO = 0x00050000
+_RET_ALLOW = 0x7FFF0000
+_LD_W_ABS = 0x20  # BPF_LD | BPF_W | BPF_ABS: load 32 bits of struct seccomp_data
+_JEQ, _JGE, _JSET = 0x15, 0x35, 0x45  # BPF_JMP | BPF_JEQ/BPF_JGE/BPF_JSET | BPF_K
+_RET = 0x06
+_NR, _ARCH, _ARG0 = 0, 4, 16  # offsets in struct seccomp_data (an argument's low 32 bits: little-endian)
+#: Every namespace flag clone() takes (CLONE_NEWTIME exists for clone3/unshare only; in clone() 0x80 is CSIGNAL).
+CLONE_NEW_ANY = 0x00020000 | 0x02000000 | 0x04000000 | 0x08000000 | 0x10000000 | 0x20000000 | 0x40000000
+
+#: System calls no execution needs (x86_64 numbers), refused with EPERM: namespaces and mounts (a nested user
+#: namespace hands its creator capabilities over a large kernel attack surface), other processes' memory, the
+#: kernel keyring, eBPF, perf, userfaultfd, io_uring (whose operations this filter cannot see), kernels and
+#: modules, file handles, clocks, the kernel log. Docker's default profile refuses the same ones.
+DENIED_SYSCALLS: dict[str, int] = {
+    "ptrace": 101, "syslog": 103, "uselib": 134, "vhangup": 153, "pivot_root": 155, "_sysctl": 156, "acct": 163,
+    "settimeofday": 164, "mount": 165, "umount2": 166, "swapon": 167, "swapoff": 168, "reboot": 169,
+    "sethostname": 170, "setdomainname": 171, "iopl": 172, "ioperm": 173, "create_module": 174,
+    "init_module": 175, "delete_module": 176, "get_kernel_syms": 177, "query_module": 178, "quotactl": 179,
+    "nfsservctl": 180, "lookup_dcookie": 212, "clock_settime": 227, "kexec_load": 246, "add_key": 248,
+    "request_key": 249, "keyctl": 250, "unshare": 272, "perf_event_open": 298, "fanotify_init": 300,
+    "open_by_handle_at": 304, "clock_adjtime": 305, "setns": 308, "process_vm_readv": 310,
+    "process_vm_writev": 311, "kcmp": 312, "finit_module": 313, "kexec_file_load": 320, "bpf": 321,
+    "userfaultfd": 323, "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427,
+    "open_tree": 428, "move_mount": 429, "fsopen": 430, "fsconfig": 431, "fsmount": 432, "fspick": 433,
+    "pidfd_getfd": 438, "process_madvise": 440, "mount_setattr": 442, "quotactl_fd": 443, "open_tree_attr": 467,
+}  # fmt: skip
+SYS_CLONE3 = 435
+_SYS_PERSONALITY = 135
+#: personality(2) arguments allowed: the default (PER_LINUX) and the query; ADDR_NO_RANDOMIZE & co. are refused.
+ALLOWED_PERSONALITIES = (0x0, 0xFFFFFFFF)
+
+#: (code, k, jump-if-true label, jump-if-false label) or a label.
+_Step = tuple[int, int, str | None, str | None] | str
+
+
+def execution_filter() -> bytes:
+    """The classic-BPF program (``struct sock_filter[]``) every execution runs under, from just before its job
+    runs, inherited by everything it starts:
+
+    * another architecture (i386 ``int 0x80``) or the x32 ABI: the process is killed (SIGSYS), since its system
+      call numbers name other calls than the rules below;
+    * ``DENIED_SYSCALLS``: EPERM; ``clone`` with any ``CLONE_NEW*`` flag: EPERM; ``clone3``: ENOSYS, because its
+      flags sit in memory a filter cannot read (glibc then falls back to ``clone``, as under Docker's default
+      profile); ``personality`` other than the default or a query: EPERM;
+    * everything else, ``fork``, ``vfork``, threads and ``execve`` included, is allowed.
+    """
+    steps: list[_Step] = [
+        (_LD_W_ABS, _ARCH, None, None),
+        (_JEQ, _AUDIT_ARCH_X86_64, None, "kill"),
+        (_LD_W_ABS, _NR, None, None),
+        (_JGE, _X32_SYSCALL_BIT, "x32", None),
+        *_search(sorted([*DENIED_SYSCALLS.values(), SYS_CLONE3, _SYS_CLONE, _SYS_PERSONALITY])),
+        "x32",
+        (_JEQ, 0xFFFFFFFF, "allow", "kill"),  # syscall(-1) (a tracer's skip): ENOSYS, as without a filter
+        "clone",
+        (_LD_W_ABS, _ARG0, None, None),
+        (_JSET, CLONE_NEW_ANY, "deny", "allow"),
+        "personality",
+        (_LD_W_ABS, _ARG0, None, None),
+        *[(_JEQ, value, "allow", None) for value in ALLOWED_PERSONALITIES],
+        "deny",
+        (_RET, _RET_ERRNO | errno.EPERM, None, None),
+        "enosys",
+        (_RET, _RET_ERRNO | errno.ENOSYS, None, None),
+        "kill",
+        (_RET, _RET_KILL_PROCESS, None, None),
+        "allow",
+        (_RET, _RET_ALLOW, None, None),
+    ]
+    return assemble(steps)
+
+
+def _search(numbers: list[int]) -> list[_Step]:
+    """A binary search over sorted system-call numbers (the accumulator), each jumping to its rule's block; a
+    number not among them is allowed. A few comparisons per call instead of one per rule: the kernel runs the
+    filter once per system-call number when it is installed (its cache of always-allowed calls), so the length
+    of the path matters for every execution's start."""
+    if len(numbers) <= 4:
+        targets = {SYS_CLONE3: "enosys", _SYS_CLONE: "clone", _SYS_PERSONALITY: "personality"}
+        return [*[(_JEQ, nr, targets.get(nr, "deny"), None) for nr in numbers], (_RET, _RET_ALLOW, None, None)]
+    middle = len(numbers) // 2
+    upper = f"from {numbers[middle]}"
+    return [(_JGE, numbers[middle], upper, None), *_search(numbers[:middle]), upper, *_search(numbers[middle:])]
+
+
+def assemble(steps: Sequence[_Step]) -> bytes:
+    """Classic BPF from instructions and labels; a jump names a later label (None: the next instruction)."""
+    labels: dict[str, int] = {}
+    index = 0
+    for step in steps:
+        if isinstance(step, str):
+            labels[step] = index
+        else:
+            index += 1
+    program, index = [], 0
+    for step in steps:
+        if isinstance(step, str):
+            continue
+        code, k, jt, jf = step
+        offsets = [0 if label is None else labels[label] - index - 1 for label in (jt, jf)]
+        if not all(0 <= offset <= 255 for offset in offsets):
+            raise ValueError(f"a jump of instruction {index} does not fit a classic-BPF offset")
+        program.append(struct.pack("=HBBI", code, offsets[0], offsets[1], k))
+        index += 1
+    return b"".join(program)
+
+
+class _Program(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+class SyscallFilter:
+    """A seccomp filter made ready once (in the template), so installing it in a clone is one ``prctl``."""
+
+    def __init__(self, program: bytes) -> None:
+        self._buffer = ctypes.create_string_buffer(program, len(program))
+        self._header = _Program(len(program) // 8, ctypes.addressof(self._buffer))
+        self._address = ctypes.addressof(self._header)
+
+    def install(self) -> None:
+        """``prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER)``; needs ``PR_SET_NO_NEW_PRIVS`` (or CAP_SYS_ADMIN).
+        Filters only ever add up: this process and its descendants can never remove it."""
+        _check(_libc.prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, self._address, 0, 0), "seccomp")
+
+
+def install_filter(program: bytes) -> None:
+    SyscallFilter(program).install()
+
+
+def probe_seccomp(program: bytes) -> str | None:
+    """Why this kernel cannot filter an execution's system calls (None: it can): a forked child installs
+    ``program``, then must see ``unshare(CLONE_NEWUSER)`` refused while ``fork`` still works."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            prctl(_PR_SET_NO_NEW_PRIVS, 1)
+            install_filter(program)
+            code = 2
+            if _libc.unshare(CLONE_NEWUSER) == 0 or ctypes.get_errno() != errno.EPERM:
+                os._exit(code)
+            code = 3
+            child = os.fork()
+            if child == 0:
+                os._exit(0)
+            code = 0 if os.waitstatus_to_exitcode(os.waitpid(child, 0)[1]) == 0 else code
+        except BaseException:  # the code says which step failed
+            pass
+        os._exit(code)
+    code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    reasons = {
+        0: None,
+        1: "the kernel refused a seccomp filter (prctl PR_SET_SECCOMP; CONFIG_SECCOMP_FILTER?)",
+        2: "the seccomp filter did not refuse unshare(CLONE_NEWUSER)",
+        3: "fork failed under the seccomp filter",
+    }
+    return reasons.get(code, f"the seccomp probe ended with {code}")

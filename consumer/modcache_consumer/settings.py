@@ -54,8 +54,12 @@ class ConsumerSettings(settings.Settings):
     execution_tmp_bytes: int = pydantic.Field(
         64 * 1024**2, gt=0, description="Size of each execution's private /tmp (a tmpfs gone with it)."
     )
-    execution_uid_base: int = pydantic.Field(
-        200_000, gt=0, description="Under root, executions run as this uid + a slot (one per running execution)."
+    execution_uid_base: int | None = pydantic.Field(
+        None,
+        gt=0,
+        description="Under root, executions run as this uid + a slot (one per running execution); unset: the "
+        "executor claims a free range of 4096 uids from 200704 on, locked under /run/modcache/uids, so no two "
+        "executors on a host share one. A base another executor holds is a start-up error.",
     )
     max_output_bytes: int = pydantic.Field(
         1024**2, ge=0, description="Output (print) of one execution logged at most; the rest is discarded."

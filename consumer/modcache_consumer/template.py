@@ -25,6 +25,7 @@ import argparse
 import array
 import contextlib
 import dataclasses
+import errno
 import importlib
 import logging
 import math
@@ -35,9 +36,9 @@ import socket
 import struct
 import sys
 import time
-from typing import Any
+from typing import Any, NoReturn
 
-from modcache_consumer import protocol, runtime, sandbox
+from modcache_consumer import protocol, runtime, sandbox, uids
 
 log = logging.getLogger("modcache_consumer.template")
 
@@ -48,13 +49,17 @@ WARM_MODULES = (
     "math", "pathlib", "random", "re", "sqlite3", "statistics", "string", "struct", "subprocess", "tempfile",
     "textwrap", "traceback", "typing", "urllib.parse", "uuid", "zoneinfo",
 )  # fmt: skip
-DEFAULT_UID_BASE = 200_000
+SECCOMP_REFUSED = (
+    "executions cannot be given their system-call filter here ({reason}): they could create nested user "
+    "namespaces and reach kernel interfaces no workflow needs; refusing to run. Every distribution kernel has "
+    "seccomp filters (CONFIG_SECCOMP_FILTER); under a container runtime, allow seccomp(2)/prctl(PR_SET_SECCOMP)"
+)
 SHARED_UID_REFUSED = (
     "no PID/user namespaces here and not root: every execution would run as one uid and could read the memory "
     "of every other (other organizations' secrets); refusing to run. Run the executor as root, allow user "
     "namespaces, or set MODCACHE_EXECUTOR_ALLOW_SHARED_UID=true (unsafe for more than one tenant)"
 )
-MAX_SLOTS = 4096  # execution uids are uid_base .. uid_base + MAX_SLOTS - 1
+MAX_SLOTS = uids.BLOCK  # execution uids are uid_base .. uid_base + MAX_SLOTS - 1
 MAX_FDS_PER_MESSAGE = 16
 
 
@@ -128,6 +133,7 @@ class Template:
         self._running = True
         self._pid = os.getpid()
         self._self_pidfd = os.pidfd_open(self._pid)  # a clone checks it to see that its template lives
+        self._filter = sandbox.SyscallFilter(sandbox.execution_filter())
 
     # -- the loop -------------------------------------------------------------------------------------------
 
@@ -143,6 +149,7 @@ class Template:
             "pid": self._pid,
             "isolation": self._isolation.describe(),
             "namespaces": self._isolation.namespaces,
+            "seccomp": self._isolation.seccomp,
             # executions all run as this uid (outside any user namespace), or None: a uid per slot
             "execution_uid": self._outer_ids[0] if self._isolation.uid_base is None else None,
         })  # fmt: skip
@@ -289,8 +296,14 @@ class Template:
     def _clone(self) -> tuple[Spare | None, int, int]:
         """A fresh clone blocked on its channel; returns it with the consumer's ends (channel, output)."""
         ours, theirs = socket.socketpair()
+        try:
+            slot = self._free_slot()
+        except sandbox.SandboxError as e:
+            log.error("executor: cannot clone an execution process: %s", e)
+            ours.close()
+            theirs.close()
+            return None, -1, -1
         out_r, out_w = os.pipe()
-        slot = self._free_slot()
         flags = sandbox.CLONE_EXECUTION if self._isolation.namespaces else 0
         if self._host_network:
             flags &= ~sandbox.CLONE_NEWNET
@@ -315,8 +328,12 @@ class Template:
         return spare, ours.detach(), out_r
 
     def _free_slot(self) -> int:
+        """The lowest slot no live clone has; never one outside this executor's uid range."""
         taken = {p.slot for p in self._processes.values()}
-        return next(n for n in range(len(taken) + 1) if n not in taken)
+        slot = next(n for n in range(len(taken) + 1) if n not in taken)
+        if slot >= MAX_SLOTS:
+            raise sandbox.SandboxError(errno.EAGAIN, f"all {MAX_SLOTS} execution slots are in use")
+        return slot
 
     def _reap(self, spare: Spare) -> None:
         self._selector.unregister(spare.pidfd)
@@ -412,6 +429,7 @@ class Template:
         os.environ.clear()
         os.environ.update(_EXECUTION_ENV)
         os.chdir("/tmp")
+        self._filter.install()  # last: nothing of the job has run yet (NO_NEW_PRIVS is set)
 
     # -- timers ---------------------------------------------------------------------------------------------
 
@@ -471,34 +489,46 @@ def warm_up() -> runtime.Memory:
     return runtime.Memory()
 
 
-def prepare(uid_base: int, *, namespaces: bool = True) -> sandbox.Isolation:
-    """Once, before serving: non-dumpable, probe the namespaces, hide private trees (root only)."""
+def prepare(uid_base: int | None, *, namespaces: bool = True) -> tuple[sandbox.Isolation, str | None]:
+    """Once, before serving: non-dumpable, probe the namespaces and the seccomp filter, hide private trees (root
+    only). Returns the isolation and why executions cannot be filtered (None: they can)."""
     sandbox.make_non_dumpable()
     root_uid = uid_base if os.geteuid() == 0 else None
     isolation = sandbox.probe(uid_base) if namespaces else sandbox.Isolation(False, False, root_uid)
+    unfiltered = sandbox.probe_seccomp(sandbox.execution_filter())
+    isolation = dataclasses.replace(isolation, seccomp=unfiltered is None)
     if not isolation.namespaces:
         sandbox.become_subreaper()  # what an execution leaves behind is reparented here, and swept
     if isolation.uid_base is not None:
         sandbox.hide_private_trees(sandbox.needed_trees([os.path.dirname(os.path.dirname(runtime.__file__))]))
-    return isolation
+    return isolation, unfiltered
 
 
 def run(
     *,
     listener: socket.socket | None = None,
     control: socket.socket | None = None,
-    uid_base: int = DEFAULT_UID_BASE,
+    uid_base: int | None = None,
     namespaces: bool = True,
     hidden: tuple[str, ...] = (),
     allowed_uids: frozenset[int] | None = None,
     allow_shared_uid: bool = False,
     host_network: bool = False,
 ) -> None:
-    """Serve until SIGTERM (``listener``) or until ``control`` closes (child mode)."""
-    isolation = prepare(uid_base, namespaces=namespaces)
+    """Serve until SIGTERM (``listener``) or until ``control`` closes (child mode). Under root, first claim a
+    range of execution uids no other executor on this host holds (``uids``; held until this process ends)."""
+    claim = None
+    if os.geteuid() == 0:
+        try:
+            claim = uids.claim(uid_base)
+        except (uids.UidRangeError, OSError) as e:
+            refuse(control, f"cannot claim execution uids: {e}")
+        uid_base = claim.base
+    isolation, unfiltered = prepare(uid_base, namespaces=namespaces)
+    if unfiltered is not None:
+        refuse(control, SECCOMP_REFUSED.format(reason=unfiltered))
     if not isolation.namespaces and isolation.uid_base is None and not allow_shared_uid:
-        log.error("executor: %s", SHARED_UID_REFUSED)
-        sys.exit(78)  # EX_CONFIG
+        refuse(control, SHARED_UID_REFUSED)
     template = Template(
         isolation=isolation,
         memory=warm_up(),
@@ -523,6 +553,15 @@ def run(
     template.serve()
 
 
+def refuse(control: socket.socket | None, reason: str) -> NoReturn:
+    """Exit 78 (EX_CONFIG) saying why, in the log and, in child mode, to the consumer (a hello it reports)."""
+    log.error("executor: %s", reason)
+    if control is not None:
+        with contextlib.suppress(OSError):
+            control.sendall(protocol.encode({"op": "hello", "pid": os.getpid(), "refused": reason}))
+    sys.exit(78)
+
+
 def _drain(sock: socket.socket) -> None:
     with contextlib.suppress(BlockingIOError):
         sock.recv(4096)
@@ -533,7 +572,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--socket", help="listen on this Unix socket path")
     parser.add_argument("--control-fd", type=int, help="serve the one consumer on this inherited descriptor")
     parser.add_argument("--parent", type=int, help="die with this parent process (child mode)")
-    parser.add_argument("--uid-base", type=int, default=DEFAULT_UID_BASE)
+    parser.add_argument("--uid-base", type=int, help="under root: execution uids from here (default: a free range)")
     parser.add_argument("--no-namespaces", action="store_true", help="a process group per execution only")
     parser.add_argument("--consumer-uid", type=int, action="append", help="only this uid may connect (repeatable)")
     parser.add_argument("--allow-shared-uid", action="store_true", help="UNSAFE: one uid for all executions")

@@ -24,6 +24,11 @@ one shared uid without namespaces                  refused (MODCACHE_EXECUTOR_AL
 executions as the consumer's own uid               refused (same switch)
 TCP to Redis/PostgreSQL/RabbitMQ on 127.0.0.1      an empty network namespace per execution
 SysV IPC left for the next execution               an IPC namespace per execution
+nested user namespaces, mount, ptrace, bpf, ...    a seccomp filter per execution (EPERM; clone3: ENOSYS)
+i386 int 0x80 or x32 system calls                  the seccomp filter kills the process (SIGSYS)
+a kernel that refuses seccomp filters              the executor refuses to start
+another root executor's executions on the host     a uid range per executor, locked under /run/modcache/uids
+forged result values (NaN, NUL, deep, huge)        re-validated before they are recorded: FAILED, reason
 =================================================  ===========================================================
 """
 
@@ -34,6 +39,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import random
 import shutil
 import sys
 import time
@@ -52,6 +58,7 @@ import redis.asyncio as aioredis
 from modcache import db, embedded, engine, keys, pgsource, rediscache
 from modcache_consumer import executor, protocol
 from testkit import servers
+from testkit.lifetimes import gone
 
 PASSWORD = f"pw-{uuid.uuid4().hex}"
 SECRETS_KEY = "jXf5t0ZAmBKtAMlY0n0C4bqOpTq8bQ2kz9f8sJfQy3A="  # the harness's MODCACHE_SECRETS_KEY
@@ -468,9 +475,8 @@ async def test_setsid_and_double_forked_children_die_with_their_execution(harnes
         orgs = await two_orgs(harness, consumer)
         reply = await attack(harness, orgs, ESCAPE, {"seconds": seconds, "end": end}, timeout_seconds=2)
     assert reply["status"] == status, reply["error"]
-    deadline = time.monotonic() + 10
-    while sleepers(seconds) and time.monotonic() < deadline:  # noqa: ASYNC110 -- the kernel tears it down
-        await asyncio.sleep(0.02)
+    for pid in sleepers(seconds):  # the kernel may still be tearing them down
+        assert await gone(pid), f"process {pid} outlived its execution"
     assert sleepers(seconds) == []
 
 
@@ -648,7 +654,9 @@ async def test_a_non_root_executor_runs_executions_in_a_user_namespace(harness) 
     """F4: the uid maps are written from the uid read before the clone, while dumpable; the consumer's start-up
     probe ran a real execution through it. Org A's and org B's executions then run with their own results."""
     async with socket_executor(uid=EXECUTOR_UID) as (path, _), harness.consumer(executor_socket=str(path)) as consumer:
-        assert consumer.executor.isolation == "PID+mount+network+IPC namespaces in a user namespace, uid 54321"
+        assert consumer.executor.isolation == (
+            "PID+mount+network+IPC namespaces in a user namespace, uid 54321, seccomp filter"
+        )
         orgs = await two_orgs(harness, consumer)
         reply = await attack(harness, orgs, "import os\ndef run():\n    return os.getuid()\n")
     assert (reply["status"], reply["result"]) == ("SUCCESS", 0), reply["error"]  # root of its user namespace only
@@ -757,3 +765,288 @@ async def test_the_host_network_is_an_explicit_choice(harness) -> None:
         orgs = await two_orgs(harness, consumer)
         reply = await attack(harness, orgs, NETWORK, {"ports": [port]})
     assert (reply["status"], reply["result"]) == ("SUCCESS", {str(port): "connected"}), reply["error"]
+
+
+# -- system calls no workflow needs (attack-8 F9a) --------------------------------------------------------------
+
+SYSCALLS = """
+import ctypes, errno, multiprocessing, os, subprocess, threading, time
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+
+def call(nr, *args):
+    args = [ctypes.c_char_p(a) if isinstance(a, bytes) else ctypes.c_long(a) for a in args]
+    result = libc.syscall(nr, *args)
+    if result == 0 and nr == 56:  # a clone that worked: this is the child
+        os._exit(0)
+    return 'ok' if result >= 0 else errno.errorcode[ctypes.get_errno()]
+
+def persona(value):
+    return 'ok' if libc.personality(value) >= 0 else errno.errorcode[ctypes.get_errno()]
+
+def run():
+    child = os.fork()
+    if child == 0:
+        time.sleep(60)
+        os._exit(0)
+    buffer = ctypes.create_string_buffer(8)
+    local = (ctypes.c_void_p * 2)(ctypes.addressof(buffer), 8)
+    ns = os.open('/proc/self/ns/net', os.O_RDONLY)
+    tried = {
+        'unshare(CLONE_NEWUSER)': call(272, 0x10000000),
+        'unshare(CLONE_NEWNS)': call(272, 0x20000),
+        'clone(CLONE_NEWUSER)': call(56, 0x10000000 | 17, 0, 0, 0, 0),
+        'clone(CLONE_NEWNET|CLONE_NEWPID)': call(56, 0x60000000 | 17, 0, 0, 0, 0),
+        'clone3': call(435, 0, 0),
+        'setns': call(308, ns, 0),
+        'mount': call(165, b'none', b'/tmp', b'tmpfs', 0, 0),
+        'umount2': call(166, b'/proc', 2),
+        'pivot_root': call(155, b'/tmp', b'/tmp'),
+        'ptrace(PTRACE_ATTACH)': call(101, 16, child, 0, 0),
+        'process_vm_readv': call(310, child, ctypes.addressof(local), 1, ctypes.addressof(local), 1, 0),
+        'keyctl': call(250, 0, -3, 1),
+        'add_key': call(248, b'user', b'k', b'v', 1, -3),
+        'request_key': call(249, b'user', b'k', 0, 0),
+        'bpf': call(321, 0, 0, 0),
+        'perf_event_open': call(298, 0, 0, -1, -1, 0),
+        'userfaultfd': call(323, 0),
+        'kexec_load': call(246, 0, 0, 0, 0),
+        'init_module': call(175, 0, 0, b''),
+        'finit_module': call(313, ns, b'', 0),
+        'open_by_handle_at': call(304, ns, 0, 0),
+        'io_uring_setup': call(425, 1, ctypes.addressof(ctypes.create_string_buffer(120))),
+        'personality(ADDR_NO_RANDOMIZE)': persona(0x0040000),
+        'personality(query)': persona(0xffffffff),
+    }
+    os.kill(child, 9)
+    os.waitpid(child, 0)
+    nested = subprocess.run(['unshare', '--user', '--map-root-user', 'id', '-u'], capture_output=True, text=True)
+    threads = []
+    thread = threading.Thread(target=lambda: threads.append('thread ran'))
+    thread.start()
+    thread.join()
+    with multiprocessing.get_context('fork').Pool(2) as pool:
+        squares = pool.map(abs, [-2, -3])
+    works = {
+        'subprocess': subprocess.run(['true']).returncode,
+        'shell': subprocess.run(['sh', '-c', 'echo $((6 * 7))'], capture_output=True, text=True).stdout.strip(),
+        'threads': threads,
+        'multiprocessing': squares,
+    }
+    return {'tried': tried, 'nested': [nested.returncode, nested.stdout.strip()], 'works': works}
+"""
+
+
+async def test_nested_namespaces_and_dangerous_system_calls_are_refused(harness) -> None:
+    """F9a: a seccomp filter, installed just before the job runs, refuses every namespace, mount, ptrace,
+    keyring, eBPF, perf, userfaultfd, io_uring, kexec and module call (EPERM; clone3 ENOSYS, so glibc falls back
+    to clone, which the filter can inspect); fork, threads, subprocess and multiprocessing keep working."""
+    async with harness.consumer() as consumer:
+        orgs = await two_orgs(harness, consumer)
+        reply = await attack(harness, orgs, SYSCALLS, timeout_seconds=30)
+    assert reply["status"] == "SUCCESS", reply["error"]
+    tried = reply["result"]["tried"]
+    assert tried.pop("clone3") == "ENOSYS"
+    assert tried.pop("personality(query)") == "ok"
+    assert tried == dict.fromkeys(tried, "EPERM"), tried
+    assert reply["result"]["nested"][0] != 0  # unshare(1) cannot make a user namespace: no capability anywhere
+    assert reply["result"]["works"] == {
+        "subprocess": 0,
+        "shell": "42",
+        "threads": ["thread ran"],
+        "multiprocessing": [2, 3],
+    }
+
+
+FOREIGN_ABI = """
+import ctypes, mmap
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+
+def run(abi):
+    if abi == 'i386':  # int 0x80 from a 64-bit process: i386 numbers (20 = getpid there; 26 = ptrace)
+        page = mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+        page.write(bytes.fromhex('b8 14 00 00 00 cd 80 c3'))  # mov eax, 20; int 0x80; ret
+        code = ctypes.CFUNCTYPE(ctypes.c_int)(ctypes.addressof(ctypes.c_char.from_buffer(page)))
+        return code()
+    return libc.syscall(0x40000000 | 39)  # x32 getpid
+"""
+
+
+@pytest.mark.parametrize("abi", ["i386", "x32"])
+async def test_system_calls_of_another_abi_kill_the_execution(harness, abi: str) -> None:
+    """F9a: system-call numbers of another ABI (i386 ``int 0x80``, x32) name other calls than the filter's
+    rules, so the filter kills the process (SIGSYS) instead of judging them: FAILED with that reason."""
+    async with harness.consumer() as consumer:
+        orgs = await two_orgs(harness, consumer)
+        reply = await attack(harness, orgs, FOREIGN_ABI, {"abi": abi})
+    assert reply["status"] == "FAILED"
+    assert reply["error"].endswith("was killed by SIGSYS during the execution"), reply["error"]
+
+
+NO_SECCOMP = """
+import errno, os, sys
+from modcache_consumer import sandbox
+# what a kernel without CONFIG_SECCOMP_FILTER answers: prctl(PR_SET_SECCOMP) and seccomp(2) fail with EINVAL
+sandbox.install_filter(sandbox.assemble([
+    (0x20, 0, None, None),
+    (0x15, 317, "refuse", None),
+    (0x15, 157, "prctl", None),
+    (0x06, 0x7FFF0000, None, None),
+    "prctl",
+    (0x20, 16, None, None),
+    (0x15, 22, "refuse", None),
+    (0x06, 0x7FFF0000, None, None),
+    "refuse",
+    (0x06, 0x00050000 | errno.EINVAL, None, None),
+]))
+os.execv(sys.executable, [sys.executable, *sys.argv[1:]])
+"""
+
+
+async def test_an_executor_whose_kernel_refuses_seccomp_does_not_start(tmp_path: Path) -> None:
+    """F9a: where executions cannot be filtered, the executor says so at start-up and exits 78 instead of
+    running them unfiltered (as it does without namespaces)."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", NO_SECCOMP, "-m", "modcache_consumer.template", "--socket", str(tmp_path / "x.sock"),
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, said = await process.communicate()
+    assert process.returncode == 78, said
+    assert "executions cannot be given their system-call filter here (the kernel refused a seccomp filter" in (
+        said.decode()
+    )
+
+
+# -- forged result values (attack-8 F9b) ------------------------------------------------------------------------
+
+FORGED_VALUE = """
+import json, os, socket, stat, struct
+
+def _channel():
+    for fd in map(int, os.listdir('/proc/self/fd')):
+        if stat.S_ISSOCK(os.fstat(fd).st_mode):
+            return socket.socket(fileno=os.dup(fd))
+
+def _frame(kind):
+    result, error, status = None, None, 'SUCCESS'
+    if kind == 'long error':
+        error, status = 'x' * 200_000, 'FAILED'
+    elif kind == 'deep':
+        result = '[' * 200 + ']' * 200
+    elif kind == 'digits':
+        result = 10 ** 150
+    elif kind == 'too large':  # under the frame's limit, over the result's
+        result = 'x' * (1024 ** 2 + 1000)
+    body = json.dumps({'op': 'result', 'status': status, 'result': result, 'error': error, 'timings_ms': {}})
+    if kind == 'deep':
+        body = body.replace(json.dumps(result), result)
+    literals = {'NaN': 'NaN', 'Infinity': '-Infinity', '1e999': '[1e999]', 'NUL': '"a\\\\u0000b"',
+                'surrogate': '{"k": "\\\\ud800"}', 'NUL error': None}
+    if kind in literals and literals[kind]:
+        body = body.replace('"result": null', '"result": ' + literals[kind])
+    if kind == 'NUL error':
+        body = body.replace('"error": null', '"error": "boom\\\\u0000"').replace('SUCCESS', 'FAILED')
+    return body.encode()
+
+def run(kind):
+    body = _frame(kind)
+    sock = _channel()
+    sock.sendall(struct.pack('>I', len(body)) + body)  # the one result of this execution, forged
+    sock.shutdown(socket.SHUT_WR)
+    os._exit(0)
+"""
+
+
+@pytest.mark.parametrize(
+    ("kind", "reason"),
+    [
+        ("NaN", "the result holds NaN, which is not JSON and which PostgreSQL cannot store"),
+        ("Infinity", "the result holds -Infinity, which is not JSON and which PostgreSQL cannot store"),
+        ("1e999", "the result holds Infinity, which is not JSON and which PostgreSQL cannot store"),
+        ("NUL", "the result holds a NUL character (\\u0000), which PostgreSQL cannot store"),
+        ("surrogate", "the result holds an unpaired surrogate (\\ud800-\\udfff), which is not Unicode"),
+        ("long error", "its error is 200000 characters, over 4000"),
+        ("deep", "the result nests arrays/objects deeper than 32 levels (MODCACHE_MAX_MESSAGE_DEPTH)"),
+        ("digits", "the result holds a number of more than 100 digits (MODCACHE_MAX_MESSAGE_NUMBER_DIGITS)"),
+        ("too large", "the result is 1049578 bytes, over the 1048576-byte limit (MODCACHE_MAX_RESULT_BYTES)"),
+    ],
+)
+async def test_a_forged_result_value_fails_only_its_own_execution(harness, kind: str, reason: str) -> None:
+    """F9b: a well-formed result frame whose value PostgreSQL or a reply cannot carry (written by workflow code
+    on its own channel, past the runtime's checks) makes only that execution FAILED with the reason; what was
+    forged reaches neither the database nor the reply, and the consumer carries on."""
+    async with harness.consumer() as consumer:
+        orgs = await two_orgs(harness, consumer)
+        hostile = await harness.workflow(FORGED_VALUE)
+        request = harness.request(hostile, {"kind": kind}, organization_id=orgs.a)
+        caller = await harness.caller()
+        await caller.publish(request)
+        reply = await caller.result(request.execution_id, timeout_s=60)
+        await b_is_unharmed(harness, orgs)
+    assert (reply["status"], reply["result"]) == ("FAILED", None)
+    assert reply["error"].endswith(f"sent a result that cannot be recorded: {reason}"), reply["error"]
+    row = await harness.execution(request.execution_id)
+    assert row is not None
+    assert (row["status"], row["result"], row["error"]) == ("FAILED", None, reply["error"])
+
+
+# -- two root executors on one host (attack-8 F7) ---------------------------------------------------------------
+
+HOARD = """
+import os, time
+def run(seconds):
+    children = 0
+    while True:
+        try:
+            pid = os.fork()
+        except OSError:  # RLIMIT_NPROC of this execution's uid
+            break
+        if pid == 0:
+            time.sleep(seconds)
+            os._exit(0)
+        children += 1
+    time.sleep(seconds)
+    return [os.getuid(), children]
+"""
+FORKS = "import os, subprocess\ndef run(n):\n    return [os.getuid(), subprocess.run(['true']).returncode, n]\n"
+
+
+def _execution_processes(template_pid: int | None) -> int:
+    count = 0
+    with contextlib.suppress(psutil.Error):
+        for process in psutil.Process(template_pid).children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                count += process.uids().real != 0
+    return count
+
+
+async def test_two_root_executors_on_one_host_never_share_execution_uids(executors) -> None:
+    """F7: two executors started at once claim disjoint uid ranges (a lock per range under /run/modcache/uids),
+    so one consumer's execution that takes every process its uid may have leaves another consumer's execution
+    its own: that one still forks, as a uid of another range."""
+    a, b = await asyncio.gather(executors.start(processes=16), executors.start(processes=16))
+    hoard = asyncio.create_task(executors.run(a, HOARD, {"seconds": 6}))
+    deadline = time.monotonic() + 20
+    while _execution_processes(a.template_pid) < 16 and time.monotonic() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.05)  # the hoarder's forks, seen from outside: nothing to await
+    n = uuid.uuid4().hex
+    benign = await executors.run(b, FORKS, {"n": n})
+    hoarded = await hoard
+    assert (hoarded.status, hoarded.result[1]) == ("SUCCESS", 15), hoarded.error  # the execution + 15 = 16
+    assert (benign.status, benign.result[1:]) == ("SUCCESS", [0, n]), benign.error
+    assert hoarded.result[0] // 4096 != benign.result[0] // 4096  # disjoint ranges of 4096 uids
+
+
+async def test_an_explicit_uid_base_is_locked_too_and_a_clash_is_a_start_up_error(executors) -> None:
+    """F7: MODCACHE_EXECUTION_UID_BASE is honoured and its range locked; a second executor whose range overlaps
+    it does not start, and says which setting to change."""
+    base = 5_000_000 + 4096 * random.randrange(1000)
+    first = await executors.start(uid_base=base)
+    outcome = await executors.run(first, "import os\ndef run():\n    return os.getuid()\n")
+    assert outcome.status == "SUCCESS", outcome.error
+    assert base <= outcome.result < base + 4096
+    with pytest.raises(executor.ExecutorUnavailable, match=f"MODCACHE_EXECUTION_UID_BASE={base + 100}: execution"):
+        await executors.start(uid_base=base + 100)
+    again = await executors.run(first, "import os\ndef run():\n    return os.getuid()\n")
+    assert again.status == "SUCCESS", again.error

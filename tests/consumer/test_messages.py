@@ -167,3 +167,39 @@ def test_deeper_than_is_exact_on_balanced_nesting_and_bounded_on_the_rest() -> N
                 assert found is (_parser_depth(bytes(text)) > limit), (bytes(text), limit)
             else:
                 assert found or _parser_depth(bytes(text)) <= 2 * limit, (bytes(text), limit)
+
+
+def _nested(levels: int) -> object:
+    value: object = "leaf"
+    for n in range(levels):
+        value = [value] if n % 2 else {"k": value}
+    return value
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ({"ok": [1, 2.5, True, None, "text", 10**99]}, None),
+        (_nested(messages.MAX_DEPTH), None),
+        (_nested(messages.MAX_DEPTH + 1), "the result nests arrays/objects deeper than 32 levels"),
+        (-(10**100), "the result holds a number of more than 100 digits"),
+        ([float("nan")], "the result holds NaN"),
+        ({"k": "a\x00"}, "the result holds a NUL character"),
+        ({"\ud800": 1}, "the result holds an unpaired surrogate"),
+        ({1: "int key"}, "the result has an object key that is not a string"),
+        ((1, 2), "the result holds a tuple, which is not JSON"),
+    ],
+)
+def test_a_value_to_record_is_held_to_the_bounds_of_a_message(value: object, problem: str | None) -> None:
+    found = messages.value_problem(value, messages.Limits(), "the result")
+    assert found == problem if problem is None else (found or "").startswith(problem)
+
+
+def test_an_outcome_bounds_its_error_and_its_size() -> None:
+    def check(result: object, error: object) -> str | None:
+        return messages.outcome_problem(result, error, limits=messages.Limits(), max_result_bytes=100)
+
+    assert check("x" * 90, "e" * messages.MAX_ERROR_CHARS) is None
+    assert check(None, "e" * (messages.MAX_ERROR_CHARS + 1)) == "its error is 4001 characters, over 4000"
+    assert check(None, 7) == "its error is not a string"
+    assert check("x" * 100, None) == "the result is 102 bytes, over the 100-byte limit (MODCACHE_MAX_RESULT_BYTES)"
