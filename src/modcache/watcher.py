@@ -373,6 +373,8 @@ class Watcher:
             return
         match event:
             case keyevents.Changed(event="evicted") if self._evicted(event.after_write):
+                # an evicted manifest is rebuilt from the keys' claims, as a deleted one (10,000 values otherwise)
+                self._claims_wanted |= event.role == "manifest"
                 self._hold(event.path)
             case keyevents.Changed(path=str(path)):
                 self.enqueue([path], KEYSPACE)
