@@ -98,6 +98,8 @@ class Regressed:
 
     detail: str
     replaced: bool = True
+    #: the probe key whose watch was touched (a FLUSHDB took it with everything; a write to it left it there)
+    probe_key: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -350,7 +352,8 @@ class KeyEvents:
                 await asyncio.sleep(self._probe_interval_s)
                 continue
             if problem is not None:
-                self._queue.put_nowait(Regressed(problem, replaced=problem != EVICTED and "went back" not in problem))
+                replaced = problem != EVICTED and "went back" not in problem
+                self._queue.put_nowait(Regressed(problem, replaced=replaced, probe_key=self._probe_key))
             self._rounds += 1
             # also while the canary is unheard (a configuration without ``$`` fails it): the classes are named then
             if self._rounds % FLAGS_EVERY_ROUNDS == 0 and self._probe_conn is not None and self._conn is not None:

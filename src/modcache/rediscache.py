@@ -766,6 +766,12 @@ class RedisCache:
         fields = set(await _call(self.client.hkeys(self.keyspace.status)))
         return None if fields == set(keys.STATUS_FIELDS) else "fields are not modcache's"
 
+    async def key_type(self, key: str) -> str:
+        """The type of one key under this cache's prefix ('none' when it does not exist)."""
+        if not key.startswith(self.keyspace.prefix):
+            raise errors.InputError(key, "not a key of this cache")
+        return str(await _call(self.client.type(key)))
+
     async def read_module(self, path: str) -> str | None:
         """The raw JSON value of one content key (None if absent or not a string)."""
         key = self.keyspace.content(path)

@@ -201,7 +201,8 @@ class Watcher:
                     if not self.state.full_resyncs:  # the first (the cold fill): routine ones would only repeat it
                         if not await deep_task:
                             delay_s = retry.next_s()
-                            self._resync_trigger = RETRY
+                            if not self._resync_wanted.is_set():
+                                self._resync_trigger = RETRY
                             continue
                         retry.reset()
                         routine = False
@@ -372,6 +373,8 @@ class Watcher:
             return
         match event:
             case keyevents.Changed(event="evicted") if self._evicted(event.after_write):
+                # an evicted manifest is rebuilt from the keys' claims, as a deleted one (10,000 values otherwise)
+                self._claims_wanted |= event.role == "manifest"
                 self._hold(event.path)
             case keyevents.Changed(path=str(path)):
                 self.enqueue([path], KEYSPACE)
@@ -390,7 +393,7 @@ class Watcher:
                 self._hold(None)  # not a flush: keys were evicted; refilled once Redis stops evicting what we write
             case keyevents.Regressed(replaced=False) if self._under_eviction_pressure():
                 self._hold(None)  # the generation evicted: the same
-            case keyevents.Regressed(replaced=True) if await self._replaced_again():
+            case keyevents.Regressed(replaced=True, probe_key=str(probe_key)) if await self._replaced_again(probe_key):
                 pass  # rate-limited: the resyncs it owes run once at the end of the window (``_replaced_again``)
             case keyevents.Regressed(detail, replaced):
                 # refill at once (the routine resync); a replaced database (flushed, swapped) may hold forged values
@@ -422,12 +425,15 @@ class Watcher:
                 self._keyspace_changed(False, detail)
                 self._cache_heard.set()
 
-    async def _replaced_again(self) -> bool:
-        """Whether a report of a replaced cache is rate-limited: another came less than ``REPLACED_WINDOW_S`` ago and
-        the bookkeeping still looks like ours (the generation believable and not behind, index and manifest of their
-        types): what a write to the probe key looks like. Anyone who can write under the prefix can touch the probe
-        key as often as they like, and each report costs a routine and a deep resync; rate-limited, they cost one of
-        each per window (at its end). A real flush empties the bookkeeping and is refilled at once."""
+    async def _replaced_again(self, probe_key: str) -> bool:
+        """Whether a report of a replaced cache is rate-limited: another came less than ``REPLACED_WINDOW_S`` ago, the
+        probe key whose watch was touched is still there, and the bookkeeping still looks like ours (the generation
+        believable and not behind, index and manifest of their types): what a write to the probe key looks like.
+        Anyone who can write under the prefix can touch the probe key as often as they like, and each report costs a
+        routine and a deep resync; rate-limited, they cost one of each per window (at its end). A flush takes the
+        probe key with everything else (the bookkeeping may already be back: our own repairs of the keys the same
+        round's events named write it): within the window it is refilled at once, and only its deep resync waits
+        for the window's end."""
         now = self._monotonic()
         if self._replaced_at is None or now - self._replaced_at >= REPLACED_WINDOW_S:
             self._replaced_at = now
@@ -435,15 +441,19 @@ class Watcher:
         cache = self.engine.cache
         try:
             seen, found = cache.high_water, await cache.read_generation(create=False)
+            gone = not probe_key or await cache.key_type(probe_key) == "none"
         except errors.TransientError:
-            return False
-        if found.problem or found.value < seen or found.wrong_types:
-            self._replaced_at = now
             return False
         self.state.replacements_limited += 1
         if self._replaced_owed is None:
             left_s = REPLACED_WINDOW_S - (now - self._replaced_at)
             self._replaced_owed = asyncio.get_running_loop().call_later(left_s, self._owed_resync)
+        if gone or found.problem or found.value < seen or found.wrong_types:
+            # refilled at once (a DEL of the probe key looks the same, and costs the routine resync only); the deep
+            # resync, the expensive part, is owed at the window's end
+            log.warning("the cache was flushed or replaced again within %.0fs: refilling now", REPLACED_WINDOW_S)
+            self._lengths_next = True  # a deep resync running goes on beside the refill (it runs in the background)
+            self.request_resync(KEYSPACE)
         return True
 
     def _owed_resync(self) -> None:

@@ -163,6 +163,32 @@ async def test_a_storm_of_writes_to_the_probe_key_costs_a_bounded_number_of_resy
         await client.aclose()
 
 
+async def test_a_storm_of_deletes_of_the_probe_key_costs_no_deep_resync_each(
+    server: PrivateRedis, source: pgsource.PgSource, database_url: str
+) -> None:
+    """A DEL of the probe key looks like a flush (the key is gone, as after FLUSHDB): each is refilled at once (a
+    routine resync that finds nothing), but the deep resync -- every module read from PostgreSQL -- runs once per
+    window, not once per DEL."""
+    await put_some(source, 100)
+    client = aioredis.Redis.from_url(server.url, decode_responses=True)
+    try:
+        async with watching(source, server.url, database_url) as (_, task, recorder):
+            before = len(recorder.syncs)
+            deleted = 0
+            ends = time.monotonic() + 2.0
+            while time.monotonic() < ends:
+                async for key in client.scan_iter(match=f"{KS.prefix}modcache:probe:*", count=1000):
+                    deleted += await client.delete(key)
+                await asyncio.sleep(0.02)
+            deep = sum(1 for r, _ in recorder.syncs[before:] if r.deep)
+            assert deleted >= 10, f"the attack deleted the probe key only {deleted} times"
+            assert deep <= 1, f"{deleted} deletes of the probe key cost {deep} deep resyncs"
+            assert not await convergence.converged(database_url, client, KS.prefix, within_s=WITHIN_S)
+            assert not task.done()
+    finally:
+        await client.aclose()
+
+
 # -- F3: notify-keyspace-events cut at runtime ---------------------------------------------------------------------
 
 
