@@ -7,12 +7,14 @@ replies). Ours against the original plan's per-message design in the same run: t
 2-core machine.
 
     ./dev bench consumer_throughput [--executions 2000] [--concurrency 2] [--modules 200] [--plan-executions 300]
+                                    [--no-celery] [--profile FILE]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
 import dataclasses
 import os
 import signal
@@ -47,20 +49,29 @@ class PlanConsumer(consumer.WorkflowExecutionConsumer):
         )
         self._plan_lock = asyncio.Lock()
 
-    async def prepare(self, request: messages.ExecutionRequest) -> consumer.Prepared | executions.Record:
+    async def prepare(
+        self, request: messages.ExecutionRequest
+    ) -> consumer.Admitted | executions.Record | executions.Busy:
         async with self._plan_lock:  # the original plan shared one AsyncSession between tasks; asyncpg forbids that
             await self.plan._sync_module_cache()  # starts with _get_db_session()'s SELECT 1
         return await super().prepare(request)
 
 
-async def serve(kind: str) -> None:
-    """The consumer process: settings from MODCACHE_* (set by ``run``), until SIGTERM."""
+async def serve(kind: str, profile: str | None = None) -> None:
+    """The consumer process: settings from MODCACHE_* (set by ``run``), until SIGTERM; with ``profile``, the
+    consumer's event loop runs under cProfile and its statistics are written to that file at the end."""
     cls = PlanConsumer if kind == "plan" else consumer.WorkflowExecutionConsumer
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    profiler = cProfile.Profile() if profile else None
     async with cls(settings=settings.ConsumerSettings.from_env()):
         print("ready", flush=True)
+        if profiler is not None:
+            profiler.enable()
         await stop.wait()
+    if profiler is not None:
+        profiler.disable()
+        profiler.dump_stats(profile)
 
 
 async def run(args: argparse.Namespace) -> None:
@@ -89,6 +100,7 @@ class Measured:
 
 
 async def _throughput(kind: str, url: str, keyspace: keys.KeySpace, args: argparse.Namespace, n: int) -> Measured:
+    profile = args.profile if kind == "ours" else None
     async with kit.scratch_queue() as queue:
         env = {
             **{k: v for k, v in os.environ.items() if not k.startswith("MODCACHE_")},
@@ -104,7 +116,7 @@ async def _throughput(kind: str, url: str, keyspace: keys.KeySpace, args: argpar
         process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-c",
-            f"import asyncio, bench.consumer_throughput as b; asyncio.run(b.serve({kind!r}))",
+            f"import asyncio, bench.consumer_throughput as b; asyncio.run(b.serve({kind!r}, {profile!r}))",
             env=env,
             stdout=asyncio.subprocess.PIPE,
         )
@@ -214,4 +226,5 @@ def main() -> None:
     parser.add_argument("--no-celery", action="store_true", help="modcache only (no Celery virtualenv needed)")
     parser.add_argument("--concurrency", type=int, default=2, help="executions at once (2 executors, as Celery -c 2)")
     parser.add_argument("--modules", type=int, default=200)
+    parser.add_argument("--profile", metavar="FILE", help="cProfile the consumer process; pstats written to FILE")
     asyncio.run(run(parser.parse_args()))

@@ -12,7 +12,10 @@ Per topology:
   key), median of ``--runs``;
 * **change -> cache**: a Watcher runs in this process; ``--changes`` single-row UPDATEs are committed one at a
   time, and the latency is from sending the statement to the watcher's report that the write script applied the
-  path (its observer is called once Redis acknowledged the write: no polling).
+  path (its observer is called once Redis acknowledged the write: no polling);
+* **planned failover** (Sentinel only): ``SENTINEL FAILOVER`` with the watcher running; once every sentinel names
+  the new master, one change is committed; the time is from the failover to that change being on the new master
+  (read there every 10 ms: nothing announces a key's arrival on one node).
 
     ./dev bench core_topologies [--modules N] [--changes N] [--runs R]
 """
@@ -30,6 +33,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import asyncpg
+import redis.asyncio as aioredis
 
 from bench import _support as sup
 from modcache import errors, plan, settings, wiring
@@ -76,17 +80,17 @@ class Applied:
 
 
 @contextlib.contextmanager
-def topology(name: str) -> Iterator[str]:
-    """The Redis URL of a private topology of kind ``name``."""
+def topology(name: str) -> Iterator[tuple[str, topologies.Sentinel | None]]:
+    """The Redis URL of a private topology of kind ``name`` (and the Sentinel topology itself, to fail it over)."""
     if name == "single":
         with sup.private_redis() as url:
-            yield url
+            yield url, None
     elif name == "sentinel":
         with topologies.sentinel_redis() as sentinel:
-            yield sentinel.url()
+            yield sentinel.url(), sentinel
     else:
         with topologies.redis_cluster() as cluster:
-            yield cluster.url()
+            yield cluster.url(), None
 
 
 def _revision(path: str, n: int) -> tuple[str, str, int]:
@@ -144,8 +148,33 @@ async def _changes(database_url: str, observer: Applied, args: argparse.Namespac
     return latencies
 
 
-async def _one(name: str, database_url: str, args: argparse.Namespace, salt: int) -> tuple[float, float, list[float]]:
-    with topology(name) as redis_url:
+async def _planned_failover(sentinel: topologies.Sentinel, wired: wiring.Wired, database_url: str, salt: int) -> float:
+    """Seconds from ``SENTINEL FAILOVER`` to a change committed once the sentinels settled being on the new master."""
+    began = time.perf_counter()
+    old = await asyncio.to_thread(sentinel.fail_over)
+    new = await asyncio.to_thread(sentinel.wait_for_new_master, old)
+    path = sup.module_path(0)
+    text, digest, size = _revision(path, salt * 100_000 + 99_999)
+    writer = await asyncpg.connect(settings.asyncpg_dsn(database_url))
+    try:
+        await writer.execute(UPDATE_SQL, path, text, digest, size)
+    finally:
+        await writer.close()
+    node = aioredis.Redis(port=new, decode_responses=True)
+    try:
+        while time.perf_counter() - began < 60:
+            if digest in (await node.get(wired.cache.keyspace.content(path)) or ""):
+                return time.perf_counter() - began
+            await asyncio.sleep(0.01)
+    finally:
+        await node.aclose()
+    raise SystemExit("the change never reached the new master within 60 s")
+
+
+async def _one(
+    name: str, database_url: str, args: argparse.Namespace, salt: int
+) -> tuple[float, float, list[float], float | None]:
+    with topology(name) as (redis_url, sentinel):
         config = settings.Settings(
             database_url=database_url,  # type: ignore[arg-type]
             redis_url=redis_url,  # type: ignore[arg-type]
@@ -158,7 +187,8 @@ async def _one(name: str, database_url: str, args: argparse.Namespace, salt: int
             observer = Applied()
             async with _watching(wired, observer):
                 latencies = await _changes(database_url, observer, args, salt)
-    return cold, warm, latencies
+                failover = None if sentinel is None else await _planned_failover(sentinel, wired, database_url, salt)
+    return cold, warm, latencies, failover
 
 
 async def bench(args: argparse.Namespace) -> None:
@@ -174,10 +204,12 @@ async def bench(args: argparse.Namespace) -> None:
         print(
             f"  {'topology':<10} {'full resync cold':>17} {'warm (no drift)':>16} {'change->cache p50':>18} {'p99':>9}"
         )
-        for name, (cold, warm, latencies) in results.items():
+        for name, (cold, warm, latencies, _) in results.items():
             ms = [v * 1000 for v in latencies]
             p50, p99 = sup.percentile(ms, 50), sup.percentile(ms, 99)
             print(f"  {name:<10} {cold:>15.3f} s {warm:>14.3f} s {p50:>15.2f} ms {p99:>6.2f} ms")
+        failover = results["sentinel"][3]
+        print(f"\n  Sentinel planned failover (SENTINEL FAILOVER) -> a change on the new master: {failover:.2f} s")
 
 
 def main() -> None:

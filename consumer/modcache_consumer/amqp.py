@@ -28,7 +28,7 @@ import aio_pika.abc
 import aio_pika.exceptions
 
 from modcache import errors, keys
-from modcache_consumer import messages
+from modcache_consumer import headerguard, messages
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,9 @@ class Names:
 
 async def connect(url: str, *, name: str, reconnect_interval_s: float = 2.0) -> aio_pika.abc.AbstractRobustConnection:
     """A robust connection: after a drop it reconnects and restores channels, queues and consumers. The first
-    connect must succeed."""
+    connect must succeed. Message properties the client cannot decode arrive as a marker (``headerguard``)
+    instead of killing the connection's reader."""
+    headerguard.install()
     try:
         return await aio_pika.connect_robust(
             url, client_properties={"connection_name": name}, reconnect_interval=reconnect_interval_s

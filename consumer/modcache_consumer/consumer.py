@@ -10,18 +10,21 @@ Redis and finally the database.
 Per message (``_handle`` -> ``_deliver``; docs/consumer.md has the why):
 
 1. parse; a malformed message goes to the poison queue with the reason, and the consumer carries on;
-2. an execution slot (a message waiting longer than ``delivery_hold_s`` for one is requeued);
-3. ``prepare``: one unit of work (``_get_db_session``: a session of its own, here in autocommit since its
-   statements are independent and idempotent): the workflow, the organization and its configs (Redis first),
-   and last the claim (``executions.claim``): a lease for this consumer, or the finished record (replied from
-   storage, never run again), or Busy (someone holds a live lease: acknowledged, its owner replies); then
+2. ``read_ahead``, read-only, so it may run while both executors are still busy with earlier messages: one unit
+   of work (``_get_db_session``: a session of its own, here in autocommit since its statements are independent
+   and idempotent) reads the workflow, the organization and its configs (Redis first); then
    ``_sync_module_cache``, the O(1) readiness check, which returns the generation the execution pins;
+3. an execution slot (a message waiting longer than ``delivery_hold_s`` for one is requeued; what was read for
+   it is read again if the wait took longer than ``READ_AHEAD_FRESH_S``), then the claim
+   (``executions.claim``): a lease for this consumer, or the finished record (replied from storage, never run
+   again), or Busy (someone holds a live lease: acknowledged, its owner replies);
 4. the ack: PostgreSQL owns the execution from here on (``leases`` renews it; a crash is recovered by the sweep
    according to the workflow's policy, never by a redelivery, and never by the broker's ``consumer_timeout``);
 5. a fresh execution process runs it (``_execute`` -> ``executor``), served modules and its own secrets over
    its private channel (``serving``); stopped if the lease is lost;
-6. the outcome, fenced by the lease token and group-committed; the reply (confirmed, retried through a broker
-   restart); the "replied" mark, which ends the lease.
+6. the execution slot is freed (the next message's run can start); the outcome, fenced by the lease token and
+   group-committed; the reply (confirmed, retried through a broker restart); the "replied" mark, which ends
+   the lease.
 
 Every message is settled whatever happens while handling it (``_handle``): acknowledged, moved to the poison
 queue with a reason header, or, for a service outage (TransientError), requeued after a pause. An unsettled
@@ -34,6 +37,7 @@ wedged socket, a lost future) turns ``/livez`` to 503: only a restart frees its 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import json
@@ -48,6 +52,7 @@ from typing import Any, TypeVar
 
 import aio_pika.abc
 import aio_pika.exceptions
+import aiormq.exceptions
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from modcache import engine, errors, pgsource, rediscache, wiring
@@ -59,6 +64,7 @@ from modcache_consumer import (
     executions,
     executor,
     hardening,
+    headerguard,
     health,
     leases,
     messages,
@@ -73,6 +79,14 @@ from modcache_consumer import (
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+#: The AMQP client failing this often within the window (not the broker going away: the client itself, on what it
+#: was sent) fails /livez: something it cannot decode keeps coming back, and the queue is stalled.
+CLIENT_FAILURES_LIMIT = 3
+CLIENT_FAILURES_WINDOW_S = 300.0
+
+#: What ``read_ahead`` read for a message is used only if its slot became free within this (else read again).
+READ_AHEAD_FRESH_S = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,10 +130,12 @@ class WorkflowExecutionConsumer:
             unowned_s=settings.execution_timeout_s + settings.terminate_grace_s + settings.lease_ttl_s,
         )
         self._slots = asyncio.Semaphore(settings.consumer_concurrency)
+        self._ahead: dict[uuid.UUID, Prepared] = {}  # read_ahead's result for a message that got its slot
         self._mine: set[uuid.UUID] = set()  # claimed or running here: a second delivery must not claim again
         self._lost: dict[uuid.UUID, asyncio.Event] = {}
         self._replying: set[uuid.UUID] = set()  # replies being sent (a duplicate delivery must not send another)
         self._started_at: dict[asyncio.Task[Any], float] = {}  # monotonic start of each in-flight handler
+        self._client_failures: collections.deque[tuple[float, str]] = collections.deque(maxlen=CLIENT_FAILURES_LIMIT)
         self._limits = messages.Limits(
             max_bytes=settings.max_message_bytes,
             max_depth=settings.max_message_depth,
@@ -223,6 +239,23 @@ class WorkflowExecutionConsumer:
         )
         self._stack.push_async_callback(self.executor.close)
         await self.executor.start()
+        watch = asyncio.create_task(self._watch_executor())
+        self._stack.push_async_callback(_finish, watch)
+
+    async def _watch_executor(self) -> None:
+        """Connect to the executor again (restart it, in child mode) as soon as it is lost, so that readiness and
+        the check before each claim see it back without waiting for a message to try."""
+        while True:
+            await self.executor.lost()
+            # shielded: a stop that cancels this task lets a connection being made finish (executor.close,
+            # which waits for it, then closes it), instead of leaving its socket and child half-made
+            connecting = asyncio.ensure_future(self.executor.connect())
+            connecting.add_done_callback(_retrieve)
+            try:
+                await asyncio.shield(connecting)
+            except errors.TransientError as e:
+                log.warning("the executor is unavailable: %s", e)
+                await asyncio.sleep(max(self.settings.transient_retry_delay_s, 0.1))
 
     async def _start_broker(self) -> None:
         s = self.settings
@@ -233,6 +266,7 @@ class WorkflowExecutionConsumer:
         )
         self._stack.push_async_callback(self._connection.close)
         self._connection.reconnect_callbacks.add(self._on_reconnect)
+        self._connection.close_callbacks.add(self._on_connection_lost)
         self._channel = await self._connection.channel()
         self._replies = await self._connection.channel()  # confirmed: a reply counts as sent once the broker has it
         await self._channel.set_qos(prefetch_count=self.settings.consumer_concurrency)
@@ -254,6 +288,17 @@ class WorkflowExecutionConsumer:
     def _on_reconnect(self, *_: object) -> None:
         log.warning("reconnected to RabbitMQ; consuming %s again", self._names.queue)
         self.metrics.broker_reconnects.inc()
+
+    def _on_connection_lost(self, _: object, exc: BaseException | None = None) -> None:
+        """A connection the client itself gave up (its reader failed on a frame), not one the broker or we
+        closed: counted for ``liveness``."""
+        if exc is None or isinstance(exc, OSError | asyncio.CancelledError | aiormq.exceptions.AMQPConnectionError):
+            return
+        self._client_failures.append((self._monotonic(), errors.describe(exc)))
+        self.client_failed()
+
+    def client_failed(self) -> None:
+        """The AMQP client failed on what it was sent (a seam for tests)."""
 
     async def _start_health(self) -> None:
         s = self.settings
@@ -301,17 +346,29 @@ class WorkflowExecutionConsumer:
     def liveness(self) -> list[str]:
         """Answering at all proves the event loop runs, and every service failure is retried, not fatal; but a
         handler running past ``handler_bound_s`` is wedged (every legitimate wait has a shorter timeout) and
-        holds its prefetch slot until Kubernetes restarts the consumer."""
-        if not self._started_at:
-            return []
-        running_s = self._monotonic() - min(self._started_at.values())
-        bound_s = self.settings.handler_bound_s
-        if running_s <= bound_s:
-            return []
-        return [
-            f"a message handler has been running for {running_s:.0f} s, longer than {bound_s:.0f} s "
-            "(MODCACHE_HANDLER_STUCK_AFTER_S)"
-        ]
+        holds its prefetch slot until Kubernetes restarts the consumer; and an AMQP client that keeps failing on
+        what the broker sends it (its reader dies on the same redelivered message, over and over) stalls the
+        queue: a restart at least makes that loud."""
+        problems = []
+        if self._started_at:
+            running_s = self._monotonic() - min(self._started_at.values())
+            bound_s = self.settings.handler_bound_s
+            if running_s > bound_s:
+                problems.append(
+                    f"a message handler has been running for {running_s:.0f} s, longer than {bound_s:.0f} s "
+                    "(MODCACHE_HANDLER_STUCK_AFTER_S)"
+                )
+        failures = self._client_failures
+        if len(failures) == CLIENT_FAILURES_LIMIT and self._monotonic() - failures[0][0] <= CLIENT_FAILURES_WINDOW_S:
+            problems.append(
+                f"the AMQP client failed {len(failures)} times within {CLIENT_FAILURES_WINDOW_S:.0f} s on what "
+                f"the broker sent (last: {failures[-1][1]}); a message it cannot decode stalls the queue"
+            )
+        return problems
+
+    async def idle(self) -> None:
+        """Until no message is in hand: every delivery received so far is settled and its handler done."""
+        await self._drained.wait()
 
     def readiness(self) -> list[str]:
         problems = []
@@ -323,6 +380,8 @@ class WorkflowExecutionConsumer:
             problems.append("PostgreSQL unavailable at the last attempt")
         if not self._cache_ok:
             problems.append("module cache unavailable at the last attempt")
+        if not self.executor.available:
+            problems.append("executor unavailable")
         return problems
 
     # -- the original plan's names -----------------------------------------------------------------------------------
@@ -378,6 +437,10 @@ class WorkflowExecutionConsumer:
             await self._poison(message, f"internal error: {errors.describe(e)}")
 
     async def _handle_settling(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        undecodable = headerguard.reason(message.headers)
+        if undecodable is not None:  # the client salvaged the frame; its properties are gone
+            await self._poison(message, undecodable)
+            return
         try:
             request = messages.parse(
                 message.body, reply_to=message.reply_to, correlation_id=message.correlation_id, limits=self._limits
@@ -388,42 +451,66 @@ class WorkflowExecutionConsumer:
         await self._deliver(message, request)
 
     async def _deliver(self, message: aio_pika.abc.AbstractIncomingMessage, request: messages.ExecutionRequest) -> None:
-        """One execution slot for ``request``; a message that waits too long for one goes back to the queue
-        (a waiting message is unacknowledged, so the broker's ``consumer_timeout`` runs for it)."""
+        """Admit ``request`` (``_admit``), then run it or answer it from storage. A message that waits too long
+        for an execution slot goes back to the queue (a waiting message is unacknowledged, so the broker's
+        ``consumer_timeout`` runs for it)."""
+        slot = _Slot(self._slots)
         try:
-            async with asyncio.timeout(self.settings.delivery_hold_s):
-                await self._slots.acquire()
-        except TimeoutError:
-            self.metrics.requeued.inc()
-            await _settle(message.nack(requeue=True))
-            return
-        try:
-            await self._admit_and_run(message, request)
+            try:
+                admitted = await self._admit(request, slot)
+            except _NoSlot:
+                self.metrics.requeued.inc()
+                await _settle(message.nack(requeue=True))
+                return
+            except errors.TransientError as e:
+                log.warning("execution %s postponed: %s", request.execution_id, e)
+                await asyncio.sleep(self.settings.transient_retry_delay_s)
+                self.metrics.requeued.inc()
+                await _settle(message.nack(requeue=True))
+                return
+            except executions.Foreign as e:  # another execution's id: its row is left alone, nothing is replied
+                await self._poison(message, str(e))
+                return
+            except Exception as e:
+                log.exception("execution %s: unexpected failure; poisoning its message", request.execution_id)
+                await self._record_internal_error(request, e)
+                await self._poison(message, f"internal error: {errors.describe(e)}")
+                return
+            await self._run_or_answer(message, request, admitted, slot)
         finally:
-            self._slots.release()
+            slot.release()
 
-    async def _admit_and_run(
-        self, message: aio_pika.abc.AbstractIncomingMessage, request: messages.ExecutionRequest
-    ) -> None:
+    async def _admit(
+        self, request: messages.ExecutionRequest, slot: _Slot
+    ) -> Admitted | executions.Record | executions.Busy:
+        """Read what the execution needs (read-only: no claim yet) while the executors may still be busy with
+        earlier messages, then wait for a slot and claim. What was read while waiting longer than
+        ``READ_AHEAD_FRESH_S`` is read again (a workflow changed meanwhile shows at once)."""
+        ahead = await self.read_ahead(request)
+        if not isinstance(ahead, Prepared):
+            return ahead
+        waited_s = await slot.acquire(self.settings.delivery_hold_s)
+        if waited_s <= READ_AHEAD_FRESH_S:
+            self._ahead[request.execution_id] = ahead  # prepare takes it (and drops it whatever happens)
         try:
-            admitted = await self.prepare(request)
-        except errors.TransientError as e:
-            log.warning("execution %s postponed: %s", request.execution_id, e)
-            await asyncio.sleep(self.settings.transient_retry_delay_s)
-            self.metrics.requeued.inc()
-            await _settle(message.nack(requeue=True))
-            return
-        except Exception as e:
-            log.exception("execution %s: unexpected failure; poisoning its message", request.execution_id)
-            await self._record_internal_error(request, e)
-            await self._poison(message, f"internal error: {errors.describe(e)}")
-            return
+            return await self.prepare(request)
+        finally:
+            self._ahead.pop(request.execution_id, None)
+
+    async def _run_or_answer(
+        self,
+        message: aio_pika.abc.AbstractIncomingMessage,
+        request: messages.ExecutionRequest,
+        admitted: Admitted | executions.Record | executions.Busy,
+        slot: _Slot,
+    ) -> None:
         if isinstance(admitted, Admitted):
             # PostgreSQL owns the execution from here on (its lease): the broker's consumer_timeout no longer
             # matters, and a crash from now on is recovered by the sweep, by policy, not by a redelivery.
             await _settle(message.ack())
-            await self._run_leased(request, admitted)
+            await self._run_leased(request, admitted, slot)
             return
+        slot.release()  # nothing runs
         if isinstance(admitted, executions.Busy):
             log.info("execution %s runs under a live lease elsewhere; its owner replies", request.execution_id)
         elif admitted.leased and not admitted.answers(request):  # another caller: the stored outcome
@@ -458,13 +545,18 @@ class WorkflowExecutionConsumer:
 
     # -- a leased run -----------------------------------------------------------------------------------------
 
-    async def _run_leased(self, request: messages.ExecutionRequest, admitted: Admitted) -> None:
+    async def _run_leased(self, request: messages.ExecutionRequest, admitted: Admitted, slot: _Slot) -> None:
         """Run under the lease, record the outcome (fenced), reply. Nothing here may raise: the message is
-        acknowledged already; what cannot be finished is left to the lease's expiry and the sweep."""
+        acknowledged already; what cannot be finished is left to the lease's expiry and the sweep. The execution
+        slot is freed as soon as the run ended: recording and replying need no executor, so the next message's
+        run starts meanwhile (the lease, held until the reply is marked sent, keeps covering this one)."""
         lease = admitted.lease
         try:
             try:
-                outcome = await self._execute_while_leased(request, admitted)
+                try:
+                    outcome = await self._execute_while_leased(request, admitted)
+                finally:
+                    slot.release()
                 if outcome is None:
                     return  # the lease was lost: whoever recovered the execution owns its outcome
                 self.metrics.executions.labels(status=outcome.status.value).inc()
@@ -472,14 +564,28 @@ class WorkflowExecutionConsumer:
             finally:
                 self._lost.pop(lease.execution_id, None)
                 self._mine.discard(lease.execution_id)  # finished: a new request gets the stored outcome
-            if not recorded:
+            if recorded is None:
                 log.warning("execution %s: lease lost before its outcome was recorded", request.execution_id)
             elif request.reply_to:
-                await self._reply_owed(request, outcome)
+                await self._reply_owed(request, recorded)
                 return
+        except executor.NotStarted as e:
+            await self._postpone(request, lease, e)
         except Exception:
             log.exception("execution %s: failed after its message was acknowledged; the sweep recovers it", lease)
         self.leases.drop(lease.execution_id)
+
+    async def _postpone(self, request: messages.ExecutionRequest, lease: executions.Lease, why: Exception) -> None:
+        """Nothing of the execution ran (the executor went away after the claim): PENDING again without using an
+        attempt, and its message published again. If that fails, the lease expires and a sweep republishes it."""
+        log.warning("execution %s: not started (%s); queued again", request.execution_id, errors.describe(why))
+        assert self._channel is not None
+        try:
+            await self._unit(lambda db: executions.postpone(db, lease, terms=self._terms))
+            await amqp.republish(self._channel, self._names, request, attempt=lease.attempt)
+            await self._unit(lambda db: executions.republished(db, lease.execution_id, terms=self._terms))
+        except Exception as e:  # nothing here may raise (see _run_leased)
+            log.warning("execution %s: not queued again yet (a sweep will): %s", request.execution_id, e)
 
     async def _execute_while_leased(
         self, request: messages.ExecutionRequest, admitted: Admitted
@@ -502,10 +608,12 @@ class WorkflowExecutionConsumer:
         if event is not None:
             event.set()
 
-    async def record(self, lease: executions.Lease, outcome: messages.Outcome) -> bool:
+    async def record(self, lease: executions.Lease, outcome: messages.Outcome) -> messages.Outcome | None:
         """Record (group-committed with concurrent outcomes); retried through outages while the stop allows:
-        the lease may outlive a short one, and fencing refuses the outcome if it did not."""
-        delay_s = self.settings.transient_retry_delay_s
+        the lease may outlive a short one, and fencing refuses the outcome if it did not (None). What was
+        recorded is returned: an outcome PostgreSQL refuses even alone (``outcome_problem`` missed something) becomes
+        FAILED saying so, for this execution only, instead of being left to the sweep."""
+        delay_s, replaced = self.settings.transient_retry_delay_s, False
         while True:
             try:
                 recorded = await self.leases.outcomes.submit((lease, outcome))
@@ -515,8 +623,20 @@ class WorkflowExecutionConsumer:
                 await asyncio.sleep(delay_s)
                 delay_s = min(delay_s * 2, self.settings.lease_renew_interval_s)
                 continue
+            except Exception as e:
+                if replaced:
+                    raise  # even the replacement was refused: the sweep recovers it
+                log.warning("execution %s: its outcome was refused: %s", lease.execution_id, errors.describe(e))
+                refused = messages.Outcome(
+                    messages.Status.FAILED,
+                    error=f"the outcome could not be stored: {errors.describe(e)}",
+                    duration_ms=outcome.duration_ms,
+                )
+                outcome = messages.storable(refused, max_result_bytes=self.settings.max_result_bytes)
+                replaced = True
+                continue
             self._db_ok = True
-            return recorded
+            return outcome if recorded else None
 
     async def _reply_owed(self, request: messages.ExecutionRequest, outcome: messages.Outcome) -> None:
         """Send a reply this consumer owes (it holds the row's lease), then mark it sent. Unsent (the broker
@@ -529,7 +649,7 @@ class WorkflowExecutionConsumer:
                 self.leases.drop(execution_id)
                 return
             try:
-                await self.leases.replied.submit(execution_id)
+                await self.leases.mark_replied(execution_id)  # with the next outcome flush, usually
             except errors.TransientError as e:
                 log.warning("execution %s: replied, but not marked so: %s", execution_id, e)
                 self.leases.drop(execution_id)
@@ -579,15 +699,29 @@ class WorkflowExecutionConsumer:
 
     # -- the two units of work ----------------------------------------------------------------------------------
 
+    async def read_ahead(self, request: messages.ExecutionRequest) -> Prepared | executions.Record | executions.Busy:
+        """The read-only part of preparing, done before an execution slot is free: the workflow, the
+        organization and its configs (Redis first), then ``_sync_module_cache``, the O(1) readiness check, which
+        returns the generation the execution pins. An execution that cannot run (unknown workflow, another
+        organization's, ...) is recorded FAILED here and its Record returned."""
+        prepared = await self._read(request)
+        if not isinstance(prepared, Prepared):
+            return prepared
+        return dataclasses.replace(prepared, generation=await self._sync_module_cache())
+
     async def prepare(self, request: messages.ExecutionRequest) -> Admitted | executions.Record | executions.Busy:
-        """Everything before the executor: the first unit of work (ending with the claim), then the O(1) cache
-        readiness check. An Admitted execution is leased to this consumer (``leases`` renews it)."""
+        """Everything before the executor: what ``read_ahead`` reads (unless read just now, while the message
+        waited for its slot), then the claim. An Admitted execution is leased to this consumer (``leases``
+        renews it)."""
         execution_id = request.execution_id
+        if not self.executor.available:  # claimed now, it could only fail: requeued instead (a TransientError)
+            raise executor.ExecutorUnavailable("the executor is unavailable")
         if execution_id in self._mine:
             return executions.Busy(None)  # a second delivery of what this consumer claims or runs
         self._mine.add(execution_id)
         try:
-            admitted = await self._unit(lambda db: self._prepare(db, request))
+            read = self._ahead.pop(execution_id, None) or await self.read_ahead(request)
+            admitted = read if not isinstance(read, Prepared) else await self._claim(request, read)
         except BaseException:
             self._mine.discard(execution_id)
             raise
@@ -595,49 +729,54 @@ class WorkflowExecutionConsumer:
             self._mine.discard(execution_id)
             return admitted
         self.leases.hold(execution_id)
-        try:
-            generation = await self._sync_module_cache()
-        except BaseException:
-            await self._give_back(admitted.lease)
-            raise
-        return dataclasses.replace(admitted, prepared=dataclasses.replace(admitted.prepared, generation=generation))
+        return admitted
 
-    async def _give_back(self, lease: executions.Lease) -> None:
-        """Undo a claim that cannot proceed (the cache is unavailable; the message is requeued)."""
-        self.leases.drop(lease.execution_id)
-        self._mine.discard(lease.execution_id)
-        with contextlib.suppress(Exception):
-            await self._unit(lambda db: executions.unclaim(db, lease, owner=self._terms.owner))
-
-    async def _prepare(
-        self, db: AsyncSession, request: messages.ExecutionRequest
-    ) -> Admitted | executions.Record | executions.Busy:
+    async def _read(self, request: messages.ExecutionRequest) -> Prepared | executions.Record | executions.Busy:
+        """The workflow (a plain asyncpg statement: ``Database.raw``), the organization and its configs (from
+        Redis; PostgreSQL on a miss); each statement commits by itself (they are independent and idempotent)."""
         try:
-            workflow = await self.workflows.get_workflow_for_execution(request.workflow_id, db=db)
-            organization = await self._organization(db, request, workflow)
+            workflow = await self._db_call(self.workflows.read_for_execution(request.workflow_id))
+            organization = await self._organization(request, workflow)
             if workflow.code is None:
                 raise errors.InputError(workflow.name, "the workflow has no code")
         except errors.InputError as e:
             outcome = messages.Outcome(messages.Status.FAILED, error=str(e), duration_ms=0)
+            record = await self._unit(lambda db: executions.finish_unleased(db, request, outcome, terms=self._terms))
+            if not record.status.finished:  # running under a live lease (a duplicate delivery): not ours to fail
+                return executions.Busy(record)
             self.metrics.executions.labels(status=outcome.status.value).inc()
-            return await executions.finish_unleased(db, request, outcome, terms=self._terms)
+            return record
         scope = configs.GLOBAL if organization is None else f"ORG:{organization.id}"
-        config = await self.configs.load_config_for_scope(scope, db=db)  # before the claim: may fail transiently
-        claimed = await executions.claim(
-            db,
-            request,
-            terms=self._terms,
-            workflow_name=workflow.name,
-            organization_id=organization.id if organization else None,
-            max_attempts=workflow.retries_on_crash + 1,
+        config = await self._db_call(self.configs.load_config_for_scope(scope))  # before the claim: may fail
+        return Prepared(workflow=workflow, organization=organization, config=config)
+
+    async def _claim(
+        self, request: messages.ExecutionRequest, read: Prepared
+    ) -> Admitted | executions.Record | executions.Busy:
+        """The claim's statement on a plain asyncpg connection; only if it finds a row it may not claim does
+        ``executions.claim`` find out what is there (finished, leased elsewhere, expired without attempts)."""
+        name, organization = read.workflow.name, read.organization.id if read.organization else None
+        attempts = read.workflow.retries_on_crash + 1
+        terms = self._terms
+        claimed: executions.Lease | executions.Record | executions.Busy | None = await self._db_call(
+            self.database.raw(
+                lambda db: executions.try_claim(
+                    db, request, terms=terms, workflow_name=name, organization_id=organization, max_attempts=attempts
+                )
+            )
         )
+        if claimed is None:
+            claimed = await self._unit(
+                lambda db: executions.claim(
+                    db, request, terms=terms, workflow_name=name, organization_id=organization, max_attempts=attempts
+                )
+            )
         if not isinstance(claimed, executions.Lease):
             return claimed
-        prepared = Prepared(workflow=workflow, organization=organization, config=config, attempt=claimed.attempt)
-        return Admitted(lease=claimed, prepared=prepared)
+        return Admitted(lease=claimed, prepared=dataclasses.replace(read, attempt=claimed.attempt))
 
     async def _organization(
-        self, db: AsyncSession, request: messages.ExecutionRequest, workflow: workflows.WorkflowForExecution
+        self, request: messages.ExecutionRequest, workflow: workflows.WorkflowForExecution
     ) -> configs.Organization | None:
         owner, asked = workflow.organization_id, request.organization_id
         if owner is not None and asked is not None and owner != asked:
@@ -645,7 +784,7 @@ class WorkflowExecutionConsumer:
         org_id = asked or owner
         if org_id is None:
             return None
-        organization = await self.configs.get_organization(org_id, db=db)
+        organization = await self._db_call(self.configs.get_organization(org_id))
         if organization is None:
             raise errors.InputError(str(org_id), "no such organization")
         if not organization.is_active:
@@ -668,6 +807,7 @@ class WorkflowExecutionConsumer:
             "config": serving.withhold_secrets(prepared.config),
             "organization": prepared.organization.to_raw() if prepared.organization else None,
             "generation": prepared.generation,
+            "attempt": prepared.attempt,
         }
         timeout_s = min(float(workflow.timeout_seconds), self.settings.execution_timeout_s)
         started = self._monotonic()
@@ -677,25 +817,71 @@ class WorkflowExecutionConsumer:
         self.metrics.duration.observe(elapsed_s)
         duration_ms = round(elapsed_s * 1000)
         # What the execution sent is workflow-controlled (it can forge its result frame): held to a message's
-        # bounds before it reaches PostgreSQL (where it is group-committed with other executions' outcomes) or a
-        # reply, so it can fail only this execution (attack-8 F9b).
+        # bounds before it reaches PostgreSQL, where it is group-committed with other organizations' outcomes
+        # (attack-8b A3), or a reply, so it can fail only this execution (attack-8 F9b). An error's words are
+        # kept, NULs and unpaired surrogates escaped (an exception about a surrogateescape'd file name is ordinary).
+        error = messages.storable_text(result.error)
         problem = messages.outcome_problem(
-            result.result, result.error, limits=self._limits, max_result_bytes=self.settings.max_result_bytes
+            result.result, error, limits=self._limits, max_result_bytes=self.settings.max_result_bytes
         )
         if problem is not None:
             log.warning("execution %s: its result was refused: %s", request.execution_id, problem)
             error = f"execution process {result.pid} sent a result that cannot be recorded: {problem}"
             return messages.Outcome(messages.Status.FAILED, error=error, duration_ms=duration_ms)
-        return messages.Outcome(status=result.status, result=result.result, error=result.error, duration_ms=duration_ms)
+        return messages.Outcome(status=result.status, result=result.result, error=error, duration_ms=duration_ms)
 
     async def _unit(self, work: Callable[[AsyncSession], Awaitable[T]]) -> T:
+        return await self._db_call(self.database.run(work, autocommit=True))
+
+    async def _db_call(self, call: Awaitable[T]) -> T:
+        """``call``, which reads or writes PostgreSQL; its outcome is what ``/readyz`` reports for it."""
         try:
-            result = await self.database.run(work, autocommit=True)
+            result = await call
         except errors.SourceUnavailable:
             self._db_ok = False
             raise
         self._db_ok = True
         return result
+
+
+class _NoSlot(Exception):
+    """No execution slot became free within ``delivery_hold_s``."""
+
+
+class _Slot:
+    """One execution slot (of ``consumer_concurrency``): acquired once, released once (after the run, or when
+    handling ends)."""
+
+    def __init__(self, slots: asyncio.Semaphore) -> None:
+        self._slots = slots
+        self._held = False
+
+    async def acquire(self, timeout_s: float) -> float:
+        """Wait for the slot; returns how long that took (_NoSlot after ``timeout_s``)."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._slots.acquire()
+        except TimeoutError:
+            raise _NoSlot from None
+        self._held = True
+        return loop.time() - started
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._slots.release()
+
+
+def _retrieve(task: asyncio.Future[None]) -> None:
+    if not task.cancelled():
+        task.exception()  # retrieved: whoever awaited it was cancelled
+
+
+async def _finish(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
 
 
 async def _settle(settling: Any) -> None:

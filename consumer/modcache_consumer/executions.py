@@ -10,8 +10,9 @@ PostgreSQL, not the broker, owns an execution once it is claimed. Every running 
 * the owner ``renew``\\ s the leases of everything it runs, in one statement per interval;
 * ``finish_leased`` records outcomes **only for the current token** (``WHERE lease_token = :token``): a consumer
   that lost its lease (it stalled past the expiry and the execution was recovered) records nothing;
-* an execution with a ``reply_to`` stays leased by the owner after its outcome until ``mark_replied``: if the
-  owner dies in between, the reply is still owed and a sweeper sends it from the stored outcome;
+* an execution with a ``reply_to`` stays leased by the owner after its outcome until ``mark_replied`` (usually
+  folded into the next ``finish_leased``): if the owner dies in between, the reply is still owed and a sweeper
+  sends it from the stored outcome;
 * ``sweep`` is crash recovery: rows whose lease expired are handled by their workflow's policy in one
   statement (``FOR UPDATE SKIP LOCKED``, so concurrent sweepers split the work): RUNNING with attempts left ->
   PENDING (the sweeper republishes its message; once the broker confirmed it, ``republished`` extends the lease
@@ -32,12 +33,13 @@ import uuid
 from collections.abc import Iterable, Sequence
 from typing import Any, NewType
 
+import asyncpg
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql as pg
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from modcache import schema
-from modcache_consumer import messages
+from modcache_consumer import database, messages
 
 E = schema.Execution
 Owner = NewType("Owner", str)
@@ -69,6 +71,15 @@ class Record:
     replied: bool = False  # its reply was sent (replied_at is set)...
     reply_to: str | None = None  # ...to this queue, with this correlation id
     correlation_id: str | None = None
+    parameters: Any = None  # as stored (``read`` only)
+
+    def same(self, request: messages.ExecutionRequest, organization_id: uuid.UUID | None) -> bool:
+        """Whether ``request`` (its organization resolved to ``organization_id``) is this row's execution."""
+        return (self.workflow_id, self.organization_id, self.parameters) == (
+            request.workflow_id,
+            organization_id,
+            request.parameters,
+        )
 
     def answers(self, request: messages.ExecutionRequest) -> bool:
         """Whether ``request`` is the one this row replies to (same reply queue and correlation id)."""
@@ -77,6 +88,17 @@ class Record:
     def replied_to(self, request: messages.ExecutionRequest) -> bool:
         """Whether ``request`` already had its reply: a duplicate."""
         return self.replied and self.answers(request)
+
+
+class Foreign(Exception):
+    """A request names the id of another execution (another workflow, organization or parameters): it may neither
+    run in that row nor be answered from it."""
+
+    def __init__(self, execution_id: uuid.UUID) -> None:
+        super().__init__(
+            f"execution id {execution_id} belongs to another execution (its workflow, organization or parameters "
+            "differ)"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +129,15 @@ class Recovered:
 # Plain SQL with typed parameters: built once; executing it costs no per-call statement analysis.
 _JSON = pg.JSONB(none_as_null=True)
 _LEASE = "now() + make_interval(secs => :lease_s)"
+# A request may act on an existing row only if it is the same execution: the row's workflow, organization and
+# parameters (attack-8b A11: a message naming another organization's execution id took over its PENDING row).
+_SAME = """executions.workflow_id IS NOT DISTINCT FROM EXCLUDED.workflow_id
+      AND executions.organization_id IS NOT DISTINCT FROM EXCLUDED.organization_id
+      AND executions.parameters = EXCLUDED.parameters"""
+# The same for an outcome decided before any run, where the request may leave the organization to the workflow.
+_SAME_UNLEASED = """executions.workflow_id IS NOT DISTINCT FROM EXCLUDED.workflow_id
+      AND (EXCLUDED.organization_id IS NULL OR executions.organization_id IS NOT DISTINCT FROM EXCLUDED.organization_id)
+      AND executions.parameters = EXCLUDED.parameters"""
 _EXPIRED = "COALESCE(executions.lease_expires_at, executions.updated_at + make_interval(secs => :unowned_s)) < now()"
 _CLAIM = sa.text(
     f"""
@@ -121,20 +152,24 @@ _CLAIM = sa.text(
         attempt = executions.attempt + CASE WHEN executions.status = 'RUNNING'
             AND executions.lease_owner = EXCLUDED.lease_owner THEN 0 ELSE 1 END,
         max_attempts = EXCLUDED.max_attempts, replied_at = NULL,
-        reply_to = COALESCE(EXCLUDED.reply_to, executions.reply_to),
-        correlation_id = COALESCE(EXCLUDED.correlation_id, executions.correlation_id)
-    WHERE executions.status = 'PENDING'
+        reply_to = COALESCE(executions.reply_to, EXCLUDED.reply_to),
+        correlation_id = CASE WHEN executions.reply_to IS NULL THEN EXCLUDED.correlation_id
+            ELSE executions.correlation_id END
+    WHERE (executions.status = 'PENDING'
        OR (executions.status = 'RUNNING' AND executions.lease_owner = EXCLUDED.lease_owner)
-       OR (executions.status = 'RUNNING' AND {_EXPIRED} AND GREATEST(executions.attempt, 1) < executions.max_attempts)
+       OR (executions.status = 'RUNNING' AND {_EXPIRED} AND GREATEST(executions.attempt, 1) < executions.max_attempts))
+      AND {_SAME}
     RETURNING id, lease_token, attempt
     """
 ).bindparams(sa.bindparam("parameters", type_=_JSON))
+
+_CLAIM_RAW = database.Raw(_CLAIM, json_params=("parameters",))
 
 _RETURNED = "id, status, workflow_id, workflow_name, organization_id, result, error, duration_ms, attempt"
 _READ = sa.text(
     f"""
     SELECT {_RETURNED}, COALESCE(lease_expires_at > now(), false) AS leased, lease_owner,
-        replied_at IS NOT NULL AS replied, reply_to, correlation_id
+        replied_at IS NOT NULL AS replied, reply_to, correlation_id, parameters
     FROM executions WHERE id = :id
     """
 )
@@ -151,17 +186,22 @@ _FINISH_UNLEASED = (
         finished_at = now(), duration_ms = EXCLUDED.duration_ms, updated_at = now(),
         reply_to = EXCLUDED.reply_to, correlation_id = EXCLUDED.correlation_id, replied_at = NULL,
         lease_owner = EXCLUDED.lease_owner, lease_expires_at = EXCLUDED.lease_expires_at
-    WHERE executions.status = 'PENDING'
-       OR (executions.status = 'RUNNING' AND {_EXPIRED})
+    WHERE (executions.status = 'PENDING' OR (executions.status = 'RUNNING' AND {_EXPIRED})) AND {_SAME_UNLEASED}
     RETURNING id
     """
     )
     .bindparams(sa.bindparam("parameters", type_=_JSON), sa.bindparam("result", type_=_JSON))
     .columns(E.id)
 )
-# Outcomes of leased runs, many at once; each only if its token is still the current one.
+# Outcomes of leased runs, many at once; each only if its token is still the current one. The same statement
+# marks earlier executions' replies sent (``_REPLIED``, folded in: one statement per batch, not two).
 _FINISH_LEASED = sa.text(
     f"""
+    WITH marked AS (
+        UPDATE executions SET replied_at = now(), lease_owner = NULL, lease_expires_at = NULL
+        WHERE id = ANY(CAST(:replied AS uuid[])) AND lease_owner = :owner AND status NOT IN ('PENDING', 'RUNNING')
+        RETURNING id
+    )
     UPDATE executions AS e SET status = v.status, result = v.result::jsonb, error = v.error, finished_at = now(),
         duration_ms = v.duration_ms, updated_at = now(),
         lease_owner = CASE WHEN e.reply_to IS NULL THEN NULL ELSE e.lease_owner END,
@@ -173,6 +213,7 @@ _FINISH_LEASED = sa.text(
     RETURNING e.id
     """
 )
+_FINISH_LEASED_RAW = database.Raw(_FINISH_LEASED)
 _RENEW = sa.text(
     f"""
     UPDATE executions SET lease_expires_at = {_LEASE}
@@ -183,6 +224,12 @@ _RENEW = sa.text(
 _UNCLAIM = sa.text(
     """
     UPDATE executions SET status = 'PENDING', attempt = attempt - 1, lease_owner = NULL, lease_expires_at = NULL
+    WHERE id = :id AND lease_token = :token AND lease_owner = :owner AND status = 'RUNNING'
+    """
+)
+_POSTPONE = sa.text(
+    f"""
+    UPDATE executions SET status = 'PENDING', attempt = attempt - 1, lease_expires_at = {_LEASE}, updated_at = now()
     WHERE id = :id AND lease_token = :token AND lease_owner = :owner AND status = 'RUNNING'
     """
 )
@@ -201,6 +248,7 @@ _REPLIED = sa.text(
     WHERE id = ANY(CAST(:ids AS uuid[])) AND lease_owner = :owner AND status NOT IN ('PENDING', 'RUNNING')
     """
 )
+_REPLIED_RAW = database.Raw(_REPLIED)
 _SWEEP = sa.text(
     f"""
     WITH due AS (
@@ -254,8 +302,50 @@ async def claim(
     organization_id: uuid.UUID | None = None,
     max_attempts: int = 1,
 ) -> Lease | Record | Busy:
-    """Take the lease and mark the execution RUNNING; else what is there: a finished Record, or Busy."""
-    values = {
+    """Take the lease and mark the execution RUNNING; else what is there: a finished Record, or Busy. Foreign if
+    the row is another execution's (another workflow, organization or parameters): it is left alone."""
+    values = _claim_values(request, terms, workflow_name, organization_id, max_attempts)
+    row = (await db.execute(_CLAIM, values)).first()
+    if row is not None:
+        return Lease(execution_id=row.id, token=row.lease_token, attempt=row.attempt)
+    record = await read(db, request.execution_id)
+    assert record is not None  # the insert conflicted: the row exists
+    if not record.same(request, values["organization_id"]):
+        raise Foreign(request.execution_id)
+    if record.status is messages.Status.RUNNING and not record.leased:  # expired, no attempts left: fail it now
+        swept = await sweep(db, terms=terms, only=request.execution_id)
+        return swept[0].record if swept else await claim_again(db, request, terms=terms)
+    if not record.status.finished:
+        return Busy(record)
+    return record
+
+
+async def try_claim(
+    db: asyncpg.Connection,
+    request: messages.ExecutionRequest,
+    *,
+    terms: Terms,
+    workflow_name: str | None = None,
+    organization_id: uuid.UUID | None = None,
+    max_attempts: int = 1,
+) -> Lease | None:
+    """``claim``'s first statement alone, on a plain asyncpg connection (``Database.raw``, the hot path): the
+    lease, or None when the row exists and is not claimable (then ``claim`` finds out what is there)."""
+    values = _claim_values(request, terms, workflow_name, organization_id, max_attempts)
+    row = await db.fetchrow(_CLAIM_RAW.sql, *_CLAIM_RAW.args(values))
+    if row is None:
+        return None
+    return Lease(execution_id=row["id"], token=row["lease_token"], attempt=row["attempt"])
+
+
+def _claim_values(
+    request: messages.ExecutionRequest,
+    terms: Terms,
+    workflow_name: str | None,
+    organization_id: uuid.UUID | None,
+    max_attempts: int,
+) -> dict[str, Any]:
+    return {
         "id": request.execution_id,
         "workflow_id": request.workflow_id,
         "workflow_name": workflow_name,
@@ -268,17 +358,6 @@ async def claim(
         "reply_to": request.reply_to,
         "correlation_id": request.correlation_id,
     }
-    row = (await db.execute(_CLAIM, values)).first()
-    if row is not None:
-        return Lease(execution_id=row.id, token=row.lease_token, attempt=row.attempt)
-    record = await read(db, request.execution_id)
-    assert record is not None  # the insert conflicted: the row exists
-    if record.status is messages.Status.RUNNING and not record.leased:  # expired, no attempts left: fail it now
-        swept = await sweep(db, terms=terms, only=request.execution_id)
-        return swept[0].record if swept else await claim_again(db, request, terms=terms)
-    if not record.status.finished:
-        return Busy(record)
-    return record
 
 
 async def claim_again(db: AsyncSession, request: messages.ExecutionRequest, *, terms: Terms) -> Busy | Record:
@@ -311,16 +390,24 @@ async def finish_unleased(
     await db.execute(_FINISH_UNLEASED, values)
     record = await read(db, request.execution_id)
     assert record is not None  # just written, or already there
+    if not record.same(request, request.organization_id or record.organization_id):
+        raise Foreign(request.execution_id)
     return record
 
 
 async def finish_leased(
-    db: AsyncSession, outcomes: Sequence[tuple[Lease, messages.Outcome]], *, terms: Terms
+    db: AsyncSession | asyncpg.Connection,
+    outcomes: Sequence[tuple[Lease, messages.Outcome]],
+    *,
+    terms: Terms,
+    replied: Sequence[uuid.UUID] = (),
 ) -> set[uuid.UUID]:
-    """Record many outcomes in one statement; returns the ids recorded (the others' leases were lost)."""
-    if not outcomes:
+    """Record many outcomes in one statement; returns the ids recorded (the others' leases were lost). The same
+    statement does ``mark_replied`` for ``replied`` (other executions, finished earlier)."""
+    if not outcomes and not replied:
         return set()
     values = {
+        "replied": list(replied),
         "ids": [lease.execution_id for lease, _ in outcomes],
         "tokens": [lease.token for lease, _ in outcomes],
         "statuses": [o.status.value for _, o in outcomes],
@@ -330,7 +417,7 @@ async def finish_leased(
         "owner": terms.owner,
         "lease_s": terms.lease_s,
     }
-    return {row.id for row in await db.execute(_FINISH_LEASED, values)}
+    return {row["id"] for row in await _FINISH_LEASED_RAW.fetch(db, _FINISH_LEASED, values)}
 
 
 async def renew(db: AsyncSession, ids: Iterable[uuid.UUID], *, terms: Terms) -> set[uuid.UUID]:
@@ -347,6 +434,14 @@ async def unclaim(db: AsyncSession, lease: Lease, *, owner: Owner) -> None:
     await db.execute(_UNCLAIM, {"id": lease.execution_id, "token": lease.token, "owner": owner})
 
 
+async def postpone(db: AsyncSession, lease: Lease, *, terms: Terms) -> None:
+    """Nothing ran (the executor was gone after the claim): PENDING again, the attempt not used, still leased by
+    ``terms.owner`` while its message is published again (``republished``); if that never happens, the lease
+    expires and a sweep republishes it."""
+    values = {"id": lease.execution_id, "token": lease.token, "owner": terms.owner, "lease_s": terms.lease_s}
+    await db.execute(_POSTPONE, values)
+
+
 async def republished(db: AsyncSession, execution_id: uuid.UUID, *, terms: Terms) -> None:
     """The broker confirmed a retry's message: it is queued durably and the consumer that takes it claims the row
     (or its redelivery does). Republish again only if the row is still PENDING after ``terms.unowned_s``."""
@@ -361,11 +456,11 @@ async def release(db: AsyncSession, ids: Iterable[uuid.UUID], *, owner: Owner) -
         await db.execute(_RELEASE, {"ids": wanted, "owner": owner})
 
 
-async def mark_replied(db: AsyncSession, ids: Iterable[uuid.UUID], *, owner: Owner) -> None:
+async def mark_replied(db: AsyncSession | asyncpg.Connection, ids: Iterable[uuid.UUID], *, owner: Owner) -> None:
     """The replies of ``ids`` were sent: nothing is owed any more and their leases end."""
     wanted = list(ids)
     if wanted:
-        await db.execute(_REPLIED, {"ids": wanted, "owner": owner})
+        await _REPLIED_RAW.fetch(db, _REPLIED, {"ids": wanted, "owner": owner})
 
 
 async def sweep(
@@ -393,7 +488,9 @@ async def read(db: AsyncSession, execution_id: uuid.UUID) -> Record | None:
     if row is None:
         return None
     record = _record(row, leased=row.leased, owner=row.lease_owner, replied=row.replied)
-    return dataclasses.replace(record, reply_to=row.reply_to, correlation_id=row.correlation_id)
+    return dataclasses.replace(
+        record, reply_to=row.reply_to, correlation_id=row.correlation_id, parameters=row.parameters
+    )
 
 
 def _recovered(row: sa.Row[Any]) -> Recovered:

@@ -70,6 +70,10 @@ class ExecutorLost(errors.TransientError):
     """The executor went away during the execution (its outcome is unknown; the message is requeued)."""
 
 
+class NotStarted(ExecutorUnavailable):
+    """``run`` could not start the execution (no executor, no spare): nothing of it ran, nothing was sent."""
+
+
 class Session(Protocol):
     """Answers an execution's requests (``serving.Session``)."""
 
@@ -364,6 +368,21 @@ class Executor:
     def isolation(self) -> str:
         return "" if self._control is None else str(self._control.hello.get("isolation", ""))
 
+    @property
+    def available(self) -> bool:
+        """Whether the control connection to the executor is up (the executor said hello and is still there)."""
+        return self._control is not None and not self._control.lost.is_set()
+
+    async def connect(self) -> None:
+        """Connect to the executor again (restart it, in child mode) if it was lost; ExecutorUnavailable if not."""
+        await self._connected()
+
+    async def lost(self) -> None:
+        """Until the control connection is lost (at once if it is not up)."""
+        control = self._control
+        if control is not None:
+            await control.lost.wait()
+
     async def _connected(self) -> _Control:
         async with self._lock:
             if self._closed:
@@ -455,9 +474,13 @@ class Executor:
     # -- running an execution -------------------------------------------------------------------------------
 
     async def run(self, job: protocol.Job, *, timeout_s: float, session: Session) -> Outcome:
-        """Run ``job`` in a fresh process; never raises for what the workflow or its process did."""
-        control = await self._connected()
-        spare = await control.spare(self._start_timeout_s)
+        """Run ``job`` in a fresh process; never raises for what the workflow or its process did. NotStarted if
+        no execution process could be had (the job was not sent: the execution can be queued again as is)."""
+        try:
+            control = await self._connected()
+            spare = await control.spare(self._start_timeout_s)
+        except (ExecutorUnavailable, ExecutorLost) as e:
+            raise NotStarted(str(e)) from e
         ticket = next(self._tickets)
         exited = control.expect(ticket)
         ours = socket.socket(fileno=spare.channel)

@@ -12,7 +12,13 @@
 
 ``Batcher`` is a group commit: callers ``submit`` one item and await its result; items that arrive while a
 flush runs go into the next one. Idle, a submit is flushed at once (no added latency); busy, N outcomes cost
-one statement instead of N.
+one statement instead of N. A batch that fails other than by an outage is flushed again item by item: one
+outcome the database refuses spoils only its own.
+
+"Replied" marks (``mark_replied``) ride along with the next outcome flush (the same statement): a mark waits
+up to ``mark_delay_s`` for one and is flushed alone only if none came. Busy, an execution costs one write after
+its run (its outcome, carrying the previous execution's mark) instead of two; idle, the mark is written
+``mark_delay_s`` later, which nobody waits for (the reply went out already; the lease is renewed meanwhile).
 """
 
 from __future__ import annotations
@@ -64,9 +70,16 @@ class Batcher(Generic[I, O]):
             self._task = None
 
     async def _flush_one(self, batch: list[tuple[I, asyncio.Future[O]]]) -> None:
+        """Flush ``batch``; if it fails for a reason other than an outage, flush its items one by one, so an
+        item the database refuses fails only its own caller (attack-8b A3), not everyone batched with it."""
         try:
             results = await self._flush([item for item, _ in batch])
         except Exception as e:
+            if len(batch) > 1 and not isinstance(e, errors.TransientError):
+                log.warning("a batch of %d failed (%s); flushing its items one by one", len(batch), errors.describe(e))
+                for one in batch:
+                    await self._flush_one([one])
+                return
             for _, future in batch:
                 if not future.done():
                     future.set_exception(e)
@@ -87,8 +100,13 @@ class Leases:
         sweep_interval_s: float,
         on_recovered: Recover,
         on_lost: Callable[[uuid.UUID], None],
+        mark_delay_s: float = 0.02,
     ) -> None:
         self.terms = terms
+        self._mark_delay_s = mark_delay_s
+        self._marks: list[tuple[uuid.UUID, asyncio.Future[None]]] = []  # replied, to be marked so
+        self._marking: asyncio.Task[None] | None = None
+        self._writing = asyncio.Lock()  # outcome and mark flushes take turns: one connection for both
         self._database = database
         self._renew_interval_s = renew_interval_s
         self._sweep_interval_s = sweep_interval_s
@@ -98,7 +116,6 @@ class Leases:
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self.outcomes: Batcher[tuple[executions.Lease, messages.Outcome], bool] = Batcher(self._record)
-        self.replied: Batcher[uuid.UUID, None] = Batcher(self._mark_replied)
 
     def hold(self, execution_id: uuid.UUID) -> None:
         self._held.add(execution_id)
@@ -122,10 +139,23 @@ class Leases:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.outcomes.close()
-        await self.replied.close()
+        if self._marking is not None:
+            await asyncio.gather(self._marking, return_exceptions=True)
+        await self._marks_now()
+
+    async def mark_replied(self, execution_id: uuid.UUID) -> None:
+        """The reply of ``execution_id`` was sent: mark it so (with the next outcome flush, or alone after
+        ``mark_delay_s``), which ends its lease. Raises TransientError if the mark could not be written."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._marks.append((execution_id, future))
+        if self._marking is None:
+            self._marking = asyncio.create_task(self._marks_alone())
+        await asyncio.shield(future)
 
     async def release(self) -> None:
-        """Expire every lease still held now (this consumer stops): the next sweep anywhere recovers them."""
+        """Expire every lease still held now (this consumer stops): the next sweep anywhere recovers them.
+        Marks still waiting for an outcome flush are written first (those replies are sent: nothing is owed)."""
+        await self._marks_now()
         held, self._held = list(self._held), set()
         if held:
             await self._database.run(lambda db: executions.release(db, held, owner=self.terms.owner), autocommit=True)
@@ -171,13 +201,51 @@ class Leases:
                 log.exception("lease %s failed", getattr(work, "__name__", "work"))
 
     async def _record(self, batch: list[tuple[executions.Lease, messages.Outcome]]) -> list[bool]:
-        recorded = await self._database.run(
-            lambda db: executions.finish_leased(db, batch, terms=self.terms), autocommit=True
-        )
+        marks, self._marks = self._marks, []
+        ids = [execution_id for execution_id, _ in marks]
+        try:
+            async with self._writing:
+                recorded = await self._database.raw(
+                    lambda db: executions.finish_leased(db, batch, terms=self.terms, replied=ids)
+                )
+        except BaseException:
+            self._marks[:0] = marks  # the outcomes' callers retry theirs; the marks get their own flush
+            if marks and self._marking is None:
+                self._marking = asyncio.create_task(self._marks_alone())
+            raise
+        self._marked(marks)
         return [lease.execution_id in recorded for lease, _ in batch]
 
-    async def _mark_replied(self, ids: list[uuid.UUID]) -> list[None]:
-        await self._database.run(lambda db: executions.mark_replied(db, ids, owner=self.terms.owner), autocommit=True)
-        for execution_id in ids:
+    async def _marks_alone(self) -> None:
+        """Marks no outcome flush took along within ``mark_delay_s``: written by themselves."""
+        try:
+            while self._marks and not self._stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), self._mark_delay_s)
+                await self._marks_now()
+        finally:
+            self._marking = None
+
+    async def _marks_now(self) -> None:
+        async with self._writing:
+            marks, self._marks = self._marks, []
+            if marks:
+                await self._write_marks(marks)
+
+    async def _write_marks(self, marks: list[tuple[uuid.UUID, asyncio.Future[None]]]) -> None:
+        ids = [execution_id for execution_id, _ in marks]
+        try:
+            await self._database.raw(lambda db: executions.mark_replied(db, ids, owner=self.terms.owner))
+        except Exception as e:
+            for _, future in marks:
+                if not future.done():
+                    future.set_exception(e)
+                    future.exception()  # retrieved here: a caller that went away must not warn
+            return
+        self._marked(marks)
+
+    def _marked(self, marks: list[tuple[uuid.UUID, asyncio.Future[None]]]) -> None:
+        for execution_id, future in marks:
             self._held.discard(execution_id)
-        return [None] * len(ids)
+            if not future.done():
+                future.set_result(None)

@@ -82,6 +82,7 @@ class Job(TypedDict):
     config: dict[str, Any]  # secret values are withheld: {"type": "secret"}; asked for with a "secret" request
     organization: dict[str, Any] | None
     generation: int
+    attempt: NotRequired[int]  # which run of the execution this is: 1 first, 2 the first retry after a crash
     max_result_bytes: NotRequired[int]
     limits: NotRequired[dict[str, int | None]]  # memory_bytes, processes, file_bytes, tmp_bytes
 

@@ -131,6 +131,9 @@ class ExecutionContext:
         self.workflow_name: str = job["workflow"]["name"]
         self.organization: dict[str, Any] | None = job["organization"]
         self.parameters: dict[str, Any] = job["parameters"]
+        #: 1 on the first run; a workflow with ``retries_on_crash`` sees 2, 3, ... on the runs after its
+        #: consumer died mid-run (``executions.attempt`` holds the same number)
+        self.attempt: int = int(job.get("attempt", 1))
         self._config: dict[str, Any] = job["config"]
         self._channel = channel
 

@@ -18,10 +18,11 @@ What an execution process gets, from the template that clones it (``template``):
   namespaces above all), mounts, ptrace, other processes' memory, keyrings, eBPF, perf, userfaultfd, io_uring,
   kernel modules or kexec, and the native x86_64 ABI only; ``fork``, threads and ``subprocess`` keep working.
 
-``hide_private_trees`` runs once in the template: when the interpreter lives under a directory other users
-cannot enter (``/root`` is mode 700 on these machines), the template's own mount namespace gets a read-only
-tmpfs over that directory with only the interpreter's tree bind-mounted back, read-only, so the unprivileged
-uid can still import the standard library and installed packages, and nothing else of ``/root`` is visible.
+``hide_private_trees`` runs once in the template: when the interpreter or the code it imports lives under a
+directory other users cannot enter (``/root`` is mode 700 on these machines; a checkout made by ``mktemp -d``
+is too), the template's own mount namespace gets a read-only tmpfs over that directory with only the import
+trees bind-mounted back, read-only, so the unprivileged uid can still import the standard library and installed
+packages, and nothing else of that directory is visible.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import os
 import resource
 import select
 import signal
+import stat
 import struct
 import sys
 from collections.abc import Iterable, Sequence
@@ -68,10 +70,6 @@ _libc.unshare.argtypes = [ctypes.c_int]
 _libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
 _held.syscall.restype = ctypes.c_long
 _libc.syscall.restype = ctypes.c_long
-
-#: Directories that hold the interpreter on some machines but that other users cannot enter.
-PRIVATE_TREES = ("/root",)
-
 
 class SandboxError(OSError):
     """An isolation step failed; the execution must not run."""
@@ -197,25 +195,18 @@ def _try_namespaces(user: bool, outer: tuple[int, int]) -> int:
 
 
 def needed_trees(paths: Iterable[str] = ()) -> list[str]:
-    """The interpreter's directories that lie under a private tree (collapsed: no path inside another)."""
-    wanted = {os.path.realpath(p) for p in (sys.base_prefix, sys.prefix, *sys.path, *paths) if p}
-    inside = sorted(p for p in wanted if any(p.startswith(t + "/") for t in PRIVATE_TREES) and os.path.isdir(p))
-    collapsed: list[str] = []
-    for path in inside:
-        if not any(path.startswith(kept + "/") for kept in collapsed):
-            collapsed.append(path)
-    return collapsed
+    """The import trees (``_import_trees``, plus ``paths``) that lie inside a directory other users cannot enter."""
+    return [tree for tree in _import_trees(paths) if _private_ancestor(tree) is not None]
 
 
 def hide_private_trees(keep: Sequence[str]) -> None:
-    """In a mount namespace of the template's own: a read-only tmpfs over each private tree holding ``keep``,
-    with ``keep`` bind-mounted back read-only. Root only; mounts never propagate to the host."""
+    """In a mount namespace of the template's own: a read-only tmpfs over each directory other users cannot
+    enter that holds one of ``keep``, with ``keep`` bind-mounted back read-only. Root only; mounts never
+    propagate to the host."""
     unshare(CLONE_NEWNS)
     mount(None, "/", None, _MS_REC | _MS_PRIVATE)
-    for tree in PRIVATE_TREES:
+    for tree in sorted({a for a in map(_private_ancestor, keep) if a is not None}):
         inner = [k for k in keep if k.startswith(tree + "/")]
-        if not inner:
-            continue
         handles = [os.open(k, os.O_PATH | os.O_DIRECTORY) for k in inner]
         mount("tmpfs", tree, "tmpfs", _MS_NOSUID | _MS_NODEV, "mode=755,size=1m")
         for path, handle in zip(inner, handles, strict=True):
@@ -224,6 +215,16 @@ def hide_private_trees(keep: Sequence[str]) -> None:
             mount(None, path, None, _MS_BIND | _MS_REMOUNT | _MS_RDONLY | _MS_NOSUID | _MS_NODEV)
             os.close(handle)
         mount("tmpfs", tree, "tmpfs", _MS_REMOUNT | _MS_RDONLY | _MS_NOSUID | _MS_NODEV, "mode=755,size=1m")
+
+
+def _private_ancestor(path: str) -> str | None:
+    """The outermost directory on the way to ``path`` (``path`` excluded) that other users cannot enter."""
+    parts = os.path.realpath(path).strip("/").split("/")
+    for depth in range(1, len(parts)):
+        ancestor = "/" + "/".join(parts[:depth])
+        if not _enterable_by_others(ancestor):
+            return ancestor
+    return None
 
 
 # -- inside a freshly cloned execution process (before any workflow code) ---------------------------------
@@ -320,14 +321,26 @@ def scratch_mounts(tmp_bytes: int, others: Sequence[str] = ()) -> None:
             os.close(handle)
 
 
-def _import_trees() -> list[str]:
-    """Where the interpreter and its imports live (real paths, none inside another)."""
-    wanted = {os.path.realpath(p) for p in (sys.base_prefix, sys.prefix, os.path.dirname(__file__), *sys.path) if p}
+def _import_trees(paths: Iterable[str] = ()) -> list[str]:
+    """Where the interpreter and its imports live (real paths, none inside another). A directory other users
+    cannot enter (a checkout in ``mktemp -d``, mode 700, on ``sys.path`` as the working directory) is never
+    bound back whole: it would keep its mode and hide the import trees inside it from the execution's uid, so
+    those trees are bound back one by one instead."""
+    places = (sys.base_prefix, sys.prefix, os.path.dirname(__file__), *sys.path, *paths)
+    wanted = {os.path.realpath(p) for p in places if p}
     collapsed: list[str] = []
-    for path in sorted(p for p in wanted if os.path.isdir(p)):
+    for path in sorted(p for p in wanted if _enterable_by_others(p)):
         if not any(path.startswith(kept + "/") for kept in collapsed):
             collapsed.append(path)
     return collapsed
+
+
+def _enterable_by_others(path: str) -> bool:
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return stat.S_ISDIR(mode) and bool(mode & stat.S_IXOTH)
 
 
 def _holds_interpreter(path: str) -> bool:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql as pg
@@ -61,6 +62,8 @@ _BY_ID = sa.text(
     "value, retries_on_crash FROM workflows WHERE id = :id AND is_active"
 )
 
+_BY_ID_RAW = database.Raw(_BY_ID)
+
 
 class Workflows:
     def __init__(self, *, database: database.Database) -> None:
@@ -76,19 +79,15 @@ class Workflows:
         row = None if key is None else (await db.execute(_BY_ID, {"id": key})).first()
         if row is None:
             raise WorkflowNotFound(str(workflow_id))
-        return WorkflowForExecution(
-            id=row.id,
-            name=row.name,
-            function_name=row.function_name,
-            path=row.path,
-            code=row.code,
-            timeout_seconds=row.timeout_seconds or DEFAULT_TIMEOUT_S,
-            execution_mode=row.execution_mode or "async",
-            organization_id=row.organization_id,
-            time_saved=row.time_saved or 0,
-            value=float(row.value or 0),
-            retries_on_crash=row.retries_on_crash or 0,
-        )
+        return _for_execution(dict(row._mapping))
+
+    async def read_for_execution(self, workflow_id: uuid.UUID | str) -> WorkflowForExecution:
+        """``get_workflow_for_execution`` on a plain asyncpg connection (``Database.raw``: the hot path)."""
+        key = _as_uuid(workflow_id)
+        row = None if key is None else await self._database.raw(lambda db: db.fetchrow(_BY_ID_RAW.sql, key))
+        if row is None:
+            raise WorkflowNotFound(str(workflow_id))
+        return _for_execution(row)
 
     async def put(
         self,
@@ -160,6 +159,22 @@ class Workflows:
             ]
 
         return await self._database.run(rows)
+
+
+def _for_execution(row: Mapping[str, Any]) -> WorkflowForExecution:
+    return WorkflowForExecution(
+        id=row["id"],
+        name=row["name"],
+        function_name=row["function_name"],
+        path=row["path"],
+        code=row["code"],
+        timeout_seconds=row["timeout_seconds"] or DEFAULT_TIMEOUT_S,
+        execution_mode=row["execution_mode"] or "async",
+        organization_id=row["organization_id"],
+        time_saved=row["time_saved"] or 0,
+        value=float(row["value"] or 0),
+        retries_on_crash=row["retries_on_crash"] or 0,
+    )
 
 
 def _as_uuid(value: uuid.UUID | str) -> uuid.UUID | None:

@@ -133,11 +133,13 @@ async def _run_modulecache(
         namespace=namespace,
         name=name,
         body=body,
-        api=operator.kube_api,
-        metrics=operator.metrics,
-        post_event=_poster(body),
-        config=operator.tunables,
-        may_write=lambda: term.open,
+        outlets=statuswriter.Outlets(
+            api=operator.kube_api,
+            metrics=operator.metrics,
+            post_event=_poster(body),
+            config=operator.tunables,
+            may_write=lambda: term.open,
+        ),
     )
     the_supervisor = supervisor.Supervisor(
         namespace=namespace,

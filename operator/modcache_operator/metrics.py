@@ -62,6 +62,13 @@ class Metrics:
             labels,
             registry=self.registry,
         )
+        self.source_refusals = prometheus_client.Counter(
+            f"{PREFIX}_source_refusals_total",
+            "PostgreSQL servers refused as the source: another cluster, or a timeline older than the cache was filled"
+            " from (a former primary that came back).",
+            labels,
+            registry=self.registry,
+        )
         self.last_success = prometheus_client.Gauge(
             f"{PREFIX}_last_success_timestamp_seconds",
             "Unix time of the last successful full resync.",
@@ -101,6 +108,9 @@ class Metrics:
     def listener_server_changed(self, namespace: str, name: str, times: int = 1) -> None:
         self.listener_server_changes.labels(namespace, name).inc(times)
 
+    def source_refused(self, namespace: str, name: str, times: int = 1) -> None:
+        self.source_refusals.labels(namespace, name).inc(times)
+
     def conditions(self, namespace: str, name: str, conditions: dict[str, str]) -> None:
         """``conditions`` maps a condition type to its status."""
         for kind, current in conditions.items():
@@ -115,6 +125,7 @@ class Metrics:
             self.cached_modules,
             self.listener_connected,
             self.listener_server_changes,
+            self.source_refusals,
             self.last_success,
         ):
             _remove(metric, ours)

@@ -15,15 +15,14 @@ import dataclasses
 import datetime
 import gc
 import logging
-import random
 import urllib.parse
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 import pydantic
 
 from modcache import errors, plan, watcher
-from modcache_operator import clock, metrics, names, spec, status, statuswriter, tunables
+from modcache_operator import metrics, names, spec, status, statuswriter
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +38,8 @@ class Watcher(Protocol):
 
     def listener_server_changes(self) -> int: ...
 
+    def source_refusals(self) -> int: ...
+
 
 class Reporter:
     def __init__(
@@ -47,39 +48,24 @@ class Reporter:
         namespace: str,
         name: str,
         body: statuswriter.ObjectView,
-        api: statuswriter.StatusApi,
-        metrics: metrics.Metrics,
-        post_event: statuswriter.EventPoster,
-        config: tunables.Tunables = tunables.DEFAULT,
-        clock: clock.Clock = clock.SYSTEM,
-        rng: random.Random | None = None,
-        may_write: Callable[[], bool] = lambda: True,
+        outlets: statuswriter.Outlets,
     ) -> None:
         self.namespace = namespace
         self.name = name
-        self._metrics = metrics
-        self._post_event = post_event
-        self._clock = clock
+        self._metrics = outlets.metrics
+        self._post_event = outlets.post_event
+        self._clock = clock = outlets.clock
         self.facts = seed_facts(body.status or {}, _generation(body))
         self.last_activity_at = clock.monotonic()  # when the watcher last said anything
         self.watcher: Watcher | None = None
         self._server_changes = 0  # the watcher's listener_server_changes already counted in the metric
+        self._refusals = 0  # the watcher's source_refusals already counted in the metric
         self._secrets: tuple[pydantic.SecretStr, ...] = ()
         self._endpoints = ("", "")
         self._announced = status.announced_failure(body.status or {})
         self._resyncs = _ResyncRequests(handled=self.facts.handled_token)
         self.writer = statuswriter.StatusWriter(
-            namespace=namespace,
-            name=name,
-            body=body,
-            api=api,
-            facts=lambda: self.facts,
-            metrics=metrics,
-            post_event=post_event,
-            config=config,
-            clock=clock,
-            rng=rng,
-            may_write=may_write,
+            namespace=namespace, name=name, body=body, facts=lambda: self.facts, outlets=outlets
         )
 
     @property
@@ -141,6 +127,7 @@ class Reporter:
         now = self._clock.now()
         self.last_activity_at = self._clock.monotonic()
         self._metrics.synced(self.namespace, self.name, trigger, report, at_s=now.timestamp())
+        self._count_server_changes()  # a stale PostgreSQL refused, another host synced from instead
         facts = self.facts
         if report.full:
             _release_memory()  # a full resync's working set is large and short-lived: give it back
@@ -169,6 +156,7 @@ class Reporter:
     def on_sync_failed(self, error: errors.ModcacheError, trigger: str) -> None:
         self.last_activity_at = self._clock.monotonic()
         self._metrics.failed(self.namespace, self.name, trigger)
+        self._count_server_changes()  # a stale PostgreSQL refused shows as this failure
         facts = self._failure(error)
         if not set(trigger.split("+")) <= INCREMENTAL_TRIGGERS:
             facts = dataclasses.replace(facts, last_attempt_at=self._clock.now())
@@ -185,11 +173,16 @@ class Reporter:
             self.watcher.request_resync(watcher.RECONNECT)  # is PostgreSQL itself still there?
 
     def _count_server_changes(self) -> None:
-        """A listener that reached another PostgreSQL server (the watcher counts them; a new watcher from 0)."""
+        """A listener that reached another PostgreSQL server (the watcher counts them; a new watcher from 0), and
+        servers refused as stale (another cluster, an older timeline)."""
         changes = 0 if self.watcher is None else self.watcher.listener_server_changes()
         if changes > self._server_changes:
             self._metrics.listener_server_changed(self.namespace, self.name, changes - self._server_changes)
         self._server_changes = changes
+        refusals = 0 if self.watcher is None else self.watcher.source_refusals()
+        if refusals > self._refusals:
+            self._metrics.source_refused(self.namespace, self.name, refusals - self._refusals)
+        self._refusals = refusals
 
     def on_keyspace(self, active: bool, detail: str) -> None:
         self.last_activity_at = self._clock.monotonic()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import random
 from collections.abc import Awaitable, Callable, Mapping
@@ -47,33 +48,40 @@ class StatusApi(Protocol):
     ) -> Awaitable[Mapping[str, Any] | None]: ...
 
 
+def _always() -> bool:
+    return True
+
+
+@dataclasses.dataclass(frozen=True)
+class Outlets:
+    """Where one ModuleCache's status, events and metrics go, and at what pace: its Reporter's and StatusWriter's.
+
+    ``may_write`` is asked before every write (the leader's fence: a deposed leader writes nothing)."""
+
+    api: StatusApi
+    metrics: metrics.Metrics
+    post_event: EventPoster
+    config: tunables.Tunables = tunables.DEFAULT
+    clock: clock.Clock = clock.SYSTEM
+    rng: random.Random | None = None
+    may_write: Callable[[], bool] = _always
+
+
 class StatusWriter:
     def __init__(
-        self,
-        *,
-        namespace: str,
-        name: str,
-        body: ObjectView,
-        api: StatusApi,
-        facts: Callable[[], status.Facts],
-        metrics: metrics.Metrics,
-        post_event: EventPoster,
-        config: tunables.Tunables = tunables.DEFAULT,
-        clock: clock.Clock = clock.SYSTEM,
-        rng: random.Random | None = None,
-        may_write: Callable[[], bool] = lambda: True,
+        self, *, namespace: str, name: str, body: ObjectView, facts: Callable[[], status.Facts], outlets: Outlets
     ) -> None:
         self.namespace = namespace
         self.name = name
         self._body = body
-        self._api = api
+        self._api = outlets.api
         self._facts = facts
-        self._metrics = metrics
-        self._post_event = post_event
-        self._config = config
-        self._clock = clock
-        self._may_write = may_write
-        rng = rng or random.Random()
+        self._metrics = outlets.metrics
+        self._post_event = outlets.post_event
+        self._config = config = outlets.config
+        self._clock = outlets.clock
+        self._may_write = outlets.may_write
+        rng = outlets.rng or random.Random()
         self._dirty = asyncio.Event()
         self._pending_drift: status.Drift | None = None
         self._drift_announced_at: float | None = None  # monotonic

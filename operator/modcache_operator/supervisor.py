@@ -88,6 +88,10 @@ class Running:
         """How often the watcher's listener reached another PostgreSQL server than before (a failover)."""
         return 0 if self.current is None else self.current.state.listener_server_changes
 
+    def source_refusals(self) -> int:
+        """PostgreSQL servers the watcher refused (another cluster, an older timeline: a stale former primary)."""
+        return 0 if self.current is None else self.current.source_refusals()
+
     async def _run(self, observer: watcher.Observer) -> None:
         """The watcher, its failure kept here rather than in the task: when kopf stops, it re-raises whatever
         the tasks it outlived ended with, and an error that surfaced while cancelling must not fail the

@@ -6,29 +6,36 @@ import asyncio
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
-import asyncpg
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from modcache import errors, settings, triggers
+from modcache import errors, lineage, settings, triggers
 
 if TYPE_CHECKING:
     from alembic.config import Config
 
 
-def make_engine(url: str, *, pool_size: int = 5, application_name: str = "modcache", **options: Any) -> AsyncEngine:
+def make_engine(
+    url: str,
+    *,
+    pool_size: int = 5,
+    application_name: str = "modcache",
+    lineage: lineage.Lineage | None = None,
+    **options: Any,
+) -> AsyncEngine:
     """An async engine that checks a pooled connection before handing it out (``pool_pre_ping``; ``options``
     override the pool's settings).
 
     asyncpg parses the URL itself, as libpq would: several hosts (``h1:5432,h2:5432``, tried in turn, with
     ``target_session_attrs=read-write`` picking the primary), ``sslmode``/``sslrootcert``/``sslcert``/``sslkey``.
     SQLAlchemy's URL parser knows none of these, so the engine gets its connections from asyncpg directly; after a
-    failover a new connection reaches whichever host is now the primary. ``wiring`` adds the TLS settings."""
+    failover a new connection reaches whichever host is now the primary. ``wiring`` adds the TLS settings. With a
+    ``lineage``, a server of another cluster or on an older timeline is refused (``lineage.connect``)."""
     dsn = settings.asyncpg_dsn(url)
     server_settings = {"application_name": application_name}
 
     async def connect() -> Any:
-        return await asyncpg.connect(dsn, server_settings=server_settings)
+        return await lineage_module.connect(dsn, lineage=lineage, server_settings=server_settings)
 
     pool: dict[str, Any] = {"max_overflow": pool_size, "pool_pre_ping": True, "pool_recycle": 1800}
     return create_async_engine("postgresql+asyncpg://", async_creator=connect, pool_size=pool_size, **(pool | options))
@@ -63,3 +70,6 @@ async def install_trigger(engine: AsyncEngine) -> None:
                 await conn.execute(sa.text(statement))
     except (OSError, sa.exc.SQLAlchemyError) as e:
         raise errors.SourceUnavailable(f"installing the trigger failed: {errors.describe(e)}") from e
+
+
+lineage_module = lineage  # inside make_engine, ``lineage`` is the parameter

@@ -25,6 +25,7 @@ POSTGRES_SCHEMES = ("postgresql", "postgres", "postgresql+asyncpg")
 DEFAULT_REDIS_PORT = 6379
 DEFAULT_SENTINEL_PORT = 26379
 DEFAULT_POSTGRES_PORT = 5432
+IPV6_EXAMPLE = "::1"
 
 
 class Topology(enum.StrEnum):
@@ -67,8 +68,15 @@ def parse_redis(url: str) -> RedisEndpoint:
     tls = base == "rediss"
     if not kind:
         return _single(url, tls=tls)
+    rest, _, query = rest.partition("#")[0].partition("?")
+    if query:  # redis-py never sees these URLs: a parameter here would be ignored, silently
+        names = ", ".join(sorted({n for n, _ in urllib.parse.parse_qsl(query, keep_blank_values=True)})) or "?"
+        where = "the database goes in the path (/SERVICE/DB)" if kind == "sentinel" else "the database is 0"
+        raise ValueError(
+            f"a {scheme}:// URL takes no query parameters (it has {names}): {where}, and TLS is set by "
+            "the MODCACHE_REDIS_SSL_* settings"
+        )
     netloc, _, path = rest.partition("/")
-    path = path.split("?", 1)[0]
     username, password, hosts = split_netloc(
         netloc, default_port=DEFAULT_SENTINEL_PORT if kind == "sentinel" else DEFAULT_REDIS_PORT
     )
@@ -86,13 +94,16 @@ def parse_redis(url: str) -> RedisEndpoint:
 
 
 def _single(url: str, *, tls: bool) -> RedisEndpoint:
-    parts = urllib.parse.urlsplit(url)
-    if "," in parts.netloc.rpartition("@")[2]:
-        raise ValueError("several hosts need redis+sentinel:// or redis+cluster://")
     try:
-        port = parts.port
-    except ValueError:
-        raise ValueError("not a valid URL (a bad port)") from None
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:  # urllib's only complaint here: "Invalid IPv6 URL"
+        raise ValueError(f"an IPv6 address has no closing bracket: write it [{IPV6_EXAMPLE}]:6379") from None
+    hostlist = parts.netloc.rpartition("@")[2]
+    if "," in hostlist:
+        raise ValueError("several hosts need redis+sentinel:// or redis+cluster://")
+    if parts.hostname:
+        _host_port(hostlist, DEFAULT_REDIS_PORT)  # the port's own checks (urllib takes '²' and '٦٣٧٩' for digits)
+    port = parts.port
     # Where the client connects is what redis-py's ``parse_url`` makes of the URL (it goes to redis-py as is):
     # ``?db=`` wins over the path, host and path are percent-decoded. Reading it any other way would watch the
     # key events of another database and let two overlapping prefixes pass as different endpoints.
@@ -116,9 +127,14 @@ def _single(url: str, *, tls: bool) -> RedisEndpoint:
 def _db(text: str) -> int:
     if not text:
         return 0
-    if not text.isdigit():
-        raise ValueError("the database must be a number")
+    if not is_number(text):
+        raise ValueError(f"the database must be a number of ASCII digits (0, 1, ...), not {text!r}")
     return int(text)
+
+
+def is_number(text: str) -> bool:
+    """ASCII digits only: ``str.isdigit`` also takes '²' and Arabic-Indic digits, which ``int`` reads (or not)."""
+    return text.isascii() and text.isdigit()
 
 
 def split_netloc(netloc: str, *, default_port: int) -> tuple[str | None, str | None, tuple[tuple[str, int], ...]]:
@@ -139,7 +155,11 @@ def split_netloc(netloc: str, *, default_port: int) -> tuple[str | None, str | N
 
 def _host_port(item: str, default_port: int) -> tuple[str, int]:
     if item.startswith("["):
-        host, _, tail = item[1:].partition("]")
+        host, closed, tail = item[1:].partition("]")
+        if not closed:
+            raise ValueError(f"an IPv6 address has no closing bracket: write it [{IPV6_EXAMPLE}]:{default_port}")
+        if tail and not tail.startswith(":"):
+            raise ValueError(f"after the IPv6 address [{host}] comes ':PORT' or nothing")
         port_text = tail.removeprefix(":")
     else:
         host, _, port_text = item.partition(":")
@@ -147,8 +167,9 @@ def _host_port(item: str, default_port: int) -> tuple[str, int]:
         raise ValueError("a host is empty")
     if not port_text:
         return host, default_port
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise ValueError("not a valid URL (a bad port)")
+    if not is_number(port_text) or not 0 < int(port_text) < 65536:
+        # the port's text is not echoed: in a URL missing its '@' (user:secret/db) it is the password
+        raise ValueError(f"the port of {host!r} must be a number from 1 to 65535, in ASCII digits")
     return host, int(port_text)
 
 
@@ -159,6 +180,34 @@ def check_postgres(url: str) -> tuple[tuple[str, int], ...]:
         raise ValueError(f"URL scheme must be one of {', '.join(POSTGRES_SCHEMES)}")
     netloc = rest.split("/", 1)[0].split("?", 1)[0]
     return split_netloc(netloc, default_port=DEFAULT_POSTGRES_PORT)[2]
+
+
+SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")  # libpq's, weakest first
+PLAINTEXT_SSL_MODES = ("disable", "allow", "prefer")  # may talk to the server unencrypted, or unverified
+REDIS_FALSE = ("0", "F", "FALSE", "N", "NO")  # what redis-py's URL parser reads as false
+
+
+def url_query(url: str) -> dict[str, str]:
+    """The query parameters of ``url`` (the last of a repeated one wins, as in redis-py and libpq)."""
+    return dict(urllib.parse.parse_qsl(url.partition("?")[2].partition("#")[0], keep_blank_values=True))
+
+
+def redis_tls_relaxations(url: str) -> list[tuple[str, str]]:
+    """``(parameter, what it does)`` for each query parameter of a ``rediss://`` URL that weakens the server
+    certificate check (redis-py reads them and lets them override the client's options)."""
+    query = url_query(url)
+    found = []
+    reqs = query.get("ssl_cert_reqs", "").lower().removeprefix("cert_")
+    if reqs in ("none", "optional"):
+        found.append((f"ssl_cert_reqs={reqs}", "the server's certificate is not verified"))
+    if query.get("ssl_check_hostname", "").upper() in REDIS_FALSE and "ssl_check_hostname" in query:
+        found.append(("ssl_check_hostname=false", "the server's certificate need not name the host"))
+    if "ssl_exclude_verify_flags" in query:
+        found.append(("ssl_exclude_verify_flags", "certificate checks are turned off"))
+    for name in ("ssl_ca_certs", "ssl_ca_path", "ssl_ca_data"):
+        if name in query:
+            found.append((name, "another CA is trusted"))
+    return found
 
 
 def with_query(url: str, extra: dict[str, str]) -> str:

@@ -98,6 +98,7 @@ class Engine:
         path and hash, ``observation``) rather than compared by whole value -- for a watcher rebuilding a deleted
         manifest, which must then run a deep resync (``Report.claimed`` says how many were taken so)."""
         started = self._monotonic()
+        await self.learn_lineage()
         observed = await self._observe(deep=deep, dry_run=dry_run, claims=claims)
         repairs = list(observed.repairs)
         if observed.top_generation > observed.fence and (
@@ -129,6 +130,7 @@ class Engine:
 
     async def _status(self, report: plan.Report) -> keys.SyncStatus:
         """The sync-status record (``keys.SyncStatus``): what the consumer and ``modcache status`` read."""
+        checked = self.source.lineage
         return keys.SyncStatus(
             last_success_at=self._wall_clock().isoformat(timespec="seconds"),
             generation=str(self.cache.high_water),
@@ -139,6 +141,19 @@ class Engine:
             rejected=str(len(report.plan.rejected)),
             duration_s=f"{report.duration_s:.4f}",
             deep="1" if report.deep else "0",
+            source_system=(checked.system or "") if checked is not None else "",
+            source_timeline=str(checked.timeline if checked is not None else 0),
+        )
+
+    async def learn_lineage(self) -> None:
+        """Take the cluster and timeline the cache's status records as the lowest acceptable source (before the
+        first read: a restarted modcache that first reaches a stale former primary must refuse it too)."""
+        if self.source.lineage is None:
+            return
+        status = await self.cache.read_status()
+        timeline = status.get("source_timeline", "")
+        self.source.lineage.learn(
+            status.get("source_system", ""), int(timeline) if timeline.isascii() and timeline.isdigit() else 0
         )
 
     async def _unservable(self, the_plan: plan.Plan) -> list[modules.Rejected]:

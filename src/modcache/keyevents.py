@@ -29,7 +29,9 @@ Topologies (issue 11): both connections are made by ``RedisCache.open_node_conne
 cache's keys at that moment -- the Sentinel's current master, or the Cluster node owning the prefix's slot. A
 failover or resharding breaks them (the old master is killed or demoted: the probe's write is refused with
 READONLY or MOVED), the iterator reconnects to the new node, enables the flags there, and yields ``Subscribed``
-(naming the node, and the one before it), so the caller resyncs after every master change.
+(naming the node, and the one before it), so the caller resyncs after every master change. On a Sentinel, the
+sentinels' ``+switch-master`` (``RedisCache.master_switches``) makes it reconnect at once: after a planned
+``SENTINEL FAILOVER`` the old master stays writable for seconds, and nothing would break.
 """
 
 from __future__ import annotations
@@ -139,13 +141,16 @@ class KeyEvents:
         self._probe_armed = asyncio.Event()  # Subscribed is reported only once the probe watches its key
         self._probe_evicted = asyncio.Event()  # the probe key's ``evicted`` event arrived since it was written
         self._unheard: int | None = None  # probe rounds since the subscription delivered the probe's own event
-        self._node: str | None = None  # host:port the subscription was last made on (a failover moves it)
+        self._node: str | None = None  # host:port the subscription was last reported on (a failover moves it)
+        self._moving: str | None = None  # why the subscription is being closed on purpose (the master moved)
 
     async def __aenter__(self) -> KeyEvents:
         self._tasks = [
             asyncio.create_task(self._subscribe_forever(), name="modcache-key-events"),
             asyncio.create_task(self._probe_forever(), name="modcache-cache-probe"),
         ]
+        if self._cache.master_switches is not None:
+            self._tasks.append(asyncio.create_task(self._follow_master(), name="modcache-master-switches"))
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -172,7 +177,8 @@ class KeyEvents:
                 await self._subscribe_once(retry)
             except Exception as e:  # nothing Redis sends may end the subscription for good
                 self._cache.tracking_own_writes = False
-                self._queue.put_nowait(Lost(errors.describe(e)))
+                self._queue.put_nowait(Lost(self._moving or errors.describe(e)))
+                self._moving = None
             finally:
                 self._unheard = None
                 await self._disconnect()
@@ -191,9 +197,9 @@ class KeyEvents:
         self._cache.own_writes.clear()
         self._cache.tracking_own_writes = True
         self._canary_seen.clear()
+        self._moving = None
         moved = f" (was {self._node})" if self._node not in (None, node) else ""
-        self._node = node
-        canary = asyncio.create_task(self._check_canary(f"on {node}{moved}: {configured}"))
+        canary = asyncio.create_task(self._check_canary(f"on {node}{moved}: {configured}", node))
         try:
             retry.reset()
             await self._read(conn, prefix)
@@ -216,13 +222,14 @@ class KeyEvents:
             return f"configured by the admin (CONFIG not permitted: {errors.describe(e)})"
         return f"notify-keyspace-events {wanted!r}"
 
-    async def _check_canary(self, configured: str) -> None:
+    async def _check_canary(self, configured: str, node: str) -> None:
         """Write a canary key and wait for its event: proof that events arrive, whoever configured them."""
         canary = f"{self._ks.prefix}modcache:canary"
         try:
             await self._cache.client.set(canary, self._token, px=60_000)
             await asyncio.wait_for(self._canary_seen.wait(), CANARY_WAIT_S)
         except TimeoutError:
+            self._node = node
             self._queue.put_nowait(
                 Unavailable(f"no keyspace events arrive ({configured}); repairing on the timer alone and the probe")
             )
@@ -231,6 +238,7 @@ class KeyEvents:
         else:
             await self._probe_armed.wait()  # a resync this causes must not run before a flush can be noticed
             self._unheard = 0
+            self._node = node  # "(was ...)" names the node last reported, not one subscribed to and dropped at once
             self._queue.put_nowait(Subscribed(f"keyspace events on {self._ks.prefix!r} {configured}"))
 
     async def _read(self, conn: Any, channel_prefix: str) -> None:
@@ -271,6 +279,26 @@ class KeyEvents:
         if conn is not None:
             with contextlib.suppress(Exception):
                 await conn.disconnect()
+
+    async def _follow_master(self) -> None:
+        """Reconnect the subscription and the probe the moment the sentinels switch the master (a planned failover
+        leaves the old master writable for seconds: waiting for it to refuse the probe's write would watch it, and
+        let the engine write to it, until then). The reconnect yields ``Subscribed``, so the caller resyncs."""
+        switches = self._cache.master_switches
+        assert switches is not None
+        while True:
+            try:
+                async for node in switches():
+                    if self._probe_conn is not None and _address(self._probe_conn) != node:
+                        await self._close_probe()
+                    if self._conn is not None and _address(self._conn) == node:
+                        continue  # it reconnected there by itself (a crash: the old master's refusals came first)
+                    log.warning("the master moved to %s: subscribing there", node)
+                    self._moving = f"the sentinels switched the master to {node}: subscribing there"
+                    await self._disconnect()
+            except Exception as e:  # nothing the sentinels send may stop the following; reconnects are the fallback
+                log.warning("following the sentinels' master switches failed: %s", errors.describe(e))
+            await asyncio.sleep(self._backoff_max_s)
 
     # -- the probe --------------------------------------------------------------------------------------------
 

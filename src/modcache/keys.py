@@ -151,6 +151,8 @@ class SyncStatus(TypedDict):
     rejected: str
     duration_s: str
     deep: str  # "1" if the sync verified every content key's whole value, else "0"
+    source_system: str  # PostgreSQL's system identifier the cache is filled from ("" unknown; ``lineage``)
+    source_timeline: str  # the highest timeline of it synced from ("0" unknown): an older one is refused
 
 
 STATUS_FIELDS = tuple(SyncStatus.__annotations__)

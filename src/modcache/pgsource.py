@@ -26,7 +26,7 @@ import asyncpg
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from modcache import backoff, errors, keys, modules, plan
+from modcache import backoff, errors, keys, lineage, modules, plan
 
 T = TypeVar("T")
 
@@ -86,9 +86,18 @@ class ModuleRow:
 
 
 class PgSource:
-    def __init__(self, *, engine: AsyncEngine, max_module_bytes: int = modules.DEFAULT_MAX_MODULE_BYTES) -> None:
+    def __init__(
+        self,
+        *,
+        engine: AsyncEngine,
+        max_module_bytes: int = modules.DEFAULT_MAX_MODULE_BYTES,
+        lineage: lineage.Lineage | None = None,
+    ) -> None:
         self.engine = engine
         self.max_module_bytes = max_module_bytes
+        # the cluster and timeline the cache is filled from, checked by ``engine``'s connections (``wiring`` gives
+        # both the same one); None: not checked
+        self.lineage = lineage
 
     async def close(self) -> None:
         await self.engine.dispose()
@@ -256,17 +265,23 @@ _LOST = object()
 
 
 async def listen(
-    dsn: str, *, backoff_max_s: float, keepalive_s: float, rng: random.Random | None = None
+    dsn: str,
+    *,
+    backoff_max_s: float,
+    keepalive_s: float,
+    rng: random.Random | None = None,
+    lineage: lineage.Lineage | None = None,
 ) -> AsyncIterator[SourceEvent]:
     """Notifications on ``keys.NOTIFY_CHANNEL`` as typed events, forever: connects, LISTENs, reconnects with
-    jittered exponential backoff, and pings an idle connection to catch half-open sockets."""
+    jittered exponential backoff, and pings an idle connection to catch half-open sockets. With a ``lineage``, a
+    server of another cluster or on an older timeline is not listened to (its NOTIFYs are not the source's)."""
     retry = backoff.Backoff(0.2, backoff_max_s, rng or random.Random())
     while True:
         queue: asyncio.Queue[object] = asyncio.Queue()
         conn: Any = None
         detail = "connection lost"
         try:
-            conn = await _connect(dsn, queue)
+            conn = await _connect(dsn, queue, lineage)
             server = await _server_address(conn)
             retry.reset()
             yield Listening(f"listening on {keys.NOTIFY_CHANNEL} at {server}", server)
@@ -274,6 +289,8 @@ async def listen(
                 yield event  # type: ignore[misc]
         except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
             detail = errors.describe(e)
+        except lineage_module.StaleSource as e:
+            detail = str(e)
         finally:
             if conn is not None:
                 conn.terminate()
@@ -281,8 +298,10 @@ async def listen(
         await asyncio.sleep(retry.next_s())
 
 
-async def _connect(dsn: str, queue: asyncio.Queue[object]) -> Any:
-    conn = await asyncpg.connect(dsn, timeout=10, server_settings={"application_name": "modcache-listener"})
+async def _connect(dsn: str, queue: asyncio.Queue[object], checked: lineage.Lineage | None) -> Any:
+    conn = await lineage_module.connect(
+        dsn, lineage=checked, timeout=10, server_settings={"application_name": "modcache-listener"}
+    )
     conn.add_termination_listener(lambda _conn: queue.put_nowait(_LOST))
     await conn.add_listener(keys.NOTIFY_CHANNEL, lambda *args: queue.put_nowait(_event(args[3])))
     return conn
@@ -312,3 +331,6 @@ def _event(payload: str) -> SourceEvent:
     except (ValueError, AttributeError, TypeError, RecursionError):  # any role with CONNECT may send anything
         return ResyncAsked()
     return Hinted(tuple(paths))
+
+
+lineage_module = lineage  # inside listen and PgSource, ``lineage`` is a parameter

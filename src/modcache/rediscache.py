@@ -377,8 +377,12 @@ class RedisCache:
         check_batch_size: int = 5000,
         deep_batch_size: int = 500,
         close: Callable[[], Awaitable[None]] | None = None,
+        master_switches: Callable[[], AsyncIterator[str]] | None = None,
     ) -> None:
         self.client = client
+        # Sentinel: each new master's ``host:port`` the moment the sentinels switch (``sentinels.Quorum.switches``);
+        # the key-event iterator reconnects on it rather than waiting for the old master to refuse a write
+        self.master_switches = master_switches
         self._close = close or client.aclose
         self.keyspace = keyspace
         self._ttl_s = ttl_s or 0
@@ -792,12 +796,31 @@ def _batches(items: list[T], size: int) -> Iterable[list[T]]:
         yield items[start : start + size]
 
 
+#: A Cluster redirecting modcache's commands until redis-py gives up (``TTL exhausted``), or ``TRYAGAIN``: keys of the
+#: cache's slot are split over two nodes, and its scripts (several keys at once) cannot run until they are together.
+SLOT_MOVING = (
+    "the Redis Cluster cannot run modcache's commands on the cache's {where}: its keys are being moved between "
+    "nodes, by a resharding or one left half done ({error}). modcache retries by itself; if this lasts, look with "
+    "'redis-cli --cluster check HOST:PORT' and finish or undo the migration with 'redis-cli --cluster fix HOST:PORT'"
+)
+CLUSTER_DOWN = (
+    "the Redis Cluster is down (a slot has no reachable master); modcache retries by itself: see "
+    "'redis-cli --cluster check HOST:PORT'"
+)
+
+
 async def _call(awaitable: Awaitable[T]) -> T:
     """Await a Redis call, translating redis-py's errors into CacheUnavailable."""
     try:
         result = await awaitable
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as e:
         raise errors.CacheUnavailable(f"Redis unreachable: {errors.describe(e)}") from e
+    except redis.exceptions.ClusterDownError as e:
+        raise errors.CacheUnavailable(f"{CLUSTER_DOWN} ({errors.describe(e)})") from e
+    except (redis.exceptions.ClusterError, redis.exceptions.TryAgainError, redis.exceptions.AskError) as e:
+        slot = getattr(e, "slot_id", None)  # an ASK or MOVED says which slot; redis-py's "TTL exhausted" does not
+        where = f"hash slot {slot}" if slot is not None else "hash slot"
+        raise errors.CacheUnavailable(SLOT_MOVING.format(where=where, error=errors.describe(e))) from e
     except redis.exceptions.RedisError as e:
         raise errors.CacheUnavailable(f"Redis error: {errors.describe(e)}") from e
     _raise_swallowed_cancel()

@@ -148,6 +148,73 @@ class Settings(pydantic_settings.BaseSettings):
             )
         return self
 
+    @pydantic.model_validator(mode="after")
+    def _tls_not_relaxed_by_urls(self) -> Settings:
+        """A URL parameter that weakens what the ``*_SSL_*`` settings ask for is a contradiction: refused, naming
+        both (a URL parameter wins over the settings, so it would weaken them silently)."""
+        for contradicts, variable, reason in self._tls_relaxations():
+            if contradicts:
+                raise errors.ConfigError(variable, reason)
+        return self
+
+    def tls_relaxed_by_url(self) -> list[str]:
+        """What the URLs alone weaken, with no TLS setting to contradict (``wiring`` logs each once)."""
+        return [f"{variable}: {reason}" for contradicts, variable, reason in self._tls_relaxations() if not contradicts]
+
+    def _tls_relaxations(self) -> list[tuple[bool, str, str]]:
+        found = self._redis_relaxations()
+        for field in ("database_url", "listen_database_url"):
+            found += self._postgres_relaxations(field)
+        return found
+
+    def _redis_relaxations(self) -> list[tuple[bool, str, str]]:
+        endpoint = self.redis_endpoint()
+        if endpoint is None or not endpoint.tls or endpoint.topology is not endpoints.Topology.SINGLE:
+            return []  # a Sentinel or Cluster URL's query is refused (endpoints); redis:// has no TLS to weaken
+        configured = [f for f in sorted(self.model_fields_set) if f.startswith("redis_ssl_")]
+        variable = f"{ENV_PREFIX}REDIS_URL"
+        found = []
+        unverified = self.redis_ssl_cert_reqs == "none"
+        agreed = {f"ssl_cert_reqs={self.redis_ssl_cert_reqs}"}  # the URL says what the settings say: no conflict
+        agreed |= {"ssl_check_hostname=false"} if unverified or not self.redis_ssl_check_hostname else set()
+        for parameter, effect in endpoints.redis_tls_relaxations(endpoint.url):
+            if parameter in agreed and configured:
+                continue
+            if configured:
+                setting = f"{ENV_PREFIX}{configured[0].upper()}"
+                reason = f"?{parameter} in the URL overrides {setting} ({effect}): drop the parameter or the setting"
+                found.append((True, variable, reason))
+            else:
+                found.append((False, variable, f"?{parameter} in the URL: {effect}"))
+        return found
+
+    def _postgres_relaxations(self, field: str) -> list[tuple[bool, str, str]]:
+        value = getattr(self, field)
+        if value is None:
+            return []
+        query = endpoints.url_query(value.get_secret_value())
+        variable = f"{ENV_PREFIX}{field.upper()}"
+        configured = [f for f in sorted(self.model_fields_set) if f.startswith("database_ssl_") and getattr(self, f)]
+        found = []
+        mode = query.get("sslmode")
+        if mode in endpoints.SSL_MODES:
+            wanted = self.database_ssl_mode
+            if wanted is not None and endpoints.SSL_MODES.index(mode) < endpoints.SSL_MODES.index(wanted):
+                reason = f"sslmode={mode} in the URL is weaker than {ENV_PREFIX}DATABASE_SSL_MODE={wanted}"
+                found.append((True, variable, f"{reason}: drop the parameter or the setting"))
+            elif mode in endpoints.PLAINTEXT_SSL_MODES and configured:
+                reason = f"sslmode={mode} in the URL relaxes the TLS {ENV_PREFIX}{configured[0].upper()} configures"
+                found.append((True, variable, f"{reason}: drop the parameter, or set sslmode=verify-full"))
+            elif mode in endpoints.PLAINTEXT_SSL_MODES:
+                found.append((False, variable, f"sslmode={mode} in the URL: the connection may be unencrypted"))
+        files = (("sslrootcert", "root_cert_file"), ("sslcert", "cert_file"), ("sslkey", "key_file"))
+        for parameter, suffix in files:
+            setting = getattr(self, f"database_ssl_{suffix}")
+            if parameter in query and setting is not None and query[parameter] != str(setting):
+                reason = f"{parameter} in the URL and {ENV_PREFIX}DATABASE_SSL_{suffix.upper()} differ: set only one"
+                found.append((True, variable, reason))
+        return found
+
     @classmethod
     def from_env(cls, **overrides: Any) -> Settings:
         """Settings from the environment, with non-None ``overrides`` (CLI flags) taking precedence."""

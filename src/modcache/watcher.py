@@ -131,6 +131,8 @@ class Watcher:
 
     async def run(self) -> None:
         """Run until cancelled (or until a loop fails unexpectedly, which is raised)."""
+        with contextlib.suppress(errors.TransientError):  # before the listener connects; every resync learns too
+            await self.engine.learn_lineage()
         loops = {
             "modcache-resync": self._resync_loop(),
             "modcache-listener": self._source_loop(),
@@ -146,6 +148,11 @@ class Watcher:
                 task.result()
         finally:
             await _stop(tasks)
+
+    def source_refusals(self) -> int:
+        """PostgreSQL servers refused so far for being another cluster or on an older timeline (``lineage``)."""
+        checked = self.engine.source.lineage
+        return 0 if checked is None else checked.refusals
 
     def request_resync(self, trigger: str = MANUAL, *, deep: bool = False) -> None:
         """Ask for a full resync as soon as the current one (if any) is done."""
@@ -182,7 +189,8 @@ class Watcher:
                 self.state.last_error = str(e)
                 self._observer.on_sync_failed(e, trigger)
                 delay_s = retry.next_s()
-                self._resync_trigger = RETRY
+                if not self._resync_wanted.is_set():  # a request made meanwhile (a reconnect) keeps its trigger
+                    self._resync_trigger = RETRY
                 continue
             retry.reset()
             if deep:
@@ -264,6 +272,7 @@ class Watcher:
             backoff_max_s=self.settings.listener_backoff_max_s,
             keepalive_s=self.settings.listener_keepalive_s,
             rng=self._rng,
+            lineage=self.engine.source.lineage,  # a stale former primary's NOTIFYs are not the source's
         )
         async for event in events:
             match event:

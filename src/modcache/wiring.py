@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import logging
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -20,9 +22,12 @@ import redis.asyncio.cluster as aiocluster
 import redis.asyncio.sentinel as aiosentinel
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from modcache import db, endpoints, engine, errors, pgsource, rediscache, settings, watcher
+from modcache import db, endpoints, engine, errors, lineage, pgsource, rediscache, sentinels, settings, watcher
+
+log = logging.getLogger(__name__)
 
 Closer = Callable[[], Awaitable[None]]
+Switches = Callable[[], AsyncIterator[str]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,9 +54,10 @@ class Wired:
 
 
 def make_cache(config: settings.Settings) -> rediscache.RedisCache:
-    client, closer = make_redis(config)
+    client, closer, switches = _redis(config)
     return rediscache.RedisCache(
         client=client,
+        master_switches=switches,
         keyspace=config.keyspace(),
         ttl_s=config.ttl_s,
         ttl_jitter_ratio=config.ttl_jitter_ratio,
@@ -61,8 +67,13 @@ def make_cache(config: settings.Settings) -> rediscache.RedisCache:
 
 
 def make_source(config: settings.Settings, *, application_name: str = "modcache") -> pgsource.PgSource:
+    """The source, whose connections (and the watcher's listener) refuse a server of another cluster or on an
+    older timeline than the cache was filled from (``lineage``)."""
+    checked = lineage.Lineage()
     return pgsource.PgSource(
-        engine=make_pg_engine(config, application_name=application_name), max_module_bytes=config.max_module_bytes
+        engine=make_pg_engine(config, application_name=application_name, lineage=checked),
+        max_module_bytes=config.max_module_bytes,
+        lineage=checked,
     )
 
 
@@ -73,6 +84,13 @@ def make_redis(config: settings.Settings) -> tuple[rediscache.Client, Closer]:
     """The Redis client ``redis_url`` names (one node, the master a Sentinel names, or a Cluster) and what closes
     it. A Sentinel client finds the master again on every new connection, a Cluster client follows ``MOVED``:
     after a failover, commands fail until the topology settles, then reach the new master by themselves."""
+    client, closer, _ = _redis(config)
+    return client, closer
+
+
+def _redis(config: settings.Settings) -> tuple[rediscache.Client, Closer, Switches | None]:
+    """``make_redis``, and for a Sentinel what announces each new master (``sentinels.Quorum.switches``)."""
+    _warn_relaxed_tls(config)
     endpoint = config.redis_endpoint()
     if endpoint is None:
         _required(None, "redis_url")
@@ -87,37 +105,42 @@ def make_redis(config: settings.Settings) -> tuple[rediscache.Client, Closer]:
             password=endpoint.password,
             **options,
         )
-        return cluster, cluster.aclose
+        return cluster, cluster.aclose, None
     try:
         client = aioredis.Redis.from_url(endpoint.url, **options)
     except ValueError as e:
         raise errors.ConfigError("MODCACHE_REDIS_URL", "not a valid Redis URL") from e
-    return client, client.aclose
+    return client, client.aclose, None
 
 
 def _sentinel_client(
     config: settings.Settings, endpoint: endpoints.RedisEndpoint, options: dict[str, Any]
-) -> tuple[aioredis.Redis, Closer]:
+) -> tuple[aioredis.Redis, Closer, Switches]:
+    """The master a majority of the sentinels name (``sentinels.Quorum``, not redis-py's first answer)."""
     sentinel_options = {k: v for k, v in options.items() if k.startswith(("ssl", "socket_"))}
     if config.redis_sentinel_password is not None:
         sentinel_options["password"] = config.redis_sentinel_password.get_secret_value()
     sentinel = aiosentinel.Sentinel(  # type: ignore[no-untyped-call]
-        list(endpoint.hosts), sentinel_kwargs=sentinel_options
+        list(endpoint.hosts), min_other_sentinels=len(endpoint.hosts) // 2, sentinel_kwargs=sentinel_options
     )
-    master = sentinel.master_for(
+    node = {"username": endpoint.username, "password": endpoint.password, **options}
+    quorum = sentinels.Quorum(sentinel, node_options={k: v for k, v in node.items() if k != "health_check_interval"})
+    pool = aiosentinel.SentinelConnectionPool(  # type: ignore[no-untyped-call]
         str(endpoint.service),
+        quorum,
+        is_master=True,
         db=endpoint.db,
-        username=endpoint.username,
-        password=endpoint.password,
         check_connection=True,  # PING each new connection: one to a node that is going away fails at once
-        **options,
+        **node,
     )
+    master = aioredis.Redis.from_pool(pool)
 
     async def close() -> None:
         await master.aclose()
         await sentinel.aclose()
 
-    return master, close
+    switches = functools.partial(quorum.switches, pool, backoff_max_s=config.listener_backoff_max_s)
+    return master, close, switches
 
 
 def _redis_options(config: settings.Settings, endpoint: endpoints.RedisEndpoint) -> dict[str, Any]:
@@ -156,6 +179,7 @@ def database_dsn(config: settings.Settings, url: str | None = None) -> str:
     """``url`` (default: ``database_url``) as a libpq/asyncpg DSN with the ``database_ssl_*`` settings added (the
     URL's own parameters win). Multi-host URLs pass unchanged: asyncpg tries the hosts in turn."""
     chosen = url if url is not None else _required(config.database_url, "database_url")
+    _warn_relaxed_tls(config)
     return endpoints.with_query(settings.asyncpg_dsn(chosen), config.database_ssl_params())
 
 
@@ -165,11 +189,16 @@ def make_pg_engine(
     url: str | None = None,
     application_name: str = "modcache",
     pool_size: int = 5,
+    lineage: lineage.Lineage | None = None,
     **pool_options: Any,
 ) -> AsyncEngine:
     """The SQLAlchemy engine for ``url`` (default ``database_url``), TLS settings included."""
     return db.make_engine(
-        database_dsn(config, url), pool_size=pool_size, application_name=application_name, **pool_options
+        database_dsn(config, url),
+        pool_size=pool_size,
+        application_name=application_name,
+        lineage=lineage,
+        **pool_options,
     )
 
 
@@ -199,3 +228,14 @@ def _required(value: object, field: str) -> str:
         flag = "--" + field.replace("_", "-")
         raise errors.ConfigError(variable, f"not set (set it or pass {flag})")
     return str(secret())
+
+
+def _warn_relaxed_tls(config: settings.Settings) -> None:
+    """A URL that weakens TLS with no TLS setting to contradict is allowed (a test, a trusted network), and said."""
+    for message in config.tls_relaxed_by_url():
+        _warn_once(message)
+
+
+@functools.cache
+def _warn_once(message: str) -> None:  # once per process: clients are built again on every watcher restart
+    log.warning("TLS is weakened by a URL parameter: %s", message)

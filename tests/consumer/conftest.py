@@ -17,7 +17,7 @@ import shutil
 import subprocess
 import urllib.parse
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import aio_pika
@@ -99,6 +99,16 @@ def test_settings(
 test_settings.__test__ = False  # type: ignore[attr-defined]  # a helper, not a test
 
 
+EXECUTIONS_CHANGED = "testkit_executions_changed"
+#: A test-only trigger (idempotent): every write to ``executions`` is announced, so tests await rows, not poll.
+ANNOUNCE_EXECUTIONS = f"""
+CREATE OR REPLACE FUNCTION testkit_announce_execution() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN PERFORM pg_notify('{EXECUTIONS_CHANGED}', NEW.id::text); RETURN NULL; END $$;
+CREATE OR REPLACE TRIGGER testkit_announce_execution AFTER INSERT OR UPDATE ON executions
+    FOR EACH ROW EXECUTE FUNCTION testkit_announce_execution();
+"""
+
+
 class Harness:
     """What a consumer test needs, wired to this test's database, key prefix and queue."""
 
@@ -122,6 +132,7 @@ class Harness:
         self._stack = contextlib.AsyncExitStack()
         self._caller: amqp.Caller | None = None
         self._caller_lock = asyncio.Lock()
+        self._announcing = False  # the test trigger on executions is installed
         self._ledgers = False  # a ledger's workflows reach Redis: their consumer gives executions the host network
 
     async def close(self) -> None:
@@ -238,22 +249,45 @@ class Harness:
         return rows[0] if rows else None
 
     async def wait_for_status(self, execution_id: uuid.UUID, *statuses: str, timeout_s: float = 30.0) -> Any:
-        """Poll the executions row (another process writes it) until it reaches one of ``statuses``."""
-        async with asyncio.timeout(timeout_s):
-            while True:
-                row = await self.execution(execution_id)
-                if row is not None and row["status"] in statuses:
-                    return row
-                await asyncio.sleep(0.02)
+        """Until the executions row (another process writes it) reaches one of ``statuses``."""
+        (row,) = await self.wait_for_rows(
+            "SELECT * FROM executions WHERE id = $1",
+            execution_id,
+            done=lambda rows: bool(rows) and rows[0]["status"] in statuses,
+            timeout_s=timeout_s,
+        )
+        return row
 
     async def wait_for_replied(self, execution_id: uuid.UUID, *, timeout_s: float = 30.0) -> None:
         """Until the consumer that replied marked the reply sent (nothing is owed any more)."""
-        async with asyncio.timeout(timeout_s):
-            while True:
-                row = await self.execution(execution_id)
-                if row is not None and row["replied_at"] is not None:
-                    return
-                await asyncio.sleep(0.02)
+        await self.wait_for_rows(
+            "SELECT replied_at FROM executions WHERE id = $1",
+            execution_id,
+            done=lambda rows: bool(rows) and rows[0]["replied_at"] is not None,
+            timeout_s=timeout_s,
+        )
+
+    async def wait_for_rows(
+        self, query: str, *args: Any, done: Callable[[list[asyncpg.Record]], bool], timeout_s: float = 30.0
+    ) -> list[asyncpg.Record]:
+        """Run ``query`` again after every change of ``executions`` (announced by the test trigger, listened to
+        before the first read, so no change falls in between) until ``done`` holds for its rows."""
+        conn = await asyncpg.connect(self.database_url)
+        changed = asyncio.Event()
+        try:
+            if not self._announcing:
+                await conn.execute(ANNOUNCE_EXECUTIONS)
+                self._announcing = True
+            await conn.add_listener(EXECUTIONS_CHANGED, lambda *_: changed.set())
+            async with asyncio.timeout(timeout_s):
+                while True:
+                    changed.clear()
+                    rows: list[asyncpg.Record] = await conn.fetch(query, *args)
+                    if done(rows):
+                        return rows
+                    await changed.wait()
+        finally:
+            await conn.close()
 
     async def backends(self, application_name: str = "modcache-consumer") -> list[asyncpg.Record]:
         name = self.database_url.rpartition("/")[2]

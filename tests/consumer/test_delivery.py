@@ -12,7 +12,7 @@ import random
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,6 @@ import pytest
 
 from testkit.consumers import BrokerNode, ConsumerProcess
 from testkit.ledger import LEDGER, Ledger
-from testkit.polling import eventually
 
 FAST_LEASES = {"lease_ttl_s": 2.0, "lease_renew_interval_s": 0.5, "lease_sweep_interval_s": 0.5}
 # Notes "start NAME" and "end NAME" in a Redis list (RPUSH: an atomic append, as O_APPEND is for a file;
@@ -70,6 +69,7 @@ class Replies:
     def __init__(self) -> None:
         self.bodies: list[bytes] = []
         self.queue_name = ""
+        self._arrived = asyncio.Event()
 
     async def start(self, channel: aio_pika.abc.AbstractChannel) -> None:
         queue = await channel.declare_queue(exclusive=True, auto_delete=True)
@@ -77,7 +77,21 @@ class Replies:
         await queue.consume(self._on_reply, no_ack=True)
 
     async def _on_reply(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
-        self.bodies.append(message.body)
+        self.record(message.body)
+
+    def record(self, body: bytes) -> None:
+        self.bodies.append(body)
+        self._arrived.set()
+
+    async def wait_for(self, done: Callable[[list[bytes]], bool], *, timeout_s: float = 30.0) -> None:
+        """Until ``done`` holds for the replies so far, re-checked as each one arrives."""
+        async with asyncio.timeout(timeout_s):
+            while not done(self.bodies):
+                self._arrived.clear()
+                await self._arrived.wait()
+
+    async def wait_for_count(self, count: int, *, timeout_s: float = 30.0) -> None:
+        await self.wait_for(lambda bodies: len(bodies) >= count, timeout_s=timeout_s)
 
 
 @contextlib.asynccontextmanager
@@ -125,7 +139,7 @@ async def test_two_consumer_processes_and_a_redelivery_while_the_first_runs_run_
         await harness.wait_for_status(request.execution_id, "RUNNING")
         await publish(channel, harness.settings.queue_name, request, replies.queue_name)  # the redelivery
         row = await harness.wait_for_status(request.execution_id, "SUCCESS")
-        await eventually(lambda: len(replies.bodies) >= 1)
+        await replies.wait_for_count(1)
         await harness.wait_for_replied(request.execution_id)
         await asyncio.sleep(0.5)  # a second reply, if one were coming, would be on its way by now
     assert await starts(ledger) == ["a"]
@@ -145,7 +159,7 @@ async def test_a_run_longer_than_the_brokers_consumer_timeout_runs_once_without_
             async with replies_on(broker.url) as (replies, channel):
                 request = harness.request(workflow_id, {**ledger.params, "name": "long", "wait": 15.0})
                 await publish(channel, harness.settings.queue_name, request, replies.queue_name)
-                await eventually(lambda: len(replies.bodies) >= 1, timeout_s=60)
+                await replies.wait_for_count(1, timeout_s=60)
                 reconnects = consumer.metrics.broker_reconnects._value.get()
                 await harness.wait_for_replied(request.execution_id)
             readiness = consumer.readiness()
@@ -187,6 +201,43 @@ async def test_a_sigkilled_consumers_run_is_recovered_by_policy_within_the_bound
     assert len(replies.bodies) == 1
     if status == "FAILED":
         assert row["error"] == "consumer died mid-run"
+
+
+# Returns what the workflow itself sees of its attempt; the first attempt stays in ``time.sleep`` (``once``).
+ATTEMPTS = (
+    LEDGER
+    + """
+import time
+def run(url, key, once, context):
+    note(url, key, f"start {context.attempt}")
+    if redis.Redis.from_url(url).set(once, 1, nx=True):
+        time.sleep(30)
+    return {"attempt": context.attempt, "execution_id": context.execution_id}
+"""
+)
+
+
+async def test_a_retried_workflow_sees_its_attempt_number_after_its_first_consumer_was_sigkilled(
+    harness: Any, processes: list[ConsumerProcess], tmp_path: Path
+) -> None:
+    workflow_id = await harness.workflow(ATTEMPTS, retries_on_crash=2)
+    ledger = harness.ledger()
+    doomed = ConsumerProcess(process_env(harness), tmp_path / "doomed.log")
+    processes.append(doomed)
+    await doomed.start()
+    request = harness.request(workflow_id, {**ledger.params, "once": ledger.params["key"] + ":once"})
+    async with replies_on(harness.settings.required("amqp_url")) as (replies, channel):
+        await publish(channel, harness.settings.queue_name, request, replies.queue_name)
+        assert await ledger.wait_for(1) == ["start 1"]
+        await doomed.kill()
+        async with harness.consumer(**FAST_LEASES):  # the survivor runs the retry
+            row = await harness.wait_for_status(request.execution_id, "SUCCESS", timeout_s=60)
+            await harness.wait_for_replied(request.execution_id)
+    assert json.loads(replies.bodies[0])["result"] == {"attempt": 2, "execution_id": str(request.execution_id)}
+    assert len(replies.bodies) == 1
+    assert row["attempt"] == 2
+    assert json.loads(row["result"])["attempt"] == 2
+    assert await ledger.entries() == ["start 1", "start 2"]
 
 
 CHAOS_EXECUTIONS = 200
@@ -256,16 +307,14 @@ async def publish_all(url: str, queue: str, requests: list[Any], reply_queue: st
         await connection.close()
 
 
-async def collect_replies(
-    url: str, queue: str, into: list[bytes], *, ready: asyncio.Event, stop: asyncio.Event
-) -> None:
+async def collect_replies(url: str, queue: str, into: Replies, *, ready: asyncio.Event, stop: asyncio.Event) -> None:
     connection = await aio_pika.connect_robust(url, reconnect_interval=0.3)
     try:
         channel = await connection.channel()
         replies = await channel.declare_queue(queue, durable=True)
 
         async def on_reply(message: aio_pika.abc.AbstractIncomingMessage) -> None:
-            into.append(message.body)
+            into.record(message.body)
             await message.ack()
 
         await replies.consume(on_reply)
@@ -283,7 +332,7 @@ async def test_chaos_every_execution_ends_once_and_runs_only_as_its_policy_allow
     broker = BrokerNode(tmp_path / "broker")
     await broker.start()
     stop_replies = asyncio.Event()
-    replies: list[bytes] = []
+    replies = Replies()
     events: list[str] = []
     try:
         retrying = await harness.workflow(WORKFLOW, retries_on_crash=2)
@@ -314,23 +363,31 @@ async def test_chaos_every_execution_ends_once_and_runs_only_as_its_policy_allow
                 publish_all(broker.url, harness.settings.queue_name, requests, reply_queue), chaos.run()
             )
             rows = await _all_finished(harness, len(requests))
-            await eventually(lambda: len({json.loads(b)["execution_id"] for b in replies}) >= len(requests), 30)
+            await replies.wait_for(lambda bodies: len({json.loads(b)["execution_id"] for b in bodies}) >= len(requests))
         stop_replies.set()
         await collector
     finally:
         stop_replies.set()
         await broker.stop()
-    _check_chaos(rows, requests, await starts(ledger), replies, retrying=retrying, events=events, seed=seed)
+    _check_chaos(rows, requests, await starts(ledger), replies.bodies, retrying=retrying, events=events, seed=seed)
     for process in processes:
         assert "a message handler failed" not in process.log_path.read_text(), process.tail()
 
 
+def _settled(rows: list[Any], count: int) -> bool:
+    ended = all(r["status"] in ("SUCCESS", "FAILED", "TIMEOUT") and r["replied_at"] is not None for r in rows)
+    return len(rows) == count and ended
+
+
 async def _all_finished(harness: Any, count: int) -> list[Any]:
-    while True:
-        rows = await harness.sql("SELECT * FROM executions")
-        if len(rows) == count and all(r["status"] in ("SUCCESS", "FAILED", "TIMEOUT") for r in rows):
-            return rows
-        await asyncio.sleep(0.2)
+    """Until every execution has ended and its reply is marked sent; after 60 s, the rows as they are (the
+    check then names what is missing, with the chaos that came before)."""
+    try:
+        return await harness.wait_for_rows(
+            "SELECT * FROM executions", done=lambda rows: _settled(rows, count), timeout_s=60
+        )
+    except TimeoutError:
+        return await harness.sql("SELECT * FROM executions")
 
 
 def _check_chaos(

@@ -105,6 +105,30 @@ async def test_outcomes_are_recorded_in_one_batch(db: database.Database, databas
     assert (stored["lease_owner"], stored["lease_expires_at"]) == (None, None)  # no reply owed: lease ended
 
 
+async def test_an_outcome_batch_marks_earlier_replies_sent_in_the_same_statement(
+    db: database.Database, database_url: str
+) -> None:
+    answered, running, foreign = request(), request(), request()
+    leases = {}
+    for r in (answered, running, foreign):
+        leases[r.execution_id] = await db.run(lambda s, r=r: executions.claim(s, r, terms=B if r is foreign else A))
+    for done in (answered, foreign):
+        owner = B if done is foreign else A
+        lease = leases[done.execution_id]
+        assert await db.run(lambda s, x=lease, o=owner: executions.finish_leased(s, [(x, DONE)], terms=o))
+    replied = [answered.execution_id, foreign.execution_id]  # foreign: B owes that reply, A cannot mark it
+    recorded = await db.run(
+        lambda s: executions.finish_leased(s, [(leases[running.execution_id], DONE)], terms=A, replied=replied)
+    )
+    assert recorded == {running.execution_id}
+    marked, fresh, untouched = [await row(database_url, r.execution_id) for r in (answered, running, foreign)]
+    assert (marked["replied_at"] is not None, marked["lease_owner"]) == (True, None)
+    assert (fresh["status"], fresh["replied_at"], fresh["lease_owner"]) == ("SUCCESS", None, "consumer-a")
+    assert (untouched["replied_at"], untouched["lease_owner"]) == (None, "consumer-b")
+    await db.run(lambda s: executions.finish_leased(s, [], terms=A, replied=[running.execution_id]))  # marks alone
+    assert (await row(database_url, running.execution_id))["replied_at"] is not None
+
+
 async def test_renew_keeps_only_the_leases_still_held(db: database.Database, database_url: str) -> None:
     ours, lost = request(), request()
     for r in (ours, lost):

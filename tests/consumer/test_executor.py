@@ -9,36 +9,13 @@ import logging
 import os
 import signal
 import sys
-import time
-from collections.abc import Callable
 
 import psutil
 import pytest
 
 from modcache_consumer import executor
-
-
-async def eventually(condition: Callable[[], bool], timeout_s: float = 10.0) -> bool:
-    """Poll a condition another process or a background task makes true."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.02)
-    return True
-
-
-async def gone(pid: int, timeout_s: float = 10.0) -> bool:
-    """Poll (another process's lifetime) until ``pid`` is gone or a zombie."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
-                return True
-        except psutil.NoSuchProcess:
-            return True
-        await asyncio.sleep(0.02)
-    return False
+from testkit.lifetimes import gone
+from testkit.polling import eventually
 
 
 def executions_of(the_executor: executor.Executor) -> list[psutil.Process]:
@@ -68,7 +45,7 @@ def run(ignore_term=False):
 async def test_timeout_stops_the_execution_and_what_it_started(executors, ignore_term: bool) -> None:
     the_executor = await executors.start(terminate_grace_s=0.3)
     running = asyncio.create_task(executors.run(the_executor, SLEEPER, {"ignore_term": ignore_term}, timeout_s=1.0))
-    assert await eventually(lambda: any(p.children() for p in executions_of(the_executor)))
+    await eventually(lambda: any(p.children() for p in executions_of(the_executor)))
     (execution,) = executions_of(the_executor)
     (child,) = execution.children()
     outcome = await running
@@ -95,7 +72,7 @@ async def test_an_exit_fails_the_execution_with_the_exit_code(executors) -> None
 async def test_a_sigkill_from_outside_is_reported_as_such_not_as_out_of_memory(executors) -> None:
     the_executor = await executors.start()
     running = asyncio.create_task(executors.run(the_executor, "import time\ndef run():\n    time.sleep(60)\n"))
-    assert await eventually(lambda: bool(executions_of(the_executor)))
+    await eventually(lambda: bool(executions_of(the_executor)))
     (execution,) = executions_of(the_executor)
     os.kill(execution.pid, signal.SIGKILL)  # what the kernel's OOM killer or an administrator would do
     outcome = await running
@@ -243,7 +220,7 @@ async def test_when_the_consumer_is_killed_every_execution_dies_at_once() -> Non
     consumer = await asyncio.create_subprocess_exec(sys.executable, "-c", CONSUMER, stdout=asyncio.subprocess.PIPE)
     assert consumer.stdout is not None
     template = psutil.Process(int(await consumer.stdout.readline()))
-    assert await eventually(lambda: _an_execution_has_a_child(template))
+    await eventually(lambda: _an_execution_has_a_child(template))
     clones = template.children(recursive=True)  # the execution, its child, the spares
     consumer.kill()
     await consumer.wait()
@@ -266,3 +243,19 @@ def _describe(process: psutil.Process) -> str:
         return f"{process.pid} {process.status()} ppid {process.ppid()} {process.cmdline()}"
     except psutil.Error as e:
         return f"{process.pid}: {e!r}"
+
+
+async def test_packages_inside_a_directory_other_users_cannot_enter_are_still_importable(
+    executors, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A checkout made by ``mktemp -d`` is mode 700 and on ``sys.path`` (the working directory) along with the
+    virtualenv inside it: executions run as another uid and must still import what is installed there."""
+    checkout = tmp_path_factory.mktemp("checkout")
+    checkout.chmod(0o700)
+    package = checkout / "site" / "privatepkg"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("ANSWER = 42\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(checkout), str(checkout / "site")]))
+    the_executor = await executors.start()
+    outcome = await executors.run(the_executor, "import privatepkg\ndef run():\n    return privatepkg.ANSWER\n")
+    assert (outcome.status, outcome.result, outcome.error) == ("SUCCESS", 42, None)

@@ -6,9 +6,8 @@ from __future__ import annotations
 import asyncio
 import shutil
 import subprocess
-import time
 import urllib.parse
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ import redis.asyncio as aioredis
 
 from modcache import db, embedded, engine, keys, pgsource, rediscache
 from testkit.ledger import LEDGER
+from testkit.polling import eventually
 
 
 class PrivatePostgres:
@@ -45,14 +45,6 @@ async def private_pg(tmp_path: Path) -> AsyncIterator[PrivatePostgres]:
     await db.upgrade(server.url)
     yield server
     await server.stop()
-
-
-async def eventually(condition: Callable[[], bool], timeout_s: float = 30.0) -> None:
-    """Poll a condition that the consumer's own tasks make true."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition never became true"
-        await asyncio.sleep(0.05)
 
 
 @pytest.fixture
@@ -150,6 +142,6 @@ async def test_a_message_redelivered_while_it_still_runs_is_not_run_twice(harnes
             subprocess.run, ["rabbitmqctl", "-q", "close_connection", pid, "test"], check=True, timeout=60
         )
         reply = await caller.result(request.execution_id, timeout_s=30)
-        await eventually(lambda: consumer.metrics.in_flight._value.get() == 0)  # the redelivery was settled too
+        await consumer.idle()  # the redelivery was settled too
     assert (reply["status"], reply["result"]) == ("SUCCESS", "done")
     assert await ledger.entries() == ["ran"]

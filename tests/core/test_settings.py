@@ -43,7 +43,7 @@ def test_defaults_match_the_bifrost_layout_and_limits(monkeypatch: pytest.Monkey
     ("variable", "value", "reason"),
     [
         ("MODCACHE_DATABASE_URL", f"mysql://app:{SECRET}@db/x", "URL scheme must be one of"),
-        ("MODCACHE_DATABASE_URL", f"postgresql://app:{SECRET}@db:port/x", "not a valid URL"),
+        ("MODCACHE_DATABASE_URL", f"postgresql://app:{SECRET}@db:port/x", "the port of 'db' must be a number"),
         ("MODCACHE_LISTEN_DATABASE_URL", f"redis://app:{SECRET}@db/x", "URL scheme must be one of"),
         ("MODCACHE_REDIS_URL", f"http://app:{SECRET}@cache/0", "URL scheme must be one of"),
         ("MODCACHE_RESYNC_INTERVAL_S", "-1", "greater than 0"),

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from modcache import errors, keys, settings
+from modcache import errors, keys, settings, wiring
 from modcache_consumer import serving
 from modcache_consumer import settings as consumer_settings
 from testkit import convergence, topologies
@@ -151,3 +151,33 @@ def test_the_consumer_on_a_cluster_needs_a_tagged_config_namespace_too() -> None
         consumer_settings.ConsumerSettings.from_env(**cluster)
     tagged = consumer_settings.ConsumerSettings.from_env(**cluster, cache_namespace="{bifrost-config}:")
     assert keys.hash_tag(keys.config_cache_key("GLOBAL", tagged.cache_namespace)) == "bifrost-config"
+
+
+async def test_a_half_done_slot_migration_fails_the_sync_with_a_message_saying_what_to_do(
+    cluster: topologies.Cluster, database_url: str
+) -> None:
+    """A resharding left half done (the slot MIGRATING on its owner, IMPORTING on another master, some of the
+    cache's keys moved): the atomic scripts cannot run on keys split over two nodes, and redis-py's bare
+    ``TRYAGAIN``/``ASK`` said nothing of what to do. The cache is a prefix of the test's own ({mig}: its own slot)."""
+    ks = keys.KeySpace("{mig}:module:")
+    config = settings.Settings(database_url=database_url, redis_url=cluster.url(), key_prefix=ks.prefix)  # type: ignore[arg-type]
+    await upsert(database_url, {"mig/a.py": "A = 1\n"})
+    async with wiring.connect(config) as wired:
+        await wired.engine.full_resync()
+        slot = wired.cache.client.keyslot(ks.generation)  # type: ignore[union-attr]
+        source = cluster.owner(slot)
+        target = next(n for n in cluster.nodes if n is not source and n.cli("ROLE").startswith("master"))
+        target.cli("CLUSTER", "SETSLOT", str(slot), "IMPORTING", source.cli("CLUSTER", "MYID"))
+        source.cli("CLUSTER", "SETSLOT", str(slot), "MIGRATING", target.cli("CLUSTER", "MYID"))
+        source.cli("MIGRATE", "127.0.0.1", str(target.port), "", "0", "5000", "KEYS", ks.index)
+        try:
+            with pytest.raises(errors.CacheUnavailable) as caught:
+                await wired.engine.full_resync()
+        finally:  # undo the migration: the index back home, the slot stable on both
+            target.cli("MIGRATE", "127.0.0.1", str(source.port), "", "0", "5000", "KEYS", ks.index)
+            for node in (source, target):
+                node.cli("CLUSTER", "SETSLOT", str(slot), "STABLE")
+        await wired.engine.full_resync()  # whole again: the sync works
+    message = str(caught.value)
+    assert "its keys are being moved between nodes, by a resharding or one left half done" in message
+    assert "finish or undo the migration with 'redis-cli --cluster fix HOST:PORT'" in message

@@ -12,13 +12,14 @@ Redis is the shared server, under a prefix of the test's own.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import asyncpg
 import pytest
 
-from modcache import db, errors, keys, settings, watcher, wiring
+from modcache import db, errors, keys, lineage, settings, watcher, wiring
 from testkit import convergence, topologies
 from testkit.observers import Recorder
 from testkit.watching import upsert, watch_settings, watching
@@ -98,15 +99,60 @@ async def test_a_server_certificate_from_another_ca_is_refused(
         await source.close()
 
 
-def test_the_url_s_own_ssl_parameters_win_over_the_settings() -> None:
+def test_the_url_s_own_stricter_ssl_parameters_win_over_the_settings() -> None:
     config = settings.Settings(
-        database_url="postgresql://u@h1:5432,h2:5433/db?sslmode=require",  # type: ignore[arg-type]
-        database_ssl_mode="verify-full",
+        database_url="postgresql://u@h1:5432,h2:5433/db?sslmode=verify-full",  # type: ignore[arg-type]
+        database_ssl_mode="require",
         database_ssl_root_cert_file=Path("/etc/ca.crt"),
     )
     assert wiring.database_dsn(config) == (
-        "postgresql://u@h1:5432,h2:5433/db?sslmode=require&sslrootcert=%2Fetc%2Fca.crt"
+        "postgresql://u@h1:5432,h2:5433/db?sslmode=verify-full&sslrootcert=%2Fetc%2Fca.crt"
     )
+
+
+@pytest.mark.parametrize(
+    ("query", "fields", "named"),
+    [
+        ("sslmode=disable", {"database_ssl_mode": "verify-full"}, "MODCACHE_DATABASE_SSL_MODE=verify-full"),
+        ("sslmode=require", {"database_ssl_mode": "verify-full"}, "MODCACHE_DATABASE_SSL_MODE=verify-full"),
+        ("sslmode=prefer", {"database_ssl_root_cert_file": "/etc/ca.crt"}, "MODCACHE_DATABASE_SSL_ROOT_CERT_FILE"),
+        ("sslmode=allow", {"database_ssl_cert_file": "/c", "database_ssl_key_file": "/k"}, "MODCACHE_DATABASE_SSL_"),
+        ("sslrootcert=/tmp/mine.crt", {"database_ssl_root_cert_file": "/etc/ca.crt"}, "DATABASE_SSL_ROOT_CERT_FILE"),
+    ],
+)
+def test_a_url_parameter_that_weakens_the_tls_settings_is_refused(
+    query: str, fields: dict[str, str], named: str
+) -> None:
+    for field in ("database_url", "listen_database_url"):
+        with pytest.raises(errors.ConfigError) as caught:
+            settings.Settings.from_env(**{field: f"postgresql://u@h1:5432/db?{query}"}, **fields)
+        assert caught.value.setting == f"MODCACHE_{field.upper()}"
+        assert query.split("=")[0] in caught.value.reason
+        assert named in caught.value.reason
+
+
+async def test_an_unverified_plaintext_fallback_by_url_alone_is_warned_about_once(
+    tls_postgres: topologies.PostgresNode, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The attack: ``sslmode=disable`` beside ``verify-full`` settings connected in plaintext, silently (the
+    server accepts both). Now refused; the URL alone (no TLS settings) may, with one warning."""
+    with pytest.raises(errors.ConfigError, match="sslmode=disable in the URL is weaker than"):
+        settings.Settings.from_env(**verify_full(tls_postgres, database_url=tls_postgres.url(sslmode="disable")))
+    wiring._warn_once.cache_clear()  # once per process: this test's own process-wide state, reset
+    config = settings.Settings(database_url=tls_postgres.url(sslmode="disable"))  # type: ignore[arg-type]
+    for _ in range(2):
+        source = wiring.make_source(config)
+        await source.close()
+    conn = await asyncpg.connect(wiring.database_dsn(config))
+    try:
+        assert await conn.fetchval("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()") is False  # plaintext
+    finally:
+        await conn.close()
+    warned = [r.getMessage() for r in caplog.records if "TLS is weakened" in r.getMessage()]
+    assert warned == [
+        "TLS is weakened by a URL parameter: MODCACHE_DATABASE_URL: sslmode=disable in the URL: the "
+        "connection may be unencrypted"
+    ]
 
 
 async def test_after_a_promote_the_listener_follows_and_a_change_reaches_the_cache(
@@ -129,3 +175,44 @@ async def test_after_a_promote_the_listener_follows_and_a_change_reaches_the_cac
         await recorder.wait_for(lambda: recorder.full_syncs(watcher.RECONNECT) > resyncs, 15)
     assert w.state.listener_server == f"127.0.0.1:{pair.replica.port}"
     assert w.state.listener_server_changes == 1
+
+
+async def test_an_old_primary_that_comes_back_does_not_roll_the_cache_back(
+    redis_url: str, keyspace: keys.KeySpace, database_url: str
+) -> None:
+    """The attack: after a failover the old primary comes back writable (split brain, a stale node), first in the
+    multi-host URL, so every new connection reaches it; a restarted modcache would sync its older rows and roll the
+    cache back. The cache's status records the cluster and the timeline it was filled from: the old primary is on
+    an older timeline and is refused, the promoted one is read instead; another cluster is refused outright."""
+    with topologies.postgres_pair() as fresh:
+        url = fresh.url()
+        await db.upgrade(url)
+        config = settings.Settings(database_url=url, redis_url=redis_url, key_prefix=keyspace.prefix)  # type: ignore[arg-type]
+        await upsert(url, {"ha/m0.py": "V = 'before'\n"})
+        async with wiring.connect(config) as wired:
+            await wired.engine.full_resync()  # filled from the primary, timeline 1
+        await asyncio.to_thread(fresh.primary.stop, "immediate")
+        await asyncio.to_thread(fresh.replica.promote)
+        await upsert(url, {"ha/m0.py": "V = 'after'\n", "ha/new.py": "NEW = 1\n"})
+        async with wiring.connect(config) as wired:
+            await wired.engine.full_resync()  # from the promoted replica, timeline 2
+        await asyncio.to_thread(fresh.primary.start)  # the old primary is back, writable, with the old rows
+        async with wiring.connect(config) as wired:  # a restarted modcache: nothing in memory
+            await wired.engine.full_resync()
+            truth = fresh.replica.url()  # the judge reads the promoted primary itself (the URL reaches the stale one)
+            assert await convergence.converged(truth, wired.cache.client, keyspace.prefix, within_s=5) == []
+            assert wired.source.lineage is not None
+            assert wired.source.lineage.refusals >= 1
+            assert await wired.cache.read_module("ha/new.py") is not None  # not pruned by the old primary's rows
+            status = await wired.cache.read_status()
+        stale = settings.Settings(database_url=fresh.primary.url(), redis_url=redis_url, key_prefix=keyspace.prefix)  # type: ignore[arg-type]
+        async with wiring.connect(stale) as wired:  # the old primary alone: nothing else to read from
+            with pytest.raises(lineage.StaleSource, match=r"timeline 1, older than timeline 2") as caught:
+                await wired.engine.full_resync()
+        assert f"127.0.0.1:{fresh.primary.port}" in str(caught.value)
+    assert status["source_timeline"] == "2"
+    other = settings.Settings(database_url=database_url, redis_url=redis_url, key_prefix=keyspace.prefix)  # type: ignore[arg-type]
+    async with wiring.connect(other) as wired:  # the shared server: another initdb, another system identifier
+        with pytest.raises(lineage.StaleSource, match="another cluster"):
+            await wired.engine.full_resync()
+        assert json.loads(await wired.cache.read_module("ha/m0.py") or "{}")["content"] == "V = 'after'\n"

@@ -9,13 +9,16 @@ consumer's Redis reader (its readiness guard, on wiring's client) keeps answerin
 from __future__ import annotations
 
 import asyncio
+import json
+import time
 from collections.abc import Iterator
 
 import pytest
+import redis.asyncio as redis
 
 from modcache import engine, errors, keys, settings, watcher, wiring
 from modcache_consumer import readiness
-from testkit import convergence, topologies
+from testkit import convergence, servers, topologies
 from testkit.observers import Recorder
 from testkit.watching import upsert, watch_settings, watching
 
@@ -43,15 +46,113 @@ def test_a_sentinel_url_names_the_service_and_database() -> None:
     ("url", "reason"),
     [
         ("redis+sentinel://h1:26379", "names no Sentinel service"),
-        ("redis+sentinel://h1:26379/cache/x", "the database must be a number"),
+        ("redis+sentinel://h1:26379/cache/x", "the database must be a number of ASCII digits (0, 1, ...), not 'x'"),
+        # str.isdigit takes these, and int() reads them: 2 and 26379 (the input is named, it holds no secret)
+        ("redis+sentinel://h1:26379/cache/²", "the database must be a number of ASCII digits (0, 1, ...), not '²'"),
+        ("redis+sentinel://h1:٢٦٣٧٩/cache", "the port of 'h1' must be a number from 1 to 65535, in ASCII digits"),
+        ("redis://h1:6379/0?db=\u0661", "not '\u0661'"),  # ARABIC-INDIC DIGIT ONE
+        ("redis://h1:6³79/0", "the port of 'h1' must be a number from 1 to 65535, in ASCII digits"),
+        ("redis+sentinel://[::1:26379/cache", "an IPv6 address has no closing bracket: write it [::1]:26379"),
+        ("redis://[::1:6379/0", "an IPv6 address has no closing bracket: write it [::1]:6379"),
         ("redis+sentinel:///cache", "names no host"),
         ("redis://h1:6379,h2:6379/0", "several hosts need redis+sentinel:// or redis+cluster://"),
+        (
+            "redis+sentinel://h1:26379/cache?db=3",
+            "takes no query parameters (it has db): the database goes in the path",
+        ),
+        ("rediss+sentinel://h1/cache/0?ssl_cert_reqs=none", "(it has ssl_cert_reqs)"),
+        ("redis+cluster://h1:6379?db=1", "takes no query parameters (it has db): the database is 0"),
     ],
 )
 def test_a_malformed_sentinel_url_is_a_config_error(url: str, reason: str) -> None:
     with pytest.raises(errors.ConfigError, match="MODCACHE_REDIS_URL") as caught:
         settings.Settings.from_env(redis_url=url)
     assert reason in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("postgresql://u@[::1:5432/db", "an IPv6 address has no closing bracket: write it [::1]:5432"),
+        ("postgresql://u@h1:٥٤٣٢,h2/db", "the port of 'h1' must be a number from 1 to 65535, in ASCII digits"),
+    ],
+)
+def test_a_malformed_postgres_url_is_a_config_error_naming_the_input(url: str, reason: str) -> None:
+    with pytest.raises(errors.ConfigError, match="MODCACHE_DATABASE_URL") as caught:
+        settings.Settings.from_env(database_url=url)
+    assert reason in str(caught.value)
+
+
+async def test_a_lying_first_sentinel_is_outvoted_by_the_others(
+    sentinel: topologies.Sentinel, database_url: str
+) -> None:
+    """The attack: the first sentinel listed names another, writable node (a rogue group, or a sentinel that was
+    partitioned away during a failover and still names the old master). redis-py alone believes the first
+    sentinel that answers; modcache believes only what a majority of the configured sentinels say."""
+    with servers.private_redis() as wrong, topologies.rogue_sentinels(wrong.port) as rogues:
+        url = sentinel.url(sentinels=[rogues[0], *sentinel.sentinels[:2]])  # three sentinels, the first one lies
+        config = settings.Settings(database_url=database_url, redis_url=url)  # type: ignore[arg-type]
+        await upsert(database_url, {"pkg/truth.py": "T = 1\n"})
+        async with wiring.connect(config) as wired:
+            await wired.engine.full_resync()
+        wrong_node = redis.Redis(port=wrong.port, decode_responses=True)
+        master = redis.Redis(port=sentinel.master_port(), decode_responses=True)
+        try:
+            assert await wrong_node.keys("*") == []  # nothing was written to the node the liar names
+            assert json.loads(await master.get(f"{PREFIX}pkg/truth.py"))["content"] == "T = 1\n"
+        finally:
+            await wrong_node.aclose()
+            await master.aclose()
+
+
+async def test_a_majority_naming_a_replica_is_refused_on_the_node_s_own_role() -> None:
+    """Two sentinels of three name the replica: the majority is wrong, and the node itself says so (ROLE)."""
+    with topologies.sentinel_redis() as fresh:
+        replica = next(n for n in fresh.nodes if n.port != fresh.master_port())
+        with topologies.rogue_sentinels(replica.port) as rogues:
+            config = settings.Settings(redis_url=fresh.url(sentinels=[*rogues, fresh.sentinels[0]]))  # type: ignore[arg-type]
+            cache = wiring.make_cache(config)
+            try:
+                with pytest.raises(errors.CacheUnavailable) as caught:
+                    await cache.ping()
+            finally:
+                await cache.close()
+    assert f"127.0.0.1:{replica.port}" in str(caught.value)
+    assert "ROLE slave (a replica)" in str(caught.value)
+
+
+async def test_a_planned_failover_is_followed_at_once_before_the_old_master_is_demoted(database_url: str) -> None:
+    """``SENTINEL FAILOVER``: the old master stays up, and writable, until the sentinels demote it (about 8 s); a
+    watcher that waits for it to refuse a write keeps writing there, and whatever it writes is discarded when it
+    becomes a replica. The sentinels' ``+switch-master`` makes the watcher move at once: a change committed right
+    after the failover reaches the new master while the old one still says it is a master."""
+    with topologies.sentinel_redis() as fresh:
+        config = watch_settings(database_url=database_url, redis_url=fresh.url())
+        recorder = Recorder()
+        await upsert(database_url, {f"pkg/m{n}.py": f"V = {n}\n" for n in range(10)})
+        async with watching(config, recorder) as (wired, _):
+            assert await convergence.converged(database_url, wired.cache.client, PREFIX, within_s=10) == []
+            resyncs = recorder.full_syncs(watcher.RECONNECT)
+            started = time.monotonic()
+            old = fresh.fail_over()
+            new = await asyncio.to_thread(fresh.wait_for_new_master, old)
+            await upsert(database_url, {"pkg/m0.py": "V = 'after the switch'\n"})
+            new_master = redis.Redis(port=new, decode_responses=True)
+            old_master = redis.Redis(port=old, decode_responses=True)
+            try:
+                assert await convergence.converged(database_url, new_master, PREFIX, within_s=WITHIN_S) == []
+                took_s = time.monotonic() - started
+                print(
+                    f"planned failover -> change on the new master: {took_s:.2f} s"
+                )  # the number docs/topologies.md quotes (-s)
+                assert (await old_master.execute_command("ROLE"))[0] == "master"  # not demoted yet: no READONLY
+                await recorder.wait_for(lambda: recorder.full_syncs(watcher.RECONNECT) > resyncs, WITHIN_S)
+            finally:
+                await new_master.aclose()
+                await old_master.aclose()
+    assert any(active and f"on 127.0.0.1:{new} (was 127.0.0.1:{old})" in d for active, d in recorder.keyspace)
+    said = f"the sentinels switched the master to 127.0.0.1:{new}: subscribing there"  # not a bare "connection closed"
+    assert (False, said) in recorder.keyspace
 
 
 async def test_a_change_committed_during_a_failover_reaches_the_new_master(
@@ -67,13 +168,13 @@ async def test_a_change_committed_during_a_failover_reaches_the_new_master(
         guard = readiness.CacheGuard(engine=engine.Engine(source=wired.source, cache=reader_cache), cache=reader_cache)
         try:
             before = await guard.check()
-            resyncs = recorder.full_syncs()
+            resyncs = recorder.full_syncs(watcher.RECONNECT)
             old = sentinel.kill_master()
             await upsert(database_url, {"pkg/m0.py": "V = 'during the failover'\n", "pkg/new.py": "NEW = 1\n"})
             new = await asyncio.to_thread(sentinel.wait_for_new_master, old)
             assert await convergence.converged(database_url, client, PREFIX, within_s=WITHIN_S) == []
             await recorder.wait_for(lambda: any(f":{new}" in d for active, d in recorder.keyspace if active), WITHIN_S)
-            await recorder.wait_for(lambda: recorder.full_syncs() > resyncs, WITHIN_S)
+            await recorder.wait_for(lambda: recorder.full_syncs(watcher.RECONNECT) > resyncs, WITHIN_S)
             assert await _when_reachable(guard) >= before  # the replica had the generation: no writes were lost
             assert await reader_cache.read_module("pkg/new.py") is not None
         finally:

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis.asyncio as aioredis
 
 from modcache import errors, keys, settings, wiring
 from testkit import convergence, topologies
@@ -86,3 +87,51 @@ def test_the_tls_settings_become_redis_py_options(certs: topologies.Certificates
     )
     options = wiring.redis_tls_options(config)
     assert options == {"ssl_ca_certs": str(certs.ca), "ssl_cert_reqs": "none", "ssl_check_hostname": False}
+
+
+@pytest.mark.parametrize(
+    "query",
+    ["ssl_cert_reqs=none", "ssl_cert_reqs=optional", "ssl_check_hostname=false", "ssl_ca_certs=/tmp/other.pem"],
+)
+async def test_a_url_parameter_that_turns_off_the_certificate_check_is_refused(
+    tls_redis: topologies.TlsRedis, tmp_path: Path, query: str
+) -> None:
+    """The attack: the settings trust only the test's CA, the server presents a certificate of another CA (a
+    man in the middle), and ``?ssl_cert_reqs=none`` in the URL, which redis-py lets override the settings, turned
+    the check off silently: modcache talked to it. Now the contradiction is a ConfigError naming both."""
+    other_ca = topologies.certificates(tmp_path).ca
+    fields = tls_settings(tls_redis, redis_url=f"{tls_redis.url}?{query}", redis_ssl_ca_file=other_ca)
+    with pytest.raises(errors.ConfigError) as caught:
+        settings.Settings.from_env(**fields)
+    assert caught.value.setting == "MODCACHE_REDIS_URL"
+    assert f"?{query.split('=')[0]}" in caught.value.reason
+    assert "MODCACHE_REDIS_SSL_" in caught.value.reason
+    if query == "ssl_cert_reqs=none":  # what it was refused for: redis-py lets the URL win, and the MITM is reached
+        client = aioredis.Redis.from_url(
+            f"{tls_redis.url}?{query}",
+            **wiring.redis_tls_options(settings.Settings(**tls_settings(tls_redis, redis_ssl_ca_file=other_ca))),  # type: ignore[arg-type]
+        )
+        try:
+            assert await client.ping()
+        finally:
+            await client.aclose()
+
+
+def test_a_url_parameter_that_says_what_the_settings_say_is_no_contradiction(tls_redis: topologies.TlsRedis) -> None:
+    url = f"{tls_redis.url}?ssl_cert_reqs=none&ssl_check_hostname=false"
+    config = settings.Settings.from_env(redis_url=url, redis_ssl_cert_reqs="none")  # the chart's certReqs: none
+    assert config.tls_relaxed_by_url() == []
+
+
+async def test_a_url_that_alone_turns_off_the_certificate_check_is_warned_about_once(
+    tls_redis: topologies.TlsRedis, caplog: pytest.LogCaptureFixture
+) -> None:
+    wiring._warn_once.cache_clear()  # once per process: this test's own process-wide state, reset
+    config = settings.Settings(redis_url=f"{tls_redis.url}?ssl_cert_reqs=none")  # type: ignore[arg-type]
+    for _ in range(2):
+        await wiring.make_cache(config).close()
+    warned = [r.getMessage() for r in caplog.records if "TLS is weakened" in r.getMessage()]
+    assert warned == [
+        "TLS is weakened by a URL parameter: MODCACHE_REDIS_URL: ?ssl_cert_reqs=none in the URL: the server's "
+        "certificate is not verified"
+    ]

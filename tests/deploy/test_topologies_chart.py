@@ -5,6 +5,9 @@ every pod that connects (operator, consumer, helm test); the schema and the temp
 
 from __future__ import annotations
 
+import re
+import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +15,7 @@ import pytest
 import yaml
 
 CHART = Path(__file__).resolve().parents[2] / "deploy" / "helm" / "modcache"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "topologies.md"
 TOPOLOGIES: dict[str, Any] = {  # the "topologies" values set of conftest.VALUES_SETS
     "redis": {
         "topology": "sentinel",
@@ -127,3 +131,27 @@ def test_the_schema_refuses_topology_values_that_would_not_work(
     assert done.returncode != 0
     assert "schema" in done.stderr, done.stderr
     assert complaint in done.stderr, done.stderr
+
+
+def _doc_examples() -> list[str]:
+    return re.findall(r"^```yaml\n(.*?)^```", DOC.read_text(), re.M | re.S)
+
+
+def test_docs_topologies_has_chart_examples() -> None:
+    assert _doc_examples(), "docs/topologies.md lost its chart values examples"
+
+
+@pytest.mark.parametrize("number", range(len(_doc_examples())))
+def test_every_chart_example_in_docs_topologies_renders_against_the_chart(
+    number: int, helm_run: Callable[..., subprocess.CompletedProcess[str]], tmp_path: Path
+) -> None:
+    """A values example a reader copies must pass the chart's schema and templates as written."""
+    example = _doc_examples()[number]
+    values = tmp_path / "values.yaml"
+    values.write_text(example)
+    done = helm_run("template", "r1", str(CHART), "-n", "apps", "-f", str(values), check=False)
+    assert done.returncode == 0, f"docs/topologies.md example {number + 1}:\n{example}\n{done.stderr}"
+    deployments = [d for d in yaml.safe_load_all(done.stdout) if d and d.get("kind") == "Deployment"]
+    mounted = yaml.safe_dump(deployments)
+    for name in re.findall(r"(?:configMap|secret|name): ([\w-]+)", example):  # every object the example names
+        assert f" {name}\n" in mounted, f"docs/topologies.md example {number + 1}: {name!r} is not used"

@@ -14,7 +14,7 @@ import pydantic
 import pytest
 
 from modcache import errors
-from modcache_operator import metrics, reporter, spec
+from modcache_operator import metrics, reporter, spec, statuswriter
 
 SECRET = "S3cretPart"
 PASSWORDS = [f"12/{SECRET}", f"x?{SECRET}", f"x#{SECRET}", f"x@{SECRET}", f"%2F{SECRET}", f"a:{SECRET}", SECRET]
@@ -45,9 +45,8 @@ def test_redacted_urls_and_endpoints_hold_no_part_of_the_password(password: str)
 
 @pytest.mark.parametrize("password", PASSWORDS)
 def test_the_reporter_scrubs_a_library_message_that_quotes_the_url_or_the_password(password: str) -> None:
-    the_reporter = reporter.Reporter(
-        namespace="ns", name="main", body=Body(), api=None, metrics=metrics.Metrics(), post_event=lambda _: None
-    )  # type: ignore[arg-type]
+    outlets = statuswriter.Outlets(api=None, metrics=metrics.Metrics(), post_event=lambda _: None)  # type: ignore[arg-type]
+    the_reporter = reporter.Reporter(namespace="ns", name="main", body=Body(), outlets=outlets)
     database, redis_url = _urls(password)[0], _urls(password)[1]
     parsed = spec.parse(
         {

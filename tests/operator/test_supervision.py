@@ -60,7 +60,7 @@ async def test_a_rotated_secret_is_picked_up_after_reading_it_failed(
                 await rotated_keys.until(lambda: _all_cached(client, keyspace, 3), "the cache filled in the new Redis")
         finally:
             await client.aclose()
-    await cluster.wait_for(lambda: cluster.ready("main"), "Ready on the rotated Redis")
+        await cluster.wait_for(lambda: cluster.ready("main"), "Ready on the rotated Redis")  # while it still runs
     assert cluster.status("main")["observedGeneration"] == 1
 
 

@@ -16,7 +16,19 @@ from typing import Any
 import pytest
 
 from modcache import errors, plan
-from modcache_operator import claims, fence, health, kube, metrics, names, reporter, spec, supervisor, tunables
+from modcache_operator import (
+    claims,
+    fence,
+    health,
+    kube,
+    metrics,
+    names,
+    reporter,
+    spec,
+    statuswriter,
+    supervisor,
+    tunables,
+)
 
 HOUR_S = 3600.0
 DEFAULTS = tunables.Tunables()
@@ -99,7 +111,10 @@ async def run(request: pytest.FixtureRequest) -> AsyncIterator[Run]:
     body = Body(spec=body_spec)
     secrets, api, liveness = Secrets(failure), StatusApi(body), CountingLiveness()
     the_reporter = reporter.Reporter(
-        namespace="ns", name="main", body=body, api=api, metrics=metrics.Metrics(), post_event=lambda _: None
+        namespace="ns",
+        name="main",
+        body=body,
+        outlets=statuswriter.Outlets(api=api, metrics=metrics.Metrics(), post_event=lambda _: None),
     )
     the_supervisor = supervisor.Supervisor(
         namespace="ns",
@@ -196,7 +211,10 @@ async def test_drift_announced_later_waits_on_a_timer_not_a_poll() -> None:
     body = Body(spec=_spec())
     counting, told = CountingMetrics(), []
     the_reporter = reporter.Reporter(
-        namespace="ns", name="main", body=body, api=StatusApi(body), metrics=counting, post_event=told.append
+        namespace="ns",
+        name="main",
+        body=body,
+        outlets=statuswriter.Outlets(api=StatusApi(body), metrics=counting, post_event=told.append),
     )
     writer = asyncio.create_task(the_reporter.writer.write_forever())
     try:

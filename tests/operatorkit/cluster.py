@@ -182,9 +182,12 @@ class ApiServer:
         if server is None:
             return
         runner = server.server.runner
-        if runner is not None and runner.server is not None:
-            for connection in runner.server.connections:  # aiohttp would wait up to a minute for each stream
-                connection.force_close()
+        if runner is not None:
+            for site in list(runner.sites):  # stop accepting first, so no connection slips in behind the closing
+                await site.stop()
+            await asyncio.sleep(0)  # a connection accepted just before gets its handler, to be closed with the rest
+            for connection in list(runner.server.connections if runner.server is not None else ()):
+                connection.force_close()  # aiohttp would wait up to a minute for each stream
         await server.__aexit__(None, None, None)
 
 

@@ -15,6 +15,8 @@ from pathlib import Path
 from modcache import embedded
 
 READY_LINE = "modcache consumer: consuming"
+LINE_LIMIT_BYTES = 1024 * 1024
+COPY_GRACE_S = 5.0
 
 
 class ConsumerProcess:
@@ -25,32 +27,52 @@ class ConsumerProcess:
         self.log_path = log_path
         self.proc: asyncio.subprocess.Process | None = None
         self.starts = 0
+        self._copier: asyncio.Task[None] | None = None
 
     async def start(self, *, timeout_s: float = 90.0) -> None:
-        """Start it and wait until it consumes (it says so on stderr)."""
+        """Start it and wait until it says it consumes (its stderr is read line by line into ``log_path``)."""
         self.starts += 1
-        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         environ = {k: v for k, v in os.environ.items() if not k.startswith("MODCACHE_")} | self.env
-        with self.log_path.open("ab") as log:
-            self.proc = await asyncio.create_subprocess_exec(
-                str(Path(sys.executable).parent / "modcache"),
-                "consumer",
-                env=environ,
-                stdout=asyncio.subprocess.DEVNULL,
-                stderr=log,
-                start_new_session=True,
-            )
+        self.proc = await asyncio.create_subprocess_exec(
+            str(Path(sys.executable).parent / "modcache"),
+            "consumer",
+            env=environ,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+            start_new_session=True,
+            limit=LINE_LIMIT_BYTES,
+        )
+        assert self.proc.stderr is not None
+        consuming = asyncio.get_running_loop().create_future()
+        self._copier = asyncio.create_task(self._copy_stderr(self.proc.stderr, consuming))
         async with asyncio.timeout(timeout_s):
-            while READY_LINE not in self.log_path.read_bytes()[offset:].decode(errors="replace"):
-                assert self.proc.returncode is None, f"the consumer exited: {self.tail()}"
-                await asyncio.sleep(0.05)
+            assert await consuming, f"the consumer exited: {self.tail()}"
+
+    async def _copy_stderr(self, stream: asyncio.StreamReader, consuming: asyncio.Future[bool]) -> None:
+        """Every line into the log; ``consuming`` is True at the ready line, False if the stream ends first."""
+        with self.log_path.open("ab") as log:
+            async for line in stream:
+                log.write(line)
+                log.flush()
+                if not consuming.done() and READY_LINE.encode() in line:
+                    consuming.set_result(True)
+        if not consuming.done():
+            consuming.set_result(False)
+
+    async def _ended(self) -> None:
+        """After the process ended: the rest of its stderr (its executor, dying with it, may hold it a moment)."""
+        if self._copier is not None:
+            with contextlib.suppress(TimeoutError):  # then wait_for cancelled it: a descendant holds the pipe
+                await asyncio.wait_for(self._copier, COPY_GRACE_S)
+            self._copier = None
+        self.proc = None
 
     async def kill(self) -> None:
         """SIGKILL: no drain, no goodbye; its leases just stop being renewed."""
         if self.proc is not None and self.proc.returncode is None:
             self.proc.kill()
             await self.proc.wait()
-        self.proc = None
+        await self._ended()
 
     async def stop(self, timeout_s: float = 30.0) -> None:
         if self.proc is None:
@@ -62,7 +84,7 @@ class ConsumerProcess:
             except TimeoutError:
                 self.proc.kill()
                 await self.proc.wait()
-        self.proc = None
+        await self._ended()
 
     def tail(self, lines: int = 30) -> str:
         with contextlib.suppress(OSError):

@@ -1,5 +1,8 @@
-"""A Redis list test workflows append to: executions cannot reach a test's files (their ``/tmp`` is private and
-they run as another uid), so "how often did it run" is counted where both sides can reach."""
+"""A Redis list hostile or benign workflows append to: what ran, counted from outside the consumer.
+
+Executions cannot reach the test's files (their ``/tmp`` is private), so they append to a list in Redis and
+announce each append on a channel of the same name, which the test awaits instead of polling the list.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +10,13 @@ import asyncio
 
 import redis.asyncio as aioredis
 
-#: Prepend to a workflow's code: ``note(url, key, what)`` appends ``what`` to the ledger.
-LEDGER = "import redis\n\ndef note(url, key, what):\n    redis.Redis.from_url(url).rpush(key, what)\n"
+LEDGER = (
+    "import redis\n\n"
+    "def note(url, key, what):\n"
+    "    client = redis.Redis.from_url(url)\n"
+    "    client.rpush(key, what)\n"
+    "    client.publish(key, what)\n"
+)
 
 
 class Ledger:
@@ -20,8 +28,10 @@ class Ledger:
         return [str(e) for e in await self._client.lrange(self.params["key"], 0, -1)]
 
     async def wait_for(self, count: int, *, timeout_s: float = 30.0) -> list[str]:
-        """Poll (another process appends) until the ledger holds ``count`` entries."""
-        async with asyncio.timeout(timeout_s):
-            while len(entries := await self.entries()) < count:  # noqa: ASYNC110 -- another process writes
-                await asyncio.sleep(0.02)
+        """Until the ledger holds ``count`` entries: re-read after every announced append (subscribed before the
+        first read, so no append falls between them)."""
+        async with self._client.pubsub() as announcements, asyncio.timeout(timeout_s):
+            await announcements.subscribe(self.params["key"])
+            while len(entries := await self.entries()) < count:
+                await announcements.get_message(ignore_subscribe_messages=True, timeout=None)
         return entries

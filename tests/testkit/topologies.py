@@ -5,6 +5,9 @@
   required.
 * ``sentinel_redis()``: one master, one replica and three sentinels (``redis-server --sentinel``), quick to fail
   over (``down-after-milliseconds`` 1000); ``kill_master()`` then ``wait_for_new_master()``.
+* ``rogue_sentinels(port)``: sentinels of the same service name that monitor another node (a rogue group, or one
+  that was partitioned away and still names an old master): they answer ``SENTINEL master`` as confidently as the
+  real ones.
 * ``redis_cluster()``: three masters with one replica each (``--cluster-enabled`` + ``redis-cli --cluster
   create``); ``fail_over(slot)`` promotes the replica of the master owning a slot.
 * ``postgres_pair()``: a PostgreSQL primary and a streaming replica (``initdb``, ``pg_basebackup -R``), run as the
@@ -211,8 +214,9 @@ class Sentinel:
     sentinels: list[RedisProcess]
     service: str = SERVICE
 
-    def url(self, scheme: str = "redis+sentinel", db: int = 0) -> str:
-        hosts = ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
+    def url(self, scheme: str = "redis+sentinel", db: int = 0, sentinels: list[RedisProcess] | None = None) -> str:
+        """The URL naming ``sentinels`` (default: the topology's own three), in that order."""
+        hosts = ",".join(f"127.0.0.1:{s.port}" for s in (self.sentinels if sentinels is None else sentinels))
         return f"{scheme}://{hosts}/{self.service}/{db}"
 
     def master_port(self) -> int:
@@ -226,6 +230,13 @@ class Sentinel:
         """SIGKILL the current master; returns its port."""
         port = self.master_port()
         self.node(port).kill()
+        return port
+
+    def fail_over(self) -> int:
+        """A planned ``SENTINEL FAILOVER`` (the master stays up and writable until the sentinels demote it, seconds
+        later); returns the old master's port."""
+        port = self.master_port()
+        self.sentinels[0].cli("SENTINEL", "FAILOVER", self.service)
         return port
 
     def wait_for_new_master(self, old_port: int, *, timeout_s: float = 30.0) -> int:
@@ -281,6 +292,36 @@ def sentinel_redis(*, down_after_ms: int = 1000) -> Iterator[Sentinel]:
         finally:
             for process in everything:
                 process.kill()
+
+
+@contextlib.contextmanager
+def rogue_sentinels(port: int, *, count: int = 2, service: str = SERVICE) -> Iterator[list[RedisProcess]]:
+    """``count`` sentinels naming the node on ``port`` the master of ``service``, aware of each other (so redis-py's
+    ``min_other_sentinels`` check passes for them)."""
+    with tempfile.TemporaryDirectory(prefix="modcache-rogue-sentinel-") as scratch:
+        rogues = []
+        for n in range(count):
+            sentinel_port = servers.free_port()
+            conf = _mkdir(Path(scratch) / f"rogue{n}") / "sentinel.conf"
+            conf.write_text(
+                f"port {sentinel_port}\nbind 127.0.0.1\ndir {conf.parent}\n"
+                f"sentinel monitor {service} 127.0.0.1 {port} {count}\n"
+                f"sentinel down-after-milliseconds {service} 60000\n"
+            )
+            rogues.append(RedisProcess(["redis-server", str(conf), "--sentinel"], sentinel_port))
+        try:
+            for rogue in rogues:
+                rogue.start()
+            wait_until(lambda: all(_peers(r, service) >= count - 1 for r in rogues), timeout_s=15, what="rogues meet")
+            yield rogues
+        finally:
+            for rogue in rogues:
+                rogue.kill()
+
+
+def _peers(sentinel: RedisProcess, service: str) -> int:
+    fields = sentinel.cli("SENTINEL", "master", service).split("\n")
+    return int(dict(zip(fields[::2], fields[1::2], strict=False)).get("num-other-sentinels", 0))
 
 
 def _sentinels_see_replica(topology: Sentinel) -> bool:
