@@ -939,6 +939,25 @@ async def test_an_executor_whose_kernel_refuses_seccomp_does_not_start(tmp_path:
     )
 
 
+async def test_a_consumer_refuses_an_executor_that_filters_nothing(tmp_path: Path) -> None:
+    """F9a, the consumer's side: an executor whose hello does not say its executions are filtered (another
+    version, or one that lies) is refused at start, as one without namespaces is."""
+
+    async def hello(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(protocol.encode({"op": "hello", "pid": 1, "isolation": "PID+mount namespaces, uid 1+slot",
+                                      "namespaces": True, "execution_uid": None}))  # fmt: skip
+        await writer.drain()
+        await reader.read()
+        writer.close()
+
+    server = await asyncio.start_unix_server(hello, path=str(tmp_path / "executor.sock"))
+    async with server:
+        the_executor = executor.Executor(socket_path=str(tmp_path / "executor.sock"), start_timeout_s=5)
+        with pytest.raises(executor.ExecutorUnavailable, match="gives its executions no seccomp filter"):
+            await the_executor.start()
+        await the_executor.close()
+
+
 # -- forged result values (attack-8 F9b) ------------------------------------------------------------------------
 
 FORGED_VALUE = """
