@@ -71,6 +71,7 @@ _libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_u
 _held.syscall.restype = ctypes.c_long
 _libc.syscall.restype = ctypes.c_long
 
+
 class SandboxError(OSError):
     """An isolation step failed; the execution must not run."""
 
