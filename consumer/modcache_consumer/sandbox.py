@@ -71,6 +71,7 @@ _libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_u
 _held.syscall.restype = ctypes.c_long
 _libc.syscall.restype = ctypes.c_long
 
+
 class SandboxError(OSError):
     """An isolation step failed; the execution must not run."""
 
@@ -277,6 +278,31 @@ def private_mounts(hidden: Sequence[str] = ()) -> None:
     for path in hidden:
         if os.path.isdir(path) and not _holds_interpreter(path):
             mount("tmpfs", path, "tmpfs", flags | _MS_RDONLY | _MS_NOEXEC, "mode=755,size=4k")
+
+
+_SYS_MOUNT_SETATTR = 442
+_AT_FDCWD = -100
+_AT_RECURSIVE = 0x8000
+_MOUNT_ATTR_RDONLY = 0x1
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_uint64) for name in ("attr_set", "attr_clr", "propagation", "userns_fd")]
+
+
+def read_only_everywhere() -> bool:
+    """Every mount of this (the execution's own) mount namespace read-only, recursively (``mount_setattr``,
+    Linux >= 5.12; False where the kernel lacks it). Mounts made afterwards, the scratch tmpfs, stay writable:
+    an execution can write nowhere else, not in a world-writable directory this executor did not find, nor,
+    in a user namespace, in the executor's own files."""
+    attr = _MountAttr(_MOUNT_ATTR_RDONLY, 0, 0, 0)
+    size = ctypes.sizeof(attr)
+    if _libc.syscall(_SYS_MOUNT_SETATTR, _AT_FDCWD, b"/", _AT_RECURSIVE, ctypes.byref(attr), size) == 0:
+        return True
+    if ctypes.get_errno() == errno.ENOSYS:
+        return False
+    _check(-1, "mount_setattr / read-only")
+    return False
 
 
 #: Where other world-writable directories usually are (``/run/lock`` on the host's disk or /run, ...): each one

@@ -417,6 +417,7 @@ class Template:
         """After the job arrived, before anything of it runs: its limits and uid."""
         limits = job.get("limits") or {}
         if self._isolation.namespaces:
+            sandbox.read_only_everywhere()  # then the scratch mounts, the only writable places
             sandbox.scratch_mounts(int(limits.get("tmp_bytes") or 64 * 1024**2), self._other_scratch)
         sandbox.apply_limits(
             sandbox.Limits(

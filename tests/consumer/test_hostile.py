@@ -939,6 +939,25 @@ async def test_an_executor_whose_kernel_refuses_seccomp_does_not_start(tmp_path:
     )
 
 
+async def test_a_consumer_refuses_an_executor_that_filters_nothing(tmp_path: Path) -> None:
+    """F9a, the consumer's side: an executor whose hello does not say its executions are filtered (another
+    version, or one that lies) is refused at start, as one without namespaces is."""
+
+    async def hello(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(protocol.encode({"op": "hello", "pid": 1, "isolation": "PID+mount namespaces, uid 1+slot",
+                                      "namespaces": True, "execution_uid": None}))  # fmt: skip
+        await writer.drain()
+        await reader.read()
+        writer.close()
+
+    server = await asyncio.start_unix_server(hello, path=str(tmp_path / "executor.sock"))
+    async with server:
+        the_executor = executor.Executor(socket_path=str(tmp_path / "executor.sock"), start_timeout_s=5)
+        with pytest.raises(executor.ExecutorUnavailable, match="gives its executions no seccomp filter"):
+            await the_executor.start()
+        await the_executor.close()
+
+
 # -- forged result values (attack-8 F9b) ------------------------------------------------------------------------
 
 FORGED_VALUE = """
@@ -1299,3 +1318,38 @@ async def test_nothing_an_execution_leaves_in_shared_places_reaches_the_next(har
     assert (planted["status"], planted["result"]) == ("SUCCESS", ["planted", "EPERM"]), planted["error"]
     assert [(r["status"], r["result"]) for r in seen] == [("SUCCESS", ["FileNotFoundError"])] * 3
     assert not await asyncio.to_thread(os.path.exists, f"/run/lock/{name}")  # nothing reached the host's directory
+
+
+WRITE = """
+import errno
+def run(path):
+    try:
+        with open(path, 'w') as f:
+            f.write('left behind')
+        return 'written'
+    except OSError as e:
+        return errno.errorcode[e.errno]
+"""
+
+
+@pytest.mark.parametrize("layout", ["root", "user namespace"])
+async def test_an_execution_writes_nowhere_but_its_own_scratch(harness, layout: str) -> None:
+    """Beyond the scan of A12: a world-writable directory made after the executor started (so no scan found it),
+    and owned by the executor's uid (which a user-namespace execution is, outside): every mount of the
+    execution's namespace is read-only but its own tmpfs mounts, so the write fails with EROFS."""
+    target = Path("/var/lib") / f"modcache-test-{uuid.uuid4().hex[:8]}"
+    async with contextlib.AsyncExitStack() as stack:
+        socket = None
+        if layout == "user namespace":
+            path, _ = await stack.enter_async_context(socket_executor(uid=EXECUTOR_UID))
+            socket = str(path)
+        consumer = await stack.enter_async_context(harness.consumer(executor_socket=socket))
+        os.mkdir(target)
+        stack.callback(shutil.rmtree, target, ignore_errors=True)
+        os.chown(target, EXECUTOR_UID, EXECUTOR_UID)
+        os.chmod(target, 0o1777)
+        orgs = await two_orgs(harness, consumer)
+        reply = await attack(harness, orgs, WRITE, {"path": str(target / "note")})
+        left = await asyncio.to_thread(os.listdir, target)
+    assert (reply["status"], reply["result"]) == ("SUCCESS", "EROFS"), reply["error"]
+    assert left == []
