@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import weakref
 from typing import Any
 
 import asyncpg
@@ -98,13 +99,17 @@ class Lineage:
         self._said: str | None = None  # the last refusal logged (the same one, retried, is not logged again)
         self._unreadable_said = False
 
-    def learn(self, system: str, timeline: int, lsn: int = 0) -> None:
-        """What the cache's status hash recorded (an empty ``system``: nothing recorded)."""
+    def learn(self, system: str, timeline: int, lsn: int = 0) -> bool:
+        """What the cache's status hash recorded (an empty ``system``: nothing recorded). True when that raised
+        the bar: a connection admitted before (the consumer's first ``SELECT 1``) may be to a server the record
+        refuses, and must not be reused (``Engine.learn_lineage`` drops the pool)."""
+        before = (self.system, self.timeline, self.lsn)
         if system and self.system is None:
             self.system = system
         if system == self.system:
             self.timeline = max(self.timeline, timeline)
             self.lsn = max(self.lsn, lsn)
+        return before != (self.system, self.timeline, self.lsn)
 
     def problem(self, identity: Identity, *, lenient: bool = False) -> str | None:
         """Why ``identity`` must not be synced from, or None (and then it is what the cache is filled from).
@@ -164,6 +169,21 @@ class Lineage:
         if problem is not None:
             self.refuse(problem)
         return problem
+
+
+_OF_ENGINE: weakref.WeakKeyDictionary[Any, Lineage] = weakref.WeakKeyDictionary()
+
+
+def attach(engine: Any, lineage: Lineage) -> None:
+    """Say that ``engine``'s connections are checked by ``lineage`` (``db.make_engine`` does, for every engine)."""
+    _OF_ENGINE[engine] = lineage
+
+
+def of(engine: Any) -> Lineage | None:
+    """The lineage that checks ``engine``'s connections (``attach``), so a ``PgSource`` built on an engine of
+    ``db.make_engine`` -- the consumer's ``Database`` is one -- uses the very check its connections pass through and
+    records it (attack-11c U3: the consumer's resync read with no check and erased the record)."""
+    return _OF_ENGINE.get(engine)
 
 
 async def connect(dsn: str, *, lineage: Lineage | None, **options: Any) -> Any:

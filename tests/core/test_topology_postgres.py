@@ -330,6 +330,87 @@ async def test_a_failover_that_lost_the_last_transactions_is_still_followed(
         assert status["source_timeline"] == "2"
 
 
+async def test_the_consumer_s_own_resync_refuses_the_old_primary_and_keeps_the_record(
+    redis_url: str, keyspace: keys.KeySpace
+) -> None:
+    """attack-11c U3: the consumer's full resync (the generation key is gone: eviction, a lossy failover) read the
+    source through its own ``Database`` engine, with no lineage check: it synced from the old primary that came back
+    writable (pruning what the true primary had written since) and wrote an empty lineage record, so the next
+    restarted modcache took the old primary too. The consumer is built here as ``consumer._start_storage`` builds it;
+    its engine now passes the same check, and the record is never lowered."""
+    from modcache import engine, pgsource, rediscache
+    from modcache_consumer import database, readiness
+
+    with topologies.postgres_pair() as fresh:
+        url = fresh.url()
+        await db.upgrade(url)
+        config = settings.Settings(database_url=url, redis_url=redis_url, key_prefix=keyspace.prefix)  # type: ignore[arg-type]
+        await upsert(url, {"ha/a.py": "A = 1\n"})
+        async with wiring.connect(config) as wired:
+            await wired.engine.full_resync()  # timeline 1
+        await asyncio.to_thread(fresh.primary.stop, "immediate")
+        await asyncio.to_thread(fresh.replica.promote)
+        await upsert(url, {"ha/b.py": "B = 1\n"})
+        async with wiring.connect(config) as wired:
+            await wired.engine.full_resync()  # timeline 2
+            recorded = await wired.cache.read_status()
+            await wired.cache.client.delete(keyspace.generation)  # the consumer will converge on its own
+        await asyncio.to_thread(fresh.primary.start)  # the old primary is back, writable, first in the URL
+        the_db = database.Database(url=wiring.database_dsn(config, url))
+        await the_db.start()  # its first connection reaches the old primary, before the record is known
+        client, close = wiring.make_redis(config)
+        cache = rediscache.RedisCache(client=client, keyspace=config.keyspace(), ttl_s=None)
+        source = pgsource.PgSource(engine=the_db.engine, max_module_bytes=config.max_module_bytes)
+        guard = readiness.CacheGuard(engine=engine.Engine(source=source, cache=cache), cache=cache, database=the_db)
+        try:
+            await guard.converge()
+            assert await cache.read_module("ha/b.py") is not None  # not pruned by the old primary's rows
+            assert source.lineage is not None
+            assert source.lineage.refusals >= 1
+            await guard.repair(["ha/b.py"])  # a repair reads through the same check
+            assert await cache.read_module("ha/b.py") is not None
+            status = await cache.read_status()
+            assert await convergence.converged(fresh.replica.url(), client, keyspace.prefix, within_s=5) == []
+        finally:
+            await guard.close()
+            await close()
+            await the_db.close()
+    assert recorded["source_timeline"] == "2"
+    assert (status["source_system"], status["source_timeline"]) == (recorded["source_system"], "2")
+    assert lineage.parse_lsn(status["source_lsn"]) >= lineage.parse_lsn(recorded["source_lsn"])
+
+
+async def test_a_resync_through_an_unchecked_engine_never_lowers_the_lineage_record(
+    plain_postgres: topologies.PostgresNode, redis_url: str, keyspace: keys.KeySpace
+) -> None:
+    """A source whose engine was made elsewhere (no lineage) still syncs, but keeps the stored record: the next
+    modcache is held to what the cache was filled from, not to nothing."""
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from modcache import engine, pgsource
+
+    url = plain_postgres.url()
+    await db.upgrade(url)
+    config = settings.Settings(database_url=url, redis_url=redis_url, key_prefix=keyspace.prefix)  # type: ignore[arg-type]
+    await upsert(url, {"ha/u.py": "U = 1\n"})
+    async with wiring.connect(config) as wired:
+        await wired.engine.full_resync()
+        recorded = await wired.cache.read_status()
+        raw = create_async_engine(settings.sqlalchemy_url(url))
+        source = pgsource.PgSource(engine=raw)
+        assert source.lineage is None
+        try:
+            await wired.cache.client.delete(keyspace.status)
+            higher = recorded | {"source_timeline": "7", "last_success_at": "2000-01-01T00:00:00+00:00"}
+            await wired.cache.write_status(higher)  # type: ignore[arg-type]
+            await engine.Engine(source=source, cache=wired.cache).full_resync()
+        finally:
+            await raw.dispose()
+        status = await wired.cache.read_status()
+    assert recorded["source_system"] != ""
+    assert (status["source_system"], status["source_timeline"]) == (recorded["source_system"], "7")
+
+
 async def _replayed(pair: topologies.PostgresPair) -> None:
     """Until the replica has replayed everything the primary has written (an event the servers expose: poll)."""
     target = await _lsn(pair.primary.url())
