@@ -212,6 +212,16 @@ def check_postgres(url: str) -> tuple[tuple[str, int], ...]:
 
 SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")  # libpq's, weakest first
 PLAINTEXT_SSL_MODES = ("disable", "allow", "prefer")  # may talk to the server unencrypted, or unverified
+
+
+def sslmode(value: str) -> str:
+    """``value`` the way asyncpg reads an ``sslmode`` (``SSLMode.parse``: ``-`` and ``_`` are one, so ``verify_ca``
+    is ``verify-ca``), in libpq's spelling; ``ValueError`` for anything asyncpg would not take as one of
+    ``SSL_MODES``. A check that compared the raw text let ``verify_ca`` past a verify-full setting (attack-11c U4)."""
+    normal = value.replace("_", "-")
+    if normal not in SSL_MODES:
+        raise ValueError(f"sslmode={value!r} is not one of {', '.join(SSL_MODES)}")
+    return normal
 REDIS_FALSE = ("0", "F", "FALSE", "N", "NO")  # what redis-py's URL parser reads as false
 
 

@@ -138,6 +138,47 @@ def test_a_url_parameter_that_weakens_the_tls_settings_is_refused(
 
 
 @pytest.mark.parametrize(
+    ("query", "reason"),
+    [
+        ("sslmode=verify_ca", "sslmode=verify-ca in the URL is weaker than MODCACHE_DATABASE_SSL_MODE=verify-full"),
+        ("sslmode=dis_able", "sslmode='dis_able' is not one of"),
+        ("sslmode=VERIFY-FULL", "sslmode='VERIFY-FULL' is not one of"),
+        ("sslmode=parse", "sslmode='parse' is not one of"),
+    ],
+)
+def test_sslmode_is_judged_as_asyncpg_spells_it(query: str, reason: str) -> None:
+    """attack-11c U4: asyncpg reads ``verify_ca`` as ``verify-ca`` (``SSLMode.parse``), but the check compared the
+    raw text: ``?sslmode=verify_ca`` got past MODCACHE_DATABASE_SSL_MODE=verify-full, and the host name was not
+    checked. Spellings are normalised the way asyncpg does before judging, and anything else is refused."""
+    with pytest.raises(errors.ConfigError) as caught:
+        settings.Settings.from_env(database_url=f"postgresql://u@h1:5432/db?{query}", database_ssl_mode="verify-full")
+    assert reason in caught.value.reason
+    url = "postgresql://u@h1/db?sslmode=verify_full"
+    fine = settings.Settings.from_env(database_url=url, database_ssl_mode="verify-full")
+    assert endpoints.url_query(wiring.database_dsn(fine))["sslmode"] == "verify_full"  # the URL's own, as strong
+
+
+async def test_a_tls_file_setting_without_a_mode_means_verify_full_not_prefer(
+    plain_postgres: topologies.PostgresNode, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """attack-11c U5: MODCACHE_DATABASE_SSL_ROOT_CERT_FILE set but no SSL_MODE left asyncpg's default, ``prefer``
+    (or PGSSLMODE=disable): a sync ran in plaintext against a server without TLS. A TLS file setting alone now
+    means verify-full: the server without TLS is refused."""
+    monkeypatch.setenv("PGSSLMODE", "disable")
+    ca = topologies.certificates(tmp_path).ca  # any CA: the server has no TLS at all
+    for field in ("database_ssl_root_cert_file", "database_ssl_cert_file"):
+        config = settings.Settings(**{"database_url": plain_postgres.url(), field: ca})  # type: ignore[arg-type]
+        assert endpoints.url_query(wiring.database_dsn(config))["sslmode"] == "verify-full"
+    config = settings.Settings(database_url=plain_postgres.url(), database_ssl_root_cert_file=ca)  # type: ignore[arg-type]
+    source = wiring.make_source(config)
+    try:
+        with pytest.raises(errors.SourceUnavailable):
+            await source.list_modules()
+    finally:
+        await source.close()
+
+
+@pytest.mark.parametrize(
     "query",
     [
         "sslmode=",
