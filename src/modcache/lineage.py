@@ -27,8 +27,9 @@ the first read: a restarted modcache that first reaches the old primary must ref
 passes raises them, so a stale branch that is refused never ratchets the true primary out.
 
 Limits (``docs/topologies.md``): without the timeline history files (``pg_read_file`` needs privileges) a stale
-branch that has written more WAL than the true primary since they split is not told apart, nor one promoted to a
-newer timeline when it is the only host the URL reaches.
+branch that has written more WAL than the true primary since they split is not told apart -- one
+``pg_switch_wal()``, or ``archive_timeout`` on an idle server, is enough (attack-11c U6): fencing the old primary is
+required -- nor one promoted to a newer timeline when it is the only host the URL reaches.
 
 ``connect`` checks each new asyncpg connection (the SQLAlchemy pool's and the listener's): a server of another
 system, on an older timeline or behind the recorded position, is closed and the other hosts of the URL are tried in
