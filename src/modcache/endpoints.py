@@ -206,8 +206,25 @@ def check_postgres(url: str) -> tuple[tuple[str, int], ...]:
     check_credentials(rest)
     netloc = rest.split("/", 1)[0].split("?", 1)[0].split("#", 1)[0]
     hosts = split_netloc(netloc, default_port=DEFAULT_POSTGRES_PORT)[2]
-    url_query(url)  # every parameter once, with a value: a blank ?sslmode= was dropped by asyncpg (attack-11b T2)
+    query = url_query(url)  # every parameter once, with a value: a blank ?sslmode= was dropped by asyncpg (T2)
+    if not hosts and "host" in query:  # libpq's other form, which asyncpg reads when the netloc names no host
+        return _query_hosts(query["host"], query.get("port", ""))
     return hosts
+
+
+def _query_hosts(names: str, ports: str) -> tuple[tuple[str, int], ...]:
+    """``?host=h1,h2&port=p1,p2`` as asyncpg reads it: one port for all, or one per host (attack-11c U7: only the
+    netloc's hosts were tried again after a refusal)."""
+    hosts = [h for h in names.split(",") if h]
+    try:
+        numbers = [int(p) for p in ports.split(",") if p] or [DEFAULT_POSTGRES_PORT]
+    except ValueError:
+        raise ValueError("?port= must be port numbers, separated by commas") from None
+    if len(numbers) == 1:
+        numbers *= len(hosts)
+    if len(numbers) != len(hosts):
+        raise ValueError(f"?host= names {len(hosts)} hosts but ?port= {len(numbers)} ports: give one, or one each")
+    return tuple(zip(hosts, numbers, strict=True))
 
 
 SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")  # libpq's, weakest first
@@ -222,6 +239,8 @@ def sslmode(value: str) -> str:
     if normal not in SSL_MODES:
         raise ValueError(f"sslmode={value!r} is not one of {', '.join(SSL_MODES)}")
     return normal
+
+
 REDIS_FALSE = ("0", "F", "FALSE", "N", "NO")  # what redis-py's URL parser reads as false
 
 

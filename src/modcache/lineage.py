@@ -193,6 +193,8 @@ async def connect(dsn: str, *, lineage: Lineage | None, **options: Any) -> Any:
     none is, the first on a newer timeline though behind the recorded position (``Lineage.problem``)."""
     try:
         conn = await asyncpg.connect(dsn, **options)
+    except asyncpg.exceptions.ClientConfigurationError as e:  # a TLS file or mode it cannot use: names no secret
+        raise errors.ConfigError("MODCACHE_DATABASE_URL", f"asyncpg refuses the connection settings: {e}") from None
     except ValueError as e:  # asyncpg's DSN parser quotes what it could not read: a part of the password, maybe
         if isinstance(e, OSError):  # ssl.SSLCertVerificationError is a ValueError too: the server's, not the URL's
             raise

@@ -293,6 +293,13 @@ async def test_an_old_primary_that_comes_back_does_not_roll_the_cache_back(
             with pytest.raises(lineage.StaleSource, match=r"timeline 1, older than timeline 2") as caught:
                 await wired.engine.full_resync()
         assert f"127.0.0.1:{fresh.primary.port}" in str(caught.value)
+        # attack-11c U7: libpq's other form, the hosts in the query: after the refusal the other host is tried too
+        ports = f"{fresh.primary.port},{fresh.replica.port}"
+        query_form = f"postgresql://postgres@/postgres?host=127.0.0.1,127.0.0.1&port={ports}&target_session_attrs=read-write"
+        in_query = settings.Settings(database_url=query_form, redis_url=redis_url, key_prefix=keyspace.prefix)  # type: ignore[arg-type]
+        async with wiring.connect(in_query) as wired:
+            await wired.engine.full_resync()
+            assert await convergence.converged(truth, wired.cache.client, keyspace.prefix, within_s=5) == []
     assert status["source_timeline"] == "2"
     other = settings.Settings(database_url=database_url, redis_url=redis_url, key_prefix=keyspace.prefix)  # type: ignore[arg-type]
     async with wiring.connect(other) as wired:  # the shared server: another initdb, another system identifier
@@ -478,3 +485,18 @@ async def _timeline(url: str) -> int:
         return int(await conn.fetchval("SELECT substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8)"), 16)
     finally:
         await conn.close()
+
+
+async def test_a_tls_setting_asyncpg_cannot_use_is_named_for_what_it_is(
+    plain_postgres: topologies.PostgresNode, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """attack-11c U9: asyncpg's ClientConfigurationError (verify-full with no root.crt to verify against) is a
+    ValueError, and was reported as "asyncpg cannot read the URL: check its shape", sending the operator to the
+    wrong thing. It is now a ConfigError carrying asyncpg's own message (it names files and modes, not secrets)."""
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.postgresql/root.crt
+    monkeypatch.delenv("PGSSLROOTCERT", raising=False)
+    with pytest.raises(errors.ConfigError) as caught:
+        await lineage.connect(plain_postgres.url(sslmode="verify-full"), lineage=None)
+    assert "asyncpg refuses the connection settings" in caught.value.reason
+    assert "root.crt" in caught.value.reason
+    assert "check its shape" not in caught.value.reason
