@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import ssl
 import urllib.parse
 
 REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel", "redis+cluster", "rediss+cluster")
@@ -275,7 +276,35 @@ def redis_tls_relaxations(url: str) -> list[tuple[str, str]]:
     for name in ("ssl_ca_certs", "ssl_ca_path", "ssl_ca_data"):
         if name in query:
             found.append((name, "another CA is trusted"))
+    return found + _weak_protocol(query)
+
+
+def _weak_protocol(query: dict[str, str]) -> list[tuple[str, str]]:
+    """``ssl_min_version`` below TLS 1.2 and an ``ssl_ciphers`` list that admits unauthenticated, unencrypted or
+    weak suites, or lowers OpenSSL's security level (attack-11c U8: TLS 1.0 and NULL/anon suites were taken
+    silently beside the TLS settings)."""
+    found = []
+    version = query.get("ssl_min_version")
+    if version is not None and (not version.isdigit() or int(version) < ssl.TLSVersion.TLSv1_2):
+        found.append((f"ssl_min_version={version}", "TLS versions older than 1.2 are allowed"))
+    ciphers = query.get("ssl_ciphers")
+    if ciphers is not None and _weak_ciphers(ciphers):
+        found.append((f"ssl_ciphers={ciphers}", "weak, unauthenticated or unencrypted cipher suites are allowed"))
     return found
+
+
+def _weak_ciphers(ciphers: str) -> bool:
+    if "SECLEVEL" in ciphers.upper():
+        return True
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        context.set_ciphers(ciphers)
+    except ssl.SSLError:
+        return False  # no cipher at all: redis-py fails to connect, nothing is weakened
+    return any(
+        c.get("auth") == "auth-null" or c.get("symmetric") in (None, "null") or int(c.get("strength_bits", 0)) < 128
+        for c in context.get_ciphers()
+    )
 
 
 def with_query(url: str, extra: dict[str, str]) -> str:
