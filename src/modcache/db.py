@@ -29,16 +29,25 @@ def make_engine(
     asyncpg parses the URL itself, as libpq would: several hosts (``h1:5432,h2:5432``, tried in turn, with
     ``target_session_attrs=read-write`` picking the primary), ``sslmode``/``sslrootcert``/``sslcert``/``sslkey``.
     SQLAlchemy's URL parser knows none of these, so the engine gets its connections from asyncpg directly; after a
-    failover a new connection reaches whichever host is now the primary. ``wiring`` adds the TLS settings. With a
-    ``lineage``, a server of another cluster or on an older timeline is refused (``lineage.connect``)."""
+    failover a new connection reaches whichever host is now the primary. ``wiring`` adds the TLS settings.
+
+    Every engine's connections pass the lineage check (``lineage.connect``: a server of another cluster, on an
+    older timeline or behind the recorded WAL position is refused), through ``lineage`` or else one of its own; a
+    ``PgSource`` on this engine finds it (``lineage.of``), so no path that reads the source for the cache (the
+    consumer's included) goes around it."""
     dsn = settings.asyncpg_dsn(url)
     server_settings = {"application_name": application_name}
+    checked = lineage if lineage is not None else lineage_module.Lineage()
 
     async def connect() -> Any:
-        return await lineage_module.connect(dsn, lineage=lineage, server_settings=server_settings)
+        return await lineage_module.connect(dsn, lineage=checked, server_settings=server_settings)
 
     pool: dict[str, Any] = {"max_overflow": pool_size, "pool_pre_ping": True, "pool_recycle": 1800}
-    return create_async_engine("postgresql+asyncpg://", async_creator=connect, pool_size=pool_size, **(pool | options))
+    engine = create_async_engine(
+        "postgresql+asyncpg://", async_creator=connect, pool_size=pool_size, **(pool | options)
+    )
+    lineage_module.attach(engine, checked)
+    return engine
 
 
 def alembic_config(url: str) -> Config:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import ssl
 import urllib.parse
 
 REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel", "redis+cluster", "rediss+cluster")
@@ -206,12 +207,41 @@ def check_postgres(url: str) -> tuple[tuple[str, int], ...]:
     check_credentials(rest)
     netloc = rest.split("/", 1)[0].split("?", 1)[0].split("#", 1)[0]
     hosts = split_netloc(netloc, default_port=DEFAULT_POSTGRES_PORT)[2]
-    url_query(url)  # every parameter once, with a value: a blank ?sslmode= was dropped by asyncpg (attack-11b T2)
+    query = url_query(url)  # every parameter once, with a value: a blank ?sslmode= was dropped by asyncpg (T2)
+    if not hosts and "host" in query:  # libpq's other form, which asyncpg reads when the netloc names no host
+        return _query_hosts(query["host"], query.get("port", ""))
     return hosts
+
+
+def _query_hosts(names: str, ports: str) -> tuple[tuple[str, int], ...]:
+    """``?host=h1,h2&port=p1,p2`` as asyncpg reads it: one port for all, or one per host (attack-11c U7: only the
+    netloc's hosts were tried again after a refusal)."""
+    hosts = [h for h in names.split(",") if h]
+    try:
+        numbers = [int(p) for p in ports.split(",") if p] or [DEFAULT_POSTGRES_PORT]
+    except ValueError:
+        raise ValueError("?port= must be port numbers, separated by commas") from None
+    if len(numbers) == 1:
+        numbers *= len(hosts)
+    if len(numbers) != len(hosts):
+        raise ValueError(f"?host= names {len(hosts)} hosts but ?port= {len(numbers)} ports: give one, or one each")
+    return tuple(zip(hosts, numbers, strict=True))
 
 
 SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")  # libpq's, weakest first
 PLAINTEXT_SSL_MODES = ("disable", "allow", "prefer")  # may talk to the server unencrypted, or unverified
+
+
+def sslmode(value: str) -> str:
+    """``value`` the way asyncpg reads an ``sslmode`` (``SSLMode.parse``: ``-`` and ``_`` are one, so ``verify_ca``
+    is ``verify-ca``), in libpq's spelling; ``ValueError`` for anything asyncpg would not take as one of
+    ``SSL_MODES``. A check that compared the raw text let ``verify_ca`` past a verify-full setting (attack-11c U4)."""
+    normal = value.replace("_", "-")
+    if normal not in SSL_MODES:
+        raise ValueError(f"sslmode={value!r} is not one of {', '.join(SSL_MODES)}")
+    return normal
+
+
 REDIS_FALSE = ("0", "F", "FALSE", "N", "NO")  # what redis-py's URL parser reads as false
 
 
@@ -246,7 +276,35 @@ def redis_tls_relaxations(url: str) -> list[tuple[str, str]]:
     for name in ("ssl_ca_certs", "ssl_ca_path", "ssl_ca_data"):
         if name in query:
             found.append((name, "another CA is trusted"))
+    return found + _weak_protocol(query)
+
+
+def _weak_protocol(query: dict[str, str]) -> list[tuple[str, str]]:
+    """``ssl_min_version`` below TLS 1.2 and an ``ssl_ciphers`` list that admits unauthenticated, unencrypted or
+    weak suites, or lowers OpenSSL's security level (attack-11c U8: TLS 1.0 and NULL/anon suites were taken
+    silently beside the TLS settings)."""
+    found = []
+    version = query.get("ssl_min_version")
+    if version is not None and (not version.isdigit() or int(version) < ssl.TLSVersion.TLSv1_2):
+        found.append((f"ssl_min_version={version}", "TLS versions older than 1.2 are allowed"))
+    ciphers = query.get("ssl_ciphers")
+    if ciphers is not None and _weak_ciphers(ciphers):
+        found.append((f"ssl_ciphers={ciphers}", "weak, unauthenticated or unencrypted cipher suites are allowed"))
     return found
+
+
+def _weak_ciphers(ciphers: str) -> bool:
+    if "SECLEVEL" in ciphers.upper():
+        return True
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        context.set_ciphers(ciphers)
+    except ssl.SSLError:
+        return False  # no cipher at all: redis-py fails to connect, nothing is weakened
+    return any(
+        c.get("auth") == "auth-null" or c.get("symmetric") in (None, "null") or int(c.get("strength_bits", 0)) < 128
+        for c in context.get_ciphers()
+    )
 
 
 def with_query(url: str, extra: dict[str, str]) -> str:

@@ -73,6 +73,7 @@ class Engine:
         self.prune = prune  # False: content keys of paths that are no longer live modules are left in place
         self._monotonic = monotonic
         self._wall_clock = wall_clock
+        self._lineage_learnt = False
 
     # -- full resync ---------------------------------------------------------------------------------------
 
@@ -144,8 +145,8 @@ class Engine:
     async def _record(self, report: plan.Report) -> None:
         """Write the status record, unless the one stored says the same (but for its time and duration) and is less
         than ``STATUS_REFRESH_S`` old: a resync that finds nothing to do writes nothing at all."""
-        status = await self._status(report)
         stored = await self.cache.read_status()
+        status = _never_weaker(await self._status(report), stored)
         if _same_news(stored, status, now=self._wall_clock()):
             return
         await self.cache.write_status(status)
@@ -174,12 +175,10 @@ class Engine:
         if self.source.lineage is None:
             return
         status = await self.cache.read_status()
-        timeline = status.get("source_timeline", "")
-        self.source.lineage.learn(
-            status.get("source_system", ""),
-            int(timeline) if timeline.isascii() and timeline.isdigit() else 0,
-            lineage.parse_lsn(status.get("source_lsn", "")),
-        )
+        self._lineage_learnt = True
+        raised = self.source.lineage.learn(*_recorded(status))
+        if raised:  # connections pooled before (the consumer's first SELECT 1) passed a lower bar: not reused
+            await self.source.engine.dispose()
 
     async def _unservable(self, the_plan: plan.Plan) -> list[modules.Rejected]:
         rejected: list[modules.Rejected] = []
@@ -194,6 +193,8 @@ class Engine:
         looked at. Names that are not content keys of this cache (a hint that names ``index``) are reported as
         rejected and never acted on."""
         started = self._monotonic()
+        if not self._lineage_learnt:  # a repair before any full resync (the consumer's) is held to the record too
+            await self.learn_lineage()
         wanted, refused = self._judge_names(paths)
         the_plan, outcome, source, cached = await self._converge_batched(wanted, dry_run=dry_run)
         if not dry_run:
@@ -448,3 +449,28 @@ def _chunks(items: Sequence[plan.Item], size: int) -> Iterable[Sequence[plan.Ite
 def _report_progress(progress: Progress | None, done: int, total: int) -> None:
     if progress is not None:
         progress(done, total)
+
+
+def _recorded(status: Mapping[str, str]) -> tuple[str, int, int]:
+    """The (system, timeline, WAL position) a status hash records (``""``, 0, 0: nothing)."""
+    timeline = status.get("source_timeline", "")
+    return (
+        status.get("source_system", ""),
+        int(timeline) if timeline.isascii() and timeline.isdigit() else 0,
+        lineage.parse_lsn(status.get("source_lsn", "")),
+    )
+
+
+def _never_weaker(status: keys.SyncStatus, stored: Mapping[str, str]) -> keys.SyncStatus:
+    """``status`` with the stored lineage fields kept when this process knows less (no lineage, an identity it could
+    not read, an older timeline or position): a resync never lowers what the next modcache is held to (attack-11c U3:
+    a resync with no lineage wrote an empty record, and the next one took the stale primary)."""
+    system, timeline, lsn = _recorded(stored)
+    mine_system, mine_timeline, mine_lsn = _recorded(status)  # type: ignore[arg-type]
+    if not system or (mine_system == system and (mine_timeline, mine_lsn) >= (timeline, lsn)):
+        return status
+    if mine_system and mine_system != system:
+        return status  # cannot be: ``learn_lineage`` took the stored system first; the record was replaced meanwhile
+    kept = status.copy()
+    kept["source_system"], kept["source_timeline"], kept["source_lsn"] = system, str(timeline), lineage.lsn_text(lsn)
+    return kept

@@ -27,8 +27,9 @@ the first read: a restarted modcache that first reaches the old primary must ref
 passes raises them, so a stale branch that is refused never ratchets the true primary out.
 
 Limits (``docs/topologies.md``): without the timeline history files (``pg_read_file`` needs privileges) a stale
-branch that has written more WAL than the true primary since they split is not told apart, nor one promoted to a
-newer timeline when it is the only host the URL reaches.
+branch that has written more WAL than the true primary since they split is not told apart -- one
+``pg_switch_wal()``, or ``archive_timeout`` on an idle server, is enough (attack-11c U6): fencing the old primary is
+required -- nor one promoted to a newer timeline when it is the only host the URL reaches.
 
 ``connect`` checks each new asyncpg connection (the SQLAlchemy pool's and the listener's): a server of another
 system, on an older timeline or behind the recorded position, is closed and the other hosts of the URL are tried in
@@ -43,6 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import weakref
 from typing import Any
 
 import asyncpg
@@ -98,13 +100,17 @@ class Lineage:
         self._said: str | None = None  # the last refusal logged (the same one, retried, is not logged again)
         self._unreadable_said = False
 
-    def learn(self, system: str, timeline: int, lsn: int = 0) -> None:
-        """What the cache's status hash recorded (an empty ``system``: nothing recorded)."""
+    def learn(self, system: str, timeline: int, lsn: int = 0) -> bool:
+        """What the cache's status hash recorded (an empty ``system``: nothing recorded). True when that raised
+        the bar: a connection admitted before (the consumer's first ``SELECT 1``) may be to a server the record
+        refuses, and must not be reused (``Engine.learn_lineage`` drops the pool)."""
+        before = (self.system, self.timeline, self.lsn)
         if system and self.system is None:
             self.system = system
         if system == self.system:
             self.timeline = max(self.timeline, timeline)
             self.lsn = max(self.lsn, lsn)
+        return before != (self.system, self.timeline, self.lsn)
 
     def problem(self, identity: Identity, *, lenient: bool = False) -> str | None:
         """Why ``identity`` must not be synced from, or None (and then it is what the cache is filled from).
@@ -166,12 +172,29 @@ class Lineage:
         return problem
 
 
+_OF_ENGINE: weakref.WeakKeyDictionary[Any, Lineage] = weakref.WeakKeyDictionary()
+
+
+def attach(engine: Any, lineage: Lineage) -> None:
+    """Say that ``engine``'s connections are checked by ``lineage`` (``db.make_engine`` does, for every engine)."""
+    _OF_ENGINE[engine] = lineage
+
+
+def of(engine: Any) -> Lineage | None:
+    """The lineage that checks ``engine``'s connections (``attach``), so a ``PgSource`` built on an engine of
+    ``db.make_engine`` -- the consumer's ``Database`` is one -- uses the very check its connections pass through and
+    records it (attack-11c U3: the consumer's resync read with no check and erased the record)."""
+    return _OF_ENGINE.get(engine)
+
+
 async def connect(dsn: str, *, lineage: Lineage | None, **options: Any) -> Any:
     """``asyncpg.connect(dsn, **options)``, refusing a server ``lineage`` does not admit: then each host the URL
     names is tried on its own, in order (``target_session_attrs`` still applies), and the first admitted wins; if
     none is, the first on a newer timeline though behind the recorded position (``Lineage.problem``)."""
     try:
         conn = await asyncpg.connect(dsn, **options)
+    except asyncpg.exceptions.ClientConfigurationError as e:  # a TLS file or mode it cannot use: names no secret
+        raise errors.ConfigError("MODCACHE_DATABASE_URL", f"asyncpg refuses the connection settings: {e}") from None
     except ValueError as e:  # asyncpg's DSN parser quotes what it could not read: a part of the password, maybe
         if isinstance(e, OSError):  # ssl.SSLCertVerificationError is a ValueError too: the server's, not the URL's
             raise

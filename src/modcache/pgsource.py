@@ -95,9 +95,9 @@ class PgSource:
     ) -> None:
         self.engine = engine
         self.max_module_bytes = max_module_bytes
-        # the cluster and timeline the cache is filled from, checked by ``engine``'s connections (``wiring`` gives
-        # both the same one); None: not checked
-        self.lineage = lineage
+        # the cluster and timeline the cache is filled from, checked by ``engine``'s connections: the one given, or
+        # the one ``db.make_engine`` attached to the engine (None only for an engine made elsewhere: not checked)
+        self.lineage = lineage if lineage is not None else lineage_module.of(engine)
 
     async def close(self) -> None:
         await self.engine.dispose()

@@ -34,6 +34,7 @@ import collections
 import contextlib
 import logging
 import random
+import socket
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -63,18 +64,8 @@ class Quorum:
 
     async def discover_master(self, service_name: str) -> Address:
         answers = await asyncio.gather(*(self._ask(s, service_name) for s in self._order))
-        votes: collections.Counter[Address] = collections.Counter()
-        heard: dict[str, str] = {}  # run id -> the entry that voted for that sentinel
-        said = []
-        for sentinel, (answer, run_id) in zip(self._order, answers, strict=True):
-            if run_id is not None and run_id in heard:
-                said.append(f"{_name(sentinel)}: the same sentinel as {heard[run_id]}, counted once")
-                continue
-            if run_id is not None:
-                heard[run_id] = _name(sentinel)
-            if isinstance(answer, tuple):
-                votes[answer] += 1
-            said.append(f"{_name(sentinel)}: {_said(answer)}")
+        places = await asyncio.gather(*(_resolved(s) for s in self._order))
+        votes, said = _count(list(zip(self._order, answers, places, strict=True)), service_name)
         address, count = votes.most_common(1)[0] if votes else (None, 0)
         if address is None or count < self.majority:
             raise aiosentinel.MasterNotFoundError(
@@ -161,6 +152,59 @@ class Quorum:
             except (redis.exceptions.RedisError, OSError):
                 pass
             await asyncio.sleep(retry.next_s())
+
+
+Entry = tuple[aioredis.Redis, tuple[Address | str, str | None], frozenset[Address]]
+
+
+def _count(entries: list[Entry], service_name: str) -> tuple[collections.Counter[Address], list[str]]:
+    """One vote per sentinel process: an entry that does not report its run id gets none (it could be any sentinel
+    listed again: attack-11c U1), nor one that resolves to the address of an entry before it, nor a second entry
+    with a run id already heard and the same answer. Two entries with one run id but different answers are a
+    spoofed run id or a misconfiguration: no master is picked (attack-11c U2)."""
+    votes: collections.Counter[Address] = collections.Counter()
+    heard: dict[str, tuple[str, Address | str]] = {}  # run id -> (the entry that voted for it, its answer)
+    seen: list[tuple[frozenset[Address], str]] = []  # resolved addresses -> the entry
+    said = []
+    for sentinel, (answer, run_id), place in entries:
+        name = _name(sentinel)
+        same_place = next((other for where, other in seen if where & place), None)
+        seen.append((place, name))
+        if run_id is not None and run_id in heard and heard[run_id][1] != answer:
+            first, theirs = heard[run_id]
+            raise aiosentinel.MasterNotFoundError(
+                f"sentinels {first} and {name} report the same run id {run_id} but answer differently for "
+                f"{service_name!r} ({first}: {_said(theirs)}; {name}: {_said(answer)}): a spoofed run id or two "
+                "sentinels sharing one sentinel.conf; refusing to pick a master (list each sentinel once, with its "
+                "own run id)"
+            )
+        if same_place is not None:
+            said.append(f"{name}: the same address as {same_place}, counted once")
+        elif run_id is None and isinstance(answer, tuple):
+            said.append(
+                f"{name}: {_said(answer)}, but did not report its run id (SENTINEL MYID, Redis 6.2 on, "
+                "allowed by its ACL): not counted"
+            )
+        elif run_id is not None and run_id in heard:
+            said.append(f"{name}: the same sentinel as {heard[run_id][0]}, counted once")
+        else:
+            if run_id is not None:
+                heard[run_id] = (name, answer)
+            if isinstance(answer, tuple):
+                votes[answer] += 1
+            said.append(f"{name}: {_said(answer)}")
+    return votes, said
+
+
+async def _resolved(sentinel: aioredis.Redis) -> frozenset[Address]:
+    """The addresses an entry's host resolves to (``localhost`` and ``127.0.0.1`` share one); empty if none."""
+    kwargs = sentinel.connection_pool.connection_kwargs
+    host, port = kwargs.get("host"), kwargs.get("port")
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        return frozenset()
+    return frozenset((str(info[4][0]), int(info[4][1])) for info in infos)
 
 
 async def _run_id(sentinel: aioredis.Redis) -> str | None:

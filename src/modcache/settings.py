@@ -202,9 +202,12 @@ class Settings(pydantic_settings.BaseSettings):
         variable = f"{ENV_PREFIX}{field.upper()}"
         configured = [f for f in sorted(self.model_fields_set) if f.startswith("database_ssl_") and getattr(self, f)]
         found = []
-        mode = query.get("sslmode")
-        if mode in endpoints.SSL_MODES:
-            wanted = self.database_ssl_mode
+        try:
+            mode = None if "sslmode" not in query else endpoints.sslmode(query["sslmode"])
+        except ValueError as e:
+            return [(True, variable, f"{e}: spell it as libpq does")]
+        if mode is not None:
+            wanted = self.database_ssl_mode  # set explicitly; TLS files alone refuse the plaintext modes below
             if wanted is not None and endpoints.SSL_MODES.index(mode) < endpoints.SSL_MODES.index(wanted):
                 reason = f"sslmode={mode} in the URL is weaker than {ENV_PREFIX}DATABASE_SSL_MODE={wanted}"
                 found.append((True, variable, f"{reason}: drop the parameter or the setting"))
@@ -236,10 +239,19 @@ class Settings(pydantic_settings.BaseSettings):
     def redis_endpoint(self) -> endpoints.RedisEndpoint | None:
         return None if self.redis_url is None else endpoints.parse_redis(self.redis_url.get_secret_value())
 
+    def effective_database_ssl_mode(self) -> str | None:
+        """``database_ssl_mode``, or ``verify-full`` when it is unset but a TLS file is set (a CA bundle or a client
+        certificate says TLS is wanted: asyncpg's own default would be ``prefer``, or ``PGSSLMODE``, and a server
+        without TLS would be talked to in plaintext, attack-11c U5); None: nothing configured (asyncpg decides)."""
+        if self.database_ssl_mode is not None:
+            return self.database_ssl_mode
+        files = (self.database_ssl_root_cert_file, self.database_ssl_cert_file, self.database_ssl_key_file)
+        return "verify-full" if any(f is not None for f in files) else None
+
     def database_ssl_params(self) -> dict[str, str]:
         """The libpq TLS parameters these settings add to every PostgreSQL URL (the URL's own win)."""
         params = {
-            "sslmode": self.database_ssl_mode,
+            "sslmode": self.effective_database_ssl_mode(),
             "sslrootcert": self.database_ssl_root_cert_file,
             "sslcert": self.database_ssl_cert_file,
             "sslkey": self.database_ssl_key_file,

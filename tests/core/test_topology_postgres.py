@@ -138,6 +138,47 @@ def test_a_url_parameter_that_weakens_the_tls_settings_is_refused(
 
 
 @pytest.mark.parametrize(
+    ("query", "reason"),
+    [
+        ("sslmode=verify_ca", "sslmode=verify-ca in the URL is weaker than MODCACHE_DATABASE_SSL_MODE=verify-full"),
+        ("sslmode=dis_able", "sslmode='dis_able' is not one of"),
+        ("sslmode=VERIFY-FULL", "sslmode='VERIFY-FULL' is not one of"),
+        ("sslmode=parse", "sslmode='parse' is not one of"),
+    ],
+)
+def test_sslmode_is_judged_as_asyncpg_spells_it(query: str, reason: str) -> None:
+    """attack-11c U4: asyncpg reads ``verify_ca`` as ``verify-ca`` (``SSLMode.parse``), but the check compared the
+    raw text: ``?sslmode=verify_ca`` got past MODCACHE_DATABASE_SSL_MODE=verify-full, and the host name was not
+    checked. Spellings are normalised the way asyncpg does before judging, and anything else is refused."""
+    with pytest.raises(errors.ConfigError) as caught:
+        settings.Settings.from_env(database_url=f"postgresql://u@h1:5432/db?{query}", database_ssl_mode="verify-full")
+    assert reason in caught.value.reason
+    url = "postgresql://u@h1/db?sslmode=verify_full"
+    fine = settings.Settings.from_env(database_url=url, database_ssl_mode="verify-full")
+    assert endpoints.url_query(wiring.database_dsn(fine))["sslmode"] == "verify_full"  # the URL's own, as strong
+
+
+async def test_a_tls_file_setting_without_a_mode_means_verify_full_not_prefer(
+    plain_postgres: topologies.PostgresNode, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """attack-11c U5: MODCACHE_DATABASE_SSL_ROOT_CERT_FILE set but no SSL_MODE left asyncpg's default, ``prefer``
+    (or PGSSLMODE=disable): a sync ran in plaintext against a server without TLS. A TLS file setting alone now
+    means verify-full: the server without TLS is refused."""
+    monkeypatch.setenv("PGSSLMODE", "disable")
+    ca = topologies.certificates(tmp_path).ca  # any CA: the server has no TLS at all
+    for field in ("database_ssl_root_cert_file", "database_ssl_cert_file"):
+        config = settings.Settings(**{"database_url": plain_postgres.url(), field: ca})  # type: ignore[arg-type]
+        assert endpoints.url_query(wiring.database_dsn(config))["sslmode"] == "verify-full"
+    config = settings.Settings(database_url=plain_postgres.url(), database_ssl_root_cert_file=ca)  # type: ignore[arg-type]
+    source = wiring.make_source(config)
+    try:
+        with pytest.raises(errors.SourceUnavailable):
+            await source.list_modules()
+    finally:
+        await source.close()
+
+
+@pytest.mark.parametrize(
     "query",
     [
         "sslmode=",
@@ -252,6 +293,13 @@ async def test_an_old_primary_that_comes_back_does_not_roll_the_cache_back(
             with pytest.raises(lineage.StaleSource, match=r"timeline 1, older than timeline 2") as caught:
                 await wired.engine.full_resync()
         assert f"127.0.0.1:{fresh.primary.port}" in str(caught.value)
+        # attack-11c U7: libpq's other form, the hosts in the query: after the refusal the other host is tried too
+        ports = f"{fresh.primary.port},{fresh.replica.port}"
+        query_form = f"postgresql://postgres@/postgres?host=127.0.0.1,127.0.0.1&port={ports}&target_session_attrs=read-write"
+        in_query = settings.Settings(database_url=query_form, redis_url=redis_url, key_prefix=keyspace.prefix)  # type: ignore[arg-type]
+        async with wiring.connect(in_query) as wired:
+            await wired.engine.full_resync()
+            assert await convergence.converged(truth, wired.cache.client, keyspace.prefix, within_s=5) == []
     assert status["source_timeline"] == "2"
     other = settings.Settings(database_url=database_url, redis_url=redis_url, key_prefix=keyspace.prefix)  # type: ignore[arg-type]
     async with wiring.connect(other) as wired:  # the shared server: another initdb, another system identifier
@@ -330,6 +378,87 @@ async def test_a_failover_that_lost_the_last_transactions_is_still_followed(
         assert status["source_timeline"] == "2"
 
 
+async def test_the_consumer_s_own_resync_refuses_the_old_primary_and_keeps_the_record(
+    redis_url: str, keyspace: keys.KeySpace
+) -> None:
+    """attack-11c U3: the consumer's full resync (the generation key is gone: eviction, a lossy failover) read the
+    source through its own ``Database`` engine, with no lineage check: it synced from the old primary that came back
+    writable (pruning what the true primary had written since) and wrote an empty lineage record, so the next
+    restarted modcache took the old primary too. The consumer is built here as ``consumer._start_storage`` builds it;
+    its engine now passes the same check, and the record is never lowered."""
+    from modcache import engine, pgsource, rediscache
+    from modcache_consumer import database, readiness
+
+    with topologies.postgres_pair() as fresh:
+        url = fresh.url()
+        await db.upgrade(url)
+        config = settings.Settings(database_url=url, redis_url=redis_url, key_prefix=keyspace.prefix)  # type: ignore[arg-type]
+        await upsert(url, {"ha/a.py": "A = 1\n"})
+        async with wiring.connect(config) as wired:
+            await wired.engine.full_resync()  # timeline 1
+        await asyncio.to_thread(fresh.primary.stop, "immediate")
+        await asyncio.to_thread(fresh.replica.promote)
+        await upsert(url, {"ha/b.py": "B = 1\n"})
+        async with wiring.connect(config) as wired:
+            await wired.engine.full_resync()  # timeline 2
+            recorded = await wired.cache.read_status()
+            await wired.cache.client.delete(keyspace.generation)  # the consumer will converge on its own
+        await asyncio.to_thread(fresh.primary.start)  # the old primary is back, writable, first in the URL
+        the_db = database.Database(url=wiring.database_dsn(config, url))
+        await the_db.start()  # its first connection reaches the old primary, before the record is known
+        client, close = wiring.make_redis(config)
+        cache = rediscache.RedisCache(client=client, keyspace=config.keyspace(), ttl_s=None)
+        source = pgsource.PgSource(engine=the_db.engine, max_module_bytes=config.max_module_bytes)
+        guard = readiness.CacheGuard(engine=engine.Engine(source=source, cache=cache), cache=cache, database=the_db)
+        try:
+            await guard.converge()
+            assert await cache.read_module("ha/b.py") is not None  # not pruned by the old primary's rows
+            assert source.lineage is not None
+            assert source.lineage.refusals >= 1
+            await guard.repair(["ha/b.py"])  # a repair reads through the same check
+            assert await cache.read_module("ha/b.py") is not None
+            status = await cache.read_status()
+            assert await convergence.converged(fresh.replica.url(), client, keyspace.prefix, within_s=5) == []
+        finally:
+            await guard.close()
+            await close()
+            await the_db.close()
+    assert recorded["source_timeline"] == "2"
+    assert (status["source_system"], status["source_timeline"]) == (recorded["source_system"], "2")
+    assert lineage.parse_lsn(status["source_lsn"]) >= lineage.parse_lsn(recorded["source_lsn"])
+
+
+async def test_a_resync_through_an_unchecked_engine_never_lowers_the_lineage_record(
+    plain_postgres: topologies.PostgresNode, redis_url: str, keyspace: keys.KeySpace
+) -> None:
+    """A source whose engine was made elsewhere (no lineage) still syncs, but keeps the stored record: the next
+    modcache is held to what the cache was filled from, not to nothing."""
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from modcache import engine, pgsource
+
+    url = plain_postgres.url()
+    await db.upgrade(url)
+    config = settings.Settings(database_url=url, redis_url=redis_url, key_prefix=keyspace.prefix)  # type: ignore[arg-type]
+    await upsert(url, {"ha/u.py": "U = 1\n"})
+    async with wiring.connect(config) as wired:
+        await wired.engine.full_resync()
+        recorded = await wired.cache.read_status()
+        raw = create_async_engine(settings.sqlalchemy_url(url))
+        source = pgsource.PgSource(engine=raw)
+        assert source.lineage is None
+        try:
+            await wired.cache.client.delete(keyspace.status)
+            higher = recorded | {"source_timeline": "7", "last_success_at": "2000-01-01T00:00:00+00:00"}
+            await wired.cache.write_status(higher)  # type: ignore[arg-type]
+            await engine.Engine(source=source, cache=wired.cache).full_resync()
+        finally:
+            await raw.dispose()
+        status = await wired.cache.read_status()
+    assert recorded["source_system"] != ""
+    assert (status["source_system"], status["source_timeline"]) == (recorded["source_system"], "7")
+
+
 async def _replayed(pair: topologies.PostgresPair) -> None:
     """Until the replica has replayed everything the primary has written (an event the servers expose: poll)."""
     target = await _lsn(pair.primary.url())
@@ -356,3 +485,18 @@ async def _timeline(url: str) -> int:
         return int(await conn.fetchval("SELECT substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8)"), 16)
     finally:
         await conn.close()
+
+
+async def test_a_tls_setting_asyncpg_cannot_use_is_named_for_what_it_is(
+    plain_postgres: topologies.PostgresNode, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """attack-11c U9: asyncpg's ClientConfigurationError (verify-full with no root.crt to verify against) is a
+    ValueError, and was reported as "asyncpg cannot read the URL: check its shape", sending the operator to the
+    wrong thing. It is now a ConfigError carrying asyncpg's own message (it names files and modes, not secrets)."""
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.postgresql/root.crt
+    monkeypatch.delenv("PGSSLROOTCERT", raising=False)
+    with pytest.raises(errors.ConfigError) as caught:
+        await lineage.connect(plain_postgres.url(sslmode="verify-full"), lineage=None)
+    assert "asyncpg refuses the connection settings" in caught.value.reason
+    assert "root.crt" in caught.value.reason
+    assert "check its shape" not in caught.value.reason

@@ -128,10 +128,60 @@ async def test_one_sentinel_listed_under_two_names_votes_once(sentinel: topologi
             assert await wrong_node.keys("*") == []  # nothing was written to the node the rogue names
         finally:
             await wrong_node.aclose()
-    assert f"localhost:{rogues[0].port}: the same sentinel as 127.0.0.1:{rogues[0].port}, counted once" in str(
+    assert f"localhost:{rogues[0].port}: the same address as 127.0.0.1:{rogues[0].port}, counted once" in str(
         caught.value
     )
     assert "named by a majority (2 of 3) of the sentinels" in str(caught.value)
+
+
+async def test_a_sentinel_that_hides_its_run_id_gets_no_vote(sentinel: topologies.Sentinel, database_url: str) -> None:
+    """attack-11c U1: the rogue denies ``SENTINEL MYID`` (an ACL; Redis before 6.2 has no MYID at all) and is listed
+    under two addresses that resolve apart (it listens on 127.0.0.1 and 127.0.0.2): with no run id the duplicate was
+    not seen, and its two votes outvoted the real sentinel. A sentinel that does not report its run id gets no vote."""
+    with (
+        servers.private_redis() as wrong,
+        topologies.rogue_sentinels(wrong.port, bind="127.0.0.1 127.0.0.2") as rogues,
+    ):
+        rogue = rogues[0]
+        rogue.cli("ACL", "SETUSER", "default", "-sentinel|myid")
+        assert "NOPERM" in rogue.cli("SENTINEL", "MYID")  # the attack's premise
+        hosts = f"127.0.0.1:{rogue.port},127.0.0.2:{rogue.port},127.0.0.1:{sentinel.sentinels[0].port}"
+        config = settings.Settings(
+            database_url=database_url, redis_url=f"redis+sentinel://{hosts}/{sentinel.service}/0"
+        )  # type: ignore[arg-type]
+        await upsert(database_url, {"pkg/nomyid.py": "N = 1\n"})
+        async with wiring.connect(config) as wired:
+            with pytest.raises(errors.CacheUnavailable) as caught:
+                await wired.engine.full_resync()
+        wrong_node = redis.Redis(port=wrong.port, decode_responses=True)
+        try:
+            assert await wrong_node.keys("*") == []  # nothing was written to the node the rogue names
+        finally:
+            await wrong_node.aclose()
+    assert f"127.0.0.1:{rogue.port}: names 127.0.0.1:{wrong.port}, but did not report its run id" in str(caught.value)
+    assert "named by a majority (2 of 3) of the sentinels" in str(caught.value)
+
+
+async def test_a_spoofed_run_id_is_refused_naming_both_entries(sentinel: topologies.Sentinel) -> None:
+    """attack-11c U2: a rogue listed first claims a real sentinel's run id (``sentinel myid``; run ids are public,
+    announced on the monitored master): the real sentinel's vote was dropped as a duplicate, and modcache could not
+    write at all. One run id naming two masters is a conflict, not a duplicate: no master is picked, and the error
+    names both entries and what each said."""
+    real = sentinel.sentinels[0]
+    real_id = real.cli("SENTINEL", "MYID").strip()
+    with servers.private_redis() as wrong, topologies.rogue_sentinels(wrong.port, first_id=real_id) as rogues:
+        assert rogues[0].cli("SENTINEL", "MYID").strip() == real_id  # the attack's premise
+        url = sentinel.url(sentinels=[rogues[0], real, sentinel.sentinels[1]])
+        cache = wiring.make_cache(settings.Settings(redis_url=url))  # type: ignore[arg-type]
+        try:
+            with pytest.raises(errors.CacheUnavailable) as caught:
+                await cache.ping()
+        finally:
+            await cache.close()
+    message = str(caught.value)
+    assert f"sentinels 127.0.0.1:{rogues[0].port} and 127.0.0.1:{real.port} report the same run id" in message
+    assert f"names 127.0.0.1:{wrong.port}" in message
+    assert f"names 127.0.0.1:{sentinel.master_port()}" in message
 
 
 async def test_a_majority_naming_a_replica_is_refused_on_the_node_s_own_role() -> None:

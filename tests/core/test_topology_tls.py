@@ -150,6 +150,34 @@ async def test_a_repeated_or_blank_url_parameter_is_refused(
             await client.aclose()
 
 
+@pytest.mark.parametrize(
+    ("query", "refused"),
+    [
+        ("ssl_min_version=769", True),  # TLS 1.0
+        ("ssl_min_version=770", True),
+        ("ssl_ciphers=ALL:COMPLEMENTOFALL", True),  # NULL and anonymous suites
+        ("ssl_ciphers=DEFAULT%3A%40SECLEVEL%3D0", True),
+        ("ssl_min_version=771", False),
+        ("ssl_min_version=772&ssl_ciphers=ECDHE%2BAESGCM", False),
+    ],
+)
+def test_an_old_tls_version_or_weak_ciphers_in_the_url_are_refused_beside_the_settings(
+    tls_redis: topologies.TlsRedis, query: str, refused: bool
+) -> None:
+    """attack-11c U8: ``?ssl_min_version=769&ssl_ciphers=ALL:COMPLEMENTOFALL`` (TLS 1.0, NULL/anonymous suites) was
+    taken silently beside MODCACHE_REDIS_SSL_CA_FILE. Now it is a contradiction, refused; with no TLS setting it is
+    taken with a warning, as the other weakening parameters are."""
+    url = f"{tls_redis.url}?{query}"
+    if refused:
+        with pytest.raises(errors.ConfigError) as caught:
+            settings.Settings.from_env(**tls_settings(tls_redis, redis_url=url))
+        assert f"?{query.split('=')[0]}" in caught.value.reason
+        assert "MODCACHE_REDIS_SSL_" in caught.value.reason
+        assert settings.Settings.from_env(redis_url=url).tls_relaxed_by_url() != []  # alone: warned about
+    else:
+        assert settings.Settings.from_env(**tls_settings(tls_redis, redis_url=url)).tls_relaxed_by_url() == []
+
+
 def test_a_url_parameter_that_says_what_the_settings_say_is_no_contradiction(tls_redis: topologies.TlsRedis) -> None:
     url = f"{tls_redis.url}?ssl_cert_reqs=none&ssl_check_hostname=false"
     config = settings.Settings.from_env(redis_url=url, redis_ssl_cert_reqs="none")  # the chart's certReqs: none

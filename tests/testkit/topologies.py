@@ -295,17 +295,21 @@ def sentinel_redis(*, down_after_ms: int = 1000) -> Iterator[Sentinel]:
 
 
 @contextlib.contextmanager
-def rogue_sentinels(port: int, *, count: int = 2, service: str = SERVICE) -> Iterator[list[RedisProcess]]:
+def rogue_sentinels(
+    port: int, *, count: int = 2, service: str = SERVICE, bind: str = "127.0.0.1", first_id: str | None = None
+) -> Iterator[list[RedisProcess]]:
     """``count`` sentinels naming the node on ``port`` the master of ``service``, aware of each other (so redis-py's
-    ``min_other_sentinels`` check passes for them)."""
+    ``min_other_sentinels`` check passes for them). ``bind``: the addresses they listen on; ``first_id``: the run id
+    the first one claims (``sentinel myid``: another sentinel's, to spoof it)."""
     with tempfile.TemporaryDirectory(prefix="modcache-rogue-sentinel-") as scratch:
         rogues = []
         for n in range(count):
             sentinel_port = servers.free_port()
             conf = _mkdir(Path(scratch) / f"rogue{n}") / "sentinel.conf"
             conf.write_text(
-                f"port {sentinel_port}\nbind 127.0.0.1\ndir {conf.parent}\n"
-                f"sentinel monitor {service} 127.0.0.1 {port} {count}\n"
+                f"port {sentinel_port}\nbind {bind}\ndir {conf.parent}\n"
+                + (f"sentinel myid {first_id}\n" if first_id is not None and n == 0 else "")
+                + f"sentinel monitor {service} 127.0.0.1 {port} {count}\n"
                 f"sentinel down-after-milliseconds {service} 60000\n"
             )
             rogues.append(RedisProcess(["redis-server", str(conf), "--sentinel"], sentinel_port))
