@@ -38,6 +38,14 @@ from typing import Any, NotRequired, TypedDict
 HEADER = struct.Struct(">I")
 MAX_CONTROL_FRAME_BYTES = 64 * 1024**2
 MAX_REQUEST_BYTES = 1024**2  # an execution's requests (not its result) stay below this
+#: What the template compiles and keeps (attack-8c C1): it compiles in its only control loop and every clone
+#: inherits what it holds, so no module above MAX_TAUGHT_MODULE_BYTES is taught (an execution that imports one
+#: gets it over its channel and compiles it itself, against its own limits), one lesson carries at most
+#: MAX_LESSON_SOURCE_BYTES of source (one lesson's compile stays short; the rest follows in later lessons), and
+#: the compiled-code cache holds code of at most MAX_CODE_CACHE_SOURCE_BYTES of source, least recently used first out.
+MAX_TAUGHT_MODULE_BYTES = 256 * 1024
+MAX_LESSON_SOURCE_BYTES = 1024**2
+MAX_CODE_CACHE_SOURCE_BYTES = 8 * 1024**2
 
 
 class Exited(TypedDict):

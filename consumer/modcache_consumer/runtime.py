@@ -16,6 +16,7 @@ parameters, configs, results or workflow code).
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import inspect
 import json
@@ -40,13 +41,23 @@ _INTERNAL = (__file__.rsplit("/", 1)[0], "<frozen importlib._bootstrap")
 
 @dataclasses.dataclass
 class Memory:
-    """Verified lookups at one generation and compiled module code by (path, hash): the template's, inherited."""
+    """Verified lookups at one generation and compiled module code by (path, hash): the template's, inherited.
+
+    ``code`` is bounded by the source bytes it was compiled from (``max_code_bytes``, least recently used out),
+    and ``learn`` compiles no module above ``max_module_bytes`` and at most ``max_lesson_bytes`` of source per
+    lesson (attack-8c C1): the template compiles in its control loop, and every clone inherits what it keeps."""
 
     generation: int | None = None
     lookups: dict[tuple[str, ...], list[importer.Entry]] = dataclasses.field(default_factory=dict)
     directories: dict[str, bool] = dataclasses.field(default_factory=dict)
-    code: dict[tuple[str, str], types.CodeType] = dataclasses.field(default_factory=dict)
+    code: collections.OrderedDict[tuple[str, str], tuple[types.CodeType, int]] = dataclasses.field(
+        default_factory=collections.OrderedDict
+    )
+    code_bytes: int = 0  # the source bytes of what ``code`` holds
     max_code: int = 4096
+    max_code_bytes: int = protocol.MAX_CODE_CACHE_SOURCE_BYTES
+    max_module_bytes: int = protocol.MAX_TAUGHT_MODULE_BYTES
+    max_lesson_bytes: int = protocol.MAX_LESSON_SOURCE_BYTES
 
     def learn(self, frame: protocol.Learned) -> None:
         """Take verified lookups (only the newest generation's are kept) and compile their content."""
@@ -55,8 +66,13 @@ class Memory:
         if frame["generation"] != self.generation:
             return
         self.directories.update((str(rel), bool(found)) for rel, found in frame.get("directories", []))
+        budget = self.max_lesson_bytes
         for candidates, raw in frame["lookups"]:
             entries = [importer.entry_from_raw(e) for e in raw]
+            size = sum(len(e.content) for e in entries if e.content is not None)
+            if any(e.content is not None and len(e.content) > self.max_module_bytes for e in entries) or size > budget:
+                continue  # served over the channel on demand, compiled by the execution that imports it
+            budget -= size
             self.lookups[tuple(candidates)] = entries
             for entry in entries:
                 if entry.content is not None and entry.hash is not None:
@@ -68,12 +84,17 @@ class Memory:
     def compile(self, entry: importer.Entry) -> types.CodeType:
         assert entry.content is not None
         key = (entry.path, entry.hash or "")
-        code = self.code.get(key)
-        if code is None:
-            code = compile(entry.content, entry.path, "exec", dont_inherit=True)
-            if len(self.code) >= self.max_code:
-                self.code.pop(next(iter(self.code)))
-            self.code[key] = code
+        held = self.code.get(key)
+        if held is not None:
+            self.code.move_to_end(key)
+            return held[0]
+        code = compile(entry.content, entry.path, "exec", dont_inherit=True)
+        size = len(entry.content)
+        if size <= self.max_code_bytes:
+            while self.code and (len(self.code) >= self.max_code or self.code_bytes + size > self.max_code_bytes):
+                self.code_bytes -= self.code.popitem(last=False)[1][1]
+            self.code[key] = (code, size)
+            self.code_bytes += size
         return code
 
 

@@ -99,11 +99,18 @@ class ModuleServer:
 
     def learned(self) -> protocol.Learned | None:
         """Verified lookups the template has not been taught yet (at the newest generation seen)."""
-        fresh = [[list(c), e] for c, e in self._learned.items() if c not in self._taught]
+        fresh: list[list[Any]] = []
+        budget = protocol.MAX_LESSON_SOURCE_BYTES  # one lesson compiles quickly; the rest goes in the next ones
+        for candidates, entries in self._learned.items():
+            size = _source_bytes(entries)
+            if candidates in self._taught or size > budget:
+                continue
+            budget -= size
+            fresh.append([list(candidates), entries])
         dirs = [[d, v] for d, v in self._learned_directories.items() if d not in self._taught_directories]
         if self._learned_generation is None or not (fresh or dirs):
             return None
-        self._taught.update(self._learned)
+        self._taught.update(tuple(c) for c, _ in fresh)
         self._taught_directories.update(self._learned_directories)
         return {"op": "learn", "generation": self._learned_generation, "lookups": fresh, "directories": dirs}
 
@@ -114,10 +121,16 @@ class ModuleServer:
             self.lesson_bytes = 0
         if generation != self._learned_generation or candidates in self._learned or len(self._learned) >= MAX_LEARNED:
             return
+        if any(len(e["content"] or "") > protocol.MAX_TAUGHT_MODULE_BYTES for e in entries):
+            return  # too large to compile in the template (attack-8c C1): served over the channel on demand
         size = len(json.dumps([list(candidates), entries]))  # as the lesson will carry it (attack-8b A2)
         if self.lesson_bytes + size <= MAX_LESSON_BYTES:
             self._learned[candidates] = entries
             self.lesson_bytes += size
+
+
+def _source_bytes(entries: list[protocol.RawEntry]) -> int:
+    return sum(len(e["content"] or "") for e in entries)
 
 
 class Session:

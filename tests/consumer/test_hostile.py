@@ -55,7 +55,7 @@ import pydantic
 import pytest
 import redis.asyncio as aioredis
 
-from modcache import db, embedded, engine, keys, pgsource, rediscache
+from modcache import db, embedded, engine, keys, modules, pgsource, rediscache
 from modcache_consumer import executor, protocol, serving
 from testkit import servers
 from testkit.lifetimes import gone
@@ -1178,6 +1178,39 @@ async def test_lessons_an_execution_chooses_stay_bounded(harness) -> None:
                                "long rel": "not a workspace directory", "found": 1800}  # fmt: skip
     assert (victim["status"], victim["result"]) == ("SUCCESS", ["B", n]), victim["error"]
     assert lesson_bytes <= serving.MAX_LESSON_BYTES
+
+
+def _rss_mb(pid: int | None) -> float:
+    return float(psutil.Process(pid).memory_info().rss) / 1024**2
+
+
+async def test_a_large_module_imported_each_generation_does_not_grow_or_stall_the_template(harness) -> None:
+    """C1 (attack-8c): org A re-puts a 1.3 MB module of 50,000 small functions and imports it once per
+    generation. The template compiled every lesson in its only loop and kept the code across generations
+    (by count, not bytes): a stall of seconds each time and about 90 MB more per generation, which every clone
+    inherits against its memory limit. Now no module above MAX_TAUGHT_MODULE_BYTES is taught (the execution
+    that imports it gets it over its channel and compiles it itself), so the template does not grow, and org
+    B's execution, including one allocating 50 MB, runs as before."""
+    big = "import bigmod\ndef run(i):\n    return bigmod.f49999() + i\n"
+    allocates = "def run(n, context):\n    block = bytearray(50 * 1024**2)\n    return [len(block), n]\n"
+    harness.source.max_module_bytes = modules.DEFAULT_MAX_MODULE_BYTES  # production's 8 MiB, not the tests' 64 KiB
+    async with harness.consumer() as consumer:
+        orgs = await two_orgs(harness, consumer)
+        hostile, allocating = await harness.workflow(big), await harness.workflow(allocates)
+        await b_is_unharmed(harness, orgs)
+        before = _rss_mb(consumer.executor.template_pid)
+        for generation in range(3):
+            text = f"# generation {generation}\n" + "".join(f"def f{i}():\n    return {i}\n" for i in range(50_000))
+            assert len(text) > 1_000_000
+            await harness.module("bigmod.py", text)
+            reply = await harness.call(hostile, {"i": generation}, organization_id=orgs.a)
+            assert (reply["status"], reply["result"]) == ("SUCCESS", 49_999 + generation), reply["error"]
+            await b_is_unharmed(harness, orgs)  # cloned after the template handled A's lesson
+        grown = _rss_mb(consumer.executor.template_pid) - before
+        n = uuid.uuid4().hex
+        allocated = await harness.call(allocating, {"n": n}, organization_id=orgs.b)
+    assert grown < 40, f"the template grew by {grown:.0f} MB"
+    assert (allocated["status"], allocated["result"]) == ("SUCCESS", [50 * 1024**2, n]), allocated["error"]
 
 
 ROGUE = """

@@ -5,12 +5,14 @@ template's memory of unchanged modules that never serves stale code (bifrost-con
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import uuid
+from typing import Any
 
 import redis.asyncio as aioredis
 
 from modcache import modules
-from modcache_consumer import executor
+from modcache_consumer import executor, protocol, runtime
 
 
 async def test_modules_packages_and_namespace_packages_import(executors, harness) -> None:
@@ -205,3 +207,43 @@ async def test_one_execution_sees_one_generation(executors, harness, redis_clien
     )
     code = "import modules.a, modules.c\ndef run():\n    return [modules.a.V, modules.c.V]\n"
     assert (await executors.run(the_executor, code)).result == ["a2", "c2"]
+
+
+# -- what the template compiles and keeps (attack-8c C1) --------------------------------------------------------
+
+
+def _lesson(generation: int, *modules_: tuple[str, str]) -> protocol.Learned:
+    lookups: list[list[Any]] = []
+    for path, text in modules_:
+        raw = {"path": path, "content": text, "hash": hashlib.sha256(text.encode()).hexdigest(),
+               "manifest_generation": generation, "manifest_hash": None, "indexed": True}  # fmt: skip
+        lookups.append([[path], [raw]])
+    return {"op": "learn", "generation": generation, "lookups": lookups}
+
+
+def _module(n: int, size: int) -> str:
+    text = f"N = {n}\n"
+    return text + "#" * (size - len(text) - 1) + "\n"
+
+
+def test_the_templates_memory_compiles_and_keeps_code_by_bytes() -> None:
+    """A module above MAX_TAUGHT_MODULE_BYTES is neither remembered nor compiled (its importer asks the channel);
+    one lesson compiles at most MAX_LESSON_SOURCE_BYTES; the compiled code kept across generations stays under
+    MAX_CODE_CACHE_SOURCE_BYTES, the least recently used out first."""
+    memory = runtime.Memory()
+    small = ("small.py", "N = 1\n")
+    memory.learn(_lesson(1, ("big.py", _module(0, protocol.MAX_TAUGHT_MODULE_BYTES + 1)), small))
+    assert [path for path, _ in memory.code] == ["small.py"]
+    assert list(memory.lookups) == [("small.py",)]
+    size = protocol.MAX_TAUGHT_MODULE_BYTES
+    per_lesson = protocol.MAX_LESSON_SOURCE_BYTES // size
+    memory.learn(_lesson(2, *((f"m{i}.py", _module(i, size)) for i in range(per_lesson + 3))))
+    assert len(memory.lookups) == len(memory.code) - 1 == per_lesson
+    generations = range(3, 3 + 2 * protocol.MAX_CODE_CACHE_SOURCE_BYTES // protocol.MAX_LESSON_SOURCE_BYTES)
+    for generation in generations:
+        memory.learn(_lesson(generation, small, *((f"g{generation}m{i}.py", _module(i, size)) for i in range(3))))
+        assert memory.code_bytes <= protocol.MAX_CODE_CACHE_SOURCE_BYTES
+    kept = {path for path, _ in memory.code}
+    assert "small.py" in kept  # taught again every generation: recently used, kept
+    assert not any(path.startswith("m") for path in kept)  # generation 2's, least recently used: evicted
+    assert f"g{generations[-1]}m2.py" in kept
