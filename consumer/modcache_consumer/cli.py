@@ -62,20 +62,34 @@ async def _serve(the_settings: settings.ConsumerSettings) -> None:
 @click.option("--uid-base", type=click.IntRange(min=1), default=None, envvar="MODCACHE_EXECUTION_UID_BASE",
               help="Under root, executions run as this uid + a slot (default: a free range of this host).")  # fmt: skip
 @click.option("--consumer-uid", "consumer_uids", type=int, multiple=True, envvar="MODCACHE_EXECUTOR_CONSUMER_UID",
-              help="Only this uid may connect (repeatable; default: any uid but an execution's).")  # fmt: skip
+              help="Only this uid may connect (repeatable; required as root; else: not execution uids).")  # fmt: skip
 @click.option("--allow-shared-uid", is_flag=True, envvar="MODCACHE_EXECUTOR_ALLOW_SHARED_UID",
               help="UNSAFE for more than one tenant: one uid for every execution.")  # fmt: skip
 @click.option("--execution-network", type=click.Choice(["none", "host"]), default="none", show_default=True,
               envvar="MODCACHE_EXECUTION_NETWORK", help="none: an empty network namespace per execution.")  # fmt: skip
+@click.option("--max-timeout-s", type=click.FloatRange(min=0, min_open=True, max=1e9), default=1800.0,
+              show_default=True, envvar="MODCACHE_EXECUTION_TIMEOUT_S",
+              help="No execution runs longer than this (the consumer's MODCACHE_EXECUTION_TIMEOUT_S).")  # fmt: skip
+@click.option("--max-grace-s", type=click.FloatRange(min=0, max=1e9), default=5.0, show_default=True,
+              envvar="MODCACHE_TERMINATE_GRACE_S",
+              help="Nor is given more grace after SIGTERM (the consumer's MODCACHE_TERMINATE_GRACE_S).")  # fmt: skip
 def executor_command(
     socket_path: str,
     uid_base: int | None,
     consumer_uids: tuple[int, ...],
     allow_shared_uid: bool,
     execution_network: str,
+    max_timeout_s: float,
+    max_grace_s: float,
 ) -> None:
     """Run workflow code for a consumer: one fresh, isolated process per execution (needs no secret)."""
+    if os.geteuid() == 0 and not consumer_uids:
+        raise click.UsageError(
+            "as root, --consumer-uid (MODCACHE_EXECUTOR_CONSUMER_UID) is required: the uid of the consumer allowed "
+            "to connect; without it any local user could run code in this executor"
+        )
     argv = [sys.executable, "-m", "modcache_consumer.template", "--socket", socket_path]
+    argv += ["--max-timeout-s", repr(max_timeout_s), "--max-grace-s", repr(max_grace_s)]
     argv += ["--uid-base", str(uid_base)] if uid_base is not None else []
     argv += [arg for uid in consumer_uids for arg in ("--consumer-uid", str(uid))]
     argv += ["--allow-shared-uid"] if allow_shared_uid else []

@@ -232,7 +232,11 @@ class WorkflowExecutionConsumer:
             terminate_grace_s=s.terminate_grace_s,
             start_timeout_s=s.worker_start_timeout_s,
             uid_base=s.execution_uid_base,
-            policy=executor.Policy(allow_shared_uid=s.executor_allow_shared_uid, network=s.execution_network),
+            policy=executor.Policy(
+                allow_shared_uid=s.executor_allow_shared_uid,
+                network=s.execution_network,
+                max_timeout_s=s.execution_timeout_s,
+            ),
             environment=self._executor_environment,
             teacher=self.modules,
             observer=self.metrics,

@@ -287,10 +287,13 @@ class _Control:
 @dataclasses.dataclass(frozen=True)
 class Policy:
     """What executions may share: ``allow_shared_uid`` (unsafe for more than one tenant: one uid for every
-    execution, or the consumer's own) and ``network`` ("none": an empty network namespace each; "host")."""
+    execution, or the consumer's own), ``network`` ("none": an empty network namespace each; "host") and
+    ``max_timeout_s``: what a child executor lets any job ask for (attack-8c C2; a socket executor has its own
+    ``--max-timeout-s``)."""
 
     allow_shared_uid: bool = False
     network: str = "none"
+    max_timeout_s: float = 1800.0
 
 
 class Executor:
@@ -316,6 +319,7 @@ class Executor:
         self._uid_base = uid_base
         self._namespaces = namespaces
         self._policy = policy or Policy()
+        self._max_timeout_s = max(self._policy.max_timeout_s, start_timeout_s)  # the start-up probe's too
         self.probe_pid: int | None = None  # the start-up probe's execution (it may still be ending)
         self._python = python
         self._environment = dict(environment if environment is not None else executor_environment())
@@ -410,6 +414,10 @@ class Executor:
                 *(["--allow-shared-uid"] if self._policy.allow_shared_uid else []),
                 "--execution-network",
                 self._policy.network,
+                "--max-timeout-s",
+                repr(self._max_timeout_s),
+                "--max-grace-s",
+                repr(self._grace_s),
                 pass_fds=[theirs.fileno()],
                 env=self._environment,
                 stdin=asyncio.subprocess.DEVNULL,

@@ -59,6 +59,15 @@ SHARED_UID_REFUSED = (
     "of every other (other organizations' secrets); refusing to run. Run the executor as root, allow user "
     "namespaces, or set MODCACHE_EXECUTOR_ALLOW_SHARED_UID=true (unsafe for more than one tenant)"
 )
+CONSUMER_UID_REQUIRED = (
+    "a root executor on a socket needs --consumer-uid (MODCACHE_EXECUTOR_CONSUMER_UID): the uid of the consumer "
+    "allowed to connect; without it any local user could hold execution processes and run code as execution "
+    "uids here (attack-8c C2); refusing to run"
+)
+#: What a job may ask for at most: the consumer's longest execution (MODCACHE_EXECUTION_TIMEOUT_S, default 1800)
+#: and its grace (MODCACHE_TERMINATE_GRACE_S, default 5); the consumer passes its own values to its executor.
+DEFAULT_MAX_TIMEOUT_S = 1800.0
+DEFAULT_MAX_GRACE_S = 5.0
 MAX_SLOTS = uids.BLOCK  # execution uids are uid_base .. uid_base + MAX_SLOTS - 1
 MAX_FDS_PER_MESSAGE = 16
 
@@ -119,8 +128,12 @@ class Template:
         spares: int = 2,
         allowed_uids: frozenset[int] | None = None,
         host_network: bool = False,
+        max_timeout_s: float = DEFAULT_MAX_TIMEOUT_S,
+        max_grace_s: float = DEFAULT_MAX_GRACE_S,
     ) -> None:
         self._isolation = isolation
+        self._max_timeout_s = max_timeout_s
+        self._max_grace_s = max_grace_s
         self._host_network = host_network
         self._allowed_uids = allowed_uids
         self._outer_ids = (os.getuid(), os.getgid())  # before any clone: inside a new user namespace, 65534
@@ -283,6 +296,8 @@ class Template:
         ticket, timeout_s, grace_s = int(frame["ticket"]), float(frame["timeout_s"]), float(frame["grace_s"])
         if not (math.isfinite(timeout_s) and math.isfinite(grace_s)):
             raise ValueError("non-finite deadline")
+        # No connection holds a clone longer than the consumer's longest execution and its grace (attack-8c C2).
+        timeout_s, grace_s = min(timeout_s, self._max_timeout_s), min(grace_s, self._max_grace_s)
         spare = control.spares.pop(int(frame["pid"]), None)
         if spare is None:
             control.send({"op": "exited", "ticket": ticket, "pid": 0, "returncode": 127,
@@ -519,9 +534,13 @@ def run(
     allowed_uids: frozenset[int] | None = None,
     allow_shared_uid: bool = False,
     host_network: bool = False,
+    max_timeout_s: float = DEFAULT_MAX_TIMEOUT_S,
+    max_grace_s: float = DEFAULT_MAX_GRACE_S,
 ) -> None:
     """Serve until SIGTERM (``listener``) or until ``control`` closes (child mode). Under root, first claim a
     range of execution uids no other executor on this host holds (``uids``; held until this process ends)."""
+    if listener is not None and os.geteuid() == 0 and allowed_uids is None:
+        refuse(control, CONSUMER_UID_REQUIRED)
     claim = None
     if os.geteuid() == 0:
         try:
@@ -541,6 +560,8 @@ def run(
         hidden=hidden,
         allowed_uids=allowed_uids,
         host_network=host_network,
+        max_timeout_s=max_timeout_s,
+        max_grace_s=max_grace_s,
     )
     wake_r, wake_w = socket.socketpair()
     wake_r.setblocking(False)
@@ -582,13 +603,29 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--consumer-uid", type=int, action="append", help="only this uid may connect (repeatable)")
     parser.add_argument("--allow-shared-uid", action="store_true", help="UNSAFE: one uid for all executions")
     parser.add_argument("--execution-network", choices=("none", "host"), default="none")
+    parser.add_argument(
+        "--max-timeout-s",
+        type=float,
+        default=DEFAULT_MAX_TIMEOUT_S,
+        help="no execution runs longer than this (the consumer's MODCACHE_EXECUTION_TIMEOUT_S)",
+    )
+    parser.add_argument(
+        "--max-grace-s",
+        type=float,
+        default=DEFAULT_MAX_GRACE_S,
+        help="nor is given more grace after SIGTERM (the consumer's MODCACHE_TERMINATE_GRACE_S)",
+    )
     args = parser.parse_args(argv)
+    if not (0 < args.max_timeout_s < math.inf and 0 <= args.max_grace_s < math.inf):
+        parser.error("--max-timeout-s must be positive and --max-grace-s non-negative, both finite")
     options: dict[str, Any] = {
         "allow_shared_uid": args.allow_shared_uid,
         "host_network": args.execution_network == "host",
         "uid_base": args.uid_base,
         "namespaces": not args.no_namespaces,
         "allowed_uids": frozenset(args.consumer_uid) if args.consumer_uid else None,
+        "max_timeout_s": args.max_timeout_s,
+        "max_grace_s": args.max_grace_s,
     }
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stderr)
     if args.parent:
@@ -605,8 +642,8 @@ def main(argv: list[str] | None = None) -> None:
 def bind(path: str) -> socket.socket:
     """A Unix socket at ``path`` for the consumer, which runs as another uid (another container of the pod:
     the directory is a pod-private ``emptyDir``, hidden from executions by their mount namespace). Whoever
-    reaches it may run code here: restrict it with ``--consumer-uid`` (the chart does); what a connection
-    teaches reaches only the clones handed to that connection."""
+    reaches it may run code here: restrict it with ``--consumer-uid`` (the chart does; under root ``run``
+    requires it); what a connection teaches reaches only the clones handed to that connection."""
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

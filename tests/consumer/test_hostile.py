@@ -29,6 +29,8 @@ i386 int 0x80 or x32 system calls                  the seccomp filter kills the 
 a kernel that refuses seccomp filters              the executor refuses to start
 another root executor's executions on the host     a uid range per executor, locked under /run/modcache/uids
 forged result values (NaN, NUL, deep, huge)        re-validated before they are recorded: FAILED, reason
+a large module imported once per generation        not taught above 256 KiB; lessons, code cache bounded by bytes
+a root socket executor open to any local uid       --consumer-uid required as root; timeout capped per job
 =================================================  ===========================================================
 """
 
@@ -569,6 +571,8 @@ async def socket_executor(
     os.chown(directory, uid, uid)
     path = directory / "executor.sock"
     container = ["unshare", "--pid", "--fork", "--mount-proc"] if pid_namespace else []
+    if uid == 0 and "--consumer-uid" not in args:
+        args = (*args, "--consumer-uid", "0")  # a root executor on a socket requires it (attack-8c C2)
     process = await asyncio.create_subprocess_exec(
         *container, sys.executable, "-c", LAUNCH_AS, str(uid), "-m", "modcache_consumer.template",
         "--socket", str(path), *args,
@@ -930,7 +934,7 @@ async def test_an_executor_whose_kernel_refuses_seccomp_does_not_start(tmp_path:
     running them unfiltered (as it does without namespaces)."""
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-c", NO_SECCOMP, "-m", "modcache_consumer.template", "--socket", str(tmp_path / "x.sock"),
-        stderr=asyncio.subprocess.PIPE,
+        "--consumer-uid", "0", stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     _, said = await process.communicate()
     assert process.returncode == 78, said
@@ -1213,6 +1217,87 @@ async def test_a_large_module_imported_each_generation_does_not_grow_or_stall_th
     assert (allocated["status"], allocated["result"]) == ("SUCCESS", [50 * 1024**2, n]), allocated["error"]
 
 
+# -- who may drive a root socket executor, and for how long (attack-8c C2) ------------------------------------
+
+SQUAT = """
+import json, os, socket, struct, sys
+os.setgroups([])
+os.setresgid(65534, 65534, 65534)
+os.setresuid(65534, 65534, 65534)  # nobody: a local user, no consumer
+held = []
+for _ in range(20):
+    sock = socket.socket(socket.AF_UNIX)
+    sock.connect(sys.argv[1])
+    sock.settimeout(5)
+    try:
+        data = sock.recv(1 << 16)
+    except OSError:
+        data = b''
+    held.append(sock)
+    print('hello' if data else 'refused', flush=True)
+sys.stdin.read()  # holds its connections (and any spares) until the test ends
+"""
+
+
+async def test_a_root_socket_executor_requires_its_consumers_uid(harness, tmp_path: Path) -> None:
+    """C2: a root ``modcache executor --socket`` without ``--consumer-uid`` served any local uid: ``nobody``
+    opened 20 connections and got 40 execution processes (2048 connections exhaust the slots of every
+    consumer), runnable with any timeout. It now refuses to start, naming the option; started with it, the
+    squatter is turned away before any hello or spare, and org B's executions run as before."""
+    environment = {k: v for k, v in os.environ.items() if k != "MODCACHE_EXECUTOR_CONSUMER_UID"}
+    template = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "modcache_consumer.template", "--socket", str(tmp_path / "t.sock"),
+        stderr=asyncio.subprocess.PIPE, env=environment,
+    )  # fmt: skip
+    cli = await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).parent / "modcache"), "executor", "--socket", str(tmp_path / "c.sock"),
+        stderr=asyncio.subprocess.PIPE, env=environment,
+    )  # fmt: skip
+    try:
+        async with asyncio.timeout(30):  # without the check both would serve until killed
+            (_, said_template), (_, said_cli) = await asyncio.gather(template.communicate(), cli.communicate())
+    finally:
+        for process in (template, cli):
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+    assert template.returncode == 78, said_template
+    assert "a root executor on a socket needs --consumer-uid (MODCACHE_EXECUTOR_CONSUMER_UID)" in said_template.decode()
+    assert cli.returncode == 2, said_cli
+    assert "--consumer-uid (MODCACHE_EXECUTOR_CONSUMER_UID) is required" in said_cli.decode()
+    async with socket_executor() as (path, process), harness.consumer(executor_socket=str(path)) as consumer:
+        orgs = await two_orgs(harness, consumer)
+        os.chmod(path.parent, 0o755)
+        squatter = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", SQUAT, str(path), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE
+        )
+        try:
+            said = [(await squatter.stdout.readline()).decode().strip() for _ in range(20)]  # type: ignore[union-attr]
+            assert said == ["refused"] * 20
+            assert _execution_processes(consumer.executor.template_pid) <= 2  # the consumer's own spares
+            await b_is_unharmed(harness, orgs)
+        finally:
+            squatter.kill()
+            await squatter.wait()
+
+
+async def test_no_job_holds_an_execution_past_the_executors_maximum_timeout(executors) -> None:
+    """C2: a connection could ``run`` its spares with any finite ``timeout_s`` (1e9 s) and hold execution
+    processes for good. The template caps every job at its ``--max-timeout-s`` and ``--max-grace-s`` (the
+    consumer's MODCACHE_EXECUTION_TIMEOUT_S and MODCACHE_TERMINATE_GRACE_S; a child executor gets the
+    consumer's): the sleeper ends TIMEOUT after the cap, and the next execution runs."""
+    async with socket_executor("--max-timeout-s", "1", "--max-grace-s", "0.5") as (path, _):
+        the_executor = await executors.start(socket_path=str(path))
+        started = time.monotonic()
+        async with asyncio.timeout(30):
+            held = await executors.run(the_executor, "import time\ndef run():\n    time.sleep(3600)\n", timeout_s=1e9)
+        took = time.monotonic() - started
+        n = uuid.uuid4().hex
+        benign = await executors.run(the_executor, "def run(n):\n    return n\n", {"n": n})
+    assert held.status == "TIMEOUT", held.error
+    assert took < 20
+    assert (benign.status, benign.result) == ("SUCCESS", n), benign.error
+
+
 ROGUE = """
 import hashlib, json, socket, struct, sys
 path, generation, uid = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
@@ -1235,13 +1320,15 @@ sys.stdin.read()  # stays connected until the test ends
 
 
 async def test_a_local_user_cannot_teach_an_executor_code_for_other_consumers(harness) -> None:
-    """A5: a root executor's socket is reachable by a local user who is no execution and no consumer; what that
-    connection teaches reaches only the clones handed to it, never another consumer's executions (the lesson
-    memory is per connection), so org B still imports the module's real content."""
+    """A5: a root executor's socket is reachable by another uid allowed to connect (another consumer, or a local
+    user where ``--consumer-uid`` names it); what that connection teaches reaches only the clones handed to it,
+    never another consumer's executions (the lesson memory is per connection), so org B still imports the
+    module's real content."""
     await harness.module("greet.py", "def greet():\n    return 'genuine'\n")
     await harness.converge()
     greets = "from greet import greet\ndef run(n, context):\n    return [context.organization['name'], greet(), n]\n"
-    async with socket_executor() as (path, _), harness.consumer(executor_socket=str(path)) as consumer:
+    other = ("--consumer-uid", "0", "--consumer-uid", "65534")  # since C2 a root executor names its consumers
+    async with socket_executor(*other) as (path, _), harness.consumer(executor_socket=str(path)) as consumer:
         os.chmod(path.parent, 0o755)
         orgs = await two_orgs(harness, consumer)
         workflow = await harness.workflow(greets)
@@ -1258,7 +1345,7 @@ async def test_a_local_user_cannot_teach_an_executor_code_for_other_consumers(ha
         finally:
             rogue.kill()
             await rogue.wait()
-    assert said == b"taught\n"  # it was let in: another uid, no --consumer-uid
+    assert said == b"taught\n"  # it was let in: another allowed consumer uid
     for n, reply in enumerate([first, *replies]):
         assert (reply["status"], reply["result"]) == ("SUCCESS", ["B", "genuine", n]), reply["error"]
 
@@ -1276,8 +1363,9 @@ async def test_modcache_executor_passes_executions_no_variable_of_its_shell(harn
     secrets = {"MODCACHE_DATABASE_URL": harness.settings.required("database_url"), "MODCACHE_SECRETS_KEY": SECRETS_KEY,
                "PGPASSWORD": PASSWORD}  # fmt: skip
     process = await asyncio.create_subprocess_exec(
-        str(Path(sys.executable).parent / "modcache"), "executor", "--socket", str(path), env={**os.environ, **secrets}
-    )
+        str(Path(sys.executable).parent / "modcache"), "executor", "--socket", str(path), "--consumer-uid", "0",
+        env={**os.environ, **secrets},
+    )  # fmt: skip
     try:
         async with harness.consumer(executor_socket=str(path)) as consumer:
             orgs = await two_orgs(harness, consumer)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import shutil
 import sys
 import urllib.error
@@ -430,7 +431,7 @@ async def executor_socket() -> AsyncIterator[Path]:
 
 async def start_executor(path: Path) -> asyncio.subprocess.Process:
     """``modcache executor --socket`` (the chart's executor container; the consumer retries until it listens)."""
-    template = ("-m", "modcache_consumer.template", "--socket", str(path))
+    template = ("-m", "modcache_consumer.template", "--socket", str(path), "--consumer-uid", str(os.getuid()))
     return await asyncio.create_subprocess_exec(sys.executable, *template)
 
 
