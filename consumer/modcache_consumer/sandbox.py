@@ -196,8 +196,8 @@ def _try_namespaces(user: bool, outer: tuple[int, int]) -> int:
 
 
 def needed_trees(paths: Iterable[str] = ()) -> list[str]:
-    """The import trees (``_import_trees``, plus ``paths``) that lie inside a directory other users cannot enter."""
-    return [tree for tree in _import_trees(paths) if _private_ancestor(tree) is not None]
+    """The import trees (``import_trees``, plus ``paths``) that lie inside a directory other users cannot enter."""
+    return [tree for tree in import_trees(paths) if _private_ancestor(tree) is not None]
 
 
 def hide_private_trees(keep: Sequence[str]) -> None:
@@ -265,9 +265,15 @@ def enter_user_namespace(outer_uid: int, outer_gid: int) -> None:
 SCRATCH_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
 
 
+def hideable(paths: Iterable[str]) -> list[str]:
+    """Those of ``paths`` (the executor's socket directory) that ``private_mounts`` may hide: directories that
+    hold neither the interpreter nor the code executions import. The template asks once, not every clone."""
+    return [path for path in paths if os.path.isdir(path) and not _holds_interpreter(path)]
+
+
 def private_mounts(hidden: Sequence[str] = ()) -> None:
     """``/proc`` of the execution's own PID namespace, and an empty read-only tmpfs over each of ``hidden``
-    (the executor's socket directory)."""
+    (``hideable`` ones)."""
     flags = _MS_NOSUID | _MS_NODEV
     mount(None, "/", None, _MS_REC | _MS_PRIVATE)
     try:
@@ -276,8 +282,7 @@ def private_mounts(hidden: Sequence[str] = ()) -> None:
         if e.errno != errno.EPERM:  # a container's masked /proc refuses a new proc mount: keep the old one
             raise
     for path in hidden:
-        if os.path.isdir(path) and not _holds_interpreter(path):
-            mount("tmpfs", path, "tmpfs", flags | _MS_RDONLY | _MS_NOEXEC, "mode=755,size=4k")
+        mount("tmpfs", path, "tmpfs", flags | _MS_RDONLY | _MS_NOEXEC, "mode=755,size=4k")
 
 
 _SYS_MOUNT_SETATTR = 442
@@ -326,12 +331,13 @@ def other_world_writable_dirs() -> tuple[str, ...]:
     return tuple(sorted(found - {os.path.realpath(d) for d in SCRATCH_DIRS} - set(SCRATCH_DIRS)))
 
 
-def scratch_mounts(tmp_bytes: int, others: Sequence[str] = ()) -> None:
+def scratch_mounts(tmp_bytes: int, others: Sequence[str] = (), trees: Sequence[str] | None = None) -> None:
     """A private, empty tmpfs of ``tmp_bytes`` on each of ``SCRATCH_DIRS``, and of ``OTHER_SCRATCH_BYTES`` on each
-    of ``others`` (``other_world_writable_dirs``). The interpreter's own directories that lie under one of them (a
-    virtualenv in a checkout under ``/tmp``, as CI makes) are bind-mounted back, read-only, so the execution
-    still imports the standard library and installed packages."""
-    trees = _import_trees()
+    of ``others`` (``other_world_writable_dirs``). The interpreter's own directories (``trees``: ``import_trees``,
+    which the template reads once, not every clone) that lie under one of them (a virtualenv in a checkout under
+    ``/tmp``, as CI makes) are bind-mounted back, read-only, so the execution still imports the standard library
+    and installed packages."""
+    trees = import_trees() if trees is None else trees
     for scratch in (*SCRATCH_DIRS, *others):
         if not os.path.isdir(scratch):
             continue
@@ -347,7 +353,7 @@ def scratch_mounts(tmp_bytes: int, others: Sequence[str] = ()) -> None:
             os.close(handle)
 
 
-def _import_trees(paths: Iterable[str] = ()) -> list[str]:
+def import_trees(paths: Iterable[str] = ()) -> list[str]:
     """Where the interpreter and its imports live (real paths, none inside another). A directory other users
     cannot enter (a checkout in ``mktemp -d``, mode 700, on ``sys.path`` as the working directory) is never
     bound back whole: it would keep its mode and hide the import trees inside it from the execution's uid, so

@@ -137,7 +137,7 @@ class Template:
         self._host_network = host_network
         self._allowed_uids = allowed_uids
         self._outer_ids = (os.getuid(), os.getgid())  # before any clone: inside a new user namespace, 65534
-        self._hidden = hidden
+        self._hidden = sandbox.hideable(hidden)
         self._exit_with_last = exit_with_last
         self._spares_per_consumer = spares
         self._selector = selectors.DefaultSelector()
@@ -149,6 +149,7 @@ class Template:
         self._self_pidfd = os.pidfd_open(self._pid)  # a clone checks it to see that its template lives
         self._filter = sandbox.SyscallFilter(sandbox.execution_filter())
         self._other_scratch = sandbox.other_world_writable_dirs() if isolation.namespaces else ()
+        self._import_trees = sandbox.import_trees() if isolation.namespaces else []  # once: every clone mounts them
 
     # -- the loop -------------------------------------------------------------------------------------------
 
@@ -433,7 +434,8 @@ class Template:
         limits = job.get("limits") or {}
         if self._isolation.namespaces:
             sandbox.read_only_everywhere()  # then the scratch mounts, the only writable places
-            sandbox.scratch_mounts(int(limits.get("tmp_bytes") or 64 * 1024**2), self._other_scratch)
+            tmp_bytes = int(limits.get("tmp_bytes") or 64 * 1024**2)
+            sandbox.scratch_mounts(tmp_bytes, self._other_scratch, self._import_trees)
         sandbox.apply_limits(
             sandbox.Limits(
                 memory_bytes=limits.get("memory_bytes"),
