@@ -631,12 +631,11 @@ class WorkflowExecutionConsumer:
                 if replaced:
                     raise  # even the replacement was refused: the sweep recovers it
                 log.warning("execution %s: its outcome was refused: %s", lease.execution_id, errors.describe(e))
-                refused = messages.Outcome(
+                outcome = messages.Outcome(  # the reason escaped: it may quote what was refused
                     messages.Status.FAILED,
-                    error=f"the outcome could not be stored: {errors.describe(e)}",
+                    error=messages.storable_text(f"the outcome could not be stored: {errors.describe(e)}"),
                     duration_ms=outcome.duration_ms,
                 )
-                outcome = messages.storable(refused, max_result_bytes=self.settings.max_result_bytes)
                 replaced = True
                 continue
             self._db_ok = True

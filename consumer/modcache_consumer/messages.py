@@ -129,38 +129,6 @@ class Outcome:
         }
 
 
-def storable(outcome: Outcome, *, max_result_bytes: int) -> Outcome:
-    """``outcome`` as PostgreSQL can store it and every caller can decode it. Outcomes are recorded in batches
-    (one statement for every execution that finished meanwhile, of any organization), so one value PostgreSQL
-    refuses would fail them all (attack-8b A3): a result holding NaN/Infinity, U+0000, an unpaired surrogate
-    (``return "\\ud800"``), or more than ``max_result_bytes`` makes *this* execution FAILED, saying why; an error
-    text keeps its words, NULs and unpaired surrogates escaped (``\\x00``, ``\\udcff``: an exception about a
-    file name decoded with ``surrogateescape`` is ordinary)."""
-    error = storable_text(outcome.error)
-    problem = _result_problem(outcome.result, max_result_bytes)
-    if problem is not None:
-        return Outcome(Status.FAILED, error=f"the result cannot be stored: {problem}", duration_ms=outcome.duration_ms)
-    if error is outcome.error:
-        return outcome
-    return Outcome(outcome.status, result=outcome.result, error=error, duration_ms=outcome.duration_ms)
-
-
-def _result_problem(result: Any, max_bytes: int) -> str | None:
-    if result is None:
-        return None
-    try:
-        encoded = json.dumps(result, allow_nan=False)  # ASCII: NUL and surrogates come out as \u escapes
-    except (TypeError, ValueError, RecursionError) as e:
-        return f"it is not JSON ({errors.truncate(str(e))})"
-    if "\\u0000" in encoded and has_nul(result):
-        return "it holds a NUL character (\\u0000), which PostgreSQL cannot store"
-    if "\\ud" in encoded and has_lone_surrogate(result):
-        return "it holds an unpaired surrogate (\\ud800-\\udfff), which is not Unicode"
-    if len(encoded) > max_bytes:
-        return f"it is {len(encoded)} bytes, over the {max_bytes}-byte limit (MODCACHE_MAX_RESULT_BYTES)"
-    return None
-
-
 def storable_text(text: str | None) -> str | None:
     """``text`` with NULs and unpaired surrogates escaped (``\\x00``, ``\\udcff``), as PostgreSQL can store it."""
     if text is None:
