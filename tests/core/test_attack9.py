@@ -18,10 +18,11 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
-from modcache import db, engine, keys, modules, pgsource, rediscache, settings, watcher
+from modcache import db, keys, modules, pgsource, settings, watcher
 from testkit import cli, convergence
 from testkit.observers import Recorder
 from testkit.servers import PrivateRedis, private_redis
+from testkit.watching import watching_source
 
 WITHIN_S = 5.0
 KS = keys.KeySpace()
@@ -43,27 +44,10 @@ def watch_settings(**extra: object) -> settings.Settings:
     return settings.Settings(resync_interval_s=3600, listener_backoff_max_s=0.2, **extra)  # type: ignore[arg-type]
 
 
-@contextlib.asynccontextmanager
-async def watching(
+def watching(
     source: pgsource.PgSource, redis_url: str, ks: keys.KeySpace, database_url: str
-) -> AsyncIterator[tuple[watcher.Watcher, asyncio.Task[None], Recorder]]:
-    cache = rediscache.RedisCache.from_url(redis_url, keyspace=ks)
-    recorder = Recorder()
-    w = watcher.Watcher(
-        engine=engine.Engine(source=source, cache=cache),
-        settings=watch_settings(),
-        listen_dsn=database_url,
-        observer=recorder,
-    )
-    task = asyncio.create_task(w.run())
-    try:
-        await recorder.wait_for(lambda: recorder.full_syncs() and w.state.keyspace_active)
-        yield w, task, recorder
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        await cache.close()
+) -> contextlib.AbstractAsyncContextManager[tuple[watcher.Watcher, asyncio.Task[None], Recorder]]:
+    return watching_source(source, redis_url, ks, database_url, watch_settings())
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ from modcache import engine, keys, modules, pgsource, plan, rediscache, settings
 from testkit import convergence
 from testkit.observers import Recorder
 from testkit.servers import PrivateRedis, private_redis
+from testkit.watching import watching_source
 
 KS = keys.KeySpace()
 WITHIN_S = 2.0
@@ -32,27 +33,11 @@ async def put_some(source: pgsource.PgSource, n: int) -> list[str]:
     return paths
 
 
-@contextlib.asynccontextmanager
-async def watching(
+def watching(
     source: pgsource.PgSource, redis_url: str, database_url: str
-) -> AsyncIterator[tuple[watcher.Watcher, asyncio.Task[None], Recorder]]:
-    cache = rediscache.RedisCache.from_url(redis_url, keyspace=KS)
-    recorder = Recorder()
-    w = watcher.Watcher(
-        engine=engine.Engine(source=source, cache=cache),
-        settings=settings.Settings(resync_interval_s=3600, listener_backoff_max_s=0.2),  # type: ignore[call-arg]
-        listen_dsn=database_url,
-        observer=recorder,
-    )
-    task = asyncio.create_task(w.run())
-    try:
-        await recorder.wait_for(lambda: recorder.full_syncs() and w.state.keyspace_active)
-        yield w, task, recorder
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        await cache.close()
+) -> contextlib.AbstractAsyncContextManager[tuple[watcher.Watcher, asyncio.Task[None], Recorder]]:
+    config = settings.Settings(resync_interval_s=3600, listener_backoff_max_s=0.2)  # type: ignore[call-arg]
+    return watching_source(source, redis_url, KS, database_url, config)
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ from modcache import engine, keys, modules, pgsource, plan, rediscache, settings
 from testkit import convergence
 from testkit.observers import Recorder
 from testkit.servers import PrivateRedis, private_redis
+from testkit.watching import watching_source
 
 KS = keys.KeySpace()
 WITHIN_S = 2.0
@@ -42,24 +43,10 @@ async def put_some(source: pgsource.PgSource, n: int) -> list[str]:
 async def watching(
     source: pgsource.PgSource, redis_url: str, database_url: str, *, ttl_s: int | None = None
 ) -> AsyncIterator[tuple[watcher.Watcher, asyncio.Task[None], Recorder]]:
-    cache = rediscache.RedisCache.from_url(redis_url, keyspace=KS, ttl_s=ttl_s)
-    recorder = Recorder()
-    w = watcher.Watcher(
-        engine=engine.Engine(source=source, cache=cache),
-        settings=settings.Settings(resync_interval_s=3600, listener_backoff_max_s=0.2, probe_interval_s=0.05),  # type: ignore[call-arg]
-        listen_dsn=database_url,
-        observer=recorder,
-    )
-    task = asyncio.create_task(w.run())
-    try:
-        await recorder.wait_for(lambda: recorder.full_syncs() >= 1 and w.state.keyspace_active)
+    config = settings.Settings(resync_interval_s=3600, listener_backoff_max_s=0.2, probe_interval_s=0.05)  # type: ignore[call-arg]
+    async with watching_source(source, redis_url, KS, database_url, config, ttl_s=ttl_s) as (w, task, recorder):
         await recorder.wait_for(lambda: any(r.deep for r, _ in recorder.syncs))  # the first deep resync is over
         yield w, task, recorder
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        await cache.close()
 
 
 def forged(value: str) -> str:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import random
 from collections.abc import AsyncIterator
 
 import asyncpg
 
-from modcache import modules, settings, watcher, wiring
+from modcache import engine, keys, modules, pgsource, rediscache, settings, watcher, wiring
 from testkit.observers import Recorder, running
 
 UPSERT = (
@@ -39,6 +40,34 @@ async def watching(
         async with running(w):
             await recorder.wait_for(lambda: recorder.full_syncs() and w.state.keyspace_active, timeout_s=30)
             yield wired, w
+
+
+@contextlib.asynccontextmanager
+async def watching_source(
+    source: pgsource.PgSource,
+    redis_url: str,
+    keyspace: keys.KeySpace,
+    database_url: str,
+    config: settings.Settings,
+    *,
+    ttl_s: int | None = None,
+) -> AsyncIterator[tuple[watcher.Watcher, asyncio.Task[None], Recorder]]:
+    """A watcher over a test's own source and one Redis URL, run as a task the test can check is still alive
+    (an attack must not make it exit), after its first full resync with key events on."""
+    cache = rediscache.RedisCache.from_url(redis_url, keyspace=keyspace, ttl_s=ttl_s)
+    recorder = Recorder()
+    w = watcher.Watcher(
+        engine=engine.Engine(source=source, cache=cache), settings=config, listen_dsn=database_url, observer=recorder
+    )
+    task = asyncio.create_task(w.run())
+    try:
+        await recorder.wait_for(lambda: recorder.full_syncs() and w.state.keyspace_active)
+        yield w, task, recorder
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await cache.close()
 
 
 async def upsert(dsn: str, rows: dict[str, str]) -> None:
