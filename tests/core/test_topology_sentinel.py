@@ -116,22 +116,27 @@ async def test_one_sentinel_listed_under_two_names_votes_once(sentinel: topologi
     which entries are one sentinel."""
     with servers.private_redis() as wrong, topologies.rogue_sentinels(wrong.port) as rogues:
         hosts = f"127.0.0.1:{rogues[0].port},localhost:{rogues[0].port},127.0.0.1:{sentinel.sentinels[0].port}"
-        config = settings.Settings(
-            database_url=database_url, redis_url=f"redis+sentinel://{hosts}/{sentinel.service}/0"
-        )  # type: ignore[arg-type]
-        await upsert(database_url, {"pkg/dup.py": "D = 1\n"})
-        async with wiring.connect(config) as wired:
-            with pytest.raises(errors.CacheUnavailable) as caught:
-                await wired.engine.full_resync()
-        wrong_node = redis.Redis(port=wrong.port, decode_responses=True)
-        try:
-            assert await wrong_node.keys("*") == []  # nothing was written to the node the rogue names
-        finally:
-            await wrong_node.aclose()
-    assert f"localhost:{rogues[0].port}: the same address as 127.0.0.1:{rogues[0].port}, counted once" in str(
-        caught.value
-    )
-    assert "named by a majority (2 of 3) of the sentinels" in str(caught.value)
+        message = await _refused_writing_nothing(database_url, f"{hosts}/{sentinel.service}", wrong.port)
+    assert f"localhost:{rogues[0].port}: the same address as 127.0.0.1:{rogues[0].port}, counted once" in message
+    assert "named by a majority (2 of 3) of the sentinels" in message
+
+
+async def _refused_writing_nothing(database_url: str, sentinels_and_service: str, wrong_port: int) -> str:
+    """A full resync through ``redis+sentinel://SENTINELS/SERVICE/0`` fails, and nothing reached the node at
+    ``wrong_port`` (the one the rogue names); the error's message."""
+    config = settings.Settings(
+        database_url=database_url, redis_url=f"redis+sentinel://{sentinels_and_service}/0"
+    )  # type: ignore[arg-type]
+    await upsert(database_url, {"pkg/rogue.py": "R = 1\n"})
+    async with wiring.connect(config) as wired:
+        with pytest.raises(errors.CacheUnavailable) as caught:
+            await wired.engine.full_resync()
+    wrong_node = redis.Redis(port=wrong_port, decode_responses=True)
+    try:
+        assert await wrong_node.keys("*") == []
+    finally:
+        await wrong_node.aclose()
+    return str(caught.value)
 
 
 async def test_a_sentinel_that_hides_its_run_id_gets_no_vote(sentinel: topologies.Sentinel, database_url: str) -> None:
@@ -146,20 +151,9 @@ async def test_a_sentinel_that_hides_its_run_id_gets_no_vote(sentinel: topologie
         rogue.cli("ACL", "SETUSER", "default", "-sentinel|myid")
         assert "NOPERM" in rogue.cli("SENTINEL", "MYID")  # the attack's premise
         hosts = f"127.0.0.1:{rogue.port},127.0.0.2:{rogue.port},127.0.0.1:{sentinel.sentinels[0].port}"
-        config = settings.Settings(
-            database_url=database_url, redis_url=f"redis+sentinel://{hosts}/{sentinel.service}/0"
-        )  # type: ignore[arg-type]
-        await upsert(database_url, {"pkg/nomyid.py": "N = 1\n"})
-        async with wiring.connect(config) as wired:
-            with pytest.raises(errors.CacheUnavailable) as caught:
-                await wired.engine.full_resync()
-        wrong_node = redis.Redis(port=wrong.port, decode_responses=True)
-        try:
-            assert await wrong_node.keys("*") == []  # nothing was written to the node the rogue names
-        finally:
-            await wrong_node.aclose()
-    assert f"127.0.0.1:{rogue.port}: names 127.0.0.1:{wrong.port}, but did not report its run id" in str(caught.value)
-    assert "named by a majority (2 of 3) of the sentinels" in str(caught.value)
+        message = await _refused_writing_nothing(database_url, f"{hosts}/{sentinel.service}", wrong.port)
+    assert f"127.0.0.1:{rogue.port}: names 127.0.0.1:{wrong.port}, but did not report its run id" in message
+    assert "named by a majority (2 of 3) of the sentinels" in message
 
 
 async def test_a_spoofed_run_id_is_refused_naming_both_entries(sentinel: topologies.Sentinel) -> None:
