@@ -31,7 +31,9 @@ FETCH_AHEAD = 2  # content batches read ahead of the one being written
 #: A status record that says what a resync found (all but its time and duration) is rewritten only this often: a
 #: resync that finds nothing to do writes nothing (``modcache status`` shows when the record was written).
 STATUS_REFRESH_S = 60.0
-_STATUS_TIMES = ("last_success_at", "duration_s")
+#: Fields that change without news: times, and the WAL position (it advances with any write to the database; it is
+#: recorded with the next write that has news, or the refresh, so a no-drift resync still writes nothing).
+_STATUS_TIMES = ("last_success_at", "duration_s", "source_lsn")
 LIGHT_BATCH = 5000  # items per APPLY that carry no content (a few calls each in Redis: ~10-20 ms per batch)
 
 Progress = Callable[[int, int], None]
