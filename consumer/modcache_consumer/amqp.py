@@ -26,6 +26,7 @@ from typing import Any
 import aio_pika
 import aio_pika.abc
 import aio_pika.exceptions
+import yarl
 
 from modcache import errors, keys
 from modcache_consumer import headerguard, messages
@@ -51,15 +52,21 @@ class Names:
         return cls(queue=queue, dead_letter_exchange=keys.dead_letter_exchange(queue), poison=keys.poison_queue(queue))
 
 
-async def connect(url: str, *, name: str, reconnect_interval_s: float = 2.0) -> aio_pika.abc.AbstractRobustConnection:
+async def connect(
+    url: str, *, name: str, reconnect_interval_s: float = 2.0, heartbeat_s: int | None = None
+) -> aio_pika.abc.AbstractRobustConnection:
     """A robust connection: after a drop it reconnects and restores channels, queues and consumers. The first
     connect must succeed. Message properties the client cannot decode arrive as a marker (``headerguard``)
-    instead of killing the connection's reader."""
+    instead of killing the connection's reader. ``heartbeat_s`` applies unless the URL sets ``heartbeat``."""
     headerguard.install()
+    options: dict[str, Any] = {"reconnect_interval": reconnect_interval_s}
+    if heartbeat_s is not None and "heartbeat" not in yarl.URL(url).query:
+        options["heartbeat"] = heartbeat_s
     try:
-        return await aio_pika.connect_robust(
-            url, client_properties={"connection_name": name}, reconnect_interval=reconnect_interval_s
+        connection: aio_pika.abc.AbstractRobustConnection = await aio_pika.connect_robust(
+            url, client_properties={"connection_name": name}, **options
         )
+        return connection
     except (OSError, aio_pika.exceptions.AMQPError) as e:
         raise BrokerUnavailable(f"RabbitMQ unreachable: {errors.describe(e)}") from e
 

@@ -42,6 +42,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
 import socket
 import time
@@ -106,6 +107,7 @@ class Admitted:
 
     lease: executions.Lease
     prepared: Prepared
+    lease_until: float = math.inf  # the event loop's clock: the lease is surely valid until then
 
 
 class WorkflowExecutionConsumer:
@@ -131,7 +133,8 @@ class WorkflowExecutionConsumer:
         )
         self._slots = asyncio.Semaphore(settings.consumer_concurrency)
         self._ahead: dict[uuid.UUID, Prepared] = {}  # read_ahead's result for a message that got its slot
-        self._mine: set[uuid.UUID] = set()  # claimed or running here: a second delivery must not claim again
+        # Claimed or running here (a second delivery must not claim again) -> set once that handling has ended.
+        self._mine: dict[uuid.UUID, asyncio.Event] = {}
         self._lost: dict[uuid.UUID, asyncio.Event] = {}
         self._replying: set[uuid.UUID] = set()  # replies being sent (a duplicate delivery must not send another)
         self._started_at: dict[asyncio.Task[Any], float] = {}  # monotonic start of each in-flight handler
@@ -267,6 +270,7 @@ class WorkflowExecutionConsumer:
             s.required("amqp_url"),
             name=f"modcache-consumer {s.queue_name} {os.getpid()}",
             reconnect_interval_s=s.amqp_reconnect_interval_s,
+            heartbeat_s=s.amqp_heartbeat_s,
         )
         self._stack.push_async_callback(self._connection.close)
         self._connection.reconnect_callbacks.add(self._on_reconnect)
@@ -282,6 +286,7 @@ class WorkflowExecutionConsumer:
             sweep_interval_s=s.lease_sweep_interval_s,
             on_recovered=self._on_recovered,
             on_lost=self._lease_lost,
+            on_renewed=self._lease_renewed,
         )
         self._stack.push_async_callback(self.leases.close)  # after the drain below (the stack unwinds backwards)
         self.leases.start()
@@ -561,13 +566,14 @@ class WorkflowExecutionConsumer:
                     outcome = await self._execute_while_leased(request, admitted)
                 finally:
                     slot.release()
-                if outcome is None:
-                    return  # the lease was lost: whoever recovered the execution owns its outcome
+                if outcome is None:  # the lease was lost, or not renewed in time (the run was stopped): the
+                    self.leases.drop(lease.execution_id)  # sweep, here or elsewhere, applies its crash policy
+                    return
                 self.metrics.executions.labels(status=outcome.status.value).inc()
                 recorded = await self.record(lease, outcome)
             finally:
                 self._lost.pop(lease.execution_id, None)
-                self._mine.discard(lease.execution_id)  # finished: a new request gets the stored outcome
+                self._disown(lease.execution_id)  # finished: a new request gets the stored outcome
             if recorded is None:
                 log.warning("execution %s: lease lost before its outcome was recorded", request.execution_id)
             elif request.reply_to:
@@ -596,7 +602,7 @@ class WorkflowExecutionConsumer:
     ) -> messages.Outcome | None:
         """The executor's outcome, or None if the lease was lost meanwhile (the run is stopped then)."""
         lost = self._lost[admitted.lease.execution_id] = asyncio.Event()
-        run = asyncio.create_task(self._execute(request, admitted.prepared))
+        run = asyncio.create_task(self._execute(request, admitted.prepared, lease_until=admitted.lease_until))
         watch = asyncio.create_task(lost.wait())
         try:
             await asyncio.wait((run, watch), return_when=asyncio.FIRST_COMPLETED)
@@ -611,6 +617,12 @@ class WorkflowExecutionConsumer:
         event = self._lost.get(execution_id)
         if event is not None:
             event.set()
+
+    async def _lease_renewed(self, kept: set[uuid.UUID], until: float) -> None:
+        """The leases of ``kept`` are surely valid until ``until``: their runs may go on until then."""
+        running = [str(execution_id) for execution_id in kept if execution_id in self._lost]
+        if running:
+            await self.executor.extend(running, until - asyncio.get_running_loop().time())
 
     async def record(self, lease: executions.Lease, outcome: messages.Outcome) -> messages.Outcome | None:
         """Record (group-committed with concurrent outcomes); retried through outages while the stop allows:
@@ -726,20 +738,46 @@ class WorkflowExecutionConsumer:
         execution_id = request.execution_id
         if not self.executor.available:  # claimed now, it could only fail: requeued instead (a TransientError)
             raise executor.ExecutorUnavailable("the executor is unavailable")
-        if execution_id in self._mine:
+        if execution_id in self._mine and not await self._ended_here(execution_id):
             return executions.Busy(None)  # a second delivery of what this consumer claims or runs
-        self._mine.add(execution_id)
+        self._mine[execution_id] = asyncio.Event()
         try:
             read = self._ahead.pop(execution_id, None) or await self.read_ahead(request)
             admitted = read if not isinstance(read, Prepared) else await self._claim(request, read)
         except BaseException:
-            self._mine.discard(execution_id)
+            self._disown(execution_id)
             raise
         if not isinstance(admitted, Admitted):
-            self._mine.discard(execution_id)
+            self._disown(execution_id)
             return admitted
-        self.leases.hold(execution_id)
+        self.leases.hold(execution_id, admitted.lease.token)
         return admitted
+
+    def _disown(self, execution_id: uuid.UUID) -> None:
+        ended = self._mine.pop(execution_id, None)
+        if ended is not None:
+            ended.set()
+
+    async def _ended_here(self, execution_id: uuid.UUID) -> bool:
+        """A delivery of an execution this consumer has claimed: False if it is a duplicate (the lease this
+        consumer holds is still the current one: it runs it and replies). True once the local handling has ended
+        if that lease is stale: the row was taken over meanwhile (this consumer stalled past the expiry and a sweep,
+        maybe its own, made it PENDING and republished it: this is that message, attack-10 F4), so the local run
+        is stopped and the message is handled anew."""
+        token = self.leases.token(execution_id)
+        if token is None:
+            return False  # not claimed yet (or only a reply owed): this is a duplicate of that delivery
+        record = await self._unit(lambda db: executions.read(db, execution_id))
+        if record is not None and record.status is not messages.Status.PENDING and record.token == token:
+            return False
+        log.warning("execution %s: delivered again after its lease here was taken over; stopping the old run",
+                    execution_id)  # fmt: skip
+        self._lease_lost(execution_id)
+        ended = self._mine.get(execution_id)
+        if ended is not None:
+            async with asyncio.timeout(self.settings.lease_ttl_s):
+                await ended.wait()
+        return True
 
     async def _read(self, request: messages.ExecutionRequest) -> Prepared | executions.Record | executions.Busy:
         """The workflow (a plain asyncpg statement: ``Database.raw``), the organization and its configs (from
@@ -779,6 +817,7 @@ class WorkflowExecutionConsumer:
         name, organization = read.workflow.name, read.organization.id if read.organization else None
         attempts = read.workflow.retries_on_crash + 1
         terms = self._terms
+        started = asyncio.get_running_loop().time()
         claimed: executions.Lease | executions.Record | executions.Busy | None = await self._db_call(
             self.database.raw(
                 lambda db: executions.try_claim(
@@ -794,7 +833,8 @@ class WorkflowExecutionConsumer:
             )
         if not isinstance(claimed, executions.Lease):
             return claimed
-        return Admitted(lease=claimed, prepared=dataclasses.replace(read, attempt=claimed.attempt))
+        prepared = dataclasses.replace(read, attempt=claimed.attempt)
+        return Admitted(lease=claimed, prepared=prepared, lease_until=leases.safe_until(started, terms.lease_s))
 
     async def _organization(
         self, request: messages.ExecutionRequest, workflow: workflows.WorkflowForExecution
@@ -812,7 +852,11 @@ class WorkflowExecutionConsumer:
             raise errors.InputError(str(org_id), "the organization is inactive")
         return organization
 
-    async def _execute(self, request: messages.ExecutionRequest, prepared: Prepared) -> messages.Outcome:
+    async def _execute(
+        self, request: messages.ExecutionRequest, prepared: Prepared, *, lease_until: float = math.inf
+    ) -> messages.Outcome | None:
+        """The run's outcome; None if it was stopped because its lease was not renewed in time (the sweep applies
+        its policy once the lease expired: nothing is recorded here)."""
         workflow = prepared.workflow
         assert workflow.code is not None
         job: protocol.Job = {
@@ -833,7 +877,11 @@ class WorkflowExecutionConsumer:
         timeout_s = min(float(workflow.timeout_seconds), self.settings.execution_timeout_s)
         started = self._monotonic()
         session = serving.Session(modules=self.modules, config=prepared.config, secrets=self.secrets)
-        result = await self.executor.run(job, timeout_s=timeout_s, session=session)
+        until = None if math.isinf(lease_until) else lease_until
+        result = await self.executor.run(job, timeout_s=timeout_s, session=session, lease_until=until)
+        if result.lease_expired:
+            log.warning("execution %s: stopped, its lease was not renewed in time", request.execution_id)
+            return None
         elapsed_s = self._monotonic() - started
         self.metrics.duration.observe(elapsed_s)
         duration_ms = round(elapsed_s * 1000)

@@ -30,7 +30,7 @@ import dataclasses
 import enum
 import json
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NewType
 
 import asyncpg
@@ -72,6 +72,7 @@ class Record:
     reply_to: str | None = None  # ...to this queue, with this correlation id
     correlation_id: str | None = None
     parameters: Any = None  # as stored (``read`` only)
+    token: int | None = None  # the lease's fencing token (``read`` only)
 
     def same(self, request: messages.ExecutionRequest, organization_id: uuid.UUID | None) -> bool:
         """Whether ``request`` (its organization resolved to ``organization_id``) is this row's execution."""
@@ -169,7 +170,7 @@ _RETURNED = "id, status, workflow_id, workflow_name, organization_id, result, er
 _READ = sa.text(
     f"""
     SELECT {_RETURNED}, COALESCE(lease_expires_at > now(), false) AS leased, lease_owner,
-        replied_at IS NOT NULL AS replied, reply_to, correlation_id, parameters
+        replied_at IS NOT NULL AS replied, reply_to, correlation_id, parameters, lease_token
     FROM executions WHERE id = :id
     """
 )
@@ -214,11 +215,16 @@ _FINISH_LEASED = sa.text(
     """
 )
 _FINISH_LEASED_RAW = database.Raw(_FINISH_LEASED)
+# A lease is renewed only while it is still the one held: the same token (a run's lease; a later claim, even by
+# this consumer, took a new one) and not PENDING (a sweep took the run over: attack-10 F4). A hold without a
+# token is a finished row whose reply is owed.
 _RENEW = sa.text(
     f"""
-    UPDATE executions SET lease_expires_at = {_LEASE}
-    WHERE id = ANY(CAST(:ids AS uuid[])) AND lease_owner = :owner
-    RETURNING id
+    UPDATE executions AS e SET lease_expires_at = {_LEASE}
+    FROM unnest(CAST(:ids AS uuid[]), CAST(:tokens AS bigint[])) AS v(id, token)
+    WHERE e.id = v.id AND e.lease_owner = :owner AND e.status <> 'PENDING'
+      AND (e.lease_token = v.token OR (v.token IS NULL AND e.status <> 'RUNNING'))
+    RETURNING e.id
     """
 )
 _POSTPONE = sa.text(
@@ -266,7 +272,8 @@ _SWEEP = sa.text(
         error = CASE WHEN d.previous = 'RUNNING' AND d.status = 'FAILED' THEN :reason ELSE e.error END,
         finished_at = CASE WHEN d.previous = 'RUNNING' AND d.status = 'FAILED' THEN now() ELSE e.finished_at END,
         duration_ms = CASE WHEN d.previous = 'RUNNING' AND d.status = 'FAILED'
-            THEN (extract(epoch FROM now() - COALESCE(e.started_at, now())) * 1000)::integer ELSE e.duration_ms END,
+            THEN LEAST(extract(epoch FROM now() - COALESCE(e.started_at, now())) * 1000, 2147483647)::integer
+            ELSE e.duration_ms END,  -- a run started over 24.8 days ago overflowed int4 and failed every sweep (F2)
         lease_owner = CASE WHEN d.owned THEN :owner ELSE NULL END,
         lease_expires_at = CASE WHEN d.owned THEN {_LEASE} ELSE NULL END,
         updated_at = now()
@@ -414,12 +421,12 @@ async def finish_leased(
     return {row["id"] for row in await _FINISH_LEASED_RAW.fetch(db, _FINISH_LEASED, values)}
 
 
-async def renew(db: AsyncSession, ids: Iterable[uuid.UUID], *, terms: Terms) -> set[uuid.UUID]:
-    """Extend the leases ``terms.owner`` holds on ``ids``; returns those still held."""
-    wanted = list(ids)
-    if not wanted:
+async def renew(db: AsyncSession, held: Mapping[uuid.UUID, int | None], *, terms: Terms) -> set[uuid.UUID]:
+    """Extend the leases ``terms.owner`` holds: execution id -> the token of its run's lease, or None for a
+    finished execution whose reply is owed. Returns those still held."""
+    if not held:
         return set()
-    values = {"ids": wanted, "owner": terms.owner, "lease_s": terms.lease_s}
+    values = {"ids": list(held), "tokens": list(held.values()), "owner": terms.owner, "lease_s": terms.lease_s}
     return {row.id for row in await db.execute(_RENEW, values)}
 
 
@@ -477,9 +484,8 @@ async def read(db: AsyncSession, execution_id: uuid.UUID) -> Record | None:
     if row is None:
         return None
     record = _record(row, leased=row.leased, owner=row.lease_owner, replied=row.replied)
-    return dataclasses.replace(
-        record, reply_to=row.reply_to, correlation_id=row.correlation_id, parameters=row.parameters
-    )
+    stored = {"reply_to": row.reply_to, "correlation_id": row.correlation_id, "parameters": row.parameters}
+    return dataclasses.replace(record, **stored, token=row.lease_token)
 
 
 def _recovered(row: sa.Row[Any]) -> Recovered:
