@@ -152,6 +152,7 @@ class WorkflowExecutionConsumer:
         self.metrics_port: int | None = None
         self._channel: aio_pika.abc.AbstractChannel | None = None
         self._replies: aio_pika.abc.AbstractChannel | None = None
+        self._direct_replies: amqp.DirectReplies | None = None  # replies to direct reply-to addresses
         self._connection: aio_pika.abc.AbstractRobustConnection | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------------------
@@ -277,6 +278,10 @@ class WorkflowExecutionConsumer:
         self._connection.close_callbacks.add(self._on_connection_lost)
         self._channel = await self._connection.channel()
         self._replies = await self._connection.channel()  # confirmed: a reply counts as sent once the broker has it
+        self._direct_replies = amqp.DirectReplies(
+            s.required("amqp_url"), name=f"modcache-consumer replies {os.getpid()}"
+        )
+        self._stack.push_async_callback(self._direct_replies.close)
         await self._channel.set_qos(prefetch_count=self.settings.consumer_concurrency)
         queue = await amqp.declare(self._channel, self._names)
         self.leases = leases.Leases(
@@ -679,6 +684,10 @@ class WorkflowExecutionConsumer:
         assert self._replies is not None
         assert self._connection is not None
         body = json.dumps(outcome.reply(request.execution_id)).encode()
+        if amqp.is_direct_reply_to(request.reply_to):
+            assert self._direct_replies is not None
+            await self._direct_replies.send(request.reply_to, request.correlation_id, body)
+            return True
         return await amqp.reply(
             self._replies,
             request.reply_to,
