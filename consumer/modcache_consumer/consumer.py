@@ -526,7 +526,9 @@ class WorkflowExecutionConsumer:
             return
         slot.release()  # nothing runs
         if isinstance(admitted, executions.Busy):
-            log.info("execution %s runs under a live lease elsewhere; its owner replies", request.execution_id)
+            log.info("execution %s runs under a live lease; its owner replies", request.execution_id)
+            if request.reply_to:  # another caller (a retry with a new reply queue): answered with the same outcome
+                await self._wait_for_outcome(request)
         elif admitted.leased and not admitted.answers(request):  # another caller: the stored outcome
             await self._send_reply(request, admitted.outcome)
         elif admitted.leased:  # finished, its reply owed by the lease holder
@@ -535,6 +537,15 @@ class WorkflowExecutionConsumer:
         elif request.reply_to and not admitted.replied_to(request):
             await self._send_reply(request, admitted.outcome)  # a new request for a finished execution
         await _settle(message.ack())
+
+    async def _wait_for_outcome(self, request: messages.ExecutionRequest) -> None:
+        try:
+            finished = await self._unit(lambda db: executions.wait_for_outcome(db, request))
+        except errors.TransientError as e:
+            log.warning("execution %s: a second caller's reply not arranged: %s", request.execution_id, e)
+            return
+        if finished is not None:  # it finished meanwhile
+            await self._send_reply(request, finished.outcome)
 
     async def _record_internal_error(self, request: messages.ExecutionRequest, error: Exception) -> None:
         outcome = messages.Outcome(messages.Status.FAILED, error=f"internal error: {errors.describe(error)}")
@@ -579,10 +590,11 @@ class WorkflowExecutionConsumer:
             finally:
                 self._lost.pop(lease.execution_id, None)
                 self._disown(lease.execution_id)  # finished: a new request gets the stored outcome
+            waiting = self.leases.waiting(lease.execution_id)
             if recorded is None:
                 log.warning("execution %s: lease lost before its outcome was recorded", request.execution_id)
-            elif request.reply_to:
-                await self._reply_owed(request, recorded)
+            elif request.reply_to or waiting:
+                await self._reply_owed(request, recorded, waiting)
                 return
         except executor.NotStarted as e:
             await self._postpone(request, lease, e)
@@ -658,14 +670,22 @@ class WorkflowExecutionConsumer:
             self._db_ok = True
             return outcome if recorded else None
 
-    async def _reply_owed(self, request: messages.ExecutionRequest, outcome: messages.Outcome) -> None:
-        """Send a reply this consumer owes (it holds the row's lease), then mark it sent. Unsent (the broker
-        stayed away), the lease is left to expire and a sweep sends it from the stored outcome."""
+    async def _reply_owed(
+        self,
+        request: messages.ExecutionRequest,
+        outcome: messages.Outcome,
+        waiting: tuple[executions.Target, ...] = (),
+    ) -> None:
+        """Send a reply this consumer owes (it holds the row's lease) to the row's caller and to every other one
+        ``waiting`` for it, then mark it sent. Unsent (the broker stayed away), the lease is left to expire and a
+        sweep sends it from the stored outcome."""
         execution_id = request.execution_id
         self.leases.hold(execution_id)
         self._replying.add(execution_id)
+        callers = [request] + [dataclasses.replace(request, reply_to=to, correlation_id=c) for to, c in waiting]
         try:
-            if not await self._send_reply(request, outcome, retry_s=self.settings.reply_retry_s):
+            sent = [await self._send_reply(r, outcome, retry_s=self.settings.reply_retry_s) for r in callers]
+            if not all(sent):
                 self.leases.drop(execution_id)
                 return
             try:
@@ -703,7 +723,7 @@ class WorkflowExecutionConsumer:
             if item.action is executions.Action.REPUBLISH:
                 await self._republish(item)
             elif item.action is executions.Action.REPLY:
-                await self._reply_owed(item.request, item.record.outcome)
+                await self._reply_owed(item.request, item.record.outcome, item.waiting)
             if item.previous_status is messages.Status.RUNNING:
                 self.metrics.executions.labels(status=item.record.status.value).inc()
 

@@ -129,7 +129,10 @@ class Leases:
         self._on_recovered = on_recovered
         self._on_lost = on_lost
         self._on_renewed = on_renewed
-        self._held: dict[uuid.UUID, int | None] = {}  # id -> its run's lease token (None: a reply owed)
+        self._held: dict[uuid.UUID, int | None] = {}
+        self._waiting: dict[
+            uuid.UUID, tuple[executions.Target, ...]
+        ] = {}  # from outcome flushes, until replied  # id -> its run's lease token (None: a reply owed)
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self.outcomes: Batcher[tuple[executions.Lease, messages.Outcome], bool] = Batcher(self._record)
@@ -231,7 +234,7 @@ class Leases:
         try:
             async with self._writing:
                 recorded = await self._database.raw(
-                    lambda db: executions.finish_leased(db, batch, terms=self.terms, replied=ids)
+                    lambda db: executions.finish_leased_waiting(db, batch, terms=self.terms, replied=ids)
                 )
         except BaseException:
             self._marks[:0] = marks  # the outcomes' callers retry theirs; the marks get their own flush
@@ -239,7 +242,12 @@ class Leases:
                 self._marking = asyncio.create_task(self._marks_alone())
             raise
         self._marked(marks)
+        self._waiting.update((execution_id, found) for execution_id, found in recorded.items() if found)
         return [lease.execution_id in recorded for lease, _ in batch]
+
+    def waiting(self, execution_id: uuid.UUID) -> tuple[executions.Target, ...]:
+        """The other callers waiting for the reply of ``execution_id``, as its outcome's flush returned them (once)."""
+        return self._waiting.pop(execution_id, ())
 
     async def _marks_alone(self) -> None:
         """Marks no outcome flush took along within ``mark_delay_s``: written by themselves."""
