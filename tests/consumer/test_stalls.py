@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 
 from testkit.consumers import ConsumerProcess
@@ -176,3 +177,31 @@ async def test_a_run_started_25_days_ago_does_not_stop_the_sweep_recovering_the_
     by_id = {r["id"]: r for r in rows}
     assert by_id[orphan]["error"] == by_id[ancient]["error"] == "consumer died mid-run"
     assert by_id[ancient]["duration_ms"] == 2**31 - 1  # longer than the column can say: its maximum
+
+
+async def test_a_row_lock_that_blocks_the_renewal_never_lets_two_runs_overlap(
+    harness: Any, processes: list[ConsumerProcess], tmp_path: Path
+) -> None:
+    """Every process healthy; someone else (an admin's query, a report) holds the row's lock past the lease, so
+    the owner's renewal waits and the lease runs out (attack-10 F6)."""
+    # renewals 2 s apart: without the executor's lease deadline the first run would go on for up to 2 s after the
+    # survivor's sweep took it over and started the retry
+    slow_renewals = {"lease_ttl_s": 4.0, "lease_renew_interval_s": 2.0}
+    _, ledger, request = await start_ticking(harness, processes, tmp_path, retries=1, **slow_renewals)
+    async with replies_on(harness.settings.required("amqp_url")) as (replies, channel):
+        await publish(channel, harness.settings.queue_name, request, replies.queue_name)
+        await ledger.wait_for(2)
+        locker = await asyncpg.connect(harness.database_url)
+        try:
+            async with harness.consumer(**FAST_LEASES):
+                async with locker.transaction():
+                    await locker.execute("SELECT 1 FROM executions WHERE id = $1 FOR UPDATE", request.execution_id)
+                    await asyncio.sleep(2 * slow_renewals["lease_ttl_s"])  # the fault's length: held past the lease
+                row = await harness.wait_for_status(request.execution_id, "SUCCESS", timeout_s=60)
+            await replies.wait_for_count(1)
+        finally:
+            await locker.close()
+    seen = notes(await ledger.entries())
+    retry_starts = next(i for i, (kind, attempt, _) in enumerate(seen) if (kind, attempt) == ("start", 2))
+    assert all(attempt == 2 for _, attempt, _ in seen[retry_starts:]), seen
+    assert (row["attempt"], row["result"]) == (2, "2")
