@@ -688,13 +688,27 @@ class WorkflowExecutionConsumer:
             if not all(sent):
                 self.leases.drop(execution_id)
                 return
-            try:
-                await self.leases.mark_replied(execution_id)  # with the next outcome flush, usually
-            except errors.TransientError as e:
-                log.warning("execution %s: replied, but not marked so: %s", execution_id, e)
+            if not await self._mark_replied(execution_id):
                 self.leases.drop(execution_id)
         finally:
             self._replying.discard(execution_id)
+
+    async def _mark_replied(self, execution_id: uuid.UUID) -> bool:
+        """Mark the reply of ``execution_id`` sent (with the next outcome flush, usually). Through an outage the
+        mark is retried while the lease it holds lasts (its renewals resume with the database): dropped at once,
+        the lease expired and a sweep sent the reply a second time (attack-10 F10). False if it never was."""
+        delay_s = self.settings.transient_retry_delay_s
+        give_up = self._monotonic() + self.settings.lease_ttl_s
+        while True:
+            try:
+                await self.leases.mark_replied(execution_id)
+                return True
+            except errors.TransientError as e:
+                if self._monotonic() + delay_s > give_up or not self._consuming:
+                    log.warning("execution %s: replied, but not marked so: %s", execution_id, e)
+                    return False
+                await asyncio.sleep(delay_s)
+                delay_s = min(delay_s * 2, self.settings.lease_renew_interval_s)
 
     async def _send_reply(
         self, request: messages.ExecutionRequest, outcome: messages.Outcome, *, retry_s: float = 0.0
