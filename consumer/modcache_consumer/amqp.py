@@ -26,6 +26,7 @@ from typing import Any
 import aio_pika
 import aio_pika.abc
 import aio_pika.exceptions
+import yarl
 
 from modcache import errors, keys
 from modcache_consumer import headerguard, messages
@@ -51,15 +52,21 @@ class Names:
         return cls(queue=queue, dead_letter_exchange=keys.dead_letter_exchange(queue), poison=keys.poison_queue(queue))
 
 
-async def connect(url: str, *, name: str, reconnect_interval_s: float = 2.0) -> aio_pika.abc.AbstractRobustConnection:
+async def connect(
+    url: str, *, name: str, reconnect_interval_s: float = 2.0, heartbeat_s: int | None = None
+) -> aio_pika.abc.AbstractRobustConnection:
     """A robust connection: after a drop it reconnects and restores channels, queues and consumers. The first
     connect must succeed. Message properties the client cannot decode arrive as a marker (``headerguard``)
-    instead of killing the connection's reader."""
+    instead of killing the connection's reader. ``heartbeat_s`` applies unless the URL sets ``heartbeat``."""
     headerguard.install()
+    options: dict[str, Any] = {"reconnect_interval": reconnect_interval_s}
+    if heartbeat_s is not None and "heartbeat" not in yarl.URL(url).query:
+        options["heartbeat"] = heartbeat_s
     try:
-        return await aio_pika.connect_robust(
-            url, client_properties={"connection_name": name}, reconnect_interval=reconnect_interval_s
+        connection: aio_pika.abc.AbstractRobustConnection = await aio_pika.connect_robust(
+            url, client_properties={"connection_name": name}, **options
         )
+        return connection
     except (OSError, aio_pika.exceptions.AMQPError) as e:
         raise BrokerUnavailable(f"RabbitMQ unreachable: {errors.describe(e)}") from e
 
@@ -147,6 +154,58 @@ async def reply(
                 log.warning("reply to %s not sent: %s", reply_to, errors.describe(e))
                 return False
         await _reconnected(connected, min(remaining_s, 1.0))
+
+
+#: RabbitMQ's direct reply-to: the address names the caller's channel (an encoded term the broker decodes).
+DIRECT_REPLY_TO = "amq.rabbitmq.reply-to."
+
+
+def is_direct_reply_to(reply_to: str) -> bool:
+    return reply_to.startswith(DIRECT_REPLY_TO)
+
+
+class DirectReplies:
+    """Replies to direct reply-to addresses, on a connection of their own, each sent once.
+
+    Any producer can name any ``amq.rabbitmq.reply-to.*`` address, and the broker's decoder fails on a forged one
+    by closing the publishing *connection* (541 INTERNAL_ERROR, RabbitMQ 3.10-3.12): on the consuming connection,
+    retried until the reply was confirmed, one such request cut every delivery off every two seconds, forever
+    (attack-10 F5). So these replies never share the consuming connection and are not retried: a direct reply-to
+    reply is fire-and-forget by the broker's design anyway (not queued; lost if the caller's channel is gone). A
+    failed one is logged and counted as sent, so it is never owed again."""
+
+    def __init__(self, url: str, *, name: str, confirm_timeout_s: float = 5.0) -> None:
+        self._url, self._name, self._confirm_timeout_s = url, name, confirm_timeout_s
+        self._connection: aio_pika.abc.AbstractConnection | None = None
+        self._channel: aio_pika.abc.AbstractChannel | None = None
+        self._lock = asyncio.Lock()
+
+    async def send(self, reply_to: str, correlation_id: str | None, body: bytes) -> None:
+        message = aio_pika.Message(body, content_type=CONTENT_TYPE, correlation_id=correlation_id)
+        async with self._lock:
+            try:
+                channel = await self._opened()
+                await channel.default_exchange.publish(message, routing_key=reply_to, timeout=self._confirm_timeout_s)
+            except (OSError, RuntimeError, TimeoutError, aio_pika.exceptions.AMQPError) as e:
+                log.warning("direct reply to %r not delivered (not retried): %s", reply_to[:300], errors.describe(e))
+                await self._drop()
+
+    async def close(self) -> None:
+        async with self._lock:
+            await self._drop()
+
+    async def _opened(self) -> aio_pika.abc.AbstractChannel:
+        if self._channel is None or self._channel.is_closed:
+            await self._drop()
+            self._connection = await aio_pika.connect(self._url, client_properties={"connection_name": self._name})
+            self._channel = await self._connection.channel()
+        return self._channel
+
+    async def _drop(self) -> None:
+        connection, self._connection, self._channel = self._connection, None, None
+        if connection is not None:
+            with contextlib.suppress(Exception):
+                await connection.close()
 
 
 async def _reconnected(connected: asyncio.Event | None, wait_s: float) -> None:

@@ -42,6 +42,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
 import socket
 import time
@@ -106,6 +107,7 @@ class Admitted:
 
     lease: executions.Lease
     prepared: Prepared
+    lease_until: float = math.inf  # the event loop's clock: the lease is surely valid until then
 
 
 class WorkflowExecutionConsumer:
@@ -131,7 +133,8 @@ class WorkflowExecutionConsumer:
         )
         self._slots = asyncio.Semaphore(settings.consumer_concurrency)
         self._ahead: dict[uuid.UUID, Prepared] = {}  # read_ahead's result for a message that got its slot
-        self._mine: set[uuid.UUID] = set()  # claimed or running here: a second delivery must not claim again
+        # Claimed or running here (a second delivery must not claim again) -> set once that handling has ended.
+        self._mine: dict[uuid.UUID, asyncio.Event] = {}
         self._lost: dict[uuid.UUID, asyncio.Event] = {}
         self._replying: set[uuid.UUID] = set()  # replies being sent (a duplicate delivery must not send another)
         self._started_at: dict[asyncio.Task[Any], float] = {}  # monotonic start of each in-flight handler
@@ -149,6 +152,7 @@ class WorkflowExecutionConsumer:
         self.metrics_port: int | None = None
         self._channel: aio_pika.abc.AbstractChannel | None = None
         self._replies: aio_pika.abc.AbstractChannel | None = None
+        self._direct_replies: amqp.DirectReplies | None = None  # replies to direct reply-to addresses
         self._connection: aio_pika.abc.AbstractRobustConnection | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------------------
@@ -267,12 +271,17 @@ class WorkflowExecutionConsumer:
             s.required("amqp_url"),
             name=f"modcache-consumer {s.queue_name} {os.getpid()}",
             reconnect_interval_s=s.amqp_reconnect_interval_s,
+            heartbeat_s=s.amqp_heartbeat_s,
         )
         self._stack.push_async_callback(self._connection.close)
         self._connection.reconnect_callbacks.add(self._on_reconnect)
         self._connection.close_callbacks.add(self._on_connection_lost)
         self._channel = await self._connection.channel()
         self._replies = await self._connection.channel()  # confirmed: a reply counts as sent once the broker has it
+        self._direct_replies = amqp.DirectReplies(
+            s.required("amqp_url"), name=f"modcache-consumer replies {os.getpid()}"
+        )
+        self._stack.push_async_callback(self._direct_replies.close)
         await self._channel.set_qos(prefetch_count=self.settings.consumer_concurrency)
         queue = await amqp.declare(self._channel, self._names)
         self.leases = leases.Leases(
@@ -282,6 +291,7 @@ class WorkflowExecutionConsumer:
             sweep_interval_s=s.lease_sweep_interval_s,
             on_recovered=self._on_recovered,
             on_lost=self._lease_lost,
+            on_renewed=self._lease_renewed,
         )
         self._stack.push_async_callback(self.leases.close)  # after the drain below (the stack unwinds backwards)
         self.leases.start()
@@ -516,7 +526,9 @@ class WorkflowExecutionConsumer:
             return
         slot.release()  # nothing runs
         if isinstance(admitted, executions.Busy):
-            log.info("execution %s runs under a live lease elsewhere; its owner replies", request.execution_id)
+            log.info("execution %s runs under a live lease; its owner replies", request.execution_id)
+            if request.reply_to:  # another caller (a retry with a new reply queue): answered with the same outcome
+                await self._wait_for_outcome(request)
         elif admitted.leased and not admitted.answers(request):  # another caller: the stored outcome
             await self._send_reply(request, admitted.outcome)
         elif admitted.leased:  # finished, its reply owed by the lease holder
@@ -525,6 +537,15 @@ class WorkflowExecutionConsumer:
         elif request.reply_to and not admitted.replied_to(request):
             await self._send_reply(request, admitted.outcome)  # a new request for a finished execution
         await _settle(message.ack())
+
+    async def _wait_for_outcome(self, request: messages.ExecutionRequest) -> None:
+        try:
+            finished = await self._unit(lambda db: executions.wait_for_outcome(db, request))
+        except errors.TransientError as e:
+            log.warning("execution %s: a second caller's reply not arranged: %s", request.execution_id, e)
+            return
+        if finished is not None:  # it finished meanwhile
+            await self._send_reply(request, finished.outcome)
 
     async def _record_internal_error(self, request: messages.ExecutionRequest, error: Exception) -> None:
         outcome = messages.Outcome(messages.Status.FAILED, error=f"internal error: {errors.describe(error)}")
@@ -561,17 +582,19 @@ class WorkflowExecutionConsumer:
                     outcome = await self._execute_while_leased(request, admitted)
                 finally:
                     slot.release()
-                if outcome is None:
-                    return  # the lease was lost: whoever recovered the execution owns its outcome
+                if outcome is None:  # the lease was lost, or not renewed in time (the run was stopped): the
+                    self.leases.drop(lease.execution_id)  # sweep, here or elsewhere, applies its crash policy
+                    return
                 self.metrics.executions.labels(status=outcome.status.value).inc()
                 recorded = await self.record(lease, outcome)
             finally:
                 self._lost.pop(lease.execution_id, None)
-                self._mine.discard(lease.execution_id)  # finished: a new request gets the stored outcome
+                self._disown(lease.execution_id)  # finished: a new request gets the stored outcome
+            waiting = self.leases.waiting(lease.execution_id)
             if recorded is None:
                 log.warning("execution %s: lease lost before its outcome was recorded", request.execution_id)
-            elif request.reply_to:
-                await self._reply_owed(request, recorded)
+            elif request.reply_to or waiting:
+                await self._reply_owed(request, recorded, waiting)
                 return
         except executor.NotStarted as e:
             await self._postpone(request, lease, e)
@@ -596,7 +619,7 @@ class WorkflowExecutionConsumer:
     ) -> messages.Outcome | None:
         """The executor's outcome, or None if the lease was lost meanwhile (the run is stopped then)."""
         lost = self._lost[admitted.lease.execution_id] = asyncio.Event()
-        run = asyncio.create_task(self._execute(request, admitted.prepared))
+        run = asyncio.create_task(self._execute(request, admitted.prepared, lease_until=admitted.lease_until))
         watch = asyncio.create_task(lost.wait())
         try:
             await asyncio.wait((run, watch), return_when=asyncio.FIRST_COMPLETED)
@@ -611,6 +634,12 @@ class WorkflowExecutionConsumer:
         event = self._lost.get(execution_id)
         if event is not None:
             event.set()
+
+    async def _lease_renewed(self, kept: set[uuid.UUID], until: float) -> None:
+        """The leases of ``kept`` are surely valid until ``until``: their runs may go on until then."""
+        running = [str(execution_id) for execution_id in kept if execution_id in self._lost]
+        if running:
+            await self.executor.extend(running, until - asyncio.get_running_loop().time())
 
     async def record(self, lease: executions.Lease, outcome: messages.Outcome) -> messages.Outcome | None:
         """Record (group-committed with concurrent outcomes); retried through outages while the stop allows:
@@ -641,23 +670,45 @@ class WorkflowExecutionConsumer:
             self._db_ok = True
             return outcome if recorded else None
 
-    async def _reply_owed(self, request: messages.ExecutionRequest, outcome: messages.Outcome) -> None:
-        """Send a reply this consumer owes (it holds the row's lease), then mark it sent. Unsent (the broker
-        stayed away), the lease is left to expire and a sweep sends it from the stored outcome."""
+    async def _reply_owed(
+        self,
+        request: messages.ExecutionRequest,
+        outcome: messages.Outcome,
+        waiting: tuple[executions.Target, ...] = (),
+    ) -> None:
+        """Send a reply this consumer owes (it holds the row's lease) to the row's caller and to every other one
+        ``waiting`` for it, then mark it sent. Unsent (the broker stayed away), the lease is left to expire and a
+        sweep sends it from the stored outcome."""
         execution_id = request.execution_id
         self.leases.hold(execution_id)
         self._replying.add(execution_id)
+        callers = [request] + [dataclasses.replace(request, reply_to=to, correlation_id=c) for to, c in waiting]
         try:
-            if not await self._send_reply(request, outcome, retry_s=self.settings.reply_retry_s):
+            sent = [await self._send_reply(r, outcome, retry_s=self.settings.reply_retry_s) for r in callers]
+            if not all(sent):
                 self.leases.drop(execution_id)
                 return
-            try:
-                await self.leases.mark_replied(execution_id)  # with the next outcome flush, usually
-            except errors.TransientError as e:
-                log.warning("execution %s: replied, but not marked so: %s", execution_id, e)
+            if not await self._mark_replied(execution_id):
                 self.leases.drop(execution_id)
         finally:
             self._replying.discard(execution_id)
+
+    async def _mark_replied(self, execution_id: uuid.UUID) -> bool:
+        """Mark the reply of ``execution_id`` sent (with the next outcome flush, usually). Through an outage the
+        mark is retried while the lease it holds lasts (its renewals resume with the database): dropped at once,
+        the lease expired and a sweep sent the reply a second time (attack-10 F10). False if it never was."""
+        delay_s = self.settings.transient_retry_delay_s
+        give_up = self._monotonic() + self.settings.lease_ttl_s
+        while True:
+            try:
+                await self.leases.mark_replied(execution_id)
+                return True
+            except errors.TransientError as e:
+                if self._monotonic() + delay_s > give_up or not self._consuming:
+                    log.warning("execution %s: replied, but not marked so: %s", execution_id, e)
+                    return False
+                await asyncio.sleep(delay_s)
+                delay_s = min(delay_s * 2, self.settings.lease_renew_interval_s)
 
     async def _send_reply(
         self, request: messages.ExecutionRequest, outcome: messages.Outcome, *, retry_s: float = 0.0
@@ -667,6 +718,10 @@ class WorkflowExecutionConsumer:
         assert self._replies is not None
         assert self._connection is not None
         body = json.dumps(outcome.reply(request.execution_id)).encode()
+        if amqp.is_direct_reply_to(request.reply_to):
+            assert self._direct_replies is not None
+            await self._direct_replies.send(request.reply_to, request.correlation_id, body)
+            return True
         return await amqp.reply(
             self._replies,
             request.reply_to,
@@ -682,7 +737,7 @@ class WorkflowExecutionConsumer:
             if item.action is executions.Action.REPUBLISH:
                 await self._republish(item)
             elif item.action is executions.Action.REPLY:
-                await self._reply_owed(item.request, item.record.outcome)
+                await self._reply_owed(item.request, item.record.outcome, item.waiting)
             if item.previous_status is messages.Status.RUNNING:
                 self.metrics.executions.labels(status=item.record.status.value).inc()
 
@@ -726,20 +781,46 @@ class WorkflowExecutionConsumer:
         execution_id = request.execution_id
         if not self.executor.available:  # claimed now, it could only fail: requeued instead (a TransientError)
             raise executor.ExecutorUnavailable("the executor is unavailable")
-        if execution_id in self._mine:
+        if execution_id in self._mine and not await self._ended_here(execution_id):
             return executions.Busy(None)  # a second delivery of what this consumer claims or runs
-        self._mine.add(execution_id)
+        self._mine[execution_id] = asyncio.Event()
         try:
             read = self._ahead.pop(execution_id, None) or await self.read_ahead(request)
             admitted = read if not isinstance(read, Prepared) else await self._claim(request, read)
         except BaseException:
-            self._mine.discard(execution_id)
+            self._disown(execution_id)
             raise
         if not isinstance(admitted, Admitted):
-            self._mine.discard(execution_id)
+            self._disown(execution_id)
             return admitted
-        self.leases.hold(execution_id)
+        self.leases.hold(execution_id, admitted.lease.token)
         return admitted
+
+    def _disown(self, execution_id: uuid.UUID) -> None:
+        ended = self._mine.pop(execution_id, None)
+        if ended is not None:
+            ended.set()
+
+    async def _ended_here(self, execution_id: uuid.UUID) -> bool:
+        """A delivery of an execution this consumer has claimed: False if it is a duplicate (the lease this
+        consumer holds is still the current one: it runs it and replies). True once the local handling has ended
+        if that lease is stale: the row was taken over meanwhile (this consumer stalled past the expiry and a sweep,
+        maybe its own, made it PENDING and republished it: this is that message, attack-10 F4), so the local run
+        is stopped and the message is handled anew."""
+        token = self.leases.token(execution_id)
+        if token is None:
+            return False  # not claimed yet (or only a reply owed): this is a duplicate of that delivery
+        record = await self._unit(lambda db: executions.read(db, execution_id))
+        if record is not None and record.status is not messages.Status.PENDING and record.token == token:
+            return False
+        log.warning("execution %s: delivered again after its lease here was taken over; stopping the old run",
+                    execution_id)  # fmt: skip
+        self._lease_lost(execution_id)
+        ended = self._mine.get(execution_id)
+        if ended is not None:
+            async with asyncio.timeout(self.settings.lease_ttl_s):
+                await ended.wait()
+        return True
 
     async def _read(self, request: messages.ExecutionRequest) -> Prepared | executions.Record | executions.Busy:
         """The workflow (a plain asyncpg statement: ``Database.raw``), the organization and its configs (from
@@ -779,6 +860,7 @@ class WorkflowExecutionConsumer:
         name, organization = read.workflow.name, read.organization.id if read.organization else None
         attempts = read.workflow.retries_on_crash + 1
         terms = self._terms
+        started = asyncio.get_running_loop().time()
         claimed: executions.Lease | executions.Record | executions.Busy | None = await self._db_call(
             self.database.raw(
                 lambda db: executions.try_claim(
@@ -794,7 +876,8 @@ class WorkflowExecutionConsumer:
             )
         if not isinstance(claimed, executions.Lease):
             return claimed
-        return Admitted(lease=claimed, prepared=dataclasses.replace(read, attempt=claimed.attempt))
+        prepared = dataclasses.replace(read, attempt=claimed.attempt)
+        return Admitted(lease=claimed, prepared=prepared, lease_until=leases.safe_until(started, terms.lease_s))
 
     async def _organization(
         self, request: messages.ExecutionRequest, workflow: workflows.WorkflowForExecution
@@ -812,7 +895,11 @@ class WorkflowExecutionConsumer:
             raise errors.InputError(str(org_id), "the organization is inactive")
         return organization
 
-    async def _execute(self, request: messages.ExecutionRequest, prepared: Prepared) -> messages.Outcome:
+    async def _execute(
+        self, request: messages.ExecutionRequest, prepared: Prepared, *, lease_until: float = math.inf
+    ) -> messages.Outcome | None:
+        """The run's outcome; None if it was stopped because its lease was not renewed in time (the sweep applies
+        its policy once the lease expired: nothing is recorded here)."""
         workflow = prepared.workflow
         assert workflow.code is not None
         job: protocol.Job = {
@@ -833,7 +920,11 @@ class WorkflowExecutionConsumer:
         timeout_s = min(float(workflow.timeout_seconds), self.settings.execution_timeout_s)
         started = self._monotonic()
         session = serving.Session(modules=self.modules, config=prepared.config, secrets=self.secrets)
-        result = await self.executor.run(job, timeout_s=timeout_s, session=session)
+        until = None if math.isinf(lease_until) else lease_until
+        result = await self.executor.run(job, timeout_s=timeout_s, session=session, lease_until=until)
+        if result.lease_expired:
+            log.warning("execution %s: stopped, its lease was not renewed in time", request.execution_id)
+            return None
         elapsed_s = self._monotonic() - started
         self.metrics.duration.observe(elapsed_s)
         duration_ms = round(elapsed_s * 1000)

@@ -130,6 +130,12 @@ class Database:
                 raise _translate(e) from e
             except (OSError, TimeoutError, sa.exc.TimeoutError) as e:
                 raise errors.SourceUnavailable(f"PostgreSQL unreachable: {errors.describe(e)}") from e
+            except (asyncpg.InterfaceError, asyncpg.InternalClientError) as e:
+                if not _lost(e):
+                    raise
+                if attempt == 1:  # e.g. while SQLAlchemy set up a new connection whose backend was terminated
+                    continue
+                raise errors.SourceUnavailable(f"PostgreSQL unavailable: {errors.describe(e)}") from e
         raise AssertionError("unreachable")
 
     async def raw(self, unit: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
@@ -146,7 +152,7 @@ class Database:
                     try:
                         return await unit(pooled.driver_connection)
                     except Exception as e:
-                        lost = _lost(e, pooled.driver_connection)
+                        lost = _lost(e)
                         if lost:
                             pooled.invalidate(e)
                         raise
@@ -158,7 +164,9 @@ class Database:
                     if e.connection_invalidated and attempt == 1:
                         continue
                     raise _translate(e) from e
-                if lost or _lost(e, None):
+                if _lost(e):  # while connecting (e.g. SQLAlchemy's codec setup on a terminated backend)
+                    if attempt == 1:
+                        continue
                     raise errors.SourceUnavailable(f"PostgreSQL unavailable: {errors.describe(e)}") from e
                 raise
         raise AssertionError("unreachable")
@@ -237,18 +245,40 @@ class Raw:
 _PARAMETER = re.compile(r"(?<![:\w]):(\w+)")
 
 
-def _lost(e: BaseException, connection: asyncpg.Connection | None) -> bool:
-    """Whether ``e`` means the connection (or the server) went away, not a bug or a refused statement."""
+#: What asyncpg says when the connection under a statement died or its protocol is in a state it cannot leave
+#: (a backend terminated while pooled, or while SQLAlchemy set up a new connection's codecs: its FATAL message
+#: arrived before our next statement). A unit never shares its connection, so "another operation" is never ours.
+#: Other InterfaceErrors (a wrong number of arguments, bad data) are bugs and stay so.
+_CONNECTION_GONE = ("connection is closed", "connection was closed", "another operation is in progress")
+
+
+def _lost(e: BaseException) -> bool:
+    """Whether ``e`` (or what it wraps) means the connection or the server went away, not a bug or a refused
+    statement (attack-10 F10: a terminated backend met while connecting was taken for a bug: executions failed
+    without running, and a run's outcome was replaced by 'could not be stored')."""
+    return any(_gone(cause) for cause in _causes(e))
+
+
+def _gone(e: BaseException) -> bool:
     if isinstance(e, OSError | TimeoutError | sa.exc.TimeoutError | asyncpg.PostgresConnectionError):
         return True
-    if isinstance(e, asyncpg.InterfaceError | asyncpg.InternalClientError):
-        # closed under the statement, or the protocol is in a state it cannot leave (a backend terminated while
-        # pooled: its FATAL message arrived before our next statement). A unit never shares its connection, so
-        # this is never two operations at once: the connection is replaced either way.
-        return connection is not None
+    if isinstance(e, asyncpg.InternalClientError):
+        return True
+    if isinstance(e, asyncpg.InterfaceError) and not isinstance(e, ValueError):  # DataError & co. are bugs
+        return any(words in str(e) for words in _CONNECTION_GONE)
     if isinstance(e, asyncpg.PostgresError):
         return str(e.sqlstate or "").startswith(UNAVAILABLE_SQLSTATES)
     return False
+
+
+def _causes(e: BaseException) -> Iterable[BaseException]:
+    """``e``, then what it wraps (SQLAlchemy's ``orig``, the adapter's ``__cause__``), a few levels deep."""
+    found: BaseException | None = e
+    for _ in range(5):
+        if found is None:
+            return
+        yield found
+        found = getattr(found, "orig", None) or found.__cause__
 
 
 def _translate(e: sa.exc.DBAPIError) -> Exception:
@@ -256,6 +286,6 @@ def _translate(e: sa.exc.DBAPIError) -> Exception:
     unavailable = isinstance(e, sa.exc.OperationalError | sa.exc.InterfaceError) or sqlstate.startswith(
         UNAVAILABLE_SQLSTATES
     )
-    if e.connection_invalidated or unavailable:
+    if e.connection_invalidated or unavailable or _lost(e):
         return errors.SourceUnavailable(f"PostgreSQL failed: {errors.describe(e.orig or e)}")
     return e

@@ -30,7 +30,7 @@ import dataclasses
 import enum
 import json
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NewType
 
 import asyncpg
@@ -72,6 +72,7 @@ class Record:
     reply_to: str | None = None  # ...to this queue, with this correlation id
     correlation_id: str | None = None
     parameters: Any = None  # as stored (``read`` only)
+    token: int | None = None  # the lease's fencing token (``read`` only)
 
     def same(self, request: messages.ExecutionRequest, organization_id: uuid.UUID | None) -> bool:
         """Whether ``request`` (its organization resolved to ``organization_id``) is this row's execution."""
@@ -116,6 +117,10 @@ class Action(enum.StrEnum):
     NOTHING = "nothing"  # failed by policy, nobody waits for a reply
 
 
+#: Where a reply goes: (reply_to, correlation_id).
+Target = tuple[str, str | None]
+
+
 @dataclasses.dataclass(frozen=True)
 class Recovered:
     """One row a sweep took over, with what to do about it."""
@@ -124,6 +129,18 @@ class Recovered:
     request: messages.ExecutionRequest
     record: Record
     previous_status: messages.Status
+    waiting: tuple[Target, ...] = ()  # other callers owed the same reply
+
+
+def targets(stored: Any) -> tuple[Target, ...]:
+    """The waiting callers as stored (``waiting_replies``, JSON text or parsed); anything malformed is skipped."""
+    if isinstance(stored, str):
+        stored = json.loads(stored)
+    found = []
+    for item in stored if isinstance(stored, list) else ():
+        if isinstance(item, list) and len(item) == 2 and isinstance(item[0], str) and item[0]:
+            found.append((item[0], item[1] if isinstance(item[1], str) else None))
+    return tuple(found)
 
 
 # Plain SQL with typed parameters: built once; executing it costs no per-call statement analysis.
@@ -138,6 +155,7 @@ _SAME = """executions.workflow_id IS NOT DISTINCT FROM EXCLUDED.workflow_id
 _SAME_UNLEASED = """executions.workflow_id IS NOT DISTINCT FROM EXCLUDED.workflow_id
       AND (EXCLUDED.organization_id IS NULL OR executions.organization_id IS NOT DISTINCT FROM EXCLUDED.organization_id)
       AND executions.parameters = EXCLUDED.parameters"""
+_NO_REPLY_OWED = "e.reply_to IS NULL AND e.waiting_replies = '[]'::jsonb"
 _EXPIRED = "COALESCE(executions.lease_expires_at, executions.updated_at + make_interval(secs => :unowned_s)) < now()"
 _CLAIM = sa.text(
     f"""
@@ -169,7 +187,7 @@ _RETURNED = "id, status, workflow_id, workflow_name, organization_id, result, er
 _READ = sa.text(
     f"""
     SELECT {_RETURNED}, COALESCE(lease_expires_at > now(), false) AS leased, lease_owner,
-        replied_at IS NOT NULL AS replied, reply_to, correlation_id, parameters
+        replied_at IS NOT NULL AS replied, reply_to, correlation_id, parameters, lease_token
     FROM executions WHERE id = :id
     """
 )
@@ -204,21 +222,26 @@ _FINISH_LEASED = sa.text(
     )
     UPDATE executions AS e SET status = v.status, result = v.result::jsonb, error = v.error, finished_at = now(),
         duration_ms = v.duration_ms, updated_at = now(),
-        lease_owner = CASE WHEN e.reply_to IS NULL THEN NULL ELSE e.lease_owner END,
-        lease_expires_at = CASE WHEN e.reply_to IS NULL THEN NULL ELSE {_LEASE} END
+        lease_owner = CASE WHEN {_NO_REPLY_OWED} THEN NULL ELSE e.lease_owner END,
+        lease_expires_at = CASE WHEN {_NO_REPLY_OWED} THEN NULL ELSE {_LEASE} END
     FROM unnest(CAST(:ids AS uuid[]), CAST(:tokens AS bigint[]), CAST(:statuses AS text[]),
                 CAST(:results AS text[]), CAST(:errors AS text[]), CAST(:durations AS integer[]))
          AS v(id, token, status, result, error, duration_ms)
     WHERE e.id = v.id AND e.lease_token = v.token AND e.status = 'RUNNING' AND e.lease_owner = :owner
-    RETURNING e.id
+    RETURNING e.id, e.waiting_replies
     """
 )
 _FINISH_LEASED_RAW = database.Raw(_FINISH_LEASED)
+# A lease is renewed only while it is still the one held: the same token (a run's lease; a later claim, even by
+# this consumer, took a new one) and not PENDING (a sweep took the run over: attack-10 F4). A hold without a
+# token is a finished row whose reply is owed.
 _RENEW = sa.text(
     f"""
-    UPDATE executions SET lease_expires_at = {_LEASE}
-    WHERE id = ANY(CAST(:ids AS uuid[])) AND lease_owner = :owner
-    RETURNING id
+    UPDATE executions AS e SET lease_expires_at = {_LEASE}
+    FROM unnest(CAST(:ids AS uuid[]), CAST(:tokens AS bigint[])) AS v(id, token)
+    WHERE e.id = v.id AND e.lease_owner = :owner AND e.status <> 'PENDING'
+      AND (e.lease_token = v.token OR (v.token IS NULL AND e.status <> 'RUNNING'))
+    RETURNING e.id
     """
 )
 _POSTPONE = sa.text(
@@ -243,6 +266,18 @@ _REPLIED = sa.text(
     """
 )
 _REPLIED_RAW = database.Raw(_REPLIED)
+_TARGET = "jsonb_build_array(jsonb_build_array(CAST(:reply_to AS text), CAST(:correlation_id AS text)))"
+# Another caller of an execution that is not finished yet: answered with its outcome (by the owner, or by the sweep
+# that sends owed replies); not the row's own caller, not twice, at most :max_waiting of them.
+_WAIT = sa.text(
+    f"""
+    UPDATE executions SET waiting_replies = waiting_replies || {_TARGET}
+    WHERE id = :id AND status IN ('PENDING', 'RUNNING')
+      AND (reply_to IS DISTINCT FROM :reply_to OR correlation_id IS DISTINCT FROM :correlation_id)
+      AND NOT waiting_replies @> {_TARGET} AND jsonb_array_length(waiting_replies) < :max_waiting
+    RETURNING id
+    """
+)
 _SWEEP = sa.text(
     f"""
     WITH due AS (
@@ -257,7 +292,7 @@ _SWEEP = sa.text(
         FOR UPDATE SKIP LOCKED
     ), decided AS (
         SELECT e.id, d.previous, d.status,
-            d.status = 'PENDING' OR (d.status <> 'RUNNING' AND e.reply_to IS NOT NULL AND e.replied_at IS NULL)
+            d.status = 'PENDING' OR (d.status <> 'RUNNING' AND NOT ({_NO_REPLY_OWED}) AND e.replied_at IS NULL)
                 AS owned
         FROM executions AS e JOIN due AS d ON d.id = e.id
     )
@@ -266,14 +301,15 @@ _SWEEP = sa.text(
         error = CASE WHEN d.previous = 'RUNNING' AND d.status = 'FAILED' THEN :reason ELSE e.error END,
         finished_at = CASE WHEN d.previous = 'RUNNING' AND d.status = 'FAILED' THEN now() ELSE e.finished_at END,
         duration_ms = CASE WHEN d.previous = 'RUNNING' AND d.status = 'FAILED'
-            THEN (extract(epoch FROM now() - COALESCE(e.started_at, now())) * 1000)::integer ELSE e.duration_ms END,
+            THEN LEAST(extract(epoch FROM now() - COALESCE(e.started_at, now())) * 1000, 2147483647)::integer
+            ELSE e.duration_ms END,  -- a run started over 24.8 days ago overflowed int4 and failed every sweep (F2)
         lease_owner = CASE WHEN d.owned THEN :owner ELSE NULL END,
         lease_expires_at = CASE WHEN d.owned THEN {_LEASE} ELSE NULL END,
         updated_at = now()
     FROM decided AS d
     WHERE e.id = d.id
     RETURNING e.id, e.status, e.workflow_id, e.workflow_name, e.organization_id, e.result, e.error, e.duration_ms,
-        e.attempt, e.parameters, e.reply_to, e.correlation_id, e.lease_owner, d.previous, d.owned
+        e.attempt, e.parameters, e.reply_to, e.correlation_id, e.lease_owner, d.previous, d.owned, e.waiting_replies
     """
 )
 
@@ -398,8 +434,19 @@ async def finish_leased(
 ) -> set[uuid.UUID]:
     """Record many outcomes in one statement; returns the ids recorded (the others' leases were lost). The same
     statement does ``mark_replied`` for ``replied`` (other executions, finished earlier)."""
+    return set(await finish_leased_waiting(db, outcomes, terms=terms, replied=replied))
+
+
+async def finish_leased_waiting(
+    db: AsyncSession | asyncpg.Connection,
+    outcomes: Sequence[tuple[Lease, messages.Outcome]],
+    *,
+    terms: Terms,
+    replied: Sequence[uuid.UUID] = (),
+) -> dict[uuid.UUID, tuple[Target, ...]]:
+    """``finish_leased``, returning for each execution recorded the other callers waiting for its reply."""
     if not outcomes and not replied:
-        return set()
+        return {}
     values = {
         "replied": list(replied),
         "ids": [lease.execution_id for lease, _ in outcomes],
@@ -411,15 +458,34 @@ async def finish_leased(
         "owner": terms.owner,
         "lease_s": terms.lease_s,
     }
-    return {row["id"] for row in await _FINISH_LEASED_RAW.fetch(db, _FINISH_LEASED, values)}
+    rows = await _FINISH_LEASED_RAW.fetch(db, _FINISH_LEASED, values)
+    return {row["id"]: targets(row["waiting_replies"]) for row in rows}
 
 
-async def renew(db: AsyncSession, ids: Iterable[uuid.UUID], *, terms: Terms) -> set[uuid.UUID]:
-    """Extend the leases ``terms.owner`` holds on ``ids``; returns those still held."""
-    wanted = list(ids)
-    if not wanted:
+async def wait_for_outcome(
+    db: AsyncSession, request: messages.ExecutionRequest, *, max_waiting: int = 16
+) -> Record | None:
+    """``request`` (with a reply address) names an execution that is not finished: have its reply sent to this
+    caller too when it is. None: it will be (or this caller is the row's own, or one of too many); a finished
+    Record: it finished meanwhile, reply from it now."""
+    values = {
+        "id": request.execution_id,
+        "reply_to": request.reply_to,
+        "correlation_id": request.correlation_id,
+        "max_waiting": max_waiting,
+    }
+    if (await db.execute(_WAIT, values)).first() is not None:
+        return None
+    record = await read(db, request.execution_id)
+    return record if record is not None and record.status.finished else None
+
+
+async def renew(db: AsyncSession, held: Mapping[uuid.UUID, int | None], *, terms: Terms) -> set[uuid.UUID]:
+    """Extend the leases ``terms.owner`` holds: execution id -> the token of its run's lease, or None for a
+    finished execution whose reply is owed. Returns those still held."""
+    if not held:
         return set()
-    values = {"ids": wanted, "owner": terms.owner, "lease_s": terms.lease_s}
+    values = {"ids": list(held), "tokens": list(held.values()), "owner": terms.owner, "lease_s": terms.lease_s}
     return {row.id for row in await db.execute(_RENEW, values)}
 
 
@@ -477,9 +543,8 @@ async def read(db: AsyncSession, execution_id: uuid.UUID) -> Record | None:
     if row is None:
         return None
     record = _record(row, leased=row.leased, owner=row.lease_owner, replied=row.replied)
-    return dataclasses.replace(
-        record, reply_to=row.reply_to, correlation_id=row.correlation_id, parameters=row.parameters
-    )
+    stored = {"reply_to": row.reply_to, "correlation_id": row.correlation_id, "parameters": row.parameters}
+    return dataclasses.replace(record, **stored, token=row.lease_token)
 
 
 def _recovered(row: sa.Row[Any]) -> Recovered:
@@ -494,13 +559,15 @@ def _recovered(row: sa.Row[Any]) -> Recovered:
         reply_to=row.reply_to,
         correlation_id=row.correlation_id,
     )
+    waiting = targets(row.waiting_replies)
     if record.status is messages.Status.PENDING:
         action = Action.REPUBLISH
     elif row.owned:
         action = Action.REPLY
     else:
         action = Action.NOTHING
-    return Recovered(action=action, request=request, record=record, previous_status=messages.Status(row.previous))
+    previous = messages.Status(row.previous)
+    return Recovered(action=action, request=request, record=record, previous_status=previous, waiting=waiting)
 
 
 def _record(row: sa.Row[Any], *, leased: bool = False, owner: str | None = None, replied: bool = False) -> Record:

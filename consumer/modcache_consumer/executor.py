@@ -37,7 +37,7 @@ import signal
 import socket
 import sys
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
 
 from modcache import errors
@@ -104,6 +104,7 @@ class Outcome:
     error: str | None = None
     pid: int | None = None
     timings_ms: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    lease_expired: bool = False  # stopped because its lease was not extended in time (``Executor.extend``)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -329,6 +330,7 @@ class Executor:
         self._child: asyncio.subprocess.Process | None = None
         self._lock = asyncio.Lock()
         self._tickets = itertools.count(1)
+        self._running: dict[str, tuple[_Control, int]] = {}  # execution id -> its control and ticket
         self._closed = False
         self._forwarders: set[asyncio.Task[None]] = set()
 
@@ -481,9 +483,18 @@ class Executor:
 
     # -- running an execution -------------------------------------------------------------------------------
 
-    async def run(self, job: protocol.Job, *, timeout_s: float, session: Session) -> Outcome:
+    async def run(
+        self,
+        job: protocol.Job,
+        *,
+        timeout_s: float,
+        session: Session,
+        lease_until: float | None = None,
+    ) -> Outcome:
         """Run ``job`` in a fresh process; never raises for what the workflow or its process did. NotStarted if
-        no execution process could be had (the job was not sent: the execution can be queued again as is)."""
+        no execution process could be had (the job was not sent: the execution can be queued again as is).
+        ``lease_until`` (the event loop's clock) is when the caller's lease on it may end: the process is killed
+        then unless ``extend`` moves it (``Outcome.lease_expired``)."""
         try:
             control = await self._connected()
             spare = await control.spare(self._start_timeout_s)
@@ -493,14 +504,29 @@ class Executor:
         exited = control.expect(ticket)
         ours = socket.socket(fileno=spare.channel)
         output = asyncio.create_task(self._forward_output(spare.output, job["execution_id"]))
+        self._running[job["execution_id"]] = (control, ticket)
         try:
-            return await self._follow(control, ticket, spare.pid, exited, ours, job, timeout_s, session)
+            start = {"timeout_s": timeout_s, "lease_s": _remaining(lease_until)}
+            return await self._follow(control, ticket, spare.pid, exited, ours, job, start, session)
         finally:
+            self._running.pop(job["execution_id"], None)
             control.forget(ticket)
             ours.close()
             self._forwarders.add(output)  # it ends when the process and its descendants are gone
             output.add_done_callback(self._forwarders.discard)
             await self._teach(control)
+
+    async def extend(self, execution_ids: Iterable[str], for_s: float) -> None:
+        """The leases on ``execution_ids`` are surely valid for ``for_s`` seconds more: their runs may go on
+        that long (the others' deadlines stay as they are)."""
+        by_control: dict[_Control, list[int]] = {}
+        for execution_id in execution_ids:
+            if execution_id in self._running:
+                control, ticket = self._running[execution_id]
+                by_control.setdefault(control, []).append(ticket)
+        for control, tickets in by_control.items():
+            with contextlib.suppress(ExecutorLost):  # its executions died with the connection
+                await control.send({"op": "lease", "tickets": tickets, "for_s": max(0.0, for_s)})
 
     def _job_frame(self, job: protocol.Job) -> dict[str, Any]:
         limits = self._limits
@@ -523,12 +549,13 @@ class Executor:
         exited: asyncio.Future[dict[str, Any]],
         ours: socket.socket,
         job: protocol.Job,
-        timeout_s: float,
+        deadlines: Mapping[str, float | None],
         session: Session,
     ) -> Outcome:
         talk = _Talk(pid=pid)
         conversation = asyncio.create_task(self._converse(ours, job, session, talk))
-        start = {"op": "run", "ticket": ticket, "pid": pid, "timeout_s": timeout_s, "grace_s": self._grace_s}
+        timeout_s = float(deadlines["timeout_s"] or 0.0)
+        start = {"op": "run", "ticket": ticket, "pid": pid, "grace_s": self._grace_s, **deadlines}
         report: Mapping[str, Any] | None = None
         try:
             async with asyncio.timeout(timeout_s + self._grace_s + EXIT_REPORT_MARGIN_S):
@@ -653,6 +680,13 @@ def decide(talk: _Talk, report: Mapping[str, Any] | None, *, timeout_s: float) -
         report = {"pid": talk.pid, "returncode": 0}
     pid = int(report.get("pid") or 0) or None
     returncode = int(report["returncode"])
+    if report.get("lease_expired") and not (len(talk.results) == 1 and returncode == 0):
+        return Outcome(
+            messages.Status.FAILED,
+            error=f"execution process {pid} was stopped: its lease was not renewed in time (the consumer stalled)",
+            pid=pid,
+            lease_expired=True,
+        )
     if report.get("timed_out"):
         return Outcome(
             messages.Status.TIMEOUT,
@@ -675,6 +709,11 @@ def decide(talk: _Talk, report: Mapping[str, Any] | None, *, timeout_s: float) -
     reason = describe_exit(returncode, stopped=bool(report.get("stopped")))
     when = "after sending its result" if talk.results else "during the execution"
     return Outcome(messages.Status.FAILED, error=f"execution process {pid} {reason} {when}", pid=pid)
+
+
+def _remaining(until: float | None) -> float | None:
+    """Seconds from now until ``until`` (the event loop's clock), never negative; None stays None."""
+    return None if until is None else max(0.0, until - asyncio.get_running_loop().time())
 
 
 def describe_exit(returncode: int, *, stopped: bool = False) -> str:

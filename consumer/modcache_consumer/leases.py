@@ -3,9 +3,12 @@
 ``Leases`` owns two periodic tasks (each sleeps interruptibly, so ``close`` returns at once):
 
 * **renewal**: every ``renew_interval_s`` one statement extends every lease this consumer holds (running
-  executions and replies not yet sent). An id that comes back missing was taken over (this consumer stalled
-  past the expiry and its execution was recovered elsewhere): ``on_lost`` is told, so the run is stopped and
-  its outcome, which fencing would refuse anyway, is not waited for;
+  executions, by their fencing token, and replies not yet sent). An id that comes back missing was taken over
+  (this consumer stalled past the expiry and its execution was recovered, maybe by this consumer's own sweep):
+  ``on_lost`` is told, so the run is stopped and its outcome, which fencing would refuse anyway, is not waited
+  for. Those kept are passed to ``on_renewed`` with the time until which their leases are surely valid
+  (``safe_until``): the executor lets their runs go on that long and kills them then, so a consumer that stalls
+  without dying cannot have its runs outlive their leases (attack-10 F1);
 * **sweep**: every ``sweep_interval_s`` (with jitter, so replicas spread out) one statement applies the crash
   policy to rows whose lease expired (``executions.sweep``); ``on_recovered`` republishes or replies. So an
   expired lease is noticed within one sweep interval even if no message is ever redelivered.
@@ -40,6 +43,18 @@ I = TypeVar("I")  # noqa: E741  # an item submitted
 O = TypeVar("O")  # noqa: E741  # its result
 
 Recover = Callable[[list[executions.Recovered]], Awaitable[None]]
+Renewed = Callable[[set[uuid.UUID], float], Awaitable[None]]
+
+
+def safe_until(started: float, lease_s: float) -> float:
+    """Until when (the event loop's clock) a lease taken or renewed by a statement sent at ``started`` is surely
+    still valid: the database set its expiry to its own ``now()`` (no earlier than ``started``) + ``lease_s``;
+    the margin covers killing a run and the clocks' drift over one lease, so no run outlives its lease."""
+    return started + lease_s - min(5.0, lease_s * 0.2)
+
+
+async def _nothing_renewed(kept: set[uuid.UUID], until: float) -> None:
+    return None
 
 
 class Batcher(Generic[I, O]):
@@ -100,6 +115,7 @@ class Leases:
         sweep_interval_s: float,
         on_recovered: Recover,
         on_lost: Callable[[uuid.UUID], None],
+        on_renewed: Renewed = _nothing_renewed,
         mark_delay_s: float = 0.02,
     ) -> None:
         self.terms = terms
@@ -112,16 +128,26 @@ class Leases:
         self._sweep_interval_s = sweep_interval_s
         self._on_recovered = on_recovered
         self._on_lost = on_lost
-        self._held: set[uuid.UUID] = set()
+        self._on_renewed = on_renewed
+        self._held: dict[uuid.UUID, int | None] = {}
+        self._waiting: dict[
+            uuid.UUID, tuple[executions.Target, ...]
+        ] = {}  # from outcome flushes, until replied  # id -> its run's lease token (None: a reply owed)
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self.outcomes: Batcher[tuple[executions.Lease, messages.Outcome], bool] = Batcher(self._record)
 
-    def hold(self, execution_id: uuid.UUID) -> None:
-        self._held.add(execution_id)
+    def hold(self, execution_id: uuid.UUID, token: int | None = None) -> None:
+        """Renew this lease from now on: a run's (``token``: its fencing token) or a finished execution's whose
+        reply is owed (no token)."""
+        self._held[execution_id] = token
 
     def drop(self, execution_id: uuid.UUID) -> None:
-        self._held.discard(execution_id)
+        self._held.pop(execution_id, None)
+
+    def token(self, execution_id: uuid.UUID) -> int | None:
+        """The fencing token of the run this consumer holds a lease for (None: no run of it held here)."""
+        return self._held.get(execution_id)
 
     @property
     def held(self) -> frozenset[uuid.UUID]:
@@ -156,20 +182,22 @@ class Leases:
         """Expire every lease still held now (this consumer stops): the next sweep anywhere recovers them.
         Marks still waiting for an outcome flush are written first (those replies are sent: nothing is owed)."""
         await self._marks_now()
-        held, self._held = list(self._held), set()
+        held, self._held = list(self._held), {}
         if held:
             await self._database.run(lambda db: executions.release(db, held, owner=self.terms.owner), autocommit=True)
 
     async def renew(self) -> None:
-        wanted = set(self._held)
+        wanted = dict(self._held)
         if not wanted:
             return
+        started = asyncio.get_running_loop().time()
         kept = await self._database.run(lambda db: executions.renew(db, wanted, terms=self.terms), autocommit=True)
-        for lost in wanted - kept:
-            if lost in self._held:  # not dropped meanwhile (finished and released by us)
+        for lost in wanted.keys() - kept:
+            if self._held.get(lost, -1) == wanted[lost]:  # not dropped or re-held meanwhile
                 log.warning("execution %s: lease lost (taken over after it expired); stopping its run", lost)
-                self._held.discard(lost)
+                self._held.pop(lost, None)
                 self._on_lost(lost)
+        await self._on_renewed(kept, safe_until(started, self.terms.lease_s))
 
     async def sweep(self) -> None:
         recovered = await self._database.run(lambda db: executions.sweep(db, terms=self.terms), autocommit=True)
@@ -183,7 +211,7 @@ class Leases:
                     item.action.value,
                 )
                 if item.action is executions.Action.REPLY:  # a republished retry's lease just expires
-                    self._held.add(item.record.id)
+                    self._held[item.record.id] = None
             await self._on_recovered(recovered)
 
     async def _every(self, interval_s: float, work: Callable[[], Awaitable[None]], *, jitter: float) -> None:
@@ -206,7 +234,7 @@ class Leases:
         try:
             async with self._writing:
                 recorded = await self._database.raw(
-                    lambda db: executions.finish_leased(db, batch, terms=self.terms, replied=ids)
+                    lambda db: executions.finish_leased_waiting(db, batch, terms=self.terms, replied=ids)
                 )
         except BaseException:
             self._marks[:0] = marks  # the outcomes' callers retry theirs; the marks get their own flush
@@ -214,7 +242,12 @@ class Leases:
                 self._marking = asyncio.create_task(self._marks_alone())
             raise
         self._marked(marks)
+        self._waiting.update((execution_id, found) for execution_id, found in recorded.items() if found)
         return [lease.execution_id in recorded for lease, _ in batch]
+
+    def waiting(self, execution_id: uuid.UUID) -> tuple[executions.Target, ...]:
+        """The other callers waiting for the reply of ``execution_id``, as its outcome's flush returned them (once)."""
+        return self._waiting.pop(execution_id, ())
 
     async def _marks_alone(self) -> None:
         """Marks no outcome flush took along within ``mark_delay_s``: written by themselves."""
@@ -246,6 +279,6 @@ class Leases:
 
     def _marked(self, marks: list[tuple[uuid.UUID, asyncio.Future[None]]]) -> None:
         for execution_id, future in marks:
-            self._held.discard(execution_id)
+            self._held.pop(execution_id, None)
             if not future.done():
                 future.set_result(None)

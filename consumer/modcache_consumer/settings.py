@@ -81,6 +81,13 @@ class ConsumerSettings(settings.Settings):
     lease_sweep_interval_s: float = pydantic.Field(
         10.0, gt=0, description="Every consumer looks for expired leases this often (recovery within this)."
     )
+    amqp_heartbeat_s: int = pydantic.Field(
+        10,
+        ge=0,
+        le=600,
+        description="AMQP heartbeat (unless the URL sets one): the broker sees a frozen or cut-off consumer as gone "
+        "after about twice this, and its unacknowledged messages go to the other replicas. 0 disables it.",
+    )
     delivery_hold_s: float = pydantic.Field(
         60.0, gt=0, description="A message waiting this long for a free slot goes back to the queue (requeue)."
     )

@@ -12,6 +12,10 @@ Single-threaded (a ``selectors`` loop), because it forks. Per control connection
   end (and output pipe) is handed to the consumer; the consumer writes a job there and the clone applies its
   limits, drops to its uid and runs it at once. The template never sees a job;
 * ``run`` -> the deadline: SIGTERM at ``timeout_s``, SIGKILL ``grace_s`` later; ``stop`` -> SIGKILL now;
+* ``run``'s ``lease_s`` and ``lease`` (``tickets``, ``for_s``) -> the lease deadline: the consumer says how long
+  each execution's lease is surely still its own (it extends that after each renewal); past it, SIGKILL. A
+  consumer that stalls (SIGSTOP, a frozen container, a partitioned database) without dying stops extending, so its
+  runs end before their leases expire and before anyone else may start them again (attack-10 F1);
 * a pidfd per execution says when it is gone -> ``exited`` (the PID namespace, and every descendant, died
   with it);
 * the connection closing (the consumer died, even by SIGKILL) -> every execution of that connection is killed
@@ -114,8 +118,10 @@ class Execution:
     terminate_at: float
     grace_s: float
     kill_at: float | None = None
+    lease_until: float = math.inf  # the consumer's lease on it is surely valid until then (monotonic)
     timed_out: bool = False
     stopped: bool = False
+    lease_expired: bool = False
 
 
 class Template:
@@ -249,6 +255,12 @@ class Template:
                 if execution.control is control and execution.ticket == ticket:
                     execution.stopped = True
                     self._signal(execution.spare, signal.SIGKILL)
+        elif op == "lease":
+            until = time.monotonic() + _seconds(frame["for_s"])
+            tickets = {int(t) for t in frame["tickets"]}
+            for execution in self._executions.values():
+                if execution.control is control and execution.ticket in tickets:
+                    execution.lease_until = until
         elif op == "learn":  # from a consumer only: _refuse_peer turned executions away
             control.memory.learn(frame)  # type: ignore[arg-type]
         elif op == "spares":  # the consumer dropped these: new ones, cloned from the new memory
@@ -299,6 +311,7 @@ class Template:
             raise ValueError("non-finite deadline")
         # No connection holds a clone longer than the consumer's longest execution and its grace (attack-8c C2).
         timeout_s, grace_s = min(timeout_s, self._max_timeout_s), min(grace_s, self._max_grace_s)
+        lease_s = _seconds(frame["lease_s"]) if frame.get("lease_s") is not None else math.inf
         spare = control.spares.pop(int(frame["pid"]), None)
         if spare is None:
             control.send({"op": "exited", "ticket": ticket, "pid": 0, "returncode": 127,
@@ -310,6 +323,7 @@ class Template:
             control=control,
             terminate_at=time.monotonic() + timeout_s,
             grace_s=grace_s,
+            lease_until=time.monotonic() + lease_s,
         )
         self._offer(control)
 
@@ -375,6 +389,7 @@ class Template:
             "returncode": os.waitstatus_to_exitcode(status),
             "timed_out": execution.timed_out,
             "stopped": execution.stopped,
+            "lease_expired": execution.lease_expired,
         })  # fmt: skip
 
     def _sweep(self) -> None:
@@ -457,13 +472,19 @@ class Template:
     # -- timers ---------------------------------------------------------------------------------------------
 
     def _next_timer(self) -> float | None:
-        times = [e.kill_at if e.kill_at is not None else e.terminate_at for e in self._executions.values()]
+        times = [
+            min(e.lease_until, e.terminate_at if e.kill_at is None else e.kill_at) for e in self._executions.values()
+        ]
         return max(0.0, min(times) - time.monotonic()) if times else None
 
     def _fire_timers(self) -> None:
         now = time.monotonic()
         for execution in list(self._executions.values()):
-            if execution.kill_at is None and now >= execution.terminate_at:
+            if now >= execution.lease_until:  # its consumer stopped extending its lease: it may not outlive it
+                execution.lease_expired, execution.lease_until = True, math.inf
+                execution.kill_at = now + 3600.0  # signalled; the pidfd reports the end
+                self._signal(execution.spare, signal.SIGKILL)
+            elif execution.kill_at is None and now >= execution.terminate_at:
                 execution.timed_out = True
                 execution.kill_at = now + execution.grace_s
                 self._signal(execution.spare, signal.SIGTERM)
@@ -473,6 +494,14 @@ class Template:
 
 
 _EXECUTION_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp", "TMPDIR": "/tmp", "LANG": "C.UTF-8"}
+
+
+def _seconds(value: Any) -> float:
+    """A non-negative, finite number of seconds from a control frame (anything else is a malformed frame)."""
+    seconds = float(value)
+    if not (math.isfinite(seconds) and seconds >= 0):
+        raise ValueError("not a finite, non-negative number of seconds")
+    return seconds
 
 
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:

@@ -150,3 +150,5 @@ class Execution(Base):
     reply_to: Mapped[str | None] = mapped_column(sa.String(255))
     correlation_id: Mapped[str | None] = mapped_column(sa.String(255))
     replied_at: Mapped[datetime.datetime | None] = mapped_column(sa.DateTime(timezone=True))
+    # Other callers of a running execution, as [reply_to, correlation_id] pairs (migration 0003): answered with it.
+    waiting_replies: Mapped[Any] = mapped_column(pg.JSONB, nullable=False, server_default=sa.text("'[]'::jsonb"))

@@ -130,12 +130,18 @@ async def test_an_outcome_batch_marks_earlier_replies_sent_in_the_same_statement
 
 
 async def test_renew_keeps_only_the_leases_still_held(db: database.Database, database_url: str) -> None:
-    ours, lost = request(), request()
-    for r in (ours, lost):
-        await db.run(lambda s, r=r: executions.claim(s, r, terms=A, max_attempts=2))
+    ours, lost, stale, swept = request(), request(), request(), request()
+    tokens = {}
+    for r in (ours, lost, stale, swept):
+        lease = await db.run(lambda s, r=r: executions.claim(s, r, terms=A, max_attempts=2))
+        assert isinstance(lease, executions.Lease)
+        tokens[r.execution_id] = lease.token
     await expire(database_url, lost.execution_id)
-    await db.run(lambda s: executions.claim(s, lost, terms=B, max_attempts=2))
-    held = await db.run(lambda s: executions.renew(s, [ours.execution_id, lost.execution_id], terms=A))
+    await db.run(lambda s: executions.claim(s, lost, terms=B, max_attempts=2))  # taken over by B
+    await db.run(lambda s: executions.claim(s, stale, terms=A, max_attempts=2))  # claimed again by A: a new token
+    await expire(database_url, swept.execution_id)
+    await db.run(lambda s: executions.sweep(s, terms=A))  # A's own sweep made its run PENDING (attack-10 F4)
+    held = await db.run(lambda s: executions.renew(s, tokens, terms=A))
     assert held == {ours.execution_id}
 
 

@@ -311,11 +311,13 @@ async def test_without_the_guard_the_client_dying_on_a_message_fails_livez(harne
             headerguard.install()
         (poisoned,) = await harness.poisoned(1)
         reply = await harness.call(workflow_id, {"then": "runs"}, timeout_s=30)
-    assert stalled == (
-        503,
+    status, reason = stalled
+    assert status == 503
+    assert reason.startswith(  # where the recursion limit hits (its wording) depends on the stack's depth
         "the AMQP client failed 3 times within 300 s on what the broker sent (last: RecursionError: maximum "
-        "recursion depth exceeded while calling a Python object); a message it cannot decode stalls the queue\n",
+        "recursion depth exceeded"
     )
+    assert reason.endswith("); a message it cannot decode stalls the queue\n")
     assert poisoned.headers[keys.POISON_REASON_HEADER].startswith("message properties could not be decoded")
     assert reply["result"] == {"then": "runs"}
 
@@ -455,12 +457,12 @@ class Gated(consumer_module.WorkflowExecutionConsumer):
             self.turned_away.put_nowait(request.execution_id)
             raise
 
-    async def _execute(self, request: messages.ExecutionRequest, prepared: Any) -> messages.Outcome:
+    async def _execute(self, request: messages.ExecutionRequest, prepared: Any, **options: Any) -> Any:
         if self.lose_after_claim is not None:
             process, self.lose_after_claim = self.lose_after_claim, None
             await stop(process)
             await self.executor.lost()
-        return await super()._execute(request, prepared)
+        return await super()._execute(request, prepared, **options)
 
 
 @contextlib.asynccontextmanager

@@ -1,0 +1,207 @@
+"""Attack-10: consumers that stall without dying, and rows recovery must survive (issue 10 items 3 and 4).
+
+A consumer frozen past its lease (SIGSTOP here; a frozen container, a blocked event loop or a partitioned database
+look the same from outside) keeps its executor running: its runs must end before their leases expire, so the
+sweep that recovers them never starts a second run while the first is alive, and never records "consumer died
+mid-run" for a run that goes on to finish its work. The witness is a Redis list every run appends to (RPUSH is
+atomic, so the list's order is the order of the appends), with wall-clock times compared to the row's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import os
+import signal
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+from testkit.consumers import ConsumerProcess
+from testkit.ledger import LEDGER, Ledger
+
+from .test_delivery import FAST_LEASES, process_env, publish, replies_on
+
+# Notes "start A T", then "tick A T" every 50 ms for ``wait`` seconds (first attempt only: ``once``), then
+# "end A T": A the attempt, T the wall clock.
+TICKING = (
+    LEDGER
+    + """
+import time
+def run(url, key, once, wait, context):
+    attempt = context.attempt
+    note(url, key, f"start {attempt} {time.time()}")
+    if redis.Redis.from_url(url).set(once, 1, nx=True):
+        until = time.time() + wait
+        while time.time() < until:
+            note(url, key, f"tick {attempt} {time.time()}")
+            time.sleep(0.05)
+    note(url, key, f"end {attempt} {time.time()}")
+    return attempt
+"""
+)
+FROZEN_S = FAST_LEASES["lease_ttl_s"] * 3
+
+
+@pytest.fixture
+async def processes() -> AsyncIterator[list[ConsumerProcess]]:
+    started: list[ConsumerProcess] = []
+    yield started
+    for process in started:
+        if process.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process.proc.pid, signal.SIGCONT)
+        await process.stop()
+
+
+def notes(entries: list[str]) -> list[tuple[str, int, float]]:
+    return [(kind, int(attempt), float(at)) for kind, attempt, at in (e.split() for e in entries)]
+
+
+@contextlib.asynccontextmanager
+async def frozen(process: ConsumerProcess) -> AsyncIterator[None]:
+    """The consumer process alone is stopped (its executor, a process of its own, is not), then resumed."""
+    assert process.proc is not None
+    os.kill(process.proc.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(process.proc.pid, signal.SIGCONT)
+
+
+async def start_ticking(
+    harness: Any, processes: list[ConsumerProcess], tmp_path: Path, *, retries: int, **env: Any
+) -> tuple[ConsumerProcess, Ledger, Any]:
+    workflow_id = await harness.workflow(TICKING, retries_on_crash=retries)
+    ledger = harness.ledger()
+    # a short AMQP heartbeat: the broker hands what the frozen owner holds (its prefetched retry) to the survivor
+    owner = ConsumerProcess(process_env(harness, amqp_heartbeat_s=1, **env), tmp_path / "owner.log")
+    processes.append(owner)
+    await owner.start()
+    params = {**ledger.params, "once": ledger.params["key"] + ":once", "wait": 60.0}
+    return owner, ledger, harness.request(workflow_id, params)
+
+
+async def test_a_frozen_owners_run_ends_before_its_retry_starts(
+    harness: Any, processes: list[ConsumerProcess], tmp_path: Path
+) -> None:
+    owner, ledger, request = await start_ticking(harness, processes, tmp_path, retries=1)
+    async with replies_on(harness.settings.required("amqp_url")) as (replies, channel):
+        await publish(channel, harness.settings.queue_name, request, replies.queue_name)
+        await ledger.wait_for(2)  # started, and ticking
+        async with frozen(owner), harness.consumer(**FAST_LEASES):  # the survivor recovers it
+            row = await harness.wait_for_status(request.execution_id, "SUCCESS", timeout_s=60)
+        await replies.wait_for_count(1)
+        await harness.wait_for_replied(request.execution_id)
+    await owner.stop()  # whatever of it was still alive is gone now: the ledger is complete
+    seen = notes(await ledger.entries())
+    retry_starts = next(i for i, (kind, attempt, _) in enumerate(seen) if (kind, attempt) == ("start", 2))
+    assert all(attempt == 2 for _, attempt, _ in seen[retry_starts:]), seen  # nothing of run 1 after run 2 began
+    assert ("end", 1) not in [(kind, attempt) for kind, attempt, _ in seen]
+    assert (row["attempt"], row["result"]) == (2, "2")
+    assert len(replies.bodies) == 1
+
+
+async def test_a_frozen_owners_run_is_not_failed_as_dead_while_it_goes_on(
+    harness: Any, processes: list[ConsumerProcess], tmp_path: Path
+) -> None:
+    owner, ledger, request = await start_ticking(harness, processes, tmp_path, retries=0)
+    async with replies_on(harness.settings.required("amqp_url")) as (replies, channel):
+        await publish(channel, harness.settings.queue_name, request, replies.queue_name)
+        await ledger.wait_for(2)
+        async with frozen(owner), harness.consumer(**FAST_LEASES):
+            row = await harness.wait_for_status(request.execution_id, "FAILED", timeout_s=60)
+        await replies.wait_for_count(1)
+    await owner.stop()
+    failed_at = row["finished_at"].timestamp()
+    seen = notes(await ledger.entries())
+    assert row["error"] == "consumer died mid-run"
+    assert [kind for kind, _, _ in seen].count("end") == 0, seen  # it never finished its work...
+    assert max(at for _, _, at in seen) < failed_at, (seen[-1], failed_at)  # ...nor did any after the verdict
+
+
+async def test_an_owner_frozen_past_its_lease_retries_its_own_run_once_and_loses_nothing(
+    harness: Any, processes: list[ConsumerProcess], tmp_path: Path
+) -> None:
+    """One consumer (the other replica is down): at wake-up its own sweep may take its run over before its renewal
+    notices; the retry it republishes comes back to it while the stale run's handling may still be ending."""
+    owner, ledger, request = await start_ticking(harness, processes, tmp_path, retries=1)
+    async with replies_on(harness.settings.required("amqp_url")) as (replies, channel):
+        await publish(channel, harness.settings.queue_name, request, replies.queue_name)
+        await ledger.wait_for(2)
+        async with frozen(owner):
+            await asyncio.sleep(FROZEN_S)  # the fault's length (past the lease and a sweep), not a wait for an event
+        row = await harness.wait_for_status(request.execution_id, "SUCCESS", timeout_s=30)
+        await replies.wait_for_count(1)
+        await harness.wait_for_replied(request.execution_id)
+    seen = notes(await ledger.entries())
+    assert (row["attempt"], row["result"]) == (2, "2")
+    assert [(kind, attempt) for kind, attempt, _ in seen if kind != "tick"] == [("start", 1), ("start", 2), ("end", 2)]
+    retry_starts = next(i for i, (kind, attempt, _) in enumerate(seen) if (kind, attempt) == ("start", 2))
+    assert all(attempt == 2 for _, attempt, _ in seen[retry_starts:]), seen
+    assert len(replies.bodies) == 1
+
+
+async def test_a_run_started_25_days_ago_does_not_stop_the_sweep_recovering_the_others(harness: Any) -> None:
+    """A RUNNING row from before leases (Bifrost's "stays Running forever"), older than int4 milliseconds, beside
+    an execution whose consumer died: both are failed by the first sweep (attack-10 F2: every sweep failed)."""
+    workflow_id = await harness.workflow("def run():\n    return 1\n")
+    ancient, orphan = uuid.uuid4(), uuid.uuid4()
+    long_ago = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=30)
+    await harness.sql(
+        "INSERT INTO executions (id, workflow_id, status, parameters, started_at, updated_at) "
+        "VALUES ($1, $3, 'RUNNING', '{}', $4, $4), "
+        "($2, $3, 'RUNNING', '{}', now(), now())",
+        ancient,
+        orphan,
+        workflow_id,
+        long_ago,
+    )
+    await harness.sql(  # the orphan's owner died: its lease ran out
+        "UPDATE executions SET lease_owner = 'dead:1:0', lease_token = 1, lease_expires_at = now() - interval '1 s', "
+        "attempt = 1, max_attempts = 1 WHERE id = $1",
+        orphan,
+    )
+    async with harness.consumer(**FAST_LEASES):
+        rows = await harness.wait_for_rows(
+            "SELECT id, status, error, duration_ms FROM executions WHERE id = ANY($1::uuid[]) ORDER BY id",
+            [ancient, orphan],
+            done=lambda rows: all(r["status"] == "FAILED" for r in rows),
+            timeout_s=15.0,
+        )
+    by_id = {r["id"]: r for r in rows}
+    assert by_id[orphan]["error"] == by_id[ancient]["error"] == "consumer died mid-run"
+    assert by_id[ancient]["duration_ms"] == 2**31 - 1  # longer than the column can say: its maximum
+
+
+async def test_a_row_lock_that_blocks_the_renewal_never_lets_two_runs_overlap(
+    harness: Any, processes: list[ConsumerProcess], tmp_path: Path
+) -> None:
+    """Every process healthy; someone else (an admin's query, a report) holds the row's lock past the lease, so
+    the owner's renewal waits and the lease runs out (attack-10 F6)."""
+    # renewals 2 s apart: without the executor's lease deadline the first run would go on for up to 2 s after the
+    # survivor's sweep took it over and started the retry
+    slow_renewals = {"lease_ttl_s": 4.0, "lease_renew_interval_s": 2.0}
+    _, ledger, request = await start_ticking(harness, processes, tmp_path, retries=1, **slow_renewals)
+    async with replies_on(harness.settings.required("amqp_url")) as (replies, channel):
+        await publish(channel, harness.settings.queue_name, request, replies.queue_name)
+        await ledger.wait_for(2)
+        locker = await asyncpg.connect(harness.database_url)
+        try:
+            async with harness.consumer(**FAST_LEASES):
+                async with locker.transaction():
+                    await locker.execute("SELECT 1 FROM executions WHERE id = $1 FOR UPDATE", request.execution_id)
+                    await asyncio.sleep(2 * slow_renewals["lease_ttl_s"])  # the fault's length: held past the lease
+                row = await harness.wait_for_status(request.execution_id, "SUCCESS", timeout_s=60)
+            await replies.wait_for_count(1)
+        finally:
+            await locker.close()
+    seen = notes(await ledger.entries())
+    retry_starts = next(i for i, (kind, attempt, _) in enumerate(seen) if (kind, attempt) == ("start", 2))
+    assert all(attempt == 2 for _, attempt, _ in seen[retry_starts:]), seen
+    assert (row["attempt"], row["result"]) == (2, "2")
