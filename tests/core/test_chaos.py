@@ -230,12 +230,6 @@ def server() -> AsyncIterator[PrivateRedis]:  # type: ignore[misc]
 
 
 @pytest.mark.timeout(900)  # 200 rounds take 1-2 minutes, several under load
-@pytest.mark.xfail(
-    strict=False,
-    reason="open bug (issue 9): in about 2 of 9 runs of seed 9 on a quiet machine, round 125's FLUSHDB (after a "
-    "content forge) is not refilled within 2 s: no full resync follows the flush, replacements_limited=0. Every "
-    "other round converges. Reproduce: pytest tests/core/test_chaos.py --runxfail (a few times)",
-)
 async def test_watch_mode_converges_within_2_s_after_every_round_of_chaos(
     server: PrivateRedis, source: pgsource.PgSource, database_url: str
 ) -> None:
