@@ -3,8 +3,8 @@ redis-server; after each round the cache must be converged within 2 s, as judged
 (rows and keys compared directly, foreign keys untouched).
 
 Seeded: ``MODCACHE_CHAOS_SEED`` (printed on failure); ``MODCACHE_CHAOS_ROUNDS`` for a longer soak;
-``MODCACHE_CHAOS_TRACE=1`` (with ``pytest -s``) prints each round's moves. States it reached that once failed are
-reproduced directly in ``test_chaos_states.py``.
+``MODCACHE_CHAOS_TRACE=1`` (with ``pytest -s``) prints each round's moves and how long it took to converge. States
+it reached that once failed are reproduced directly in ``test_chaos_states.py``.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
+import redis.exceptions
 
 from modcache import engine, keys, modules, pgsource, plan, rediscache, settings, watcher
 from testkit import convergence
@@ -139,7 +140,10 @@ class Chaos:
             case "pexpire":
                 await c.pexpire(key, 1)
             case "rename":
-                await c.rename(key, KS.content("renamed/" + path))
+                try:
+                    await c.rename(key, KS.content("renamed/" + path))
+                except redis.exceptions.ResponseError:  # "no such key": gone since it was picked (an earlier fault of
+                    return "no key to fault"  # this round, an eviction); the other faults write the key either way
             case "hash":
                 await c.delete(key)
                 await c.hset(key, "content", "evil")
@@ -230,12 +234,6 @@ def server() -> AsyncIterator[PrivateRedis]:  # type: ignore[misc]
 
 
 @pytest.mark.timeout(900)  # 200 rounds take 1-2 minutes, several under load
-@pytest.mark.xfail(
-    strict=False,
-    reason="open bug (issue 9): in about 2 of 9 runs of seed 9 on a quiet machine, round 125's FLUSHDB (after a "
-    "content forge) is not refilled within 2 s: no full resync follows the flush, replacements_limited=0. Every "
-    "other round converges. Reproduce: pytest tests/core/test_chaos.py --runxfail (a few times)",
-)
 async def test_watch_mode_converges_within_2_s_after_every_round_of_chaos(
     server: PrivateRedis, source: pgsource.PgSource, database_url: str
 ) -> None:
@@ -286,14 +284,16 @@ async def test_watch_mode_converges_within_2_s_after_every_round_of_chaos(
                     done.append(await chaos.bulk())
                 if number % 50 == 25:
                     done.append(await (chaos.flush() if number % 100 == 25 else chaos.restart()))
-                if os.environ.get("MODCACHE_CHAOS_TRACE"):
-                    print(f"round {number}: {done}", flush=True)
                 bulky = chaos.bulk_cached and any(d.startswith("bookkeeping") for d in done)
                 bulky = bulky or "restart" in done or "bulk insert" in done
                 within_s = BULK_WITHIN_S if bulky else WITHIN_S
+                moved = time.monotonic()
                 left = await convergence.converged(
                     database_url, client, KS.prefix, within_s=within_s, untouchable=FOREIGN
                 )
+                if os.environ.get("MODCACHE_CHAOS_TRACE"):
+                    took = f"converged in {time.monotonic() - moved:.2f} s" if not left else "NOT converged"
+                    print(f"round {number}: {done}: {took} (bound {within_s} s)", flush=True)
                 failures = [str(e) for e, _ in recorder.failures[-3:]]
                 syncs = [
                     (f"{at - began:+.2f}s", r.plan.describe(), t, r.full, r.deep, r.repaired, r.superseded)

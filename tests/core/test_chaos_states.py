@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import AsyncIterator, Mapping
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -27,6 +28,13 @@ GHOST = "ghost/never.py"
 @pytest.fixture
 def server() -> AsyncIterator[PrivateRedis]:  # type: ignore[misc]
     with private_redis() as redis_server:
+        yield redis_server
+
+
+@pytest.fixture
+def volatile_server() -> AsyncIterator[PrivateRedis]:  # type: ignore[misc]
+    """Evicting only keys with a TTL, nearest expiry first: the probe key (modcache's own keys carry none)."""
+    with private_redis("--maxmemory-policy", "volatile-ttl") as redis_server:
         yield redis_server
 
 
@@ -100,3 +108,66 @@ async def test_an_evicted_manifest_is_rebuilt_from_the_keys_claims(
             assert not await convergence.converged(database_url, client, KS.prefix, within_s=2.0)
     finally:
         await client.aclose()
+
+
+async def test_a_flush_while_the_probe_watches_a_new_key_after_an_eviction_is_refilled(
+    volatile_server: PrivateRedis, source: pgsource.PgSource, database_url: str
+) -> None:
+    """Seed 9, round 125 (a content forge, then ``FLUSHDB``, two rounds after an eviction that took the probe key): the
+    probe reported the eviction, the eviction's resync ran and found the cache intact, and the flush landed before
+    the probe's next round watched a key again, so no ``EXEC`` aborted; the forge's repair, in flight across the
+    flush, wrote the generation again (from the server clock, so not "gone back" either), and nothing refilled the
+    cache until the periodic resync. The touch is now reported only once a new key is watched. Here that arming is
+    held until the flush and the repair are done."""
+    for i in range(40):
+        await source.put_module(f"pkg{i % 8}/m{i}.py", f"V = {i}\n".encode())
+    client = aioredis.Redis.from_url(volatile_server.url, decode_responses=True)
+    cache = rediscache.RedisCache(client=client, keyspace=KS)
+    recorder = Recorder()
+    w = watcher.Watcher(
+        engine=engine.Engine(source=source, cache=cache),
+        settings=settings.Settings(resync_interval_s=3600, probe_interval_s=0.05, listener_backoff_max_s=0.2),
+        listen_dsn=database_url,
+        observer=recorder,
+        rng=random.Random(9),
+    )
+    arming, release = asyncio.Event(), asyncio.Event()
+    open_node_connection = cache.open_node_connection
+
+    async def held_open_node_connection() -> Any:  # the probe arming a new key after its old one was evicted
+        arming.set()
+        await release.wait()
+        return await open_node_connection()
+
+    try:
+        async with running(w):
+            await recorder.wait_for(lambda: recorder.full_syncs() and w.state.keyspace_active)
+            assert not await convergence.converged(database_url, client, KS.prefix, within_s=5.0)
+            cache.open_node_connection = held_open_node_connection  # type: ignore[method-assign]
+            await evict_volatile_keys(client)
+            await asyncio.wait_for(arming.wait(), 10.0)  # the probe's EXEC aborted: its key was evicted
+            manual = recorder.full_syncs(watcher.MANUAL)
+            w.request_resync()  # whatever the eviction asked for has run (this follows it) and found the cache intact
+            await recorder.wait_for(lambda: recorder.full_syncs(watcher.MANUAL) > manual)
+            await client.flushdb()
+            syncs = len(recorder.syncs)
+            await client.set(KS.content("pkg0/m0.py"), "garbage")  # the forge, repaired after the flush
+            await recorder.wait_for(lambda: any(r.repaired for r, _ in recorder.syncs[syncs:]))
+            assert await client.exists(KS.generation), "the repair wrote the generation again"
+            release.set()
+            left = await convergence.converged(database_url, client, KS.prefix, within_s=2.0)
+            assert not left, f"the flush was not refilled: {left[:3]}"
+    finally:
+        release.set()
+        await client.aclose()
+
+
+async def evict_volatile_keys(client: aioredis.Redis) -> None:
+    """What the chaos test's eviction does (``maxmemory`` just below what is used, restored by the next command of
+    the same pipeline); under ``volatile-ttl`` only keys with a TTL go, the probe key first."""
+    used = int((await client.info("memory"))["used_memory"])
+    async with client.pipeline(transaction=False) as pipe:
+        pipe.config_set("maxmemory", str(used - 4096))
+        pipe.set("chaos:evict", "x")
+        pipe.config_set("maxmemory", "0")
+        await pipe.execute(raise_on_error=False)  # the SET is refused (OOM): too little can be evicted
