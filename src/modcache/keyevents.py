@@ -63,6 +63,8 @@ FLAGS_EVERY_ROUNDS = 10
 EVICTED_WAIT_S = 0.1
 #: What the probe reports when its key was evicted (maxmemory): keys may be gone, but nothing was replaced.
 EVICTED = "Redis evicted keys under maxmemory (modcache's probe key among them)"
+#: What the probe reports when its watch was touched by a flush, a swap or a write to its guard key too.
+REPLACED = "the cache was flushed or replaced (modcache's probe key was touched)"
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +169,11 @@ class KeyEvents:
         self._probe_arms = 0  # each arming watches a key of its own name: a late event of an earlier one is not its
         self._probe_key = self._next_probe_key()
         self._probe_conn: Any = None
+        # a second watched key on a connection of its own: FLUSHDB, FLUSHALL, SWAPDB and a restart touch both watches,
+        # a write to the probe key only the probe's, which is then re-armed without a resync (``_guard_intact``)
+        self._guard_key = ""
+        self._guard_conn: Any = None
+        self.probe_rearmed = 0  # writes to the probe key alone (the guard untouched): re-armed, nothing resynced
         self._probe_armed = asyncio.Event()  # Subscribed is reported only once the probe watches its key
         self._probe_evicted = asyncio.Event()  # the probe key's ``evicted`` event arrived since it was written
         self._unheard: int | None = None  # probe rounds since the subscription delivered the probe's own event
@@ -295,10 +302,10 @@ class KeyEvents:
                 continue
             key, event = str(message[2])[len(channel_prefix) :], str(message[3])
             heard = self._cache.writes_heard
-            if key == self._probe_key:
+            if key in (self._probe_key, self._guard_key):
                 if event == "evicted":  # maxmemory: the probe's EXEC aborts, but nothing was flushed
                     self._probe_evicted.set()
-                if self._unheard is not None:
+                if key == self._probe_key and self._unheard is not None:
                     self._unheard = 0
             elif key == canary:
                 self._canary_seen.set()
@@ -387,12 +394,7 @@ class KeyEvents:
         replies = [await conn.read_response(disable_decoding=False) for _ in range(5)]
         executed = replies[3]
         if executed is None:  # a watched key was touched: flushed, swapped, deleted, evicted or written to
-            await self._close_probe()
-            with contextlib.suppress(TimeoutError):  # an eviction's event may still be on its way
-                await asyncio.wait_for(self._probe_evicted.wait(), EVICTED_WAIT_S)
-            evicted = self._probe_evicted.is_set()
-            await self._watch_again(ttl_ms)
-            return EVICTED if evicted else "the cache was flushed or replaced (modcache's probe key was touched)"
+            return await self._touched(ttl_ms)
         alive, raw = executed
         if not alive:
             await self._close_probe()
@@ -402,7 +404,9 @@ class KeyEvents:
         if seen and (value or 0) < seen:
             self._cache.high_water = value or 0  # learn again from here, so one regression is reported once
             return f"the generation went back from {seen} to {value or 'nothing'}"  # behind, not replaced
-        return None
+        if (self._rounds + 1) % FLAGS_EVERY_ROUNDS:
+            return None
+        return await self._refresh_guard(ttl_ms)  # its TTL, and its watch (touched only by a flush, or a write to it)
 
     async def _check_flags(self, conn: Any) -> None:
         """Read ``notify-keyspace-events`` on the probe's connection (when CONFIG is permitted): if classes modcache
@@ -443,6 +447,50 @@ class KeyEvents:
         with contextlib.suppress(Exception):
             await self._open_probe(ttl_ms)
 
+    async def _touched(self, ttl_ms: int) -> str | None:
+        """The probe's watch was touched: an eviction, a flush or swap (which touch the guard's watch too), or a write
+        to the probe key alone (anyone who can write under the prefix finds it with SCAN). The last is re-armed under
+        a new name with no report: nothing else was lost, so it costs no resync."""
+        await self._close_probe(guard=False)
+        with contextlib.suppress(TimeoutError):  # an eviction's event may still be on its way
+            await asyncio.wait_for(self._probe_evicted.wait(), EVICTED_WAIT_S)
+        if self._probe_evicted.is_set():
+            await self._close_probe()
+            await self._watch_again(ttl_ms)
+            return EVICTED
+        if await self._guard_intact(ttl_ms):
+            self.probe_rearmed += 1
+            (log.warning if self.probe_rearmed == 1 else log.debug)(
+                "modcache's probe key was written to by someone else (its guard was not): re-armed, nothing resynced"
+            )
+            return None  # the next round arms a probe key of a new name (the guard watches meanwhile)
+        await self._close_probe()
+        await self._watch_again(ttl_ms)
+        return REPLACED
+
+    async def _refresh_guard(self, ttl_ms: int) -> str | None:
+        """Keep the guard key alive (its TTL) and check its watch: touched means flushed, swapped or written to."""
+        if await self._guard_intact(ttl_ms):
+            return None
+        await self._close_probe()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._probe_evicted.wait(), EVICTED_WAIT_S)
+        evicted = self._probe_evicted.is_set()
+        await self._watch_again(ttl_ms)
+        return EVICTED if evicted else REPLACED
+
+    async def _guard_intact(self, ttl_ms: int) -> bool:
+        """One round on the guard's connection (``EXEC`` of its key's refresh, then ``WATCH`` again in the same write):
+        whether nothing touched the guard key since it was last watched. Its watches tile time from its arming, so a
+        flush, a swap or a restart since then aborts this ``EXEC`` or an earlier one (each reported as ``REPLACED``)."""
+        conn = self._guard_conn
+        if conn is None:
+            return False
+        commands = [("MULTI",), ("PEXPIRE", self._guard_key, ttl_ms), ("EXEC",), ("WATCH", self._guard_key)]
+        await conn.send_packed_command(conn.pack_commands(commands))
+        replies = [await conn.read_response(disable_decoding=False) for _ in range(4)]
+        return replies[2] is not None and bool(replies[2][0])
+
     def _next_probe_key(self) -> str:
         self._probe_arms += 1
         return f"{self._ks.prefix}modcache:probe:{self._token}:{self._probe_arms}"
@@ -450,28 +498,37 @@ class KeyEvents:
     async def _open_probe(self, ttl_ms: int) -> None:
         # a new name each time: the ``evicted`` event of the key an earlier round watched may arrive after this one
         # is armed, and must not make a later FLUSHDB (which aborts this round's EXEC) look like an eviction
-        self._probe_key = self._next_probe_key()
         self._probe_evicted.clear()
+        if self._guard_conn is None:  # armed first: the probe's watches start inside the guard's
+            self._guard_key = f"{self._next_probe_key()}:guard"
+            self._guard_conn = await self._watching(self._guard_key, ttl_ms)
+        self._probe_key = self._next_probe_key()
+        self._probe_conn = await self._watching(self._probe_key, ttl_ms)
+        self._probe_armed.set()
+
+    async def _watching(self, key: str, ttl_ms: int) -> Any:
+        """A connection of its own that has written ``key`` (with a TTL) and watches it."""
         conn = await self._cache.open_node_connection()
         try:
-            await conn.send_packed_command(
-                conn.pack_commands([("SET", self._probe_key, "1", "PX", ttl_ms), ("WATCH", self._probe_key)])
-            )
+            await conn.send_packed_command(conn.pack_commands([("SET", key, "1", "PX", ttl_ms), ("WATCH", key)]))
             for _ in range(2):
                 await conn.read_response()
         except BaseException:  # refused (out of memory) or cut: this connection is not the probe's
             with contextlib.suppress(Exception):
                 await conn.disconnect()
             raise
-        self._probe_conn = conn
-        self._probe_armed.set()
+        return conn
 
-    async def _close_probe(self) -> None:
+    async def _close_probe(self, *, guard: bool = True) -> None:
         self._probe_armed.clear()
-        conn, self._probe_conn = self._probe_conn, None
-        if conn is not None:
-            with contextlib.suppress(Exception):
-                await conn.disconnect()
+        conns = [self._probe_conn, self._guard_conn if guard else None]
+        self._probe_conn = None
+        if guard:
+            self._guard_conn = None
+        for conn in conns:
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    await conn.disconnect()
 
 
 def _address(conn: Any) -> str:
