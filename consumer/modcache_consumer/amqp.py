@@ -27,6 +27,7 @@ import aio_pika
 import aio_pika.abc
 import aio_pika.exceptions
 import yarl
+from pamqp import commands
 
 from modcache import errors, keys
 from modcache_consumer import headerguard, messages
@@ -137,15 +138,21 @@ async def reply(
     is not an error). A broker that goes away mid-reply (``ChannelInvalidStateError`` during a restart, a
     closed connection, no confirm in time) is retried for ``retry_s``, each time after the robust connection
     is back (``connected``); False if it never was: the caller decides what happens next, nothing raises."""
-    message = aio_pika.Message(  # persistent: a durable reply queue keeps it across a broker restart
-        body, content_type=CONTENT_TYPE, correlation_id=correlation_id, delivery_mode=aio_pika.DeliveryMode.PERSISTENT
+    properties = commands.Basic.Properties(  # persistent: a durable reply queue keeps it across a broker restart
+        content_type=CONTENT_TYPE,
+        correlation_id=correlation_id,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT.value,
+        message_id=uuid.uuid4().hex,
     )
     deadline = asyncio.get_running_loop().time() + retry_s
     while True:
-        try:
-            await channel.default_exchange.publish(
-                message, routing_key=reply_to, mandatory=False, timeout=confirm_timeout_s
+        try:  # on the channel's aiormq channel: no aio-pika Message per reply (the hot path)
+            underlay = await channel.get_underlay_channel()
+            confirmed = await underlay.basic_publish(
+                body, exchange="", routing_key=reply_to, properties=properties, timeout=confirm_timeout_s
             )
+            if not isinstance(confirmed, commands.Basic.Ack | None):  # a Nack: the broker did not take it
+                raise aio_pika.exceptions.DeliveryError(None, confirmed)
             return True
         except (OSError, RuntimeError, TimeoutError, aio_pika.exceptions.AMQPError) as e:
             # RuntimeError: aiormq's ChannelInvalidStateError (the channel closed under the publish)

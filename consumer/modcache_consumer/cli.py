@@ -19,7 +19,7 @@ from typing import Any
 import click
 
 from modcache import errors, wiring
-from modcache_consumer import amqp, consumer, database, executor, messages, settings, workflows
+from modcache_consumer import amqp, consumer, database, executor, loops, messages, settings, workflows
 
 
 class ExecutionFailed(errors.ModcacheError):
@@ -38,7 +38,7 @@ def consumer_command(
     the_settings = settings.ConsumerSettings.from_env(
         consumer_concurrency=concurrency, queue_name=queue_name, health_port=health_port, metrics_port=metrics_port
     )
-    asyncio.run(_serve(the_settings))
+    loops.run(_serve(the_settings), loop=the_settings.event_loop)
 
 
 async def _serve(the_settings: settings.ConsumerSettings) -> None:

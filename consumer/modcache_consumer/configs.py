@@ -16,7 +16,7 @@ import dataclasses
 import json
 import logging
 import uuid
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Mapping, Sequence
 from typing import Any, TypedDict, TypeVar
 
 import redis.exceptions
@@ -74,15 +74,30 @@ class ConfigResolver:
 
     # -- organizations -------------------------------------------------------------------------------------
 
-    async def get_organization(self, org_id: str | uuid.UUID, db: AsyncSession | None = None) -> Organization | None:
-        """The organization (``uuid`` or ``ORG:uuid``), or None if it does not exist or the id is malformed."""
+    def cache_keys(self, scope: str, organization_id: uuid.UUID | None) -> list[str]:
+        """The cache entries ``load_config_for_scope(scope)`` and ``get_organization(organization_id)`` read, for
+        a caller that reads them along with other keys (``readiness.CacheGuard.check_with``) and hands their
+        values back as ``cached``: the config scopes' entries, then the organization's (if any)."""
+        org = None if scope == GLOBAL else _org_uuid(scope)
+        scopes = [GLOBAL] if org is None else [GLOBAL, str(org)]
+        wanted = [keys.config_cache_key(s, self._namespace) for s in scopes]
+        if organization_id is not None:
+            wanted.append(keys.org_cache_key(str(organization_id), self._namespace))
+        return wanted
+
+    async def get_organization(
+        self, org_id: str | uuid.UUID, db: AsyncSession | None = None, *, cached: Any = None
+    ) -> Organization | None:
+        """The organization (``uuid`` or ``ORG:uuid``), or None if it does not exist or the id is malformed.
+        ``cached``: its cache entry as read already (``cache_keys``); None reads it."""
         key = _org_uuid(org_id)
         if key is None:
             log.warning("invalid organization id format")
             return None
-        cached = _organization(await self._get(keys.org_cache_key(str(key), self._namespace)))
-        if cached is not None:
-            return cached
+        entry = _loads(cached) if cached is not None else await self._get(keys.org_cache_key(str(key), self._namespace))
+        known = _organization(entry)
+        if known is not None:
+            return known
         if db is None:
             return await self._database.run(lambda own: self.get_organization(key, db=own))
         row = await db.get(schema.Organization, key, populate_existing=True)
@@ -102,14 +117,20 @@ class ConfigResolver:
 
     # -- configs -------------------------------------------------------------------------------------------
 
-    async def load_config_for_scope(self, scope: str, db: AsyncSession | None = None) -> ConfigMap:
+    async def load_config_for_scope(
+        self, scope: str, db: AsyncSession | None = None, *, cached: Sequence[Any] | None = None
+    ) -> ConfigMap:
         """Every config visible in ``scope`` (``GLOBAL``, ``ORG:uuid`` or ``uuid``): global rows, overridden by
-        the organization's own. Secret values stay encrypted."""
+        the organization's own. Secret values stay encrypted. ``cached``: the scopes' cache entries as read
+        already (``cache_keys``); None reads them."""
         org = None if scope == GLOBAL else _org_uuid(scope)
         if scope != GLOBAL and org is None:
             raise errors.InputError(scope, "scope must be GLOBAL, ORG:<uuid> or <uuid>")
         scopes = [GLOBAL] if org is None else [GLOBAL, str(org)]
-        found = await self._get_many([keys.config_cache_key(s, self._namespace) for s in scopes])
+        if cached is not None and len(cached) >= len(scopes):
+            found = [_loads(value) for value in cached[: len(scopes)]]
+        else:
+            found = await self._get_many([keys.config_cache_key(s, self._namespace) for s in scopes])
         missing = [s for s, value in zip(scopes, found, strict=True) if value is None]
         if missing:
             if db is None:

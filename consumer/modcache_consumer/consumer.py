@@ -135,7 +135,8 @@ class WorkflowExecutionConsumer:
         self._ahead: dict[uuid.UUID, Prepared] = {}  # read_ahead's result for a message that got its slot
         # Claimed or running here (a second delivery must not claim again) -> set once that handling has ended.
         self._mine: dict[uuid.UUID, asyncio.Event] = {}
-        self._lost: dict[uuid.UUID, asyncio.Event] = {}
+        self._runs: dict[uuid.UUID, asyncio.Task[messages.Outcome | None]] = {}  # leased runs: cancelled if lost
+        self._lost: set[uuid.UUID] = set()  # runs cancelled because their lease was lost
         self._replying: set[uuid.UUID] = set()  # replies being sent (a duplicate delivery must not send another)
         self._started_at: dict[asyncio.Task[Any], float] = {}  # monotonic start of each in-flight handler
         self._client_failures: collections.deque[tuple[float, str]] = collections.deque(maxlen=CLIENT_FAILURES_LIMIT)
@@ -588,7 +589,8 @@ class WorkflowExecutionConsumer:
                 self.metrics.executions.labels(status=outcome.status.value).inc()
                 recorded = await self.record(lease, outcome)
             finally:
-                self._lost.pop(lease.execution_id, None)
+                self._runs.pop(lease.execution_id, None)
+                self._lost.discard(lease.execution_id)
                 self._disown(lease.execution_id)  # finished: a new request gets the stored outcome
             waiting = self.leases.waiting(lease.execution_id)
             if recorded is None:
@@ -617,27 +619,29 @@ class WorkflowExecutionConsumer:
     async def _execute_while_leased(
         self, request: messages.ExecutionRequest, admitted: Admitted
     ) -> messages.Outcome | None:
-        """The executor's outcome, or None if the lease was lost meanwhile (the run is stopped then)."""
-        lost = self._lost[admitted.lease.execution_id] = asyncio.Event()
-        run = asyncio.create_task(self._execute(request, admitted.prepared, lease_until=admitted.lease_until))
-        watch = asyncio.create_task(lost.wait())
+        """The executor's outcome, or None if the lease was lost meanwhile (``_lease_lost`` cancels the run) or not
+        renewed in time (the executor stopped the run)."""
+        execution_id = admitted.lease.execution_id
+        run = self._runs[execution_id] = asyncio.create_task(
+            self._execute(request, admitted.prepared, lease_until=admitted.lease_until)
+        )
         try:
-            await asyncio.wait((run, watch), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            watch.cancel()
-            if not run.done():
-                run.cancel()
-                await asyncio.gather(run, return_exceptions=True)
-        return None if run.cancelled() else run.result()
+            return await run  # cancelling this handler cancels the run too
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if execution_id in self._lost and run.cancelled() and not (current and current.cancelling()):
+                return None
+            raise
 
     def _lease_lost(self, execution_id: uuid.UUID) -> None:
-        event = self._lost.get(execution_id)
-        if event is not None:
-            event.set()
+        run = self._runs.get(execution_id)
+        if run is not None and not run.done():
+            self._lost.add(execution_id)
+            run.cancel()
 
     async def _lease_renewed(self, kept: set[uuid.UUID], until: float) -> None:
         """The leases of ``kept`` are surely valid until ``until``: their runs may go on until then."""
-        running = [str(execution_id) for execution_id in kept if execution_id in self._lost]
+        running = [str(execution_id) for execution_id in kept if execution_id in self._runs]
         if running:
             await self.executor.extend(running, until - asyncio.get_running_loop().time())
 
@@ -762,17 +766,32 @@ class WorkflowExecutionConsumer:
         organization and its configs (Redis first), then ``_sync_module_cache``, the O(1) readiness check, which
         returns the generation the execution pins. An execution that cannot run (unknown workflow, another
         organization's, ...) is recorded FAILED here and its Record returned. The reads and the check are
-        independent: they run at once (the start latency is one round trip, not several)."""
-        prepared, generation = await asyncio.gather(
-            self._read(request), self._sync_module_cache(), return_exceptions=True
+        independent: they run at once, and the check reads the config and organization entries the request
+        names in its own Redis round trip (the start latency is one round trip, not several)."""
+        guessed = _scope(request.organization_id)  # the workflow's own organization only if the request has none
+        ahead = self.configs.cache_keys(guessed, request.organization_id)
+        found, checked = await asyncio.gather(
+            self._db_call(self.workflows.read_for_execution(request.workflow_id)),
+            self._check_cache_with(ahead),
+            return_exceptions=True,
         )
-        if isinstance(prepared, BaseException):
-            raise prepared
+        cached = None if isinstance(checked, BaseException) else checked[1]
+        prepared = await self._read(request, found, guessed, cached)
         if not isinstance(prepared, Prepared):
             return prepared  # recorded without a run: the cache's state does not matter
-        if isinstance(generation, BaseException):
-            raise generation
-        return dataclasses.replace(prepared, generation=generation)
+        if isinstance(checked, BaseException):
+            raise checked
+        return dataclasses.replace(prepared, generation=checked[0])
+
+    async def _check_cache_with(self, also: list[str]) -> tuple[int, list[Any]]:
+        """``_sync_module_cache``, reading ``also`` in the same round trip."""
+        try:
+            checked = await self.guard.check_with(also)
+        except errors.TransientError:
+            self._cache_ok = False
+            raise
+        self._cache_ok = True
+        return checked
 
     async def prepare(self, request: messages.ExecutionRequest) -> Admitted | executions.Record | executions.Busy:
         """Everything before the executor: what ``read_ahead`` reads (unless read just now, while the message
@@ -822,20 +841,22 @@ class WorkflowExecutionConsumer:
                 await ended.wait()
         return True
 
-    async def _read(self, request: messages.ExecutionRequest) -> Prepared | executions.Record | executions.Busy:
-        """The workflow (a plain asyncpg statement: ``Database.raw``), the organization and its configs (from
-        Redis; PostgreSQL on a miss); each statement commits by itself (they are independent and idempotent)."""
-        guessed = _scope(request.organization_id)  # the workflow's own organization only if the request has none
+    async def _read(
+        self,
+        request: messages.ExecutionRequest,
+        found: workflows.WorkflowForExecution | BaseException,
+        guessed: str,
+        cached: list[Any] | None,
+    ) -> Prepared | executions.Record | executions.Busy:
+        """From the workflow ``found`` (a plain asyncpg statement: ``Database.raw``) and the cache entries read
+        with the readiness check (``cached``; None: that check failed, so Redis is asked again, and PostgreSQL on
+        a miss), the organization and its configs; each statement commits by itself (they are independent and
+        idempotent)."""
         try:
-            found, config = await asyncio.gather(
-                self._db_call(self.workflows.read_for_execution(request.workflow_id)),
-                self._db_call(self.configs.load_config_for_scope(guessed)),  # before the claim: may fail
-                return_exceptions=True,
-            )
             if isinstance(found, BaseException):
                 raise found
             workflow = found
-            organization = await self._organization(request, workflow)
+            organization = await self._organization(request, workflow, cached[-1] if cached else None)
             if workflow.code is None:
                 raise errors.InputError(workflow.name, "the workflow has no code")
         except errors.InputError as e:
@@ -846,10 +867,8 @@ class WorkflowExecutionConsumer:
             self.metrics.executions.labels(status=outcome.status.value).inc()
             return record
         scope = _scope(organization.id if organization else None)
-        if scope != guessed:  # the workflow's own organization
-            config = await self._db_call(self.configs.load_config_for_scope(scope))
-        elif isinstance(config, BaseException):
-            raise config
+        ahead = cached if scope == guessed else None  # else the workflow's own organization: read its scope
+        config = await self._db_call(self.configs.load_config_for_scope(scope, cached=ahead))
         return Prepared(workflow=workflow, organization=organization, config=config)
 
     async def _claim(
@@ -880,15 +899,17 @@ class WorkflowExecutionConsumer:
         return Admitted(lease=claimed, prepared=prepared, lease_until=leases.safe_until(started, terms.lease_s))
 
     async def _organization(
-        self, request: messages.ExecutionRequest, workflow: workflows.WorkflowForExecution
+        self, request: messages.ExecutionRequest, workflow: workflows.WorkflowForExecution, cached: Any = None
     ) -> configs.Organization | None:
+        """The execution's organization; ``cached``: the cache entry of the request's organization, if read."""
         owner, asked = workflow.organization_id, request.organization_id
         if owner is not None and asked is not None and owner != asked:
             raise errors.InputError(workflow.name, "the workflow belongs to another organization")
         org_id = asked or owner
         if org_id is None:
             return None
-        organization = await self._db_call(self.configs.get_organization(org_id))
+        entry = cached if asked is not None else None  # read for the request's organization only
+        organization = await self._db_call(self.configs.get_organization(org_id, cached=entry))
         if organization is None:
             raise errors.InputError(str(org_id), "no such organization")
         if not organization.is_active:

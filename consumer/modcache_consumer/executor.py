@@ -178,6 +178,7 @@ class _Control:
         self._send_lock = asyncio.Lock()
         self._frames = protocol.Frames(limit=protocol.MAX_CONTROL_FRAME_BYTES)
         self._first: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._limited: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._reader = asyncio.create_task(self._read())
         self.lost = asyncio.Event()
 
@@ -185,6 +186,13 @@ class _Control:
         async with asyncio.timeout(timeout_s):
             self.hello = await asyncio.shield(self._first)
         return self.hello
+
+    async def limit(self, limits: dict[str, Any], timeout_s: float) -> None:
+        """Tell the executor the limits every job of this connection carries: it replaces the spares it handed
+        over with clones isolated beforehand (``limited`` says which spares are gone: all received before it)."""
+        await self.send({"op": "limits", "limits": limits})
+        async with asyncio.timeout(timeout_s):
+            await asyncio.shield(self._limited)
 
     def expect(self, ticket: int) -> asyncio.Future[dict[str, Any]]:
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
@@ -257,6 +265,10 @@ class _Control:
                 return
             self._spares.append(spare)
             self._spare_arrived.set()
+        elif frame["op"] == "limited":
+            self.drop_spares()  # cloned before the limits: the executor killed them
+            if not self._limited.done():
+                self._limited.set_result(None)
         elif frame["op"] == "exited":
             waiter = self._waiters.pop(int(frame["ticket"]), None)
             if waiter is not None and not waiter.done():
@@ -271,6 +283,9 @@ class _Control:
         lost = ExecutorLost("the executor went away during the execution")
         if not self._first.done():
             self._first.set_exception(ExecutorUnavailable("the executor closed the connection before saying hello"))
+        if not self._limited.done():
+            self._limited.set_exception(ExecutorUnavailable("the executor closed the connection"))
+            self._limited.exception()  # retrieved: nobody may be waiting
         for waiter in self._waiters.values():
             if not waiter.done():
                 waiter.set_exception(lost)
@@ -371,6 +386,11 @@ class Executor:
         return None if self._control is None else self._control.hello.get("pid")
 
     @property
+    def spare_pids(self) -> frozenset[int]:
+        """The fresh processes this consumer holds, waiting for a job (isolated already, under their uids)."""
+        return frozenset() if self._control is None else frozenset(s.pid for s in self._control._spares)
+
+    @property
     def isolation(self) -> str:
         return "" if self._control is None else str(self._control.hello.get("isolation", ""))
 
@@ -462,6 +482,13 @@ class Executor:
             await control.close()
             await self._reap_child()
             raise ExecutorUnavailable(refused)
+        if control.hello.get("prelimits"):
+            try:
+                await control.limit(self._job_limits(), self._start_timeout_s)
+            except (TimeoutError, ExecutorUnavailable, ExecutorLost) as e:
+                await control.close()
+                await self._reap_child()
+                raise ExecutorUnavailable(f"the executor did not take its limits: {errors.describe(e)}") from e
         return control
 
     async def _disconnect(self) -> None:
@@ -528,18 +555,18 @@ class Executor:
             with contextlib.suppress(ExecutorLost):  # its executions died with the connection
                 await control.send({"op": "lease", "tickets": tickets, "for_s": max(0.0, for_s)})
 
-    def _job_frame(self, job: protocol.Job) -> dict[str, Any]:
+    def _job_limits(self) -> dict[str, int | None]:
+        """The limits every job carries (and the executor's spares are isolated with beforehand)."""
         limits = self._limits
         return {
-            **job,
-            "max_result_bytes": limits.max_result_bytes,
-            "limits": {
-                "memory_bytes": limits.memory_bytes,
-                "processes": limits.processes,
-                "file_bytes": limits.file_bytes,
-                "tmp_bytes": limits.tmp_bytes,
-            },
+            "memory_bytes": limits.memory_bytes,
+            "processes": limits.processes,
+            "file_bytes": limits.file_bytes,
+            "tmp_bytes": limits.tmp_bytes,
         }
+
+    def _job_frame(self, job: protocol.Job) -> dict[str, Any]:
+        return {**job, "max_result_bytes": self._limits.max_result_bytes, "limits": self._job_limits()}
 
     async def _follow(
         self,
@@ -587,45 +614,48 @@ class Executor:
         return outcome
 
     async def _converse(self, sock: socket.socket, job: protocol.Job, session: Session, talk: _Talk) -> None:
-        reader, writer = await asyncio.open_unix_connection(sock=sock)
+        """Write the job, then read what the execution sends (requests answered, one result) until its EOF; on
+        the socket itself (``sock_recv``/``sock_sendall``: no stream transport per execution)."""
+        loop = asyncio.get_running_loop()
+        sock.setblocking(False)
+        frames = protocol.Frames(limit=self._limits.max_result_bytes + RESULT_FRAME_OVERHEAD)
         try:
-            writer.write(protocol.encode(self._job_frame(job)))
-            await writer.drain()
-            limit = self._limits.max_result_bytes + RESULT_FRAME_OVERHEAD
-            while True:
-                frame = await _read_frame(reader, limit)
-                if frame is None:
-                    talk.eof = True
-                    return
-                problem = _check_frame(frame, talk)
-                if problem is not None:
-                    talk.broken = problem
-                    return
-                if frame["op"] == "result":
-                    talk.results.append(frame)
-                    continue
-                writer.write(protocol.encode(await session.answer(frame)))
-                await writer.drain()
+            await loop.sock_sendall(sock, protocol.encode(self._job_frame(job)))
+            while data := await loop.sock_recv(sock, 1 << 16):
+                for frame in frames.feed(data):
+                    problem = _check_frame(frame, talk)
+                    if problem is not None:
+                        talk.broken = problem
+                        return
+                    if frame["op"] == "result":
+                        talk.results.append(frame)
+                        continue
+                    await loop.sock_sendall(sock, protocol.encode(await session.answer(frame)))
+            if frames.pending:
+                raise protocol.ProtocolError("EOF inside a frame")
+            talk.eof = True
         except protocol.ProtocolError as e:
             talk.broken = str(e)
-        except (asyncio.IncompleteReadError, ConnectionError):
+        except ConnectionError:
             if talk.results:
                 return
-        finally:
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
 
     async def _forward_output(self, fd: int, execution_id: str) -> None:
+        """Log what the execution prints (``max_output_bytes`` at most; the rest is drained and dropped) until
+        every process that holds the pipe is gone; read with plain ``os.read`` (no pipe transport per execution)."""
         loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader(limit=1 << 16)
-        transport, _ = await loop.connect_read_pipe(
-            lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(fd, "rb", buffering=0)
-        )
+        os.set_blocking(fd, False)
         budget = self._limits.max_output_bytes
         try:
             pending = b""
-            while chunk := await reader.read(1 << 16):
+            while True:
+                try:
+                    chunk = os.read(fd, 1 << 16)
+                except BlockingIOError:
+                    await _fd_readable(loop, fd)
+                    continue
+                if not chunk:
+                    break
                 if budget <= 0:
                     continue  # over the cap: drained and dropped
                 chunk = chunk[:budget]
@@ -641,7 +671,7 @@ class Executor:
                     )
             _log_output(execution_id, pending)
         finally:
-            transport.close()
+            os.close(fd)
 
     async def _teach(self, control: _Control) -> None:
         """Verified modules this execution read, for the template to compile before the next clone."""
@@ -744,20 +774,6 @@ def _check_frame(frame: dict[str, Any], talk: _Talk) -> str | None:
     return None
 
 
-async def _read_frame(reader: asyncio.StreamReader, limit: int) -> dict[str, Any] | None:
-    try:
-        header = await reader.readexactly(protocol.HEADER.size)
-    except asyncio.IncompleteReadError as e:
-        if e.partial:
-            raise protocol.ProtocolError("EOF inside a frame header") from None
-        return None
-    length = protocol.frame_length(header, limit=limit)
-    try:
-        return protocol.decode(await reader.readexactly(length))
-    except asyncio.IncompleteReadError:
-        raise protocol.ProtocolError("EOF inside a frame") from None
-
-
 def _log_output(execution_id: str, raw: bytes) -> None:
     line = errors.truncate(raw.decode(errors="replace").rstrip())
     if line.strip():
@@ -781,17 +797,21 @@ async def _recvmsg(loop: asyncio.AbstractEventLoop, sock: socket.socket, fds: co
 
 
 async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    await _fd_readable(loop, sock.fileno())
+
+
+async def _fd_readable(loop: asyncio.AbstractEventLoop, fd: int) -> None:
     ready: asyncio.Future[None] = loop.create_future()
 
     def wake() -> None:
         if not ready.done():
             ready.set_result(None)
 
-    loop.add_reader(sock.fileno(), wake)
+    loop.add_reader(fd, wake)
     try:
         await ready
     finally:
-        loop.remove_reader(sock.fileno())
+        loop.remove_reader(fd)
 
 
 async def _writable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:

@@ -136,6 +136,11 @@ class Frames:
         self._buffer = bytearray()
         self._limit = limit
 
+    @property
+    def pending(self) -> bool:
+        """Part of a frame was fed and not completed yet."""
+        return bool(self._buffer)
+
     def feed(self, data: bytes) -> list[dict[str, Any]]:
         self._buffer += data
         frames = []

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol, TypeVar
 
 import redis.exceptions
@@ -76,17 +76,23 @@ class CacheGuard:
 
     async def check(self) -> int:
         """The generation this execution pins; converges the cache first if it was lost or never synced."""
+        generation, _ = await self.check_with(())
+        return generation
+
+    async def check_with(self, also: Sequence[str]) -> tuple[int, list[Any]]:
+        """``check``, reading the keys ``also`` in the same round trip (the execution's config and organization
+        entries: one Redis round trip per message, not two); their values as Redis returned them."""
         completed = self._completed
-        generation, synced = await self._markers()
+        generation, synced, values = await self._markers(also)
         if generation is None or not synced:
             if self._completed == completed:  # else a sync finished since we looked: just look again
                 state = "has no generation (new or flushed)" if generation is None else "was never fully synced"
                 log.warning("the module cache %s; converging it before running", state)
                 await self.converge()
-            generation, _ = await self._markers()
+            generation, _, values = await self._markers(also)
         if generation is None:
             raise errors.CacheUnavailable("the module cache has no generation even after a full sync")
-        return generation
+        return generation, values
 
     async def converge(self) -> plan.Report:
         """One full resync at a time; concurrent callers share it."""
@@ -114,19 +120,21 @@ class CacheGuard:
 
     # -- internals ------------------------------------------------------------------------------------------
 
-    async def _markers(self) -> tuple[int | None, bool]:
+    async def _markers(self, also: Sequence[str] = ()) -> tuple[int | None, bool, list[Any]]:
         ks = self._cache.keyspace
         try:
             async with self._cache.client.pipeline(transaction=False) as pipe:
                 pipe.get(ks.generation)
                 pipe.exists(ks.status)
                 pipe.time()
-                generation, synced, (seconds, micros) = await pipe.execute()
+                for key in also:
+                    pipe.get(key)
+                generation, synced, (seconds, micros), *values = await pipe.execute()
         except (redis.exceptions.RedisError, OSError) as e:
             raise errors.CacheUnavailable(f"Redis failed: {errors.describe(e)}") from e
         if keys.generation_problem(generation, clock_us=int(seconds) * 1_000_000 + int(micros)) is not None:
-            return None, bool(synced)  # missing or not believable (another writer's garbage): converge first
-        return keys.parse_generation(generation), bool(synced)
+            return None, bool(synced), values  # missing or not believable (another writer's garbage): converge first
+        return keys.parse_generation(generation), bool(synced), values
 
     async def _full_resync(self) -> plan.Report:
         report = await self._engine.full_resync()  # writes the one sync-status record (keys.SyncStatus)

@@ -28,6 +28,9 @@ class ConsumerSettings(settings.Settings):
     consumer_concurrency: int = pydantic.Field(
         10, gt=0, le=1000, description="Executions in flight at once; also the AMQP prefetch."
     )
+    event_loop: typing.Literal["uvloop", "asyncio"] = pydantic.Field(
+        "uvloop", description="The consumer's event loop: uvloop (cheaper per execution) or asyncio's own."
+    )
     executor_socket: str | None = pydantic.Field(
         None, description="The executor's Unix socket (its own container); unset: the consumer starts it as a child."
     )

@@ -30,6 +30,7 @@ import array
 import contextlib
 import dataclasses
 import errno
+import gc
 import importlib
 import logging
 import math
@@ -40,6 +41,7 @@ import socket
 import struct
 import sys
 import time
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 from modcache_consumer import protocol, runtime, sandbox, uids
@@ -88,6 +90,10 @@ class Control:
     #: What this consumer taught: only the clones handed to it inherit it (another connection, even a rogue
     #: local peer that got past the checks, teaches its own clones only; attack-8b A5).
     memory: runtime.Memory = dataclasses.field(default_factory=runtime.Memory)
+    #: What this consumer said every job of its will be limited to (a ``limits`` frame): its spares are cloned
+    #: isolated already (limits, read-only mounts and scratch, uid, seccomp), so a job starts at once; None: each
+    #: clone isolates itself when its job arrives.
+    limits: dict[str, Any] | None = None
 
     def send(self, frame: Any, fds: list[int] | None = None) -> bool:
         ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
@@ -172,6 +178,7 @@ class Template:
             "isolation": self._isolation.describe(),
             "namespaces": self._isolation.namespaces,
             "seccomp": self._isolation.seccomp,
+            "prelimits": True,  # a "limits" frame makes this connection's spares isolate before their job
             # executions all run as this uid (outside any user namespace), or None: a uid per slot
             "execution_uid": self._outer_ids[0] if self._isolation.uid_base is None else None,
         })  # fmt: skip
@@ -250,19 +257,19 @@ class Template:
         if op == "run":
             self._start(control, frame)
         elif op == "stop":
-            ticket = int(frame["ticket"])
-            for execution in self._executions.values():
-                if execution.control is control and execution.ticket == ticket:
-                    execution.stopped = True
-                    self._signal(execution.spare, signal.SIGKILL)
+            for execution in self._of(control, {int(frame["ticket"])}):
+                execution.stopped = True
+                self._signal(execution.spare, signal.SIGKILL)
         elif op == "lease":
             until = time.monotonic() + _seconds(frame["for_s"])
-            tickets = {int(t) for t in frame["tickets"]}
-            for execution in self._executions.values():
-                if execution.control is control and execution.ticket in tickets:
-                    execution.lease_until = until
+            for execution in self._of(control, {int(t) for t in frame["tickets"]}):
+                execution.lease_until = until
+        elif op == "limits":  # every job of this connection will carry these: its spares isolate beforehand
+            control.limits = _job_limits(frame["limits"])
+            self._renew_spares(control)
         elif op == "learn":  # from a consumer only: _refuse_peer turned executions away
             control.memory.learn(frame)  # type: ignore[arg-type]
+            freeze()  # what it compiled too
         elif op == "spares":  # the consumer dropped these: new ones, cloned from the new memory
             for pid in frame.get("dropped", []):
                 spare = control.spares.pop(int(pid), None)
@@ -271,6 +278,10 @@ class Template:
             self._offer(control)
         else:
             raise ValueError(f"unknown op {op!r}")
+
+    def _of(self, control: Control, tickets: set[int]) -> list[Execution]:
+        """The executions ``control`` started under ``tickets``."""
+        return [e for e in self._executions.values() if e.control is control and e.ticket in tickets]
 
     def _lose(self, control: Control) -> None:
         """The consumer is gone: every execution it started, and every spare it held, dies now."""
@@ -289,11 +300,20 @@ class Template:
 
     # -- spares and executions ------------------------------------------------------------------------------
 
+    def _renew_spares(self, control: Control) -> None:
+        """Replace the spares ``control`` holds (cloned before its limits were known); the consumer drops its
+        ends of them when it sends ``limits``."""
+        for spare in control.spares.values():
+            self._signal(spare, signal.SIGKILL)
+        control.spares.clear()
+        control.send({"op": "limited"})  # every spare offered before this is gone; those after are isolated
+        self._offer(control)
+
     def _offer(self, control: Control) -> None:
         """Keep ``spares`` fresh clones waiting in this consumer's hands: it writes a job on one's channel and
         the clone runs it at once (no clone on the hot path)."""
         while self._running and control in self._controls and len(control.spares) < self._spares_per_consumer:
-            spare, channel, output = self._clone(control.memory)
+            spare, channel, output = self._clone(control.memory, control.limits)
             if spare is None:
                 return
             sent = control.send({"op": "spare", "pid": spare.pid}, fds=[channel, output])
@@ -327,7 +347,7 @@ class Template:
         )
         self._offer(control)
 
-    def _clone(self, memory: runtime.Memory) -> tuple[Spare | None, int, int]:
+    def _clone(self, memory: runtime.Memory, limits: dict[str, Any] | None = None) -> tuple[Spare | None, int, int]:
         """A fresh clone (inheriting ``memory``: its consumer's lessons) blocked on its channel; returns it with the
         consumer's ends (channel, output)."""
         ours, theirs = socket.socketpair()
@@ -350,7 +370,7 @@ class Template:
             log.error("executor: cannot clone an execution process: %s", e)
             pid = -1
         if pid == 0:
-            self._become_execution(theirs.detach(), out_w, slot, memory)  # never returns
+            self._become_execution(theirs.detach(), out_w, slot, memory, limits)  # never returns
         theirs.close()
         os.close(out_w)
         if pid < 0:
@@ -414,13 +434,22 @@ class Template:
 
     # -- inside the clone ----------------------------------------------------------------------------------
 
-    def _become_execution(self, channel: int, output: int, slot: int, memory: runtime.Memory) -> None:
+    def _become_execution(
+        self, channel: int, output: int, slot: int, memory: runtime.Memory, limits: dict[str, Any] | None
+    ) -> None:
         """In the clone: isolate what needs no job, wait for the job on the channel, isolate the rest (its
-        limits, its uid), run it, exit. Never returns to the template's loop."""
+        limits, its uid), run it, exit. With ``limits`` (its consumer's, known beforehand) the rest is done
+        before the job arrives too, and a job asking for other limits is refused. Never returns to the
+        template's loop."""
         code = 70
         try:
             self._prepare_clone(channel, output)
-            code = runtime.main(channel_fd=3, memory=memory, isolate=lambda job: self._isolate(job, slot))
+            if limits is not None:
+                self._isolate({"limits": limits}, slot)
+                isolate = _require_limits(limits)
+            else:
+                isolate = lambda job: self._isolate(job, slot)  # noqa: E731
+            code = runtime.main(channel_fd=3, memory=memory, isolate=isolate)
         except BaseException as e:
             with contextlib.suppress(Exception):
                 os.write(2, f"modcache execution: {type(e).__name__}: {e}\n".encode())
@@ -493,6 +522,28 @@ class Template:
                 self._signal(execution.spare, signal.SIGKILL)
 
 
+def _job_limits(raw: Any) -> dict[str, Any]:
+    """The limits a ``limits`` frame announces, as a job carries them (a malformed frame raises: see _dispatch)."""
+    if not isinstance(raw, dict):
+        raise ValueError("limits must be an object")
+    limits = {name: raw.get(name) for name in ("memory_bytes", "processes", "file_bytes", "tmp_bytes")}
+    for value in limits.values():
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+            raise ValueError("a limit must be a positive integer or null")
+    return limits
+
+
+def _require_limits(applied: dict[str, Any]) -> Callable[[dict[str, Any]], None]:
+    """The check of a job against the limits its clone applied before it arrived: the same, or refused (a
+    clone can tighten nothing it gave up already, and must not run under looser limits than asked)."""
+
+    def check(job: dict[str, Any]) -> None:
+        if _job_limits(job.get("limits") or {}) != applied:
+            raise sandbox.SandboxError(errno.EINVAL, "the job's limits differ from those its spare was isolated with")
+
+    return check
+
+
 _EXECUTION_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp", "TMPDIR": "/tmp", "LANG": "C.UTF-8"}
 
 
@@ -540,6 +591,14 @@ def warm_up() -> None:
             importlib.import_module(name)
 
 
+def freeze() -> None:
+    """Move every object the template holds now out of the collector's reach (``gc.freeze``): a clone's
+    collections then never walk, and so never write to (copy-on-write), the pages of the template's own objects
+    (modules, compiled code), only what the execution allocated itself."""
+    gc.collect()
+    gc.freeze()
+
+
 def prepare(uid_base: int | None, *, namespaces: bool = True) -> tuple[sandbox.Isolation, str | None]:
     """Once, before serving: non-dumpable, probe the namespaces and the seccomp filter, hide private trees (root
     only). Returns the isolation and why executions cannot be filtered (None: they can)."""
@@ -585,6 +644,7 @@ def run(
     if not isolation.namespaces and isolation.uid_base is None and not allow_shared_uid:
         refuse(control, SHARED_UID_REFUSED)
     warm_up()
+    freeze()
     template = Template(
         isolation=isolation,
         exit_with_last=control is not None,

@@ -19,12 +19,13 @@ from testkit.polling import eventually
 
 
 def executions_of(the_executor: executor.Executor) -> list[psutil.Process]:
-    """The template's clones that run an execution (the spares waiting for one still run as root)."""
+    """The template's clones that run an execution (not the spares waiting for one, isolated already)."""
     assert the_executor.template_pid is not None
     running = []
     for clone in psutil.Process(the_executor.template_pid).children():
         with contextlib.suppress(psutil.Error):
-            if clone.uids().real != 0 and clone.pid != the_executor.probe_pid:  # not the start-up probe, ending
+            spare = clone.pid in the_executor.spare_pids or clone.uids().real == 0  # held, or killed before its limits
+            if not spare and clone.pid != the_executor.probe_pid:  # nor the start-up probe, ending
                 running.append(clone)
     return running
 
@@ -230,10 +231,10 @@ async def test_when_the_consumer_is_killed_every_execution_dies_at_once() -> Non
 
 
 def _an_execution_has_a_child(template: psutil.Process) -> bool:
-    """An execution (not root) with a child; a clone may end between the listing and the look (the probe's)."""
+    """An execution (a clone with a child: spares have none); a clone may end between the listing and the look."""
     for clone in template.children():
         with contextlib.suppress(psutil.Error):
-            if clone.uids().real != 0 and clone.children():
+            if clone.children():
                 return True
     return False
 
