@@ -942,7 +942,10 @@ class WorkflowExecutionConsumer:
         started = self._monotonic()
         session = serving.Session(modules=self.modules, config=prepared.config, secrets=self.secrets)
         until = None if math.isinf(lease_until) else lease_until
-        result = await self.executor.run(job, timeout_s=timeout_s, session=session, lease_until=until)
+        try:
+            result = await self.executor.run(job, timeout_s=timeout_s, session=session, lease_until=until)
+        except executor.ExecutorLost as e:
+            return await self._executor_lost(request, prepared, e, round((self._monotonic() - started) * 1000))
         if result.lease_expired:
             log.warning("execution %s: stopped, its lease was not renewed in time", request.execution_id)
             return None
@@ -962,6 +965,21 @@ class WorkflowExecutionConsumer:
             error = f"execution process {result.pid} sent a result that cannot be recorded: {problem}"
             return messages.Outcome(messages.Status.FAILED, error=error, duration_ms=duration_ms)
         return messages.Outcome(status=result.status, result=result.result, error=error, duration_ms=duration_ms)
+
+    async def _executor_lost(
+        self, request: messages.ExecutionRequest, prepared: Prepared, why: Exception, duration_ms: int
+    ) -> messages.Outcome | None:
+        """The executor went away during the run (killed, crashed): the run's processes died with it. With attempts
+        left, the lease is released at once, so the next sweep retries it by policy; without, the run failed, and
+        says why (attack-10 F8: it waited for its lease to expire and was failed 'consumer died mid-run')."""
+        log.warning("execution %s: the executor was lost during the run: %s", request.execution_id, why)
+        if prepared.attempt < prepared.workflow.retries_on_crash + 1:
+            with contextlib.suppress(errors.TransientError):  # else the lease expires and the sweep does the same
+                owner = self._terms.owner
+                await self._unit(lambda db: executions.release(db, [request.execution_id], owner=owner))
+            return None
+        error = f"the executor was lost during the execution ({errors.describe(why)}); its processes died with it"
+        return messages.Outcome(messages.Status.FAILED, error=error, duration_ms=duration_ms)
 
     async def _unit(self, work: Callable[[AsyncSession], Awaitable[T]]) -> T:
         return await self._db_call(self.database.run(work, autocommit=True))

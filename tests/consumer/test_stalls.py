@@ -205,3 +205,27 @@ async def test_a_row_lock_that_blocks_the_renewal_never_lets_two_runs_overlap(
     retry_starts = next(i for i, (kind, attempt, _) in enumerate(seen) if (kind, attempt) == ("start", 2))
     assert all(attempt == 2 for _, attempt, _ in seen[retry_starts:]), seen
     assert (row["attempt"], row["result"]) == (2, "2")
+
+
+@pytest.mark.parametrize(("retries", "status"), [(0, "FAILED"), (1, "SUCCESS")])
+async def test_an_executor_killed_mid_run_is_resolved_at_once_by_policy(
+    harness: Any, retries: int, status: str
+) -> None:
+    """SIGKILL of the executor (the template) during a run, the consumer alive: its processes died with it; the
+    policy applies now, not when the lease (30 s here) expires, and the reason says what happened (attack-10 F8)."""
+    workflow_id = await harness.workflow(TICKING, retries_on_crash=retries)
+    ledger = harness.ledger()
+    request = harness.request(workflow_id, {**ledger.params, "once": ledger.params["key"] + ":once", "wait": 60.0})
+    amqp_url = harness.settings.required("amqp_url")
+    async with replies_on(amqp_url) as (replies, channel), harness.consumer(lease_sweep_interval_s=0.5) as running:
+        await publish(channel, harness.settings.queue_name, request, replies.queue_name)
+        await ledger.wait_for(2)
+        template = running.executor.template_pid
+        assert template is not None
+        os.kill(template, signal.SIGKILL)
+        row = await harness.wait_for_status(request.execution_id, status, timeout_s=10)  # the lease is 30 s
+        await replies.wait_for_count(1)
+    assert row["attempt"] == 1 + retries
+    if status == "FAILED":
+        assert row["error"].startswith("the executor was lost during the execution")
+    assert ("end", 1) not in [(kind, attempt) for kind, attempt, _ in notes(await ledger.entries())]
