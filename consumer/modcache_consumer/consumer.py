@@ -126,6 +126,7 @@ class WorkflowExecutionConsumer:
         self._names = amqp.Names.for_queue(settings.queue_name)
         self._stack = contextlib.AsyncExitStack()
         self._in_flight: set[asyncio.Task[Any]] = set()
+        self._owed: set[asyncio.Task[None]] = set()  # replies a sweep took over, sent beside the sweep loop
         self._terms = executions.Terms(
             owner=executions.Owner(f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"),
             lease_s=settings.lease_ttl_s,
@@ -351,6 +352,9 @@ class WorkflowExecutionConsumer:
             for task in list(self._in_flight):
                 task.cancel()
             await asyncio.gather(*self._in_flight, return_exceptions=True)
+        for owed in list(self._owed):  # their leases are released below: a sweep elsewhere sends them
+            owed.cancel()
+        await asyncio.gather(*self._owed, return_exceptions=True)
         try:  # what is still leased here was cut off: expire it now, so the next sweep applies its policy
             await self.leases.release()
         except Exception as e:
@@ -740,10 +744,20 @@ class WorkflowExecutionConsumer:
         for item in recovered:
             if item.action is executions.Action.REPUBLISH:
                 await self._republish(item)
-            elif item.action is executions.Action.REPLY:
-                await self._reply_owed(item.request, item.record.outcome, item.waiting)
+            elif item.action is executions.Action.REPLY:  # beside the sweep: an unsendable reply is retried for
+                owed = asyncio.create_task(  # reply_retry_s, which must not hold up the next sweep (F11)
+                    self._reply_recovered(item)
+                )
+                self._owed.add(owed)
+                owed.add_done_callback(self._owed.discard)
             if item.previous_status is messages.Status.RUNNING:
                 self.metrics.executions.labels(status=item.record.status.value).inc()
+
+    async def _reply_recovered(self, item: executions.Recovered) -> None:
+        try:
+            await self._reply_owed(item.request, item.record.outcome, item.waiting)
+        except Exception:  # its lease expires and a later sweep sends it
+            log.exception("execution %s: the owed reply failed", item.record.id)
 
     async def _republish(self, item: executions.Recovered) -> None:
         assert self._channel is not None

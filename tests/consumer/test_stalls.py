@@ -22,6 +22,7 @@ from typing import Any
 import asyncpg
 import pytest
 
+from modcache_consumer import consumer as consumer_module
 from testkit.consumers import ConsumerProcess
 from testkit.ledger import LEDGER, Ledger
 
@@ -229,3 +230,46 @@ async def test_an_executor_killed_mid_run_is_resolved_at_once_by_policy(
     if status == "FAILED":
         assert row["error"].startswith("the executor was lost during the execution")
     assert ("end", 1) not in [(kind, attempt) for kind, attempt, _ in notes(await ledger.entries())]
+
+
+class StuckReplies(consumer_module.WorkflowExecutionConsumer):
+    """Replies to ``stuck-*`` queues never get through (a broker that takes them and never confirms, for as long
+    as MODCACHE_REPLY_RETRY_S allows): the seam for replies that cannot be sent."""
+
+    async def _send_reply(self, request: Any, outcome: Any, *, retry_s: float = 0.0) -> bool:
+        if (request.reply_to or "").startswith("stuck-"):
+            await asyncio.sleep(3600)
+        return await super()._send_reply(request, outcome, retry_s=retry_s)
+
+
+async def test_owed_replies_that_cannot_be_sent_do_not_hold_up_crash_recovery(harness: Any) -> None:
+    """A sweep that took over owed replies which cannot be sent goes on sweeping: a run whose consumer died later
+    is still resolved within a sweep interval (attack-10 F11: 20 s per unsendable reply, one after another)."""
+    workflow_id = await harness.workflow("def run():\n    return 1\n")
+    owed = [uuid.uuid4() for _ in range(3)]
+    for execution_id in owed:  # finished, their replies owed by a consumer that died
+        await harness.sql(
+            "INSERT INTO executions (id, workflow_id, status, result, started_at, finished_at, reply_to, "
+            "correlation_id, lease_owner, lease_token, lease_expires_at, attempt) VALUES ($1, $2, 'SUCCESS', '1', "
+            "now(), now(), 'stuck-' || CAST($1 AS uuid)::text, CAST($1 AS uuid)::text, 'dead:1:0', 1, "
+            "now() - interval '1 s', 1)",
+            execution_id,
+            workflow_id,
+        )
+    the_settings = harness.settings.model_copy(update=FAST_LEASES)
+    async with StuckReplies(settings=the_settings) as running:
+        await harness.wait_for_rows(  # the sweep took them over and is sending them
+            "SELECT id FROM executions WHERE id = ANY($1::uuid[]) AND lease_owner = $2",
+            owed,
+            running._terms.owner,
+            done=lambda rows: len(rows) == len(owed),
+        )
+        orphan = uuid.uuid4()
+        await harness.sql(  # then a run whose consumer died
+            "INSERT INTO executions (id, workflow_id, status, started_at, lease_owner, lease_token, lease_expires_at, "
+            "attempt) VALUES ($1, $2, 'RUNNING', now(), 'dead:2:0', 1, now() - interval '1 s', 1)",
+            orphan,
+            workflow_id,
+        )
+        row = await harness.wait_for_status(orphan, "FAILED", timeout_s=5 * FAST_LEASES["lease_sweep_interval_s"])
+    assert row["error"] == "consumer died mid-run"
