@@ -282,9 +282,8 @@ class Engine:
         entries, malformed = await self.cache.read_manifest(paths)
         index = await self.cache.read_index_members(paths)
         values = {p: modules.encode_cached(p, m.content, m.hash) for p, m in found.items()}
-        codes = await self.cache.check_values(
-            {p: (rediscache.value_digest(v), found[p].hash) for p, v in values.items()}
-        )
+        expected = {p: (rediscache.value_digest(v), found[p].hash) for p, v in values.items()}
+        codes = await self.cache.check_values(expected) if expected else {}
         codes.update(await self.cache.check_lengths(dict.fromkeys(p for p in paths if p not in found)))
         content: dict[str, str | None] = {}
         damaged: dict[str, plan.Reason] = {}

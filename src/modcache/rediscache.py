@@ -365,7 +365,11 @@ local page = call('HSCAN', walked, ARGV[3], 'COUNT', ARGV[4])
 local entries, fields, changed = page[2], {}, {page[1], ''}
 for i = 1, #entries, 2 do fields[#fields + 1] = entries[i] end
 if #fields == 0 then return changed end
-local there = call('HMGET', other, unpack(fields))
+local there = {}
+for i = 1, #fields, 1000 do  -- an HSCAN page may hold more than its COUNT; unpack takes 8,000 at most
+    local got = call('HMGET', other, unpack(fields, i, math.min(i + 999, #fields)))
+    for j = 1, #got do there[i + j - 1] = got[j] end
+end
 call('PUBLISH', ARGV[2], 'b:' .. ARGV[1])
 for i, field in ipairs(fields) do
     if there[i] ~= entries[2 * i] then
