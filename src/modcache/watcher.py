@@ -5,11 +5,12 @@ unexpectedly stops the others and is raised):
 
 * **source** -- ``pgsource.listen``: NOTIFY hints become path updates; every (re)connect asks for a full resync,
   because notifications sent while the listener was away are lost;
-* **cache** -- ``keyevents.KeyEvents``: a foreign change to a content key becomes a path update (verified by
-  whole value); a change to the index or the manifest asks for a full resync; a flush, a swap, a restart or a
-  lossy failover (the probe) asks for a full resync at once and a deep one right after it; one to the generation
-  or the status record is checked first; every (re)subscribe asks for a *deep* resync (a foreign write in the gap
-  may have kept a value's length);
+* **cache** -- ``keyevents.KeyEvents``: a foreign change to a content key becomes a path update (verified by whole
+  value); members of the index or the manifest changed (``SREM``, ``HSET``, ...) are found by a member check against
+  the expected copies and become path updates too; any other change to them asks for a full resync; a flush, a swap, a
+  restart or a lossy failover (the probe) asks for a full resync at once and a deep one right after it; one to the
+  generation or the status record is checked first; every (re)subscribe asks for a *deep* resync (a foreign write in
+  the gap may have kept a value's length);
 * **applier** -- drains the paths queued by the two above and converges them with ``Engine.apply_paths``;
   whatever piled up while a batch ran becomes the next batch, so bursts coalesce with no added delay;
 * **resync** -- a full resync on request or every ``resync_interval_s`` (jittered); deep (whole values, SCAN)
@@ -549,15 +550,25 @@ class Watcher:
         self._observer.on_sync(report, KEYSPACE)
 
     async def _settle_expected(self, heard: int) -> None:
-        """After a full resync (which made index and manifest right): rebuild the expected copies if they cannot be
-        believed. A copy taken while member events arrived may hold those changes: one more resync looks at them."""
-        rebuild, self._expected_doubted = self._expected_doubted, False
+        """After a full resync (which made index and manifest right): make the expected copies agree with them where
+        they cannot be believed -- rebuilt when absent or of another size, compared in full after someone else wrote
+        them, rewriting only what differs (another modcache process's ``APPLY`` writes them too, and this watcher's
+        rewriting them would be that process's foreign change in turn: two watchers must not resync each other
+        forever). A copy settled while member events arrived may hold those changes: one more resync looks."""
+        doubted, self._expected_doubted = self._expected_doubted, False
+        cache = self.engine.cache
         try:
-            rebuilt = await self.engine.cache.settle_expected(rebuild=rebuild)
+            changed = await cache.settle_expected()
+            if doubted and not changed:
+                index = await cache.index_changes(removed=True, added=True)
+                manifest = await cache.manifest_changes(dropped=True, written=True)
+                changed = index is None or manifest is None or bool(index or manifest)
+                if index is None or manifest is None:
+                    await cache.settle_expected(rebuild=True)
         except errors.TransientError:
-            self._expected_doubted |= rebuild
+            self._expected_doubted |= doubted
             return
-        if rebuilt and self._member_events != heard:
+        if changed and self._member_events != heard:
             self.request_resync(KEYSPACE)
 
     async def _doubt_loop(self) -> None:

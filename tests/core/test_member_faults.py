@@ -14,9 +14,10 @@ from collections.abc import AsyncIterator
 import pytest
 import redis.asyncio as aioredis
 
-from modcache import keys, pgsource, settings, watcher
+from modcache import keys, pgsource, plan, rediscache, settings, watcher
 from testkit import convergence
 from testkit.observers import Recorder
+from testkit.polling import eventually
 from testkit.servers import PrivateRedis, private_redis
 from testkit.watching import watching_source
 
@@ -188,7 +189,7 @@ async def test_the_expected_copies_written_by_someone_else_are_not_believed_but_
         left = await convergence.converged(database_url, client, KS.prefix, within_s=WITHIN_S)
         assert not left, left
         assert recorder.full_syncs() > full  # the copy was not believed
-        await recorder.wait_for(lambda: not w._expected_doubted)
+        await eventually(lambda: not w._expected_doubted, WITHIN_S)
         assert await client.sismember(KS.expected_index, paths[3])
         full = recorder.full_syncs()
         await client.srem(KS.index, paths[4])
@@ -209,9 +210,67 @@ async def test_a_cache_without_expected_copies_gets_them_from_its_first_resync(
         await client.srem(KS.index, paths[5])
         assert not await convergence.converged(database_url, client, KS.prefix, within_s=WITHIN_S)
         await recorder.wait_for(lambda: recorder.full_syncs() > full)
-        await recorder.wait_for(lambda: not w._expected_doubted)
+        await eventually(lambda: not w._expected_doubted, WITHIN_S)
         full = recorder.full_syncs()
         await client.hdel(KS.manifest, paths[6])
         assert not await convergence.converged(database_url, client, KS.prefix, within_s=WITHIN_S)
         assert recorder.full_syncs() == full
+        assert not task.done()
+
+
+async def test_two_watchers_on_one_cache_repair_a_member_fault_and_do_not_resync_each_other_for_ever(
+    server: PrivateRedis, client: aioredis.Redis, source: pgsource.PgSource, database_url: str
+) -> None:
+    """Two watchers of one cache (an operator replica beside a CLI one): each one's repairs write the expected copies,
+    which the other cannot tell from an attacker's writes (it does not know the nonce): it resyncs in full, compares
+    the copies in full and rewrites nothing that agrees, so the other hears nothing back. A member fault is repaired,
+    and both then fall quiet."""
+    paths = await put_some(source, 30)
+    config = settings.Settings(resync_interval_s=3600, listener_backoff_max_s=0.2, probe_interval_s=0.05)  # type: ignore[call-arg]
+    async with (
+        watching(source, server.url, database_url) as (a, task_a, recorder_a),
+        watching_source(source, server.url, KS, database_url, config) as (b, task_b, recorder_b),
+    ):
+        await recorder_b.wait_for(lambda: any(r.deep for r, _ in recorder_b.syncs))
+        await client.srem(KS.index, paths[9])
+        assert not await convergence.converged(database_url, client, KS.prefix, within_s=WITHIN_S)
+        full = recorder_a.full_syncs() + recorder_b.full_syncs()
+        await asyncio.sleep(1.0)  # twenty probe rounds: a resync of one caused by the other's writes would show
+        assert recorder_a.full_syncs() + recorder_b.full_syncs() == full, "the two watchers keep resyncing"
+        assert a.state.member_checks + b.state.member_checks >= 1
+        assert await client.sdiff(KS.index, KS.expected_index) == set()
+        assert await client.hgetall(KS.manifest) == await client.hgetall(KS.expected_manifest)
+        assert not task_a.done()
+        assert not task_b.done()
+
+
+async def test_another_writers_changes_cost_a_full_resync_and_the_copies_are_believed_again_after_it(
+    server: PrivateRedis, client: aioredis.Redis, source: pgsource.PgSource, database_url: str
+) -> None:
+    """A write through ``APPLY`` by another process changes the copies too: it is believed no more than an attacker's
+    (a full resync, as every index change cost before); after it the copies agree and are not rewritten, and the
+    next member fault is a member check again."""
+    paths = await put_some(source, 30)
+    async with watching(source, server.url, database_url) as (w, task, recorder):
+        other = rediscache.RedisCache.from_url(server.url, keyspace=KS)
+        try:
+            full = recorder.full_syncs()
+            rewritten = [
+                rediscache.Write(
+                    plan.Item(plan.Operation.REINDEX, p, plan.Reason.INDEX, None, (await source.fetch([p]))[0][p].hash),
+                    length=await client.strlen(KS.content(p)),
+                )
+                for p in paths[:3]
+            ]
+            applied = await other.apply(rewritten, fence=await other.generation())
+            assert len(applied.applied) == 3  # three manifest entries rewritten at a new generation (and copies)
+            await recorder.wait_for(lambda: recorder.full_syncs() > full)
+            await eventually(lambda: not w._expected_doubted, WITHIN_S)
+            full, checks = recorder.full_syncs(), w.state.member_checks
+            await client.hdel(KS.manifest, paths[9])
+            assert not await convergence.converged(database_url, client, KS.prefix, within_s=WITHIN_S)
+            assert recorder.full_syncs() == full
+            assert w.state.member_checks > checks
+        finally:
+            await other.close()
         assert not task.done()
