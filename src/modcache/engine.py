@@ -204,6 +204,24 @@ class Engine:
         outcome.rejected += refused
         return self._report(the_plan, outcome, source, cached, started, dry_run=dry_run, digest=None)
 
+    async def unlist(self, names: Iterable[str]) -> plan.Report:
+        """Remove exactly these index members / manifest fields, each a name that is no content key of this cache
+        (found changed by someone else: ``RedisCache.index_changes``); valid names are left alone (they are
+        converged by ``apply_paths``), and no key is derived from any name."""
+        started = self._monotonic()
+        problems = {n: self.cache.keyspace.name_problem(n) for n in sorted(set(names))}
+        items = tuple(
+            plan.Item(plan.Operation.UNLIST, name, plan.Reason.INVALID, None, None, why)
+            for name, why in problems.items()
+            if why is not None
+        )
+        outcome = _Outcome()
+        if items:
+            generation = await self.cache.read_generation()
+            outcome = await self._apply([rediscache.Write(item) for item in items], fence=generation.value)
+        the_plan = plan.Plan(items=items)
+        return self._report(the_plan, outcome, plan.SourceView(live={}), 0, started, dry_run=False, digest=None)
+
     async def _converge_batched(
         self, paths: Sequence[str], *, dry_run: bool
     ) -> tuple[plan.Plan, _Outcome, plan.SourceView, int]:
@@ -264,9 +282,8 @@ class Engine:
         entries, malformed = await self.cache.read_manifest(paths)
         index = await self.cache.read_index_members(paths)
         values = {p: modules.encode_cached(p, m.content, m.hash) for p, m in found.items()}
-        codes = await self.cache.check_values(
-            {p: (rediscache.value_digest(v), found[p].hash) for p, v in values.items()}
-        )
+        expected = {p: (rediscache.value_digest(v), found[p].hash) for p, v in values.items()}
+        codes = await self.cache.check_values(expected) if expected else {}
         codes.update(await self.cache.check_lengths(dict.fromkeys(p for p in paths if p not in found)))
         content: dict[str, str | None] = {}
         damaged: dict[str, plan.Reason] = {}

@@ -66,6 +66,9 @@ EVICTED = "Redis evicted keys under maxmemory (modcache's probe key among them)"
 #: What the probe reports when its watch was touched by a flush, a swap or a write to its guard key too.
 REPLACED = "the cache was flushed or replaced (modcache's probe key was touched)"
 
+#: The role of ``Changed`` events on the expected copies of the index and the manifest (``keys.KeySpace.expected``).
+EXPECTED_ROLE = "expected"
+
 log = logging.getLogger(__name__)
 
 
@@ -81,8 +84,8 @@ class Subscribed:
 
 @dataclasses.dataclass(frozen=True)
 class Changed:
-    """A content key (``path``) or one of modcache's own keys (``role``: index, manifest, generation, status)
-    was changed by someone else; ``event`` is what Redis said happened (``del``, ``evicted``, ``hset``, ...)."""
+    """A content key (``path``) or one of modcache's own keys (``role``: index, manifest, generation, status,
+    ``EXPECTED_ROLE``) was changed by someone else; ``event`` is what Redis said happened (``del``, ``hset``, ...)."""
 
     path: str | None = None
     role: str | None = None
@@ -166,6 +169,7 @@ class KeyEvents:
         self._token = secrets.token_hex(8)
         self._canary_seen = asyncio.Event()
         self._roles = {key: role for role, key in self._ks.bookkeeping().items()}
+        self._roles.update(dict.fromkeys(self._ks.expected(), EXPECTED_ROLE))
         self._probe_arms = 0  # each arming watches a key of its own name: a late event of an earlier one is not its
         self._probe_key = self._next_probe_key()
         self._probe_conn: Any = None

@@ -12,7 +12,12 @@ Keys modcache adds beside it. Module paths always end in ``.py``, so none of the
   the exact byte length of the value it wrote (what the routine resync checks, see ``docs/integrity.md``);
 * ``{prefix}modcache:generation`` -- STRING integer, bumped on every applied batch; starts at the server clock in
   microseconds, so it stays monotonic even after the key is lost (FLUSHDB, eviction);
-* ``{prefix}modcache:status`` -- HASH, the last full sync's summary (``SyncStatus``).
+* ``{prefix}modcache:status`` -- HASH, the last full sync's summary (``SyncStatus``);
+* ``{prefix}modcache:expected:index`` / ``{prefix}modcache:expected:manifest`` -- SET / HASH, what modcache's own
+  writes left in the index and the manifest (every ``APPLY`` changes both copies in the same script): a keyspace
+  event names the index or the manifest, not the member, and Redis diffs two SETs in C (``SDIFF``), so a watcher
+  finds the members someone else changed without a full resync (``rediscache.INDEX_CHANGES``). Never authority:
+  what differs is compared with the source, and a copy that cannot be believed makes a full resync rebuild it.
 
 Everything read back from Redis is judged by the functions here before it is believed: ``KeySpace.name_problem``
 for anything that names a key (index members, manifest fields, event channels, SCAN results, NOTIFY paths),
@@ -218,6 +223,18 @@ class KeySpace:
     def writes_channel(self) -> str:
         """The Pub/Sub channel on which modcache's write script brackets its own writes (see ``rediscache``)."""
         return f"{self.prefix}modcache:writes"
+
+    @property
+    def expected_index(self) -> str:
+        return f"{self.prefix}modcache:expected:index"
+
+    @property
+    def expected_manifest(self) -> str:
+        return f"{self.prefix}modcache:expected:manifest"
+
+    def expected(self) -> tuple[str, str]:
+        """The copies of the index and the manifest that only modcache writes (see the module docstring)."""
+        return self.expected_index, self.expected_manifest
 
     def bookkeeping(self) -> dict[str, str]:
         """Role -> key of modcache's own keys beside the content keys (``index`` is Bifrost's)."""

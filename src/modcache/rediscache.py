@@ -205,15 +205,16 @@ return {g, 0}
 """
 )
 
-# KEYS: generation, index, manifest; ARGV: fence, ttl_s, ttl_jitter_s, seed, nonce, writes channel, highest believable
+# KEYS: generation, index, manifest, expected index, expected manifest (``KeySpace.expected``: the same changes of index
+# and manifest go to both copies); ARGV: fence, ttl_s, ttl_jitter_s, seed, nonce, writes channel, highest believable
 # generation, content key prefix, then the items in four columns: their ops (one character each), their hashes (64
 # characters each, spaces when none), their lengths (comma-separated, '' when none), their paths (NUL-separated; a
 # module path never holds a NUL, and a 'u' item's entry is empty), then the name of each 'u' item (any bytes: it names
 # no content key) and the value of each 'p' item, in order. Columns, not five arguments per item: redis-py packs each
-# argument in Python, which was most of the client's time for 100,000 items. A content key is the prefix plus its
-# path (``RedisCache.apply`` has checked every path). Returns {one character per item ('a' applied, 'c' conflicted,
-# 'm' content moved on: not reindexed), repairs made ('1'/'2'/'3' a key of the wrong type deleted, 'g' generation
-# reset, 'l' generation raised to the manifest's), the generation written}.
+# argument in Python, which was most of the client's time for 100,000 items. A content key is the prefix plus its path
+# (``RedisCache.apply`` has checked every path). Returns {one character per item ('a' applied, 'c' conflicted, 'm'
+# content moved on: not reindexed), repairs made ('1'/'2'/'3' a key of the wrong type deleted, 'g' generation reset, 'l'
+# generation raised to the manifest's), the generation written}.
 APPLY = (
     # the shebang makes Redis refuse the script as a whole when it is out of memory, before its first PUBLISH: a
     # script that published ``b:`` and then failed would leave the key-event iterator inside a write that never ends
@@ -224,8 +225,8 @@ local call = redis.call
 local fence, limit = ARGV[1], ARGV[7]
 local ttl, jitter, seed = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 call('PUBLISH', ARGV[6], 'b:' .. ARGV[5])
-local repaired, wanted = '', {'string', 'set', 'hash'}
-for i = 1, 3 do
+local repaired, wanted = '', {'string', 'set', 'hash', 'set', 'hash'}
+for i = 1, 5 do
     local kind = call('TYPE', KEYS[i])['ok']
     if kind ~= 'none' and kind ~= wanted[i] then call('DEL', KEYS[i]); repaired = repaired .. i end
 end
@@ -292,10 +293,12 @@ end
 local function each(command, key, list)
     for i = 1, #list, 1000 do call(command, key, unpack(list, i, math.min(i + 999, #list))) end
 end
-each('SREM', KEYS[2], gone)
-each('HDEL', KEYS[3], gone)
-each('SADD', KEYS[2], listed)
-each('HSET', KEYS[3], entries)
+for copy = 0, 2, 2 do  -- the index and the manifest, then their expected copies
+    each('SREM', KEYS[2 + copy], gone)
+    each('HDEL', KEYS[3 + copy], gone)
+    each('SADD', KEYS[2 + copy], listed)
+    each('HSET', KEYS[3 + copy], entries)
+end
 call('PUBLISH', ARGV[6], 'e:' .. ARGV[5])
 return {table.concat(out), repaired, gen}
 """
@@ -324,6 +327,86 @@ redis.call('PUBLISH', ARGV[2], 'e:' .. ARGV[1])
 return 1
 """
 
+# KEYS: index, expected index; ARGV: nonce, writes channel, what to look for ('-' members removed, '+' added, or
+# both), the most names to return. Returns {'' or why the copy cannot be used, the names that differ...}; the copy
+# is made to agree with the index for those names in the same script (between the markers: events after it are
+# compared with what the index held now). Two SDIFFs in C, no member converted into Lua but the differences.
+INDEX_CHANGES = """#!lua
+local call = redis.call
+local index, copy = call('TYPE', KEYS[1])['ok'], call('TYPE', KEYS[2])['ok']
+if index ~= 'set' and index ~= 'none' then return {'the index is a ' .. index} end
+if copy ~= 'set' then return {copy == 'none' and index == 'none' and '' or 'no expected index'} end
+local removed, added = {}, {}
+if string.find(ARGV[3], '-', 1, true) then removed = call('SDIFF', KEYS[2], KEYS[1]) end
+if string.find(ARGV[3], '+', 1, true) then added = call('SDIFF', KEYS[1], KEYS[2]) end
+if #removed + #added > tonumber(ARGV[4]) then return {'too many changed members'} end
+call('PUBLISH', ARGV[2], 'b:' .. ARGV[1])
+for i = 1, #removed, 1000 do call('SREM', KEYS[2], unpack(removed, i, math.min(i + 999, #removed))) end
+for i = 1, #added, 1000 do call('SADD', KEYS[2], unpack(added, i, math.min(i + 999, #added))) end
+call('PUBLISH', ARGV[2], 'e:' .. ARGV[1])
+local out = {''}
+for _, name in ipairs(removed) do out[#out + 1] = name end
+for _, name in ipairs(added) do out[#out + 1] = name end
+return out
+"""
+
+# KEYS: manifest, expected manifest; ARGV: nonce, writes channel, HSCAN cursor, page size, 'f' (walk the manifest:
+# fields whose value the copy does not hold) or 'r' (walk the copy: fields the manifest lost). Returns {next cursor,
+# '' or why the copy cannot be used, the fields that differ...}, the copy made to agree for them (between markers).
+# Redis has no C-level diff of two hashes: this one is O(entries) in Lua, paged so Redis never stalls for long.
+MANIFEST_CHANGES = """#!lua
+local call = redis.call
+local manifest, copy = call('TYPE', KEYS[1])['ok'], call('TYPE', KEYS[2])['ok']
+if manifest ~= 'hash' and manifest ~= 'none' then return {'0', 'the manifest is a ' .. manifest} end
+if copy ~= 'hash' then return {'0', copy == 'none' and manifest == 'none' and '' or 'no expected manifest'} end
+local walked, other = KEYS[1], KEYS[2]
+if ARGV[5] == 'r' then walked, other = KEYS[2], KEYS[1] end
+local page = call('HSCAN', walked, ARGV[3], 'COUNT', ARGV[4])
+local entries, fields, changed = page[2], {}, {page[1], ''}
+for i = 1, #entries, 2 do fields[#fields + 1] = entries[i] end
+if #fields == 0 then return changed end
+local there = {}
+for i = 1, #fields, 1000 do  -- an HSCAN page may hold more than its COUNT; unpack takes 8,000 at most
+    local got = call('HMGET', other, unpack(fields, i, math.min(i + 999, #fields)))
+    for j = 1, #got do there[i + j - 1] = got[j] end
+end
+call('PUBLISH', ARGV[2], 'b:' .. ARGV[1])
+for i, field in ipairs(fields) do
+    if there[i] ~= entries[2 * i] then
+        changed[#changed + 1] = field
+        local now = call('HGET', KEYS[1], field)
+        if now then call('HSET', KEYS[2], field, now) else call('HDEL', KEYS[2], field) end
+    end
+end
+call('PUBLISH', ARGV[2], 'e:' .. ARGV[1])
+return changed
+"""
+
+# KEYS: index, manifest, expected index, expected manifest; ARGV: nonce, writes channel, '1' to rebuild whatever
+# is found. Makes each copy a COPY of the original unless it is of the same type with as many members (O(1) then);
+# returns 1 if one was rebuilt.
+EXPECTED = """#!lua
+local call = redis.call
+local function agree(a, b, count)
+    local kind = call('TYPE', a)['ok']
+    return kind == call('TYPE', b)['ok'] and (kind == 'none' or call(count, a) == call(count, b))
+end
+local rebuilt = 0
+call('PUBLISH', ARGV[2], 'b:' .. ARGV[1])
+for i, count in ipairs({'SCARD', 'HLEN'}) do
+    local original, copy = KEYS[i], KEYS[i + 2]
+    local kind = call('TYPE', original)['ok']
+    local wanted = i == 1 and 'set' or 'hash'
+    if ARGV[3] == '1' or not (kind == wanted or kind == 'none') or not agree(original, copy, count) then
+        call('DEL', copy)
+        if kind == wanted then call('COPY', original, copy) end
+        rebuilt = 1
+    end
+end
+call('PUBLISH', ARGV[2], 'e:' .. ARGV[1])
+return rebuilt
+"""
+
 _OP_CODES = {
     plan.Operation.PUT: "p",
     plan.Operation.DELETE: "d",
@@ -337,6 +420,8 @@ _APPLY_REPAIRS = {"1": "generation", "2": "index", "3": "manifest"}
 INDEX_PAGE = 10_000
 #: How close to ``maxmemory`` Redis must be to count as evicting for lack of memory (it evicts to stay just below).
 MEMORY_LIMIT_MARGIN = 0.1
+#: Members found changed by someone else beyond which a full resync repairs them rather than one by one.
+MAX_CHANGED = 10_000
 #: Nonces of writes in flight that a key-event iterator may still have to recognise (bounded: oldest dropped).
 MAX_OWN_WRITES = 10_000
 
@@ -429,6 +514,9 @@ class RedisCache:
         self._touch = client.register_script(TOUCH)
         self._status = client.register_script(STATUS)
         self._peek = client.register_script(PEEK)
+        self._index_changes = client.register_script(INDEX_CHANGES)
+        self._manifest_changes = client.register_script(MANIFEST_CHANGES)
+        self._expected = client.register_script(EXPECTED)
         # the key a by-path script is sent with: it names no key itself, and a Cluster routes a script by its keys (a
         # Cluster cache's prefix carries a hash tag, so every key of the cache lives in this key's slot)
         self._route = [keyspace.generation]
@@ -695,7 +783,8 @@ class RedisCache:
         args += [w.item.path for w in writes if w.item.operation is plan.Operation.UNLIST]
         args += [w.value for w in writes if w.item.operation is plan.Operation.PUT]
         try:
-            codes, repaired, gen = await _call(self._apply(keys=[ks.generation, ks.index, ks.manifest], args=args))
+            written = [ks.generation, ks.index, ks.manifest, *ks.expected()]
+            codes, repaired, gen = await _call(self._apply(keys=written, args=args))
         except BaseException:
             self.own_writes.pop(nonce, None)  # the iterator must not wait for an end marker that may never come
             if self.tracking_own_writes:
@@ -740,6 +829,55 @@ class RedisCache:
             nonce, channel = self._marker()
             args: list[str | int] = [self._ttl_s, self._ttl_jitter_s, seed, nonce, channel]
             await self._own(self._touch(keys=[self.keyspace.content(p) for p in batch], args=args), nonce)
+
+    # -- members changed by someone else (the expected copies) ------------------------------------------------
+
+    async def index_changes(self, *, removed: bool, added: bool) -> list[str] | None:
+        """Index members someone else removed or added since the last look (``removed``/``added``: which to look
+        for), by difference with the expected index; the copy then agrees with the index for them, so each change is
+        reported once. None when the copy cannot be used (absent, wrong type) or more than ``MAX_CHANGED`` differ:
+        a full resync is the repair then (and rebuilds it, ``settle_expected``)."""
+        ks = self.keyspace
+        nonce, channel = self._marker()
+        which = ("-" if removed else "") + ("+" if added else "")
+        reply = await self._own(
+            self._index_changes(keys=[ks.index, ks.expected_index], args=[nonce, channel, which, MAX_CHANGED]), nonce
+        )
+        problem, *names = (str(x) for x in reply)
+        return None if problem else names
+
+    async def manifest_changes(self, *, dropped: bool, written: bool) -> list[str] | None:
+        """Manifest fields someone else deleted (``dropped``) or wrote (``written``) since the last look, by
+        comparison with the expected manifest, page by page; the copy then agrees for them. None as for
+        ``index_changes``."""
+        ks = self.keyspace
+        found: list[str] = []
+        for walk in ("f" if written else "") + ("r" if dropped else ""):
+            cursor = "0"
+            while True:
+                nonce, channel = self._marker()
+                args: list[str | int] = [nonce, channel, cursor, self._check_batch_size, walk]
+                reply = await self._own(
+                    self._manifest_changes(keys=[ks.manifest, ks.expected_manifest], args=args), nonce
+                )
+                cursor, problem, *names = (str(x) for x in reply)
+                if problem or len(found) + len(names) > MAX_CHANGED:
+                    return None
+                found += names
+                if cursor == "0":
+                    break
+        return sorted(set(found))
+
+    async def settle_expected(self, *, rebuild: bool = False) -> bool:
+        """Make the expected copies agree with the index and the manifest if they cannot (absent, wrong type, another
+        number of members; ``rebuild``: whatever they hold): after a full resync, which has just made those right.
+        Whether a copy was rebuilt."""
+        ks = self.keyspace
+        nonce, channel = self._marker()
+        originals = [ks.index, ks.manifest, *ks.expected()]
+        return bool(
+            await self._own(self._expected(keys=originals, args=[nonce, channel, "1" if rebuild else "0"]), nonce)
+        )
 
     # -- the sync status record ------------------------------------------------------------------------------
 

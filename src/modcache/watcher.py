@@ -5,11 +5,12 @@ unexpectedly stops the others and is raised):
 
 * **source** -- ``pgsource.listen``: NOTIFY hints become path updates; every (re)connect asks for a full resync,
   because notifications sent while the listener was away are lost;
-* **cache** -- ``keyevents.KeyEvents``: a foreign change to a content key becomes a path update (verified by
-  whole value); a change to the index or the manifest asks for a full resync; a flush, a swap, a restart or a
-  lossy failover (the probe) asks for a full resync at once and a deep one right after it; one to the generation
-  or the status record is checked first; every (re)subscribe asks for a *deep* resync (a foreign write in the gap
-  may have kept a value's length);
+* **cache** -- ``keyevents.KeyEvents``: a foreign change to a content key becomes a path update (verified by whole
+  value); members of the index or the manifest changed (``SREM``, ``HSET``, ...) are found by a member check against
+  the expected copies and become path updates too; any other change to them asks for a full resync; a flush, a swap, a
+  restart or a lossy failover (the probe) asks for a full resync at once and a deep one right after it; one to the
+  generation or the status record is checked first; every (re)subscribe asks for a *deep* resync (a foreign write in
+  the gap may have kept a value's length);
 * **applier** -- drains the paths queued by the two above and converges them with ``Engine.apply_paths``;
   whatever piled up while a batch ran becomes the next batch, so bursts coalesce with no added delay;
 * **resync** -- a full resync on request or every ``resync_interval_s`` (jittered); deep (whole values, SCAN)
@@ -48,6 +49,14 @@ FIRST_EVENTS_WAIT_S = 5.0
 #: Reports of a replaced cache whose bookkeeping still looks intact (a write to the probe key) are acted on at most
 #: once per this long (attack-9 F6): the first at once, the rest by one routine and one deep resync at its end.
 REPLACED_WINDOW_S = 30.0  # the first resync waits this long at most for the key events to be subscribed
+
+#: Key events on the index and the manifest that change members, not the key: what a member check looks for
+#: ('-'/'+' index members removed/added, 'r'/'f' manifest fields deleted/written). Any other event on them (DEL,
+#: RENAME, EXPIRE, a SUNIONSTORE over the index...) replaces the key: a full resync.
+MEMBER_EVENTS = {
+    "index": {"srem": "-", "spop": "-", "sadd": "+"},
+    "manifest": {"hdel": "r", "hset": "f", "hincrby": "f", "hincrbyfloat": "f"},
+}
 
 Backoff = backoff.Backoff
 merged_keyspace_flags = keyevents.merged_keyspace_flags
@@ -95,6 +104,8 @@ class State:
     evictions: int = 0  # the cache's keys Redis was heard evicting (a cache that does not fit shows here)
     keyspace_missing: str = ""  # keyspace-event classes Redis does not send and modcache could not set again
     replacements_limited: int = 0  # probe reports of a replaced cache not acted on at once (rate limit, F6)
+    member_checks: int = 0  # index/manifest member events answered by a member check instead of a full resync
+    members_repaired: int = 0  # index members / manifest fields those checks found changed by someone else
 
 
 class Watcher:
@@ -141,6 +152,10 @@ class Watcher:
         self._preempted: asyncio.Task[bool] | None = None  # the one cancelled because the cache was replaced
         self._replaced_at: float | None = None  # when a replaced cache was last acted on
         self._replaced_owed: asyncio.TimerHandle | None = None  # the rate-limited resyncs, due at the window's end
+        self._members_wanted: set[str] = set()  # what member events ask a member check to look for (MEMBER_EVENTS)
+        self._members_event = asyncio.Event()
+        self._member_events = 0  # member events heard (a resync that rebuilt the expected copies compares)
+        self._expected_doubted = False  # someone else wrote the expected copies: rebuilt after the next full resync
 
     async def run(self) -> None:
         """Run until cancelled (or until a loop fails unexpectedly, which is raised)."""
@@ -153,6 +168,7 @@ class Watcher:
             "modcache-applier": self._apply_loop(),
             "modcache-bookkeeping": self._doubt_loop(),
             "modcache-evictions": self._eviction_loop(),
+            "modcache-members": self._member_loop(),
         }
         tasks = [asyncio.create_task(coro, name=name) for name, coro in loops.items()]
         try:
@@ -214,7 +230,9 @@ class Watcher:
                     # lengths are left unchecked only while every write to a content key is heard (each one is then
                     # compared by whole value on its event; docs/integrity.md)
                     lengths, self._lengths_next = not self._events_complete or self._lengths_next, False
+                    heard = self._member_events
                     report = await self.engine.full_resync(claims=claims, lengths=lengths)
+                    await self._settle_expected(heard)
                 except errors.TransientError as e:
                     self.state.last_error = str(e)
                     self._observer.on_sync_failed(e, trigger)
@@ -253,7 +271,9 @@ class Watcher:
         for 400 MB of values to be compared against a cache that is gone); whether it completed."""
         current = asyncio.current_task()
         try:
+            heard = self._member_events
             report = await self.engine.full_resync(deep=True)
+            await self._settle_expected(heard)
         except asyncio.CancelledError:
             if current is not self._preempted or (current is not None and current.cancelling() > 1):
                 raise
@@ -378,17 +398,8 @@ class Watcher:
                 self._hold(event.path)
             case keyevents.Changed(path=str(path)):
                 self.enqueue([path], KEYSPACE)
-            case keyevents.Changed(role="manifest"):
-                # a deleted manifest is rebuilt from what each content key claims, then every value is compared
-                self._claims_wanted = True
-                self.request_resync(KEYSPACE)
-            case keyevents.Changed(role="index"):
-                self.request_resync(KEYSPACE)
-            case keyevents.Changed(role=str(role)):
-                # checked by ``_doubt_loop``, coalesced: a flood of events on these keys (a co-tenant, a second
-                # writer) costs one check at a time, never one round trip per event ahead of every other repair
-                self._doubts.add(role)
-                self._doubts_event.set()
+            case keyevents.Changed(role=str(role), event=kind):
+                self._on_bookkeeping(role, kind)
             case keyevents.Regressed(keyevents.EVICTED) if self._evicted(self.engine.cache.writes_heard):
                 self._hold(None)  # not a flush: keys were evicted; refilled once Redis stops evicting what we write
             case keyevents.Regressed(replaced=False) if self._under_eviction_pressure():
@@ -404,6 +415,29 @@ class Watcher:
                 if replaced:
                     self._preempt()
                 self.request_resync(KEYSPACE)
+
+    def _on_bookkeeping(self, role: str, kind: str) -> None:
+        """Someone else changed one of modcache's own keys (``role``) with the event ``kind``."""
+        match role:
+            case "index" | "manifest" if kind in MEMBER_EVENTS[role]:
+                # the event names the key, not the member: a member check finds which (``_member_loop``)
+                self._member_events += 1
+                self._members_wanted.add(MEMBER_EVENTS[role][kind])
+                self._members_event.set()
+            case keyevents.EXPECTED_ROLE:
+                self._expected_doubted = True  # not believed until a full resync has rebuilt them
+                self.request_resync(KEYSPACE)
+            case "manifest":
+                # a deleted manifest is rebuilt from what each content key claims, then every value is compared
+                self._claims_wanted = True
+                self.request_resync(KEYSPACE)
+            case "index":
+                self.request_resync(KEYSPACE)
+            case _:
+                # checked by ``_doubt_loop``, coalesced: a flood of events on these keys (a co-tenant, a second
+                # writer) costs one check at a time, never one round trip per event ahead of every other repair
+                self._doubts.add(role)
+                self._doubts_event.set()
 
     def _on_connectivity(
         self, event: keyevents.Subscribed | keyevents.Lost | keyevents.Unavailable | keyevents.Degraded
@@ -462,6 +496,80 @@ class Watcher:
         self._deep_after = True
         self._lengths_next = True
         self.request_resync(KEYSPACE)
+
+    # -- index and manifest members changed by someone else -----------------------------------------------------
+
+    async def _member_loop(self) -> None:
+        """Answer member events (coalesced: one check at a time looks for all that arrived meanwhile) by finding the
+        members that differ from the expected copies, then converging just those: valid paths through the applier
+        (compared by whole value with their rows), names that are no content key unlisted. A copy that cannot be
+        believed (absent, written by someone else) or too many changes: a full resync, as before."""
+        while True:
+            await self._members_event.wait()
+            self._members_event.clear()
+            wanted, self._members_wanted = self._members_wanted, set()
+            names = None if self._expected_doubted else await self._changed_members(wanted)
+            if names is None:
+                self._claims_wanted |= bool(wanted & {"r", "f"})  # as for any manifest event (rebuilt from claims)
+                self.request_resync(KEYSPACE)
+                continue
+            self.state.member_checks += 1
+            self.state.members_repaired += len(names)
+            ks = self.engine.cache.keyspace
+            invalid = [n for n in names if ks.name_problem(n) is not None]
+            if invalid:
+                await self._unlist(invalid)
+            self.enqueue([n for n in names if ks.name_problem(n) is None], KEYSPACE)
+
+    async def _changed_members(self, wanted: set[str]) -> list[str] | None:
+        """The index members and manifest fields someone else changed, or None if a full resync must tell."""
+        cache, names = self.engine.cache, []
+        try:
+            if wanted & {"-", "+"}:
+                found = await cache.index_changes(removed="-" in wanted, added="+" in wanted)
+                if found is None:
+                    return None
+                names += found
+            if wanted & {"r", "f"}:
+                found = await cache.manifest_changes(dropped="r" in wanted, written="f" in wanted)
+                if found is None:
+                    return None
+                names += found
+        except errors.TransientError as e:
+            self._observer.on_sync_failed(e, KEYSPACE)
+            return None
+        return sorted(set(names))
+
+    async def _unlist(self, names: list[str]) -> None:
+        try:
+            report = await self.engine.unlist(names)
+        except errors.TransientError as e:
+            self._observer.on_sync_failed(e, KEYSPACE)
+            self.request_resync(RETRY)  # the full resync unlists them too
+            return
+        self._observer.on_sync(report, KEYSPACE)
+
+    async def _settle_expected(self, heard: int) -> None:
+        """After a full resync (which made index and manifest right): make the expected copies agree with them where
+        they cannot be believed -- rebuilt when absent or of another size, compared in full after someone else wrote
+        them, rewriting only what differs (another modcache process's ``APPLY`` writes them too, and this watcher's
+        rewriting them would be that process's foreign change in turn: two watchers must not resync each other
+        forever). A copy settled while member events arrived may hold those changes: one more resync looks."""
+        doubted, self._expected_doubted = self._expected_doubted, False
+        cache = self.engine.cache
+        try:
+            changed = await cache.settle_expected()
+            if doubted and not changed:
+                index = await cache.index_changes(removed=True, added=True)
+                manifest = await cache.manifest_changes(dropped=True, written=True)
+                changed = index is None or manifest is None or bool(index or manifest)
+                if index is None or manifest is None:
+                    await cache.settle_expected(rebuild=True)
+        except errors.TransientError:
+            self._expected_doubted |= doubted
+            return
+        if changed and self._member_events != heard:
+            self.request_resync(KEYSPACE)
 
     async def _doubt_loop(self) -> None:
         while True:

@@ -14,9 +14,10 @@ from collections.abc import AsyncIterator
 import pytest
 import redis.asyncio as aioredis
 
-from modcache import keys, pgsource, settings, watcher
+from modcache import keys, pgsource, plan, rediscache, settings, watcher
 from testkit import convergence
 from testkit.observers import Recorder
+from testkit.polling import eventually
 from testkit.servers import PrivateRedis, private_redis
 from testkit.watching import watching_source
 
@@ -103,4 +104,173 @@ async def test_a_del_of_the_probe_key_alone_is_rearmed_without_a_resync_and_a_fl
         left = await convergence.converged(database_url, client, KS.prefix, within_s=WITHIN_S)
         assert not left, f"a FLUSHDB after the DELs: not refilled in {time.perf_counter() - started:.1f} s: {left}"
         assert recorder.full_syncs() > full
+        assert not task.done()
+
+
+# -- index and manifest members ------------------------------------------------------------------------------------
+
+FORGED_FENCE = "99999999999999999:" + "0" * 64 + ":1"
+BELIEVABLE = "{now}:" + "0" * 64 + ":1"  # a generation the fence believes: it would hold the path's updates back
+
+
+async def believable(client: aioredis.Redis) -> str:
+    seconds, micros = await client.time()
+    return BELIEVABLE.format(now=int(seconds) * 1_000_000 + int(micros) + 3_600_000_000)
+
+
+MEMBER_ATTACKS = {
+    "SREM of an index member": lambda c, p: c.srem(KS.index, p),
+    "SREM of many index members": lambda c, p: c.srem(KS.index, p, "pkg/m1.py", "pkg/m2.py", "pkg/m3.py"),
+    "SPOP of index members": lambda c, p: c.spop(KS.index, 3),
+    "SADD of a path that is no module": lambda c, p: c.sadd(KS.index, "ghost/never.py"),
+    "SADD of a name that is not a path": lambda c, p: c.sadd(KS.index, "modcache:generation"),
+    "SADD of a name that is not UTF-8": lambda c, p: c.sadd(KS.index, b"bad\xff.py"),
+    "SMOVE of a member into another set": lambda c, p: c.smove(KS.index, "elsewhere", p),
+    "HSET of a field, an unbelievable fence": lambda c, p: c.hset(KS.manifest, p, FORGED_FENCE),
+    "HSET of a field, a believable fence": lambda c, p: _believable_hset(c, p),
+    "HSET of a new field that is not a path": lambda c, p: c.hset(KS.manifest, "index", FORGED_FENCE),
+    "HDEL of a field": lambda c, p: c.hdel(KS.manifest, p),
+    "HINCRBY of a field that is a number": lambda c, p: c.hincrby(KS.manifest, "pkg/none.py", 5),
+    "SREM and HDEL of one path together": lambda c, p: _both(c, p),
+}
+
+
+async def _believable_hset(client: aioredis.Redis, path: str) -> object:
+    return await client.hset(KS.manifest, path, await believable(client))
+
+
+async def _both(client: aioredis.Redis, path: str) -> object:
+    async with client.pipeline(transaction=True) as pipe:
+        pipe.srem(KS.index, path)
+        pipe.hdel(KS.manifest, path)
+        return await pipe.execute()
+
+
+@pytest.mark.parametrize("attack", list(MEMBER_ATTACKS))
+async def test_an_index_or_manifest_member_changed_by_someone_else_is_repaired_without_a_full_resync(
+    attack: str, server: PrivateRedis, client: aioredis.Redis, source: pgsource.PgSource, database_url: str
+) -> None:
+    """A keyspace event names the index or the manifest, not the member: each of these waited for a full resync
+    (about 1-2 s at 100,000 modules). The watcher now finds the members that differ from the expected copies it
+    keeps beside them (written by the same scripts) and converges just those."""
+    paths = await put_some(source, 30)
+    async with watching(source, server.url, database_url) as (w, task, recorder):
+        full, checks, before = recorder.full_syncs(), w.state.member_checks, len(recorder.syncs)
+        await MEMBER_ATTACKS[attack](client, paths[7])
+        started = time.perf_counter()
+        left = await convergence.converged(database_url, client, KS.prefix, within_s=WITHIN_S)
+        took = time.perf_counter() - started
+        assert not left, f"{attack}: not repaired in {took:.1f} s: {left}"
+        assert await client.type("elsewhere") in ("set", "none")  # a key of someone else's is theirs
+        # a believable forged fence above the generation makes the repair raise the generation (the fence's
+        # counter was behind a manifest entry): a full resync follows that repair, to look at every other path
+        allowed = 1 if attack == "HSET of a field, a believable fence" else 0
+        assert recorder.full_syncs() <= full + allowed, f"{attack}: repaired by a full resync"
+        assert any(not r.full and r.repaired for r, _ in recorder.syncs[before:]), f"{attack}: no update repaired it"
+        assert w.state.member_checks > checks
+        assert await client.sdiff(KS.index, KS.expected_index) == set()
+        assert await client.hgetall(KS.manifest) == await client.hgetall(KS.expected_manifest)
+        assert not task.done()
+
+
+async def test_the_expected_copies_written_by_someone_else_are_not_believed_but_rebuilt(
+    server: PrivateRedis, client: aioredis.Redis, source: pgsource.PgSource, database_url: str
+) -> None:
+    """Whoever can write the index can write its expected copy: a member removed from both is then no difference.
+    A foreign write to a copy makes the next member event a full resync, after which the copies are rebuilt from
+    the repaired index and manifest, and member checks are believed again."""
+    paths = await put_some(source, 30)
+    async with watching(source, server.url, database_url) as (w, task, recorder):
+        full = recorder.full_syncs()
+        async with client.pipeline(transaction=True) as pipe:  # the attacker covers their tracks first
+            pipe.srem(KS.expected_index, paths[3])
+            pipe.srem(KS.index, paths[3])
+            await pipe.execute()
+        left = await convergence.converged(database_url, client, KS.prefix, within_s=WITHIN_S)
+        assert not left, left
+        assert recorder.full_syncs() > full  # the copy was not believed
+        await eventually(lambda: not w._expected_doubted, WITHIN_S)
+        assert await client.sismember(KS.expected_index, paths[3])
+        full = recorder.full_syncs()
+        await client.srem(KS.index, paths[4])
+        assert not await convergence.converged(database_url, client, KS.prefix, within_s=WITHIN_S)
+        assert recorder.full_syncs() == full
+        assert not task.done()
+
+
+async def test_a_cache_without_expected_copies_gets_them_from_its_first_resync(
+    server: PrivateRedis, client: aioredis.Redis, source: pgsource.PgSource, database_url: str
+) -> None:
+    """A cache filled by a modcache that kept no copies (or whose copies were evicted): the member check cannot
+    tell, so a full resync repairs (as before) and leaves copies that agree; the next fault needs none."""
+    paths = await put_some(source, 30)
+    async with watching(source, server.url, database_url) as (w, task, recorder):
+        await client.delete(*KS.expected())
+        full = recorder.full_syncs()
+        await client.srem(KS.index, paths[5])
+        assert not await convergence.converged(database_url, client, KS.prefix, within_s=WITHIN_S)
+        await recorder.wait_for(lambda: recorder.full_syncs() > full)
+        await eventually(lambda: not w._expected_doubted, WITHIN_S)
+        full = recorder.full_syncs()
+        await client.hdel(KS.manifest, paths[6])
+        assert not await convergence.converged(database_url, client, KS.prefix, within_s=WITHIN_S)
+        assert recorder.full_syncs() == full
+        assert not task.done()
+
+
+async def test_two_watchers_on_one_cache_repair_a_member_fault_and_do_not_resync_each_other_for_ever(
+    server: PrivateRedis, client: aioredis.Redis, source: pgsource.PgSource, database_url: str
+) -> None:
+    """Two watchers of one cache (an operator replica beside a CLI one): each one's repairs write the expected copies,
+    which the other cannot tell from an attacker's writes (it does not know the nonce): it resyncs in full, compares
+    the copies in full and rewrites nothing that agrees, so the other hears nothing back. A member fault is repaired,
+    and both then fall quiet."""
+    paths = await put_some(source, 30)
+    config = settings.Settings(resync_interval_s=3600, listener_backoff_max_s=0.2, probe_interval_s=0.05)  # type: ignore[call-arg]
+    async with (
+        watching(source, server.url, database_url) as (a, task_a, recorder_a),
+        watching_source(source, server.url, KS, database_url, config) as (b, task_b, recorder_b),
+    ):
+        await recorder_b.wait_for(lambda: any(r.deep for r, _ in recorder_b.syncs))
+        await client.srem(KS.index, paths[9])
+        assert not await convergence.converged(database_url, client, KS.prefix, within_s=WITHIN_S)
+        full = recorder_a.full_syncs() + recorder_b.full_syncs()
+        await asyncio.sleep(1.0)  # twenty probe rounds: a resync of one caused by the other's writes would show
+        assert recorder_a.full_syncs() + recorder_b.full_syncs() == full, "the two watchers keep resyncing"
+        assert a.state.member_checks + b.state.member_checks >= 1
+        assert await client.sdiff(KS.index, KS.expected_index) == set()
+        assert await client.hgetall(KS.manifest) == await client.hgetall(KS.expected_manifest)
+        assert not task_a.done()
+        assert not task_b.done()
+
+
+async def test_another_writers_changes_cost_a_full_resync_and_the_copies_are_believed_again_after_it(
+    server: PrivateRedis, client: aioredis.Redis, source: pgsource.PgSource, database_url: str
+) -> None:
+    """A write through ``APPLY`` by another process changes the copies too: it is believed no more than an attacker's
+    (a full resync, as every index change cost before); after it the copies agree and are not rewritten, and the
+    next member fault is a member check again."""
+    paths = await put_some(source, 30)
+    async with watching(source, server.url, database_url) as (w, task, recorder):
+        other = rediscache.RedisCache.from_url(server.url, keyspace=KS)
+        try:
+            full = recorder.full_syncs()
+            rewritten = [
+                rediscache.Write(
+                    plan.Item(plan.Operation.REINDEX, p, plan.Reason.INDEX, None, (await source.fetch([p]))[0][p].hash),
+                    length=await client.strlen(KS.content(p)),
+                )
+                for p in paths[:3]
+            ]
+            applied = await other.apply(rewritten, fence=await other.generation())
+            assert len(applied.applied) == 3  # three manifest entries rewritten at a new generation (and copies)
+            await recorder.wait_for(lambda: recorder.full_syncs() > full)
+            await eventually(lambda: not w._expected_doubted, WITHIN_S)
+            full, checks = recorder.full_syncs(), w.state.member_checks
+            await client.hdel(KS.manifest, paths[9])
+            assert not await convergence.converged(database_url, client, KS.prefix, within_s=WITHIN_S)
+            assert recorder.full_syncs() == full
+            assert w.state.member_checks > checks
+        finally:
+            await other.close()
         assert not task.done()
