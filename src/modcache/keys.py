@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Sequence
 from typing import TypedDict
 
 from modcache import modules
@@ -57,6 +58,8 @@ GENERATION_SLACK_US = 10 * 24 * 3600 * 1_000_000
 
 _MANIFEST = re.compile(r"([1-9][0-9]{0,17}):([0-9a-f]{64}):([1-9][0-9]{0,9})")
 _GENERATION = re.compile(r"[1-9][0-9]{0,17}")
+#: A page of manifest values, each followed by a newline (``manifest_columns``): the same rule as ``_MANIFEST``.
+_MANIFEST_LINES = re.compile(r"(?:[1-9][0-9]{0,17}:[0-9a-f]{64}:[1-9][0-9]{0,9}\n)*")
 
 
 def dead_letter_exchange(queue: str) -> str:
@@ -110,6 +113,22 @@ def parse_manifest(value: str | bytes | None) -> ManifestEntry | None:
     if found is None:
         return None
     return ManifestEntry(int(found[1]), found[2], int(found[3]))
+
+
+def manifest_columns(values: Sequence[str], *, limit: int) -> tuple[list[str], list[int], int] | None:
+    """The hashes, the lengths and the highest generation of a page of manifest values, if every one is exactly what
+    ``encode_manifest`` writes with a generation of at most ``limit``; None if any is not (then ``parse_manifest``
+    each). One regular expression over the page and one split, not 5,000 matches: a full resync reads 100,000."""
+    if not values:
+        return [], [], 0
+    joined = "\n".join(values) + "\n"
+    if joined.count("\n") != len(values) or _MANIFEST_LINES.fullmatch(joined) is None:  # no value holds a newline
+        return None
+    parts = joined.replace("\n", ":").split(":")
+    top = max(map(int, parts[0:-1:3]))
+    if top > limit:
+        return None
+    return parts[1::3], list(map(int, parts[2::3])), top
 
 
 def manifest_hash(value: str | bytes | None) -> str | None:

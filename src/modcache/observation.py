@@ -26,6 +26,8 @@ from collections.abc import Set as AbstractSet
 from modcache import keys, modules, pgsource, plan, rediscache
 
 _DAMAGED = (rediscache.WRONGTYPE, rediscache.OTHER, rediscache.CORRUPT)
+#: Manifest pages kept while the source listing or the index is still being read (the walk waits for them beyond).
+MAX_BACKLOG = 4
 
 
 @dataclasses.dataclass
@@ -125,16 +127,25 @@ class _Settling:
         self._listing = listing
         self._indexing = indexing
         self._backlog: list[rediscache.VerifiedPage] = []
-        self.manifest_names: set[str] = set()  # every believable manifest name (to find the unlisted)
+        # the believable manifest names, as the live paths not among them (the listing's strings, no copy of each name;
+        # set operations at C speed per page) and the names that are not live paths
+        self.unseen_live: set[str] = set()
+        self.seen_other: set[str] = set()
+        self._started = False
         self.entries = 0
 
     async def page(self, page: rediscache.VerifiedPage) -> None:
         self._backlog.append(page)
+        if len(self._backlog) >= MAX_BACKLOG:  # each page held is 1 MB of names and hashes: wait for the source
+            await asyncio.wait([self._listing, self._indexing])
         if all(t.done() and not t.cancelled() and t.exception() is None for t in (self._listing, self._indexing)):
             await self.drain()
 
     async def drain(self) -> None:
         (source, _), index = self._listing.result(), self._indexing.result() or frozenset()
+        if not self._started:
+            self._started = True
+            self.unseen_live = set(source.live)
         while self._backlog:  # one page at a time, letting the replies in flight be read in between
             self._settle(self._backlog.pop(0), source.live, index)
             await asyncio.sleep(0)
@@ -148,7 +159,7 @@ class _Settling:
                 v.unsettled.add(name)
         hashes = page.hashes
         self.entries += len(hashes)
-        self.manifest_names.update(hashes)
+        self.unseen_live.difference_update(hashes)
         if not v.complete and not page.codes and hashes.items() <= live.items():
             # every content key verified and every entry = its live (so validated) row: C-level set operations only;
             # what the index lacks (all of it after a DEL of the index) needs an index entry and nothing else
@@ -160,6 +171,7 @@ class _Settling:
                 v.manifest.update(lacking)
                 v.content.update(lacking)
             return
+        self.seen_other.update(hashes.keys() - live.keys())
         for name, digest in hashes.items():
             if not v.judge(name):
                 continue
@@ -196,7 +208,7 @@ async def observe(
         repairs.append(plan.KeyRepair("generation", cache.keyspace.generation, generation.problem))
     views = _Views(cache.keyspace, complete=complete)
     listing = asyncio.create_task(_list(source, cache.keyspace))
-    indexing = asyncio.create_task(cache.read_index())
+    indexing = asyncio.create_task(_index(cache, listing))
     settling = _Settling(views, listing, indexing)
     try:
         async for page in cache.verify_manifest(limit=generation.limit, lengths=lengths):  # verified while we list
@@ -258,9 +270,8 @@ async def _by_path(
     """Check by path what the manifest walk could not: indexed paths without a believable manifest entry and
     paths with a malformed one (does the key exist, of which type), and live paths the manifest lacks (by whole
     value, so that a right content key is only reindexed; with ``claims``, by what the value claims)."""
-    known = settling.manifest_names
-    live = observed.source.live
-    unknown = (views.all_index - known) | views.malformed | (live.keys() - known)  # set operations: 100,000 each
+    live, unseen = observed.source.live, settling.unseen_live  # the live paths the manifest lacks
+    unknown = unseen | (views.all_index - live.keys() - settling.seen_other) | views.malformed  # C-level set operations
     present = []
     for path, code in (await cache.check_lengths(dict.fromkeys(unknown))).items():
         views.unsettled.add(path)
@@ -269,7 +280,7 @@ async def _by_path(
             views.damage[path] = plan.Reason.WRONGTYPE
         elif path in views.malformed and code != rediscache.ABSENT:
             views.damage[path] = plan.Reason.MANIFEST
-        if code == rediscache.PRESENT and path in live and path not in known:
+        if code == rediscache.PRESENT and path in unseen:
             present.append(path)
     # only unlisted keys that exist are read and compared by whole value (after a flush none is: nothing is read
     # twice, once to find it absent and once to write it)
@@ -384,4 +395,18 @@ async def _list(source: pgsource.PgSource, ks: keys.KeySpace) -> tuple[plan.Sour
             rejected = [modules.Rejected(p, modules.Rejection.BAD_PATH, why) for p, why in foreign.items()]
             live = {p: h for p, h in listed.live.items() if p not in foreign}
             listed = plan.SourceView(live=live, rejected=(*listed.rejected, *rejected), large=listed.large)
+
     return listed, await asyncio.to_thread(plan.source_digest, listed.live)  # seconds at 1,000,000 under load
+
+
+async def _index(
+    cache: rediscache.RedisCache, listing: asyncio.Task[tuple[plan.SourceView, str]]
+) -> frozenset[str] | None:
+    """The index members (None: not a SET), the live ones as the listing's strings: a copy of every path less to
+    keep, and at 1,000,000 paths set operations that compare by identity instead of touching two copies' bytes
+    (``set.intersection`` of a dict's keys keeps the keys' objects)."""
+    members = await cache.read_index()
+    if members is None:
+        return None
+    live = (await listing)[0].live.keys()
+    return await asyncio.to_thread(lambda: members.intersection(live) | (members - live))

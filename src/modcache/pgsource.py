@@ -36,13 +36,16 @@ LIVE = "entity_type = 'module' AND NOT is_deleted"
 #: row must be rejected by ``modules`` rather than fail the whole statement (a conversion to UTF-8 would).
 _RAW = "convert_to({}, getdatabaseencoding())"
 
-#: One row of three arrays: decoding three arrays costs a third of decoding 100,000 records. ``size`` is -1 for NULL
-#: content (``octet_length`` of a TOASTed value reads its header, not the value). In path order (the live-modules
-#: index is walked): in a database with a C collation that is the code-point order ``plan.source_digest`` hashes in,
-#: so it need not sort 100,000 paths again (it checks, and sorts when the collation orders otherwise).
+#: One row: the paths and the hashes each as one NUL-separated string of their stored bytes (PostgreSQL text holds no
+#: NUL), the sizes as an array. Two values instead of 200,000 array elements: a third of the client's time, and no
+#: 200,000 bytes objects alive beside their decoded strings (the peak of a no-drift resync's memory). ``size`` is -1
+#: for NULL content (``octet_length`` of a TOASTed value reads its header, not the value). In path order (the
+#: live-modules index is walked): in a database with a C collation that is the code-point order
+#: ``plan.source_digest`` hashes in, so it need not sort 100,000 paths again (it checks, and sorts when the collation
+#: orders otherwise).
 LIST_SQL = f"""
-SELECT coalesce(array_agg({_RAW.format("path")}), '{{}}'),
-       coalesce(array_agg(coalesce({_RAW.format("content_hash")}, '')), '{{}}'),
+SELECT coalesce(string_agg({_RAW.format("path")}, '\\x00'::bytea), ''::bytea),
+       coalesce(string_agg(coalesce({_RAW.format("content_hash")}, ''::bytea), '\\x00'::bytea), ''::bytea),
        coalesce(array_agg(coalesce(size, -1)), '{{}}')
 FROM (SELECT path, content_hash, octet_length(content) AS size FROM workspace_files WHERE {LIVE} ORDER BY path) AS live
 """
@@ -104,15 +107,15 @@ class PgSource:
 
     async def list_modules(self) -> plan.SourceView:
         """Every live module's path and hash (no content), with rows that cannot be served set aside."""
-        raw_paths, raw_digests, sizes = await self._run(lambda c: c.fetchrow(LIST_SQL))
+        columns: list[Any] = list(await self._run(lambda c: c.fetchrow(LIST_SQL)))
         # judged in a thread: at 1,000,000 rows this is seconds of CPU on a loaded machine, and the event loop must
         # keep reading the Redis replies in flight meanwhile (a blocked loop times them out)
-        return await asyncio.to_thread(self._judge_listing, raw_paths, raw_digests, sizes)
+        return await asyncio.to_thread(self._judge_listing, columns)
 
-    def _judge_listing(
-        self, raw_paths: Sequence[bytes], raw_digests: Sequence[bytes], sizes: Sequence[int]
-    ) -> plan.SourceView:
-        paths, digests = _texts(raw_paths), _texts(raw_digests)
+    def _judge_listing(self, columns: list[Any]) -> plan.SourceView:
+        """The listing's columns (taken from the list: each column's bytes are freed once decoded)."""
+        sizes: Sequence[int] = columns.pop()
+        paths, digests = _texts(columns.pop(0), len(sizes)), _texts(columns.pop(0), len(sizes))
         limit = self.max_module_bytes
         large = _large(paths, sizes)
         if modules.all_paths_good(paths) and (not sizes or (min(sizes) >= 0 and max(sizes) <= limit)):
@@ -222,12 +225,10 @@ def _large(paths: Sequence[str], sizes: Sequence[int]) -> dict[str, int]:
     return {p: n for p, n in zip(paths, sizes, strict=True) if n > plan.SMALL_BYTES}
 
 
-def _texts(raw: Sequence[bytes]) -> list[str]:
-    """Stored text as str, all at once (PostgreSQL text holds no NUL); bytes that are not UTF-8 become lone surrogates,
+def _texts(raw: bytes, count: int) -> list[str]:
+    """``count`` stored texts, NUL-separated, as str, all at once; bytes that are not UTF-8 become lone surrogates,
     which ``modules.path_problem`` rejects and a hash comparison never matches."""
-    if not raw:
-        return []
-    return b"\0".join(raw).decode("utf-8", "surrogateescape").split("\0")
+    return raw.decode("utf-8", "surrogateescape").split("\0") if count else []
 
 
 # -- LISTEN ------------------------------------------------------------------------------------------------------
