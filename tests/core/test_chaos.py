@@ -302,7 +302,7 @@ async def test_watch_mode_converges_within_2_s_after_every_round_of_chaos(
                 assert not left, (
                     f"seed {SEED}, round {number} ({', '.join(done)}): not converged in {within_s} s: {left[:5]}; "
                     f"last syncs (reported, relative to the round's start; plan; trigger; full; deep; repaired; "
-                    f"superseded) {syncs}, failures {failures}, watcher {w.state}"
+                    f"superseded) {syncs}, failures {failures}, watcher {str(w.state)[:2000]}"
                 )
     finally:
         await conn.close()
