@@ -107,7 +107,7 @@ class Admitted:
 
     lease: executions.Lease
     prepared: Prepared
-    lease_until: float = math.inf  # the event loop's clock: the lease is surely valid until then
+    lease_until: float = math.inf  # leases.clock(): the lease is surely valid until then
 
 
 class WorkflowExecutionConsumer:
@@ -532,8 +532,10 @@ class WorkflowExecutionConsumer:
         slot.release()  # nothing runs
         if isinstance(admitted, executions.Busy):
             log.info("execution %s runs under a live lease; its owner replies", request.execution_id)
-            if request.reply_to:  # another caller (a retry with a new reply queue): answered with the same outcome
-                await self._wait_for_outcome(request)
+            if request.reply_to and not await self._wait_for_outcome(request):  # another caller (a retry with a
+                self.metrics.requeued.inc()  # new reply queue) is answered with the same outcome, or tries again
+                await _settle(message.nack(requeue=True))
+                return
         elif admitted.leased and not admitted.answers(request):  # another caller: the stored outcome
             await self._send_reply(request, admitted.outcome)
         elif admitted.leased:  # finished, its reply owed by the lease holder
@@ -543,14 +545,18 @@ class WorkflowExecutionConsumer:
             await self._send_reply(request, admitted.outcome)  # a new request for a finished execution
         await _settle(message.ack())
 
-    async def _wait_for_outcome(self, request: messages.ExecutionRequest) -> None:
+    async def _wait_for_outcome(self, request: messages.ExecutionRequest) -> bool:
+        """Have the outcome sent to this caller too; False if that could not be arranged now (an outage: the
+        message goes back to the queue, attack-10b N2)."""
         try:
             finished = await self._unit(lambda db: executions.wait_for_outcome(db, request))
         except errors.TransientError as e:
-            log.warning("execution %s: a second caller's reply not arranged: %s", request.execution_id, e)
-            return
-        if finished is not None:  # it finished meanwhile
-            await self._send_reply(request, finished.outcome)
+            log.warning("execution %s: a second caller's reply not arranged yet: %s", request.execution_id, e)
+            await asyncio.sleep(self.settings.transient_retry_delay_s)
+            return False
+        if finished is not None and not finished.answers(request):  # finished meanwhile; the row's own caller is
+            await self._send_reply(request, finished.outcome)  # answered by its owner (attack-10b N3)
+        return True
 
     async def _record_internal_error(self, request: messages.ExecutionRequest, error: Exception) -> None:
         outcome = messages.Outcome(messages.Status.FAILED, error=f"internal error: {errors.describe(error)}")
@@ -647,7 +653,7 @@ class WorkflowExecutionConsumer:
         """The leases of ``kept`` are surely valid until ``until``: their runs may go on until then."""
         running = [str(execution_id) for execution_id in kept if execution_id in self._runs]
         if running:
-            await self.executor.extend(running, until - asyncio.get_running_loop().time())
+            await self.executor.extend(running, until)
 
     async def record(self, lease: executions.Lease, outcome: messages.Outcome) -> messages.Outcome | None:
         """Record (group-committed with concurrent outcomes); retried through outages while the stop allows:
@@ -893,7 +899,7 @@ class WorkflowExecutionConsumer:
         name, organization = read.workflow.name, read.organization.id if read.organization else None
         attempts = read.workflow.retries_on_crash + 1
         terms = self._terms
-        started = asyncio.get_running_loop().time()
+        started = leases.clock()
         claimed: executions.Lease | executions.Record | executions.Busy | None = await self._db_call(
             self.database.raw(
                 lambda db: executions.try_claim(

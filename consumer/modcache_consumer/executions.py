@@ -234,14 +234,21 @@ _FINISH_LEASED = sa.text(
 _FINISH_LEASED_RAW = database.Raw(_FINISH_LEASED)
 # A lease is renewed only while it is still the one held: the same token (a run's lease; a later claim, even by
 # this consumer, took a new one) and not PENDING (a sweep took the run over: attack-10 F4). A hold without a
-# token is a finished row whose reply is owed.
+# token is a finished row whose reply is owed. A row someone else has locked is skipped this round (neither
+# renewed nor lost): one admin's ``SELECT ... FOR UPDATE`` blocked the whole statement, so every other lease of
+# the consumer ran out and their runs were stopped (attack-10b N1).
 _RENEW = sa.text(
     f"""
-    UPDATE executions AS e SET lease_expires_at = {_LEASE}
-    FROM unnest(CAST(:ids AS uuid[]), CAST(:tokens AS bigint[])) AS v(id, token)
-    WHERE e.id = v.id AND e.lease_owner = :owner AND e.status <> 'PENDING'
-      AND (e.lease_token = v.token OR (v.token IS NULL AND e.status <> 'RUNNING'))
-    RETURNING e.id
+    WITH seen AS (
+        SELECT e.id, e.lease_owner = :owner AND e.status <> 'PENDING'
+            AND (e.lease_token = v.token OR (v.token IS NULL AND e.status <> 'RUNNING')) AS ours
+        FROM executions AS e JOIN unnest(CAST(:ids AS uuid[]), CAST(:tokens AS bigint[])) AS v(id, token)
+            ON e.id = v.id
+        FOR UPDATE OF e SKIP LOCKED
+    ), renewed AS (
+        UPDATE executions AS e SET lease_expires_at = {_LEASE} FROM seen WHERE e.id = seen.id AND seen.ours
+    )
+    SELECT id, ours FROM seen
     """
 )
 _POSTPONE = sa.text(
@@ -480,13 +487,14 @@ async def wait_for_outcome(
     return record if record is not None and record.status.finished else None
 
 
-async def renew(db: AsyncSession, held: Mapping[uuid.UUID, int | None], *, terms: Terms) -> set[uuid.UUID]:
+async def renew(db: AsyncSession, held: Mapping[uuid.UUID, int | None], *, terms: Terms) -> dict[uuid.UUID, bool]:
     """Extend the leases ``terms.owner`` holds: execution id -> the token of its run's lease, or None for a
-    finished execution whose reply is owed. Returns those still held."""
+    finished execution whose reply is owed. Returns, for each row it could look at, whether its lease is still
+    held (and so was extended); rows locked by someone else are missing (not renewed this time, not lost)."""
     if not held:
-        return set()
+        return {}
     values = {"ids": list(held), "tokens": list(held.values()), "owner": terms.owner, "lease_s": terms.lease_s}
-    return {row.id for row in await db.execute(_RENEW, values)}
+    return {row.id: bool(row.ours) for row in await db.execute(_RENEW, values)}
 
 
 async def postpone(db: AsyncSession, lease: Lease, *, terms: Terms) -> None:

@@ -520,8 +520,8 @@ class Executor:
     ) -> Outcome:
         """Run ``job`` in a fresh process; never raises for what the workflow or its process did. NotStarted if
         no execution process could be had (the job was not sent: the execution can be queued again as is).
-        ``lease_until`` (the event loop's clock) is when the caller's lease on it may end: the process is killed
-        then unless ``extend`` moves it (``Outcome.lease_expired``)."""
+        ``lease_until`` (CLOCK_BOOTTIME, absolute) is when the caller's lease on it may end: the process is
+        killed then unless ``extend`` moves it (``Outcome.lease_expired``)."""
         try:
             control = await self._connected()
             spare = await control.spare(self._start_timeout_s)
@@ -533,7 +533,7 @@ class Executor:
         output = asyncio.create_task(self._forward_output(spare.output, job["execution_id"]))
         self._running[job["execution_id"]] = (control, ticket)
         try:
-            start = {"timeout_s": timeout_s, "lease_s": _remaining(lease_until)}
+            start = {"timeout_s": timeout_s, "lease_until": lease_until}
             return await self._follow(control, ticket, spare.pid, exited, ours, job, start, session)
         finally:
             self._running.pop(job["execution_id"], None)
@@ -543,9 +543,9 @@ class Executor:
             output.add_done_callback(self._forwarders.discard)
             await self._teach(control)
 
-    async def extend(self, execution_ids: Iterable[str], for_s: float) -> None:
-        """The leases on ``execution_ids`` are surely valid for ``for_s`` seconds more: their runs may go on
-        that long (the others' deadlines stay as they are)."""
+    async def extend(self, execution_ids: Iterable[str], until: float) -> None:
+        """The leases on ``execution_ids`` are surely valid until ``until`` (CLOCK_BOOTTIME): their runs may go
+        on until then (the others' deadlines stay as they are)."""
         by_control: dict[_Control, list[int]] = {}
         for execution_id in execution_ids:
             if execution_id in self._running:
@@ -553,7 +553,7 @@ class Executor:
                 by_control.setdefault(control, []).append(ticket)
         for control, tickets in by_control.items():
             with contextlib.suppress(ExecutorLost):  # its executions died with the connection
-                await control.send({"op": "lease", "tickets": tickets, "for_s": max(0.0, for_s)})
+                await control.send({"op": "lease", "tickets": tickets, "until": until})
 
     def _job_limits(self) -> dict[str, int | None]:
         """The limits every job carries (and the executor's spares are isolated with beforehand)."""
@@ -739,11 +739,6 @@ def decide(talk: _Talk, report: Mapping[str, Any] | None, *, timeout_s: float) -
     reason = describe_exit(returncode, stopped=bool(report.get("stopped")))
     when = "after sending its result" if talk.results else "during the execution"
     return Outcome(messages.Status.FAILED, error=f"execution process {pid} {reason} {when}", pid=pid)
-
-
-def _remaining(until: float | None) -> float | None:
-    """Seconds from now until ``until`` (the event loop's clock), never negative; None stays None."""
-    return None if until is None else max(0.0, until - asyncio.get_running_loop().time())
 
 
 def describe_exit(returncode: int, *, stopped: bool = False) -> str:

@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
@@ -46,8 +47,16 @@ Recover = Callable[[list[executions.Recovered]], Awaitable[None]]
 Renewed = Callable[[set[uuid.UUID], float], Awaitable[None]]
 
 
+def clock() -> float:
+    """The clock lease deadlines are told in: CLOCK_BOOTTIME, which the consumer and its executor (same host,
+    same kernel) share and which, unlike CLOCK_MONOTONIC, counts a suspended machine's time (the database's
+    clock went on meanwhile). Deadlines are absolute, so a message that waits in a socket does not move them
+    (attack-10b N9)."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
 def safe_until(started: float, lease_s: float) -> float:
-    """Until when (the event loop's clock) a lease taken or renewed by a statement sent at ``started`` is surely
+    """Until when (``clock``) a lease taken or renewed by a statement sent at ``started`` (``clock``) is surely
     still valid: the database set its expiry to its own ``now()`` (no earlier than ``started``) + ``lease_s``;
     the margin covers killing a run and the clocks' drift over one lease, so no run outlives its lease."""
     return started + lease_s - min(5.0, lease_s * 0.2)
@@ -190,9 +199,10 @@ class Leases:
         wanted = dict(self._held)
         if not wanted:
             return
-        started = asyncio.get_running_loop().time()
-        kept = await self._database.run(lambda db: executions.renew(db, wanted, terms=self.terms), autocommit=True)
-        for lost in wanted.keys() - kept:
+        started = clock()
+        seen = await self._database.run(lambda db: executions.renew(db, wanted, terms=self.terms), autocommit=True)
+        kept = {execution_id for execution_id, ours in seen.items() if ours}
+        for lost in seen.keys() - kept:  # a row locked by someone else is neither: its lease waits for the next round
             if self._held.get(lost, -1) == wanted[lost]:  # not dropped or re-held meanwhile
                 log.warning("execution %s: lease lost (taken over after it expired); stopping its run", lost)
                 self._held.pop(lost, None)

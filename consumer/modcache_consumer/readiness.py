@@ -33,6 +33,8 @@ from modcache_consumer import database
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+#: A repair on an execution's import path gives up after this (its import then fails as "cache unavailable").
+REPAIR_TIMEOUT_S = 10.0
 
 
 class Observer(Protocol):
@@ -144,7 +146,14 @@ class CacheGuard:
         return report
 
     async def _apply(self, paths: list[str]) -> None:
-        report = await self._engine.apply_paths([*paths, *await self._samples_under(paths)])
+        """Bounded (attack-10b N8: after a terminated backend, ``apply_paths`` once never returned, and every
+        execution waiting for that path hung with it, its lease renewed): the waiters get CacheUnavailable."""
+        try:
+            async with asyncio.timeout(REPAIR_TIMEOUT_S):
+                report = await self._engine.apply_paths([*paths, *await self._samples_under(paths)])
+        except TimeoutError:
+            log.warning("a hot-path repair of %d path(s) took over %g s; given up", len(paths), REPAIR_TIMEOUT_S)
+            raise errors.CacheUnavailable(f"the repair took over {REPAIR_TIMEOUT_S:g} s") from None
         if report.repaired:
             log.info("repaired %d module(s) on the hot path: %s", report.repaired, report.plan.describe())
             self._observer.on_repair("path", report.repaired)

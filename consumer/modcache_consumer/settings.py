@@ -76,7 +76,10 @@ class ConsumerSettings(settings.Settings):
     max_result_bytes: int = pydantic.Field(1024**2, gt=0, description="Larger results fail the execution.")
     drain_grace_s: float = pydantic.Field(30.0, ge=0, description="On stop, in-flight executions get this long.")
     lease_ttl_s: float = pydantic.Field(
-        30.0, gt=0, description="A claimed execution's lease lasts this long past its last renewal (crash bound)."
+        30.0,
+        gt=0,
+        le=86400,
+        description="A claimed execution's lease lasts this long past its last renewal (crash bound).",
     )
     lease_renew_interval_s: float = pydantic.Field(
         10.0, gt=0, description="The owner renews all its leases this often; must be well below the TTL."

@@ -12,8 +12,9 @@ Single-threaded (a ``selectors`` loop), because it forks. Per control connection
   end (and output pipe) is handed to the consumer; the consumer writes a job there and the clone applies its
   limits, drops to its uid and runs it at once. The template never sees a job;
 * ``run`` -> the deadline: SIGTERM at ``timeout_s``, SIGKILL ``grace_s`` later; ``stop`` -> SIGKILL now;
-* ``run``'s ``lease_s`` and ``lease`` (``tickets``, ``for_s``) -> the lease deadline: the consumer says how long
-  each execution's lease is surely still its own (it extends that after each renewal); past it, SIGKILL. A
+* ``run``'s ``lease_until`` and ``lease`` (``tickets``, ``until``) -> the lease deadline: the consumer says until
+  when (CLOCK_BOOTTIME, absolute: a frame delayed in the socket moves nothing) each execution's lease is surely
+  still its own, and extends that after each renewal; past it, SIGKILL. A
   consumer that stalls (SIGSTOP, a frozen container, a partitioned database) without dying stops extending, so its
   runs end before their leases expire and before anyone else may start them again (attack-10 F1);
 * a pidfd per execution says when it is gone -> ``exited`` (the PID namespace, and every descendant, died
@@ -124,7 +125,7 @@ class Execution:
     terminate_at: float
     grace_s: float
     kill_at: float | None = None
-    lease_until: float = math.inf  # the consumer's lease on it is surely valid until then (monotonic)
+    lease_until: float = math.inf  # the consumer's lease on it is surely valid until then (CLOCK_BOOTTIME)
     timed_out: bool = False
     stopped: bool = False
     lease_expired: bool = False
@@ -261,7 +262,7 @@ class Template:
                 execution.stopped = True
                 self._signal(execution.spare, signal.SIGKILL)
         elif op == "lease":
-            until = time.monotonic() + _seconds(frame["for_s"])
+            until = _instant(frame["until"])
             for execution in self._of(control, {int(t) for t in frame["tickets"]}):
                 execution.lease_until = until
         elif op == "limits":  # every job of this connection will carry these: its spares isolate beforehand
@@ -331,7 +332,7 @@ class Template:
             raise ValueError("non-finite deadline")
         # No connection holds a clone longer than the consumer's longest execution and its grace (attack-8c C2).
         timeout_s, grace_s = min(timeout_s, self._max_timeout_s), min(grace_s, self._max_grace_s)
-        lease_s = _seconds(frame["lease_s"]) if frame.get("lease_s") is not None else math.inf
+        lease_until = _instant(frame["lease_until"]) if frame.get("lease_until") is not None else math.inf
         spare = control.spares.pop(int(frame["pid"]), None)
         if spare is None:
             control.send({"op": "exited", "ticket": ticket, "pid": 0, "returncode": 127,
@@ -343,7 +344,7 @@ class Template:
             control=control,
             terminate_at=time.monotonic() + timeout_s,
             grace_s=grace_s,
-            lease_until=time.monotonic() + lease_s,
+            lease_until=lease_until,
         )
         self._offer(control)
 
@@ -501,15 +502,17 @@ class Template:
     # -- timers ---------------------------------------------------------------------------------------------
 
     def _next_timer(self) -> float | None:
-        times = [
-            min(e.lease_until, e.terminate_at if e.kill_at is None else e.kill_at) for e in self._executions.values()
+        mono, boot = time.monotonic(), _boottime()
+        waits = [
+            min(e.lease_until - boot, (e.terminate_at if e.kill_at is None else e.kill_at) - mono)
+            for e in self._executions.values()
         ]
-        return max(0.0, min(times) - time.monotonic()) if times else None
+        return max(0.0, min(waits)) if waits else None
 
     def _fire_timers(self) -> None:
-        now = time.monotonic()
+        now, boot = time.monotonic(), _boottime()
         for execution in list(self._executions.values()):
-            if now >= execution.lease_until:  # its consumer stopped extending its lease: it may not outlive it
+            if boot >= execution.lease_until:  # its consumer stopped extending its lease: it may not outlive it
                 execution.lease_expired, execution.lease_until = True, math.inf
                 execution.kill_at = now + 3600.0  # signalled; the pidfd reports the end
                 self._signal(execution.spare, signal.SIGKILL)
@@ -547,12 +550,16 @@ def _require_limits(applied: dict[str, Any]) -> Callable[[dict[str, Any]], None]
 _EXECUTION_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp", "TMPDIR": "/tmp", "LANG": "C.UTF-8"}
 
 
-def _seconds(value: Any) -> float:
-    """A non-negative, finite number of seconds from a control frame (anything else is a malformed frame)."""
-    seconds = float(value)
-    if not (math.isfinite(seconds) and seconds >= 0):
-        raise ValueError("not a finite, non-negative number of seconds")
-    return seconds
+def _boottime() -> float:
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
+def _instant(value: Any) -> float:
+    """A finite CLOCK_BOOTTIME instant from a control frame (anything else is a malformed frame)."""
+    instant = float(value)
+    if not math.isfinite(instant):
+        raise ValueError("not a finite instant")
+    return instant
 
 
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:

@@ -34,3 +34,24 @@ async def test_a_second_caller_of_a_running_execution_gets_its_outcome_once(harn
     for replies in (first, second, late):
         assert [json.loads(b)["result"] for b in replies.bodies] == ["x"]
     assert await starts(ledger) == ["x"]
+
+
+async def test_a_request_published_twice_gets_one_reply_even_when_the_copy_meets_its_end(harness: Any) -> None:
+    """A publisher retrying after a lost confirm: each request twice, back to back, one slot, so the copy waits
+    and meets the execution as it finishes (attack-10b N3: it was answered from the stored outcome too)."""
+    workflow_id = await harness.workflow("import time\ndef run(n):\n    time.sleep(0.2)\n    return n\n")
+    requests = [harness.request(workflow_id, {"n": n}) for n in range(8)]
+    url = harness.settings.required("amqp_url")
+    async with harness.consumer(consumer_concurrency=1), replies_on(url) as (replies, channel):
+        for request in requests:
+            for _ in range(2):
+                await publish(channel, harness.settings.queue_name, request, replies.queue_name)
+        await replies.wait_for_count(len(requests))
+        for request in requests:
+            await harness.wait_for_replied(request.execution_id)
+        # every copy was handled before the last replied mark: the consumer runs one message at a time here
+    counts: dict[str, int] = {}
+    for body in replies.bodies:
+        key = json.loads(body)["execution_id"]
+        counts[key] = counts.get(key, 0) + 1
+    assert counts == {str(r.execution_id): 1 for r in requests}

@@ -277,8 +277,6 @@ async def test_a_raw_statement_the_server_refuses_is_raised_as_it_is_and_the_con
 
 
 def test_raw_numbers_named_parameters_once_each_and_leaves_casts_alone() -> None:
-    raw = database.Raw(
-        sa.text("SELECT CAST(:a AS int), :b::text, make_interval(secs => :a)"), json_params=("b",)
-    )
+    raw = database.Raw(sa.text("SELECT CAST(:a AS int), :b::text, make_interval(secs => :a)"), json_params=("b",))
     assert raw.sql == "SELECT CAST($1 AS int), $2::text, make_interval(secs => $1)"
     assert raw.args({"a": 3, "b": {"k": [1]}}) == [3, '{"k": [1]}']

@@ -141,8 +141,13 @@ async def test_renew_keeps_only_the_leases_still_held(db: database.Database, dat
     await db.run(lambda s: executions.claim(s, stale, terms=A, max_attempts=2))  # claimed again by A: a new token
     await expire(database_url, swept.execution_id)
     await db.run(lambda s: executions.sweep(s, terms=A))  # A's own sweep made its run PENDING (attack-10 F4)
-    held = await db.run(lambda s: executions.renew(s, tokens, terms=A))
-    assert held == {ours.execution_id}
+    seen = await db.run(lambda s: executions.renew(s, tokens, terms=A))
+    assert seen == {
+        ours.execution_id: True,
+        lost.execution_id: False,
+        stale.execution_id: False,
+        swept.execution_id: False,
+    }
 
 
 async def test_a_sweep_fails_an_expired_run_by_default_and_owes_its_reply(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pydantic
 import pytest
 
 from modcache import errors
@@ -80,3 +81,9 @@ def test_a_bad_secret_file_names_the_file_variable(monkeypatch: pytest.MonkeyPat
     with pytest.raises(errors.ConfigError) as caught:
         settings.ConsumerSettings.from_env()
     assert str(caught.value) == "MODCACHE_SECRETS_KEY_FILE: not a Fernet key (32 url-safe base64-encoded bytes)"
+
+
+def test_a_lease_ttl_postgresql_cannot_represent_is_refused_at_start() -> None:
+    """MODCACHE_LEASE_TTL_S=1e13 started, then poisoned every message ('timestamp out of range', attack-10b N5)."""
+    with pytest.raises(pydantic.ValidationError, match="lease_ttl_s"):
+        settings.ConsumerSettings(lease_ttl_s=1e13)

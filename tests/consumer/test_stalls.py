@@ -273,3 +273,37 @@ async def test_owed_replies_that_cannot_be_sent_do_not_hold_up_crash_recovery(ha
         )
         row = await harness.wait_for_status(orphan, "FAILED", timeout_s=5 * FAST_LEASES["lease_sweep_interval_s"])
     assert row["error"] == "consumer died mid-run"
+
+
+async def test_a_row_lock_on_one_execution_costs_the_consumers_other_runs_nothing(
+    harness: Any, processes: list[ConsumerProcess], tmp_path: Path
+) -> None:
+    """Someone holds one running execution's row lock past its lease: the consumer's other run goes on and ends
+    once (attack-10b N1: the one renewal statement for all leases waited on that lock, and every other run of
+    the consumer was stopped and failed 'consumer died mid-run')."""
+    slow_renewals = {"lease_ttl_s": 4.0, "lease_renew_interval_s": 2.0}
+    workflow_id = await harness.workflow(TICKING)
+    ledger = harness.ledger()
+    owner = ConsumerProcess(process_env(harness, **slow_renewals), tmp_path / "owner.log")
+    processes.append(owner)
+    await owner.start()
+    locked_s = 2 * slow_renewals["lease_ttl_s"]
+    locked, other = (
+        harness.request(workflow_id, {**ledger.params, "once": f"{ledger.params['key']}:{name}", "wait": wait})
+        for name, wait in (("locked", 60.0), ("other", locked_s + 3.0))
+    )
+    async with replies_on(harness.settings.required("amqp_url")) as (replies, channel):
+        for request in (locked, other):
+            await publish(channel, harness.settings.queue_name, request, replies.queue_name)
+        await harness.wait_for_rows(
+            "SELECT id FROM executions WHERE status = 'RUNNING'", done=lambda rows: len(rows) == 2
+        )
+        locker = await asyncpg.connect(harness.database_url)
+        try:
+            async with locker.transaction():
+                await locker.execute("SELECT 1 FROM executions WHERE id = $1 FOR UPDATE", locked.execution_id)
+                await asyncio.sleep(locked_s)  # the fault's length: held past the lease
+        finally:
+            await locker.close()
+        row = await harness.wait_for_status(other.execution_id, "SUCCESS", "FAILED", timeout_s=60)
+    assert (row["status"], row["attempt"], row["error"]) == ("SUCCESS", 1, None)
