@@ -23,8 +23,10 @@ import asyncpg
 import pytest
 
 from modcache_consumer import consumer as consumer_module
+from modcache_consumer import crypto, leases, serving
 from testkit.consumers import ConsumerProcess
 from testkit.ledger import LEDGER, Ledger
+from testkit.polling import eventually
 
 from .test_delivery import FAST_LEASES, process_env, publish, replies_on
 
@@ -307,3 +309,26 @@ async def test_a_row_lock_on_one_execution_costs_the_consumers_other_runs_nothin
             await locker.close()
         row = await harness.wait_for_status(other.execution_id, "SUCCESS", "FAILED", timeout_s=60)
     assert (row["status"], row["attempt"], row["error"]) == ("SUCCESS", 1, None)
+
+
+async def test_a_lease_extension_delayed_in_the_socket_does_not_move_the_deadline(executors: Any) -> None:
+    """The executor stalls (SIGSTOP) while the consumer extends a run's lease; it reads that frame only after the
+    extended deadline passed. The run must end at once, not that long after the frame was read (attack-10b N9: a
+    relative deadline let a run outlive its lease by 4.4 s and overlap its retry)."""
+    the_executor = await executors.start()
+    job = executors.job("import time\ndef run():\n    time.sleep(60)\n", generation=await executors.guard.check())
+    session = serving.Session(modules=executors.modules, config={}, secrets=crypto.Secrets([]))
+    run = asyncio.create_task(the_executor.run(job, timeout_s=120, session=session, lease_until=leases.clock() + 4))
+    await eventually(lambda: job["execution_id"] in the_executor._running)  # the run was handed over
+    template = the_executor.template_pid
+    assert template is not None
+    os.kill(template, signal.SIGSTOP)
+    try:
+        await the_executor.extend([job["execution_id"]], leases.clock() + 5.0)
+        await asyncio.sleep(6.0)  # the stall's length (past the extended deadline), not a wait for an event
+    finally:
+        resumed = leases.clock()
+        os.kill(template, signal.SIGCONT)
+    outcome = await run
+    assert outcome.lease_expired
+    assert leases.clock() - resumed < 2.5  # not the 5 s a frame read late would have granted
