@@ -192,6 +192,7 @@ class WorkflowExecutionConsumer:
             pool_size=s.pool_size,
             pool_timeout_s=s.db_pool_timeout_s,
             ping_after_idle_s=s.db_ping_after_idle_s,
+            command_timeout_s=s.db_command_timeout_s,
             observer=self.metrics,
         )
         self._stack.push_async_callback(self.database.close)

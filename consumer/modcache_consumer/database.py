@@ -20,6 +20,7 @@ problems) or unchanged (bugs), never with the URL in them.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import logging
@@ -67,6 +68,7 @@ class Database:
         pool_size: int = 5,
         pool_timeout_s: float = 10.0,
         ping_after_idle_s: float = 30.0,
+        command_timeout_s: float | None = None,
         application_name: str = "modcache-consumer",
         observer: Observer | None = None,
         monotonic: Callable[[], float] = time.monotonic,
@@ -76,6 +78,7 @@ class Database:
             url,
             pool_size=pool_size,
             application_name=application_name,
+            command_timeout_s=command_timeout_s,  # a statement that hangs (a partition) is an outage, not a wait
             max_overflow=0,  # no overflow: no connection churn under load
             pool_timeout=pool_timeout_s,
             pool_pre_ping=False,  # see the module docstring: our checkout check is cheaper
@@ -84,6 +87,7 @@ class Database:
         )
         self._sessions = async_sessionmaker(self.engine, expire_on_commit=False)
         self._ping_after_idle_s = ping_after_idle_s
+        self._unit_timeout_s = command_timeout_s  # a unit that takes longer is an outage (a silent partition)
         self._kept: list[_Held] = []  # connections raw() keeps checked out between its units (see raw)
         self._max_kept = max(0, pool_size - 1)
         self._wanting = 0  # session units waiting to check out
@@ -134,7 +138,7 @@ class Database:
         """Run ``unit`` in its own session; retried once on a fresh connection if the connection died."""
         for attempt in (1, 2):
             try:
-                async with self.session(autocommit=autocommit) as db:
+                async with asyncio.timeout(self._unit_timeout_s), self.session(autocommit=autocommit) as db:
                     return await unit(db)
             except sa.exc.DBAPIError as e:
                 if e.connection_invalidated and attempt == 1:
@@ -165,9 +169,11 @@ class Database:
         for attempt in (1, 2):
             lost = False
             try:
-                held = await self._take()
+                async with asyncio.timeout(self._unit_timeout_s):
+                    held = await self._take()
                 try:
-                    result = await unit(held.driver)
+                    async with asyncio.timeout(self._unit_timeout_s):
+                        result = await unit(held.driver)
                 except BaseException as e:
                     lost = isinstance(e, Exception) and _lost(e)
                     await self._give_back(held, e if lost else None, keep=False)

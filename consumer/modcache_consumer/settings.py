@@ -125,6 +125,12 @@ class ConsumerSettings(settings.Settings):
         30.0, ge=0, description="A pooled connection idle longer than this is pinged on checkout; else no ping."
     )
     db_pool_timeout_s: float = pydantic.Field(10.0, gt=0, description="Wait for a pooled connection at most this.")
+    db_command_timeout_s: float = pydantic.Field(
+        15.0,
+        gt=0,
+        description="A statement that takes longer (a partitioned database, a lock held elsewhere) fails as an outage: "
+        "its message goes back to the queue for a replica that can reach PostgreSQL.",
+    )
     config_cache_ttl_s: int = pydantic.Field(60, gt=0, description="Organization/config entries live this long.")
     cache_namespace: str = pydantic.Field("", max_length=200, description="Prefix of org/config cache keys.")
     secrets_key: pydantic.SecretStr | None = pydantic.Field(

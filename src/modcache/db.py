@@ -21,6 +21,7 @@ def make_engine(
     pool_size: int = 5,
     application_name: str = "modcache",
     lineage: lineage.Lineage | None = None,
+    command_timeout_s: float | None = None,
     **options: Any,
 ) -> AsyncEngine:
     """An async engine that checks a pooled connection before handing it out (``pool_pre_ping``; ``options``
@@ -39,8 +40,10 @@ def make_engine(
     server_settings = {"application_name": application_name}
     checked = lineage if lineage is not None else lineage_module.Lineage()
 
+    timeouts = {} if command_timeout_s is None else {"command_timeout": command_timeout_s}
+
     async def connect() -> Any:
-        return await lineage_module.connect(dsn, lineage=checked, server_settings=server_settings)
+        return await lineage_module.connect(dsn, lineage=checked, server_settings=server_settings, **timeouts)
 
     pool: dict[str, Any] = {"max_overflow": pool_size, "pool_pre_ping": True, "pool_recycle": 1800}
     engine = create_async_engine(
