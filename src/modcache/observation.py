@@ -114,8 +114,8 @@ class _Views:
 
 
 class _Settling:
-    """Consumes VERIFY pages; once the source listing and the index are known (usually before the first page),
-    settles each page at once, keeping only what is not settled."""
+    """Consumes the verified manifest pages (``rediscache.verify_manifest``); once the source listing and the index
+    are known (usually before the first page), settles each page at once, keeping only what is not settled."""
 
     def __init__(
         self,
@@ -219,7 +219,7 @@ async def observe(
         for task in (listing, indexing):
             task.cancel()
             if task.done() and not task.cancelled():
-                task.exception()  # retrieved: a read that failed while VERIFY failed too is not logged as lost
+                task.exception()  # retrieved: a read that failed while the walk failed too is not logged as lost
     await settling.drain()
     _judged_index(views, index, the_source.live, cache.keyspace, repairs)
     observed = Observation(

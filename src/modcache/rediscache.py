@@ -391,8 +391,8 @@ class Generation:
 
 @dataclasses.dataclass(frozen=True)
 class VerifiedPage:
-    """One VERIFY page: path -> manifest hash for believable entries, the status of each entry's content key, the
-    names that cannot be content keys, the malformed entries, and the highest believable generation seen."""
+    """One verified manifest page: path -> manifest hash for believable entries, the status of each entry's content
+    key, the names that cannot be content keys, the malformed entries, and the highest believable generation seen."""
 
     hashes: dict[str, str]
     codes: dict[str, str]  # only the entries whose content key did not match (few)
