@@ -26,7 +26,10 @@ from collections.abc import Set as AbstractSet
 from modcache import keys, modules, pgsource, plan, rediscache
 
 _DAMAGED = (rediscache.WRONGTYPE, rediscache.OTHER, rediscache.CORRUPT)
-#: Manifest pages kept while the source listing or the index is still being read (the walk waits for them beyond).
+#: Manifest pages kept while the source listing or the index is still being read, when Redis checks no lengths (a
+#: watcher's routine resync: the walk is then only HSCAN, faster than the listing, and each page held is 1 MB of names
+#: and hashes at 5,000 entries): the walk waits for them beyond. With lengths, Redis's work is worth overlapping with
+#: the listing, and the pages come slower: no bound.
 MAX_BACKLOG = 4
 
 
@@ -122,8 +125,11 @@ class _Settling:
         views: _Views,
         listing: asyncio.Task[tuple[plan.SourceView, str]],
         indexing: asyncio.Task[frozenset[str] | None],
+        *,
+        max_backlog: int | None = None,
     ) -> None:
         self._views = views
+        self._max_backlog = max_backlog
         self._listing = listing
         self._indexing = indexing
         self._backlog: list[rediscache.VerifiedPage] = []
@@ -136,7 +142,7 @@ class _Settling:
 
     async def page(self, page: rediscache.VerifiedPage) -> None:
         self._backlog.append(page)
-        if len(self._backlog) >= MAX_BACKLOG:  # each page held is 1 MB of names and hashes: wait for the source
+        if self._max_backlog is not None and len(self._backlog) >= self._max_backlog:  # wait for the source
             await asyncio.wait([self._listing, self._indexing])
         if all(t.done() and not t.cancelled() and t.exception() is None for t in (self._listing, self._indexing)):
             await self.drain()
@@ -209,7 +215,7 @@ async def observe(
     views = _Views(cache.keyspace, complete=complete)
     listing = asyncio.create_task(_list(source, cache.keyspace))
     indexing = asyncio.create_task(_index(cache, listing))
-    settling = _Settling(views, listing, indexing)
+    settling = _Settling(views, listing, indexing, max_backlog=None if lengths else MAX_BACKLOG)
     try:
         async for page in cache.verify_manifest(limit=generation.limit, lengths=lengths):  # verified while we list
             await settling.page(page)
