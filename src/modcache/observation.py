@@ -26,7 +26,10 @@ from collections.abc import Set as AbstractSet
 from modcache import keys, modules, pgsource, plan, rediscache
 
 _DAMAGED = (rediscache.WRONGTYPE, rediscache.OTHER, rediscache.CORRUPT)
-#: Manifest pages kept while the source listing or the index is still being read (the walk waits for them beyond).
+#: Manifest pages kept while the source listing or the index is still being read, when Redis checks no lengths (a
+#: watcher's routine resync: the walk is then only HSCAN, faster than the listing, and each page held is 1 MB of names
+#: and hashes at 5,000 entries): the walk waits for them beyond. With lengths, Redis's work is worth overlapping with
+#: the listing, and the pages come slower: no bound.
 MAX_BACKLOG = 4
 
 
@@ -114,16 +117,19 @@ class _Views:
 
 
 class _Settling:
-    """Consumes VERIFY pages; once the source listing and the index are known (usually before the first page),
-    settles each page at once, keeping only what is not settled."""
+    """Consumes the verified manifest pages (``rediscache.verify_manifest``); once the source listing and the index
+    are known (usually before the first page), settles each page at once, keeping only what is not settled."""
 
     def __init__(
         self,
         views: _Views,
         listing: asyncio.Task[tuple[plan.SourceView, str]],
         indexing: asyncio.Task[frozenset[str] | None],
+        *,
+        max_backlog: int | None = None,
     ) -> None:
         self._views = views
+        self._max_backlog = max_backlog
         self._listing = listing
         self._indexing = indexing
         self._backlog: list[rediscache.VerifiedPage] = []
@@ -136,7 +142,7 @@ class _Settling:
 
     async def page(self, page: rediscache.VerifiedPage) -> None:
         self._backlog.append(page)
-        if len(self._backlog) >= MAX_BACKLOG:  # each page held is 1 MB of names and hashes: wait for the source
+        if self._max_backlog is not None and len(self._backlog) >= self._max_backlog:  # wait for the source
             await asyncio.wait([self._listing, self._indexing])
         if all(t.done() and not t.cancelled() and t.exception() is None for t in (self._listing, self._indexing)):
             await self.drain()
@@ -160,19 +166,21 @@ class _Settling:
         hashes = page.hashes
         self.entries += len(hashes)
         self.unseen_live.difference_update(hashes)
-        if not v.complete and not page.codes and hashes.items() <= live.items():
-            # every content key verified and every entry = its live (so validated) row: C-level set operations only;
-            # what the index lacks (all of it after a DEL of the index) needs an index entry and nothing else
-            unindexed = hashes.keys() - index
-            v.settled += len(hashes) - len(unindexed)
-            if unindexed:
-                v.unsettled |= unindexed
-                lacking = {name: hashes[name] for name in unindexed}
-                v.manifest.update(lacking)
-                v.content.update(lacking)
-            return
-        self.seen_other.update(hashes.keys() - live.keys())
-        for name, digest in hashes.items():
+        rest: Mapping[str, str] = hashes
+        if not v.complete:
+            # entries whose content key verified and whose hash is their live (so validated) row's are settled with
+            # C-level set operations (a drifted page, 1 % of it, no longer judges its other 99 % name by name)
+            clean = {n: d for n, d in hashes.items() if n not in page.codes} if page.codes else hashes
+            if clean.items() <= live.items():
+                if clean is hashes:
+                    self._settle_clean(hashes, index)
+                    return
+            else:
+                clean = {n: d for n, d in clean.items() if live.get(n) == d}
+            self._settle_clean(clean, index)
+            rest = {n: d for n, d in hashes.items() if n not in clean}
+        self.seen_other.update(rest.keys() - live.keys())
+        for name, digest in rest.items():
             if not v.judge(name):
                 continue
             code = page.codes.get(name, rediscache.MATCH)
@@ -187,6 +195,18 @@ class _Settling:
             v.content[name] = content_state(code, digest)
             if code in _DAMAGED:
                 v.damage[name] = damage(code)
+
+    def _settle_clean(self, clean: Mapping[str, str], index: frozenset[str]) -> None:
+        """Settle entries whose content key verified and whose hash is their live row's: what the index lacks (all of
+        it after a DEL of the index) needs an index entry and nothing else."""
+        v = self._views
+        unindexed = clean.keys() - index
+        v.settled += len(clean) - len(unindexed)
+        if unindexed:
+            v.unsettled |= unindexed
+            lacking = {name: clean[name] for name in unindexed}
+            v.manifest.update(lacking)
+            v.content.update(lacking)
 
 
 async def observe(
@@ -209,7 +229,7 @@ async def observe(
     views = _Views(cache.keyspace, complete=complete)
     listing = asyncio.create_task(_list(source, cache.keyspace))
     indexing = asyncio.create_task(_index(cache, listing))
-    settling = _Settling(views, listing, indexing)
+    settling = _Settling(views, listing, indexing, max_backlog=None if lengths else MAX_BACKLOG)
     try:
         async for page in cache.verify_manifest(limit=generation.limit, lengths=lengths):  # verified while we list
             await settling.page(page)
@@ -219,7 +239,7 @@ async def observe(
         for task in (listing, indexing):
             task.cancel()
             if task.done() and not task.cancelled():
-                task.exception()  # retrieved: a read that failed while VERIFY failed too is not logged as lost
+                task.exception()  # retrieved: a read that failed while the walk failed too is not logged as lost
     await settling.drain()
     _judged_index(views, index, the_source.live, cache.keyspace, repairs)
     observed = Observation(

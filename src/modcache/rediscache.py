@@ -29,6 +29,8 @@ import asyncio
 import collections
 import dataclasses
 import hashlib
+import itertools
+import operator
 import random
 import secrets
 import sys
@@ -476,8 +478,8 @@ class Generation:
 
 @dataclasses.dataclass(frozen=True)
 class VerifiedPage:
-    """One VERIFY page: path -> manifest hash for believable entries, the status of each entry's content key, the
-    names that cannot be content keys, the malformed entries, and the highest believable generation seen."""
+    """One verified manifest page: path -> manifest hash for believable entries, the status of each entry's content
+    key, the names that cannot be content keys, the malformed entries, and the highest believable generation seen."""
 
     hashes: dict[str, str]
     codes: dict[str, str]  # only the entries whose content key did not match (few)
@@ -709,11 +711,11 @@ class RedisCache:
         if got == recorded:  # the common case: one list comparison
             return page
         others = []
-        for name, length, wanted in zip(names, got, recorded, strict=True):
-            if length != wanted:
-                page.codes[name] = WRONGTYPE if length < 0 else ABSENT if length == 0 else OTHER
-                if length > 0:
-                    others.append(name)
+        differ = list(map(operator.ne, got, recorded))  # C-level: a drifted page's 99 % that match are not looped over
+        for name, length in zip(itertools.compress(names, differ), itertools.compress(got, differ), strict=True):
+            page.codes[name] = WRONGTYPE if length < 0 else ABSENT if length == 0 else OTHER
+            if length > 0:
+                others.append(name)
         for batch in _batches(others, self._check_batch_size):  # forged (claims the hash) or another version
             args = [prefix, _joined(batch), "".join(page.hashes[n] for n in batch)]
             page.codes.update(zip(batch, await _call(self._claimed(keys=self._route, args=args)), strict=True))
