@@ -458,9 +458,8 @@ class KeyEvents:
         await self._close_probe(guard=False)
         with contextlib.suppress(TimeoutError):  # an eviction's event may still be on its way
             await asyncio.wait_for(self._probe_evicted.wait(), EVICTED_WAIT_S)
-        if self._probe_evicted.is_set():
-            await self._close_probe()
-            await self._watch_again(ttl_ms)
+        if self._probe_evicted.is_set():  # re-armed before it is reported (a flush landing meanwhile is seen); the
+            await self._watch_again(ttl_ms)  # guard keeps watching: if the eviction took it too, it says so itself
             return EVICTED
         if await self._guard_intact(ttl_ms):
             self.probe_rearmed += 1
