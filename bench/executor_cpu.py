@@ -56,7 +56,7 @@ async def run(args: argparse.Namespace) -> None:
     the_executor = executor.Executor(policy=executor.Policy(network=args.network))
     await the_executor.start()
     assert the_executor.template_pid is not None
-    template = the_executor.template_pid
+    template, isolation = the_executor.template_pid, the_executor.isolation
     slots = asyncio.Semaphore(args.concurrency)
     latencies: list[float] = []
 
@@ -79,7 +79,7 @@ async def run(args: argparse.Namespace) -> None:
     finally:
         await the_executor.close()
     per = [(b - a) / args.executions * 1000 for a, b in zip(before, after, strict=True)]
-    print(f"executor: {the_executor.isolation}; network {args.network}; load {os.getloadavg()[0]:.2f}")
+    print(f"executor: {isolation}; network {args.network}; load {os.getloadavg()[0]:.2f}")
     print(f"template + its clones: {per[0]:.2f} ms CPU per execution")
     print(f"caller (Executor.run): {per[1]:.2f} ms   kernel workers: {per[2]:.2f} ms   machine: {per[3]:.2f} ms")
     print(
