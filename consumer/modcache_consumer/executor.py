@@ -346,6 +346,7 @@ class Executor:
         self._tickets = itertools.count(1)
         self._closed = False
         self._forwarders: set[asyncio.Task[None]] = set()
+        self._running: set[int] = set()  # pids of the executions running now
 
     # -- lifecycle ------------------------------------------------------------------------------------------
 
@@ -382,6 +383,11 @@ class Executor:
     def template_pid(self) -> int | None:
         """The executor's (template's) pid, as it reported it."""
         return None if self._control is None else self._control.hello.get("pid")
+
+    @property
+    def running_pids(self) -> frozenset[int]:
+        """The execution processes this consumer is running a job in now (each the pid 1 of its namespace)."""
+        return frozenset(self._running)
 
     @property
     def spare_pids(self) -> frozenset[int]:
@@ -518,11 +524,13 @@ class Executor:
             raise NotStarted(str(e)) from e
         ticket = next(self._tickets)
         exited = control.expect(ticket)
+        self._running.add(spare.pid)
         ours = socket.socket(fileno=spare.channel)
         output = asyncio.create_task(self._forward_output(spare.output, job["execution_id"]))
         try:
             return await self._follow(control, ticket, spare.pid, exited, ours, job, timeout_s, session)
         finally:
+            self._running.discard(spare.pid)
             control.forget(ticket)
             ours.close()
             self._forwarders.add(output)  # it ends when the process and its descendants are gone
