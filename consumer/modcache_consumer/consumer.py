@@ -136,6 +136,9 @@ class WorkflowExecutionConsumer:
         self._ahead: dict[uuid.UUID, Prepared] = {}  # read_ahead's result for a message that got its slot
         # Claimed or running here (a second delivery must not claim again) -> set once that handling has ended.
         self._mine: dict[uuid.UUID, asyncio.Event] = {}
+        # being prepared here: a second delivery meanwhile waits for that one's decision (a finished execution's
+        # stored outcome is still owed to a new caller: it must not be taken for Busy)
+        self._preparing: dict[uuid.UUID, asyncio.Future[None]] = {}
         self._runs: dict[uuid.UUID, asyncio.Task[messages.Outcome | None]] = {}  # leased runs: cancelled if lost
         self._lost: set[uuid.UUID] = set()  # runs cancelled because their lease was lost
         self._replying: set[uuid.UUID] = set()  # replies being sent (a duplicate delivery must not send another)
@@ -526,9 +529,14 @@ class WorkflowExecutionConsumer:
     ) -> None:
         if isinstance(admitted, Admitted):
             # PostgreSQL owns the execution from here on (its lease): the broker's consumer_timeout no longer
-            # matters, and a crash from now on is recovered by the sweep, by policy, not by a redelivery.
-            await _settle(message.ack())
-            await self._run_leased(request, admitted, slot)
+            # matters, and a crash from now on is recovered by the sweep, by policy, not by a redelivery. The
+            # ack goes out while the run starts (nothing waits for it: a lost ack only means a redelivery, which
+            # the claim answers).
+            acked = asyncio.ensure_future(_settle(message.ack()))
+            try:
+                await self._run_leased(request, admitted, slot)
+            finally:
+                await acked
             return
         slot.release()  # nothing runs
         if isinstance(admitted, executions.Busy):
@@ -821,15 +829,21 @@ class WorkflowExecutionConsumer:
         execution_id = request.execution_id
         if not self.executor.available:  # claimed now, it could only fail: requeued instead (a TransientError)
             raise executor.ExecutorUnavailable("the executor is unavailable")
+        while (other := self._preparing.get(execution_id)) is not None:
+            await asyncio.shield(other)  # another delivery of it is being prepared here: see what it decided
         if execution_id in self._mine and not await self._ended_here(execution_id):
             return executions.Busy(None)  # a second delivery of what this consumer claims or runs
         self._mine[execution_id] = asyncio.Event()
+        preparing = self._preparing[execution_id] = asyncio.get_running_loop().create_future()
         try:
             read = self._ahead.pop(execution_id, None) or await self.read_ahead(request)
             admitted = read if not isinstance(read, Prepared) else await self._claim(request, read)
         except BaseException:
             self._disown(execution_id)
             raise
+        finally:
+            del self._preparing[execution_id]
+            preparing.set_result(None)
         if not isinstance(admitted, Admitted):
             self._disown(execution_id)
             return admitted

@@ -345,9 +345,10 @@ class Executor:
         self._child: asyncio.subprocess.Process | None = None
         self._lock = asyncio.Lock()
         self._tickets = itertools.count(1)
-        self._running: dict[str, tuple[_Control, int]] = {}  # execution id -> its control and ticket
+        self._leased: dict[str, tuple[_Control, int]] = {}  # execution id -> its control and ticket
         self._closed = False
         self._forwarders: set[asyncio.Task[None]] = set()
+        self._running: set[int] = set()  # pids of the executions running now
 
     # -- lifecycle ------------------------------------------------------------------------------------------
 
@@ -384,6 +385,11 @@ class Executor:
     def template_pid(self) -> int | None:
         """The executor's (template's) pid, as it reported it."""
         return None if self._control is None else self._control.hello.get("pid")
+
+    @property
+    def running_pids(self) -> frozenset[int]:
+        """The execution processes this consumer is running a job in now (each the pid 1 of its namespace)."""
+        return frozenset(self._running)
 
     @property
     def spare_pids(self) -> frozenset[int]:
@@ -529,14 +535,16 @@ class Executor:
             raise NotStarted(str(e)) from e
         ticket = next(self._tickets)
         exited = control.expect(ticket)
+        self._running.add(spare.pid)
         ours = socket.socket(fileno=spare.channel)
         output = asyncio.create_task(self._forward_output(spare.output, job["execution_id"]))
-        self._running[job["execution_id"]] = (control, ticket)
+        self._leased[job["execution_id"]] = (control, ticket)
         try:
             start = {"timeout_s": timeout_s, "lease_until": lease_until}
             return await self._follow(control, ticket, spare.pid, exited, ours, job, start, session)
         finally:
-            self._running.pop(job["execution_id"], None)
+            self._leased.pop(job["execution_id"], None)
+            self._running.discard(spare.pid)
             control.forget(ticket)
             ours.close()
             self._forwarders.add(output)  # it ends when the process and its descendants are gone
@@ -548,8 +556,8 @@ class Executor:
         on until then (the others' deadlines stay as they are)."""
         by_control: dict[_Control, list[int]] = {}
         for execution_id in execution_ids:
-            if execution_id in self._running:
-                control, ticket = self._running[execution_id]
+            if execution_id in self._leased:
+                control, ticket = self._leased[execution_id]
                 by_control.setdefault(control, []).append(ticket)
         for control, tickets in by_control.items():
             with contextlib.suppress(ExecutorLost):  # its executions died with the connection

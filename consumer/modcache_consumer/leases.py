@@ -260,11 +260,14 @@ class Leases:
         return self._waiting.pop(execution_id, ())
 
     async def _marks_alone(self) -> None:
-        """Marks no outcome flush took along within ``mark_delay_s``: written by themselves."""
+        """Marks no outcome flush took along within ``mark_delay_s``: written by themselves. At once when no
+        other lease is held: no outcome is coming to take them along (idle; the write is then done before the
+        next message's claim commits, instead of sharing its WAL flush)."""
         try:
             while self._marks and not self._stop.is_set():
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stop.wait(), self._mark_delay_s)
+                if len(self._held) > len(self._marks):  # something else runs: its outcome may take them along
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._stop.wait(), self._mark_delay_s)
                 await self._marks_now()
         finally:
             self._marking = None

@@ -447,6 +447,7 @@ class Template:
             self._prepare_clone(channel, output)
             if limits is not None:
                 self._isolate({"limits": limits}, slot)
+                runtime.rehearse()  # while it waits: the job's path touched once (its copy-on-write faults)
                 isolate = _require_limits(limits)
             else:
                 isolate = lambda job: self._isolate(job, slot)  # noqa: E731

@@ -19,14 +19,11 @@ from testkit.polling import eventually
 
 
 def executions_of(the_executor: executor.Executor) -> list[psutil.Process]:
-    """The template's clones that run an execution (not the spares waiting for one, isolated already)."""
-    assert the_executor.template_pid is not None
+    """The template's clones that run an execution now (not the spares waiting for one, isolated already)."""
     running = []
-    for clone in psutil.Process(the_executor.template_pid).children():
+    for pid in the_executor.running_pids:
         with contextlib.suppress(psutil.Error):
-            spare = clone.pid in the_executor.spare_pids or clone.uids().real == 0  # held, or killed before its limits
-            if not spare and clone.pid != the_executor.probe_pid:  # nor the start-up probe, ending
-                running.append(clone)
+            running.append(psutil.Process(pid))
     return running
 
 

@@ -1056,13 +1056,24 @@ def run(seconds):
 FORKS = "import os, subprocess\ndef run(n):\n    return [os.getuid(), subprocess.run(['true']).returncode, n]\n"
 
 
-def _execution_processes(the_executor: executor.Executor) -> int:
-    """Processes of running executions (an execution uid; not the spares that wait for a job under theirs)."""
+def _others_clones(the_executor: executor.Executor) -> int:
+    """The template's clones under an execution uid that are neither this consumer's spares nor its executions
+    (the start-up probe ending, or a fresh spare on its way, at most; a squatter's clones otherwise)."""
+    ours = the_executor.spare_pids | the_executor.running_pids
     count = 0
     with contextlib.suppress(psutil.Error):
-        for process in psutil.Process(the_executor.template_pid).children(recursive=True):
+        for process in psutil.Process(the_executor.template_pid).children():
             with contextlib.suppress(psutil.Error):
-                count += process.uids().real != 0 and process.pid not in the_executor.spare_pids
+                count += process.uids().real != 0 and process.pid not in ours
+    return count
+
+
+def _execution_processes(the_executor: executor.Executor) -> int:
+    """Processes of the executions running now, theirs and their descendants (not the spares waiting for a job)."""
+    count = 0
+    for pid in the_executor.running_pids:
+        with contextlib.suppress(psutil.Error):
+            count += 1 + len(psutil.Process(pid).children(recursive=True))
     return count
 
 
@@ -1274,7 +1285,7 @@ async def test_a_root_socket_executor_requires_its_consumers_uid(harness, tmp_pa
         try:
             said = [(await squatter.stdout.readline()).decode().strip() for _ in range(20)]  # type: ignore[union-attr]
             assert said == ["refused"] * 20
-            assert _execution_processes(consumer.executor) <= 2  # no squatter got a clone (the probe may be ending)
+            assert _others_clones(consumer.executor) <= 2  # no squatter got a clone (the probe may be ending)
             await b_is_unharmed(harness, orgs)
         finally:
             squatter.kill()

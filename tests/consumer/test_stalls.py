@@ -319,7 +319,7 @@ async def test_a_lease_extension_delayed_in_the_socket_does_not_move_the_deadlin
     job = executors.job("import time\ndef run():\n    time.sleep(60)\n", generation=await executors.guard.check())
     session = serving.Session(modules=executors.modules, config={}, secrets=crypto.Secrets([]))
     run = asyncio.create_task(the_executor.run(job, timeout_s=120, session=session, lease_until=leases.clock() + 4))
-    await eventually(lambda: job["execution_id"] in the_executor._running)  # the run was handed over
+    await eventually(lambda: job["execution_id"] in the_executor._leased)  # the run was handed over
     template = the_executor.template_pid
     assert template is not None
     os.kill(template, signal.SIGSTOP)
