@@ -9,6 +9,7 @@ import hashlib
 import uuid
 from typing import Any
 
+import asyncpg
 import redis.asyncio as aioredis
 
 from modcache import modules
@@ -247,3 +248,29 @@ def test_the_templates_memory_compiles_and_keeps_code_by_bytes() -> None:
     assert "small.py" in kept  # taught again every generation: recently used, kept
     assert not any(path.startswith("m") for path in kept)  # generation 2's, least recently used: evicted
     assert f"g{generations[-1]}m2.py" in kept
+
+
+async def test_a_repair_the_source_cannot_answer_fails_the_import_instead_of_hanging_the_execution(
+    executors, harness, monkeypatch
+) -> None:
+    """The source stops answering under a hot-path repair (attack-10b N8: after a terminated backend, the repair
+    never returned and its execution hung, RUNNING, its lease renewed, until the 30 min timeout). Here someone
+    holds an exclusive lock on the source table: the repair gives up, the import fails, the execution ends."""
+    from modcache_consumer import readiness
+
+    monkeypatch.setattr(readiness, "REPAIR_TIMEOUT_S", 2.0)
+    await harness.converge()
+    await harness.module("modules/late.py", "VALUE = 1\n", sync=False)  # in the source only: a repair is needed
+    the_executor = await executors.start()
+    locker = await asyncpg.connect(harness.database_url)
+    try:
+        async with locker.transaction():
+            await locker.execute("LOCK TABLE workspace_files IN ACCESS EXCLUSIVE MODE")
+            async with asyncio.timeout(20):  # the execution's own timeout is 30 s
+                outcome = await executors.run(
+                    the_executor, "from modules.late import VALUE\ndef run():\n    return VALUE\n", timeout_s=30
+                )
+    finally:
+        await locker.close()
+    assert outcome.status.value == "FAILED", outcome
+    assert "modules.late" in (outcome.error or "") or "unavailable" in (outcome.error or ""), outcome.error
