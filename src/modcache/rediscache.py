@@ -413,6 +413,20 @@ call('PUBLISH', ARGV[2], 'e:' .. ARGV[1])
 return rebuilt
 """
 
+# KEYS: original (index or manifest), its expected copy; ARGV: nonce, writes channel, the type both must have. Puts
+# the copy in the original's place (a COPY in C: ~100,000 members in tens of milliseconds) when the copy is of that
+# type, whatever the original holds now; returns 1 if it did. For a key someone else deleted, renamed, expired or
+# replaced: what modcache last wrote there, back at once (a full resync then compares it with the source).
+FROM_COPY = """#!lua
+local call = redis.call
+if call('TYPE', KEYS[2])['ok'] ~= ARGV[3] then return 0 end
+call('PUBLISH', ARGV[2], 'b:' .. ARGV[1])
+call('DEL', KEYS[1])
+call('COPY', KEYS[2], KEYS[1])
+call('PUBLISH', ARGV[2], 'e:' .. ARGV[1])
+return 1
+"""
+
 _OP_CODES = {
     plan.Operation.PUT: "p",
     plan.Operation.DELETE: "d",
@@ -527,6 +541,7 @@ class RedisCache:
         self._index_changes = client.register_script(INDEX_CHANGES)
         self._manifest_changes = client.register_script(MANIFEST_CHANGES)
         self._expected = client.register_script(EXPECTED)
+        self._from_copy = client.register_script(FROM_COPY)
         # the key a by-path script is sent with: it names no key itself, and a Cluster routes a script by its keys (a
         # Cluster cache's prefix carries a hash tag, so every key of the cache lives in this key's slot)
         self._route = [keyspace.generation]
@@ -918,6 +933,15 @@ class RedisCache:
         return bool(
             await self._own(self._expected(keys=originals, args=[nonce, channel, "1" if rebuild else "0"]), nonce)
         )
+
+    async def restore_from_copy(self, role: str) -> bool:
+        """Put the expected copy of the index or the manifest (``role``) in its place, whatever is there now: for a key
+        someone else replaced as a whole. False (nothing done) when the copy is absent or of another type."""
+        ks = self.keyspace
+        original, copy = {"index": (ks.index, ks.expected_index), "manifest": (ks.manifest, ks.expected_manifest)}[role]
+        nonce, channel = self._marker()
+        args = [nonce, channel, _WANTED_TYPES[role]]
+        return bool(await self._own(self._from_copy(keys=[original, copy], args=args), nonce))
 
     # -- the sync status record ------------------------------------------------------------------------------
 

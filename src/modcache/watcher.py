@@ -52,7 +52,8 @@ REPLACED_WINDOW_S = 30.0  # the first resync waits this long at most for the key
 
 #: Key events on the index and the manifest that change members, not the key: what a member check looks for
 #: ('-'/'+' index members removed/added, 'r'/'f' manifest fields deleted/written). Any other event on them (DEL,
-#: RENAME, EXPIRE, a SUNIONSTORE over the index...) replaces the key: a full resync.
+#: RENAME, EXPIRE, a SUNIONSTORE over the index...) replaces the key: put back from its expected copy, then a full
+#: resync.
 MEMBER_EVENTS = {
     "index": {"srem": "-", "spop": "-", "sadd": "+"},
     "manifest": {"hdel": "r", "hset": "f", "hincrby": "f", "hincrbyfloat": "f"},
@@ -106,6 +107,7 @@ class State:
     replacements_limited: int = 0  # probe reports of a replaced cache not acted on at once (rate limit, F6)
     member_checks: int = 0  # index/manifest member events answered by a member check instead of a full resync
     members_repaired: int = 0  # index members / manifest fields those checks found changed by someone else
+    copies_restored: int = 0  # an index or manifest replaced as a whole, put back from its expected copy
 
 
 class Watcher:
@@ -154,6 +156,7 @@ class Watcher:
         self._replaced_owed: asyncio.TimerHandle | None = None  # the rate-limited resyncs, due at the window's end
         self._members_wanted: set[str] = set()  # what member events ask a member check to look for (MEMBER_EVENTS)
         self._members_event = asyncio.Event()
+        self._restores: set[str] = set()  # "index"/"manifest": replaced as a whole, to be put back from the copy
         self._member_events = 0  # member events heard (a resync that rebuilt the expected copies compares)
         self._expected_doubted = False  # someone else wrote the expected copies: rebuilt after the next full resync
 
@@ -427,12 +430,11 @@ class Watcher:
             case keyevents.EXPECTED_ROLE:
                 self._expected_doubted = True  # not believed until a full resync has rebuilt them
                 self.request_resync(KEYSPACE)
-            case "manifest":
-                # a deleted manifest is rebuilt from what each content key claims, then every value is compared
-                self._claims_wanted = True
-                self.request_resync(KEYSPACE)
-            case "index":
-                self.request_resync(KEYSPACE)
+            case "index" | "manifest":
+                # replaced as a whole (DEL, RENAME, EXPIRE, a SUNIONSTORE over the index...): modcache's copy is put
+                # back at once (``_member_loop``, in order with the member checks), then a full resync compares
+                self._restores.add(role)
+                self._members_event.set()
             case _:
                 # checked by ``_doubt_loop``, coalesced: a flood of events on these keys (a co-tenant, a second
                 # writer) costs one check at a time, never one round trip per event ahead of every other repair
@@ -507,7 +509,11 @@ class Watcher:
         while True:
             await self._members_event.wait()
             self._members_event.clear()
+            if self._restores:
+                await self._restore()
             wanted, self._members_wanted = self._members_wanted, set()
+            if not wanted:
+                continue
             names = None if self._expected_doubted else await self._changed_members(wanted)
             if names is None:
                 self._claims_wanted |= bool(wanted & {"r", "f"})  # as for any manifest event (rebuilt from claims)
@@ -520,6 +526,28 @@ class Watcher:
             if invalid:
                 await self._unlist(invalid)
             self.enqueue([n for n in names if ks.name_problem(n) is None], KEYSPACE)
+
+    async def _restore(self) -> None:
+        """The index or the manifest replaced as a whole by someone else: the expected copy put in its place (workers
+        find every module again at once; a manifest so restored keeps its fence and lengths), then a full resync
+        compares it with the source. Without a copy that can be believed (absent, written by someone else) the full
+        resync rebuilds the key, as before: a manifest from what each content key claims, then a deep resync."""
+        roles, self._restores = self._restores, set()
+        for role in sorted(roles):
+            restored = False
+            if not self._expected_doubted:
+                try:
+                    restored = await self.engine.cache.restore_from_copy(role)
+                except errors.TransientError as e:
+                    self._observer.on_sync_failed(e, KEYSPACE)
+            if restored:
+                self.state.copies_restored += 1
+                log.warning(
+                    "the %s was replaced by someone else: modcache's copy is back, a full resync checks it", role
+                )
+            else:
+                self._claims_wanted |= role == "manifest"
+        self.request_resync(KEYSPACE)
 
     async def _changed_members(self, wanted: set[str]) -> list[str] | None:
         """The index members and manifest fields someone else changed, or None if a full resync must tell."""

@@ -70,6 +70,26 @@ async def watching_source(
         await cache.close()
 
 
+@contextlib.asynccontextmanager
+async def watching_quick(
+    source: pgsource.PgSource, redis_url: str, keyspace: keys.KeySpace, database_url: str
+) -> AsyncIterator[tuple[watcher.Watcher, asyncio.Task[None], Recorder]]:
+    """``watching_source`` with a probe every 50 ms and no periodic resync, after its first deep resync: what an
+    attack on a running watcher starts from."""
+    config = watch_settings(listener_backoff_max_s=0.2, probe_interval_s=0.05)
+    async with watching_source(source, redis_url, keyspace, database_url, config) as (w, task, recorder):
+        await recorder.wait_for(lambda: any(r.deep for r, _ in recorder.syncs))
+        yield w, task, recorder
+
+
+async def put_modules(source: pgsource.PgSource, n: int) -> list[str]:
+    """``pkg/m{i}.py`` for i < n, each ``N = i``, through the source."""
+    paths = [f"pkg/m{i}.py" for i in range(n)]
+    for i, path in enumerate(paths):
+        await source.put_module(path, f"N = {i}\n".encode())
+    return paths
+
+
 async def upsert(dsn: str, rows: dict[str, str]) -> None:
     """Commit ``rows`` (path -> content) in one transaction through asyncpg (a multi-host DSN works)."""
     conn = await asyncpg.connect(dsn)
