@@ -413,6 +413,13 @@ call('PUBLISH', ARGV[2], 'e:' .. ARGV[1])
 return rebuilt
 """
 
+# KEYS: any keys of the cache (one slot). Reads only: their types.
+TYPES = """
+local out = {}
+for i, key in ipairs(KEYS) do out[i] = redis.call('TYPE', key)['ok'] end
+return out
+"""
+
 # KEYS: original (index or manifest), its expected copy; ARGV: nonce, writes channel, the type both must have. Puts
 # the copy in the original's place (a COPY in C: ~100,000 members in tens of milliseconds) when the copy is of that
 # type, whatever the original holds now; returns 1 if it did. For a key someone else deleted, renamed, expired or
@@ -542,6 +549,7 @@ class RedisCache:
         self._manifest_changes = client.register_script(MANIFEST_CHANGES)
         self._expected = client.register_script(EXPECTED)
         self._from_copy = client.register_script(FROM_COPY)
+        self._types = client.register_script(TYPES)
         # the key a by-path script is sent with: it names no key itself, and a Cluster routes a script by its keys (a
         # Cluster cache's prefix carries a hash tag, so every key of the cache lives in this key's slot)
         self._route = [keyspace.generation]
@@ -974,6 +982,15 @@ class RedisCache:
             return f"wrong type: {kind}"
         fields = set(await _call(self.client.hkeys(self.keyspace.status)))
         return None if fields == set(keys.STATUS_FIELDS) else "fields are not modcache's"
+
+    async def bookkeeping_missing(self) -> list[str]:
+        """Which of the index, the manifest and their expected copies are absent or of another type: after a flush
+        all are (a cache of no modules aside), and whoever recreates one to hide it writes the copies too, which a
+        watcher never believes (their own keyspace events)."""
+        ks = self.keyspace
+        wanted = {ks.index: "set", ks.manifest: "hash", ks.expected_index: "set", ks.expected_manifest: "hash"}
+        found = await _call(self._types(keys=list(wanted)))
+        return [key for (key, kind), got in zip(wanted.items(), found, strict=True) if str(got) != kind]
 
     async def key_type(self, key: str) -> str:
         """The type of one key under this cache's prefix ('none' when it does not exist)."""

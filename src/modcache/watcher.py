@@ -477,7 +477,9 @@ class Watcher:
         cache = self.engine.cache
         try:
             seen, found = cache.high_water, await cache.read_generation(create=False)
-            gone = not probe_key or await cache.key_type(probe_key) == "none"
+            # the probe key named by the report, not the one armed since: anyone can SCAN for it and set it again,
+            # after a FLUSHDB too (attack-9d F2), so the bookkeeping must be there as well
+            gone = not probe_key or await cache.key_type(probe_key) == "none" or bool(await cache.bookkeeping_missing())
         except errors.TransientError:
             return False
         self.state.replacements_limited += 1

@@ -1,0 +1,70 @@
+"""Findings of attack 9d (a hostile co-tenant with write access to the Redis database and CONNECT to PostgreSQL),
+each performed the way the attacker did it against a running watcher. Outcomes are judged by ``testkit.convergence``
+(rows and keys compared directly)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+import redis.asyncio as aioredis
+
+from modcache import keys, pgsource
+from testkit import convergence
+from testkit.servers import PrivateRedis, private_redis
+from testkit.watching import put_modules, watching_quick
+
+KS = keys.KeySpace()
+WITHIN_S = 2.0
+PROBES = f"{KS.prefix}modcache:probe:*"
+
+
+@pytest.fixture
+def server() -> AsyncIterator[PrivateRedis]:  # type: ignore[misc]
+    with private_redis() as redis_server:
+        yield redis_server
+
+
+@pytest.fixture
+async def client(server: PrivateRedis) -> AsyncIterator[aioredis.Redis]:
+    c = aioredis.Redis.from_url(server.url, decode_responses=True)
+    yield c
+    await c.aclose()
+
+
+async def _probe_keys(client: aioredis.Redis) -> list[str]:
+    return [k async for k in client.scan_iter(match=PROBES, count=1000)]
+
+
+# -- F2: a FLUSHDB hidden behind the replaced-cache rate limit -----------------------------------------------------
+
+
+async def test_a_flushdb_disguised_as_a_write_to_the_probe_key_is_refilled_at_once(
+    server: PrivateRedis, client: aioredis.Redis, source: pgsource.PgSource, database_url: str
+) -> None:
+    """Reports of a replaced cache are rate-limited (one routine and one deep resync per 30 s window) unless the
+    cache looks flushed. The attacker opens a window by writing the probe key and its guard (SCAN finds both), then
+    flushes and at once sets the probe key it SCANned and a believable, higher generation: the cache looked intact,
+    and stayed empty for the 27 s left of the window, every window. Now the index, the manifest and their copies
+    must be there too: the flush is refilled at once."""
+    await put_modules(source, 40)
+    async with watching_quick(source, server.url, KS, database_url) as (w, task, recorder):
+        for key in await _probe_keys(client):
+            await client.set(key, "touched", px=60_000)
+        assert not await convergence.converged(database_url, client, KS.prefix, within_s=WITHIN_S)
+        await recorder.wait_for(lambda: w.state.keyspace_active and not w._resync_wanted.is_set())
+        for _ in range(2):  # twice within the window
+            probes = [k for k in await _probe_keys(client) if not k.endswith(":guard")]
+            generation = int(await client.get(KS.generation) or 0)
+            async with client.pipeline(transaction=False) as pipe:
+                pipe.flushdb()
+                for key in probes:
+                    pipe.set(key, "1", px=60_000)
+                pipe.set(KS.generation, str(generation + 1000))
+                await pipe.execute()
+            started = time.perf_counter()
+            left = await convergence.converged(database_url, client, KS.prefix, within_s=WITHIN_S)
+            assert not left, f"a disguised FLUSHDB: not refilled in {time.perf_counter() - started:.1f} s: {left[:3]}"
+        assert w.state.replacements_limited >= 1, "the attack did not reach the rate limit"
+        assert not task.done()
