@@ -50,6 +50,8 @@ def make_engine(
         "postgresql+asyncpg://", async_creator=connect, pool_size=pool_size, **(pool | options)
     )
     lineage_module.attach(engine, checked)
+    if checked.connect is None:
+        checked.connect = connect
     return engine
 
 
@@ -75,10 +77,11 @@ async def upgrade(url: str, revision: str = "head") -> None:
 
 
 async def install_trigger(engine: AsyncEngine) -> None:
-    """Install (or refresh) only the NOTIFY trigger, for an existing Bifrost database. Idempotent."""
+    """Install (or refresh) only the NOTIFY trigger (and the status record's seal key, ``lineage.KEY_TABLE``), for an
+    existing Bifrost database. Idempotent."""
     try:
         async with engine.begin() as conn:
-            for statement in triggers.install_statements():
+            for statement in (*triggers.install_statements(), *lineage.KEY_STATEMENTS):
                 await conn.execute(sa.text(statement))
     except (OSError, sa.exc.SQLAlchemyError) as e:
         raise errors.SourceUnavailable(f"installing the trigger failed: {errors.describe(e)}") from e

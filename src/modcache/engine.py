@@ -33,7 +33,7 @@ FETCH_AHEAD = 2  # content batches read ahead of the one being written
 STATUS_REFRESH_S = 60.0
 #: Fields that change without news: times, and the WAL position (it advances with any write to the database; it is
 #: recorded with the next write that has news, or the refresh, so a no-drift resync still writes nothing).
-_STATUS_TIMES = ("last_success_at", "duration_s", "source_lsn")
+_STATUS_TIMES = ("last_success_at", "duration_s", "source_lsn", "source_seal")
 LIGHT_BATCH = 5000  # items per APPLY that carry no content (a few calls each in Redis: ~10-20 ms per batch)
 
 Progress = Callable[[int, int], None]
@@ -77,6 +77,8 @@ class Engine:
         self._monotonic = monotonic
         self._wall_clock = wall_clock
         self._lineage_learnt = False
+        self._key: str | None = None  # the status record's seal key (``lineage.KEY_TABLE``), once read
+        self._unsealed_said = False
 
     # -- full resync ---------------------------------------------------------------------------------------
 
@@ -149,7 +151,10 @@ class Engine:
         """Write the status record, unless the one stored says the same (but for its time and duration) and is less
         than ``STATUS_REFRESH_S`` old: a resync that finds nothing to do writes nothing at all."""
         stored = await self.cache.read_status()
-        status = _never_weaker(await self._status(report), stored)
+        status = _never_weaker(await self._status(report), await self._believed(stored))
+        key = await self._lineage_key()
+        recorded = _recorded(status)  # type: ignore[arg-type]
+        status["source_seal"] = lineage.seal(key, self.cache.keyspace.prefix, *recorded) if key and recorded[0] else ""
         if _same_news(stored, status, now=self._wall_clock()):
             return
         await self.cache.write_status(status)
@@ -170,18 +175,51 @@ class Engine:
             source_system=(checked.system or "") if checked is not None else "",
             source_timeline=str(checked.timeline if checked is not None else 0),
             source_lsn=lineage.lsn_text(checked.lsn if checked is not None else 0),
+            source_seal="",  # by ``_record``, over what is kept
         )
 
     async def learn_lineage(self) -> None:
         """Take the cluster and timeline the cache's status records as the lowest acceptable source (before the
-        first read: a restarted modcache that first reaches a stale former primary must refuse it too)."""
+        first read: a restarted modcache that first reaches a stale former primary must refuse it too) -- if the
+        record is sealed (``lineage.seal``): anyone who can write the hash could otherwise lock modcache out of
+        every server (attack-9d F1). An unsealed record is said once, not believed, and replaced by ``_record``."""
         if self.source.lineage is None:
             return
         status = await self.cache.read_status()
         self._lineage_learnt = True
-        raised = self.source.lineage.learn(*_recorded(status))
+        # the cluster first: the seal's key is read from the source, which must be that cluster already
+        raised = self.source.lineage.learn(_recorded(status)[0], 0, 0)
+        raised |= self.source.lineage.learn(*await self._believed(status))
         if raised:  # connections pooled before (the consumer's first SELECT 1) passed a lower bar: not reused
             await self.source.engine.dispose()
+
+    async def _believed(self, status: Mapping[str, str]) -> tuple[str, int, int]:
+        """What ``status`` records about the source if its seal is right, else only the cluster (timeline and
+        position 0): the seal's key is this cluster's, so a record of another cluster cannot be told from a forged
+        one, and is refused as another cluster's (``lineage``: the limit)."""
+        recorded = _recorded(status)
+        if not recorded[0]:
+            return recorded
+        key = await self._lineage_key()
+        if lineage.sealed(key, self.cache.keyspace.prefix, recorded, status.get("source_seal", "")):
+            return recorded
+        if not self._unsealed_said:
+            self._unsealed_said = True
+            why = "its seal is wrong" if key is not None else f"this database has no {lineage.KEY_TABLE} to check it"
+            log.warning(
+                "the cache's status record says it was filled from PostgreSQL system %s, timeline %d, but %s "
+                "(written by someone else, or before seals): only its system is believed; the next full resync "
+                "replaces it",
+                recorded[0][:40],
+                recorded[1],
+                why,
+            )
+        return recorded[0], 0, 0
+
+    async def _lineage_key(self) -> str | None:
+        if self._key is None:  # read until found (a database migrated while we run has it from then on)
+            self._key = await self.source.lineage_key()
+        return self._key
 
     async def _unservable(self, the_plan: plan.Plan) -> list[modules.Rejected]:
         rejected: list[modules.Rejected] = []
@@ -481,11 +519,12 @@ def _recorded(status: Mapping[str, str]) -> tuple[str, int, int]:
     )
 
 
-def _never_weaker(status: keys.SyncStatus, stored: Mapping[str, str]) -> keys.SyncStatus:
-    """``status`` with the stored lineage fields kept when this process knows less (no lineage, an identity it could
-    not read, an older timeline or position): a resync never lowers what the next modcache is held to (attack-11c U3:
-    a resync with no lineage wrote an empty record, and the next one took the stale primary)."""
-    system, timeline, lsn = _recorded(stored)
+def _never_weaker(status: keys.SyncStatus, stored: tuple[str, int, int]) -> keys.SyncStatus:
+    """``status`` with the ``stored`` lineage (as believed) kept when this process knows less (no lineage, an
+    identity it could not read, an older timeline or position): a resync never lowers what the next modcache is
+    held to (attack-11c U3: a resync with no lineage wrote an empty record, and the next one took the stale
+    primary)."""
+    system, timeline, lsn = stored
     mine_system, mine_timeline, mine_lsn = _recorded(status)  # type: ignore[arg-type]
     if not system or (mine_system == system and (mine_timeline, mine_lsn) >= (timeline, lsn)):
         return status

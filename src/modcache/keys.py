@@ -178,6 +178,7 @@ class SyncStatus(TypedDict):
     source_system: str  # PostgreSQL's system identifier the cache is filled from ("" unknown; ``lineage``)
     source_timeline: str  # the highest timeline of it synced from ("0" unknown): an older one is refused
     source_lsn: str  # the highest WAL position of it synced from ("0/0" unknown): a server behind it is refused
+    source_seal: str  # HMAC of the prefix and the 3 fields above (``lineage.seal``): unsealed ones are not believed
 
 
 STATUS_FIELDS = tuple(SyncStatus.__annotations__)

@@ -36,15 +36,31 @@ system, on an older timeline or behind the recorded position, is closed and the 
 turn; if none passes, ``StaleSource`` (a ``SourceUnavailable``: retried, and shown in the status) says which
 server, which timeline and why. A server that does not let us read its identity is accepted, with one warning.
 
+The record is sealed (attack-9d F1): anyone who can write the status hash could otherwise raise the bar above every
+server (``HSET ... source_timeline 99``) and no modcache would ever read PostgreSQL again, restarted or not. The
+seal is an HMAC-SHA256 (``seal``) of the prefix and the three fields, keyed by a random key kept in PostgreSQL
+(``KEY_TABLE``, made by ``db upgrade`` and ``db install-trigger``, readable by modcache's roles only): a stale former
+primary holds the same key (it was replicated before the split), so a record a true modcache sealed still refuses
+it, while of a record nobody sealed -- forged, or written before this -- only the system identifier is believed
+(said once; the next full resync's sealed record replaces it). Without the key (no table, no SELECT on it) the same.
+The limit: the key is the cluster's own, so a record of another cluster cannot be told from a forged one; it is
+refused as another cluster's, as before, and a forged ``source_system`` therefore still stops every sync until the
+record is deleted (``modcache status`` shows it; the refusal names the cluster).
+
 Moving the cache to another cluster on purpose (a restore into a new ``initdb``, a migration): delete the status
 hash (``DEL <prefix>modcache:status``) and restart modcache; the next full resync records the new cluster.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
+import hashlib
+import hmac
 import logging
 import weakref
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import asyncpg
@@ -61,6 +77,44 @@ SELECT (SELECT system_identifier FROM pg_control_system())::text,
        (coalesce(CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END,
                  '0/0') - '0/0'::pg_lsn)::bigint
 """
+
+
+#: The seal's key: one row, made once per cluster (replicas and a restored copy hold the same key).
+KEY_TABLE = "modcache_lineage_key"
+KEY_STATEMENTS = (
+    f"CREATE TABLE IF NOT EXISTS {KEY_TABLE} (id smallint PRIMARY KEY CHECK (id = 1), key text NOT NULL)",
+    # gen_random_uuid() draws from pg_strong_random: 244 random bits in two of them
+    f"INSERT INTO {KEY_TABLE} VALUES (1, replace(gen_random_uuid()::text || gen_random_uuid()::text, '-', '')) "
+    "ON CONFLICT (id) DO NOTHING",
+    f"REVOKE ALL ON {KEY_TABLE} FROM PUBLIC",
+)
+KEY_SQL = f"SELECT key FROM {KEY_TABLE} WHERE id = 1"
+
+
+_UNRECORDED: contextvars.ContextVar[bool] = contextvars.ContextVar("modcache_lineage_unrecorded", default=False)
+
+
+@contextlib.contextmanager
+def unrecorded() -> Iterator[None]:
+    """Connections made inside are checked for the cluster only, and what they reach is not recorded: for reading
+    what every server of the cluster holds alike (the seal's key) before the record can be believed. Such a
+    connection must not be pooled: it may reach a server the record, once believed, refuses."""
+    token = _UNRECORDED.set(True)
+    try:
+        yield
+    finally:
+        _UNRECORDED.reset(token)
+
+
+def seal(key: str, prefix: str, system: str, timeline: int, lsn: int) -> str:
+    """The status record's seal over what it says the cache is filled from (hex HMAC-SHA256)."""
+    message = "\0".join((prefix, system, str(timeline), lsn_text(lsn)))
+    return hmac.new(key.encode(), message.encode(), hashlib.sha256).hexdigest()
+
+
+def sealed(key: str | None, prefix: str, recorded: tuple[str, int, int], found: str) -> bool:
+    """Whether ``found`` is ``recorded``'s seal under ``key`` (never without a key)."""
+    return key is not None and hmac.compare_digest(seal(key, prefix, *recorded), found)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +152,8 @@ class Lineage:
         self.lsn = 0  # the highest WAL position synced from (``Identity.lsn``)
         self.refusals = 0  # servers refused (a metric: modcache_source_refusals_total)
         self._said: str | None = None  # the last refusal logged (the same one, retried, is not logged again)
+        # opens a checked connection to the source (``db.make_engine`` sets it): how ``read_key`` reaches the cluster
+        self.connect: Callable[[], Awaitable[Any]] | None = None
         self._unreadable_said = False
 
     def learn(self, system: str, timeline: int, lsn: int = 0) -> bool:
@@ -124,6 +180,8 @@ class Lineage:
                 f"cache was filled from ({self.system}); refusing to sync from it (moved on purpose? see "
                 "docs/topologies.md)"
             )
+        if _UNRECORDED.get():
+            return None
         if identity.timeline < self.timeline:
             return (
                 f"PostgreSQL at {identity.server} is on timeline {identity.timeline}, older than timeline "
@@ -149,6 +207,22 @@ class Lineage:
             log.warning("%s; no host of the URL is ahead of it: syncing from it (see docs/topologies.md)", said)
         self.system, self.timeline, self.lsn = identity.system, identity.timeline, identity.lsn
         return None
+
+    async def read_key(self) -> str | None:
+        """The seal's key (``KEY_TABLE``), or None when the database has none or the role may not read it. Read
+        before the record is believed, so on a connection of its own, checked for the cluster only and closed after
+        (``unrecorded``): any server of the cluster holds the same key."""
+        if self.connect is None:
+            return None
+        with unrecorded():
+            conn = await self.connect()
+        try:
+            found = await conn.fetchval(KEY_SQL, timeout=10)
+        except (asyncpg.UndefinedTableError, asyncpg.InsufficientPrivilegeError):
+            return None
+        finally:
+            await conn.close()
+        return found if isinstance(found, str) and found else None
 
     def refuse(self, reason: str) -> None:
         self.refusals += 1

@@ -193,6 +193,23 @@ class PgSource:
         status: str = await self._run(lambda c: c.execute(sql, path))
         return not status.endswith(" 0")
 
+    async def lineage_key(self) -> str | None:
+        """The key that seals the cache's status record (``lineage.KEY_TABLE``), or None when this database has none
+        or this role may not read it (then nothing a status record says about the source is believed)."""
+        checked = self.lineage
+        if checked is None or checked.connect is None:  # an engine made elsewhere: nothing is checked anyway
+            try:
+                found = await self._run(lambda c: c.fetchval(lineage_module.KEY_SQL))
+            except errors.SourceUnavailable as e:
+                if not isinstance(e.__cause__, asyncpg.UndefinedTableError | asyncpg.InsufficientPrivilegeError):
+                    raise
+                return None
+            return found if isinstance(found, str) and found else None
+        try:
+            return await checked.read_key()
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+            raise errors.SourceUnavailable(f"PostgreSQL query failed: {errors.describe(e)}") from e
+
     async def module_rows(self) -> list[ModuleRow]:
         rows = await self._run(
             lambda c: c.fetch(f"SELECT path, content_hash, size_bytes FROM workspace_files WHERE {LIVE} ORDER BY path")

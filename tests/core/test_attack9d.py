@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 import pytest
 import redis.asyncio as aioredis
 
-from modcache import keys, pgsource
+from modcache import db, engine, keys, pgsource, rediscache
 from testkit import convergence
 from testkit.servers import PrivateRedis, private_redis
 from testkit.watching import put_modules, watching_quick
@@ -68,3 +68,47 @@ async def test_a_flushdb_disguised_as_a_write_to_the_probe_key_is_refilled_at_on
             assert not left, f"a disguised FLUSHDB: not refilled in {time.perf_counter() - started:.1f} s: {left[:3]}"
         assert w.state.replacements_limited >= 1, "the attack did not reach the rate limit"
         assert not task.done()
+
+
+# -- F1: the lineage in the status record taken as authority --------------------------------------------------------
+
+FORGED_LINEAGE = {
+    "a timeline above every server": ("source_timeline", "99"),
+    "a WAL position": ("source_lsn", "FFFFFFFF/FFFFFFFF"),
+}
+
+
+@pytest.mark.parametrize("forgery", list(FORGED_LINEAGE))
+async def test_a_forged_lineage_in_the_status_record_stops_neither_the_watcher_nor_a_restarted_modcache(
+    forgery: str, server: PrivateRedis, client: aioredis.Redis, source: pgsource.PgSource, database_url: str
+) -> None:
+    """The status record says which PostgreSQL cluster, timeline and WAL position the cache was filled from, and a
+    server behind that is refused (a stale former primary). It is a key under the prefix: one HSET raising the
+    timeline or the position made every later sync refuse every server, for ever (the bar only goes up, and a
+    restarted modcache learnt it again), and the cache was no longer maintained. Now the record is sealed with a
+    key kept in PostgreSQL: a forged one is not believed, and the next full resync replaces it."""
+    field, value = FORGED_LINEAGE[forgery]
+    paths = await put_modules(source, 40)
+    async with watching_quick(source, server.url, KS, database_url) as (_, task, recorder):
+        assert (await client.hgetall(KS.status))["source_seal"]
+        await client.hset(KS.status, field, value)
+        full = recorder.full_syncs()
+        await client.delete(KS.index)  # any fault that asks for a full resync
+        await source.put_module(paths[3], b"N = 'changed'\n")
+        await recorder.wait_for(lambda: recorder.full_syncs() > full)
+        left = await convergence.converged(database_url, client, KS.prefix, within_s=WITHIN_S)
+        assert not left, left
+        await client.delete(KS.content(paths[5]))
+        assert not await convergence.converged(database_url, client, KS.prefix, within_s=WITHIN_S)
+        assert not [e for e, _ in recorder.failures], recorder.failures
+        assert (await client.hgetall(KS.status))[field] != value, "the forged record was not replaced"
+        assert not task.done()
+    await client.hset(KS.status, field, value)  # again, for a modcache that starts now (nothing in memory)
+    fresh = pgsource.PgSource(engine=db.make_engine(database_url))
+    cache = rediscache.RedisCache.from_url(server.url, keyspace=KS)
+    try:
+        report = await engine.Engine(source=fresh, cache=cache).full_resync()
+    finally:
+        await fresh.close()
+        await cache.close()
+    assert report.source_count == 40

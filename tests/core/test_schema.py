@@ -135,6 +135,7 @@ async def test_db_upgrade_creates_the_bifrost_shaped_tables_and_can_run_again(em
         "configs",
         "executions",
         "modcache_alembic_version",
+        "modcache_lineage_key",
     }
     conn = await asyncpg.connect(empty_database)
     try:
@@ -142,6 +143,21 @@ async def test_db_upgrade_creates_the_bifrost_shaped_tables_and_can_run_again(em
     finally:
         await conn.close()
     assert {t["tgname"] for t in triggers} >= {"modcache_notify_insert", "modcache_notify_update"}
+    await assert_one_private_key(empty_database)
+
+
+async def assert_one_private_key(url: str) -> None:
+    """The status record's seal key: one row of 64 hex digits (from two strong UUIDs), no privilege for PUBLIC."""
+    conn = await asyncpg.connect(url)
+    try:
+        rows = await conn.fetch("SELECT key FROM modcache_lineage_key")
+        public = await conn.fetchval("SELECT has_table_privilege('public', 'modcache_lineage_key', 'SELECT')")
+    finally:
+        await conn.close()
+    assert len(rows) == 1, rows
+    assert len(rows[0]["key"]) == 64
+    assert int(rows[0]["key"], 16) > 0
+    assert public is False
 
 
 # -- what the trigger sends -------------------------------------------------------------------------------------
@@ -241,7 +257,8 @@ async def test_install_trigger_on_a_bifrost_database_is_idempotent_and_enough_to
     for _ in range(2):
         result = await cli.invoke("db", "install-trigger", env=env)
         assert result.code == 0, result.output
-    assert await table_names(empty_database) == {"workspace_files"}  # only the trigger was added
+    assert await table_names(empty_database) == {"workspace_files", "modcache_lineage_key"}  # and the seal's key
+    await assert_one_private_key(empty_database)
 
     listener = await asyncpg.connect(empty_database)
     writer = await asyncpg.connect(empty_database)

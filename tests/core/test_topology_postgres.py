@@ -449,7 +449,12 @@ async def test_a_resync_through_an_unchecked_engine_never_lowers_the_lineage_rec
         assert source.lineage is None
         try:
             await wired.cache.client.delete(keyspace.status)
+            key = await wired.source.lineage_key()  # a higher bar a true modcache recorded: sealed
+            assert key is not None
+            lsn = lineage.parse_lsn(recorded["source_lsn"])
+            seal = lineage.seal(key, keyspace.prefix, recorded["source_system"], 7, lsn)
             higher = recorded | {"source_timeline": "7", "last_success_at": "2000-01-01T00:00:00+00:00"}
+            higher["source_seal"] = seal
             await wired.cache.write_status(higher)  # type: ignore[arg-type]
             await engine.Engine(source=source, cache=wired.cache).full_resync()
         finally:

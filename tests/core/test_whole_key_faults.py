@@ -83,7 +83,8 @@ async def test_an_index_or_manifest_replaced_by_someone_else_is_put_back_and_the
         after = [r for r, _ in recorder.syncs[before:] if r.full]
         assert all(not r.plan for r in after), [r.plan.describe() for r in after]
         assert not any(r.claimed for r in after), f"{attack}: rebuilt from the keys' claims"
-        assert await client.ttl(KS.index) == -1 and await client.ttl(KS.manifest) == -1
+        assert await client.ttl(KS.index) == -1
+        assert await client.ttl(KS.manifest) == -1
         if renamed_away:  # a key of someone else's is theirs, whatever it holds
             assert await client.exists("elsewhere") == 1
         assert not task.done()
