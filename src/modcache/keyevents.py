@@ -458,8 +458,10 @@ class KeyEvents:
         await self._close_probe(guard=False)
         with contextlib.suppress(TimeoutError):  # an eviction's event may still be on its way
             await asyncio.wait_for(self._probe_evicted.wait(), EVICTED_WAIT_S)
-        if self._probe_evicted.is_set():  # re-armed before it is reported (a flush landing meanwhile is seen); the
-            await self._watch_again(ttl_ms)  # guard keeps watching: if the eviction took it too, it says so itself
+        if self._probe_evicted.is_set() and await self._evicted_for_real(self._probe_key):
+            # re-armed before it is reported (a flush landing meanwhile is seen); the guard keeps watching: if the
+            # eviction took it too, it says so itself
+            await self._watch_again(ttl_ms)
             return EVICTED
         if await self._guard_intact(ttl_ms):
             self.probe_rearmed += 1
@@ -478,9 +480,20 @@ class KeyEvents:
         await self._close_probe()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._probe_evicted.wait(), EVICTED_WAIT_S)
-        evicted = self._probe_evicted.is_set()
+        evicted = self._probe_evicted.is_set() and await self._evicted_for_real(self._guard_key)
         await self._watch_again(ttl_ms)
         return EVICTED if evicted else REPLACED
+
+    async def _evicted_for_real(self, key: str) -> bool:
+        """Whether an ``evicted`` event heard on the probe's keys can be believed for ``key``: anyone may PUBLISH on
+        a keyspace channel (attack-9d F3: spoofed, it passed a SWAPDB of a forged database off as an eviction, and
+        no deep resync ran). Redis evicts only near its memory limit (``INFO``); where INFO is not permitted, an
+        evicted key is at least gone. Believed when Redis cannot be asked (as before)."""
+        try:
+            limit = await self._cache.at_memory_limit()
+            return limit if limit is not None else await self._cache.key_type(key) == "none"
+        except errors.ModcacheError:
+            return True
 
     async def _guard_intact(self, ttl_ms: int) -> bool:
         """One round on the guard's connection (``EXEC`` of its key's refresh, then ``WATCH`` again in the same write):

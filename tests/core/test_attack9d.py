@@ -4,6 +4,8 @@ each performed the way the attacker did it against a running watcher. Outcomes a
 
 from __future__ import annotations
 
+import asyncio
+import json
 import time
 from collections.abc import AsyncIterator
 
@@ -112,3 +114,45 @@ async def test_a_forged_lineage_in_the_status_record_stops_neither_the_watcher_n
         await fresh.close()
         await cache.close()
     assert report.source_count == 40
+
+
+# -- F3: spoofed ``evicted`` notifications ---------------------------------------------------------------------------
+
+
+async def test_a_swapped_in_forged_database_is_not_taken_for_an_eviction_by_spoofed_notifications(
+    server: PrivateRedis, client: aioredis.Redis, source: pgsource.PgSource, database_url: str
+) -> None:
+    """Anyone may PUBLISH on a keyspace channel. The attacker copies the cache into database 1, forges one module
+    there (same length, its ``hash`` field kept: what a routine resync accepts), floods ``evicted`` notifications
+    for the probe's keys and swaps the databases: the probe took the swap for an eviction, no deep resync ran, and
+    workers were served the forged code until the hourly deep check. Redis was nowhere near a memory limit, so the
+    notifications are not believed now: the swap is a replaced database, and the deep resync repairs the forgery."""
+    paths = await put_modules(source, 40)
+    async with watching_quick(source, server.url, KS, database_url) as (_, task, recorder):
+        victim = KS.content(paths[7])
+        async for key in client.scan_iter(match=f"{KS.prefix}*", count=1000):
+            await client.copy(key, key, destination_db=1)
+        other = aioredis.Redis.from_url(server.url, db=1, decode_responses=True)
+        try:
+            value = json.loads(str(await other.get(victim)))
+            value["content"] = "Z" * len(value["content"])  # same length, same hash field
+            await other.set(victim, json.dumps(value))
+        finally:
+            await other.aclose()
+        spoofing = asyncio.create_task(_spoof_evictions(client))
+        try:
+            deep = sum(1 for r, _ in recorder.syncs if r.deep)
+            await client.swapdb(0, 1)
+            await recorder.wait_for(lambda: sum(1 for r, _ in recorder.syncs if r.deep) > deep)
+        finally:
+            spoofing.cancel()
+        left = await convergence.converged(database_url, client, KS.prefix, within_s=WITHIN_S)
+        assert not left, left
+        assert not task.done()
+
+
+async def _spoof_evictions(client: aioredis.Redis) -> None:
+    while True:
+        async for key in client.scan_iter(match=PROBES, count=1000):
+            await client.publish(f"__keyspace@0__:{key}", "evicted")
+        await asyncio.sleep(0.01)
