@@ -336,7 +336,10 @@ class Engine:
             manifest={p: e.hash for p, e in entries.items()},
             content=content,
             damage=damaged,
-            malformed=frozenset(malformed),
+            # an entry whose length is not the value's (forged: attack-9d F5) is rewritten, as an unparsable one is
+            malformed=frozenset(malformed).union(
+                p for p, e in entries.items() if p in values and e.length != len(values[p].encode())
+            ),
         )
         return view, values
 

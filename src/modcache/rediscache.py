@@ -95,7 +95,7 @@ local out = {{}}
 for i, path in ipairs(paths) do
     local got = redis.pcall('STRLEN', prefix .. path)
     if type(got) == 'table' then out[i] = '{WRONGTYPE}'
-    elseif got == 0 then out[i] = '{ABSENT}'
+    elseif got == 0 and redis.call('EXISTS', prefix .. path) == 0 then out[i] = '{ABSENT}'
     elseif expected[i] == '' then out[i] = '{PRESENT}'
     elseif got == tonumber(expected[i]) then out[i] = '{MATCH}'
     else out[i] = '{OTHER}' end

@@ -156,3 +156,44 @@ async def _spoof_evictions(client: aioredis.Redis) -> None:
         async for key in client.scan_iter(match=PROBES, count=1000):
             await client.publish(f"__keyspace@0__:{key}", "evicted")
         await asyncio.sleep(0.01)
+
+
+# -- F4: an empty string at a content key; F5: a forged manifest length ---------------------------------------------
+
+
+async def test_content_keys_holding_the_empty_string_are_removed_like_any_other_stray(
+    server: PrivateRedis, client: aioredis.Redis, source: pgsource.PgSource, database_url: str
+) -> None:
+    """A key of the empty string reads as length 0, which the length checks took for a key that does not exist: an
+    orphan holding ``""`` stayed for ever (watch mode, full and deep resyncs), and a worker probing for that module
+    found a non-JSON value for a module that does not exist."""
+    await put_modules(source, 20)
+    async with watching_quick(source, server.url, KS, database_url) as (_, task, _recorder):
+        await client.set(KS.content("ghost/empty.py"), "")
+        await client.sadd(KS.index, "ghost/indexed_empty.py")
+        await client.set(KS.content("ghost/indexed_empty.py"), "")
+        left = await convergence.converged(database_url, client, KS.prefix, within_s=WITHIN_S)
+        assert not left, left
+        assert not task.done()
+    await client.set(KS.content("ghost/unwatched.py"), "")  # nobody heard it: the deep resync's SCAN finds it
+    cache = rediscache.RedisCache.from_url(server.url, keyspace=KS)
+    try:
+        report = await engine.Engine(source=source, cache=cache).full_resync(deep=True)
+    finally:
+        await cache.close()
+    assert [i.path for i in report.plan.items] == ["ghost/unwatched.py"]
+    assert await client.exists(KS.content("ghost/unwatched.py")) == 0
+
+
+async def test_a_forged_manifest_length_is_put_right_in_watch_mode(
+    server: PrivateRedis, client: aioredis.Redis, source: pgsource.PgSource, database_url: str
+) -> None:
+    """The manifest's length of a value is what resyncs that check lengths trust. One forged (generation and hash
+    kept) was looked at by the member check and left: only the value and the hash were compared."""
+    paths = await put_modules(source, 20)
+    async with watching_quick(source, server.url, KS, database_url) as (_, task, _recorder):
+        generation, digest, length = str(await client.hget(KS.manifest, paths[4])).split(":")
+        await client.hset(KS.manifest, paths[4], f"{generation}:{digest}:{int(length) + 1}")
+        left = await convergence.converged(database_url, client, KS.prefix, within_s=WITHIN_S)
+        assert not left, left
+        assert not task.done()
