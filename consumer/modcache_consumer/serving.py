@@ -204,6 +204,11 @@ def verified_entry(path: str, value: str | None, held: str | None, indexed: bool
         log.warning("module cache: %s does not match its hash; treating it as missing", path)
         content = digest = None
     entry = keys.parse_manifest(held)
+    # a value's own hash is only as good as its writer: another Redis writer can recompute it (attack-9d F8). What
+    # modcache wrote is in its manifest too, in the same script: content only modcache's manifest vouches for runs
+    if content is not None and (entry is None or entry.hash != digest):
+        log.warning("module cache: %s is not what modcache's manifest says it wrote; treating it as missing", path)
+        content = digest = None
     return {
         "path": path,
         "content": content,

@@ -135,6 +135,23 @@ async def test_content_that_does_not_match_its_hash_is_never_imported(executors,
     assert modules.decode_cached(await redis_client.get(key))["content"] == "RATE = 3\n"
 
 
+async def test_forged_content_that_carries_its_own_right_hash_is_never_imported(
+    executors, harness, redis_client
+) -> None:
+    """The hash check compared a value with the ``hash`` field of the same value: a co-tenant who recomputes it
+    (attack-9d F8) passed, and an execution ran their code for as long as the watcher took to repair it. Content is
+    run only when modcache's manifest, written in the same script as the value, names its hash."""
+    await harness.module("modules/billing.py", "RATE = 3\n")
+    await harness.converge()
+    key = harness.keyspace.content("modules/billing.py")
+    evil = "RATE = 666\n"
+    await redis_client.set(key, modules.encode_cached("modules/billing.py", evil, modules.content_hash(evil.encode())))
+    the_executor = await executors.start()
+    outcome = await executors.run(the_executor, "from modules.billing import RATE\ndef run():\n    return RATE\n")
+    assert (outcome.status, outcome.result) == ("SUCCESS", 3), outcome.error  # treated as missing: repaired
+    assert modules.decode_cached(await redis_client.get(key))["content"] == "RATE = 3\n"
+
+
 async def test_a_deleted_module_stops_being_importable(executors, harness) -> None:
     await harness.module("modules/legacy.py", "X = 1\n")
     await harness.converge()
