@@ -5,34 +5,20 @@ and the read-only reader can import through Bifrost's layout but write nothing."
 from __future__ import annotations
 
 import json
-import re
-import shlex
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
 import redis.exceptions
 
 from modcache import engine, keys, pgsource, rediscache, settings, watcher
-from testkit import convergence
+from testkit import acl, convergence
+from testkit.acl import create_documented_users, documented_users
 from testkit.observers import Recorder, running
 from testkit.servers import PrivateRedis, private_redis
 
-DOC = Path(__file__).resolve().parents[2] / "docs" / "integrity.md"
-PASSWORD = "s3cret-for-tests"
 KS = keys.KeySpace()
 WITHIN_S = 5.0
-
-
-def documented_users() -> dict[str, list[str]]:
-    """user -> the ``ACL SETUSER`` arguments as docs/integrity.md gives them (``PASSWORD`` filled in)."""
-    text = DOC.read_text()
-    found = {}
-    for command in re.findall(r"ACL SETUSER [^`]+", text):
-        words = shlex.split(command.replace("PASSWORD", PASSWORD))
-        found[words[2]] = words[3:]
-    return found
 
 
 @pytest.fixture
@@ -44,15 +30,13 @@ def server() -> Iterator[PrivateRedis]:
 @pytest.fixture
 async def admin(server: PrivateRedis) -> AsyncIterator[aioredis.Redis]:
     client = aioredis.Redis.from_url(server.url, decode_responses=True)
-    for user, rules in documented_users().items():
-        await client.acl_setuser(user, reset=True)
-        await client.execute_command("ACL", "SETUSER", user, *rules)
+    await create_documented_users(client)
     yield client
     await client.aclose()
 
 
 def url_of(server: PrivateRedis, user: str) -> str:
-    return f"redis://{user}:{PASSWORD}@127.0.0.1:{server.port}/0"
+    return acl.url_of(server.port, user)
 
 
 async def fill(source: pgsource.PgSource, n: int = 5) -> list[str]:
@@ -64,7 +48,7 @@ async def fill(source: pgsource.PgSource, n: int = 5) -> list[str]:
 
 def test_the_doc_names_a_writer_and_a_reader() -> None:
     users = documented_users()
-    assert set(users) == {"modcache", "worker"}
+    assert set(users) == {"modcache", "worker", "consumer"}
     assert "+config|set" in users["modcache"]
 
 
