@@ -59,6 +59,11 @@ MEMBER_EVENTS = {
     "manifest": {"hdel": "r", "hset": "f", "hincrby": "f", "hincrbyfloat": "f"},
 }
 
+#: A member check is followed by a rest MEMBER_PACE times as long as it took (at most MEMBER_PACE_MAX_S) before the
+#: next (``Watcher._pace``).
+MEMBER_PACE = 2.0
+MEMBER_PACE_MAX_S = 1.0
+
 Backoff = backoff.Backoff
 merged_keyspace_flags = keyevents.merged_keyspace_flags
 
@@ -516,7 +521,9 @@ class Watcher:
             wanted, self._members_wanted = self._members_wanted, set()
             if not wanted:
                 continue
+            started = self._monotonic()
             names = None if self._expected_doubted else await self._changed_members(wanted)
+            await self._pace(self._monotonic() - started)
             if names is None:
                 self._claims_wanted |= bool(wanted & {"r", "f"})  # as for any manifest event (rebuilt from claims)
                 self.request_resync(KEYSPACE)
@@ -528,6 +535,14 @@ class Watcher:
             if invalid:
                 await self._unlist(invalid)
             self.enqueue([n for n in names if ks.name_problem(n) is None], KEYSPACE)
+
+    async def _pace(self, spent_s: float) -> None:
+        """Rest ``MEMBER_PACE`` times as long as a member check took before the next may start. The manifest's is
+        a Lua walk of every field that holds Redis for its whole length (~250 ms at 100,000 modules), and anyone may
+        PUBLISH a keyspace notification: 200 forged ``hset`` events a second kept Redis busy for every Bifrost
+        worker (attack-9d F6). Paced, a flood costs Redis at most 1/(1 + MEMBER_PACE) of its time, and a real
+        event waits at most that much longer."""
+        await asyncio.sleep(min(spent_s * MEMBER_PACE, MEMBER_PACE_MAX_S))
 
     async def _restore(self) -> None:
         """The index or the manifest replaced as a whole by someone else: the expected copy put in its place (workers

@@ -9,10 +9,11 @@ import json
 import time
 from collections.abc import AsyncIterator
 
+import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
-from modcache import db, engine, keys, pgsource, rediscache
+from modcache import db, engine, keys, modules, pgsource, rediscache
 from testkit import convergence
 from testkit.servers import PrivateRedis, private_redis
 from testkit.watching import put_modules, watching_quick
@@ -197,3 +198,52 @@ async def test_a_forged_manifest_length_is_put_right_in_watch_mode(
         left = await convergence.converged(database_url, client, KS.prefix, within_s=WITHIN_S)
         assert not left, left
         assert not task.done()
+
+
+# -- F6: forged keyspace notifications as free amplification -------------------------------------------------------
+
+FLOOD_MODULES = 20_000
+
+
+async def test_a_flood_of_forged_manifest_notifications_does_not_monopolise_redis(
+    server: PrivateRedis, client: aioredis.Redis, source: pgsource.PgSource, database_url: str
+) -> None:
+    """Anyone may PUBLISH ``hset`` on the manifest's keyspace channel, and each makes the watcher walk the whole
+    manifest in Lua, holding Redis for every Bifrost worker: 200 a second kept Redis ~70 % busy at 10,000 modules.
+    The checks are paced now; a flood costs Redis a bounded share (here: under half of one core, measured by Redis's
+    own CPU counters), and a real fault during the flood is still repaired."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute(
+            "INSERT INTO workspace_files (path, content, content_hash, entity_type) "
+            "SELECT 'flood/m' || g || '.py', $1, $2, 'module' FROM generate_series(1, $3::int) g",
+            "F = 1\n",
+            modules.content_hash(b"F = 1\n"),
+            FLOOD_MODULES,
+        )
+    finally:
+        await conn.close()
+    async with watching_quick(source, server.url, KS, database_url) as (w, task, _recorder):
+        checks = w.state.member_checks
+        flooding = asyncio.create_task(_flood(client, f"__keyspace@0__:{KS.manifest}", "hset", seconds=2.0))
+        before, started = await _redis_cpu_s(client), time.perf_counter()
+        await client.hdel(KS.manifest, "flood/m7.py")  # a real fault among the forged ones
+        await flooding
+        share = (await _redis_cpu_s(client) - before) / (time.perf_counter() - started)
+        left = await convergence.converged(database_url, client, KS.prefix, within_s=WITHIN_S)
+        assert not left, left
+        assert w.state.member_checks > checks
+        assert share < 0.5, f"Redis was {share:.0%} busy during the flood"
+        assert not task.done()
+
+
+async def _flood(client: aioredis.Redis, channel: str, event: str, *, seconds: float) -> None:
+    ends = time.monotonic() + seconds
+    while time.monotonic() < ends:
+        await client.publish(channel, event)
+        await asyncio.sleep(0.005)
+
+
+async def _redis_cpu_s(client: aioredis.Redis) -> float:
+    cpu = await client.info("cpu")
+    return float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
