@@ -406,9 +406,11 @@ class Watcher:
                 self.enqueue([path], KEYSPACE)
             case keyevents.Changed(role=str(role), event=kind):
                 self._on_bookkeeping(role, kind)
-            case keyevents.Regressed(keyevents.EVICTED) if self._evicted(self.engine.cache.writes_heard):
+            case keyevents.Regressed(keyevents.EVICTED) if self._evicted(self.engine.cache.writes_heard) or (
+                self.state.evicting  # backing off: a refill at once would be one more repair Redis evicts
+            ):
                 self._hold(None)  # not a flush: keys were evicted; refilled once Redis stops evicting what we write
-            case keyevents.Regressed(replaced=False) if self._under_eviction_pressure():
+            case keyevents.Regressed(replaced=False) if self._under_eviction_pressure() or self.state.evicting:
                 self._hold(None)  # the generation evicted: the same
             case keyevents.Regressed(replaced=True, probe_key=str(probe_key)) if await self._replaced_again(probe_key):
                 pass  # rate-limited: the resyncs it owes run once at the end of the window (``_replaced_again``)
