@@ -58,9 +58,9 @@ DEAF_AFTER_ROUNDS = 10
 #: Probe rounds between two reads of ``notify-keyspace-events`` (the probe key's own event is a ``g`` event: a
 #: runtime change that keeps ``g`` and drops ``$``, ``s`` or ``h`` leaves the probe hearing itself and the rest deaf).
 FLAGS_EVERY_ROUNDS = 10
-#: How long an aborted probe round waits for its key's ``evicted`` event before it counts as a flush (the event and
-#: the EXEC reply travel on two connections).
-EVICTED_WAIT_S = 0.1
+#: How long a touched watch waits at most for the subscription to read every event Redis sent before the touch was
+#: found (``_heard_so_far``; it takes a round trip and the reader's backlog, milliseconds, when subscribed).
+HEARD_WAIT_S = 1.0
 #: What the probe reports when its key was evicted (maxmemory): keys may be gone, but nothing was replaced.
 EVICTED = "Redis evicted keys under maxmemory (modcache's probe key among them)"
 #: What the probe reports when its watch was touched by a flush, a swap or a write to its guard key too.
@@ -179,7 +179,9 @@ class KeyEvents:
         self._guard_conn: Any = None
         self.probe_rearmed = 0  # writes to the probe key alone (the guard untouched): re-armed, nothing resynced
         self._probe_armed = asyncio.Event()  # Subscribed is reported only once the probe watches its key
-        self._probe_evicted = asyncio.Event()  # the probe key's ``evicted`` event arrived since it was written
+        self._probe_evicted = False  # the probe key's ``evicted`` event arrived since it was armed
+        self._guard_evicted = False  # the guard key's, since it was armed (the probe's re-arming leaves it alone)
+        self._heard: dict[str, asyncio.Event] = {}  # ``_heard_so_far``'s markers, by token, until the reader reads them
         self._unheard: int | None = None  # probe rounds since the subscription delivered the probe's own event
         self._node: str | None = None  # host:port the subscription was last reported on (a failover moves it)
         self._moving: str | None = None  # why the subscription is being closed on purpose (the master moved)
@@ -285,19 +287,13 @@ class KeyEvents:
             self._queue.put_nowait(Subscribed(f"keyspace events on {self._ks.prefix!r} {configured}", complete))
 
     async def _read(self, conn: Any, channel_prefix: str) -> None:
-        own = self._cache.own_writes
         inside: str | None = None  # the nonce of this process's write whose events are arriving
         canary = f"{self._ks.prefix}modcache:canary"
         while True:
             message = await conn.read_response(disable_decoding=False)
             kind = message[0]
             if kind == "message":
-                marker, _, nonce = str(message[2]).partition(":")
-                if marker == "b" and nonce in own:
-                    self._cache.writes_heard = max(self._cache.writes_heard, own.pop(nonce))
-                    inside = nonce
-                elif marker == "e" and nonce == inside:
-                    inside = None
+                inside = self._marker(str(message[2]), inside)
                 continue
             if inside is not None and inside in self._cache.aborted_writes:
                 self._cache.aborted_writes.discard(inside)  # that write failed mid-way: its events are over
@@ -308,7 +304,8 @@ class KeyEvents:
             heard = self._cache.writes_heard
             if key in (self._probe_key, self._guard_key):
                 if event == "evicted":  # maxmemory: the probe's EXEC aborts, but nothing was flushed
-                    self._probe_evicted.set()
+                    self._probe_evicted |= key == self._probe_key
+                    self._guard_evicted |= key == self._guard_key
                 if key == self._probe_key and self._unheard is not None:
                     self._unheard = 0
             elif key == canary:
@@ -317,6 +314,20 @@ class KeyEvents:
                 self._queue.put_nowait(Changed(role=role, event=event, after_write=heard))
             elif (path := self._ks.path_of(key)) is not None:
                 self._queue.put_nowait(Changed(path=path, event=event, after_write=heard))
+
+    def _marker(self, text: str, inside: str | None) -> str | None:
+        """A message on the writes channel: the begin or end marker of a write of this process's (what ``inside``,
+        the nonce whose events are arriving, becomes), or the marker of ``_heard_so_far``."""
+        marker, _, nonce = text.partition(":")
+        own = self._cache.own_writes
+        if marker == "b" and nonce in own:
+            self._cache.writes_heard = max(self._cache.writes_heard, own.pop(nonce))
+            return nonce
+        if marker == "e" and nonce == inside:
+            return None
+        if marker == "h" and (heard := self._heard.get(nonce)) is not None:
+            heard.set()  # every event Redis sent before it has been read
+        return inside
 
     async def _disconnect(self) -> None:
         conn, self._conn = self._conn, None
@@ -400,10 +411,12 @@ class KeyEvents:
         if executed is None:  # a watched key was touched: flushed, swapped, deleted, evicted or written to
             return await self._touched(ttl_ms)
         alive, raw = executed
-        if not alive:
-            await self._close_probe()
+        if not alive:  # gone without touching the watch: it was gone when last watched (Redis evicts before any
+            await self._heard_so_far(conn)  # command, our WATCH after the EXEC too), or a flush took it before that
+            evicted = self._probe_evicted and await self._evicted_for_real(self._probe_key)
+            await self._close_probe(guard=not evicted)
             await self._watch_again(ttl_ms)
-            return "the cache was flushed or replaced (modcache's probe key vanished)"
+            return EVICTED if evicted else "the cache was flushed or replaced (modcache's probe key vanished)"
         value = keys.parse_generation(raw)
         if seen and (value or 0) < seen:
             self._cache.high_water = value or 0  # learn again from here, so one regression is reported once
@@ -455,10 +468,9 @@ class KeyEvents:
         """The probe's watch was touched: an eviction, a flush or swap (which touch the guard's watch too), or a write
         to the probe key alone (anyone who can write under the prefix finds it with SCAN). The last is re-armed under
         a new name with no report: nothing else was lost, so it costs no resync."""
+        await self._heard_so_far(self._probe_conn)  # an eviction's event may still be on its way
         await self._close_probe(guard=False)
-        with contextlib.suppress(TimeoutError):  # an eviction's event may still be on its way
-            await asyncio.wait_for(self._probe_evicted.wait(), EVICTED_WAIT_S)
-        if self._probe_evicted.is_set() and await self._evicted_for_real(self._probe_key):
+        if self._probe_evicted and await self._evicted_for_real(self._probe_key):
             # re-armed before it is reported (a flush landing meanwhile is seen); the guard keeps watching: if the
             # eviction took it too, it says so itself
             await self._watch_again(ttl_ms)
@@ -474,13 +486,15 @@ class KeyEvents:
         return REPLACED
 
     async def _refresh_guard(self, ttl_ms: int) -> str | None:
-        """Keep the guard key alive (its TTL) and check its watch: touched means flushed, swapped or written to."""
+        """Keep the guard key alive (its TTL) and check its watch: touched means flushed, swapped or written to --
+        or evicted: an eviction that took it rounds ago is remembered until a new guard is armed (its event cleared
+        with the probe's, each re-arming of the probe forgot it, and the next check took the eviction for a flush)."""
         if await self._guard_intact(ttl_ms):
             return None
+        await self._heard_so_far(self._guard_conn)
+        # heard now or rounds ago: what the guard's own ``evicted`` event said, if Redis could have evicted it
+        evicted = self._guard_evicted and await self._evicted_for_real(self._guard_key)
         await self._close_probe()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._probe_evicted.wait(), EVICTED_WAIT_S)
-        evicted = self._probe_evicted.is_set() and await self._evicted_for_real(self._guard_key)
         await self._watch_again(ttl_ms)
         return EVICTED if evicted else REPLACED
 
@@ -507,6 +521,25 @@ class KeyEvents:
         replies = [await conn.read_response(disable_decoding=False) for _ in range(4)]
         return replies[2] is not None and bool(replies[2][0])
 
+    async def _heard_so_far(self, conn: Any) -> None:
+        """Wait until the subscription has read every event Redis sent before now: a message published now on the
+        writes channel (on the node the subscription reads) comes after them, in Redis's order. An ``evicted`` event
+        and the ``EXEC`` reply it aborted travel on two connections; a fixed wait (0.1 s, once) sometimes ended
+        before the event, in a storm of them, and an eviction was taken for a flush. Bounded (``HEARD_WAIT_S``):
+        without a subscription nothing comes back."""
+        if conn is None or self._conn is None:
+            return
+        token = secrets.token_hex(8)
+        self._heard[token] = heard = asyncio.Event()
+        try:
+            await conn.send_command("PUBLISH", self._ks.writes_channel, f"h:{token}")
+            await conn.read_response()
+            await asyncio.wait_for(heard.wait(), HEARD_WAIT_S)
+        except (TimeoutError, redis.exceptions.RedisError, OSError):
+            pass  # what has been heard decides
+        finally:
+            del self._heard[token]
+
     def _next_probe_key(self) -> str:
         self._probe_arms += 1
         return f"{self._ks.prefix}modcache:probe:{self._token}:{self._probe_arms}"
@@ -514,8 +547,9 @@ class KeyEvents:
     async def _open_probe(self, ttl_ms: int) -> None:
         # a new name each time: the ``evicted`` event of the key an earlier round watched may arrive after this one
         # is armed, and must not make a later FLUSHDB (which aborts this round's EXEC) look like an eviction
-        self._probe_evicted.clear()
+        self._probe_evicted = False
         if self._guard_conn is None:  # armed first: the probe's watches start inside the guard's
+            self._guard_evicted = False
             self._guard_key = f"{self._next_probe_key()}:guard"
             self._guard_conn = await self._watching(self._guard_key, ttl_ms)
         self._probe_key = self._next_probe_key()

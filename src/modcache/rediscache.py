@@ -389,8 +389,9 @@ return changed
 """
 
 # KEYS: index, manifest, expected index, expected manifest; ARGV: nonce, writes channel, '1' to rebuild whatever
-# is found. Makes each copy a COPY of the original unless it is of the same type with as many members (O(1) then);
-# returns 1 if one was rebuilt.
+# is found. Makes each copy a COPY of the original unless it is of the same type with as many members (O(1) then),
+# or the original is gone (a DEL, an eviction: the copy is what is left of it, and the full resync that follows
+# rebuilds the original through APPLY, which writes both alike); returns 1 if one was rebuilt.
 EXPECTED = """#!lua
 local call = redis.call
 local function agree(a, b, count)
@@ -403,7 +404,7 @@ for i, count in ipairs({'SCARD', 'HLEN'}) do
     local original, copy = KEYS[i], KEYS[i + 2]
     local kind = call('TYPE', original)['ok']
     local wanted = i == 1 and 'set' or 'hash'
-    if ARGV[3] == '1' or not (kind == wanted or kind == 'none') or not agree(original, copy, count) then
+    if ARGV[3] == '1' or kind ~= wanted and kind ~= 'none' or kind == wanted and not agree(original, copy, count) then
         call('DEL', copy)
         if kind == wanted then call('COPY', original, copy) end
         rebuilt = 1
@@ -933,8 +934,9 @@ class RedisCache:
 
     async def settle_expected(self, *, rebuild: bool = False) -> bool:
         """Make the expected copies agree with the index and the manifest if they cannot (absent, wrong type, another
-        number of members; ``rebuild``: whatever they hold): after a full resync, which has just made those right.
-        Whether a copy was rebuilt."""
+        number of members; ``rebuild``: whatever they hold): before a full resync, which then repairs the originals
+        and their copies alike. A copy whose original is gone is left as it is (unless ``rebuild``). Whether a copy
+        was rebuilt."""
         ks = self.keyspace
         nonce, channel = self._marker()
         originals = [ks.index, ks.manifest, *ks.expected()]

@@ -155,15 +155,22 @@ class Watcher:
         self._released_at: float | None = None  # when held repairs were last released
         self._released_write = 0  # ``writes_issued`` then: writes after it are (among them) those repairs
         self._thrashing = False  # Redis evicted after one of those repairs was written: the cache does not fit
+        self._evicted_at: float | None = None  # when an eviction of the cache's keys was last heard
+        self._deep_owed_at: float | None = None  # when a deep resync was owed while Redis evicted (``_owe_deep``)
+        self._deep_owed = asyncio.Event()
         self._deep_task: asyncio.Task[bool] | None = None  # the deep resync running (in the background), if one is
         self._preempted: asyncio.Task[bool] | None = None  # the one cancelled because the cache was replaced
         self._replaced_at: float | None = None  # when a replaced cache was last acted on
         self._replaced_owed: asyncio.TimerHandle | None = None  # the rate-limited resyncs, due at the window's end
         self._members_wanted: set[str] = set()  # what member events ask a member check to look for (MEMBER_EVENTS)
         self._members_event = asyncio.Event()
-        self._restores: set[str] = set()  # "index"/"manifest": replaced as a whole, to be put back from the copy
-        self._member_events = 0  # member events heard (a resync that rebuilt the expected copies compares)
-        self._expected_doubted = False  # someone else wrote the expected copies: rebuilt after the next full resync
+        # "index"/"manifest" replaced as a whole, to be put back from the copy -> ``_copy_writes`` when it was heard
+        self._restores: dict[str, int] = {}
+        self._copy_writes = 0  # foreign writes to the expected copies heard (a copy written since is not put back)
+        self._member_events = 0  # member events heard
+        self._expected_doubted = False  # someone else wrote the expected copies: settled before the next full resync
+        self._settling = 0  # settles of the expected copies running (member checks wait for them)
+        self._copies_settled = asyncio.Event()  # a settle of the expected copies ended (``_member_loop`` waits)
 
     async def run(self) -> None:
         """Run until cancelled (or until a loop fails unexpectedly, which is raised)."""
@@ -177,6 +184,7 @@ class Watcher:
             "modcache-bookkeeping": self._doubt_loop(),
             "modcache-evictions": self._eviction_loop(),
             "modcache-members": self._member_loop(),
+            "modcache-owed-deep": self._owed_deep_loop(),
         }
         tasks = [asyncio.create_task(coro, name=name) for name, coro in loops.items()]
         try:
@@ -238,9 +246,8 @@ class Watcher:
                     # lengths are left unchecked only while every write to a content key is heard (each one is then
                     # compared by whole value on its event; docs/integrity.md)
                     lengths, self._lengths_next = not self._events_complete or self._lengths_next, False
-                    heard = self._member_events
+                    await self._settle_expected()
                     report = await self.engine.full_resync(claims=claims, lengths=lengths)
-                    await self._settle_expected(heard)
                 except errors.TransientError as e:
                     self.state.last_error = str(e)
                     self._observer.on_sync_failed(e, trigger)
@@ -250,9 +257,11 @@ class Watcher:
                         self._resync_trigger = RETRY
                     continue
                 retry.reset()
-                if self._deep_after or report.claimed:  # values never compared were taken: compare every one now
+                if self._deep_after:  # a replaced cache: compare every value now
                     self._deep_after = False
                     self.request_resync(DEEP, deep=True)
+                elif report.claimed:  # values never compared were taken: compare every one, once Redis has room
+                    self._owe_deep()
                 delay_s = min(self._interval_s(), self._until_deep_s())
                 self._record_full(report, trigger)
         finally:
@@ -279,9 +288,8 @@ class Watcher:
         for 400 MB of values to be compared against a cache that is gone); whether it completed."""
         current = asyncio.current_task()
         try:
-            heard = self._member_events
+            await self._settle_expected()
             report = await self.engine.full_resync(deep=True)
-            await self._settle_expected(heard)
         except asyncio.CancelledError:
             if current is not self._preempted or (current is not None and current.cancelling() > 1):
                 raise
@@ -408,9 +416,11 @@ class Watcher:
                 self.enqueue([path], KEYSPACE)
             case keyevents.Changed(role=str(role), event=kind):
                 self._on_bookkeeping(role, kind)
-            case keyevents.Regressed(keyevents.EVICTED) if self._evicted(self.engine.cache.writes_heard):
+            case keyevents.Regressed(keyevents.EVICTED) if self._evicted(self.engine.cache.writes_heard) or (
+                self.state.evicting  # backing off: a refill at once would be one more repair Redis evicts
+            ):
                 self._hold(None)  # not a flush: keys were evicted; refilled once Redis stops evicting what we write
-            case keyevents.Regressed(replaced=False) if self._under_eviction_pressure():
+            case keyevents.Regressed(replaced=False) if self._under_eviction_pressure() or self.state.evicting:
                 self._hold(None)  # the generation evicted: the same
             case keyevents.Regressed(replaced=True, probe_key=str(probe_key)) if await self._replaced_again(probe_key):
                 pass  # rate-limited: the resyncs it owes run once at the end of the window (``_replaced_again``)
@@ -434,11 +444,13 @@ class Watcher:
                 self._members_event.set()
             case keyevents.EXPECTED_ROLE:
                 self._expected_doubted = True  # not believed until a full resync has rebuilt them
+                self._copy_writes += 1
                 self.request_resync(KEYSPACE)
             case "index" | "manifest":
                 # replaced as a whole (DEL, RENAME, EXPIRE, a SUNIONSTORE over the index...): modcache's copy is put
                 # back at once (``_member_loop``, in order with the member checks), then a full resync compares
-                self._restores.add(role)
+                # (not when the copies are doubted already: -1 never equals the count)
+                self._restores[role] = -1 if self._expected_doubted else self._copy_writes
                 self._members_event.set()
             case _:
                 # checked by ``_doubt_loop``, coalesced: a flood of events on these keys (a co-tenant, a second
@@ -515,6 +527,14 @@ class Watcher:
         believed (absent, written by someone else) or too many changes: a full resync, as before."""
         while True:
             await self._members_event.wait()
+            if self._expected_doubted or self._settling:
+                # the full resync the doubt asked for settles the copies before it reads index and manifest: a change
+                # made before that is in the copies too, and that resync repairs it; one made after it is a difference
+                # the check finds once they are settled (asking for one more full resync here, as before, left one
+                # queued behind the settling one, and it repaired the next fault instead of a member check)
+                self._copies_settled.clear()
+                await self._copies_settled.wait()
+                continue
             self._members_event.clear()
             if self._restores:
                 await self._restore()
@@ -522,7 +542,7 @@ class Watcher:
             if not wanted:
                 continue
             started = self._monotonic()
-            names = None if self._expected_doubted else await self._changed_members(wanted)
+            names = await self._changed_members(wanted)
             await self._pace(self._monotonic() - started)
             if names is None:
                 self._claims_wanted |= bool(wanted & {"r", "f"})  # as for any manifest event (rebuilt from claims)
@@ -549,10 +569,10 @@ class Watcher:
         find every module again at once; a manifest so restored keeps its fence and lengths), then a full resync
         compares it with the source. Without a copy that can be believed (absent, written by someone else) the full
         resync rebuilds the key, as before: a manifest from what each content key claims, then a deep resync."""
-        roles, self._restores = self._restores, set()
-        for role in sorted(roles):
+        roles, self._restores = self._restores, {}
+        for role, copy_writes in sorted(roles.items()):
             restored = False
-            if not self._expected_doubted:
+            if not self._expected_doubted and copy_writes == self._copy_writes:
                 try:
                     restored = await self.engine.cache.restore_from_copy(role)
                 except errors.TransientError as e:
@@ -594,27 +614,32 @@ class Watcher:
             return
         self._observer.on_sync(report, KEYSPACE)
 
-    async def _settle_expected(self, heard: int) -> None:
-        """After a full resync (which made index and manifest right): make the expected copies agree with them where
-        they cannot be believed -- rebuilt when absent or of another size, compared in full after someone else wrote
-        them, rewriting only what differs (another modcache process's ``APPLY`` writes them too, and this watcher's
+    async def _settle_expected(self) -> None:
+        """Before a full resync reads the index and the manifest: make the expected copies agree with them where they
+        cannot be believed -- rebuilt when absent or of another size, compared in full after someone else wrote them,
+        rewriting only what differs (another modcache process's ``APPLY`` writes them too, and this watcher's
         rewriting them would be that process's foreign change in turn: two watchers must not resync each other
-        forever). A copy settled while member events arrived may hold those changes: one more resync looks."""
-        doubted, self._expected_doubted = self._expected_doubted, False
+        forever). Whatever the originals hold wrong then is in the copies too, and the resync that follows repairs
+        it in both (``APPLY`` writes both alike), so after it they differ only where someone else wrote after the
+        settle: a difference the member check finds. Settled after the resync instead, a change landing between its
+        reads and the settle was taken into the copies, and only one more full resync could find it (it then also
+        repaired the next member fault, which a member check should have). A failure is the resync's."""
+        doubted, self._expected_doubted = self._expected_doubted, False  # a foreign write from now on: doubted again
         cache = self.engine.cache
+        self._settling += 1
         try:
             changed = await cache.settle_expected()
             if doubted and not changed:
                 index = await cache.index_changes(removed=True, added=True)
                 manifest = await cache.manifest_changes(dropped=True, written=True)
-                changed = index is None or manifest is None or bool(index or manifest)
                 if index is None or manifest is None:
                     await cache.settle_expected(rebuild=True)
         except errors.TransientError:
             self._expected_doubted |= doubted
-            return
-        if changed and self._member_events != heard:
-            self.request_resync(KEYSPACE)
+            raise
+        finally:
+            self._settling -= 1
+            self._copies_settled.set()
 
     async def _doubt_loop(self) -> None:
         while True:
@@ -637,6 +662,7 @@ class Watcher:
         event was published before we wrote anything) is released at once however many events it has."""
         now = self._monotonic()
         self._evictions.append(now)
+        self._evicted_at = now
         self.state.evictions += 1
         released = self._released_at
         if released is not None and now - released < EVICTION_WINDOW_S and after_write > self._released_write:
@@ -648,6 +674,41 @@ class Watcher:
         while self._evictions and self._evictions[0] < now - 1.0:
             self._evictions.popleft()
         return len(self._evictions) >= EVICTIONS_PER_S
+
+    def _owe_deep(self) -> None:
+        """A routine resync took values on their claims (a manifest deleted, or evicted): every value is compared by
+        a deep resync -- at once, unless Redis is evicting the cache's keys. Then the manifest is evicted again and
+        again (an ``allkeys-*`` policy, a cache that does not fit), each rebuild from claims owed one more deep
+        resync, and every module was read from PostgreSQL about once a second for as long as Redis evicted; that deep
+        resync now waits until Redis has room again (``_owed_deep_loop``), or a deep resync started meanwhile took
+        its place. A foreign write to a content key meanwhile is still compared by whole value on its event."""
+        if self._evicting_recently(EVICTION_WINDOW_S):
+            if self._deep_owed_at is None:
+                log.warning("values were taken on their claims while Redis evicts: the deep resync waits for room")
+                self._deep_owed_at = self._monotonic()
+            self._deep_owed.set()
+        else:
+            self.request_resync(DEEP, deep=True)
+
+    def _evicting_recently(self, within_s: float) -> bool:
+        """Whether Redis evicted the cache's keys within ``within_s``, or repairs of evicted keys are held (while they
+        are, nothing is written, and Redis may be quiet for the whole backoff)."""
+        heard = self._evicted_at is not None and self._monotonic() - self._evicted_at < within_s
+        return heard or bool(self._held) or self._held_resync
+
+    async def _owed_deep_loop(self) -> None:
+        """Run the deep resync ``_owe_deep`` put off once Redis has room: no repair of an evicted key held, and no
+        eviction heard for ``EVICTION_WINDOW_S`` (``INFO``'s ``used_memory`` does not tell: an eviction burst leaves it
+        well below ``maxmemory`` between our writes); none if a deep resync started since it was owed."""
+        while True:
+            await self._deep_owed.wait()
+            await asyncio.sleep(EVICTION_BACKOFF_S)
+            if self._evicting_recently(EVICTION_WINDOW_S):
+                continue
+            owed_at, self._deep_owed_at = self._deep_owed_at, None
+            self._deep_owed.clear()
+            if owed_at is not None and self._last_deep < owed_at:
+                self.request_resync(DEEP, deep=True)
 
     def _hold(self, path: str | None) -> None:
         if path is None:

@@ -90,11 +90,6 @@ async def test_a_flood_of_events_on_a_bookkeeping_key_does_not_delay_other_repai
 # -- F2: maxmemory too small for the cache, allkeys-lru --------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="open (since the probe's guard key, evening session; about 1 run in 4 on a quiet machine): under maxmemory "
-    "an eviction that takes the guard key before its event arrives is read as a flush, and one deep resync runs",
-)
 async def test_a_cache_that_does_not_fit_is_neither_taken_for_a_flush_nor_repaired_in_a_loop(
     server: PrivateRedis, source: pgsource.PgSource, database_url: str
 ) -> None:

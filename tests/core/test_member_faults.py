@@ -199,11 +199,6 @@ async def test_the_expected_copies_written_by_someone_else_are_not_believed_but_
         assert not task.done()
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="open (found by the final CI on a quiet machine, about 1 run in 5 on main): the manifest fault right after "
-    "the full resync that rebuilt the copies is sometimes repaired by another full resync instead of a member check",
-)
 async def test_a_cache_without_expected_copies_gets_them_from_its_first_resync(
     server: PrivateRedis, client: aioredis.Redis, source: pgsource.PgSource, database_url: str
 ) -> None:
