@@ -146,8 +146,8 @@ async def test_an_index_deleted_again_and_again_is_put_back_each_time_without_a_
             await asyncio.sleep(0)
         left = await convergence.converged(database_url, client, KS.prefix, within_s=WITHIN_S)
         assert not left, left
-        await recorder.wait_for(lambda: w._resync_wanted.is_set() is False)
-        settled = recorder.full_syncs(), w.state.copies_restored
+        full, restored = recorder.full_syncs(), w.state.copies_restored
         await asyncio.sleep(1.0)  # twenty probe rounds: a loop would show here
-        assert (recorder.full_syncs(), w.state.copies_restored) == settled
+        assert w.state.copies_restored == restored, "our own restores came back as foreign changes"
+        assert recorder.full_syncs() <= full + 1, "one full resync may still have been owed; a loop runs many"
         assert not task.done()
