@@ -165,20 +165,12 @@ class _Settling:
                 v.unsettled.add(name)
         hashes = page.hashes
         self.entries += len(hashes)
-        self.unseen_live.difference_update(hashes)
+        self.unseen_live.difference_update(page.names)
         rest: Mapping[str, str] = hashes
         if not v.complete:
-            # entries whose content key verified and whose hash is their live (so validated) row's are settled with
-            # C-level set operations (a drifted page, 1 % of it, no longer judges its other 99 % name by name)
-            clean = {n: d for n, d in hashes.items() if n not in page.codes} if page.codes else hashes
-            if clean.items() <= live.items():
-                if clean is hashes:
-                    self._settle_clean(hashes, index)
-                    return
-            else:
-                clean = {n: d for n, d in clean.items() if live.get(n) == d}
-            self._settle_clean(clean, index)
-            rest = {n: d for n, d in hashes.items() if n not in clean}
+            rest = self._settle_verified(page, live, index)
+            if not rest:
+                return
         self.seen_other.update(rest.keys() - live.keys())
         for name, digest in rest.items():
             if not v.judge(name):
@@ -196,10 +188,32 @@ class _Settling:
             if code in _DAMAGED:
                 v.damage[name] = damage(code)
 
+    def _settle_verified(
+        self, page: rediscache.VerifiedPage, live: Mapping[str, str], index: frozenset[str]
+    ) -> Mapping[str, str]:
+        """Settle the entries whose content key verified and whose hash is their live (so validated) row's, with
+        C-level operations (a drifted page, 1 % of it, does not judge its other 99 % name by name); the rest."""
+        hashes = page.hashes
+        if list(map(live.get, page.names)) == page.digests:  # every hash is its live row's: one list comparison
+            if not page.codes:
+                self._settle_clean(hashes, index)
+                return {}
+            clean = hashes.copy()
+            for name in page.codes:
+                del clean[name]
+            self._settle_clean(clean, index)
+            return {n: hashes[n] for n in page.codes}
+        clean = {n: d for n, d in hashes.items() if n not in page.codes and live.get(n) == d}
+        self._settle_clean(clean, index)
+        return {n: d for n, d in hashes.items() if n not in clean}
+
     def _settle_clean(self, clean: Mapping[str, str], index: frozenset[str]) -> None:
         """Settle entries whose content key verified and whose hash is their live row's: what the index lacks (all of
         it after a DEL of the index) needs an index entry and nothing else."""
         v = self._views
+        if index.issuperset(clean):  # the common case: no set built
+            v.settled += len(clean)
+            return
         unindexed = clean.keys() - index
         v.settled += len(clean) - len(unindexed)
         if unindexed:

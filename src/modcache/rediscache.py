@@ -486,6 +486,9 @@ class VerifiedPage:
     not_paths: list[str]
     malformed: list[str]
     top_generation: int
+    # ``hashes`` as two parallel lists, its names and its hashes in order (compared at C level with the source's)
+    names: list[str] = dataclasses.field(default_factory=list)
+    digests: list[str] = dataclasses.field(default_factory=list)
 
 
 class RedisCache:
@@ -999,7 +1002,8 @@ def _judged_page(fields: Mapping[str, str], limit: int) -> tuple[VerifiedPage, l
         columns = keys.manifest_columns(list(fields.values()), limit=limit)
         if columns is not None:  # the common case: C-level operations only
             hashes, lengths, top = columns
-            return VerifiedPage(dict(zip(names, hashes, strict=True)), {}, [], [], top), names, lengths
+            page = VerifiedPage(dict(zip(names, hashes, strict=True)), {}, [], [], top, names, hashes)
+            return page, names, lengths  # ``names``: the fields of one dict, each once
     believed: dict[str, str] = {}
     not_paths, malformed, recorded, top = [], [], [], 0
     for name, value in fields.items():
@@ -1012,7 +1016,8 @@ def _judged_page(fields: Mapping[str, str], limit: int) -> tuple[VerifiedPage, l
             believed[name] = entry.hash
             recorded.append(entry.length)
             top = max(top, entry.generation)
-    return VerifiedPage(believed, {}, not_paths, malformed, top), list(believed), recorded
+    judged = VerifiedPage(believed, {}, not_paths, malformed, top, list(believed), list(believed.values()))
+    return judged, judged.names, recorded
 
 
 def _discard(pending: asyncio.Future[Any] | None) -> None:
