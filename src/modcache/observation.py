@@ -94,6 +94,7 @@ class _Views:
         self.invalid: dict[str, str] = {}
         self.unsettled: set[str] = set()
         self.all_index: AbstractSet[str] = frozenset()  # every valid index member
+        self.unlisted_index: AbstractSet[str] = frozenset()  # the valid index members that are not live paths
         self.settled = 0
         self.top_generation = 0
 
@@ -287,8 +288,10 @@ def _judged_index(
     if index is None:  # changed type after the inspection: rebuilt by the next sync
         repairs.append(plan.KeyRepair("index", ks.index, "wrong type"))
         index = frozenset()
-    invalid = {name for name in index - live.keys() if not views.judge(name)}
+    unlisted = index - live.keys()
+    invalid = {name for name in unlisted if not views.judge(name)}
     views.all_index = index - invalid if invalid else index
+    views.unlisted_index = unlisted - invalid if invalid else unlisted
 
 
 async def _by_path(
@@ -304,8 +307,8 @@ async def _by_path(
     """Check by path what the manifest walk could not: indexed paths without a believable manifest entry and
     paths with a malformed one (does the key exist, of which type), and live paths the manifest lacks (by whole
     value, so that a right content key is only reindexed; with ``claims``, by what the value claims)."""
-    live, unseen = observed.source.live, settling.unseen_live  # the live paths the manifest lacks
-    unknown = unseen | (views.all_index - live.keys() - settling.seen_other) | views.malformed  # C-level set operations
+    unseen = settling.unseen_live  # the live paths the manifest lacks
+    unknown = unseen | (views.unlisted_index - settling.seen_other) | views.malformed  # C-level set operations
     present = []
     for path, code in (await cache.check_lengths(dict.fromkeys(unknown))).items():
         views.unsettled.add(path)
@@ -443,4 +446,10 @@ async def _index(
     if members is None:
         return None
     live = (await listing)[0].live.keys()
-    return await asyncio.to_thread(lambda: members.intersection(live) | (members - live))
+    return await asyncio.to_thread(_as_listed, members, live)
+
+
+def _as_listed(members: frozenset[str], live: AbstractSet[str]) -> frozenset[str]:
+    """``members`` with the live ones as the listing's strings (no union copied when every member is live)."""
+    common, others = members.intersection(live), members - live
+    return common | others if others else common

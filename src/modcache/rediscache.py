@@ -657,16 +657,16 @@ class RedisCache:
         whose duration grows with the cache and ran past the socket timeout); members added or removed while the
         pages are read are reported by their key events (the index's, which ask for another resync)."""
         index = self.keyspace.index
-        members: set[str] = set()
+        pages: list[list[str]] = []
         cursor = 0
         while True:
             try:
                 cursor, page = await _call(self._sscan(index, cursor))
             except _WrongType:
                 return None
-            members.update(page)
+            pages.append(page)
             if cursor == 0:
-                return frozenset(members)
+                return frozenset(itertools.chain.from_iterable(pages))  # one pass: no set copied into a frozenset
 
     async def verify_manifest(self, *, limit: int, lengths: bool = True) -> AsyncIterator[VerifiedPage]:
         """The manifest, page by page (``HSCAN`` pages of ``MANIFEST_PAGE`` entries, judged here), each entry's
