@@ -94,6 +94,7 @@ class _Views:
         self.invalid: dict[str, str] = {}
         self.unsettled: set[str] = set()
         self.all_index: AbstractSet[str] = frozenset()  # every valid index member
+        self.unlisted_index: AbstractSet[str] = frozenset()  # the valid index members that are not live paths
         self.settled = 0
         self.top_generation = 0
 
@@ -165,20 +166,12 @@ class _Settling:
                 v.unsettled.add(name)
         hashes = page.hashes
         self.entries += len(hashes)
-        self.unseen_live.difference_update(hashes)
+        self.unseen_live.difference_update(page.names)
         rest: Mapping[str, str] = hashes
         if not v.complete:
-            # entries whose content key verified and whose hash is their live (so validated) row's are settled with
-            # C-level set operations (a drifted page, 1 % of it, no longer judges its other 99 % name by name)
-            clean = {n: d for n, d in hashes.items() if n not in page.codes} if page.codes else hashes
-            if clean.items() <= live.items():
-                if clean is hashes:
-                    self._settle_clean(hashes, index)
-                    return
-            else:
-                clean = {n: d for n, d in clean.items() if live.get(n) == d}
-            self._settle_clean(clean, index)
-            rest = {n: d for n, d in hashes.items() if n not in clean}
+            rest = self._settle_verified(page, live, index)
+            if not rest:
+                return
         self.seen_other.update(rest.keys() - live.keys())
         for name, digest in rest.items():
             if not v.judge(name):
@@ -196,10 +189,32 @@ class _Settling:
             if code in _DAMAGED:
                 v.damage[name] = damage(code)
 
+    def _settle_verified(
+        self, page: rediscache.VerifiedPage, live: Mapping[str, str], index: frozenset[str]
+    ) -> Mapping[str, str]:
+        """Settle the entries whose content key verified and whose hash is their live (so validated) row's, with
+        C-level operations (a drifted page, 1 % of it, does not judge its other 99 % name by name); the rest."""
+        hashes = page.hashes
+        if list(map(live.get, page.names)) == page.digests:  # every hash is its live row's: one list comparison
+            if not page.codes:
+                self._settle_clean(hashes, index)
+                return {}
+            clean = hashes.copy()
+            for name in page.codes:
+                del clean[name]
+            self._settle_clean(clean, index)
+            return {n: hashes[n] for n in page.codes}
+        clean = {n: d for n, d in hashes.items() if n not in page.codes and live.get(n) == d}
+        self._settle_clean(clean, index)
+        return {n: d for n, d in hashes.items() if n not in clean}
+
     def _settle_clean(self, clean: Mapping[str, str], index: frozenset[str]) -> None:
         """Settle entries whose content key verified and whose hash is their live row's: what the index lacks (all of
         it after a DEL of the index) needs an index entry and nothing else."""
         v = self._views
+        if index.issuperset(clean):  # the common case: no set built
+            v.settled += len(clean)
+            return
         unindexed = clean.keys() - index
         v.settled += len(clean) - len(unindexed)
         if unindexed:
@@ -273,8 +288,10 @@ def _judged_index(
     if index is None:  # changed type after the inspection: rebuilt by the next sync
         repairs.append(plan.KeyRepair("index", ks.index, "wrong type"))
         index = frozenset()
-    invalid = {name for name in index - live.keys() if not views.judge(name)}
+    unlisted = index - live.keys()
+    invalid = {name for name in unlisted if not views.judge(name)}
     views.all_index = index - invalid if invalid else index
+    views.unlisted_index = unlisted - invalid if invalid else unlisted
 
 
 async def _by_path(
@@ -290,8 +307,8 @@ async def _by_path(
     """Check by path what the manifest walk could not: indexed paths without a believable manifest entry and
     paths with a malformed one (does the key exist, of which type), and live paths the manifest lacks (by whole
     value, so that a right content key is only reindexed; with ``claims``, by what the value claims)."""
-    live, unseen = observed.source.live, settling.unseen_live  # the live paths the manifest lacks
-    unknown = unseen | (views.all_index - live.keys() - settling.seen_other) | views.malformed  # C-level set operations
+    unseen = settling.unseen_live  # the live paths the manifest lacks
+    unknown = unseen | (views.unlisted_index - settling.seen_other) | views.malformed  # C-level set operations
     present = []
     for path, code in (await cache.check_lengths(dict.fromkeys(unknown))).items():
         views.unsettled.add(path)
@@ -429,4 +446,10 @@ async def _index(
     if members is None:
         return None
     live = (await listing)[0].live.keys()
-    return await asyncio.to_thread(lambda: members.intersection(live) | (members - live))
+    return await asyncio.to_thread(_as_listed, members, live)
+
+
+def _as_listed(members: frozenset[str], live: AbstractSet[str]) -> frozenset[str]:
+    """``members`` with the live ones as the listing's strings (no union copied when every member is live)."""
+    common, others = members.intersection(live), members - live
+    return common | others if others else common

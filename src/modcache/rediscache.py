@@ -508,6 +508,9 @@ class VerifiedPage:
     not_paths: list[str]
     malformed: list[str]
     top_generation: int
+    # ``hashes`` as two parallel lists, its names and its hashes in order (compared at C level with the source's)
+    names: list[str] = dataclasses.field(default_factory=list)
+    digests: list[str] = dataclasses.field(default_factory=list)
 
 
 class RedisCache:
@@ -678,16 +681,16 @@ class RedisCache:
         whose duration grows with the cache and ran past the socket timeout); members added or removed while the
         pages are read are reported by their key events (the index's, which ask for another resync)."""
         index = self.keyspace.index
-        members: set[str] = set()
+        pages: list[list[str]] = []
         cursor = 0
         while True:
             try:
                 cursor, page = await _call(self._sscan(index, cursor))
             except _WrongType:
                 return None
-            members.update(page)
+            pages.append(page)
             if cursor == 0:
-                return frozenset(members)
+                return frozenset(itertools.chain.from_iterable(pages))  # one pass: no set copied into a frozenset
 
     async def verify_manifest(self, *, limit: int, lengths: bool = True) -> AsyncIterator[VerifiedPage]:
         """The manifest, page by page (``HSCAN`` pages of ``MANIFEST_PAGE`` entries, judged here), each entry's
@@ -1042,7 +1045,8 @@ def _judged_page(fields: Mapping[str, str], limit: int) -> tuple[VerifiedPage, l
         columns = keys.manifest_columns(list(fields.values()), limit=limit)
         if columns is not None:  # the common case: C-level operations only
             hashes, lengths, top = columns
-            return VerifiedPage(dict(zip(names, hashes, strict=True)), {}, [], [], top), names, lengths
+            page = VerifiedPage(dict(zip(names, hashes, strict=True)), {}, [], [], top, names, hashes)
+            return page, names, lengths  # ``names``: the fields of one dict, each once
     believed: dict[str, str] = {}
     not_paths, malformed, recorded, top = [], [], [], 0
     for name, value in fields.items():
@@ -1055,7 +1059,8 @@ def _judged_page(fields: Mapping[str, str], limit: int) -> tuple[VerifiedPage, l
             believed[name] = entry.hash
             recorded.append(entry.length)
             top = max(top, entry.generation)
-    return VerifiedPage(believed, {}, not_paths, malformed, top), list(believed), recorded
+    judged = VerifiedPage(believed, {}, not_paths, malformed, top, list(believed), list(believed.values()))
+    return judged, judged.names, recorded
 
 
 def _discard(pending: asyncio.Future[Any] | None) -> None:

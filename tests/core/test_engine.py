@@ -243,3 +243,22 @@ async def test_an_absent_path_added_to_the_index_alone_is_removed(
     report = await sync_engine.full_resync()
     assert [(i.operation, i.reason, i.path) for i in report.plan.items] == [(Op.DELETE, R.INDEX, "ghost/never.py")]
     assert not await redis_client.sismember(cache.keyspace.index, "ghost/never.py")
+
+
+async def test_a_path_holding_the_listing_separator_is_served_like_any_other(
+    source: pgsource.PgSource,
+    sync_engine: engine.Engine,
+    redis_client: aioredis.Redis,
+    cache: rediscache.RedisCache,
+) -> None:
+    """A UTF8 database is listed as text joined by a separator any path may hold: such a listing is read again as
+    stored bytes, and every row is listed exactly once."""
+    odd = f"odd{pgsource.LIST_SEPARATOR}name.py"
+    await put(source, odd, "A = 1\n")
+    await put(source, "plain.py", "B = 2\n")
+    listed = await source.list_modules()
+    assert sorted(listed.live) == sorted([odd, "plain.py"])
+    report = await sync_engine.full_resync()
+    assert report.applied[R.MISSING] == 2
+    assert json.loads(await redis_client.get(cache.keyspace.content(odd)))["content"] == "A = 1\n"
+    assert not (await sync_engine.full_resync()).plan

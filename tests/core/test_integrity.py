@@ -386,3 +386,48 @@ def test_the_plan_says_why_for_every_corruption() -> None:
         "unlist  invalid 'modcache:generation' (does not end in '.py')",
     ]
     assert modules.path_problem("modcache:generation") == "does not end in '.py'"
+
+
+def test_a_manifest_page_is_believed_only_when_every_value_is_one_modcache_writes() -> None:
+    """``keys.manifest_columns`` judges a whole page at once by the rule ``parse_manifest`` applies to each value:
+    one value that is not exactly what ``encode_manifest`` writes makes it judge the page value by value."""
+    digest = "ab" * 32
+    good = [keys.encode_manifest(1_700_000_000_000_000 + i, digest, 4096 + i) for i in range(5)]
+    assert keys.manifest_columns(good, limit=1 << 62) == (
+        [digest] * 5,
+        [4096 + i for i in range(5)],
+        1_700_000_000_000_004,
+    )
+    assert keys.manifest_columns(good, limit=1_700_000_000_000_003) is None  # a generation above the limit
+    bad = [
+        "",
+        ":",
+        "::",
+        f"0:{digest}:1",  # leading zeros, zero
+        f"01:{digest}:1",
+        f"1:{digest}:0",
+        f"1:{digest}:01",
+        f"1:{digest.upper()}:1",  # uppercase hex
+        f"1:{digest[:-1]}:12",  # 63 hex digits
+        f"1:{digest}0:1",  # 65
+        f"1:{digest}:1:",  # a third colon
+        f"1:{digest}:1:{digest}",
+        f"1{digest}:1",  # one colon
+        f"1:{digest}:12345678901",  # 11 digits
+        f"1234567890123456789:{digest}:1",  # 19 digits
+        f"1:{digest}:1\n",
+        f" 1:{digest}:1",
+        f"+1:{digest}:1",
+        f"1_0:{digest}:1",
+        f"\u0663:{digest}:1",  # a non-ASCII digit
+        f"1:{digest[:-1]}\u00e9:1",
+        f"1:{digest}:\udcff",
+    ]
+    for value in bad:
+        assert keys.parse_manifest(value) is None, value
+        for at in (0, 2, 4):
+            page = [*good[:at], value, *good[at + 1 :]]
+            assert keys.manifest_columns(page, limit=1 << 62) is None, (value, at)
+    # two malformed values whose colons would line up if only the page's colons were counted
+    shifted = [f"1:{digest}:5:1:{digest}", "1", *good[2:]]
+    assert keys.manifest_columns(shifted, limit=1 << 62) is None
