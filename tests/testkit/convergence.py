@@ -90,12 +90,15 @@ async def _bookkeeping(
     kinds = {key: await client.type(key) for key in (index, manifest, prefix + "modcache:generation")}
     if wanted and (kinds[index], kinds[manifest]) != ("set", "hash"):
         return [f"bookkeeping types {kinds}"]
-    members = await client.smembers(index) if kinds[index] == "set" else set()
+    try:
+        members = await client.smembers(index) if kinds[index] == "set" else set()
+        entries = await client.hgetall(manifest) if kinds[manifest] == "hash" else {}
+    except UnicodeDecodeError:  # a decoding client cannot read a name that is not UTF-8: not converged
+        return ["the index or the manifest names something that is not UTF-8"]
     if members != set(wanted):
         found.append(
             f"index differs: extra {sorted(members - set(wanted))[:5]}, lacks {sorted(set(wanted) - members)[:5]}"
         )
-    entries = await client.hgetall(manifest) if kinds[manifest] == "hash" else {}
     if set(entries) != set(wanted):
         found.append(f"manifest fields differ: {sorted(set(entries) ^ set(wanted))[:5]}")
     top = 0
