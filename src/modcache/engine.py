@@ -208,11 +208,13 @@ class Engine:
             why = "its seal is wrong" if key is not None else f"this database has no {lineage.KEY_TABLE} to check it"
             log.warning(
                 "the cache's status record says it was filled from PostgreSQL system %s, timeline %d, but %s "
-                "(written by someone else, or before seals): only its system is believed; the next full resync "
-                "replaces it",
+                "(written by someone else, or before seals): only its system is believed, and the next full resync "
+                "replaces the record; if that system is not this source's, every sync is refused until the record "
+                "is deleted (DEL %smodcache:status: a forged or foreign record, docs/topologies.md)",
                 recorded[0][:40],
                 recorded[1],
                 why,
+                self.cache.keyspace.prefix,
             )
         return recorded[0], 0, 0
 
