@@ -5,6 +5,7 @@ each performed the way the attacker did it against a running watcher. Outcomes a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator
@@ -147,6 +148,8 @@ async def test_a_swapped_in_forged_database_is_not_taken_for_an_eviction_by_spoo
             await recorder.wait_for(lambda: sum(1 for r, _ in recorder.syncs if r.deep) > deep)
         finally:
             spoofing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await spoofing
         left = await convergence.converged(database_url, client, KS.prefix, within_s=WITHIN_S)
         assert not left, left
         assert not task.done()
