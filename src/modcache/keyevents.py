@@ -501,11 +501,11 @@ class KeyEvents:
     async def _evicted_for_real(self, key: str) -> bool:
         """Whether an ``evicted`` event heard on the probe's keys can be believed for ``key``: anyone may PUBLISH on
         a keyspace channel (attack-9d F3: spoofed, it passed a SWAPDB of a forged database off as an eviction, and
-        no deep resync ran). Redis evicts only near its memory limit (``INFO``); where INFO is not permitted, an
-        evicted key is at least gone. Believed when Redis cannot be asked (as before)."""
+        no deep resync ran). An evicted key is gone, and Redis evicts only near its memory limit (``INFO``; unless
+        INFO is not permitted): both must hold (the limit alone was met by any Redis used as an LRU cache: attack-9e
+        E4). Believed when Redis cannot be asked (as before)."""
         try:
-            limit = await self._cache.at_memory_limit()
-            return limit if limit is not None else await self._cache.key_type(key) == "none"
+            return await self._cache.key_type(key) == "none" and await self._cache.at_memory_limit() is not False
         except errors.ModcacheError:
             return True
 

@@ -423,11 +423,15 @@ return out
 
 # KEYS: original (index or manifest), its expected copy; ARGV: nonce, writes channel, the type both must have. Puts
 # the copy in the original's place (a COPY in C: ~100,000 members in tens of milliseconds) when the copy is of that
-# type, whatever the original holds now; returns 1 if it did. For a key someone else deleted, renamed, expired or
-# replaced: what modcache last wrote there, back at once (a full resync then compares it with the source).
+# type, unless the original looks intact (its type, no TTL, as many members: 2 is returned, and a member check tells;
+# anyone may PUBLISH a forged ``del`` notification: attack-9e E3); returns 1 if it did. For a key someone else
+# deleted, renamed, expired or replaced: what modcache last wrote there, back at once (a full resync then compares).
 FROM_COPY = """#!lua
 local call = redis.call
 if call('TYPE', KEYS[2])['ok'] ~= ARGV[3] then return 0 end
+local count = ARGV[3] == 'set' and 'SCARD' or 'HLEN'
+local kind, ttl = call('TYPE', KEYS[1])['ok'], call('PTTL', KEYS[1])
+if kind == ARGV[3] and ttl == -1 and call(count, KEYS[1]) == call(count, KEYS[2]) then return 2 end
 call('PUBLISH', ARGV[2], 'b:' .. ARGV[1])
 call('DEL', KEYS[1])
 call('COPY', KEYS[2], KEYS[1])
@@ -947,14 +951,16 @@ class RedisCache:
             await self._own(self._expected(keys=originals, args=[nonce, channel, "1" if rebuild else "0"]), nonce)
         )
 
-    async def restore_from_copy(self, role: str) -> bool:
-        """Put the expected copy of the index or the manifest (``role``) in its place, whatever is there now: for a key
-        someone else replaced as a whole. False (nothing done) when the copy is absent or of another type."""
+    async def restore_from_copy(self, role: str) -> bool | None:
+        """Put the expected copy of the index or the manifest (``role``) in its place: for a key someone else replaced
+        as a whole. False (nothing done) when the copy is absent or of another type; None (nothing done) when the
+        key looks intact (of its type, no TTL, as many members as the copy): a member check then tells."""
         ks = self.keyspace
         original, copy = {"index": (ks.index, ks.expected_index), "manifest": (ks.manifest, ks.expected_manifest)}[role]
         nonce, channel = self._marker()
         args = [nonce, channel, _WANTED_TYPES[role]]
-        return bool(await self._own(self._from_copy(keys=[original, copy], args=args), nonce))
+        done = int(await self._own(self._from_copy(keys=[original, copy], args=args), nonce))
+        return None if done == 2 else bool(done)
 
     # -- the sync status record ------------------------------------------------------------------------------
 

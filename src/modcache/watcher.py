@@ -570,21 +570,27 @@ class Watcher:
         compares it with the source. Without a copy that can be believed (absent, written by someone else) the full
         resync rebuilds the key, as before: a manifest from what each content key claims, then a deep resync."""
         roles, self._restores = self._restores, {}
+        resync = False
         for role, copy_writes in sorted(roles.items()):
-            restored = False
+            restored: bool | None = False
             if not self._expected_doubted and copy_writes == self._copy_writes:
                 try:
                     restored = await self.engine.cache.restore_from_copy(role)
                 except errors.TransientError as e:
                     self._observer.on_sync_failed(e, KEYSPACE)
+            if restored is None:  # intact to look at (a forged notification?): its members are compared instead
+                self._members_wanted |= {"-", "+"} if role == "index" else {"r", "f"}
+                continue
+            resync = True
             if restored:
                 self.state.copies_restored += 1
-                log.warning(
+                (log.warning if self.state.copies_restored == 1 else log.debug)(
                     "the %s was replaced by someone else: modcache's copy is back, a full resync checks it", role
                 )
             else:
                 self._claims_wanted |= role == "manifest"
-        self.request_resync(KEYSPACE)
+        if resync:
+            self.request_resync(KEYSPACE)
 
     async def _changed_members(self, wanted: set[str]) -> list[str] | None:
         """The index members and manifest fields someone else changed, or None if a full resync must tell."""

@@ -121,14 +121,17 @@ async def test_a_forged_lineage_in_the_status_record_stops_neither_the_watcher_n
 # -- F3: spoofed ``evicted`` notifications ---------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("near_limit", [False, True], ids=["no memory limit", "within 10% of maxmemory"])
 async def test_a_swapped_in_forged_database_is_not_taken_for_an_eviction_by_spoofed_notifications(
-    server: PrivateRedis, client: aioredis.Redis, source: pgsource.PgSource, database_url: str
+    near_limit: bool, server: PrivateRedis, client: aioredis.Redis, source: pgsource.PgSource, database_url: str
 ) -> None:
     """Anyone may PUBLISH on a keyspace channel. The attacker copies the cache into database 1, forges one module
     there (same length, its ``hash`` field kept: what a routine resync accepts), floods ``evicted`` notifications
     for the probe's keys and swaps the databases: the probe took the swap for an eviction, no deep resync ran, and
     workers were served the forged code until the hourly deep check. Redis was nowhere near a memory limit, so the
-    notifications are not believed now: the swap is a replaced database, and the deep resync repairs the forgery."""
+    notifications are not believed now: the swap is a replaced database, and the deep resync repairs the forgery.
+    A Redis used as an LRU cache sits near its limit all the time (attack-9e E4): the probe's keys, still there
+    after the swap, were not evicted either."""
     paths = await put_modules(source, 40)
     async with watching_quick(source, server.url, KS, database_url) as (_, task, recorder):
         victim = KS.content(paths[7])
@@ -141,25 +144,33 @@ async def test_a_swapped_in_forged_database_is_not_taken_for_an_eviction_by_spoo
             await other.set(victim, json.dumps(value))
         finally:
             await other.aclose()
-        spoofing = asyncio.create_task(_spoof_evictions(client))
+        if near_limit:  # an LRU cache near its limit (20 MB of someone else's data, 8 % free): nothing is evicted
+            await client.set("theirs:filler", "x" * 20_000_000)
+            used = int((await client.info("memory"))["used_memory"])
+            await client.config_set("maxmemory-policy", "allkeys-lru")
+            await client.config_set("maxmemory", str(int(used * 1.08)))
+        stop, flowing = asyncio.Event(), asyncio.Event()
+        spoofing = asyncio.create_task(_spoof_evictions(client, stop, flowing))
+        await flowing.wait()  # the forged notifications flow before the swap
         try:
             deep = sum(1 for r, _ in recorder.syncs if r.deep)
             await client.swapdb(0, 1)
             await recorder.wait_for(lambda: sum(1 for r, _ in recorder.syncs if r.deep) > deep)
         finally:
-            spoofing.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await spoofing
+            stop.set()
+            await spoofing
         left = await convergence.converged(database_url, client, KS.prefix, within_s=WITHIN_S)
         assert not left, left
         assert not task.done()
 
 
-async def _spoof_evictions(client: aioredis.Redis) -> None:
-    while True:
+async def _spoof_evictions(client: aioredis.Redis, stop: asyncio.Event, flowing: asyncio.Event) -> None:
+    while not stop.is_set():
         async for key in client.scan_iter(match=PROBES, count=1000):
             await client.publish(f"__keyspace@0__:{key}", "evicted")
-        await asyncio.sleep(0.01)
+        flowing.set()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 0.01)
 
 
 # -- F4: an empty string at a content key; F5: a forged manifest length ---------------------------------------------
@@ -250,3 +261,22 @@ async def _flood(client: aioredis.Redis, channel: str, event: str, *, seconds: f
 async def _redis_cpu_s(client: aioredis.Redis) -> float:
     cpu = await client.info("cpu")
     return float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
+
+
+async def test_forged_del_notifications_of_the_index_neither_rewrite_it_nor_resync(
+    server: PrivateRedis, client: aioredis.Redis, source: pgsource.PgSource, database_url: str
+) -> None:
+    """A forged ``del`` on the index's keyspace channel (plain PUBLISH) made the watcher put the copy back (a DEL and a
+    COPY of the whole index in Redis) and resync in full, once per message: 1,588 of each in 10 s (attack-9e E3). The
+    index is intact to look at, so its members are compared with the copy instead (paced), and nothing is written."""
+    await put_modules(source, 40)
+    async with watching_quick(source, server.url, KS, database_url) as (w, task, recorder):
+        full, restored = recorder.full_syncs(), w.state.copies_restored
+        await client.config_resetstat()
+        await _flood(client, f"__keyspace@0__:{KS.index}", "del", seconds=1.0)
+        stats = await client.info("commandstats")
+        assert "cmdstat_copy" not in stats, stats.get("cmdstat_copy")
+        assert w.state.copies_restored == restored
+        assert recorder.full_syncs() == full
+        assert not await convergence.converged(database_url, client, KS.prefix, within_s=WITHIN_S)
+        assert not task.done()
