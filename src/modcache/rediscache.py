@@ -414,12 +414,21 @@ call('PUBLISH', ARGV[2], 'e:' .. ARGV[1])
 return rebuilt
 """
 
-# KEYS: any keys of the cache (one slot). Reads only: their types.
-TYPES = """
+# KEYS: index, manifest, expected index, expected manifest; ARGV: content key prefix, sample size. Reads only: their
+# types, then how many of a random sample of the expected index's members have no content key.
+BOOKKEEPING = """
 local out = {}
 for i, key in ipairs(KEYS) do out[i] = redis.call('TYPE', key)['ok'] end
+local missing = 0
+if out[3] == 'set' then
+    for _, name in ipairs(redis.call('SRANDMEMBER', KEYS[3], tonumber(ARGV[2]))) do
+        if redis.call('EXISTS', ARGV[1] .. name) == 0 then missing = missing + 1 end
+    end
+end
+out[5] = missing
 return out
 """
+SAMPLE = 16
 
 # KEYS: original (index or manifest), its expected copy; ARGV: nonce, writes channel, the type both must have. Puts
 # the copy in the original's place (a COPY in C: ~100,000 members in tens of milliseconds) when the copy is of that
@@ -557,7 +566,7 @@ class RedisCache:
         self._manifest_changes = client.register_script(MANIFEST_CHANGES)
         self._expected = client.register_script(EXPECTED)
         self._from_copy = client.register_script(FROM_COPY)
-        self._types = client.register_script(TYPES)
+        self._bookkeeping = client.register_script(BOOKKEEPING)
         # the key a by-path script is sent with: it names no key itself, and a Cluster routes a script by its keys (a
         # Cluster cache's prefix carries a hash tag, so every key of the cache lives in this key's slot)
         self._route = [keyspace.generation]
@@ -995,13 +1004,15 @@ class RedisCache:
         return None if fields == set(keys.STATUS_FIELDS) else "fields are not modcache's"
 
     async def bookkeeping_missing(self) -> list[str]:
-        """Which of the index, the manifest and their expected copies are absent or of another type: after a flush
-        all are (a cache of no modules aside), and whoever recreates one to hide it writes the copies too, which a
-        watcher never believes (their own keyspace events)."""
+        """Which of the index, the manifest and their expected copies are absent or of another type, and (as
+        ``content``) whether content keys are missing from a random sample of ``SAMPLE`` the expected index names:
+        after a flush all are (a cache of no modules aside). The keys alone can be put back by whoever flushed
+        (RESTORE of DUMPs: attack-9e E5), 10,000s of content keys not at once without being heard."""
         ks = self.keyspace
         wanted = {ks.index: "set", ks.manifest: "hash", ks.expected_index: "set", ks.expected_manifest: "hash"}
-        found = await _call(self._types(keys=list(wanted)))
-        return [key for (key, kind), got in zip(wanted.items(), found, strict=True) if str(got) != kind]
+        *found, missing = await _call(self._bookkeeping(keys=list(wanted), args=[ks.prefix, SAMPLE]))
+        gone = [key for (key, kind), got in zip(wanted.items(), found, strict=True) if str(got) != kind]
+        return gone + (["content"] if int(missing) else [])
 
     async def key_type(self, key: str) -> str:
         """The type of one key under this cache's prefix ('none' when it does not exist)."""

@@ -500,6 +500,7 @@ class Watcher:
         except errors.TransientError:
             return False
         self.state.replacements_limited += 1
+        self._lengths_next = True  # whatever comes back meanwhile, the next routine resync checks every key's length
         if self._replaced_owed is None:
             left_s = REPLACED_WINDOW_S - (now - self._replaced_at)
             self._replaced_owed = asyncio.get_running_loop().call_later(left_s, self._owed_resync)

@@ -44,34 +44,43 @@ async def _probe_keys(client: aioredis.Redis) -> list[str]:
 # -- F2: a FLUSHDB hidden behind the replaced-cache rate limit -----------------------------------------------------
 
 
+@pytest.mark.parametrize("restored", [False, True], ids=["probe and generation", "and the bookkeeping restored"])
 async def test_a_flushdb_disguised_as_a_write_to_the_probe_key_is_refilled_at_once(
-    server: PrivateRedis, client: aioredis.Redis, source: pgsource.PgSource, database_url: str
+    restored: bool, server: PrivateRedis, client: aioredis.Redis, source: pgsource.PgSource, database_url: str
 ) -> None:
     """Reports of a replaced cache are rate-limited (one routine and one deep resync per 30 s window) unless the
     cache looks flushed. The attacker opens a window by writing the probe key and its guard (SCAN finds both), then
     flushes and at once sets the probe key it SCANned and a believable, higher generation: the cache looked intact,
     and stayed empty for the 27 s left of the window, every window. Now the index, the manifest and their copies
-    must be there too: the flush is refilled at once."""
+    must be there too: the flush is refilled at once. Putting back the index, the manifest and their copies from
+    DUMPs in the same pipeline (attack-9e E5) leaves the content keys gone, which a sample of them shows."""
     await put_modules(source, 40)
+    raw = aioredis.Redis.from_url(server.url)  # DUMPs are bytes
     async with watching_quick(source, server.url, KS, database_url) as (w, task, recorder):
         for key in await _probe_keys(client):
             await client.set(key, "touched", px=60_000)
         assert not await convergence.converged(database_url, client, KS.prefix, within_s=WITHIN_S)
+        await recorder.wait_for(lambda: w._replaced_at is not None)  # the report that opens the window
         await recorder.wait_for(lambda: w.state.keyspace_active and not w._resync_wanted.is_set())
         for _ in range(2):  # twice within the window
             probes = [k for k in await _probe_keys(client) if not k.endswith(":guard")]
             generation = int(await client.get(KS.generation) or 0)
+            bookkeeping = [KS.index, KS.manifest, *KS.expected()]
+            dumps = [await raw.dump(key) for key in bookkeeping] if restored else []
             async with client.pipeline(transaction=False) as pipe:
                 pipe.flushdb()
                 for key in probes:
                     pipe.set(key, "1", px=60_000)
                 pipe.set(KS.generation, str(generation + 1000))
+                for key, dumped in zip(bookkeeping, dumps, strict=False):
+                    pipe.restore(key, 0, dumped)
                 await pipe.execute()
             started = time.perf_counter()
             left = await convergence.converged(database_url, client, KS.prefix, within_s=WITHIN_S)
             assert not left, f"a disguised FLUSHDB: not refilled in {time.perf_counter() - started:.1f} s: {left[:3]}"
         assert w.state.replacements_limited >= 1, "the attack did not reach the rate limit"
         assert not task.done()
+    await raw.aclose()
 
 
 # -- F1: the lineage in the status record taken as authority --------------------------------------------------------
