@@ -22,7 +22,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
-from modcache import keys, lineage, modules, observation, pgsource, plan, rediscache
+from modcache import gcpause, keys, lineage, modules, observation, pgsource, plan, rediscache
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +116,14 @@ class Engine:
         manifest, which must then run a deep resync (``Report.claimed`` says how many were taken so). ``lengths``
         false: the content keys the manifest names are not checked (their length) -- only for a watcher whose
         keyspace events cover every write to them (docs/integrity.md)."""
+        with gcpause.paused():
+            return await self._full_resync(
+                dry_run=dry_run, deep=deep, claims=claims, lengths=lengths, progress=progress
+            )
+
+    async def _full_resync(
+        self, *, dry_run: bool, deep: bool, claims: bool, lengths: bool, progress: Progress | None
+    ) -> plan.Report:
         started = self._monotonic()
         await self.learn_lineage()
         observed = await self._observe(deep=deep, dry_run=dry_run, claims=claims, lengths=lengths)
