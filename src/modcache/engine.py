@@ -271,15 +271,15 @@ class Engine:
         the_plan = plan.Plan(items=items)
         return self._report(the_plan, outcome, plan.SourceView(live={}), 0, started, dry_run=False, digest=None)
 
-    async def put_back(self, role: str) -> plan.Report | None:
-        """Members of the index or the manifest (``role``) changed by someone else: modcache's expected copy, what it
-        last wrote there, put in the key's place (``RedisCache.restore_from_copy``). The report names the key; None
-        when a member check must tell (no copy to believe, or one too large to copy at once)."""
+    async def put_manifest_back(self) -> plan.Report | None:
+        """Manifest fields changed by someone else: modcache's expected copy, what it last wrote there, put in the
+        manifest's place (``RedisCache.put_manifest_back``). The report names the key; None when a member check must
+        tell (no copy to believe, or one too large to copy at once)."""
         started = self._monotonic()
-        if not await self.cache.restore_from_copy(role, members=True):
+        if not await self.cache.put_manifest_back():
             return None
-        key = self.cache.keyspace.bookkeeping()[role]
-        repair = plan.KeyRepair(role, key, "members changed by someone else: modcache's copy put back")
+        key = self.cache.keyspace.manifest
+        repair = plan.KeyRepair("manifest", key, "fields changed by someone else: modcache's copy put back")
         the_plan = plan.Plan(items=(), repairs=(repair,))
         return self._report(the_plan, _Outcome(), plan.SourceView(live={}), 0, started, dry_run=False, digest=None)
 

@@ -17,7 +17,10 @@ Keys modcache adds beside it. Module paths always end in ``.py``, so none of the
   writes left in the index and the manifest (every ``APPLY`` changes both copies in the same script): a keyspace
   event names the index or the manifest, not the member, and Redis diffs two SETs in C (``SDIFF``), so a watcher
   finds the members someone else changed without a full resync (``rediscache.INDEX_CHANGES``). Never authority:
-  what differs is compared with the source, and a copy that cannot be believed makes a full resync rebuild it.
+  what differs is compared with the source, and a copy that cannot be believed makes a full resync rebuild it;
+* ``{prefix}modcache:expected:manifest:spare`` -- HASH, a second copy of the manifest (``APPLY`` writes it too): a
+  manifest whose fields someone else changed gets its copy back by ``RENAME`` (O(1)), and the copy is then made
+  again from the spare, after the manifest is right (``rediscache.PUT_BACK``).
 
 Everything read back from Redis is judged by the functions here before it is believed: ``KeySpace.name_problem``
 for anything that names a key (index members, manifest fields, event channels, SCAN results, NOTIFY paths),
@@ -252,9 +255,13 @@ class KeySpace:
     def expected_manifest(self) -> str:
         return f"{self.prefix}modcache:expected:manifest"
 
-    def expected(self) -> tuple[str, str]:
+    @property
+    def spare_manifest(self) -> str:
+        return f"{self.prefix}modcache:expected:manifest:spare"
+
+    def expected(self) -> tuple[str, str, str]:
         """The copies of the index and the manifest that only modcache writes (see the module docstring)."""
-        return self.expected_index, self.expected_manifest
+        return self.expected_index, self.expected_manifest, self.spare_manifest
 
     def bookkeeping(self) -> dict[str, str]:
         """Role -> key of modcache's own keys beside the content keys (``index`` is Bifrost's)."""

@@ -211,16 +211,16 @@ return {g, 0}
 """
 )
 
-# KEYS: generation, index, manifest, expected index, expected manifest (``KeySpace.expected``: the same changes of index
-# and manifest go to both copies); ARGV: fence, ttl_s, ttl_jitter_s, seed, nonce, writes channel, highest believable
-# generation, content key prefix, then the items in four columns: their ops (one character each), their hashes (64
-# characters each, spaces when none), their lengths (comma-separated, '' when none), their paths (NUL-separated; a
-# module path never holds a NUL, and a 'u' item's entry is empty), then the name of each 'u' item (any bytes: it names
-# no content key) and the value of each 'p' item, in order. Columns, not five arguments per item: redis-py packs each
-# argument in Python, which was most of the client's time for 100,000 items. A content key is the prefix plus its path
-# (``RedisCache.apply`` has checked every path). Returns {one character per item ('a' applied, 'c' conflicted, 'm'
-# content moved on: not reindexed), repairs made ('1'/'2'/'3' a key of the wrong type deleted, 'g' generation reset, 'l'
-# generation raised to the manifest's), the generation written}.
+# KEYS: generation, index, manifest, expected index, expected manifest, spare manifest (``KeySpace.expected``: the same
+# changes of index and manifest go to their copies); ARGV: fence, ttl_s, ttl_jitter_s, seed, nonce, writes channel,
+# highest believable generation, content key prefix, then the items in four columns: their ops (one character each),
+# their hashes (64 characters each, spaces when none), their lengths (comma-separated, '' when none), their paths
+# (NUL-separated; a module path never holds a NUL, and a 'u' item's entry is empty), then the name of each 'u' item (any
+# bytes: it names no content key) and the value of each 'p' item, in order. Columns, not five arguments per item:
+# redis-py packs each argument in Python, which was most of the client's time for 100,000 items. A content key is the
+# prefix plus its path (``RedisCache.apply`` has checked every path). Returns {one character per item ('a' applied, 'c'
+# conflicted, 'm' content moved on: not reindexed), repairs made ('1'/'2'/'3' a key of the wrong type deleted, 'g'
+# generation reset, 'l' generation raised to the manifest's), the generation written}.
 APPLY = (
     # the shebang makes Redis refuse the script as a whole when it is out of memory, before its first PUBLISH: a
     # script that published ``b:`` and then failed would leave the key-event iterator inside a write that never ends
@@ -231,8 +231,8 @@ local call = redis.call
 local fence, limit = ARGV[1], ARGV[7]
 local ttl, jitter, seed = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 call('PUBLISH', ARGV[6], 'b:' .. ARGV[5])
-local repaired, wanted = '', {'string', 'set', 'hash', 'set', 'hash'}
-for i = 1, 5 do
+local repaired, wanted = '', {'string', 'set', 'hash', 'set', 'hash', 'hash'}
+for i = 1, 6 do
     local kind = call('TYPE', KEYS[i])['ok']
     if kind ~= 'none' and kind ~= wanted[i] then call('DEL', KEYS[i]); repaired = repaired .. i end
 end
@@ -305,6 +305,8 @@ for copy = 0, 2, 2 do  -- the index and the manifest, then their expected copies
     each('SADD', KEYS[2 + copy], listed)
     each('HSET', KEYS[3 + copy], entries)
 end
+each('HDEL', KEYS[6], gone)
+each('HSET', KEYS[6], entries)
 call('PUBLISH', ARGV[6], 'e:' .. ARGV[5])
 return {table.concat(out), repaired, gen}
 """
@@ -356,10 +358,11 @@ for _, name in ipairs(added) do out[#out + 1] = name end
 return out
 """
 
-# KEYS: manifest, expected manifest; ARGV: nonce, writes channel, HSCAN cursor, page size, 'f' (walk the manifest:
-# fields whose value the copy does not hold) or 'r' (walk the copy: fields the manifest lost). Returns {next cursor,
-# '' or why the copy cannot be used, the fields that differ...}, the copy made to agree for them (between markers).
-# Redis has no C-level diff of two hashes: this one is O(entries) in Lua, paged so Redis never stalls for long.
+# KEYS: manifest, expected manifest, spare manifest; ARGV: nonce, writes channel, HSCAN cursor, page size, 'f' (walk the
+# manifest: fields whose value the copy does not hold) or 'r' (walk the copy: fields the manifest lost). Returns {next
+# cursor, '' or why the copy cannot be used, the fields that differ...}, the copy made to agree for them (between
+# markers). Redis has no C-level diff of two hashes: this one is O(entries) in Lua, paged so Redis never stalls for
+# long.
 MANIFEST_CHANGES = """#!lua
 local call = redis.call
 local manifest, copy = call('TYPE', KEYS[1])['ok'], call('TYPE', KEYS[2])['ok']
@@ -371,27 +374,35 @@ local page = call('HSCAN', walked, ARGV[3], 'COUNT', ARGV[4])
 local entries, fields, changed = page[2], {}, {page[1], ''}
 for i = 1, #entries, 2 do fields[#fields + 1] = entries[i] end
 if #fields == 0 then return changed end
-local there = {}
+local there, spare, walking = {}, {}, ARGV[5] == 'f'
 for i = 1, #fields, 1000 do  -- an HSCAN page may hold more than its COUNT; unpack takes 8,000 at most
     local got = call('HMGET', other, unpack(fields, i, math.min(i + 999, #fields)))
     for j = 1, #got do there[i + j - 1] = got[j] end
+    if walking then  -- the spare is compared with the manifest too (and written only where it differs)
+        got = call('HMGET', KEYS[3], unpack(fields, i, math.min(i + 999, #fields)))
+        for j = 1, #got do spare[i + j - 1] = got[j] end
+    end
 end
 call('PUBLISH', ARGV[2], 'b:' .. ARGV[1])
 for i, field in ipairs(fields) do
-    if there[i] ~= entries[2 * i] then
+    if walking and there[i] == entries[2 * i] and spare[i] ~= entries[2 * i] then
+        call('HSET', KEYS[3], field, entries[2 * i])
+    elseif there[i] ~= entries[2 * i] then
         changed[#changed + 1] = field
         local now = call('HGET', KEYS[1], field)
-        if now then call('HSET', KEYS[2], field, now) else call('HDEL', KEYS[2], field) end
+        for c = 2, 3 do
+            if now then call('HSET', KEYS[c], field, now) else call('HDEL', KEYS[c], field) end
+        end
     end
 end
 call('PUBLISH', ARGV[2], 'e:' .. ARGV[1])
 return changed
 """
 
-# KEYS: index, manifest, expected index, expected manifest; ARGV: nonce, writes channel, '1' to rebuild whatever
-# is found. Makes each copy a COPY of the original unless it is of the same type with as many members (O(1) then),
-# or the original is gone (a DEL, an eviction: the copy is what is left of it, and the full resync that follows
-# rebuilds the original through APPLY, which writes both alike); returns 1 if one was rebuilt.
+# KEYS: index, manifest, expected index, expected manifest, spare manifest; ARGV: nonce, writes channel, '1' to rebuild
+# whatever is found ('2': the spare only). Makes each copy a COPY of the original unless it is of the same type with as
+# many members (O(1) then), or the original is gone (a DEL, an eviction: the copy is what is left of it, and the full
+# resync that follows rebuilds the original through APPLY, which writes both alike); returns 1 if one was rebuilt.
 EXPECTED = """#!lua
 local call = redis.call
 local function agree(a, b, count)
@@ -409,6 +420,12 @@ for i, count in ipairs({'SCARD', 'HLEN'}) do
         if kind == wanted then call('COPY', original, copy) end
         rebuilt = 1
     end
+end
+-- the spare: a copy of the expected manifest, rebuilt with it or when their sizes differ (a member check compares
+-- the rest: ``MANIFEST_CHANGES``)
+if ARGV[3] == '1' or rebuilt == 1 or not agree(KEYS[4], KEYS[5], 'HLEN') then
+    call('DEL', KEYS[5])
+    if call('TYPE', KEYS[4])['ok'] == 'hash' then call('COPY', KEYS[4], KEYS[5]) end
 end
 call('PUBLISH', ARGV[2], 'e:' .. ARGV[1])
 return rebuilt
@@ -430,26 +447,49 @@ return out
 """
 SAMPLE = 16
 
-# KEYS: original (index or manifest), its expected copy; ARGV: nonce, writes channel, the type both must have, and
-# for a put-back after member events the most members the copy may have ('' otherwise). Puts the copy in the
-# original's place (a COPY in C: ~100,000 members in about 20 ms) when the copy is of that type; returns 1 if it did.
-# For a key someone else deleted, renamed, expired or replaced: what modcache last wrote there, back at once (a full
-# resync then compares); not when the original looks intact (its type, no TTL, as many members: 2 is returned, and a
-# member check tells; anyone may PUBLISH a forged ``del`` notification: attack-9e E3). After member events (HSET,
-# HDEL of manifest fields) it is put back whatever it looks like, unless the copy has more members than allowed (3:
-# one COPY would hold Redis too long, and a paged member check tells).
+# KEYS: original (index or manifest), its expected copy; ARGV: nonce, writes channel, the type both must have. Puts
+# the copy in the original's place (a COPY in C: ~100,000 members in tens of milliseconds) when the copy is of that
+# type, unless the original looks intact (its type, no TTL, as many members: 2 is returned, and a member check tells;
+# anyone may PUBLISH a forged ``del`` notification: attack-9e E3); returns 1 if it did. For a key someone else
+# deleted, renamed, expired or replaced: what modcache last wrote there, back at once (a full resync then compares).
 FROM_COPY = """#!lua
 local call = redis.call
 if call('TYPE', KEYS[2])['ok'] ~= ARGV[3] then return 0 end
 local count = ARGV[3] == 'set' and 'SCARD' or 'HLEN'
-if ARGV[4] ~= '' then
-    if call(count, KEYS[2]) > tonumber(ARGV[4]) then return 3 end
-else
-    local kind, ttl = call('TYPE', KEYS[1])['ok'], call('PTTL', KEYS[1])
-    if kind == ARGV[3] and ttl == -1 and call(count, KEYS[1]) == call(count, KEYS[2]) then return 2 end
-end
+local kind, ttl = call('TYPE', KEYS[1])['ok'], call('PTTL', KEYS[1])
+if kind == ARGV[3] and ttl == -1 and call(count, KEYS[1]) == call(count, KEYS[2]) then return 2 end
 call('PUBLISH', ARGV[2], 'b:' .. ARGV[1])
 call('UNLINK', KEYS[1])  -- freed in the background: the DEL of 100,000 entries held Redis ~7 ms more
+call('COPY', KEYS[2], KEYS[1])
+call('PUBLISH', ARGV[2], 'e:' .. ARGV[1])
+return 1
+"""
+
+# KEYS: manifest, expected manifest, spare manifest; ARGV: nonce, writes channel, the most entries to put back. For a
+# manifest whose fields someone else changed (HSET, HDEL: the event names no field, and Redis has no C-level diff of two
+# hashes): the expected copy, what modcache last wrote, is put in its place -- by RENAME (O(1)) when the spare agrees in
+# size, which makes the copy again afterwards (``RESPARE``: 3 is returned), else by COPY (~45 ms at 100,000 entries: 1).
+# 0: no copy to believe; 2: more entries than allowed (a paged member check tells; one COPY would hold Redis too long).
+PUT_BACK = """#!lua
+local call = redis.call
+if call('TYPE', KEYS[2])['ok'] ~= 'hash' then return 0 end
+local n = call('HLEN', KEYS[2])
+if n > tonumber(ARGV[3]) then return 2 end
+local spare = call('TYPE', KEYS[3])['ok'] == 'hash' and call('HLEN', KEYS[3]) == n
+call('PUBLISH', ARGV[2], 'b:' .. ARGV[1])
+call('UNLINK', KEYS[1])  -- freed in the background
+if spare then call('RENAME', KEYS[2], KEYS[1]) else call('COPY', KEYS[2], KEYS[1]) end
+call('PUBLISH', ARGV[2], 'e:' .. ARGV[1])
+return spare and 3 or 1
+"""
+
+# KEYS: expected manifest, spare manifest; ARGV: nonce, writes channel. After ``PUT_BACK`` renamed the copy away: the
+# copy made again from the spare (which every ``APPLY`` since wrote too, and nobody else did unheard).
+RESPARE = """#!lua
+local call = redis.call
+if call('TYPE', KEYS[2])['ok'] ~= 'hash' then return 0 end
+call('PUBLISH', ARGV[2], 'b:' .. ARGV[1])
+call('UNLINK', KEYS[1])
 call('COPY', KEYS[2], KEYS[1])
 call('PUBLISH', ARGV[2], 'e:' .. ARGV[1])
 return 1
@@ -473,8 +513,8 @@ MANIFEST_PAGE = 5_000
 MEMORY_LIMIT_MARGIN = 0.1
 #: Members found changed by someone else beyond which a full resync repairs them rather than one by one.
 MAX_CHANGED = 10_000
-#: The most members a copy put back after member events may have: one COPY holds Redis for its whole length (~20 ms
-#: at 100,000 manifest entries); a bigger one is compared page by page instead.
+#: The most entries a manifest put back after member events may have: the COPY that makes its copy again holds Redis
+#: for its whole length (~45 ms at 100,000 entries); a bigger one is compared page by page instead.
 MAX_PUT_BACK = 250_000
 #: Nonces of writes in flight that a key-event iterator may still have to recognise (bounded: oldest dropped).
 MAX_OWN_WRITES = 10_000
@@ -576,6 +616,8 @@ class RedisCache:
         self._manifest_changes = client.register_script(MANIFEST_CHANGES)
         self._expected = client.register_script(EXPECTED)
         self._from_copy = client.register_script(FROM_COPY)
+        self._put_back = client.register_script(PUT_BACK)
+        self._respare = client.register_script(RESPARE)
         self._bookkeeping = client.register_script(BOOKKEEPING)
         # the key a by-path script is sent with: it names no key itself, and a Cluster routes a script by its keys (a
         # Cluster cache's prefix carries a hash tag, so every key of the cache lives in this key's slot)
@@ -947,9 +989,8 @@ class RedisCache:
             while True:
                 nonce, channel = self._marker()
                 args: list[str | int] = [nonce, channel, cursor, self._check_batch_size, walk]
-                reply = await self._own(
-                    self._manifest_changes(keys=[ks.manifest, ks.expected_manifest], args=args), nonce
-                )
+                walked = [ks.manifest, ks.expected_manifest, ks.spare_manifest]
+                reply = await self._own(self._manifest_changes(keys=walked, args=args), nonce)
                 cursor, problem, *names = (str(x) for x in reply)
                 if problem or len(found) + len(names) > MAX_CHANGED:
                     return None
@@ -961,26 +1002,38 @@ class RedisCache:
     async def settle_expected(self, *, rebuild: bool = False) -> bool:
         """Make the expected copies agree with the index and the manifest if they cannot (absent, wrong type, another
         number of members; ``rebuild``: whatever they hold): before a full resync, which then repairs the originals
-        and their copies alike. A copy whose original is gone is left as it is (unless ``rebuild``). Whether a copy
-        was rebuilt."""
+        and their copies alike. A copy whose original is gone is left as it is (unless ``rebuild``). The spare
+        manifest is made again from the expected one when that was rebuilt or when their sizes differ. Whether a copy
+        (not the spare) was rebuilt."""
         ks = self.keyspace
         nonce, channel = self._marker()
         originals = [ks.index, ks.manifest, *ks.expected()]
-        return bool(
-            await self._own(self._expected(keys=originals, args=[nonce, channel, "1" if rebuild else "0"]), nonce)
-        )
+        how = "1" if rebuild else "0"
+        return bool(await self._own(self._expected(keys=originals, args=[nonce, channel, how]), nonce))
 
-    async def restore_from_copy(self, role: str, *, members: bool = False) -> bool | None:
+    async def restore_from_copy(self, role: str) -> bool | None:
         """Put the expected copy of the index or the manifest (``role``) in its place: for a key someone else replaced
-        as a whole, or (``members``) whose members someone else changed. False (nothing done) when the copy is absent
-        or of another type; None (nothing done) when a member check must tell: the key looks intact (of its type, no
-        TTL, as many members as the copy), or (``members``) the copy has more than ``MAX_PUT_BACK`` members."""
+        as a whole. False (nothing done) when the copy is absent or of another type; None (nothing done) when the
+        key looks intact (of its type, no TTL, as many members as the copy): a member check then tells."""
         ks = self.keyspace
         original, copy = {"index": (ks.index, ks.expected_index), "manifest": (ks.manifest, ks.expected_manifest)}[role]
         nonce, channel = self._marker()
-        args = [nonce, channel, _WANTED_TYPES[role], MAX_PUT_BACK if members else ""]
+        args = [nonce, channel, _WANTED_TYPES[role]]
         done = int(await self._own(self._from_copy(keys=[original, copy], args=args), nonce))
-        return None if done in (2, 3) else bool(done)
+        return None if done == 2 else bool(done)
+
+    async def put_manifest_back(self) -> bool:
+        """Put the expected manifest in the manifest's place (``PUT_BACK``): for a manifest whose fields someone else
+        changed. False (nothing done) when the copy is absent or has more than ``MAX_PUT_BACK`` entries."""
+        ks = self.keyspace
+        nonce, channel = self._marker()
+        copies = [ks.manifest, ks.expected_manifest, ks.spare_manifest]
+        put = self._put_back(keys=copies, args=[nonce, channel, MAX_PUT_BACK])
+        done = int(await self._own(put, nonce))
+        if done == 3:  # renamed: the copy is made again from the spare (the manifest is right already)
+            nonce, channel = self._marker()
+            await self._own(self._respare(keys=[ks.expected_manifest, ks.spare_manifest], args=[nonce, channel]), nonce)
+        return done in (1, 3)
 
     # -- the sync status record ------------------------------------------------------------------------------
 

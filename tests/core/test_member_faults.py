@@ -287,3 +287,31 @@ async def test_another_writers_changes_cost_a_full_resync_and_the_copies_are_bel
         finally:
             await other.close()
         assert not task.done()
+
+
+async def test_a_forged_spare_copy_never_reaches_the_manifest_through_later_put_backs(
+    server: PrivateRedis, client: aioredis.Redis, source: pgsource.PgSource, database_url: str
+) -> None:
+    """A manifest whose fields someone else changed gets its copy back by RENAME, and the copy is made again from a
+    spare one. An attacker who forges the spare first (a fence over one path, an entry for a path that is no module,
+    one entry dropped) and then keeps forging manifest fields must never see the spare's forgeries served: the forged
+    spare is doubted like a copy, compared field by field after the full resync, and what the put-backs bring back
+    is what modcache wrote."""
+    paths = await put_some(source, 30)
+    async with watching(source, server.url, database_url) as (w, task, recorder):
+        full = recorder.full_syncs()
+        async with client.pipeline(transaction=True) as pipe:
+            pipe.hset(KS.spare_manifest, mapping={paths[2]: FORGED_FENCE, "ghost/never.py": FORGED_FENCE})
+            pipe.hdel(KS.spare_manifest, paths[3])  # as many entries as the copy: its size alone tells nothing
+            await pipe.execute()
+        await recorder.wait_for(lambda: recorder.full_syncs() > full)
+        await eventually(lambda: not w._expected_doubted and not w._settling, WITHIN_S)
+        for path in paths[5:10]:
+            await client.hset(KS.manifest, path, FORGED_FENCE)
+            left = await convergence.converged(database_url, client, KS.prefix, within_s=WITHIN_S)
+            assert not left, left
+        manifest = await client.hgetall(KS.manifest)
+        assert FORGED_FENCE not in manifest.values()
+        assert "ghost/never.py" not in manifest
+        assert manifest == await client.hgetall(KS.expected_manifest) == await client.hgetall(KS.spare_manifest)
+        assert not task.done()
