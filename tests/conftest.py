@@ -20,6 +20,7 @@ import redis.asyncio as aioredis
 
 from modcache import db, embedded, engine, keys, pgsource, rediscache
 from testkit import databases
+from testkit.servers import PrivateRedis, private_redis
 
 
 @pytest.fixture(scope="session")
@@ -108,3 +109,18 @@ async def _no_leaked_tasks() -> AsyncIterator[None]:
         await asyncio.sleep(0)
         leaked = [t for t in leaked if not t.done()]
     assert not leaked, f"tasks left running: {leaked}"
+
+
+@pytest.fixture
+def server() -> Iterator[PrivateRedis]:
+    """A private redis-server of the test's own (fault tests FLUSHDB, CONFIG SET and kill it; never the shared one)."""
+    with private_redis() as redis_server:
+        yield redis_server
+
+
+@pytest.fixture
+async def client(server: PrivateRedis) -> AsyncIterator[aioredis.Redis]:
+    """A plain client of ``server`` (the attacker's, or the judge's)."""
+    c = aioredis.Redis.from_url(server.url, decode_responses=True)
+    yield c
+    await c.aclose()

@@ -13,15 +13,9 @@ import redis.asyncio as aioredis
 from modcache import engine, keys, pgsource, rediscache
 from modcache_consumer import configs, crypto, database, readiness, serving
 from testkit import acl
-from testkit.servers import PrivateRedis, private_redis
+from testkit.servers import PrivateRedis
 
 KS = keys.KeySpace()
-
-
-@pytest.fixture
-def server() -> AsyncIterator[PrivateRedis]:  # type: ignore[misc]
-    with private_redis() as redis_server:
-        yield redis_server
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ and the read-only reader can import through Bifrost's layout but write nothing."
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as aioredis
@@ -15,16 +15,10 @@ from modcache import engine, keys, pgsource, rediscache, settings, watcher
 from testkit import acl, convergence
 from testkit.acl import create_documented_users, documented_users
 from testkit.observers import Recorder, running
-from testkit.servers import PrivateRedis, private_redis
+from testkit.servers import PrivateRedis
 
 KS = keys.KeySpace()
 WITHIN_S = 5.0
-
-
-@pytest.fixture
-def server() -> Iterator[PrivateRedis]:
-    with private_redis() as redis_server:
-        yield redis_server
 
 
 @pytest.fixture

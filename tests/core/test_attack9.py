@@ -21,7 +21,7 @@ import redis.asyncio as aioredis
 from modcache import db, keys, modules, pgsource, settings, watcher
 from testkit import cli, convergence
 from testkit.observers import Recorder
-from testkit.servers import PrivateRedis, private_redis
+from testkit.servers import PrivateRedis
 from testkit.watching import watching_source
 
 WITHIN_S = 5.0
@@ -48,12 +48,6 @@ def watching(
     source: pgsource.PgSource, redis_url: str, ks: keys.KeySpace, database_url: str
 ) -> contextlib.AbstractAsyncContextManager[tuple[watcher.Watcher, asyncio.Task[None], Recorder]]:
     return watching_source(source, redis_url, ks, database_url, watch_settings())
-
-
-@pytest.fixture
-def server() -> AsyncIterator[PrivateRedis]:  # type: ignore[misc]
-    with private_redis() as redis_server:
-        yield redis_server
 
 
 # -- F1: bytes that are not UTF-8 ------------------------------------------------------------------------------

@@ -13,23 +13,16 @@ import time
 from collections.abc import AsyncIterator
 
 import asyncpg
-import pytest
 import redis.asyncio as aioredis
 
 from modcache import engine, keys, modules, pgsource, plan, rediscache, settings, watcher
 from testkit import convergence
 from testkit.observers import Recorder
-from testkit.servers import PrivateRedis, private_redis
+from testkit.servers import PrivateRedis
 from testkit.watching import watching_source
 
 KS = keys.KeySpace()
 WITHIN_S = 2.0
-
-
-@pytest.fixture
-def server() -> AsyncIterator[PrivateRedis]:  # type: ignore[misc]
-    with private_redis() as redis_server:
-        yield redis_server
 
 
 async def put_some(source: pgsource.PgSource, n: int) -> list[str]:

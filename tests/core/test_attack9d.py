@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
@@ -16,25 +15,12 @@ import redis.asyncio as aioredis
 
 from modcache import db, engine, keys, modules, pgsource, rediscache
 from testkit import convergence
-from testkit.servers import PrivateRedis, private_redis
+from testkit.servers import PrivateRedis
 from testkit.watching import put_modules, watching_quick
 
 KS = keys.KeySpace()
 WITHIN_S = 2.0
 PROBES = f"{KS.prefix}modcache:probe:*"
-
-
-@pytest.fixture
-def server() -> AsyncIterator[PrivateRedis]:  # type: ignore[misc]
-    with private_redis() as redis_server:
-        yield redis_server
-
-
-@pytest.fixture
-async def client(server: PrivateRedis) -> AsyncIterator[aioredis.Redis]:
-    c = aioredis.Redis.from_url(server.url, decode_responses=True)
-    yield c
-    await c.aclose()
 
 
 async def _probe_keys(client: aioredis.Redis) -> list[str]:

@@ -26,12 +26,6 @@ GHOST = "ghost/never.py"
 
 
 @pytest.fixture
-def server() -> AsyncIterator[PrivateRedis]:  # type: ignore[misc]
-    with private_redis() as redis_server:
-        yield redis_server
-
-
-@pytest.fixture
 def volatile_server() -> AsyncIterator[PrivateRedis]:  # type: ignore[misc]
     """Evicting only keys with a TTL, nearest expiry first: the probe key (modcache's own keys carry none)."""
     with private_redis("--maxmemory-policy", "volatile-ttl") as redis_server:

@@ -18,25 +18,12 @@ from modcache import keys, pgsource, plan, rediscache, settings, watcher
 from testkit import convergence
 from testkit.observers import Recorder
 from testkit.polling import eventually
-from testkit.servers import PrivateRedis, private_redis
+from testkit.servers import PrivateRedis
 from testkit.watching import watching_source
 
 KS = keys.KeySpace()
 WITHIN_S = 2.0
 PROBES = f"{KS.prefix}modcache:probe:*"
-
-
-@pytest.fixture
-def server() -> AsyncIterator[PrivateRedis]:  # type: ignore[misc]
-    with private_redis() as redis_server:
-        yield redis_server
-
-
-@pytest.fixture
-async def client(server: PrivateRedis) -> AsyncIterator[aioredis.Redis]:
-    c = aioredis.Redis.from_url(server.url, decode_responses=True)
-    yield c
-    await c.aclose()
 
 
 async def put_some(source: pgsource.PgSource, n: int) -> list[str]:

@@ -10,32 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import pytest
 import redis.asyncio as aioredis
 
 from modcache import keys, pgsource
 from testkit import convergence
-from testkit.servers import PrivateRedis, private_redis
+from testkit.servers import PrivateRedis
 from testkit.watching import put_modules, watching_quick
 
 KS = keys.KeySpace()
 WITHIN_S = 2.0
 Attack = Callable[[aioredis.Redis], Awaitable[object]]
-
-
-@pytest.fixture
-def server() -> AsyncIterator[PrivateRedis]:  # type: ignore[misc]
-    with private_redis() as redis_server:
-        yield redis_server
-
-
-@pytest.fixture
-async def client(server: PrivateRedis) -> AsyncIterator[aioredis.Redis]:
-    c = aioredis.Redis.from_url(server.url, decode_responses=True)
-    yield c
-    await c.aclose()
 
 
 async def _sunionstore(c: aioredis.Redis) -> object:
