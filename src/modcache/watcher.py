@@ -61,6 +61,9 @@ MEMBER_EVENTS = {
 
 #: What member events of the manifest ask for (``MEMBER_EVENTS``): answered by putting its copy back.
 _MANIFEST_MARKS = frozenset(MEMBER_EVENTS["manifest"].values())
+#: Manifest put-backs allowed within a window; beyond, member checks answer (``Watcher._put_back_allowed``).
+PUT_BACK_BURST = 3
+PUT_BACK_WINDOW_S = 10.0
 #: A member check is followed by a rest MEMBER_PACE times as long as it took (at most MEMBER_PACE_MAX_S) before the
 #: next (``Watcher._pace``).
 MEMBER_PACE = 2.0
@@ -171,8 +174,13 @@ class Watcher:
         self._restores: dict[str, int] = {}
         self._copy_writes = 0  # foreign writes to the expected copies heard (a copy written since is not put back)
         self._member_events = 0  # member events heard
+        self._put_backs: collections.deque[float] = collections.deque()  # when the last put-backs ran (a window)
         self._member_events_settled = 0  # ... when the last settle of the copies began (it covers those)
-        self._expected_doubted = False  # someone else wrote the expected copies: settled before the next full resync
+        # someone else wrote the expected copies: compared with index and manifest before the next full resync; so
+        # they are at the start, and after every gap in the key events: what was written unheard is not believed (a
+        # put-back makes the copy the manifest; attack-10 E1-E3: a copy forged, or left behind by an older modcache,
+        # while nobody listened)
+        self._expected_doubted = True
         self._settling = 0  # settles of the expected copies running (member checks wait for them)
         self._copies_settled = asyncio.Event()  # a settle of the expected copies ended (``_member_loop`` waits)
 
@@ -471,6 +479,8 @@ class Watcher:
                 self.state.keyspace_missing = ""
                 self._keyspace_changed(True, detail)
                 if self._cache_heard.is_set():  # events published while we were away are lost
+                    self._expected_doubted = True
+                    self._copy_writes += 1
                     self.request_resync(RECONNECT, deep=True)
                 self._cache_heard.set()
             case keyevents.Degraded(detail, missing):
@@ -500,7 +510,9 @@ class Watcher:
             seen, found = cache.high_water, await cache.read_generation(create=False)
             # the probe key named by the report, not the one armed since: anyone can SCAN for it and set it again,
             # after a FLUSHDB too (attack-9d F2), so the bookkeeping must be there as well
-            gone = not probe_key or await cache.key_type(probe_key) == "none" or bool(await cache.bookkeeping_missing())
+            modules = self.state.last_full.source_count if self.state.last_full is not None else 0
+            missing = await cache.bookkeeping_missing(modules=modules)
+            gone = not probe_key or await cache.key_type(probe_key) == "none" or bool(missing)
         except errors.TransientError:
             return False
         self.state.replacements_limited += 1
@@ -568,12 +580,27 @@ class Watcher:
             await self._unlist(invalid)
         self.enqueue([n for n in names if ks.name_problem(n) is None], KEYSPACE)
 
+    def _put_back_allowed(self) -> bool:
+        """Whether a put-back may run now: at most ``PUT_BACK_BURST`` within ``PUT_BACK_WINDOW_S``. A put-back writes
+        whatever it finds, and anyone may PUBLISH a forged ``hset`` notification: another watcher of the cache cannot
+        tell those writes from an attacker's, doubts its copies and resyncs in full (attack-10 E5). Beyond the burst,
+        the member check answers (a paced walk that writes only what differs)."""
+        now = self._monotonic()
+        while self._put_backs and now - self._put_backs[0] >= PUT_BACK_WINDOW_S:
+            self._put_backs.popleft()
+        if len(self._put_backs) >= PUT_BACK_BURST:
+            return False
+        self._put_backs.append(now)
+        return True
+
     async def _put_manifest_back(self) -> bool:
         """Manifest fields changed by someone else (HSET, HDEL, ...): the event names the manifest, not the field, and
         Redis has no C-level diff of two hashes (the member check's Lua walk took ~250 ms at 100,000 entries), but it
         renames one in O(1): the expected copy, what modcache last wrote, is put in the manifest's place, and the copy
         is then made again from a spare one (a COPY, ~45 ms at 100,000 entries, with the manifest right already); paced
         as a member check. A content key changed with it has events of its own. False when a member check must tell."""
+        if not self._put_back_allowed():
+            return False
         try:
             report = await self.engine.put_manifest_back()
         except errors.TransientError as e:

@@ -134,10 +134,12 @@ def plain_server() -> AsyncIterator[PrivateRedis]:  # type: ignore[misc]
 
 
 async def test_junk_index_members_by_the_hundred_thousand_are_read_in_pages_and_removed(
-    plain_server: PrivateRedis, source: pgsource.PgSource
+    plain_server: PrivateRedis, source: pgsource.PgSource, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """1,000,000 ``SADD index junk/<i>.py`` made every full resync time out for ever: the whole index came back from
-    one script call. It is read in SSCAN pages (no call grows with what a co-tenant adds) and the junk goes."""
+    one script call. Beyond ``WHOLE_READ`` members (here made 1,000, for a test of seconds) it is read in SSCAN pages
+    (no call grows with what a co-tenant adds) and the junk goes."""
+    monkeypatch.setattr(rediscache, "WHOLE_READ", 1000)
     await put_some(source, 20)
     client = aioredis.Redis.from_url(plain_server.url, decode_responses=True)
     cache = rediscache.RedisCache(client=client, keyspace=KS)

@@ -155,7 +155,9 @@ async def test_no_drift_verification_reads_no_content_and_makes_no_per_module_ro
     assert not report.plan
     assert report.repaired == 0
     assert not any(c.split()[0].upper() in ("SET", "GET", "EXISTS") for c in sent), sent
-    assert len(sent) <= 10, f"{len(sent)} round trips for 300 modules: {sent}"
+    # a constant number: status, generation, the index's and the manifest's sizes and then each read whole, one
+    # length check per 100 modules (``check_batch_size``), a script load, the status record
+    assert len(sent) <= 12, f"{len(sent)} round trips for 300 modules: {sent}"
 
 
 async def _collect(monitor: Any) -> list[str]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 
 import asyncpg
+import pytest
 import redis.asyncio as aioredis
 
 from modcache import engine, modules, pgsource, plan, rediscache
@@ -56,14 +57,18 @@ async def test_plan_of_the_full_resync_equals_the_plan_over_complete_views(
     assert not (await sync_engine.full_resync(dry_run=True)).plan
 
 
+@pytest.mark.parametrize("whole_read", [rediscache.WHOLE_READ, 100], ids=["read whole", "read in pages"])
 async def test_unindexed_modules_are_found_when_nothing_else_drifted(
+    whole_read: int,
+    monkeypatch: pytest.MonkeyPatch,
     source: pgsource.PgSource,
     sync_engine: engine.Engine,
     redis_client: aioredis.Redis,
     cache: rediscache.RedisCache,
 ) -> None:
     """Content and manifest agree with the source; only the index lost entries (failure mode 1's mirror image)."""
-    for n in range(300):  # enough for a hashtable-encoded manifest, so HSCAN pages through it
+    monkeypatch.setattr(rediscache, "WHOLE_READ", whole_read)
+    for n in range(300):  # enough for a hashtable-encoded manifest, so HSCAN pages through it (when not read whole)
         await source.put_module(f"lib/m{n}.py", f"Y = {n}\n".encode())
     await sync_engine.full_resync()
     lost = ["lib/m7.py", "lib/m150.py", "lib/m299.py"]
@@ -75,13 +80,17 @@ async def test_unindexed_modules_are_found_when_nothing_else_drifted(
     assert await redis_client.smismember(cache.keyspace.index, lost) == [1, 1, 1]
 
 
+@pytest.mark.parametrize("whole_read", [rediscache.WHOLE_READ, 100], ids=["read whole", "read in pages"])
 async def test_modules_missing_from_the_manifest_are_found_when_nothing_else_drifted(
+    whole_read: int,
+    monkeypatch: pytest.MonkeyPatch,
     source: pgsource.PgSource,
     sync_engine: engine.Engine,
     redis_client: aioredis.Redis,
     cache: rediscache.RedisCache,
 ) -> None:
     """Content and index are right; the manifest (modcache's own bookkeeping) lost entries."""
+    monkeypatch.setattr(rediscache, "WHOLE_READ", whole_read)
     for n in range(300):
         await source.put_module(f"lib/m{n}.py", f"Y = {n}\n".encode())
     await sync_engine.full_resync()
