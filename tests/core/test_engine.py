@@ -155,7 +155,7 @@ async def test_no_drift_verification_reads_no_content_and_makes_no_per_module_ro
     assert not report.plan
     assert report.repaired == 0
     assert not any(c.split()[0].upper() in ("SET", "GET", "EXISTS") for c in sent), sent
-    # a constant number: status, generation, the index's and the manifest's sizes and then each read whole, one
+    # a constant number: status, generation, the index's size and then the index read whole, the manifest, one
     # length check per 100 modules (``check_batch_size``), a script load, the status record
     assert len(sent) <= 12, f"{len(sent)} round trips for 300 modules: {sent}"
 

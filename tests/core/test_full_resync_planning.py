@@ -68,7 +68,7 @@ async def test_unindexed_modules_are_found_when_nothing_else_drifted(
 ) -> None:
     """Content and manifest agree with the source; only the index lost entries (failure mode 1's mirror image)."""
     monkeypatch.setattr(rediscache, "WHOLE_READ", whole_read)
-    for n in range(300):  # enough for a hashtable-encoded manifest, so HSCAN pages through it (when not read whole)
+    for n in range(300):  # enough for hashtable-encoded keys: SSCAN pages through the index when not read whole
         await source.put_module(f"lib/m{n}.py", f"Y = {n}\n".encode())
     await sync_engine.full_resync()
     lost = ["lib/m7.py", "lib/m150.py", "lib/m299.py"]
@@ -80,17 +80,13 @@ async def test_unindexed_modules_are_found_when_nothing_else_drifted(
     assert await redis_client.smismember(cache.keyspace.index, lost) == [1, 1, 1]
 
 
-@pytest.mark.parametrize("whole_read", [rediscache.WHOLE_READ, 100], ids=["read whole", "read in pages"])
 async def test_modules_missing_from_the_manifest_are_found_when_nothing_else_drifted(
-    whole_read: int,
-    monkeypatch: pytest.MonkeyPatch,
     source: pgsource.PgSource,
     sync_engine: engine.Engine,
     redis_client: aioredis.Redis,
     cache: rediscache.RedisCache,
 ) -> None:
     """Content and index are right; the manifest (modcache's own bookkeeping) lost entries."""
-    monkeypatch.setattr(rediscache, "WHOLE_READ", whole_read)
     for n in range(300):
         await source.put_module(f"lib/m{n}.py", f"Y = {n}\n".encode())
     await sync_engine.full_resync()
