@@ -61,7 +61,8 @@ MEMBER_EVENTS = {
 
 #: What member events of the manifest ask for (``MEMBER_EVENTS``): answered by putting its copy back.
 _MANIFEST_MARKS = frozenset(MEMBER_EVENTS["manifest"].values())
-#: Manifest put-backs allowed within a window; beyond, member checks answer (``Watcher._put_back_allowed``).
+#: Manifest put-backs allowed within a window while another writer of the copies is about; beyond, member checks
+#: answer (``Watcher._put_back_allowed``).
 PUT_BACK_BURST = 3
 PUT_BACK_WINDOW_S = 10.0
 #: A member check is followed by a rest MEMBER_PACE times as long as it took (at most MEMBER_PACE_MAX_S) before the
@@ -175,6 +176,7 @@ class Watcher:
         self._copy_writes = 0  # foreign writes to the expected copies heard (a copy written since is not put back)
         self._member_events = 0  # member events heard
         self._put_backs: collections.deque[float] = collections.deque()  # when the last put-backs ran (a window)
+        self._copies_written_at: float | None = None  # when a foreign write to the copies was last heard
         self._member_events_settled = 0  # ... when the last settle of the copies began (it covers those)
         # someone else wrote the expected copies: compared with index and manifest before the next full resync; so
         # they are at the start, and after every gap in the key events: what was written unheard is not believed (a
@@ -457,6 +459,7 @@ class Watcher:
             case keyevents.EXPECTED_ROLE:
                 self._expected_doubted = True  # not believed until a full resync has rebuilt them
                 self._copy_writes += 1
+                self._copies_written_at = self._monotonic()
                 self.request_resync(KEYSPACE)
             case "index" | "manifest":
                 # replaced as a whole (DEL, RENAME, EXPIRE, a SUNIONSTORE over the index...): modcache's copy is put
@@ -581,14 +584,17 @@ class Watcher:
         self.enqueue([n for n in names if ks.name_problem(n) is None], KEYSPACE)
 
     def _put_back_allowed(self) -> bool:
-        """Whether a put-back may run now: at most ``PUT_BACK_BURST`` within ``PUT_BACK_WINDOW_S``. A put-back writes
-        whatever it finds, and anyone may PUBLISH a forged ``hset`` notification: another watcher of the cache cannot
-        tell those writes from an attacker's, doubts its copies and resyncs in full (attack-10 E5). Beyond the burst,
-        the member check answers (a paced walk that writes only what differs)."""
+        """Whether a put-back may run now. A put-back writes whatever it finds, and anyone may PUBLISH a forged
+        ``hset`` notification: another watcher of the cache cannot tell those writes from an attacker's, doubts its
+        copies and resyncs in full, and its own put-backs are this watcher's foreign writes in turn (attack-10 E5).
+        So once a foreign write to the copies was heard within ``PUT_BACK_WINDOW_S`` (another writer is about), at
+        most ``PUT_BACK_BURST`` put-backs run within the window; beyond, the member check answers (a paced walk that
+        writes only what differs). Alone on the cache, every put-back runs (paced)."""
         now = self._monotonic()
         while self._put_backs and now - self._put_backs[0] >= PUT_BACK_WINDOW_S:
             self._put_backs.popleft()
-        if len(self._put_backs) >= PUT_BACK_BURST:
+        crowded = self._copies_written_at is not None and now - self._copies_written_at < PUT_BACK_WINDOW_S
+        if crowded and len(self._put_backs) >= PUT_BACK_BURST:
             return False
         self._put_backs.append(now)
         return True
