@@ -367,6 +367,8 @@ MANIFEST_CHANGES = """#!lua
 local call = redis.call
 local manifest, copy = call('TYPE', KEYS[1])['ok'], call('TYPE', KEYS[2])['ok']
 if manifest ~= 'hash' and manifest ~= 'none' then return {'0', 'the manifest is a ' .. manifest} end
+-- no manifest to compare with: every field would differ, and the copy made to agree would lose them all
+if manifest == 'none' and copy == 'hash' then return {'0', 'no manifest'} end
 if copy ~= 'hash' then return {'0', copy == 'none' and manifest == 'none' and '' or 'no expected manifest'} end
 local walked, other = KEYS[1], KEYS[2]
 if ARGV[5] == 'r' then walked, other = KEYS[2], KEYS[1] end
@@ -412,6 +414,9 @@ local function agree(a, b, count)  -- b, a copy, of a's type and size and withou
 end
 local rebuilt = 0
 call('PUBLISH', ARGV[2], 'b:' .. ARGV[1])
+for i = 1, 2 do  -- index and manifest never expire (a TTL someone put there would take both at a time of theirs)
+    if call('PTTL', KEYS[i]) >= 0 then call('PERSIST', KEYS[i]) end
+end
 for i, count in ipairs({'SCARD', 'HLEN'}) do
     local original, copy = KEYS[i], KEYS[i + 2]
     local kind = call('TYPE', original)['ok']
