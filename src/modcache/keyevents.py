@@ -279,7 +279,11 @@ class KeyEvents:
                 Unavailable(f"no keyspace events arrive ({configured}); repairing on the timer alone and the probe")
             )
         except (redis.exceptions.RedisError, OSError) as e:
+            # the subscription is fine, but nothing would ever say so: subscribed again, the canary is tried again
+            # (after a restart of Redis, the first canary went out on a pooled connection the restart had closed, and
+            # the watcher stayed without key events, and without the reconnect's deep resync, for good)
             self._queue.put_nowait(Lost(errors.describe(e)))
+            await self._disconnect()
         else:
             await self._probe_armed.wait()  # a resync this causes must not run before a flush can be noticed
             self._unheard = 0

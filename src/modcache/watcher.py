@@ -180,6 +180,7 @@ class Watcher:
         self._put_backs: collections.deque[float] = collections.deque()  # when the last put-backs ran (a window)
         self._copies_written_at: float | None = None  # when a foreign write to the copies was last heard
         self._doubted_at: float | None = None  # when a doubt of the copies last asked for a full resync
+        self._deep_retry = Backoff(1.0, self.settings.resync_interval_s, self._rng)  # a failed deep resync again
         self._doubt_owed: asyncio.TimerHandle | None = None  # the one it owes at the end of its window
         self._member_events_settled = 0  # ... when the last settle of the copies began (it covers those)
         # someone else wrote the expected copies: compared with index and manifest before the next full resync; so
@@ -288,6 +289,10 @@ class Watcher:
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._deep_task
 
+    def _retry_deep(self) -> None:
+        if self._deep_wanted:  # not taken by a deep resync started meanwhile
+            self.request_resync(DEEP, deep=True)
+
     def _record_full(self, report: plan.Report, trigger: str) -> None:
         self.state.full_resyncs += 1
         self.state.last_full = report
@@ -316,12 +321,16 @@ class Watcher:
         except errors.TransientError as e:
             self.state.last_error = str(e)
             self._observer.on_sync_failed(e, trigger)
-            self._deep_wanted = True  # again with the next resync (a reconnect asks for one anyway)
+            # tried again after a backoff: the reconnect's own deep resync, failing on a pooled connection a restart of
+            # Redis had closed, waited for the next periodic resync (five minutes without its comparison)
+            self._deep_wanted = True
+            asyncio.get_running_loop().call_later(self._deep_retry.next_s(), self._retry_deep)
             return False
         finally:
             if self._deep_task is current:
                 self._deep_task = None
         self._last_deep = self._monotonic()
+        self._deep_retry.reset()
         self._record_full(report, trigger)
         if self._deep_wanted:  # asked for again while this one ran (events missed after it had read them)
             self._resync_trigger = DEEP
