@@ -18,7 +18,7 @@ from modcache import watcher as watcher_module
 from testkit import convergence
 from testkit.polling import eventually
 from testkit.servers import PrivateRedis
-from testkit.watching import put_modules, watching_quick
+from testkit.watching import forged_put_back, put_modules, watching_quick
 
 KS = keys.KeySpace()
 WITHIN_S = 2.0
@@ -30,13 +30,6 @@ def forged(value: str) -> str:
     gen, _, rest = value.partition(":")
     _, _, length = rest.partition(":")
     return f"{gen}:{'f' * 64}:{length}"
-
-
-async def forge_hset(w: watcher_module.Watcher, client: aioredis.Redis) -> None:
-    """One forged ``hset`` notification of the manifest (plain PUBLISH), until the watcher has put its copy back."""
-    put_back = w.state.manifest_put_back
-    await client.publish(MANIFEST_CHANNEL, "hset")
-    await eventually(lambda: w.state.manifest_put_back > put_back, WITHIN_S)
 
 
 async def _fill(source: pgsource.PgSource, server: PrivateRedis, database_url: str, n: int = 30) -> list[str]:
@@ -65,7 +58,7 @@ async def test_a_copy_forged_while_no_watcher_listened_never_reaches_the_manifes
         # forged member events (nothing in the manifest changes): one puts a forged expected copy in the manifest,
         # two a forged spare (the first makes the copy again from it)
         for _ in range(1 if copy == "expected" else 2):
-            await forge_hset(w, client)
+            await forged_put_back(w, client, MANIFEST_CHANNEL)
             await asyncio.sleep(0.1)
         started = time.perf_counter()
         left = await convergence.converged(database_url, client, KS.prefix, within_s=WITHIN_S)
@@ -95,7 +88,7 @@ async def test_a_copy_forged_while_the_subscription_was_dropped_never_reaches_th
         await recorder.wait_for(lambda: sum(1 for r, _ in recorder.syncs if r.deep) > deep, timeout_s=10)
         await eventually(lambda: not w._expected_doubted and not w._settling, WITHIN_S)
         for _ in range(2):
-            await forge_hset(w, client)
+            await forged_put_back(w, client, MANIFEST_CHANNEL)
         started = time.perf_counter()
         left = await convergence.converged(database_url, client, KS.prefix, within_s=WITHIN_S)
         assert not left, f"copy forged in the gap served {time.perf_counter() - started:.1f}s later: {left}"
@@ -118,7 +111,7 @@ async def test_a_ttl_put_on_the_spare_never_reaches_the_manifest(
         await recorder.wait_for(lambda: recorder.full_syncs() > full)
         await eventually(lambda: not w._expected_doubted and not w._settling, WITHIN_S)
         for _ in range(2):
-            await forge_hset(w, client)
+            await forged_put_back(w, client, MANIFEST_CHANNEL)
         ttls = {k: await client.pttl(k) for k in (KS.manifest, KS.expected_manifest, KS.spare_manifest)}
         assert await client.pttl(KS.manifest) == -1, f"the TTL reached the manifest: {ttls}"
         assert not task.done()
@@ -171,7 +164,7 @@ async def test_a_ttl_put_on_the_spare_does_not_take_manifest_and_copies_at_once(
         await recorder.wait_for(lambda: recorder.full_syncs() > full)
         await eventually(lambda: not w._expected_doubted and not w._settling, WITHIN_S)
         for _ in range(2):
-            await forge_hset(w, client)
+            await forged_put_back(w, client, MANIFEST_CHANNEL)
         restored = w.state.copies_restored
         gone_at = None
         for _ in range(400):
@@ -187,32 +180,6 @@ async def test_a_ttl_put_on_the_spare_does_not_take_manifest_and_copies_at_once(
             f" converged {back_s:.2f}s later: {not left}; claims rebuild + deep: {recorder.full_syncs() - full} fulls"
         )
         assert not task.done()
-
-
-FLOOD_MODULES = 20_000
-
-
-async def _many(database_url: str, n: int) -> None:
-    import asyncpg
-
-    from modcache import modules
-
-    conn = await asyncpg.connect(database_url)
-    try:
-        await conn.execute(
-            "INSERT INTO workspace_files (path, content, content_hash, entity_type) "
-            "SELECT 'flood/m' || g || '.py', $1, $2, 'module' FROM generate_series(1, $3::int) g",
-            "F = 1\n",
-            modules.content_hash(b"F = 1\n"),
-            n,
-        )
-    finally:
-        await conn.close()
-
-
-async def _redis_cpu_s(client: aioredis.Redis) -> float:
-    cpu = await client.info("cpu")
-    return float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
 
 
 async def test_held_one_forged_hset_with_two_watchers_settles(
@@ -269,7 +236,7 @@ async def test_a_spare_left_stale_by_a_rollback_never_reaches_the_manifest(
     async with watching_quick(source, server.url, KS, database_url) as (w, task, _recorder):
         assert not await convergence.converged(database_url, client, KS.prefix, within_s=WITHIN_S)
         for _ in range(2):
-            await forge_hset(w, client)
+            await forged_put_back(w, client, MANIFEST_CHANNEL)
         left = await convergence.converged(database_url, client, KS.prefix, within_s=WITHIN_S)
         assert not left, f"stale spare served: {left}"
         assert not task.done()

@@ -22,19 +22,12 @@ from modcache import watcher as watcher_module
 from testkit import convergence
 from testkit.polling import eventually
 from testkit.servers import PrivateRedis
-from testkit.watching import UPSERT, put_modules, watching_quick
+from testkit.watching import UPSERT, forged_put_back, put_modules, redis_cpu_s, watching_quick
 
 KS = keys.KeySpace()
 WITHIN_S = 2.0
 MANIFEST_CHANNEL = f"__keyspace@0__:{KS.manifest}"
 PROBES = f"{KS.prefix}modcache:probe:*"
-
-
-async def _forged_put_back(w: watcher_module.Watcher, client: aioredis.Redis) -> None:
-    """One forged ``hset`` notification of the manifest, until the watcher has put its copy back."""
-    before = w.state.manifest_put_back
-    await client.publish(MANIFEST_CHANNEL, "hset")
-    await eventually(lambda: w.state.manifest_put_back > before, WITHIN_S)
 
 
 def forged(value: str) -> str:
@@ -59,7 +52,7 @@ async def test_held_a_real_forged_entry_after_the_put_back_burst_is_spent_is_rep
     async with watching_quick(source, server.url, KS, database_url) as (w, task, _recorder):
         await eventually(lambda: not w._expected_doubted and not w._settling, WITHIN_S)
         for _ in range(watcher_module.PUT_BACK_BURST):
-            await _forged_put_back(w, client)
+            await forged_put_back(w, client, MANIFEST_CHANNEL)
             await asyncio.sleep(0.05)
         target = paths[7]
         good = await client.hget(KS.manifest, target)
@@ -127,11 +120,6 @@ async def _bulk(database_url: str, n: int) -> None:
         await conn.close()
 
 
-async def _cpu(client: aioredis.Redis) -> float:
-    info = await client.info("cpu")
-    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
-
-
 CHANNELS = {
     "held-manifest": KS.manifest,
     "expected": KS.expected_manifest,
@@ -153,17 +141,17 @@ async def test_forged_notifications_on_the_copy_channel_cost_redis_a_bounded_sha
     async with watching_quick(source, server.url, KS, database_url) as (w, task, recorder):
         await eventually(lambda: not w._expected_doubted and not w._settling, 30)
         await asyncio.sleep(0.5)
-        idle0, t0 = await _cpu(client), time.monotonic()
+        idle0, t0 = await redis_cpu_s(client), time.monotonic()
         await asyncio.sleep(1.0)
-        idle = (await _cpu(client) - idle0) / (time.monotonic() - t0)
+        idle = (await redis_cpu_s(client) - idle0) / (time.monotonic() - t0)
         full = recorder.full_syncs()
         channel = f"__keyspace@0__:{CHANNELS[target]}"
         await client.config_resetstat()
-        cpu0, t0 = await _cpu(client), time.monotonic()
+        cpu0, t0 = await redis_cpu_s(client), time.monotonic()
         while time.monotonic() - t0 < FLOOD_S:
             await client.publish(channel, "hset")
             await asyncio.sleep(0.02)
-        share = (await _cpu(client) - cpu0) / (time.monotonic() - t0)
+        share = (await redis_cpu_s(client) - cpu0) / (time.monotonic() - t0)
         resyncs = recorder.full_syncs() - full
         stats = await client.info("commandstats")
         top = sorted(stats.items(), key=lambda kv: -kv[1]["usec"])[:8]

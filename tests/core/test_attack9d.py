@@ -16,7 +16,7 @@ import redis.asyncio as aioredis
 from modcache import db, engine, keys, modules, pgsource, rediscache
 from testkit import convergence
 from testkit.servers import PrivateRedis
-from testkit.watching import put_modules, watching_quick
+from testkit.watching import put_modules, redis_cpu_s, watching_quick
 
 KS = keys.KeySpace()
 WITHIN_S = 2.0
@@ -246,10 +246,10 @@ async def test_a_flood_of_forged_manifest_notifications_does_not_monopolise_redi
     async with watching_quick(source, server.url, KS, database_url) as (w, task, _recorder):
         put_back = w.state.manifest_put_back
         flooding = asyncio.create_task(_flood(client, f"__keyspace@0__:{KS.manifest}", "hset", seconds=2.0))
-        before, started = await _redis_cpu_s(client), time.perf_counter()
+        before, started = await redis_cpu_s(client), time.perf_counter()
         await client.hdel(KS.manifest, "flood/m7.py")  # a real fault among the forged ones
         await flooding
-        share = (await _redis_cpu_s(client) - before) / (time.perf_counter() - started)
+        share = (await redis_cpu_s(client) - before) / (time.perf_counter() - started)
         left = await convergence.converged(database_url, client, KS.prefix, within_s=WITHIN_S)
         assert not left, left
         assert w.state.manifest_put_back > put_back
@@ -262,11 +262,6 @@ async def _flood(client: aioredis.Redis, channel: str, event: str, *, seconds: f
     while time.monotonic() < ends:
         await client.publish(channel, event)
         await asyncio.sleep(0.005)
-
-
-async def _redis_cpu_s(client: aioredis.Redis) -> float:
-    cpu = await client.info("cpu")
-    return float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
 
 
 async def test_forged_del_notifications_of_the_index_neither_rewrite_it_nor_resync(

@@ -8,9 +8,11 @@ import random
 from collections.abc import AsyncIterator
 
 import asyncpg
+import redis.asyncio as aioredis
 
 from modcache import engine, keys, modules, pgsource, rediscache, settings, watcher, wiring
 from testkit.observers import Recorder, running
+from testkit.polling import eventually
 
 UPSERT = (
     "INSERT INTO workspace_files (path, content, content_hash, entity_type, is_deleted) "
@@ -99,3 +101,17 @@ async def upsert(dsn: str, rows: dict[str, str]) -> None:
                 await conn.execute(UPSERT, path, text, modules.content_hash(text.encode()))
     finally:
         await conn.close()
+
+
+async def forged_put_back(w: watcher.Watcher, client: aioredis.Redis, channel: str) -> None:
+    """One forged ``hset`` notification of the manifest (plain PUBLISH on its keyspace ``channel``), until the watcher
+    has put its copy back."""
+    before = w.state.manifest_put_back
+    await client.publish(channel, "hset")
+    await eventually(lambda: w.state.manifest_put_back > before, 2.0)
+
+
+async def redis_cpu_s(client: aioredis.Redis) -> float:
+    """Redis's own CPU time so far (user + system, from ``INFO cpu``)."""
+    cpu = await client.info("cpu")
+    return float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
