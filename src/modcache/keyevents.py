@@ -181,6 +181,7 @@ class KeyEvents:
         self._probe_armed = asyncio.Event()  # Subscribed is reported only once the probe watches its key
         self._probe_evicted = False  # the probe key's ``evicted`` event arrived since it was armed
         self._guard_evicted = False  # the guard key's, since it was armed (the probe's re-arming leaves it alone)
+        self._evictions_seen: int | None = None  # Redis's eviction count when probe and guard were last seen intact
         self._heard: dict[str, asyncio.Event] = {}  # ``_heard_so_far``'s markers, by token, until the reader reads them
         self._unheard: int | None = None  # probe rounds since the subscription delivered the probe's own event
         self._node: str | None = None  # host:port the subscription was last reported on (a failover moves it)
@@ -485,18 +486,22 @@ class KeyEvents:
                 "modcache's probe key was written to by someone else (its guard was not): re-armed, nothing resynced"
             )
             return None  # the next round arms a probe key of a new name (the guard watches meanwhile)
-        await self._close_probe()
-        await self._watch_again(ttl_ms)
-        return REPLACED
+        return await self._guard_lost(ttl_ms)
 
     async def _refresh_guard(self, ttl_ms: int) -> str | None:
         """Keep the guard key alive (its TTL) and check its watch: touched means flushed, swapped or written to --
         or evicted: an eviction that took it rounds ago is remembered until a new guard is armed (its event cleared
         with the probe's, each re-arming of the probe forgot it, and the next check took the eviction for a flush)."""
+        seen = await self._cache.evictions()  # before the check: an eviction after it makes the count grow
         if await self._guard_intact(ttl_ms):
+            self._evictions_seen = seen
             return None
         await self._heard_so_far(self._guard_conn)
-        # heard now or rounds ago: what the guard's own ``evicted`` event said, if Redis could have evicted it
+        return await self._guard_lost(ttl_ms)
+
+    async def _guard_lost(self, ttl_ms: int) -> str:
+        """The guard's watch was touched too: evicted (heard now or rounds ago: the guard's own ``evicted`` event, if
+        Redis could have evicted it), or flushed, swapped, written to."""
         evicted = self._guard_evicted and await self._evicted_for_real(self._guard_key)
         await self._close_probe()
         await self._watch_again(ttl_ms)
@@ -509,9 +514,16 @@ class KeyEvents:
         INFO is not permitted): both must hold (the limit alone was met by any Redis used as an LRU cache: attack-9e
         E4). Believed when Redis cannot be asked (as before)."""
         try:
-            return await self._cache.key_type(key) == "none" and await self._cache.at_memory_limit() is not False
+            if await self._cache.key_type(key) != "none":
+                return False
+            if await self._cache.at_memory_limit() is not False:
+                return True
         except errors.ModcacheError:
             return True
+        # ``used_memory`` falls well below the limit right after a burst (the guard was taken for a flush, and every
+        # module read again from PostgreSQL, in a cache that does not fit): Redis's own count of evictions decides then
+        seen, now = self._evictions_seen, await self._cache.evictions()
+        return seen is not None and now is not None and now > seen
 
     async def _guard_intact(self, ttl_ms: int) -> bool:
         """One round on the guard's connection (``EXEC`` of its key's refresh, then ``WATCH`` again in the same write):
@@ -554,6 +566,7 @@ class KeyEvents:
         self._probe_evicted = False
         if self._guard_conn is None:  # armed first: the probe's watches start inside the guard's
             self._guard_evicted = False
+            self._evictions_seen = await self._cache.evictions()
             self._guard_key = f"{self._next_probe_key()}:guard"
             self._guard_conn = await self._watching(self._guard_key, ttl_ms)
         self._probe_key = self._next_probe_key()

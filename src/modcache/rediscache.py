@@ -694,6 +694,17 @@ class RedisCache:
         limit, used = int(found.get("maxmemory", 0) or 0), int(found.get("used_memory", 0) or 0)
         return bool(limit) and used >= limit * (1 - MEMORY_LIMIT_MARGIN)
 
+    async def evictions(self) -> int | None:
+        """How many keys Redis has evicted since it started (``INFO stats``), or None when ``INFO`` is not permitted
+        or Redis cannot be asked. Unlike ``used_memory`` (well below ``maxmemory`` right after an eviction burst), a
+        count that grew proves evictions happened meanwhile, and no PUBLISH can make it grow."""
+        try:
+            found = await self.client.info("stats")
+        except (redis.exceptions.RedisError, OSError):
+            return None
+        count = found.get("evicted_keys")
+        return int(count) if isinstance(count, int | str) and str(count).isdigit() else None
+
     # -- the generation ---------------------------------------------------------------------------------------
 
     async def generation(self, *, create: bool = True) -> int:
