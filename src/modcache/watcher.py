@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
-from modcache import backoff, engine, errors, keyevents, pgsource, plan, settings
+from modcache import backoff, engine, errors, keyevents, pgsource, plan, settings, windows
 
 log = logging.getLogger(__name__)
 
@@ -169,8 +169,8 @@ class Watcher:
         self._deep_owed = asyncio.Event()
         self._deep_task: asyncio.Task[bool] | None = None  # the deep resync running (in the background), if one is
         self._preempted: asyncio.Task[bool] | None = None  # the one cancelled because the cache was replaced
-        self._replaced_at: float | None = None  # when a replaced cache was last acted on
-        self._replaced_owed: asyncio.TimerHandle | None = None  # the rate-limited resyncs, due at the window's end
+        # reports of a replaced cache acted on at once (the rest owe one routine and one deep resync at the end)
+        self._replaced = windows.OncePerWindow(REPLACED_WINDOW_S, self._owed_resync, monotonic)
         self._members_wanted: set[str] = set()  # what member events ask a member check to look for (MEMBER_EVENTS)
         self._members_event = asyncio.Event()
         # "index"/"manifest" replaced as a whole, to be put back from the copy -> ``_copy_writes`` when it was heard
@@ -179,9 +179,10 @@ class Watcher:
         self._member_events = 0  # member events heard
         self._put_backs: collections.deque[float] = collections.deque()  # when the last put-backs ran (a window)
         self._copies_written_at: float | None = None  # when a foreign write to the copies was last heard
-        self._doubted_at: float | None = None  # when a doubt of the copies last asked for a full resync
+        # the full resyncs doubts of the copies ask for (``_doubt_resync``)
+        self._doubted = windows.OncePerWindow(DOUBT_WINDOW_S, lambda: self.request_resync(KEYSPACE), monotonic)
         self._deep_retry = Backoff(1.0, self.settings.resync_interval_s, self._rng)  # a failed deep resync again
-        self._doubt_owed: asyncio.TimerHandle | None = None  # the one it owes at the end of its window
+        self._deep_retry_due: asyncio.TimerHandle | None = None
         self._member_events_settled = 0  # ... when the last settle of the copies began (it covers those)
         # someone else wrote the expected copies: compared with index and manifest before the next full resync; so
         # they are at the start, and after every gap in the key events: what was written unheard is not believed (a
@@ -212,6 +213,10 @@ class Watcher:
                 task.result()
         finally:
             await _stop(tasks)
+            self._replaced.cancel()  # nothing owed runs on a watcher that has stopped
+            self._doubted.cancel()
+            if self._deep_retry_due is not None:
+                self._deep_retry_due.cancel()
 
     def source_refusals(self) -> int:
         """PostgreSQL servers refused so far for being another cluster or on an older timeline (``lineage``)."""
@@ -290,6 +295,7 @@ class Watcher:
                     await self._deep_task
 
     def _retry_deep(self) -> None:
+        self._deep_retry_due = None
         if self._deep_wanted:  # not taken by a deep resync started meanwhile
             self.request_resync(DEEP, deep=True)
 
@@ -324,7 +330,9 @@ class Watcher:
             # tried again after a backoff: the reconnect's own deep resync, failing on a pooled connection a restart of
             # Redis had closed, waited for the next periodic resync (five minutes without its comparison)
             self._deep_wanted = True
-            asyncio.get_running_loop().call_later(self._deep_retry.next_s(), self._retry_deep)
+            if self._deep_retry_due is None:
+                delay_s = self._deep_retry.next_s()
+                self._deep_retry_due = asyncio.get_running_loop().call_later(delay_s, self._retry_deep)
             return False
         finally:
             if self._deep_task is current:
@@ -495,18 +503,7 @@ class Watcher:
         the manifest in Lua): at most one per ``DOUBT_WINDOW_S``, the next one at the window's end. Anyone may PUBLISH
         a forged notification of a copy: one every 20 ms kept Redis 56-66 % busy (attack-11 F2). Member events wait
         for it meanwhile (the copies cannot be believed); any other full resync settles the copies too."""
-        now = self._monotonic()
-        if self._doubted_at is None or now - self._doubted_at >= DOUBT_WINDOW_S:
-            self._doubted_at = now
-            self.request_resync(KEYSPACE)
-        elif self._doubt_owed is None:
-            left_s = DOUBT_WINDOW_S - (now - self._doubted_at)
-            self._doubt_owed = asyncio.get_running_loop().call_later(left_s, self._owed_doubt)
-
-    def _owed_doubt(self) -> None:
-        self._doubt_owed = None
-        self._doubted_at = self._monotonic()
-        self.request_resync(KEYSPACE)
+        self._doubted.ask()
 
     def _on_connectivity(
         self, event: keyevents.Subscribed | keyevents.Lost | keyevents.Unavailable | keyevents.Degraded
@@ -539,9 +536,7 @@ class Watcher:
         probe key with everything else (the bookkeeping may already be back: our own repairs of the keys the same
         round's events named write it): within the window it is refilled at once, and only its deep resync waits
         for the window's end."""
-        now = self._monotonic()
-        if self._replaced_at is None or now - self._replaced_at >= REPLACED_WINDOW_S:
-            self._replaced_at = now
+        if self._replaced.open():
             return False
         cache = self.engine.cache
         try:
@@ -555,9 +550,7 @@ class Watcher:
             return False
         self.state.replacements_limited += 1
         self._lengths_next = True  # whatever comes back meanwhile, the next routine resync checks every key's length
-        if self._replaced_owed is None:
-            left_s = REPLACED_WINDOW_S - (now - self._replaced_at)
-            self._replaced_owed = asyncio.get_running_loop().call_later(left_s, self._owed_resync)
+        self._replaced.owe()
         if gone or found.problem or found.value < seen or found.wrong_types:
             # refilled at once (a DEL of the probe key looks the same, and costs the routine resync only); the deep
             # resync, the expensive part, is owed at the window's end
@@ -567,8 +560,6 @@ class Watcher:
         return True
 
     def _owed_resync(self) -> None:
-        self._replaced_owed = None
-        self._replaced_at = self._monotonic()
         self._deep_after = True
         self._lengths_next = True
         self.request_resync(KEYSPACE)

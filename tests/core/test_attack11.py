@@ -80,7 +80,7 @@ async def test_held_a_flushdb_with_half_the_content_keys_planted_is_refilled_at_
         for key in await _probe_keys(client):
             await client.set(key, "touched", px=60_000)
         assert not await convergence.converged(database_url, client, KS.prefix, within_s=WITHIN_S)
-        await recorder.wait_for(lambda: w._replaced_at is not None)
+        await recorder.wait_for(lambda: w._replaced.started_at is not None)
         await recorder.wait_for(lambda: w.state.keyspace_active and not w._resync_wanted.is_set())
         probes = [k for k in await _probe_keys(client) if not k.endswith(":guard")]
         generation = int(await client.get(KS.generation) or 0)

@@ -53,7 +53,7 @@ async def test_a_flushdb_disguised_as_a_write_to_the_probe_key_is_refilled_at_on
         for key in await _probe_keys(client):
             await client.set(key, "touched", px=60_000)
         assert not await convergence.converged(database_url, client, KS.prefix, within_s=WITHIN_S)
-        await recorder.wait_for(lambda: w._replaced_at is not None)  # the report that opens the window
+        await recorder.wait_for(lambda: w._replaced.started_at is not None)  # the report that opens the window
         await recorder.wait_for(lambda: w.state.keyspace_active and not w._resync_wanted.is_set())
         for _ in range(2):  # twice within the window
             probes = [k for k in await _probe_keys(client) if not k.endswith(":guard")]
