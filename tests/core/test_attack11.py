@@ -250,7 +250,9 @@ async def test_a_deleted_manifest_with_a_forged_doubt_is_rebuilt_within_2s(
     never asked); the doubted settle's 'r' walk then finds every field of the copy "dropped" from the absent manifest
     and HDELs them from copy and spare until MAX_CHANGED, and the rebuild that follows deletes both (no original to
     copy). The full resync compares every content key by whole value: at 100,000 modules the manifest is incomplete
-    for 4.7 s (0.06 s without the forged PUBLISH: FROM_COPY), converged after 6.4 s (1.8 s)."""
+    for 4.7 s (0.06 s without the forged PUBLISH: FROM_COPY), converged after 6.4 s (1.8 s). Now it is rebuilt from
+    the keys' claims: at 20,000 modules under 0.5 s on the Intel host this was written on, 0.6-0.85 s on the AMD EPYC
+    host of 2026-12-02 (its REINDEX of 20,000 entries alone 0.55 s): the bound is 1 s."""
     await _bulk(database_url, N_BIG)
     async with watching_quick(source, server.url, KS, database_url) as (w, task, _recorder):
         await eventually(lambda: not w._expected_doubted and not w._settling, 30)
@@ -266,6 +268,6 @@ async def test_a_deleted_manifest_with_a_forged_doubt_is_rebuilt_within_2s(
         left = await convergence.converged(database_url, client, KS.prefix, within_s=WITHIN_S)
         took = time.perf_counter() - started
         print(f"{doubt}: manifest whole after {absent:.2f}s; converged after {took:.2f}s; pending {w._restores}")
-        assert absent < 0.5, f"manifest deleted ({doubt} doubt): incomplete for {absent:.2f}s"
+        assert absent < (0.5 if doubt == "none" else 1.0), f"manifest deleted ({doubt} doubt): incomplete {absent:.2f}s"
         assert not left, f"manifest deleted ({doubt} doubt): not rebuilt in {took:.1f}s: {len(left)} left"
         assert not task.done()
